@@ -1,0 +1,1 @@
+"""Cloud side: registry, signing, artifact upload, rollout and retraining."""

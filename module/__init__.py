@@ -1,0 +1,1 @@
+"""Azure IoT Edge adapter: the only package that imports azure-iot-device."""
