@@ -1,0 +1,205 @@
+"""Tensor contracts: what a model accepts and returns, and checking requests against it.
+
+Pure: values in, values or `RequestError` out. Datatype names are the Open Inference
+Protocol v2 ones (``FP32``, ``INT64``, ``BYTES``...), the same on the wire and in manifests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import numpy as np
+
+RejectReason = Literal[
+    "bad_json",
+    "bad_request",
+    "bad_datatype",
+    "shape_data_mismatch",
+    "unknown_model",
+    "unknown_input",
+    "missing_input",
+    "unknown_output",
+    "dtype_mismatch",
+    "rank_mismatch",
+    "dim_mismatch",
+    "too_large",
+    "non_finite",
+    "not_ready",
+    "method_not_allowed",
+    "not_found",
+]
+
+# v2 datatype -> numpy dtype. BYTES travels as numpy object arrays of `bytes`.
+V2_TO_NUMPY: Final[Mapping[str, np.dtype[np.generic]]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+NUMPY_TO_V2: Final[Mapping[np.dtype[np.generic], str]] = {v: k for k, v in V2_TO_NUMPY.items()}
+
+# ONNX Runtime's type strings (`NodeArg.type`) -> v2 datatype.
+ONNX_TO_V2: Final[Mapping[str, str]] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+_FLOAT_KINDS: Final = frozenset("f")
+
+
+class RequestError(Exception):
+    """A request the model cannot take: `reason` is a bounded metric label, `message` for people."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: RejectReason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One named tensor. A `None` dimension is symbolic (any size); v2 metadata shows it as -1."""
+
+    name: str
+    datatype: str
+    shape: tuple[int | None, ...]
+
+    @property
+    def v2_shape(self) -> list[int]:
+        return [-1 if dim is None else dim for dim in self.shape]
+
+    @property
+    def numpy_dtype(self) -> np.dtype[np.generic]:
+        return V2_TO_NUMPY[self.datatype]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelContract:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def batchable(self) -> bool:
+        """Requests can be stacked along axis 0 only if every tensor has a symbolic first dim."""
+        tensors = self.inputs + self.outputs
+        return bool(tensors) and all(t.shape and t.shape[0] is None for t in tensors)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def differences(self, other: ModelContract) -> list[str]:
+        """What a caller of `self` would see change if it were replaced by `other`."""
+        found: list[str] = []
+        for kind, mine, theirs in (
+            ("input", self.inputs, other.inputs),
+            ("output", self.outputs, other.outputs),
+        ):
+            a = {t.name: t for t in mine}
+            b = {t.name: t for t in theirs}
+            found += [f"{kind} {n!r} removed" for n in sorted(a.keys() - b.keys())]
+            found += [f"{kind} {n!r} added" for n in sorted(b.keys() - a.keys())]
+            for name in sorted(a.keys() & b.keys()):
+                if a[name].datatype != b[name].datatype:
+                    found.append(
+                        f"{kind} {name!r} datatype {a[name].datatype} -> {b[name].datatype}"
+                    )
+                if a[name].v2_shape != b[name].v2_shape:
+                    found.append(f"{kind} {name!r} shape {a[name].v2_shape} -> {b[name].v2_shape}")
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Per-request bounds. Non-finite floats are refused unless a model is known to want them."""
+
+    max_elements: int = 1 << 22
+    allow_non_finite: bool = False
+
+
+def validate_inputs(
+    contract: ModelContract, inputs: Mapping[str, np.ndarray], limits: RequestLimits
+) -> int:
+    """Check a decoded request against the contract; return its row count (axis 0 of the inputs).
+
+    Runs on every request, so it avoids per-element Python work: finiteness is checked with one
+    reduction and only falls back to an element-wise test when the sum is not finite.
+    """
+    specs = contract.inputs
+    if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):
+        known = {spec.name for spec in specs}
+        unknown = sorted(set(inputs) - known)
+        if unknown:
+            raise RequestError(
+                "unknown_input", f"unknown input {unknown[0]!r}; model takes {sorted(known)}"
+            )
+        missing = sorted(known - set(inputs))
+        raise RequestError("missing_input", f"missing input {missing[0]!r}")
+    elements = 0
+    rows = -1
+    for spec in specs:
+        array = inputs[spec.name]
+        if array.dtype != spec.numpy_dtype:
+            got = NUMPY_TO_V2.get(array.dtype, str(array.dtype))
+            raise RequestError(
+                "dtype_mismatch",
+                f"input {spec.name!r} has datatype {got}, model expects {spec.datatype}",
+            )
+        shape = array.shape
+        if len(shape) != len(spec.shape):
+            raise RequestError(
+                "rank_mismatch",
+                f"input {spec.name!r} has shape {list(shape)}, model expects rank "
+                f"{len(spec.shape)} {spec.v2_shape}",
+            )
+        for axis, (got_dim, want_dim) in enumerate(zip(shape, spec.shape, strict=True)):
+            if want_dim is not None and got_dim != want_dim:
+                raise RequestError(
+                    "dim_mismatch",
+                    f"input {spec.name!r} dimension {axis} is {got_dim}, model expects {want_dim}",
+                )
+        elements += array.size
+        if elements > limits.max_elements:
+            raise RequestError(
+                "too_large", f"request has over {limits.max_elements} elements, the limit"
+            )
+        if shape:
+            if rows < 0:
+                rows = shape[0]
+            elif shape[0] != rows and contract.batchable:
+                raise RequestError(
+                    "dim_mismatch",
+                    f"input {spec.name!r} has {shape[0]} rows, other inputs have {rows}",
+                )
+        if (
+            not limits.allow_non_finite
+            and array.dtype.kind in _FLOAT_KINDS
+            and array.size
+            and not math.isfinite(float(np.add.reduce(array, axis=None)))
+            and not bool(np.isfinite(array).all())
+        ):
+            raise RequestError("non_finite", f"input {spec.name!r} contains NaN or Inf")
+    return max(rows, 1)
