@@ -1,0 +1,515 @@
+"""The signed release manifest: schema, canonical JSON, Ed25519 signing and verification.
+
+A release manifest tells a device which model to fetch and how to check it. It travels inside
+the desired twin (at most 32 KB), so artifacts are referenced by URL, never inlined. The exact
+schema (unknown fields are rejected at every level; JSON types are strict: ``1`` is not
+``1.0``, ``"1"`` is not ``1``)::
+
+    {
+      "name":     str,  1-63 chars of [A-Za-z0-9._-], starting with a letter or digit
+      "version":  int >= 1, strictly increasing per name
+      "sha256":   64 lowercase hex chars, digest of the artifact bytes
+      "size":     int > 0, artifact length in bytes (the download cap)
+      "url":      str, where to fetch it (checked against the device's URL policy later)
+      "created":  RFC 3339 timestamp with a UTC offset
+      "expires":  RFC 3339 timestamp with a UTC offset, later than "created"   (optional)
+      "contract": {"inputs":  [TensorSpec, ...],  "outputs": [TensorSpec, ...]}
+      "contract_change": bool, default false: allow a contract that differs from the active
+                         model's (otherwise the swap refuses it)               (optional)
+      "baseline": {"sha256": hex64, "url": str}  drift baseline, JSON          (optional)
+      "golden":   {"inputs": [Tensor, ...], "outputs": [Tensor, ...], "atol": float >= 0}
+                                                                               (optional)
+      "signature": {"key_id": str, "value": base64 of the 64-byte Ed25519 signature}
+    }
+
+    TensorSpec = {"name": str, "datatype": OIP v2 datatype, "shape": [int >= -1, ...]}
+                 (-1 marks a symbolic dimension such as the batch)
+    Tensor     = {"name": str, "datatype": OIP v2 datatype, "shape": [int >= 0, ...],
+                  "data": [number | bool | str, ...] flat, row-major, len == prod(shape)}
+
+Tensor field names follow the Open Inference Protocol v2 (KServe / Triton): ``datatype`` is one
+of ``BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES``.
+
+The signature covers the canonical JSON of every field except ``signature``: keys sorted, no
+whitespace, UTF-8, NaN and infinities refused (they are not JSON). The device verifies the
+signature over the document *as received* (before any parsing into typed values), so the
+cloud and the device need not agree on how to re-serialise a parsed model.
+
+Everything here is pure except :func:`load_trusted_keys` and :func:`load_private_key`, which
+read key files. The cloud side imports this module to sign.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol, Self
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "MAX_MANIFEST_BYTES",
+    "Baseline",
+    "Contract",
+    "Golden",
+    "KeyConfigError",
+    "ManifestReason",
+    "ManifestRejected",
+    "ReleaseManifest",
+    "ReleaseStatus",
+    "SeenRelease",
+    "Signature",
+    "Tensor",
+    "TensorSpec",
+    "canonical_json",
+    "check_version",
+    "load_private_key",
+    "load_trusted_keys",
+    "parse_trusted_keys",
+    "private_key_from_pem",
+    "public_key_from_b64",
+    "public_key_from_pem",
+    "public_key_to_b64",
+    "sign_manifest",
+    "verify_manifest",
+]
+
+# A desired twin is at most 32 KB, so a bigger manifest cannot be genuine; refusing it early
+# bounds the work done on untrusted input.
+MAX_MANIFEST_BYTES = 32 * 1024
+
+_SIGNATURE_BYTES = 64
+_PUBLIC_KEY_BYTES = 32
+
+
+class ManifestReason(enum.StrEnum):
+    """Bounded reasons for rejecting a manifest (safe as a metric label)."""
+
+    SCHEMA_INVALID = "schema_invalid"
+    SIGNATURE_MISSING = "signature_missing"
+    SIGNATURE_INVALID = "signature_invalid"
+    UNKNOWN_KEY = "unknown_key"
+    EXPIRED = "expired"
+    VERSION_NOT_MONOTONIC = "version_not_monotonic"
+
+
+class ManifestRejected(Exception):  # noqa: N818 -- the name the swap pipeline and reports use
+    """A manifest that must not be acted on; ``reason`` is bounded, ``message`` is for humans."""
+
+    def __init__(self, reason: ManifestReason, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class KeyConfigError(ValueError):
+    """A trusted-key or signing-key configuration that cannot be used."""
+
+
+class ReleaseStatus(enum.Enum):
+    """Outcome of :func:`check_version` for a manifest that is not rejected."""
+
+    NEW = "new"
+    SAME_RELEASE = "same_release"
+
+
+# --- schema -------------------------------------------------------------------------------
+
+Datatype = Literal[
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+TensorName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Url = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+KeyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class TensorSpec(BaseModel):
+    """One input or output of the model contract."""
+
+    model_config = _STRICT
+
+    name: TensorName
+    datatype: Datatype
+    shape: tuple[Annotated[int, Field(ge=-1)], ...] = Field(max_length=16)
+
+
+def _unique_names(specs: Iterable[TensorSpec | Tensor], where: str) -> None:
+    names = [s.name for s in specs]
+    if len(names) != len(set(names)):
+        raise ValueError(f"duplicate tensor names in {where}")
+
+
+class Contract(BaseModel):
+    """The tensors the model must take and give; a swap checks the loaded model against it."""
+
+    model_config = _STRICT
+
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1, max_length=64)
+    outputs: tuple[TensorSpec, ...] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Self:
+        _unique_names(self.inputs, "inputs")
+        _unique_names(self.outputs, "outputs")
+        return self
+
+
+class Tensor(BaseModel):
+    """A concrete v2 tensor (golden sample): flat row-major ``data`` of ``prod(shape)`` items."""
+
+    model_config = _STRICT
+
+    name: TensorName
+    datatype: Datatype
+    shape: tuple[Annotated[int, Field(ge=0)], ...] = Field(max_length=16)
+    data: tuple[bool | int | float | str, ...] = Field(max_length=8192)
+
+    @model_validator(mode="after")
+    def _data_fills_shape(self) -> Self:
+        if len(self.data) != math.prod(self.shape):
+            raise ValueError(
+                f"data has {len(self.data)} items, shape needs {math.prod(self.shape)}"
+            )
+        return self
+
+
+class Golden(BaseModel):
+    """A known input and its expected output, checked at warm-up within ``atol``."""
+
+    model_config = _STRICT
+
+    inputs: tuple[Tensor, ...] = Field(min_length=1, max_length=64)
+    outputs: tuple[Tensor, ...] = Field(min_length=1, max_length=64)
+    atol: float = Field(ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Self:
+        _unique_names(self.inputs, "golden inputs")
+        _unique_names(self.outputs, "golden outputs")
+        return self
+
+
+class Baseline(BaseModel):
+    """The drift baseline (training-data profile) shipped beside the model."""
+
+    model_config = _STRICT
+
+    sha256: Sha256Hex
+    url: Url
+
+
+class Signature(BaseModel):
+    """Ed25519 signature over the canonical JSON of the other fields."""
+
+    model_config = _STRICT
+
+    key_id: KeyId
+    value: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class ReleaseManifest(BaseModel):
+    """A verified release manifest; obtain one from :func:`verify_manifest`."""
+
+    model_config = _STRICT
+
+    name: ModelName
+    version: int = Field(ge=1, le=2**53)  # 2**53: still exact in any JSON parser
+    sha256: Sha256Hex
+    size: int = Field(gt=0, le=2**40)
+    url: Url
+    created: AwareDatetime
+    expires: AwareDatetime | None = None
+    contract: Contract
+    contract_change: bool = False
+    baseline: Baseline | None = None
+    golden: Golden | None = None
+    signature: Signature
+
+    @model_validator(mode="after")
+    def _expires_after_created(self) -> Self:
+        if self.expires is not None and self.expires <= self.created:
+            raise ValueError("expires must be later than created")
+        return self
+
+
+# --- canonical form and signatures ---------------------------------------------------------
+
+
+def canonical_json(obj: object) -> bytes:
+    """Canonical bytes that are signed: sorted keys, no whitespace, UTF-8, no NaN/Infinity.
+
+    Raises ``TypeError`` for values JSON cannot carry and ``ValueError`` for NaN/Infinity.
+    """
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _schema_message(err: ValidationError) -> str:
+    # Input values are left out on purpose: they are untrusted and may be huge.
+    parts = [
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()[:3]
+    ]
+    more = err.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _parse(document: Mapping[str, Any]) -> ReleaseManifest:
+    try:
+        text = json.dumps(document, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ManifestRejected(
+            ManifestReason.SCHEMA_INVALID, f"not JSON: {type(e).__name__}"
+        ) from e
+    try:
+        # Strict JSON-mode validation: the twin arrives as JSON, so types must be JSON-exact.
+        return ReleaseManifest.model_validate_json(text)
+    except ValidationError as e:
+        raise ManifestRejected(ManifestReason.SCHEMA_INVALID, _schema_message(e)) from e
+
+
+def sign_manifest(
+    unsigned: Mapping[str, Any], private_key: Ed25519PrivateKey, key_id: str
+) -> dict[str, Any]:
+    """Return a signed copy of ``unsigned``; the result is checked against the schema.
+
+    Raises ``ValueError`` if ``unsigned`` already has a signature, :class:`ManifestRejected`
+    (``schema_invalid``) if the signed document would not pass :func:`verify_manifest`.
+    """
+    if "signature" in unsigned:
+        raise ValueError("manifest already carries a signature")
+    try:
+        payload = canonical_json(unsigned)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ManifestRejected(
+            ManifestReason.SCHEMA_INVALID, f"not JSON: {type(e).__name__}"
+        ) from e
+    signed: dict[str, Any] = json.loads(payload)  # a plain-JSON copy, detached from the input
+    signed["signature"] = {
+        "key_id": key_id,
+        "value": base64.b64encode(private_key.sign(payload)).decode("ascii"),
+    }
+    _parse(signed)
+    return signed
+
+
+def verify_manifest(
+    raw: object, trusted_keys: Mapping[str, Ed25519PublicKey], now: datetime
+) -> ReleaseManifest:
+    """Check the signature with a pinned key, then the schema, then expiry.
+
+    The signature is checked before the schema so that nothing but signed content is ever
+    parsed into typed values (and a forged document learns nothing about the schema).
+    Raises :class:`ManifestRejected` with ``schema_invalid``, ``signature_missing``,
+    ``signature_invalid``, ``unknown_key`` or ``expired``.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if not isinstance(raw, Mapping):
+        raise ManifestRejected(ManifestReason.SCHEMA_INVALID, "manifest is not a JSON object")
+    signature = raw.get("signature")
+    if signature is None:
+        raise ManifestRejected(ManifestReason.SIGNATURE_MISSING, "manifest is not signed")
+    key_id, sig_bytes = _signature_parts(signature)
+    key = trusted_keys.get(key_id)
+    if key is None:
+        raise ManifestRejected(ManifestReason.UNKNOWN_KEY, f"no trusted key {key_id!r}")
+    unsigned = {k: v for k, v in raw.items() if k != "signature"}
+    try:
+        payload = canonical_json(unsigned)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ManifestRejected(
+            ManifestReason.SCHEMA_INVALID, f"not JSON: {type(e).__name__}"
+        ) from e
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise ManifestRejected(
+            ManifestReason.SCHEMA_INVALID, f"manifest larger than {MAX_MANIFEST_BYTES} bytes"
+        )
+    try:
+        key.verify(sig_bytes, payload)
+    except InvalidSignature as e:
+        raise ManifestRejected(
+            ManifestReason.SIGNATURE_INVALID, f"signature does not verify with key {key_id!r}"
+        ) from e
+    manifest = _parse(raw)
+    if manifest.expires is not None and now >= manifest.expires:
+        raise ManifestRejected(ManifestReason.EXPIRED, f"expired at {manifest.expires.isoformat()}")
+    return manifest
+
+
+def _signature_parts(signature: object) -> tuple[str, bytes]:
+    if not isinstance(signature, Mapping) or set(signature) != {"key_id", "value"}:
+        raise ManifestRejected(
+            ManifestReason.SIGNATURE_INVALID, "signature must be {key_id, value}"
+        )
+    key_id, value = signature["key_id"], signature["value"]
+    if not isinstance(key_id, str) or not isinstance(value, str):
+        raise ManifestRejected(ManifestReason.SIGNATURE_INVALID, "signature fields must be strings")
+    try:
+        sig_bytes = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ManifestRejected(ManifestReason.SIGNATURE_INVALID, "signature is not base64") from e
+    if len(sig_bytes) != _SIGNATURE_BYTES:
+        raise ManifestRejected(
+            ManifestReason.SIGNATURE_INVALID, f"signature is not {_SIGNATURE_BYTES} bytes"
+        )
+    return key_id, sig_bytes
+
+
+# --- version monotonicity ------------------------------------------------------------------
+
+
+class SeenRelease(Protocol):
+    """What :func:`check_version` needs of the highest release seen (``store.ModelRef`` fits)."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+
+def check_version(manifest: ReleaseManifest, highest_seen: SeenRelease | None) -> ReleaseStatus:
+    """Versions never go backwards: a higher version is ``NEW``; the same version and hash is
+    ``SAME_RELEASE`` (a replay: nothing to fetch if it is active); anything else is rejected
+    with ``version_not_monotonic``.
+    """
+    if highest_seen is None or manifest.version > highest_seen.version:
+        return ReleaseStatus.NEW
+    if manifest.version == highest_seen.version and manifest.sha256 == highest_seen.sha256:
+        return ReleaseStatus.SAME_RELEASE
+    if manifest.version == highest_seen.version:
+        raise ManifestRejected(
+            ManifestReason.VERSION_NOT_MONOTONIC,
+            f"version {manifest.version} was already seen with a different sha256",
+        )
+    raise ManifestRejected(
+        ManifestReason.VERSION_NOT_MONOTONIC,
+        f"version {manifest.version} is lower than {highest_seen.version} already seen",
+    )
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def public_key_from_b64(value: str) -> Ed25519PublicKey:
+    """A public key from base64 of its 32 raw bytes (the form kept in env-style settings)."""
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise KeyConfigError("public key is not base64") from e
+    if len(raw) != _PUBLIC_KEY_BYTES:
+        raise KeyConfigError(f"public key is {len(raw)} bytes, Ed25519 needs {_PUBLIC_KEY_BYTES}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def public_key_to_b64(key: Ed25519PublicKey) -> str:
+    """Base64 of the 32 raw bytes: the form :func:`public_key_from_b64` reads."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def public_key_from_pem(data: bytes) -> Ed25519PublicKey:
+    """A public key from a PEM ``PUBLIC KEY`` (SubjectPublicKeyInfo) block."""
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as e:
+        raise KeyConfigError("not a PEM public key") from e
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyConfigError(f"PEM key is {type(key).__name__}, not Ed25519")
+    return key
+
+
+def private_key_from_pem(data: bytes, password: bytes | None = None) -> Ed25519PrivateKey:
+    """A signing key from a PEM ``PRIVATE KEY`` (PKCS#8) block."""
+    try:
+        key = serialization.load_pem_private_key(data, password=password)
+    except (ValueError, TypeError) as e:
+        raise KeyConfigError("not a usable PEM private key") from e
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyConfigError(f"PEM key is {type(key).__name__}, not Ed25519")
+    return key
+
+
+_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _key_id(candidate: str) -> str:
+    if not _KEY_ID.fullmatch(candidate):
+        raise KeyConfigError(f"invalid key id {candidate!r}: use 1-64 of [A-Za-z0-9._-]")
+    return candidate
+
+
+def parse_trusted_keys(spec: str) -> dict[str, Ed25519PublicKey]:
+    """Parse ``"key_id=BASE64, other=BASE64"`` (commas, semicolons or whitespace separate).
+
+    The env-style form of the trusted keys; an empty string gives no keys.
+    """
+    keys: dict[str, Ed25519PublicKey] = {}
+    for raw_item in spec.replace(";", ",").replace("\n", ",").split(","):
+        item = raw_item.strip()
+        if not item:
+            continue
+        key_id, sep, value = item.partition("=")
+        if not sep:
+            raise KeyConfigError("trusted key entries look like key_id=BASE64")
+        key_id = _key_id(key_id.strip())
+        if key_id in keys:
+            raise KeyConfigError(f"trusted key {key_id!r} given twice")
+        keys[key_id] = public_key_from_b64(value)
+    return keys
+
+
+def load_trusted_keys(
+    spec: str = "", pem_files: Iterable[Path] = ()
+) -> dict[str, Ed25519PublicKey]:
+    """Trusted keys from an env-style ``spec`` and PEM files (the key id is the file's stem).
+
+    The only function here besides :func:`load_private_key` that touches the file system.
+    """
+    keys = parse_trusted_keys(spec)
+    for path in pem_files:
+        key_id = _key_id(path.stem)
+        if key_id in keys:
+            raise KeyConfigError(f"trusted key {key_id!r} given twice")
+        keys[key_id] = public_key_from_pem(path.read_bytes())
+    return keys
+
+
+def load_private_key(path: Path, password: bytes | None = None) -> Ed25519PrivateKey:
+    """Read a PEM signing key (cloud side)."""
+    return private_key_from_pem(path.read_bytes(), password)
