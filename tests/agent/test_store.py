@@ -1,0 +1,264 @@
+"""Model store: pure state transitions, garbage selection, atomic state, orphans, full disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from agent.store import (
+    ModelRecord,
+    ModelRef,
+    ModelStore,
+    NoLastKnownGoodError,
+    StoreError,
+    StoreReason,
+    StoreState,
+    select_garbage,
+)
+from tests.agent.artifact_server import FullDisk
+
+A, B, C, D, E = (c * 64 for c in "abcde")
+V1, V2, V3 = ModelRef(1, A), ModelRef(2, B, baseline_sha256=E), ModelRef(3, C)
+
+
+# --- pure transitions ----------------------------------------------------------------------
+
+
+def test_activation_makes_the_previous_model_last_known_good() -> None:
+    state = StoreState().activated("m", V1).activated("m", V2)
+    assert state.record("m") == ModelRecord(active=V2, last_known_good=V1, highest_seen=V2)
+
+
+def test_reactivating_the_active_release_keeps_the_last_known_good() -> None:
+    state = StoreState().activated("m", V1).activated("m", V2).activated("m", V2)
+    assert state.record("m").last_known_good == V1
+
+
+def test_rollback_serves_last_known_good_and_keeps_highest_seen() -> None:
+    state = StoreState().activated("m", V1).activated("m", V2).rolled_back("m")
+    assert state.record("m") == ModelRecord(active=V1, last_known_good=None, highest_seen=V2)
+
+
+def test_rollback_without_last_known_good_is_refused() -> None:
+    with pytest.raises(NoLastKnownGoodError):
+        StoreState().activated("m", V1).rolled_back("m")
+
+
+@pytest.mark.parametrize(
+    ("already", "seen", "expected"),
+    [(None, V2, V2), (V1, V2, V2), (V2, V1, V2), (V2, V2, V2), (V3, V2, V3)],
+)
+def test_highest_seen_never_goes_back(
+    already: ModelRef | None, seen: ModelRef, expected: ModelRef
+) -> None:
+    state = StoreState() if already is None else StoreState().seen("m", already)
+    assert state.seen("m", seen).record("m").highest_seen == expected
+
+
+def test_transitions_do_not_change_the_original() -> None:
+    before = StoreState().activated("m", V1)
+    before.activated("m", V2)
+    assert before.record("m").active == V1
+    with pytest.raises(TypeError):
+        before.models["x"] = ModelRecord()  # type: ignore[index]  # the point: it is read-only
+
+
+def test_models_are_independent() -> None:
+    state = StoreState().activated("a", V1).activated("b", V2)
+    assert state.record("a").active == V1
+    assert state.record("b").active == V2
+    assert state.protected_artifacts() == {A, B}
+    assert state.protected_baselines() == {E}
+
+
+@pytest.mark.parametrize("bad", ["A" * 64, "a" * 63, "../" + "a" * 61, ""])
+def test_model_ref_refuses_what_is_not_a_digest(bad: str) -> None:
+    with pytest.raises(ValueError, match="sha256"):
+        ModelRef(1, bad)
+
+
+def test_state_json_round_trip() -> None:
+    state = StoreState().activated("m", V1).activated("m", V2).seen("m", V3).activated("n", V1)
+    data = json.dumps(state.to_json()).encode()
+    assert StoreState.from_json_bytes(data) == state
+
+
+@pytest.mark.parametrize(
+    ("mtimes", "protected", "keep", "expected"),
+    [
+        ({}, frozenset(), 3, set()),
+        ({A: 1, B: 2, C: 3}, frozenset(), 3, set()),
+        ({A: 1, B: 2, C: 3, D: 4}, frozenset(), 3, {A}),
+        ({A: 1, B: 2, C: 3, D: 4}, frozenset({A}), 3, set()),
+        ({A: 1, B: 2, C: 3, D: 4, E: 5}, frozenset({A, B}), 1, {C, D}),
+        ({A: 1, B: 2, C: 3}, frozenset({C}), 0, {A, B}),
+        ({A: 5, B: 5, C: 5}, frozenset(), 1, {A, B}),  # ties broken by digest: deterministic
+    ],
+)
+def test_select_garbage(
+    mtimes: dict[str, float], protected: frozenset[str], keep: int, expected: set[str]
+) -> None:
+    assert select_garbage(mtimes, protected, keep) == expected
+
+
+# --- on disk -------------------------------------------------------------------------------
+
+
+def opened_store(root: Path, **kwargs: Any) -> ModelStore:
+    store = ModelStore(root, **kwargs)
+    store.open()
+    return store
+
+
+def put_artifact(store: ModelStore, sha: str, body: bytes = b"onnx", mtime: float = 0) -> Path:
+    part = store.artifact_part(sha)
+    f = part.open(append=False)
+    f.write(body)
+    f.close()
+    path = store.commit_artifact(sha)
+    if mtime:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_open_creates_the_layout_and_starts_empty(tmp_path: Path) -> None:
+    store = opened_store(tmp_path / "vol")
+    assert store.state == StoreState()
+    assert (tmp_path / "vol" / "models").is_dir()
+    assert (tmp_path / "vol" / "baselines").is_dir()
+
+
+def test_saved_state_survives_a_restart(tmp_path: Path) -> None:
+    state = StoreState().activated("m", V1).activated("m", V2)
+    opened_store(tmp_path).save(state)
+    assert opened_store(tmp_path).state == state
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_state_write_is_atomic_under_a_full_disk(tmp_path: Path) -> None:
+    """Case 10 (state): old state.json intact, temp removed, reason disk_full."""
+    opened_store(tmp_path).save(StoreState().activated("m", V1))
+    before = (tmp_path / "state.json").read_bytes()
+    store = opened_store(tmp_path, opener=FullDisk(budget=10))
+    with pytest.raises(StoreError) as info:
+        store.save(StoreState().activated("m", V1).activated("m", V2))
+    assert info.value.reason is StoreReason.DISK_FULL
+    assert (tmp_path / "state.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baselines", "models", "state.json"]
+    assert store.state.record("m").active == V1
+
+
+def test_orphan_temp_files_are_removed_at_start(tmp_path: Path) -> None:
+    store = opened_store(tmp_path)
+    kept = put_artifact(store, A)
+    orphans = [
+        tmp_path / "models" / f"{B}.part",
+        tmp_path / "baselines" / f"{C}.part",
+        tmp_path / "state.json.tmp",
+        tmp_path / "models" / "x.tmp",
+    ]
+    for orphan in orphans:
+        orphan.write_bytes(b"half")
+    with capture_logs() as logs:
+        opened_store(tmp_path)
+    assert not any(p.exists() for p in orphans)
+    assert kept.exists()
+    assert sum(entry["event"] == "store_orphan_removed" for entry in logs) == 4
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{not json", b"[]", b'{"schema": 2, "models": {}}', b'{"schema": 1, "models": 3}'],
+)
+def test_corrupt_state_is_kept_aside_and_the_store_starts_empty(
+    tmp_path: Path, content: bytes
+) -> None:
+    (tmp_path / "state.json").write_bytes(content)
+    with capture_logs() as logs:
+        store = opened_store(tmp_path)
+    assert store.state == StoreState()
+    aside = list(tmp_path.glob("state.json.corrupt-*"))
+    assert [p.read_bytes() for p in aside] == [content]
+    assert not (tmp_path / "state.json").exists()
+    assert [entry["log_level"] for entry in logs if entry["event"] == "store_state_corrupt"] == [
+        "error"
+    ]
+
+
+def test_commit_gives_the_part_its_content_addressed_name(tmp_path: Path) -> None:
+    store = opened_store(tmp_path)
+    path = put_artifact(store, A, b"model bytes")
+    assert path == tmp_path / "models" / f"{A}.onnx"
+    assert path.read_bytes() == b"model bytes"
+    assert not store.artifact_part(A).path.exists()
+    assert store.has_artifact(A)
+
+
+def test_verify_artifact_rehashes_the_file(tmp_path: Path) -> None:
+    store = opened_store(tmp_path)
+    body = b"model bytes"
+    sha = hashlib.sha256(body).hexdigest()
+    put_artifact(store, sha, body)
+    assert store.verify_artifact(sha)
+    store.artifact_path(sha).write_bytes(b"model bytez")
+    assert not store.verify_artifact(sha)
+
+
+def test_baselines_are_content_addressed_too(tmp_path: Path) -> None:
+    store = opened_store(tmp_path)
+    part = store.baseline_part(E)
+    f = part.open(append=False)
+    f.write(b"{}")
+    f.close()
+    assert store.commit_baseline(E) == tmp_path / "baselines" / f"{E}.json"
+
+
+def test_gc_keeps_active_last_known_good_and_the_newest_others(tmp_path: Path) -> None:
+    store = opened_store(tmp_path, keep_old_artifacts=1)
+    for mtime, sha in enumerate([A, B, C, D, E], start=1_000):
+        put_artifact(store, sha, mtime=mtime)
+    # A (oldest) is last-known-good and B active: both kept though they are old.
+    store.save(StoreState().activated("m", ModelRef(1, A)).activated("m", ModelRef(2, B)))
+    removed = store.collect_garbage()
+    assert removed == (f"{C}.onnx", f"{D}.onnx")
+    assert sorted(p.stem for p in (tmp_path / "models").iterdir()) == [A, B, E]
+
+
+def test_gc_collects_unreferenced_baselines(tmp_path: Path) -> None:
+    store = opened_store(tmp_path, keep_old_artifacts=0)
+    for sha in (C, E):
+        (tmp_path / "baselines" / f"{sha}.json").write_bytes(b"{}")
+    store.save(StoreState().activated("m", V2))  # V2 references baseline E
+    put_artifact(store, B)
+    assert store.collect_garbage() == (f"{C}.json",)
+
+
+def test_free_space_check_keeps_a_margin(tmp_path: Path) -> None:
+    store = opened_store(
+        tmp_path, free_space_margin_bytes=100, disk_usage=lambda _path: (10_000, 9_000, 1_000)
+    )
+    store.ensure_free_space(900)
+    with pytest.raises(StoreError) as info:
+        store.ensure_free_space(901)
+    assert info.value.reason is StoreReason.DISK_FULL
+
+
+def test_part_file_appends_for_resume(tmp_path: Path) -> None:
+    store = opened_store(tmp_path)
+    part = store.artifact_part(A)
+    for chunk, append in ((b"abc", False), (b"def", True)):
+        f = part.open(append=append)
+        f.write(chunk)
+        f.close()
+    assert part.size() == 6
+    f = part.open(append=False)
+    f.close()
+    assert part.size() == 0
+    part.remove()
+    assert part.size() == 0
