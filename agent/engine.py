@@ -1,0 +1,184 @@
+"""ONNX Runtime sessions: loading, the model's own I/O contract, and its measured cost.
+
+The cost model decides dispatch (inline on the event loop or a worker thread), so it is
+measured on this machine at load time rather than guessed from the file size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
+
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+_OPTIMIZATION_LEVELS: Mapping[GraphOptimization, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class ModelLoadError(Exception):
+    """The bytes are not a model ONNX Runtime can run, or its I/O cannot be described."""
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    optimization: GraphOptimization = "all"
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.inter_op_threads
+        options.graph_optimization_level = _OPTIMIZATION_LEVELS[self.optimization]
+        # Thread pools that spin keep a core busy after each call; on a 2-core device that
+        # steals the event loop's CPU. Waiting threads cost a few microseconds of wake-up.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        return options
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Seconds per ONNX Runtime call as `fixed + per_row * rows`, fitted from two batch sizes."""
+
+    fixed_s: float
+    per_row_s: float
+
+    def estimate(self, rows: int) -> float:
+        return self.fixed_s + self.per_row_s * rows
+
+
+def fit_cost(rows_a: int, seconds_a: float, rows_b: int, seconds_b: float) -> CostModel:
+    """A line through two measurements; a negative slope (noise) is read as flat."""
+    if rows_b == rows_a:
+        return CostModel(fixed_s=max(seconds_a, seconds_b), per_row_s=0.0)
+    per_row = max((seconds_b - seconds_a) / (rows_b - rows_a), 0.0)
+    return CostModel(fixed_s=max(seconds_a - per_row * rows_a, 0.0), per_row_s=per_row)
+
+
+def read_contract(session: ort.InferenceSession) -> ModelContract:
+    def spec(arg: ort.NodeArg) -> TensorSpec:
+        datatype = ONNX_TO_V2.get(arg.type)
+        if datatype is None:
+            raise ModelLoadError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+        dims = tuple(dim if isinstance(dim, int) and dim >= 0 else None for dim in arg.shape)
+        return TensorSpec(name=arg.name, datatype=datatype, shape=dims)
+
+    return ModelContract(
+        inputs=tuple(spec(a) for a in session.get_inputs()),
+        outputs=tuple(spec(a) for a in session.get_outputs()),
+    )
+
+
+def sample_inputs(contract: ModelContract, rows: int) -> dict[str, np.ndarray]:
+    """Zeros of the contract's shapes, symbolic dims set to `rows` (first) or 1 (others)."""
+    samples: dict[str, np.ndarray] = {}
+    for spec in contract.inputs:
+        shape = tuple(
+            dim if dim is not None else (rows if axis == 0 else 1)
+            for axis, dim in enumerate(spec.shape)
+        )
+        if spec.datatype == "BYTES":
+            samples[spec.name] = np.full(shape, b"", dtype=np.object_)
+        else:
+            samples[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
+    return samples
+
+
+class LoadedModel:
+    """One ONNX Runtime session with its identity, contract and measured cost."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        *,
+        name: str,
+        version: str,
+        sha256: str,
+        cost: CostModel,
+    ) -> None:
+        self.session = session
+        self.name = name
+        self.version = version
+        self.sha256 = sha256
+        self.contract = read_contract(session)
+        self.cost = cost
+        self.in_flight = 0
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None
+    ) -> list[np.ndarray]:
+        # run() copies inputs into ORT tensors and releases the GIL while computing.
+        outputs: list[np.ndarray] = self.session.run(output_names, dict(inputs))
+        return outputs
+
+
+def create_session(model: bytes | Path, options: RuntimeOptions) -> ort.InferenceSession:
+    source = str(model) if isinstance(model, Path) else model
+    try:
+        return ort.InferenceSession(
+            source, options.session_options(), providers=["CPUExecutionProvider"]
+        )
+    except (
+        Exception
+    ) as error:  # ORT raises its own hierarchy, Fail/InvalidGraph/... and RuntimeError
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ModelLoadError(first_line[:300]) from error
+
+
+def measure_cost(
+    session: ort.InferenceSession,
+    contract: ModelContract,
+    max_rows: int,
+    *,
+    repeats: int = 15,
+    clock: Callable[[], float] = time.perf_counter,
+) -> CostModel:
+    """Warm the session up and time it at batch 1 and at `max_rows` (median of `repeats`)."""
+
+    def median_seconds(rows: int) -> float:
+        feed = sample_inputs(contract, rows)
+        session.run(None, feed)  # first call allocates; keep it out of the timing
+        timings = []
+        for _ in range(repeats):
+            start = clock()
+            session.run(None, feed)
+            timings.append(clock() - start)
+        return statistics.median(timings)
+
+    one = median_seconds(1)
+    if not contract.batchable or max_rows <= 1:
+        return CostModel(fixed_s=one, per_row_s=0.0)
+    return fit_cost(1, one, max_rows, median_seconds(max_rows))
+
+
+def load_model(
+    model: bytes | Path,
+    *,
+    name: str,
+    version: str,
+    sha256: str,
+    options: RuntimeOptions,
+    max_rows: int,
+) -> LoadedModel:
+    """Create, warm up and time a session. Blocking: call it from a worker thread."""
+    session = create_session(model, options)
+    contract = read_contract(session)
+    try:
+        cost = measure_cost(session, contract, max_rows)
+    except Exception as error:  # a model that loads but cannot run on its own contract
+        raise ModelLoadError(f"warm-up failed: {str(error).strip()[:300]}") from error
+    return LoadedModel(session, name=name, version=version, sha256=sha256, cost=cost)

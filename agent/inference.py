@@ -1,0 +1,348 @@
+"""The inference service: validation, dispatch, micro-batching and metrics around one model.
+
+Dispatch is chosen per call from the model's measured cost (see `engine.CostModel`):
+
+* a call estimated under `direct_below_s` runs at once in the caller's coroutine: for such
+  models a future and a loop callback cost more than coalescing can save;
+* otherwise requests are queued and flushed by one loop callback, so every request that
+  arrives within the same event-loop iteration (or within `max_wait_s`) shares a call;
+* a batch estimated under `inline_budget_s` runs on the event loop; a costlier one runs on
+  a worker thread (ONNX Runtime releases the GIL), and requests arriving meanwhile form the
+  next batch. A thread hand-off costs 70-150 µs here, hence the inline budget.
+
+Requests in flight keep the `LoadedModel` they were validated against, so a swap never makes
+a queued request meet a different model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from agent.batching import batch_key, split, stack, take_batch
+from agent.contract import ModelContract, RequestError, RequestLimits, validate_inputs
+from agent.engine import LoadedModel
+from agent.metrics import InferenceMetrics
+
+log = structlog.get_logger(__name__)
+
+PLATFORM = "onnxruntime_onnx"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingPolicy:
+    enabled: bool = True
+    max_rows: int = 32
+    max_wait_s: float = 0.0
+    inline_budget_s: float = 0.0015
+    direct_below_s: float = 0.0001
+    worker_threads: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    contract: ModelContract
+    parameters: Mapping[str, str | int | float | bool]
+
+
+@dataclass(slots=True)
+class _Pending:
+    model: LoadedModel
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    key: Hashable
+    outputs: tuple[str, ...]
+    arrived: float
+    future: asyncio.Future[list[np.ndarray]] = field(repr=False)
+
+
+class InferenceService:
+    """Serves one model name; `activate` switches the model behind it."""
+
+    def __init__(
+        self,
+        name: str,
+        metrics: InferenceMetrics,
+        *,
+        policy: BatchingPolicy | None = None,
+        limits: RequestLimits | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.name = name
+        self.policy = policy or BatchingPolicy()
+        self.limits = limits or RequestLimits()
+        self._metrics = metrics
+        self._clock = clock
+        self._model: LoadedModel | None = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.policy.worker_threads, thread_name_prefix=f"infer-{name}"
+        )
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_is_timer = False
+        self._threads_busy = 0
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._drained: dict[int, asyncio.Event] = {}
+
+    # -- model lifecycle -------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def activate(self, model: LoadedModel) -> LoadedModel | None:
+        """Switch to `model`; return the previous one, which may still have calls in flight."""
+        previous, self._model = self._model, model
+        self._metrics.set_model(self.name, model.version, model.sha256)
+        return previous
+
+    async def drained(self, model: LoadedModel) -> None:
+        """Wait until no request holds `model` any more (it may then be closed)."""
+        while model.in_flight:
+            event = self._drained.setdefault(id(model), asyncio.Event())
+            await event.wait()
+
+    def metadata(self) -> ModelMetadata:
+        model = self._model
+        if model is None:
+            return ModelMetadata(self.name, (), PLATFORM, ModelContract((), ()), {"ready": False})
+        return ModelMetadata(
+            name=self.name,
+            versions=(model.version,),
+            platform=PLATFORM,
+            contract=model.contract,
+            parameters={
+                "ready": True,
+                "sha256": model.sha256,
+                "batch1_cost_us": round(model.cost.estimate(1) * 1e6, 1),
+                "dispatch": self._dispatch_label(model),
+            },
+        )
+
+    def _dispatch_label(self, model: LoadedModel) -> str:
+        if not self.policy.enabled or model.cost.estimate(1) < self.policy.direct_below_s:
+            return "direct"
+        return "coalesced"
+
+    async def close(self) -> None:
+        """Fail what is still queued and stop the worker threads."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(RequestError("not_ready", "agent is shutting down"))
+        self._queued_rows = 0
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    # -- requests --------------------------------------------------------------------
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one request; raises `RequestError` for anything the model cannot take."""
+        arrived = self._clock()
+        metrics = self._metrics
+        model = self._model
+        if model is None:
+            metrics.reject("not_ready")
+            raise RequestError("not_ready", f"model {self.name!r} has no active version yet")
+        metrics.in_flight.inc()
+        model.in_flight += 1
+        try:
+            try:
+                rows = validate_inputs(model.contract, inputs, self.limits)
+                names = _output_names(model.contract, outputs)
+            except RequestError as error:
+                metrics.reject(error.reason)
+                raise
+            try:
+                results = await self._dispatch(model, inputs, rows, names, arrived)
+            except RequestError as error:
+                metrics.reject(error.reason)
+                raise
+            except Exception:
+                metrics.failed.inc()
+                log.exception("inference_failed", model=self.name, version=model.version)
+                raise
+            metrics.ok.inc()
+            return dict(zip(names, results, strict=True))
+        finally:
+            model.in_flight -= 1
+            if model.in_flight == 0 and (event := self._drained.pop(id(model), None)):
+                event.set()
+            metrics.in_flight.dec()
+            metrics.total.observe(self._clock() - arrived)
+
+    async def _dispatch(
+        self,
+        model: LoadedModel,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        names: tuple[str, ...],
+        arrived: float,
+    ) -> list[np.ndarray]:
+        policy = self.policy
+        estimate = model.cost.estimate(rows)
+        coalesce = policy.enabled and model.contract.batchable and estimate >= policy.direct_below_s
+        if not coalesce:
+            self._metrics.queue_wait.observe(self._clock() - arrived)
+            if estimate <= policy.inline_budget_s:
+                return self._run_inline(model, inputs, names, rows)
+            return await self._run_in_thread(model, inputs, names, rows)
+        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(model, inputs, rows, batch_key(inputs), names, arrived, future))
+        self._queued_rows += rows
+        self._schedule_flush()
+        return await future
+
+    def _run_inline(
+        self,
+        model: LoadedModel,
+        inputs: Mapping[str, np.ndarray],
+        names: Sequence[str] | None,
+        rows: int,
+    ) -> list[np.ndarray]:
+        start = self._clock()
+        results = model.run(inputs, names)
+        self._record_batch(start, rows, inline=True)
+        return results
+
+    async def _run_in_thread(
+        self,
+        model: LoadedModel,
+        inputs: Mapping[str, np.ndarray],
+        names: Sequence[str] | None,
+        rows: int,
+    ) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        start = self._clock()
+        self._threads_busy += 1
+        try:
+            return await loop.run_in_executor(self._executor, model.run, inputs, names)
+        finally:
+            self._threads_busy -= 1
+            self._record_batch(start, rows, inline=False)
+
+    def _record_batch(self, start: float, rows: int, *, inline: bool) -> None:
+        metrics = self._metrics
+        metrics.compute.observe(self._clock() - start)
+        metrics.batch_rows.observe(rows)
+        (metrics.dispatch_inline if inline else metrics.dispatch_thread).inc()
+
+    # -- coalescing ------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._threads_busy >= self.policy.worker_threads:
+            return  # the batch finishing on a thread flushes what queued meanwhile
+        wait = self.policy.max_wait_s > 0 and self._queued_rows < self.policy.max_rows
+        if self._flush_handle is not None:
+            if wait or not self._flush_is_timer:
+                return  # the flush already due is soon enough
+            self._flush_handle.cancel()  # a full batch need not wait out the timer
+        loop = asyncio.get_running_loop()
+        if wait:
+            self._flush_handle = loop.call_later(self.policy.max_wait_s, self._flush)
+        else:
+            self._flush_handle = loop.call_soon(self._flush)
+        self._flush_is_timer = wait
+
+    def _flush(self) -> None:
+        """Run the next batch; one per callback so the loop never stalls past one budget."""
+        self._flush_handle = None
+        batch = self._next_batch()
+        if not batch:
+            return
+        model = batch[0].model
+        rows = [p.rows for p in batch]
+        now = self._clock()
+        for pending in batch:
+            self._metrics.queue_wait.observe(now - pending.arrived)
+        if model.cost.estimate(sum(rows)) <= self.policy.inline_budget_s:
+            try:
+                outputs = self._run_inline(model, stack([p.inputs for p in batch]), None, sum(rows))
+                _resolve(batch, model, outputs, rows)
+            except Exception as error:  # one failed call fails its own batch, not the service
+                _fail(batch, error)
+            if self._queue:
+                self._schedule_flush()
+        else:
+            task = asyncio.get_running_loop().create_task(self._flush_in_thread(batch, model, rows))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+
+    async def _flush_in_thread(
+        self, batch: list[_Pending], model: LoadedModel, rows: list[int]
+    ) -> None:
+        try:
+            outputs = await self._run_in_thread(
+                model, stack([p.inputs for p in batch]), None, sum(rows)
+            )
+            _resolve(batch, model, outputs, rows)
+        except Exception as error:  # one failed call fails its own batch, not the service
+            _fail(batch, error)
+        if self._queue:
+            self._schedule_flush()
+
+    def _next_batch(self) -> list[_Pending]:
+        queue = self._queue
+        if not queue:
+            return []
+        head_model = queue[0].model
+        candidates = [(p.key, p.rows) for p in queue if p.model is head_model]
+        chosen = set(take_batch(candidates, self.policy.max_rows))
+        batch: list[_Pending] = []
+        kept: deque[_Pending] = deque()
+        index = 0
+        for pending in queue:
+            if pending.model is head_model:
+                (batch if index in chosen else kept).append(pending)
+                index += 1
+            else:
+                kept.append(pending)
+        self._queue = kept
+        self._queued_rows -= sum(p.rows for p in batch)
+        return [p for p in batch if not p.future.cancelled()]
+
+
+def _output_names(contract: ModelContract, requested: Sequence[str] | None) -> tuple[str, ...]:
+    available = contract.output_names
+    if not requested:
+        return available
+    for name in requested:
+        if name not in available:
+            raise RequestError(
+                "unknown_output", f"unknown output {name!r}; model has {list(available)}"
+            )
+    return tuple(requested)
+
+
+def _resolve(
+    batch: Sequence[_Pending], model: LoadedModel, outputs: list[np.ndarray], rows: list[int]
+) -> None:
+    index = {name: i for i, name in enumerate(model.contract.output_names)}
+    for pending, parts in zip(batch, split(outputs, rows), strict=True):
+        if not pending.future.done():
+            pending.future.set_result([parts[index[name]] for name in pending.outputs])
+
+
+def _fail(batch: Sequence[_Pending], error: Exception) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(error)

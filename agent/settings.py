@@ -1,0 +1,88 @@
+"""Typed settings from `EDGEML_*` environment variables; command-line flags override them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.contract import RequestLimits
+from agent.engine import GraphOptimization, RuntimeOptions
+from agent.inference import BatchingPolicy
+
+ENV_PREFIX = "EDGEML_"
+
+
+class AgentSettings(BaseModel):
+    """Every knob of the agent, each read from `EDGEML_<NAME>` by `from_environment`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_path: Path | None = Field(None, description="ONNX file served standalone (no hub).")
+    model_name: str | None = Field(None, description="Served name; defaults to the file stem.")
+    host: str = "0.0.0.0"  # noqa: S104 - a container's port must be reachable from outside it
+    http_port: int = Field(8000, ge=0, le=65535)
+    metrics_port: int = Field(9600, ge=0, le=65535)
+
+    intra_op_threads: int = Field(1, ge=1, le=64)
+    inter_op_threads: int = Field(1, ge=1, le=64)
+    graph_optimization: GraphOptimization = "all"
+
+    batching: bool = True
+    max_batch: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
+    inline_budget_us: float = Field(1500.0, ge=0.0, le=1_000_000.0)
+    direct_below_us: float = Field(100.0, ge=0.0, le=1_000_000.0)
+    worker_threads: int = Field(1, ge=1, le=64)
+
+    max_request_bytes: int = Field(64 << 20, ge=1024)
+    max_request_elements: int = Field(1 << 22, ge=1)
+    allow_non_finite: bool = False
+
+    shutdown_grace_s: float = Field(8.0, gt=0.0, le=60.0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @classmethod
+    def from_environment(
+        cls, environ: Mapping[str, str] = os.environ, **overrides: object
+    ) -> AgentSettings:
+        """Settings from `environ`; a misspelt `EDGEML_*` name is an error, not a silent default."""
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
+        unknown = sorted(
+            k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+        )
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]}; known: {', '.join(sorted(known))}")
+        values: dict[str, object] = {
+            name: environ[ENV_PREFIX + name.upper()]
+            for name in cls.model_fields
+            if ENV_PREFIX + name.upper() in environ
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
+
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            optimization=self.graph_optimization,
+        )
+
+    def batching_policy(self) -> BatchingPolicy:
+        return BatchingPolicy(
+            enabled=self.batching,
+            max_rows=self.max_batch,
+            max_wait_s=self.max_wait_ms / 1000,
+            inline_budget_s=self.inline_budget_us / 1e6,
+            direct_below_s=self.direct_below_us / 1e6,
+            worker_threads=self.worker_threads,
+        )
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_elements=self.max_request_elements, allow_non_finite=self.allow_non_finite
+        )
