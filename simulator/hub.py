@@ -1,0 +1,429 @@
+"""The public `Simulator`: IoT Hub + edgeHub on a background thread with its own event loop.
+
+Why a thread of its own: the azure-iot-device aio client's handler setters block the calling
+thread until the SDK's own loop has done the work, so a hub on the test's loop would deadlock.
+All hub state lives on the simulator loop; every method here hands its work to that loop with
+`run_coroutine_threadsafe` and waits for the answer.
+
+    with Simulator.start(deployment=path, host="127.0.0.7", run_dir=tmp_path) as sim:
+        env = sim.edge_env("edge-device", "filter")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import structlog
+from aiohttp import web
+
+from simulator import certs, manifest, sas, topics
+from simulator.broker import MQTT_PORT, Broker
+from simulator.core import Hub as HubCore
+from simulator.core import (
+    HubEvent,
+    Identity,
+    ServiceError,
+    TwinResponseFault,
+    UpstreamMessage,
+)
+from simulator.feed import Feed
+from simulator.rest import SERVICE_POLICY, ServiceApi
+from simulator.twins import Twin
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+DEFAULT_DEVICE_ID = "edge-device"
+START_TIMEOUT_SECONDS = 30.0
+CALL_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 15.0
+INFO_FILE = "simulator.json"
+ENV_FILE = "simulator.env"
+
+
+def _load_deployment(
+    deployment: Path | str | Mapping[str, Any] | manifest.Deployment,
+) -> manifest.Deployment:
+    if isinstance(deployment, manifest.Deployment):
+        return deployment
+    if isinstance(deployment, Mapping):
+        return manifest.parse_manifest(deployment)
+    return manifest.load_manifest(Path(deployment))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Connection strings are secrets: owner-only, written in one go."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(text)
+
+
+class SimulatorFaults:
+    """Fault injection, callable from any thread but the simulator's."""
+
+    def __init__(self, simulator: Simulator) -> None:
+        self._sim = simulator
+
+    def drop_connection(self, device_id: str, module_id: str) -> bool:
+        """Cut the module's link as a network failure would; True if it was connected."""
+        return self._sim._call_sync(lambda hub: hub.broker.drop(f"{device_id}/{module_id}"))
+
+    def refuse_connections(self, device_id: str, module_id: str, seconds: float) -> None:
+        """Answer the module's CONNECTs with 'server unavailable' for `seconds`."""
+        self._sim._call_sync(lambda hub: hub.faults.refuse(f"{device_id}/{module_id}", seconds))
+
+    def twin_responses(
+        self, *, status: int | None = None, delay: float = 0.0, count: int | None = None
+    ) -> None:
+        """Delay twin GET / reported-patch answers by `delay`, or answer them with `status`;
+        for the next `count` requests, or until `clear()`."""
+        fault = TwinResponseFault(status=status, delay_seconds=delay, remaining=count)
+
+        def set_fault(hub: HubCore) -> None:
+            hub.faults.twin = fault
+
+        self._sim._call_sync(set_fault)
+
+    def pause_pubacks(self) -> None:
+        """Stop acknowledging publishes from every module until `resume_pubacks()`."""
+        self._sim._call_sync(lambda hub: hub.faults.pause_pubacks())
+
+    def resume_pubacks(self) -> None:
+        self._sim._call_sync(lambda hub: hub.faults.resume_pubacks())
+
+    def clear(self) -> None:
+        self._sim._call_sync(lambda hub: hub.faults.clear())
+
+
+class Simulator:
+    """An offline IoT Hub + edgeHub for one edge device; use `Simulator.start(...)`."""
+
+    def __init__(
+        self,
+        deployment: manifest.Deployment,
+        *,
+        run_dir: Path,
+        host: str = "127.0.0.1",
+        device_id: str = DEFAULT_DEVICE_ID,
+        service_port: int = 0,
+        mqtt_port: int = MQTT_PORT,
+        extra_modules: tuple[str, ...] = (),
+    ) -> None:
+        self.host = host
+        self.device_id = device_id
+        self.run_dir = Path(run_dir)
+        self._deployment = deployment
+        self._mqtt_port = mqtt_port
+        self._requested_service_port = service_port
+        self.service_port = 0
+        self.service_key = sas.new_key()
+        self.upstream: Feed[UpstreamMessage] = Feed()
+        self.events: Feed[HubEvent] = Feed()
+        self.faults = SimulatorFaults(self)
+        modules = tuple(dict.fromkeys((*deployment.modules, *extra_modules)))
+        self._identities = {
+            (device_id, module): Identity(device_id, module, sas.new_key(), sas.new_key())
+            for module in modules
+        }
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._hub: HubCore | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._certificates: certs.CertificateFiles | None = None
+
+    # -------------------------------------------------------- lifecycle
+
+    @classmethod
+    def start(
+        cls,
+        deployment: Path | str | Mapping[str, Any] | manifest.Deployment,
+        *,
+        run_dir: Path,
+        host: str = "127.0.0.1",
+        device_id: str = DEFAULT_DEVICE_ID,
+        service_port: int = 0,
+        mqtt_port: int = MQTT_PORT,
+        extra_modules: tuple[str, ...] = (),
+    ) -> Simulator:
+        """Start serving on `host` (MQTT on `mqtt_port`, REST on `service_port`, 0 = any free)."""
+        simulator = cls(
+            _load_deployment(deployment),
+            run_dir=run_dir,
+            host=host,
+            device_id=device_id,
+            service_port=service_port,
+            mqtt_port=mqtt_port,
+            extra_modules=extra_modules,
+        )
+        simulator._start()
+        return simulator
+
+    def _start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._certificates = certs.generate(self.run_dir / "certs", self.host)
+        self._thread = threading.Thread(target=self._thread_main, name="iothub-simulator")
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT_SECONDS):
+            self.stop()
+            raise TimeoutError("the simulator did not start in time")
+        if self._startup_error is not None:
+            self._thread.join(STOP_TIMEOUT_SECONDS)
+            raise RuntimeError(f"the simulator failed to start: {self._startup_error}") from (
+                self._startup_error
+            )
+        self._write_run_files()
+        log.info("simulator_started", host=self.host, service_port=self.service_port)
+
+    def stop(self) -> None:
+        """Close every connection and server, then end the thread; safe to call twice."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            # RuntimeError: the loop closed in between, so there is nothing left to stop.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT_SECONDS)
+            if self._thread.is_alive():
+                raise RuntimeError("the simulator thread did not stop")
+            self._thread = None
+
+    def __enter__(self) -> Simulator:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to the starting thread, which re-raises it
+            self._startup_error = exc
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        assert self._certificates is not None  # generated by _start before the thread runs
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        twins = {
+            key: Twin(*key, desired=dict(self._deployment.desired.get(key[1], {})))
+            for key in self._identities
+        }
+        hub = HubCore(
+            hostname=self.host,
+            identities=self._identities,
+            twins=twins,
+            routes=self._deployment.routes,
+            upstream=self.upstream,
+            events=self.events,
+        )
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls.load_cert_chain(self._certificates.server_cert, self._certificates.server_key)
+        broker = Broker(hub, tls, self.host, self._mqtt_port, puback_gate=hub.faults.puback_gate)
+        hub.attach(broker)
+        runner: web.AppRunner | None = None
+        try:
+            await broker.start()
+            # Bound before the app exists: the service hostname (which SAS tokens sign) has
+            # the port in it, and with service_port=0 the port is known only once bound.
+            listener = socket.create_server((self.host, self._requested_service_port))
+            self.service_port = int(listener.getsockname()[1])
+            api = ServiceApi(
+                hub, service_hostname=self.service_hostname, service_key=self.service_key
+            )
+            runner = web.AppRunner(api.app(), access_log=None)
+            await runner.setup()
+            await web.SockSite(runner, listener, ssl_context=tls).start()
+            self._hub = hub
+            self._ready.set()
+            await self._stop.wait()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await broker.close()
+            await hub.close()
+            self._hub = None
+            log.info("simulator_stopped", host=self.host)
+
+    # -------------------------------------------------------- calls into the loop
+
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        loop = self._loop
+        if loop is None or self._hub is None:
+            coroutine.close()
+            raise RuntimeError("the simulator is not running")
+        if threading.current_thread() is self._thread:
+            coroutine.close()
+            raise RuntimeError("blocking simulator call from the simulator's own thread")
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+    def _call_sync(self, action: Callable[[HubCore], T]) -> T:
+        async def run() -> T:
+            assert self._hub is not None  # checked by _submit
+            return action(self._hub)
+
+        return self._submit(run()).result(CALL_TIMEOUT_SECONDS)
+
+    def _call_async(self, action: Callable[[HubCore], Awaitable[T]], timeout: float) -> T:
+        async def run() -> T:
+            assert self._hub is not None  # checked by _submit
+            return await action(self._hub)
+
+        return self._submit(run()).result(timeout)
+
+    # -------------------------------------------------------- connection details
+
+    @property
+    def ca_cert_path(self) -> Path:
+        assert self._certificates is not None  # set by start()
+        return self._certificates.ca_cert
+
+    @property
+    def service_hostname(self) -> str:
+        return f"{self.host}:{self.service_port}"
+
+    @property
+    def service_connection_string(self) -> str:
+        return (
+            f"HostName={self.service_hostname};SharedAccessKeyName={SERVICE_POLICY};"
+            f"SharedAccessKey={self.service_key}"
+        )
+
+    @property
+    def modules(self) -> list[tuple[str, str]]:
+        return sorted(self._identities)
+
+    def _identity(self, device_id: str, module_id: str) -> Identity:
+        try:
+            return self._identities[(device_id, module_id)]
+        except KeyError:
+            raise KeyError(f"no module {device_id}/{module_id} in this simulator") from None
+
+    def module_connection_string(self, device_id: str, module_id: str) -> str:
+        """`HostName=...;GatewayHostName=...;DeviceId=...;ModuleId=...;SharedAccessKey=...`."""
+        identity = self._identity(device_id, module_id)
+        return (
+            f"HostName={self.host};GatewayHostName={self.host};DeviceId={device_id};"
+            f"ModuleId={module_id};SharedAccessKey={identity.primary_key}"
+        )
+
+    def edge_env(self, device_id: str, module_id: str) -> dict[str, str]:
+        """The variables `IoTHubModuleClient.create_from_edge_environment()` reads."""
+        return {
+            "EdgeHubConnectionString": self.module_connection_string(device_id, module_id),
+            "EdgeModuleCACertificateFile": str(self.ca_cert_path),
+        }
+
+    def module_sas_token(self, device_id: str, module_id: str, expiry: int) -> str:
+        """A module token expiring at `expiry` (unix seconds), e.g. for expiry tests."""
+        identity = self._identity(device_id, module_id)
+        resource = f"{self.host}/devices/{device_id}/modules/{module_id}"
+        return sas.generate(resource, identity.primary_key, expiry)
+
+    def _write_run_files(self) -> None:
+        info = {
+            "host": self.host,
+            "service_port": self.service_port,
+            "service_connection_string": self.service_connection_string,
+            "ca_cert": str(self.ca_cert_path),
+            "modules": {
+                f"{device}/{module}": self.edge_env(device, module)
+                for device, module in self.modules
+            },
+        }
+        _write_private(self.run_dir / INFO_FILE, json.dumps(info, indent=2) + "\n")
+        lines = [
+            f"IOTHUB_CONNECTION_STRING={self.service_connection_string}",
+            f"EdgeModuleCACertificateFile={self.ca_cert_path}",
+        ]
+        for device, module in self.modules:
+            variable = "".join(c if c.isalnum() else "_" for c in module).upper()
+            conn = self.module_connection_string(device, module)
+            lines.append(f"{variable}_EDGEHUB_CONNECTION_STRING={conn}")
+        _write_private(self.run_dir / ENV_FILE, "\n".join(lines) + "\n")
+
+    # -------------------------------------------------------- state and actions
+
+    def is_connected(self, device_id: str, module_id: str) -> bool:
+        return self._call_sync(lambda hub: hub.is_connected(device_id, module_id))
+
+    def twin(self, device_id: str, module_id: str) -> dict[str, Any]:
+        """The module twin as the service API shows it (tags, desired, reported, versions)."""
+        return self._call_sync(lambda hub: hub.service_twin(device_id, module_id))
+
+    def update_desired(
+        self, device_id: str, module_id: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Patch desired properties as the service would; the module gets the patch."""
+        body = {"properties": {"desired": dict(patch)}}
+        return self._call_sync(
+            lambda hub: hub.update_twin(device_id, module_id, body, None, replace=False)
+        )
+
+    def invoke_method(
+        self, device_id: str, module_id: str, method_name: str, payload: Any, timeout: float = 30
+    ) -> tuple[int, Any]:
+        """(status, payload) the module answered; `ServiceError` 404 / 504 as IoT Hub would."""
+        return self._call_async(
+            lambda hub: hub.invoke_method(device_id, module_id, method_name, payload, timeout),
+            timeout + 5,
+        )
+
+    def send_to_input(
+        self,
+        device_id: str,
+        module_id: str,
+        input_name: str,
+        body: bytes | str | Mapping[str, Any] | list[Any],
+        properties: Mapping[str, str] | None = None,
+        *,
+        content_type: str = "application/json",
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Deliver a message to a module input, as a route would (kept until it subscribes)."""
+        if isinstance(body, bytes):
+            payload = body
+        elif isinstance(body, str):
+            payload = body.encode()
+        else:
+            payload = json.dumps(body).encode()
+        system = {"contentType": content_type, "contentEncoding": "utf-8"}
+        if message_id is not None:
+            system["messageId"] = message_id
+        if correlation_id is not None:
+            system["correlationId"] = correlation_id
+        message = topics.Message(payload, system, dict(properties or {}))
+        if message.size > topics.MAX_MESSAGE_BYTES:
+            raise ServiceError(413, "MessageTooLarge", "message exceeds 256 KB")
+        self._identity(device_id, module_id)
+        self._call_sync(lambda hub: hub.deliver_to_input(device_id, module_id, input_name, message))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> None:
+    """Poll `condition` from a test thread until it holds (TimeoutError otherwise)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        time.sleep(interval)

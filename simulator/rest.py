@@ -1,0 +1,243 @@
+"""The service REST API the azure-iot-hub SDK calls, plus the simulator's admin endpoints.
+
+Every request carries a service SAS token (`Authorization: SharedAccessSignature sr=<host>...
+&skn=iothubowner`) signed with the service key; the admin endpoints (`/_simulator/...`, used by the
+CLI) take the same token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from simulator import sas, topics
+from simulator.core import DEFAULT_METHOD_TIMEOUT_SECONDS, Hub, ServiceError, TwinResponseFault
+
+log = structlog.get_logger(__name__)
+
+SERVICE_POLICY = "iothubowner"
+MAX_BODY_BYTES = 512 * 1024
+DEFAULT_PAGE_SIZE = 100
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response(
+        {"Message": f"ErrorCode:{code};{message}", "ExceptionMessage": ""}, status=status
+    )
+
+
+class ServiceApi:
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        service_hostname: str,
+        service_key: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._hub = hub
+        self._service_hostname = service_hostname
+        self._service_key = service_key
+        self._clock = clock
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._errors, self._authorize], client_max_size=MAX_BODY_BYTES
+        )
+        app.router.add_get("/twins/{device}/modules/{module}", self._get_twin)
+        app.router.add_patch("/twins/{device}/modules/{module}", self._update_twin)
+        app.router.add_put("/twins/{device}/modules/{module}", self._replace_twin)
+        app.router.add_post("/twins/{device}/modules/{module}/methods", self._invoke_method)
+        app.router.add_post("/devices/query", self._query)
+        app.router.add_get("/devices/{device}/modules/{module}", self._get_module)
+        app.router.add_post("/_simulator/inputs/{device}/{module}/{input}", self._send_to_input)
+        app.router.add_get("/_simulator/watch", self._watch)
+        app.router.add_post("/_simulator/faults/{fault}", self._fault)
+        return app
+
+    # -------------------------------------------------------- middlewares
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ServiceError as exc:
+            log.info("rest_refused", path=request.path, status=exc.status, reason=str(exc))
+            return _error(exc.status, exc.code, str(exc))
+
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = request.headers.get("Authorization", "")
+        verdict = sas.verify(
+            token,
+            resource=self._service_hostname,
+            key=self._service_key,
+            now=self._clock(),
+            key_name=SERVICE_POLICY,
+        )
+        if verdict is not sas.Verdict.VALID:
+            log.warning("rest_unauthorized", path=request.path, reason=verdict.value)
+            raise ServiceError(401, "IotHubUnauthorizedAccess", "unauthorized")
+        return await handler(request)
+
+    # -------------------------------------------------------- helpers
+
+    @staticmethod
+    async def _json(request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ServiceError(400, "ArgumentInvalid", "body is not JSON") from exc
+
+    @staticmethod
+    def _ids(request: web.Request) -> tuple[str, str]:
+        return request.match_info["device"], request.match_info["module"]
+
+    def _twin_response(self, twin: dict[str, Any]) -> web.Response:
+        return web.json_response(twin, headers={"ETag": f'"{twin["etag"]}"'})
+
+    # -------------------------------------------------------- service API
+
+    async def _get_twin(self, request: web.Request) -> web.StreamResponse:
+        return self._twin_response(self._hub.service_twin(*self._ids(request)))
+
+    async def _update_twin(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        if_match = request.headers.get("If-Match")
+        twin = self._hub.update_twin(*self._ids(request), body, if_match, replace=False)
+        return self._twin_response(twin)
+
+    async def _replace_twin(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        if_match = request.headers.get("If-Match")
+        twin = self._hub.update_twin(*self._ids(request), body, if_match, replace=True)
+        return self._twin_response(twin)
+
+    async def _get_module(self, request: web.Request) -> web.StreamResponse:
+        device_id, module_id = self._ids(request)
+        twin = self._hub.twin(device_id, module_id)
+        identity = self._hub.identities[(device_id, module_id)]
+        connected = self._hub.is_connected(device_id, module_id)
+        return web.json_response(
+            {
+                "deviceId": device_id,
+                "moduleId": module_id,
+                "managedBy": "IotEdge",
+                "generationId": "1",
+                "etag": twin.etag,
+                "connectionState": "Connected" if connected else "Disconnected",
+                "cloudToDeviceMessageCount": 0,
+                "authentication": {
+                    "type": "sas",
+                    "symmetricKey": {
+                        "primaryKey": identity.primary_key,
+                        "secondaryKey": identity.secondary_key,
+                    },
+                },
+            }
+        )
+
+    async def _invoke_method(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("methodName"), str):
+            raise ServiceError(400, "ArgumentInvalid", "methodName is required")
+        timeout = body.get("responseTimeoutInSeconds") or DEFAULT_METHOD_TIMEOUT_SECONDS
+        if not isinstance(timeout, int | float) or not 0 < timeout <= 300:
+            raise ServiceError(400, "ArgumentInvalid", "responseTimeoutInSeconds must be 1..300")
+        status, payload = await self._hub.invoke_method(
+            *self._ids(request), body["methodName"], body.get("payload"), float(timeout)
+        )
+        return web.json_response({"status": status, "payload": payload})
+
+    async def _query(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+            raise ServiceError(400, "ArgumentInvalid", "query is required")
+        try:
+            page_size = int(request.headers.get("x-ms-max-item-count") or DEFAULT_PAGE_SIZE)
+        except ValueError as exc:
+            raise ServiceError(400, "ArgumentInvalid", "bad x-ms-max-item-count") from exc
+        items, continuation = self._hub.query(
+            body["query"], request.headers.get("x-ms-continuation"), page_size
+        )
+        headers = {"x-ms-item-type": "twin"}
+        if continuation is not None:
+            headers["x-ms-continuation"] = continuation
+        return web.json_response(items, headers=headers)
+
+    # -------------------------------------------------------- admin API (CLI and tests)
+
+    async def _send_to_input(self, request: web.Request) -> web.StreamResponse:
+        """Body: `{"body": str, "base64": bool?, "properties": {str: str}?}`."""
+        envelope = await self._json(request)
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("body"), str):
+            raise ServiceError(400, "ArgumentInvalid", "body must be a string")
+        properties = envelope.get("properties") or {}
+        if not isinstance(properties, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in properties.items()
+        ):
+            raise ServiceError(400, "ArgumentInvalid", "properties must map strings to strings")
+        try:
+            payload = (
+                base64.b64decode(envelope["body"], validate=True)
+                if envelope.get("base64")
+                else envelope["body"].encode()
+            )
+        except binascii.Error as exc:
+            raise ServiceError(400, "ArgumentInvalid", "body is not base64") from exc
+        system = {"contentType": "application/json", "contentEncoding": "utf-8"}
+        message = topics.Message(payload, system, properties)
+        if message.size > topics.MAX_MESSAGE_BYTES:
+            raise ServiceError(413, "MessageTooLarge", "message exceeds 256 KB")
+        device_id, module_id = self._ids(request)
+        self._hub.twin(device_id, module_id)
+        self._hub.deliver_to_input(device_id, module_id, request.match_info["input"], message)
+        return web.json_response({"queued": True}, status=202)
+
+    async def _watch(self, request: web.Request) -> web.StreamResponse:
+        """JSON lines: upstream messages and twin changes, as they happen."""
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        async for event in self._hub.events.follow():
+            line = json.dumps(event.to_json(), default=str) + "\n"
+            await response.write(line.encode())
+        return response  # pragma: no cover  # follow() ends only by cancellation
+
+    async def _fault(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise ServiceError(400, "ArgumentInvalid", "body must be an object")
+        faults = self._hub.faults
+        try:
+            match request.match_info["fault"]:
+                case "drop":
+                    found = self._hub.broker.drop(f"{body['device']}/{body['module']}")
+                    return web.json_response({"dropped": found})
+                case "refuse":
+                    faults.refuse(f"{body['device']}/{body['module']}", float(body["seconds"]))
+                case "twin":
+                    status = body.get("status")
+                    faults.twin = TwinResponseFault(
+                        status=None if status is None else int(status),
+                        delay_seconds=float(body.get("delay", 0.0)),
+                        remaining=body.get("count"),
+                    )
+                case "pause-pubacks":
+                    faults.pause_pubacks()
+                case "resume-pubacks":
+                    faults.resume_pubacks()
+                case "clear":
+                    faults.clear()
+                case other:
+                    raise ServiceError(404, "NotFound", f"no fault {other!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServiceError(400, "ArgumentInvalid", f"bad fault arguments: {exc}") from exc
+        return web.json_response({"ok": True})
