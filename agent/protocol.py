@@ -535,6 +535,11 @@ def encode_model_metadata(
     )
 
 
+def encode_model_ready(name: str) -> bytes:
+    """`GET /v2/models/{name}/ready` when it is (a not-ready model answers 503 with an error)."""
+    return _dumps({"name": name, "ready": True})
+
+
 def encode_server_metadata(
     *, name: str, version: str, extensions: Sequence[str] = EXTENSIONS
 ) -> bytes:

@@ -1,0 +1,375 @@
+"""The HTTP API: Open Inference Protocol v2 REST on one port, Prometheus `/metrics` on another.
+
+`HttpService` serves the KServe / Triton v2 endpoints for the models in a live mapping (the
+app may add or swap entries; each request looks its model up once). Every 4xx/5xx carries the
+v2 error body `{"error": "..."}`, routing errors included. Requests refused before they reach
+a model count in `metrics.reject(reason)` with a bounded reason; what happens inside `infer`
+(validation, not ready, failures, latency) the inference service records itself.
+
+The infer handler is the hot path (benchmarked against KServe): no validation library, no
+access log, one `json.loads` and one `json.dumps`, and tensors built by numpy in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, Protocol
+
+import numpy as np
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from agent import __version__, protocol
+from agent.contract import ModelContract, RejectReason, RequestError
+from agent.metrics import InferenceMetrics
+
+DEFAULT_HTTP_PORT: Final = 8000
+DEFAULT_METRICS_PORT: Final = 9600
+# A container's port must be reachable from outside the container.
+DEFAULT_HOST: Final = "0.0.0.0"  # noqa: S104 - see the line above
+DEFAULT_MAX_BODY_BYTES: Final = 64 << 20
+SERVER_NAME: Final = "edge-mlops-agent"
+
+_STATUS: Final[Mapping[str, int]] = {
+    "unknown_model": 404,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "too_large": 413,
+    "not_ready": 503,
+}
+# aiohttp's own refusals (routing, body size) -> bounded reject reasons.
+_HTTP_REASONS: Final[Mapping[int, RejectReason]] = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
+_JSON: Final = "application/json"
+
+
+class ModelMetadataView(Protocol):
+    """What the API shows of a model (`agent.inference.ModelMetadata` satisfies it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def versions(self) -> tuple[str, ...]: ...
+    @property
+    def platform(self) -> str: ...
+    @property
+    def contract(self) -> ModelContract: ...
+    @property
+    def parameters(self) -> Mapping[str, str | int | float | bool]: ...
+
+
+class ServedModel(Protocol):
+    """One served model name (`agent.inference.InferenceService` satisfies it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ready(self) -> bool: ...
+    def metadata(self) -> ModelMetadataView: ...
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]: ...
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=protocol.encode_error(message), content_type=_JSON)
+
+
+def _request_error(error: RequestError) -> web.Response:
+    return _error(_STATUS.get(error.reason, 400), error.message)
+
+
+def _ok(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type=_JSON)
+
+
+class _V2Handlers:
+    """The v2 endpoints over a live model mapping; refusals raise `RequestError`."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel],
+        metrics: InferenceMetrics,
+        *,
+        max_body_bytes: int,
+        max_input_bytes: int,
+        server_name: str,
+        server_version: str,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._models = models
+        self._metrics = metrics
+        self._max_body_bytes = max_body_bytes
+        self._max_input_bytes = max_input_bytes
+        self._log = log
+        self._server_metadata = protocol.encode_server_metadata(
+            name=server_name, version=server_version
+        )
+
+    @web.middleware
+    async def v2_errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Turn every refusal, aiohttp's routing errors included, into a counted v2 error."""
+        try:
+            return await handler(request)
+        except RequestError as error:
+            self._metrics.reject(error.reason)
+            return _request_error(error)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            reason = _HTTP_REASONS.get(exc.status, "bad_request")
+            self._metrics.reject(reason)
+            return _error(exc.status, _describe(request, exc, reason))
+
+    # -- health and metadata -------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        # Liveness only says the loop answers; a model still loading is alive but not ready.
+        return _ok(b'{"live":true}')
+
+    async def ready(self, request: web.Request) -> web.Response:
+        models = list(self._models.values())
+        if not models:
+            return _error(503, "no model is loaded yet")
+        waiting = sorted(m.name for m in models if not m.ready)
+        if waiting:
+            return _error(503, f"not ready: {', '.join(waiting)}")
+        return _ok(b'{"ready":true}')
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _ok(self._server_metadata)
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        model, _ = self._model(request)
+        meta = model.metadata()
+        return _ok(
+            protocol.encode_model_metadata(
+                name=meta.name,
+                versions=meta.versions,
+                platform=meta.platform,
+                contract=meta.contract,
+                parameters=meta.parameters,
+            )
+        )
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        model, _ = self._model(request)
+        if not model.ready:
+            return _error(503, f"model {model.name!r} is not ready")
+        return _ok(protocol.encode_model_ready(model.name))
+
+    # -- inference -----------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        model, version = self._model(request)
+        length = request.content_length
+        if length is not None and length > self._max_body_bytes:
+            # Refuse on the declared length, before reading a byte of the body.
+            raise RequestError(
+                "too_large", f"request body of {length} bytes; the limit is {self._max_body_bytes}"
+            )
+        body = await request.read()
+        decoded = protocol.decode_infer_request(
+            body,
+            protocol.parse_header_length(request.headers.get(protocol.HEADER_LENGTH)),
+            max_input_bytes=self._max_input_bytes,
+        )
+        try:
+            outputs = await model.infer(decoded.inputs, decoded.output_names)
+        except RequestError as error:
+            # Counted by the service already: it sees every request that reaches a model.
+            return _request_error(error)
+        except Exception:
+            self._log.exception("infer_failed", model=model.name)
+            return _error(500, f"inference failed on model {model.name!r}; see the agent log")
+        if version is None:
+            versions = model.metadata().versions
+            version = versions[-1] if versions else None
+        try:
+            encoded = protocol.encode_infer_response(
+                model_name=model.name, model_version=version, request=decoded, outputs=outputs
+            )
+        except RequestError as error:
+            # Inference succeeded and was counted as such; only the requested encoding failed.
+            return _request_error(error)
+        if encoded.header_length is None:
+            return web.Response(body=encoded.body, content_type=_JSON)
+        return web.Response(
+            body=encoded.body,
+            content_type=encoded.content_type,
+            headers={protocol.HEADER_LENGTH: str(encoded.header_length)},
+        )
+
+    def _model(self, request: web.Request) -> tuple[ServedModel, str | None]:
+        """The model and version a `/v2/models/{name}[/versions/{version}]` path names."""
+        match = request.match_info
+        name = match["name"]
+        model = self._models.get(name)
+        if model is None:
+            raise RequestError("unknown_model", f"unknown model {name[:200]!r}")
+        version = match.get("version")
+        if version is not None and version not in model.metadata().versions:
+            raise RequestError(
+                "unknown_model", f"model {name!r} has no version {version[:200]!r} loaded"
+            )
+        return model, version
+
+
+def _describe(request: web.Request, exc: web.HTTPException, reason: RejectReason) -> str:
+    path = request.path[:200]
+    if reason == "not_found":
+        return f"no such endpoint: {path}"
+    if reason == "method_not_allowed":
+        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ())))
+        return f"method {request.method} is not allowed on {path}; allowed: {allowed}"
+    if reason == "too_large":
+        return f"request body over the limit of {request.client_max_size} bytes"
+    return exc.text or exc.reason
+
+
+def create_app(
+    models: Mapping[str, ServedModel],
+    metrics: InferenceMetrics,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_input_bytes: int | None = None,
+    server_name: str = SERVER_NAME,
+    server_version: str = __version__,
+    log: structlog.typing.FilteringBoundLogger | None = None,
+) -> web.Application:
+    """The v2 application. `max_input_bytes` bounds decoded tensors (default: 2 x the body cap,
+    as JSON integers can take fewer bytes on the wire than in memory)."""
+    handlers = _V2Handlers(
+        models,
+        metrics,
+        max_body_bytes=max_body_bytes,
+        max_input_bytes=2 * max_body_bytes if max_input_bytes is None else max_input_bytes,
+        server_name=server_name,
+        server_version=server_version,
+        log=log or structlog.get_logger(__name__),
+    )
+    # aiohttp refuses bodies over client_max_size on read, with a 413 the middleware rewrites.
+    app = web.Application(middlewares=[handlers.v2_errors], client_max_size=max_body_bytes)
+    router = app.router
+    router.add_get("/v2/health/live", handlers.live)
+    router.add_get("/v2/health/ready", handlers.ready)
+    router.add_get("/v2", handlers.server_metadata)
+    for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        router.add_get(base, handlers.model_metadata)
+        router.add_get(base + "/ready", handlers.model_ready)
+        router.add_post(base + "/infer", handlers.infer)
+    return app
+
+
+_REGISTRY: Final = web.AppKey("registry", CollectorRegistry)
+
+
+async def _metrics_handler(request: web.Request) -> web.Response:
+    registry: CollectorRegistry = request.app[_REGISTRY]
+    # Prometheus asks for OpenMetrics in Accept; anything else gets the text format.
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+
+
+def create_metrics_app(registry: CollectorRegistry) -> web.Application:
+    """Prometheus exposition of `registry` at `/metrics`."""
+    app = web.Application()
+    app[_REGISTRY] = registry
+    app.router.add_get("/metrics", _metrics_handler)
+    return app
+
+
+class _AppServer:
+    """Runs one aiohttp application on host:port with the agent's start -> run -> stop shape."""
+
+    def __init__(
+        self, name: str, app: web.Application, host: str, port: int, log: Any | None
+    ) -> None:
+        self.name = name
+        self.app = app
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self._log = log or structlog.get_logger(__name__)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when constructed with port 0); valid after `start`."""
+        if self._runner is None:
+            raise RuntimeError(f"{self.name} is not started")
+        port: int = self._runner.addresses[0][1]
+        return port
+
+    async def start(self) -> None:
+        # No access log: a logging call per request costs more than the tiny model it serves.
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._host, self._port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._log.info("http_listening", service=self.name, host=self._host, port=self.port)
+
+    async def run(self) -> None:
+        """Requests are served by callbacks; nothing to run."""
+
+    async def stop(self, grace_s: float) -> None:
+        """Close the listening socket and idle connections, let requests in flight finish within
+        `grace_s`, then cancel the ones still running and close their connections."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        # aiohttp reads its drain timeout from the runner, set at construction; the grace is
+        # only known now. (BaseSite sets this same attribute for its deprecated argument.)
+        runner._shutdown_timeout = grace_s
+        await runner.cleanup()
+        self._log.info("http_stopped", service=self.name)
+
+
+class HttpService(_AppServer):
+    """Open Inference Protocol v2 REST for the models in `models` (a live mapping)."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel],
+        metrics: InferenceMetrics,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_HTTP_PORT,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_input_bytes: int | None = None,
+        server_version: str = __version__,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        app = create_app(
+            models,
+            metrics,
+            max_body_bytes=max_body_bytes,
+            max_input_bytes=max_input_bytes,
+            server_version=server_version,
+            log=log,
+        )
+        super().__init__("http", app, host, port, log)
+
+
+class MetricsService(_AppServer):
+    """Prometheus exposition of `registry` at `/metrics`."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_METRICS_PORT,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        super().__init__("metrics", create_metrics_app(registry), host, port, log)
