@@ -137,12 +137,13 @@ def decode_infer_request(
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise RequestError("bad_request", "'inputs' must be a non-empty list of tensors")
 
-    inputs: dict[str, np.ndarray] = {}
-    binary = _BinaryCursor(body, header_length)
+    # Every declared size is checked before any tensor is built, so that a refused request
+    # costs no allocation however its inputs are ordered.
+    tensors: dict[str, _Tensor] = {}
     budget = max_input_bytes
     for position, raw in enumerate(raw_inputs):
         tensor = _tensor_header(raw, position)
-        if tensor.name in inputs:
+        if tensor.name in tensors:
             raise RequestError("bad_request", f"input {tensor.name!r} appears twice")
         if tensor.nbytes > budget:
             raise RequestError(
@@ -151,7 +152,12 @@ def decode_infer_request(
                 f"{tensor.nbytes} bytes; the request limit is {max_input_bytes}",
             )
         budget -= tensor.nbytes
-        inputs[tensor.name] = _decode_input(raw, tensor, binary)
+        tensors[tensor.name] = tensor
+    binary = _BinaryCursor(body, header_length)
+    inputs = {
+        tensor.name: _decode_input(raw, tensor, binary)
+        for raw, tensor in zip(raw_inputs, tensors.values(), strict=True)
+    }
     binary.finish()
     outputs = _requested_outputs(document.get("outputs"), parameters)
     return InferRequest(id=request_id, inputs=inputs, outputs=outputs, parameters=parameters)
@@ -316,6 +322,9 @@ def _json_tensor(data: object, tensor: _Tensor) -> np.ndarray:
         raise tensor.mismatch("its data is ragged (nested lists of unequal length)") from None
     if inferred.size != tensor.count:
         raise tensor.mismatch(f"{inferred.size} data elements")
+    if tensor.count and dtype.kind in "iu" and inferred.dtype.kind in "fO":
+        # numpy infers float64 (or object) for integers beyond int64, such as UINT64's top half.
+        return _exact_integers(data, tensor)
     if tensor.count and inferred.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
         want = "booleans" if dtype.kind == "b" else "numbers"
         if dtype.kind in "iu" and inferred.dtype.kind == "f":
@@ -332,6 +341,21 @@ def _json_tensor(data: object, tensor: _Tensor) -> np.ndarray:
                 f"input {name!r} data [{low}, {high}] is out of range for {tensor.datatype}",
             )
     return inferred.astype(dtype, copy=False).reshape(tensor.shape)
+
+
+def _exact_integers(data: list[Any], tensor: _Tensor) -> np.ndarray:
+    """The slow path for integer data numpy could not type as integers: per element."""
+    flat = np.array(data, dtype=object).ravel().tolist()
+    if not all(_is_int(value) for value in flat):
+        raise RequestError(
+            "bad_request", f"input {tensor.name!r} data must be integers for {tensor.datatype}"
+        )
+    try:
+        return np.array(flat, dtype=tensor.dtype).reshape(tensor.shape)
+    except OverflowError:
+        raise RequestError(
+            "bad_request", f"input {tensor.name!r} data is out of range for {tensor.datatype}"
+        ) from None
 
 
 def _json_bytes_tensor(data: list[Any], tensor: _Tensor) -> np.ndarray:
