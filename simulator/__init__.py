@@ -1,1 +1,15 @@
 """Offline IoT Hub + edgeHub stand-in for laptops, demos and tests. Never for production."""
+
+from simulator.core import HubEvent, ServiceError, UpstreamMessage
+from simulator.hub import Simulator, SimulatorFaults, pick_loopback_host
+from simulator.topics import Message
+
+__all__ = [
+    "HubEvent",
+    "Message",
+    "ServiceError",
+    "Simulator",
+    "SimulatorFaults",
+    "UpstreamMessage",
+    "pick_loopback_host",
+]

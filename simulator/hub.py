@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import secrets
 import socket
 import ssl
 import threading
@@ -242,6 +243,7 @@ class Simulator:
         broker = Broker(hub, tls, self.host, self._mqtt_port, puback_gate=hub.faults.puback_gate)
         hub.attach(broker)
         runner: web.AppRunner | None = None
+        api: ServiceApi | None = None
         try:
             await broker.start()
             # Bound before the app exists: the service hostname (which SAS tokens sign) has
@@ -259,6 +261,9 @@ class Simulator:
             await self._stop.wait()
         finally:
             if runner is not None:
+                assert api is not None  # created before the runner
+                await runner.shutdown()
+                api.abort_connections()
                 await runner.cleanup()
             await broker.close()
             await hub.close()
@@ -427,3 +432,17 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def pick_loopback_host(port: int = MQTT_PORT) -> str:
+    """A random 127.x.y.z where `port` is free, so parallel simulators do not collide on 8883."""
+    for _ in range(100):
+        octets = (secrets.randbelow(254) + 1, secrets.randbelow(256), secrets.randbelow(254) + 1)
+        candidate = "127.{}.{}.{}".format(*octets)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((candidate, port))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError(f"no free loopback address for port {port}")

@@ -7,10 +7,12 @@ CLI) take the same token.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,10 +49,19 @@ class ServiceApi:
         self._service_hostname = service_hostname
         self._service_key = service_key
         self._clock = clock
+        # TLS transports of connections that made a request. On shutdown they are aborted:
+        # a graceful TLS close waits for the peer's close_notify, which an idle keep-alive
+        # client never sends, and the loop would end with the socket still open.
+        self._transports: weakref.WeakSet[asyncio.Transport] = weakref.WeakSet()
+
+    def abort_connections(self) -> None:
+        for transport in list(self._transports):
+            transport.abort()
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._errors, self._authorize], client_max_size=MAX_BODY_BYTES
+            middlewares=[self._track, self._errors, self._authorize],
+            client_max_size=MAX_BODY_BYTES,
         )
         app.router.add_get("/twins/{device}/modules/{module}", self._get_twin)
         app.router.add_patch("/twins/{device}/modules/{module}", self._update_twin)
@@ -64,6 +75,12 @@ class ServiceApi:
         return app
 
     # -------------------------------------------------------- middlewares
+
+    @web.middleware
+    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.transport is not None:
+            self._transports.add(request.transport)
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from azure.iot.device import Message
 
 T = TypeVar("T")
 
@@ -27,3 +29,8 @@ class Inbox(Generic[T]):
 
     def qsize(self) -> int:
         return self._queue.qsize()
+
+
+def sdk_message(body: str | bytes, **system: Any) -> Message:
+    """An SDK `Message` (its constructor is untyped, hence this typed front door)."""
+    return Message(body, **system)  # type: ignore[no-untyped-call]  # the SDK's __init__ has no annotations

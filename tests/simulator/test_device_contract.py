@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from azure.iot.device import Message, MethodRequest, MethodResponse
@@ -12,7 +13,7 @@ from azure.iot.device.exceptions import ClientError, CredentialError
 
 from simulator import Simulator, UpstreamMessage
 from tests.simulator.conftest import DEVICE, ClientFactory
-from tests.simulator.inbox import Inbox
+from tests.simulator.inbox import Inbox, sdk_message
 
 
 async def test_edge_environment_client_reads_the_manifest_desired_twin(
@@ -45,7 +46,7 @@ async def test_desired_update_reaches_the_module_with_its_version(
     sim: Simulator, module_client: ClientFactory
 ) -> None:
     client = await module_client("producer")
-    patches: Inbox[dict[str, object]] = Inbox()
+    patches: Inbox[dict[str, Any]] = Inbox()
     client.on_twin_desired_properties_patch_received = patches.put
     sim.update_desired(DEVICE, "producer", {"rate": 7, "model": None})
     assert await patches.get() == {"rate": 7, "model": None, "$version": 2}
@@ -59,7 +60,7 @@ async def test_routed_message_keeps_system_and_custom_properties(
     consumer = await module_client("consumer")
     received: Inbox[Message] = Inbox()
     consumer.on_message_received = received.put
-    message = Message(
+    message = sdk_message(
         '{"x": 1}',
         message_id="mid-1",
         content_encoding="utf-8",
@@ -87,7 +88,7 @@ async def test_output_goes_upstream_only_when_the_route_condition_holds(
 ) -> None:
     producer = await module_client("producer")
     for severity, level in (("low", "1"), ("high", "1"), ("low", "9")):
-        message = Message(f"{severity}-{level}")
+        message = sdk_message(f"{severity}-{level}")
         message.custom_properties.update({"severity": severity, "level": level})
         await producer.send_message_to_output(message, "alerts")
     arrived = sim.upstream.wait_for_count(lambda _: True, 2, timeout=10)
@@ -101,7 +102,7 @@ async def test_any_output_of_a_module_can_be_routed_upstream(
     sim: Simulator, module_client: ClientFactory
 ) -> None:
     consumer = await module_client("consumer")
-    await consumer.send_message_to_output(Message("p", message_id="p1"), "predictions")
+    await consumer.send_message_to_output(sdk_message("p", message_id="p1"), "predictions")
 
     def is_prediction(item: UpstreamMessage) -> bool:
         return item.output == "predictions"
@@ -142,12 +143,13 @@ async def test_wrong_key_is_refused(sim: Simulator) -> None:
 
 async def test_expired_token_is_refused(sim: Simulator) -> None:
     token = sim.module_sas_token(DEVICE, "producer", expiry=int(time.time()) + 1)
-    client = IoTHubModuleClient.create_from_sastoken(
-        token,
-        gateway_hostname=sim.host,
-        server_verification_cert=sim.ca_cert_path.read_text(),
-        connection_retry=False,
-    )
+    # passed as a dict: the SDK annotates **kwargs as dict[str, Any] rather than Any
+    options: dict[str, Any] = {
+        "gateway_hostname": sim.host,
+        "server_verification_cert": sim.ca_cert_path.read_text(),
+        "connection_retry": False,
+    }
+    client = IoTHubModuleClient.create_from_sastoken(token, **options)
     await asyncio.sleep(2.1)
     try:
         with pytest.raises(ClientError):
@@ -184,7 +186,7 @@ async def test_subscriptions_survive_a_dropped_connection(
 ) -> None:
     consumer = await module_client("consumer", connection_retry_interval=1)
     received: Inbox[Message] = Inbox()
-    patches: Inbox[dict[str, object]] = Inbox()
+    patches: Inbox[dict[str, Any]] = Inbox()
     consumer.on_message_received = received.put
     consumer.on_twin_desired_properties_patch_received = patches.put
     assert sim.faults.drop_connection(DEVICE, "consumer")
