@@ -66,8 +66,6 @@ ONNX_TO_V2: Final[Mapping[str, str]] = {
     "tensor(string)": "BYTES",
 }
 
-_FLOAT_KINDS: Final = frozenset("f")
-
 
 class RequestError(Exception):
     """A request the model cannot take: `reason` is a bounded metric label, `message` for people."""
@@ -139,63 +137,87 @@ class RequestLimits:
     allow_non_finite: bool = False
 
 
+class InputValidator:
+    """Checks decoded requests against one contract; built once per model, run per request.
+
+    The per-tensor expectations are flattened into tuples up front, so a request costs a few
+    comparisons and one vectorised finiteness test (about 2.5 µs for a small request).
+    """
+
+    __slots__ = ("_batchable", "_checks", "_limits", "_names")
+
+    def __init__(self, contract: ModelContract, limits: RequestLimits) -> None:
+        self._limits = limits
+        self._batchable = contract.batchable
+        self._names = frozenset(spec.name for spec in contract.inputs)
+        self._checks = tuple(
+            (
+                spec,
+                spec.numpy_dtype,
+                len(spec.shape),
+                tuple((axis, dim) for axis, dim in enumerate(spec.shape) if dim is not None),
+                not limits.allow_non_finite and spec.numpy_dtype.kind == "f",
+            )
+            for spec in contract.inputs
+        )
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """Return the request's row count (axis 0), or raise `RequestError` saying what is wrong."""
+        if len(inputs) != len(self._names) or not self._names.issuperset(inputs):
+            self._refuse_names(inputs)
+        elements = 0
+        rows = -1
+        for spec, dtype, rank, fixed, check_finite in self._checks:
+            array = inputs[spec.name]
+            if array.dtype != dtype:
+                got = NUMPY_TO_V2.get(array.dtype, str(array.dtype))
+                raise RequestError(
+                    "dtype_mismatch",
+                    f"input {spec.name!r} has datatype {got}, model expects {spec.datatype}",
+                )
+            shape = array.shape
+            if len(shape) != rank:
+                raise RequestError(
+                    "rank_mismatch",
+                    f"input {spec.name!r} has shape {list(shape)}, model expects rank "
+                    f"{rank} {spec.v2_shape}",
+                )
+            for axis, dim in fixed:
+                if shape[axis] != dim:
+                    raise RequestError(
+                        "dim_mismatch",
+                        f"input {spec.name!r} dimension {axis} is {shape[axis]}, "
+                        f"model expects {dim}",
+                    )
+            elements += array.size
+            if elements > self._limits.max_elements:
+                raise RequestError(
+                    "too_large", f"request has over {self._limits.max_elements} elements, the limit"
+                )
+            if shape:
+                if rows < 0:
+                    rows = shape[0]
+                elif shape[0] != rows and self._batchable:
+                    raise RequestError(
+                        "dim_mismatch",
+                        f"input {spec.name!r} has {shape[0]} rows, other inputs have {rows}",
+                    )
+            if check_finite and not np.isfinite(array).all():
+                raise RequestError("non_finite", f"input {spec.name!r} contains NaN or Inf")
+        return max(rows, 1)
+
+    def _refuse_names(self, inputs: Mapping[str, np.ndarray]) -> None:
+        unknown = sorted(set(inputs) - self._names)
+        if unknown:
+            raise RequestError(
+                "unknown_input", f"unknown input {unknown[0]!r}; model takes {sorted(self._names)}"
+            )
+        missing = sorted(self._names - set(inputs))
+        raise RequestError("missing_input", f"missing input {missing[0]!r}")
+
+
 def validate_inputs(
     contract: ModelContract, inputs: Mapping[str, np.ndarray], limits: RequestLimits
 ) -> int:
-    """Check a decoded request against the contract; return its row count (axis 0 of the inputs).
-
-    Runs on every request, so it does no per-element Python work (about 2 µs for a small one).
-    """
-    specs = contract.inputs
-    if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):
-        known = {spec.name for spec in specs}
-        unknown = sorted(set(inputs) - known)
-        if unknown:
-            raise RequestError(
-                "unknown_input", f"unknown input {unknown[0]!r}; model takes {sorted(known)}"
-            )
-        missing = sorted(known - set(inputs))
-        raise RequestError("missing_input", f"missing input {missing[0]!r}")
-    elements = 0
-    rows = -1
-    for spec in specs:
-        array = inputs[spec.name]
-        if array.dtype != spec.numpy_dtype:
-            got = NUMPY_TO_V2.get(array.dtype, str(array.dtype))
-            raise RequestError(
-                "dtype_mismatch",
-                f"input {spec.name!r} has datatype {got}, model expects {spec.datatype}",
-            )
-        shape = array.shape
-        if len(shape) != len(spec.shape):
-            raise RequestError(
-                "rank_mismatch",
-                f"input {spec.name!r} has shape {list(shape)}, model expects rank "
-                f"{len(spec.shape)} {spec.v2_shape}",
-            )
-        for axis, (got_dim, want_dim) in enumerate(zip(shape, spec.shape, strict=True)):
-            if want_dim is not None and got_dim != want_dim:
-                raise RequestError(
-                    "dim_mismatch",
-                    f"input {spec.name!r} dimension {axis} is {got_dim}, model expects {want_dim}",
-                )
-        elements += array.size
-        if elements > limits.max_elements:
-            raise RequestError(
-                "too_large", f"request has over {limits.max_elements} elements, the limit"
-            )
-        if shape:
-            if rows < 0:
-                rows = shape[0]
-            elif shape[0] != rows and contract.batchable:
-                raise RequestError(
-                    "dim_mismatch",
-                    f"input {spec.name!r} has {shape[0]} rows, other inputs have {rows}",
-                )
-        if (
-            not limits.allow_non_finite
-            and array.dtype.kind in _FLOAT_KINDS
-            and not bool(np.isfinite(array).all())
-        ):
-            raise RequestError("non_finite", f"input {spec.name!r} contains NaN or Inf")
-    return max(rows, 1)
+    """One-off check of a request against a contract; see `InputValidator`."""
+    return InputValidator(contract, limits)(inputs)

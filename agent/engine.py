@@ -115,14 +115,17 @@ class LoadedModel:
         self.version = version
         self.sha256 = sha256
         self.contract = read_contract(session)
+        self.output_names = list(self.contract.output_names)
         self.cost = cost
         self.in_flight = 0
 
     def run(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None
     ) -> list[np.ndarray]:
-        # run() copies inputs into ORT tensors and releases the GIL while computing.
-        outputs: list[np.ndarray] = self.session.run(output_names, dict(inputs))
+        # run() copies inputs into ORT tensors and releases the GIL while computing. Output
+        # names are always passed: with None, ORT rebuilds the name list in Python every call.
+        names = output_names or self.output_names
+        outputs: list[np.ndarray] = self.session.run(names, inputs)
         return outputs
 
 

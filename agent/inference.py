@@ -2,8 +2,9 @@
 
 Dispatch is chosen per call from the model's measured cost (see `engine.CostModel`):
 
-* a call estimated under `direct_below_s` runs at once in the caller's coroutine: for such
-  models a future and a loop callback cost more than coalescing can save;
+* a model whose fixed cost per call (the part a batch shares) is under `coalesce_above_s`
+  runs each request at once in the caller's coroutine: deferring it to a loop callback
+  (about 10 µs with its future) would cost more than sharing the call saves;
 * otherwise requests are queued and flushed by one loop callback, so every request that
   arrives within the same event-loop iteration (or within `max_wait_s`) shares a call;
 * a batch estimated under `inline_budget_s` runs on the event loop; a costlier one runs on
@@ -27,7 +28,7 @@ import numpy as np
 import structlog
 
 from agent.batching import batch_key, split, stack, take_batch
-from agent.contract import ModelContract, RequestError, RequestLimits, validate_inputs
+from agent.contract import InputValidator, ModelContract, RequestError, RequestLimits
 from agent.engine import LoadedModel
 from agent.metrics import InferenceMetrics
 
@@ -42,7 +43,7 @@ class BatchingPolicy:
     max_rows: int = 32
     max_wait_s: float = 0.0
     inline_budget_s: float = 0.0015
-    direct_below_s: float = 0.0001
+    coalesce_above_s: float = 0.0001
     worker_threads: int = 1
 
 
@@ -84,6 +85,7 @@ class InferenceService:
         self._metrics = metrics
         self._clock = clock
         self._model: LoadedModel | None = None
+        self._validator: InputValidator | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=self.policy.worker_threads, thread_name_prefix=f"infer-{name}"
         )
@@ -108,6 +110,7 @@ class InferenceService:
     def activate(self, model: LoadedModel) -> LoadedModel | None:
         """Switch to `model`; return the previous one, which may still have calls in flight."""
         previous, self._model = self._model, model
+        self._validator = InputValidator(model.contract, self.limits)
         self._metrics.set_model(self.name, model.version, model.sha256)
         return previous
 
@@ -135,7 +138,7 @@ class InferenceService:
         )
 
     def _dispatch_label(self, model: LoadedModel) -> str:
-        if not self.policy.enabled or model.cost.estimate(1) < self.policy.direct_below_s:
+        if not self.policy.enabled or model.cost.fixed_s < self.policy.coalesce_above_s:
             return "direct"
         return "coalesced"
 
@@ -157,22 +160,20 @@ class InferenceService:
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Run one request; raises `RequestError` for anything the model cannot take."""
-        arrived = self._clock()
+        clock = self._clock
+        arrived = clock()
         metrics = self._metrics
-        model = self._model
-        if model is None:
+        # One read of both: a swap between them would check against the wrong contract.
+        model, validator = self._model, self._validator
+        if model is None or validator is None:
             metrics.reject("not_ready")
             raise RequestError("not_ready", f"model {self.name!r} has no active version yet")
         metrics.in_flight.inc()
         model.in_flight += 1
         try:
             try:
-                rows = validate_inputs(model.contract, inputs, self.limits)
-                names = _output_names(model.contract, outputs)
-            except RequestError as error:
-                metrics.reject(error.reason)
-                raise
-            try:
+                rows = validator(inputs)
+                names = model.contract.output_names if not outputs else _checked(model, outputs)
                 results = await self._dispatch(model, inputs, rows, names, arrived)
             except RequestError as error:
                 metrics.reject(error.reason)
@@ -188,26 +189,31 @@ class InferenceService:
             if model.in_flight == 0 and (event := self._drained.pop(id(model), None)):
                 event.set()
             metrics.in_flight.dec()
-            metrics.total.observe(self._clock() - arrived)
+            metrics.total.observe(clock() - arrived)
 
     async def _dispatch(
         self,
         model: LoadedModel,
         inputs: Mapping[str, np.ndarray],
         rows: int,
-        names: tuple[str, ...],
+        names: Sequence[str],
         arrived: float,
     ) -> list[np.ndarray]:
         policy = self.policy
         estimate = model.cost.estimate(rows)
-        coalesce = policy.enabled and model.contract.batchable and estimate >= policy.direct_below_s
-        if not coalesce:
+        if (
+            not policy.enabled
+            or model.cost.fixed_s < policy.coalesce_above_s
+            or not model.contract.batchable
+        ):
             self._metrics.queue_wait.observe(self._clock() - arrived)
             if estimate <= policy.inline_budget_s:
                 return self._run_inline(model, inputs, names, rows)
             return await self._run_in_thread(model, inputs, names, rows)
         future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(model, inputs, rows, batch_key(inputs), names, arrived, future))
+        self._queue.append(
+            _Pending(model, inputs, rows, batch_key(inputs), tuple(names), arrived, future)
+        )
         self._queued_rows += rows
         self._schedule_flush()
         return await future
@@ -321,16 +327,14 @@ class InferenceService:
         return [p for p in batch if not p.future.cancelled()]
 
 
-def _output_names(contract: ModelContract, requested: Sequence[str] | None) -> tuple[str, ...]:
-    available = contract.output_names
-    if not requested:
-        return available
+def _checked(model: LoadedModel, requested: Sequence[str]) -> Sequence[str]:
+    available = model.contract.output_names
     for name in requested:
         if name not in available:
             raise RequestError(
                 "unknown_output", f"unknown output {name!r}; model has {list(available)}"
             )
-    return tuple(requested)
+    return requested
 
 
 def _resolve(

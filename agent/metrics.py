@@ -1,14 +1,27 @@
 """Prometheus metrics of the inference path, on an injected registry.
 
-Every label takes values from a closed set (outcomes, reject reasons, routes), so a hostile
-client cannot grow the series count. The model version travels in one `_info` metric.
+The hot path records into plain counters and bucket arrays (a fraction of a microsecond each,
+against over a microsecond for a locked client_python histogram: a tiny model answers in
+20 µs). They are updated only on the event-loop thread, and a custom collector turns them into
+standard counter and histogram families at scrape time.
+
+Every label takes values from a closed set (outcomes, reject reasons, dispatch kinds), so a
+hostile client cannot grow the series count. The model version travels in one info metric.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import Final, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
 
 from agent.contract import RejectReason
@@ -18,75 +31,64 @@ LATENCY_BUCKETS: Final = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5,
 )  # fmt: skip
-BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_BUCKETS: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+
+
+class Tally:
+    """A monotonic count, or with `dec` a level; event-loop thread only."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
+class Distribution:
+    """Histogram counts with Prometheus `le` (upper-bound inclusive) buckets; event-loop only."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
 
 
 class InferenceMetrics:
-    """The agent's metric families; children for the hot path are bound once, here."""
+    """The agent's inference metrics; registers itself as a collector on `registry`."""
 
     def __init__(self, registry: CollectorRegistry, namespace: str = "agent") -> None:
         self.registry = registry
-        requests = Counter(
-            "inference_requests",
-            "Inference requests by outcome.",
-            ["outcome"],
-            namespace=namespace,
-            registry=registry,
-        )
-        self.ok = requests.labels("ok")
-        self.rejected = requests.labels("rejected")
-        self.failed = requests.labels("failed")
-        rejections = Counter(
-            "inference_rejections",
-            "Requests refused before inference, by reason.",
-            ["reason"],
-            namespace=namespace,
-            registry=registry,
-        )
-        self.rejections = {reason: rejections.labels(reason) for reason in get_args(RejectReason)}
-        self.queue_wait = Histogram(
-            "inference_queue_wait_seconds",
-            "Time from arrival to the start of the batch that served the request.",
-            namespace=namespace,
-            registry=registry,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.compute = Histogram(
-            "inference_compute_seconds",
-            "ONNX Runtime time per batch.",
-            namespace=namespace,
-            registry=registry,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.total = Histogram(
-            "inference_request_duration_seconds",
-            "Time from arrival to answer, validation included.",
-            namespace=namespace,
-            registry=registry,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.batch_rows = Histogram(
-            "inference_batch_rows",
-            "Rows per ONNX Runtime call after coalescing.",
-            namespace=namespace,
-            registry=registry,
-            buckets=BATCH_BUCKETS,
-        )
-        self.in_flight = Gauge(
-            "inference_in_flight",
-            "Requests accepted and not yet answered.",
-            namespace=namespace,
-            registry=registry,
-        )
-        self.dispatch = Counter(
-            "inference_batches",
-            "ONNX Runtime calls by where they ran (inline on the event loop, or a worker thread).",
-            ["dispatch"],
-            namespace=namespace,
-            registry=registry,
-        )
-        self.dispatch_inline = self.dispatch.labels("inline")
-        self.dispatch_thread = self.dispatch.labels("thread")
+        self._prefix = f"{namespace}_"
+        self.ok = Tally()
+        self.rejected = Tally()
+        self.failed = Tally()
+        self.rejections = {reason: Tally() for reason in get_args(RejectReason)}
+        self.in_flight = Tally()
+        self.dispatch_inline = Tally()
+        self.dispatch_thread = Tally()
+        self.queue_wait = Distribution(LATENCY_BUCKETS)
+        self.compute = Distribution(LATENCY_BUCKETS)
+        self.total = Distribution(LATENCY_BUCKETS)
+        self.batch_rows = Distribution(BATCH_BUCKETS)
         self._model_info = Gauge(
             "model_info",
             "The model being served (value 1); one series per served model name.",
@@ -95,6 +97,7 @@ class InferenceMetrics:
             registry=registry,
         )
         self._model_labels: dict[str, tuple[str, str, str]] = {}
+        registry.register(self)
 
     def set_model(self, name: str, version: str, sha256: str) -> None:
         """Replace the info series of `name`, so swaps do not accumulate old versions."""
@@ -108,6 +111,55 @@ class InferenceMetrics:
     def reject(self, reason: RejectReason) -> None:
         self.rejected.inc()
         self.rejections[reason].inc()
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        p = self._prefix
+        requests = CounterMetricFamily(
+            f"{p}inference_requests", "Inference requests by outcome.", labels=["outcome"]
+        )
+        for outcome, tally in (
+            ("ok", self.ok),
+            ("rejected", self.rejected),
+            ("failed", self.failed),
+        ):
+            requests.add_metric([outcome], tally.value)
+        yield requests
+        rejections = CounterMetricFamily(
+            f"{p}inference_rejections",
+            "Requests refused before inference, by reason.",
+            labels=["reason"],
+        )
+        for reason, tally in self.rejections.items():
+            rejections.add_metric([reason], tally.value)
+        yield rejections
+        batches = CounterMetricFamily(
+            f"{p}inference_batches",
+            "ONNX Runtime calls by where they ran: inline on the event loop, or a worker thread.",
+            labels=["dispatch"],
+        )
+        batches.add_metric(["inline"], self.dispatch_inline.value)
+        batches.add_metric(["thread"], self.dispatch_thread.value)
+        yield batches
+        yield GaugeMetricFamily(
+            f"{p}inference_in_flight",
+            "Requests accepted and not yet answered.",
+            value=self.in_flight.value,
+        )
+        yield self.queue_wait.family(
+            f"{p}inference_queue_wait_seconds",
+            "Time from arrival to the start of the call that served the request.",
+        )
+        yield self.compute.family(f"{p}inference_compute_seconds", "ONNX Runtime time per call.")
+        yield self.total.family(
+            f"{p}inference_request_duration_seconds",
+            "Time from arrival to answer, validation included.",
+        )
+        yield self.batch_rows.family(
+            f"{p}inference_batch_rows", "Rows per ONNX Runtime call after coalescing."
+        )
 
 
 def register_process_metrics(registry: CollectorRegistry) -> None:

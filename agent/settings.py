@@ -35,7 +35,7 @@ class AgentSettings(BaseModel):
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     inline_budget_us: float = Field(1500.0, ge=0.0, le=1_000_000.0)
-    direct_below_us: float = Field(100.0, ge=0.0, le=1_000_000.0)
+    coalesce_above_us: float = Field(100.0, ge=0.0, le=1_000_000.0)
     worker_threads: int = Field(1, ge=1, le=64)
 
     max_request_bytes: int = Field(64 << 20, ge=1024)
@@ -78,7 +78,7 @@ class AgentSettings(BaseModel):
             max_rows=self.max_batch,
             max_wait_s=self.max_wait_ms / 1000,
             inline_budget_s=self.inline_budget_us / 1e6,
-            direct_below_s=self.direct_below_us / 1e6,
+            coalesce_above_s=self.coalesce_above_us / 1e6,
             worker_threads=self.worker_threads,
         )
 

@@ -52,7 +52,7 @@ async def test_a_request_gets_the_models_own_answer() -> None:
 
 async def test_concurrent_requests_share_calls_and_each_gets_its_rows() -> None:
     registry = CollectorRegistry()
-    model = _costed(loaded(tiny_bytes()), fixed_s=0.0002)  # above direct, under inline budget
+    model = _costed(loaded(tiny_bytes()), fixed_s=0.0002)  # coalesced, under the inline budget
     service = _service(registry, model, max_rows=16)
     inputs = [_rows(n) for n in (1, 2, 3) * 10]
     results = await asyncio.gather(*(service.infer({"input": x}) for x in inputs))

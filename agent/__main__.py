@@ -1,0 +1,75 @@
+"""`python -m agent serve --model PATH`: the agent standalone, without a hub."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+from pydantic import ValidationError
+
+from agent.engine import ModelLoadError
+from agent.logs import configure_logging
+from agent.serving import build_app
+from agent.settings import AgentSettings
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m agent", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve one ONNX model over Open Inference Protocol v2 (HTTP) with /metrics",
+        description="Settings not given as flags come from EDGEML_* environment variables.",
+    )
+    serve.add_argument("--model", type=Path, help="ONNX model file (EDGEML_MODEL_PATH)")
+    serve.add_argument("--name", help="served model name; default: the file stem")
+    serve.add_argument("--host", help="address to bind (EDGEML_HOST, default 0.0.0.0)")
+    serve.add_argument("--http-port", type=int, help="OIP v2 port (default 8000)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 9600)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = AgentSettings.from_environment(
+            model_path=args.model,
+            model_name=args.name,
+            host=args.host,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+        )
+    except (ValueError, ValidationError) as error:
+        print(f"agent: invalid settings: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_level, settings.log_format)
+    log = structlog.get_logger("agent")
+    try:
+        app = build_app(settings)
+        asyncio.run(app.run())
+    except Exception as error:
+        cause = _first_leaf(error)
+        if not isinstance(cause, ValueError | ModelLoadError):
+            raise
+        # An expected failure (bad settings, unusable model): one clear line, no traceback.
+        log.error("agent_failed", error=str(cause), error_type=type(cause).__name__)  # noqa: TRY400
+        return 1
+    log.info("agent_stopped", reason=app.stop_reason)
+    return 0
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    """The first real exception inside the TaskGroup's exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+if __name__ == "__main__":
+    sys.exit(main())
