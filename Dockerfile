@@ -19,10 +19,17 @@ RUN /opt/venv/bin/pip install .
 
 # --- runtime ---------------------------------------------------------------------------------
 FROM python:3.11-slim
+# Defaults for `python -m agent serve` (EDGEML_* settings; flags given to `docker run` override
+# them): the model in the volume, all interfaces (loopback inside the container's network
+# namespace is unreachable from edgeHub and from published ports), JSON logs for the runtime.
 ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    EDGEML_BATCHING=true
+    EDGEML_MODEL_PATH=/var/lib/edge-agent/model.onnx \
+    EDGEML_HOST=0.0.0.0 \
+    EDGEML_HTTP_PORT=8000 \
+    EDGEML_METRICS_PORT=9600 \
+    EDGEML_LOG_FORMAT=json
 # A fixed numeric uid so that volume ownership and runAsNonRoot checks do not depend on names.
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /var/lib/edge-agent edge \
     && install -d -o edge -g edge -m 0750 /var/lib/edge-agent
@@ -33,11 +40,9 @@ WORKDIR /var/lib/edge-agent
 VOLUME ["/var/lib/edge-agent"]
 EXPOSE 8000 9600
 # urllib because slim has no curl; urlopen raises on a non-2xx answer, so the exit code is the
-# verdict. The port is the default --http-port: change both together.
+# verdict. The port is EDGEML_HTTP_PORT above: change both together.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live', timeout=2)"]
-# Later the entry point becomes `python -m module` (IoT Edge adapter); CMD stays the defaults.
+# Arguments to `docker run IMAGE ...` append to the entry point (e.g. `--model PATH`). A later
+# issue switches it to `python -m module`, the IoT Edge adapter.
 ENTRYPOINT ["python", "-m", "agent", "serve"]
-# 0.0.0.0: inside the container's network namespace loopback is unreachable from edgeHub and
-# from the published ports.
-CMD ["--model", "/var/lib/edge-agent/model.onnx", "--host", "0.0.0.0"]
