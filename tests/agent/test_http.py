@@ -353,3 +353,77 @@ async def test_metrics_endpoint_serves_the_injected_registry() -> None:
         async with client.get(url, headers=accept) as response:
             assert response.headers["Content-Type"].startswith("application/openmetrics-text")
     assert 'agent_inference_rejections_total{reason="bad_json"} 1.0' in text
+
+
+# -- standard v2 clients work unchanged ----------------------------------------------------------
+
+
+def _tritonclient() -> Any:
+    """NVIDIA's v2 client (`tritonclient[http]`, a dev extra); the tests using it skip without it.
+
+    It is synchronous (geventhttpclient), so each call runs in a worker thread while the server
+    answers on the test's event loop.
+    """
+    return pytest.importorskip("tritonclient.http")
+
+
+def _client(url: str) -> Any:
+    return _tritonclient().InferenceServerClient(url.removeprefix("http://"))
+
+
+async def test_health_and_metadata_through_tritonclient() -> None:
+    async with serving() as api:
+        client = _client(api.url)
+        try:
+            assert await asyncio.to_thread(client.is_server_live)
+            assert await asyncio.to_thread(client.is_server_ready)
+            assert await asyncio.to_thread(client.is_model_ready, "tiny")
+            server = await asyncio.to_thread(client.get_server_metadata)
+            metadata = await asyncio.to_thread(client.get_model_metadata, "tiny")
+        finally:
+            await asyncio.to_thread(client.close)
+    assert "binary_tensor_data" in server["extensions"]
+    assert metadata["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, TINY_FEATURES]}
+    ]
+
+
+@pytest.mark.parametrize("binary_data", [True, False], ids=["binary", "json"])
+async def test_inference_through_tritonclient(binary_data: bool) -> None:
+    httpclient = _tritonclient()
+    x = _rows(5)
+    tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary_data)
+    wanted = [httpclient.InferRequestedOutput("output", binary_data=binary_data)]
+    async with serving() as api:
+        client = _client(api.url)
+        try:
+            result = await asyncio.to_thread(
+                client.infer, "tiny", [tensor], request_id="t-1", outputs=wanted
+            )
+            # Without `outputs` tritonclient asks for all of them, in binary.
+            every = await asyncio.to_thread(client.infer, "tiny", [tensor], model_version="1")
+        finally:
+            await asyncio.to_thread(client.close)
+    got = result.as_numpy("output")
+    assert got.shape == (5, TINY_OUTPUTS)
+    np.testing.assert_allclose(got, _reference(x), rtol=1e-6)
+    np.testing.assert_allclose(every.as_numpy("output"), _reference(x), rtol=1e-6)
+    response = result.get_response()
+    assert response["id"] == "t-1"
+    assert response["model_name"] == "tiny"
+
+
+async def test_tritonclient_sees_the_v2_error_message() -> None:
+    httpclient = _tritonclient()
+    server_error = pytest.importorskip("tritonclient.utils").InferenceServerException
+    tensor = httpclient.InferInput("input", [1, TINY_FEATURES], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, TINY_FEATURES), np.float32))
+    async with serving() as api:
+        client = _client(api.url)
+        try:
+            with pytest.raises(server_error) as caught:
+                await asyncio.to_thread(client.infer, "missing", [tensor])
+        finally:
+            await asyncio.to_thread(client.close)
+    assert "unknown model 'missing'" in caught.value.message()
