@@ -1,0 +1,154 @@
+"""A real Prometheus server for tests: Debian's `prometheus` on loopback, scraping given targets.
+
+The config is written as JSON (YAML is a superset of it), the TSDB lives in the test's tmp dir,
+and both the API and the binary's own log are reachable for assertions and failure messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the kernel picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def prometheus_binary() -> str:
+    """The `prometheus` on PATH; in CI its absence is a setup error, not a reason to skip."""
+    found = shutil.which("prometheus")
+    if found is not None:
+        return found
+    message = "the prometheus binary is missing: run `make system-deps` (Debian package prometheus)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def scrape_config(job: str, targets: list[str], interval_s: float) -> dict[str, Any]:
+    interval = f"{int(interval_s * 1000)}ms"
+    return {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "scrape_configs": [
+            {
+                "job_name": job,
+                "scrape_interval": interval,
+                "scrape_timeout": interval,
+                "static_configs": [{"targets": targets}],
+            }
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class Prometheus:
+    """A running server's HTTP API."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def api(self, path: str, **params: str) -> Any:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=5) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """Instant-query results: `[{"metric": {...}, "value": [ts, "1"]}, ...]`."""
+        data = self.api("query", query=promql)
+        assert data["resultType"] == "vector", data
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def value(self, promql: str) -> float | None:
+        """The single sample of `promql`, or None while it has no result yet."""
+        result = self.query(promql)
+        if not result:
+            return None
+        assert len(result) == 1, result
+        return float(result[0]["value"][1])
+
+    def active_targets(self) -> list[dict[str, Any]]:
+        targets: list[dict[str, Any]] = self.api("targets", state="active")["activeTargets"]
+        return targets
+
+    def wait_for(self, probe: Callable[[], T | None], what: str, timeout_s: float = 30.0) -> T:
+        """Poll `probe` until it returns something other than None; fail with the server log."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"prometheus exited {self.process.returncode}:\n{self._log_tail()}")
+            found = probe()
+            if found is not None:
+                return found
+            time.sleep(0.2)
+        pytest.fail(f"timed out after {timeout_s} s waiting for {what}:\n{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def _ready(url: str) -> bool | None:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+            return True if response.status == 200 else None
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+@contextmanager
+def running_prometheus(
+    workdir: Path, *, job: str, targets: list[str], scrape_interval_s: float = 1.0
+) -> Iterator[Prometheus]:
+    """Start Prometheus on 127.0.0.1 scraping `targets`; stop it (SIGTERM, wait) on exit."""
+    binary = prometheus_binary()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "prometheus.yml"
+    config.write_text(json.dumps(scrape_config(job, targets, scrape_interval_s), indent=2))
+    port = free_port()
+    log = workdir / "prometheus.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    server = Prometheus(f"http://127.0.0.1:{port}", process, log)
+    try:
+        server.wait_for(lambda: _ready(server.url), "prometheus /-/ready")
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
