@@ -1,0 +1,88 @@
+"""Twin queries over service-shaped twin documents."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from simulator.query import QueryError, page, parse_query, select
+
+TWINS: list[Mapping[str, object]] = [
+    {
+        "deviceId": "d1",
+        "moduleId": "ml",
+        "tags": {"ring": "canary", "site": {"country": "FR"}},
+        "properties": {
+            "desired": {"model": {"version": 3}, "$version": 4},
+            "reported": {"model": {"version": 3, "state": "active"}, "$version": 9},
+        },
+    },
+    {
+        "deviceId": "d2",
+        "moduleId": "ml",
+        "tags": {"ring": "broad"},
+        "properties": {
+            "desired": {"model": {"version": 3}, "$version": 2},
+            "reported": {"model": {"version": 2, "state": "failed"}, "$version": 5},
+        },
+    },
+    {"deviceId": "d2", "tags": {}, "properties": {"desired": {}, "reported": {}}},
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("SELECT * FROM devices.modules", ["d1", "d2"]),
+        ("select * from devices.modules where tags.ring = 'canary'", ["d1"]),
+        ("SELECT * FROM devices.modules WHERE tags.site.country = 'FR'", ["d1"]),
+        (
+            "SELECT * FROM devices.modules WHERE properties.reported.model.version "
+            "< properties.desired.model.version",
+            ["d2"],
+        ),
+        (
+            "SELECT * FROM devices.modules WHERE properties.reported.model.state = 'failed' "
+            "OR tags.ring = 'canary'",
+            ["d1", "d2"],
+        ),
+        ("SELECT * FROM devices.modules WHERE deviceId = 'd2' AND moduleId = 'ml'", ["d2"]),
+        ("SELECT * FROM devices.modules WHERE properties.desired.$version > 3", ["d1"]),
+        ("SELECT * FROM devices.modules WHERE tags.missing = 1", []),
+        ("SELECT * FROM devices.modules WHERE tags.site = 'FR'", []),  # objects do not compare
+        ("SELECT * FROM devices", ["d2"]),
+    ],
+)
+def test_queries_select_twins(text: str, expected: list[str]) -> None:
+    assert [twin["deviceId"] for twin in select(parse_query(text), TWINS)] == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT deviceId FROM devices.modules",
+        "SELECT * FROM devices.jobs",
+        "SELECT * FROM devices.modules WHERE",
+        "SELECT * FROM devices.modules WHERE tags.a = = 1",
+        "DELETE FROM devices",
+    ],
+)
+def test_unsupported_queries_are_refused(text: str) -> None:
+    with pytest.raises(QueryError):
+        parse_query(text)
+
+
+def test_pages_follow_continuation_tokens() -> None:
+    items: list[Mapping[str, object]] = [{"n": n} for n in range(5)]
+    first, token = page(items, None, 2)
+    second, token2 = page(items, token, 2)
+    third, token3 = page(items, token2, 2)
+    assert [first, second, third] == [items[0:2], items[2:4], items[4:5]]
+    assert token3 is None
+
+
+@pytest.mark.parametrize(("continuation", "size"), [("x", 2), ("-1", 2), (None, 0)])
+def test_bad_continuation_or_page_size_is_refused(continuation: str | None, size: int) -> None:
+    with pytest.raises(QueryError):
+        page([], continuation, size)
