@@ -8,6 +8,8 @@ them, which it does only when :meth:`Downloader.fetch` returned without error. T
   ``max_redirects``): ``https`` only (``http`` only for hosts named in ``allow_http_hosts``,
   meant for tests), host on the allow-list (exact, or ``*.suffix`` for subdomains), no userinfo,
   no link-local / multicast / unspecified / reserved IP literal.
+* Addresses: names are resolved through a guard that drops the same forbidden addresses, so
+  DNS cannot point an allow-listed name at the metadata service.
 * Bounds: at most ``size + 1`` bytes are ever read (a longer body is ``size_mismatch``), an
   overall deadline, and a throughput floor over a sliding window (a stalled server is a
   ``timeout``).
@@ -35,6 +37,7 @@ import hashlib
 import ipaddress
 import random
 import re
+import socket
 import ssl
 import time
 from collections import deque
@@ -47,6 +50,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from agent.store import WritableFile, is_disk_full
@@ -314,6 +319,30 @@ class ThroughputMonitor:
 # --- I/O -----------------------------------------------------------------------------------
 
 
+class _GuardedResolver(AbstractResolver):
+    """Drops resolved addresses the URL policy forbids as literals (link-local, multicast...).
+
+    Without it an allow-listed name whose DNS answer points at 169.254.169.254 (the cloud
+    metadata service) would slip past the literal check.
+    """
+
+    def __init__(self, inner: AbstractResolver) -> None:
+        self._inner = inner
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        allowed = [r for r in results if not _forbidden_ip(r["host"])]
+        if not allowed:
+            # Not an OSError on purpose: aiohttp would wrap that as a retryable DNS failure.
+            raise _rejected(f"{host} resolves only to forbidden addresses", "address")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 class PartSink(Protocol):
     """Where the bytes go: :class:`agent.store.PartFile` is the production one."""
 
@@ -351,6 +380,7 @@ class _Job:
     part: PartSink
     deadline: float
     log: structlog.typing.FilteringBoundLogger
+    retries: int = 0
     received: int = 0
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     validator: str | None = None  # for If-Range: a strong ETag or a Last-Modified date
@@ -381,9 +411,12 @@ class Downloader:
         sleep: Sleep = asyncio.sleep,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        resolver_factory: Callable[[], AbstractResolver] = DefaultResolver,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.policy = policy or DownloadPolicy()
+        # A factory, not an instance: a resolver binds to the running loop when created.
+        self._resolver_factory = resolver_factory
         # None means aiohttp's default: system trust store, hostname checked.
         self._ssl: ssl.SSLContext | Literal[True] = ssl_context or True
         self._clock = clock
@@ -409,27 +442,14 @@ class Downloader:
             deadline=started + policy.deadline_s,
             log=self._log.bind(url=redact_url(target), sha256=sha256, size=size),
         )
-        retries = 0
         job.log.info("download_started")
         try:
-            async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=policy.connect_timeout_s),
-                auto_decompress=False,  # the digest is of the bytes as stored
-                trust_env=policy.trust_env,
-            ) as session:
-                while True:
-                    try:
-                        await self._attempt(session, target, job)
-                        break
-                    except _RetryableError as e:
-                        retries += 1
-                        await self._back_off(job, retries, e)
+            await self._download(target, job)
             _check_complete(job)
         except DeliveryError as e:
             part.remove()
             job.log.warning(
-                "download_failed", reason=str(e.reason), detail=e.detail, retries=retries
+                "download_failed", reason=str(e.reason), detail=e.detail, retries=job.retries
             )
             raise
         except BaseException:
@@ -438,11 +458,37 @@ class Downloader:
             job.log.info("download_abandoned", received=job.received)
             raise
         job.log.info(
-            "download_completed", retries=retries, duration_s=round(self._clock() - started, 3)
+            "download_completed",
+            retries=job.retries,
+            duration_s=round(self._clock() - started, 3),
         )
 
-    async def _back_off(self, job: _Job, retries: int, error: _RetryableError) -> None:
+    async def _download(self, target: URL, job: _Job) -> None:
+        """Attempts, with back-off between them, until one delivers or the budget is spent."""
         policy = self.policy
+        # The connector does not close a resolver it was given: this method owns it.
+        resolver = _GuardedResolver(self._resolver_factory())
+        try:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, resolver=resolver),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=policy.connect_timeout_s),
+                auto_decompress=False,  # the digest is of the bytes as stored
+                trust_env=policy.trust_env,
+            ) as session:
+                while True:
+                    try:
+                        await self._attempt(session, target, job)
+                    except _RetryableError as e:
+                        job.retries += 1
+                        await self._back_off(job, e)
+                    else:
+                        return
+        finally:
+            await resolver.close()
+
+    async def _back_off(self, job: _Job, error: _RetryableError) -> None:
+        policy = self.policy
+        retries = job.retries
         if retries > policy.max_retries:
             raise DeliveryError(
                 error.reason,

@@ -92,7 +92,7 @@ class RecordingSleep:
 
 @dataclass(frozen=True)
 class TestPki:
-    """A test CA and server certificates for 127.0.0.1 / localhost, as files."""
+    """A test CA and server certificates for 127.0.0.1 / localhost / artifacts.test, as files."""
 
     __test__ = False  # not a test class, whatever pytest thinks of the name
 
@@ -142,7 +142,11 @@ def _server_cert(
         .not_valid_after(not_after)
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    x509.DNSName("localhost"),
+                    x509.DNSName("artifacts.test"),  # resolved by a fake DNS in tests
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
             ),
             critical=False,
         )

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from structlog.testing import capture_logs
 from yarl import URL
 
@@ -278,7 +281,33 @@ def test_throughput_floor_zero_disables_it() -> None:
 # --- against the loopback HTTPS server -----------------------------------------------------
 
 
-def downloader(pki: TestPki, sleep: RecordingSleep | None = None, **policy: Any) -> Downloader:
+class FakeDns(AbstractResolver):
+    """Answers from a table, so a test can point a name anywhere without a DNS server."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host,
+                host=self.answers[host],
+                port=port,
+                family=family,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def downloader(
+    pki: TestPki, sleep: RecordingSleep | None = None, dns: FakeDns | None = None, **policy: Any
+) -> Downloader:
     settings: dict[str, Any] = {
         "allowed_hosts": ("127.0.0.1", "localhost"),
         "throughput_window_s": 0.3,
@@ -293,6 +322,7 @@ def downloader(pki: TestPki, sleep: RecordingSleep | None = None, **policy: Any)
         sleep=sleep or RecordingSleep(),
         wall_clock=lambda: NOW,
         rng=random.Random(0),
+        resolver_factory=DefaultResolver if dns is None else lambda: dns,
     )
 
 
@@ -637,6 +667,31 @@ async def test_a_rejected_url_makes_no_request(
     assert error is not None
     assert error.reason is DeliveryReason.URL_REJECTED
     assert artifact_server.requests == []
+
+
+async def test_allow_listed_name_is_resolved_and_fetched(
+    artifact_server: ArtifactServer, test_pki: TestPki, store: ModelStore
+) -> None:
+    artifact_server.add("m.onnx", Artifact(BODY))
+    dns = FakeDns({"artifacts.test": "127.0.0.1"})
+    url = artifact_server.url("m.onnx", host="artifacts.test")
+    d = downloader(test_pki, dns=dns, allowed_hosts=("artifacts.test",))
+    assert await fetch_into(d, store, url) is None
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "fe80::1", "0.0.0.0", "224.0.0.251"])
+async def test_allow_listed_name_resolving_to_a_forbidden_address_is_rejected(
+    artifact_server: ArtifactServer, test_pki: TestPki, store: ModelStore, address: str
+) -> None:
+    """DNS cannot steer an allow-listed name to the metadata service; no retry either."""
+    sleep = RecordingSleep()
+    dns = FakeDns({"artifacts.test": address})
+    url = artifact_server.url("m.onnx", host="artifacts.test")
+    d = downloader(test_pki, sleep, dns=dns, allowed_hosts=("artifacts.test",))
+    error = await fetch_into(d, store, url)
+    assert error is not None
+    assert (error.reason, error.detail) == (DeliveryReason.URL_REJECTED, "address")
+    assert sleep.delays == []
 
 
 async def test_self_signed_certificate_is_rejected(
