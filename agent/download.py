@@ -295,6 +295,7 @@ class ThroughputMonitor:
     _in_window: int = 0
 
     def record(self, now: float, nbytes: int) -> None:
+        self._expire(now)  # keeps the deque to one window, however fast the link
         self._samples.append((now, nbytes))
         self._in_window += nbytes
 

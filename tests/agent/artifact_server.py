@@ -365,24 +365,24 @@ async def _started(server: ArtifactServer) -> AsyncIterator[ArtifactServer]:
 
 
 @pytest.fixture(scope="session")
-def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+def artifact_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
-async def artifact_server(test_pki: TestPki) -> AsyncIterator[ArtifactServer]:
+async def artifact_server(artifact_pki: TestPki) -> AsyncIterator[ArtifactServer]:
     """HTTPS on 127.0.0.1 with a certificate from the test CA."""
-    async with _started(ArtifactServer(test_pki.good)) as server:
+    async with _started(ArtifactServer(artifact_pki.good)) as server:
         yield server
 
 
 @pytest.fixture
-async def expired_cert_server(test_pki: TestPki) -> AsyncIterator[ArtifactServer]:
-    async with _started(ArtifactServer(test_pki.expired)) as server:
+async def expired_cert_server(artifact_pki: TestPki) -> AsyncIterator[ArtifactServer]:
+    async with _started(ArtifactServer(artifact_pki.expired)) as server:
         yield server
 
 
 @pytest.fixture
-async def self_signed_server(test_pki: TestPki) -> AsyncIterator[ArtifactServer]:
-    async with _started(ArtifactServer(test_pki.self_signed)) as server:
+async def self_signed_server(artifact_pki: TestPki) -> AsyncIterator[ArtifactServer]:
+    async with _started(ArtifactServer(artifact_pki.self_signed)) as server:
         yield server

@@ -1,8 +1,8 @@
 """Fixtures for tests/agent; each group lives in its own module and is registered here."""
 
 from tests.agent.artifact_server import (  # noqa: F401 -- importing registers the fixtures
+    artifact_pki,
     artifact_server,
     expired_cert_server,
     self_signed_server,
-    test_pki,
 )
