@@ -187,8 +187,13 @@ class Session:
             connection.send(mqtt.Publish(item.topic, item.payload, 1, packet_id))
 
 
-async def read_packet(reader: asyncio.StreamReader, max_bytes: int) -> mqtt.Packet:
+async def read_packet(
+    reader: asyncio.StreamReader, max_bytes: int, *, connect: bool = False
+) -> mqtt.Packet:
+    """The next packet; with `connect`, anything but CONNECT is refused from its first byte."""
     first = await reader.readexactly(1)
+    if connect and first[0] != mqtt.PacketType.CONNECT << 4:
+        raise ClientError("first packet is not CONNECT")
     length_bytes = b""
     while True:
         length_bytes += await reader.readexactly(1)
@@ -295,7 +300,7 @@ class Broker:
     async def _accept(self, connection: _Connection, peer: object) -> tuple[Session, int] | None:
         """Read CONNECT and answer it: the session and its keep-alive, or None if refused."""
         async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
-            packet = await read_packet(connection.reader, MAX_PACKET_BYTES)
+            packet = await read_packet(connection.reader, MAX_PACKET_BYTES, connect=True)
         if not isinstance(packet, mqtt.Connect):
             raise ClientError("first packet is not CONNECT")
         if packet.protocol_level != 4:

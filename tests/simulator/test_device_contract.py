@@ -12,7 +12,7 @@ from azure.iot.device.aio import IoTHubModuleClient
 from azure.iot.device.exceptions import ClientError, CredentialError
 
 from simulator import Simulator, UpstreamMessage
-from tests.simulator.conftest import DEVICE, ClientFactory
+from tests.simulator.conftest import DEVICE, PAHO_RECONNECT_LEAK, ClientFactory
 from tests.simulator.inbox import Inbox, sdk_message
 
 
@@ -171,13 +171,6 @@ async def test_input_messages_wait_until_the_module_subscribes(
         b'{"n": 1}',
         {"schema": "s"},
     )
-
-
-# paho-mqtt 1.6 (pinned by the SDK) overwrites its wake-up socket pair in loop_start() on every
-# reconnect without closing the old one; the garbage-collected sockets surface as this warning.
-PAHO_RECONNECT_LEAK = (
-    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
-)
 
 
 @pytest.mark.filterwarnings(PAHO_RECONNECT_LEAK)
