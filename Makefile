@@ -24,7 +24,7 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 demo: setup
-	$(PY) -m agent.demo $(ARGS)
+	$(PY) -m demo $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
