@@ -14,6 +14,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -343,8 +344,13 @@ class ArtifactServer:
                 art.resets_done += 1
                 await resp.write(payload[start : int(len(art.body) * art.reset_at)])
                 await asyncio.sleep(0.05)  # let the bytes leave before the reset
-                assert request.transport is not None
-                request.transport.abort()
+                transport = request.transport
+                assert transport is not None
+                # SO_LINGER 0 makes close send a TCP RST, as a dropped link or proxy does.
+                transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                transport.abort()
                 return resp
             else:
                 for i in range(start, len(payload), 16 * 1024):

@@ -751,3 +751,31 @@ async def test_cancellation_removes_the_temp_file_and_propagates(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not sink.inner.path.exists()
+
+
+async def test_a_link_that_keeps_dropping_spends_the_retry_budget(
+    artifact_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
+) -> None:
+    sleep = RecordingSleep()
+    url = artifact_server.add(
+        "m.onnx", Artifact(BODY, reset_at=0.6, reset_times=100, etag=None, last_modified=None)
+    )
+    error = await fetch_into(downloader(artifact_pki, sleep, max_retries=2), store, url)
+    assert error is not None
+    assert (error.reason, error.detail) == (DeliveryReason.FETCH_FAILED, "connection")
+    assert len(artifact_server.requests) == 3
+    assert len(sleep.delays) == 2
+
+
+async def test_connection_refused_is_retried_then_fetch_failed(
+    artifact_pki: TestPki, store: ModelStore
+) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound but not listening: connections are refused
+        port = unused.getsockname()[1]
+        sleep = RecordingSleep()
+        url = f"https://127.0.0.1:{port}/m.onnx"
+        error = await fetch_into(downloader(artifact_pki, sleep, max_retries=2), store, url)
+    assert error is not None
+    assert (error.reason, error.detail) == (DeliveryReason.FETCH_FAILED, "connection")
+    assert len(sleep.delays) == 2
