@@ -369,11 +369,13 @@ class ModelStore:
     def _remove_orphans(self) -> None:
         # A temp file left by a crash is never resumed: its bytes were not verified, and
         # starting over is cheaper than reasoning about what a killed process wrote.
-        for directory in (self.root, self.models_dir, self.baselines_dir):
-            for path in directory.iterdir():
-                if path.suffix in _TEMP_SUFFIXES and path.is_file():
-                    path.unlink(missing_ok=True)
-                    self._log.info("store_orphan_removed", file=path.name)
+        # In the root only the store's own temp file: other services may share the volume.
+        candidates = [*self.models_dir.iterdir(), *self.baselines_dir.iterdir()]
+        candidates += self.root.glob("state.json*.tmp")
+        for path in candidates:
+            if path.suffix in _TEMP_SUFFIXES and path.is_file():
+                path.unlink(missing_ok=True)
+                self._log.info("store_orphan_removed", file=path.name)
 
     def _load_state(self) -> StoreState:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from agent.store import (
     StoreError,
     StoreReason,
     StoreState,
+    WritableFile,
     select_garbage,
 )
 from tests.agent.artifact_server import FullDisk
@@ -165,10 +167,13 @@ def test_orphan_temp_files_are_removed_at_start(tmp_path: Path) -> None:
     ]
     for orphan in orphans:
         orphan.write_bytes(b"half")
+    not_ours = tmp_path / "spool.tmp"
+    not_ours.write_bytes(b"another service's file")
     with capture_logs() as logs:
         opened_store(tmp_path)
     assert not any(p.exists() for p in orphans)
     assert kept.exists()
+    assert not_ours.exists()
     assert sum(entry["event"] == "store_orphan_removed" for entry in logs) == 4
 
 
@@ -262,3 +267,15 @@ def test_part_file_appends_for_resume(tmp_path: Path) -> None:
     assert part.size() == 0
     part.remove()
     assert part.size() == 0
+
+
+def test_other_write_errors_are_io_error_and_keep_the_old_state(tmp_path: Path) -> None:
+    def broken_disk(path: Path, mode: str) -> WritableFile:
+        raise OSError(errno.EIO, "Input/output error")
+
+    opened_store(tmp_path).save(StoreState().activated("m", V1))
+    store = opened_store(tmp_path, opener=broken_disk)
+    with pytest.raises(StoreError) as info:
+        store.save(StoreState().activated("m", V2))
+    assert info.value.reason is StoreReason.IO_ERROR
+    assert opened_store(tmp_path).state.record("m").active == V1
