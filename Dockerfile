@@ -10,8 +10,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 # Only the device packages: deployment/, simulator/ and bench/ are cloud or test code, and the
-# wheel packages whatever of them is present (setuptools find with include patterns).
-COPY pyproject.toml ./
+# wheel packages whatever of them is present (setuptools find with include patterns). README.md
+# is the package's long description (pyproject `readme`); setuptools warns without it.
+COPY pyproject.toml README.md ./
 COPY agent ./agent
 COPY module ./module
 # No extras: the default dependencies are the device's; the cloud and dev extras stay out.

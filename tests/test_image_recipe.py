@@ -531,6 +531,7 @@ def test_dockerignore_keeps_only_the_device_packages() -> None:
     rules = dockerignore_rules(DOCKERIGNORE.read_text())
     assert not is_ignored("agent/engine.py", rules)
     assert not is_ignored("pyproject.toml", rules)
+    assert not is_ignored("README.md", rules)
     for ignored in (
         ".venv/bin/python",
         ".git/HEAD",
