@@ -13,7 +13,7 @@ access log, one `json.loads` and one `json.dumps`, and tensors built by numpy in
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 import numpy as np
 import structlog
@@ -290,7 +290,12 @@ class _AppServer:
     """Runs one aiohttp application on host:port with the agent's start -> run -> stop shape."""
 
     def __init__(
-        self, name: str, app: web.Application, host: str, port: int, log: Any | None
+        self,
+        name: str,
+        app: web.Application,
+        host: str,
+        port: int,
+        log: structlog.typing.FilteringBoundLogger | None,
     ) -> None:
         self.name = name
         self.app = app

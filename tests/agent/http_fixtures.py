@@ -50,6 +50,7 @@ class SlowModel:
         self.delay_s = delay_s
         self.fail = fail
         self.finished = 0
+        self.started = asyncio.Event()
         self.ready = True
         self._reference = load_tiny()
 
@@ -59,6 +60,7 @@ class SlowModel:
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
+        self.started.set()
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("the runtime fell over")

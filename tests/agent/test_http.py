@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,6 +277,19 @@ async def test_a_chunked_body_over_the_cap_is_refused_with_413() -> None:
         assert api.rejections("too_large") == 1
 
 
+async def test_a_compressed_body_is_capped_after_decompression() -> None:
+    """A small gzip body that inflates past the cap is refused, not inflated into memory."""
+    bomb = gzip.compress(b" " * (4 << 20))
+    async with serving(max_body_bytes=64 << 10) as api:
+        async with api.client.post(
+            api.url + "/v2/models/tiny/infer", data=bomb, headers={"Content-Encoding": "gzip"}
+        ) as response:
+            assert response.status == 413
+            await response.json()
+        assert len(bomb) < 64 << 10
+        assert api.rejections("too_large") == 1
+
+
 async def test_a_model_not_ready_answers_503_and_counts_once() -> None:
     metrics = InferenceMetrics(CollectorRegistry())
     cold = InferenceService("tiny", metrics)
@@ -315,7 +332,7 @@ async def test_stop_lets_a_request_in_flight_finish_and_refuses_new_connections(
     slow = SlowModel("slow", delay_s=0.3)
     async with serving({"slow": slow}) as api:
         in_flight = asyncio.create_task(api.post_json("/v2/models/slow/infer", json.loads(GOOD)))
-        await asyncio.sleep(0.1)
+        await slow.started.wait()
         await api.server.stop(grace_s=2.0)
         status, body = await in_flight
         assert status == 200
@@ -329,7 +346,7 @@ async def test_stop_cuts_requests_that_outlive_the_grace() -> None:
     slow = SlowModel("slow", delay_s=30.0)
     async with serving({"slow": slow}) as api:
         in_flight = asyncio.create_task(api.post_json("/v2/models/slow/infer", json.loads(GOOD)))
-        await asyncio.sleep(0.1)
+        await slow.started.wait()
         started = time.monotonic()
         await api.server.stop(grace_s=0.2)
         assert time.monotonic() - started < 2.0
@@ -359,29 +376,45 @@ async def test_metrics_endpoint_serves_the_injected_registry() -> None:
 
 
 def _tritonclient() -> Any:
-    """NVIDIA's v2 client (`tritonclient[http]`, a dev extra); the tests using it skip without it.
-
-    It is synchronous (geventhttpclient), so each call runs in a worker thread while the server
-    answers on the test's event loop.
-    """
+    """NVIDIA's v2 client (`tritonclient[http]`, a dev extra): the tests using it skip without."""
     return pytest.importorskip("tritonclient.http")
 
 
-def _client(url: str) -> Any:
-    return _tritonclient().InferenceServerClient(url.removeprefix("http://"))
+Call = Callable[..., Awaitable[Any]]
+
+
+@asynccontextmanager
+async def _triton(url: str) -> AsyncIterator[tuple[Any, Call]]:
+    """A tritonclient and a `call(fn, *args)` that runs its methods off the event loop.
+
+    tritonclient is synchronous and gevent-based: a connection belongs to the gevent hub of the
+    thread that opened it, so every call of one client runs on one dedicated thread, while the
+    server answers on the test's loop.
+    """
+    httpclient = _tritonclient()
+    gevent = pytest.importorskip("gevent")
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tritonclient")
+
+    async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+    client = await call(httpclient.InferenceServerClient, url.removeprefix("http://"))
+    try:
+        yield client, call
+    finally:
+        await call(client.close)
+        await call(lambda: gevent.get_hub().destroy(destroy_loop=True))
+        pool.shutdown(wait=True)
 
 
 async def test_health_and_metadata_through_tritonclient() -> None:
-    async with serving() as api:
-        client = _client(api.url)
-        try:
-            assert await asyncio.to_thread(client.is_server_live)
-            assert await asyncio.to_thread(client.is_server_ready)
-            assert await asyncio.to_thread(client.is_model_ready, "tiny")
-            server = await asyncio.to_thread(client.get_server_metadata)
-            metadata = await asyncio.to_thread(client.get_model_metadata, "tiny")
-        finally:
-            await asyncio.to_thread(client.close)
+    async with serving() as api, _triton(api.url) as (client, call):
+        assert await call(client.is_server_live)
+        assert await call(client.is_server_ready)
+        assert await call(client.is_model_ready, "tiny")
+        server = await call(client.get_server_metadata)
+        metadata = await call(client.get_model_metadata, "tiny")
     assert "binary_tensor_data" in server["extensions"]
     assert metadata["inputs"] == [
         {"name": "input", "datatype": "FP32", "shape": [-1, TINY_FEATURES]}
@@ -395,16 +428,10 @@ async def test_inference_through_tritonclient(binary_data: bool) -> None:
     tensor = httpclient.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x, binary_data=binary_data)
     wanted = [httpclient.InferRequestedOutput("output", binary_data=binary_data)]
-    async with serving() as api:
-        client = _client(api.url)
-        try:
-            result = await asyncio.to_thread(
-                client.infer, "tiny", [tensor], request_id="t-1", outputs=wanted
-            )
-            # Without `outputs` tritonclient asks for all of them, in binary.
-            every = await asyncio.to_thread(client.infer, "tiny", [tensor], model_version="1")
-        finally:
-            await asyncio.to_thread(client.close)
+    async with serving() as api, _triton(api.url) as (client, call):
+        result = await call(client.infer, "tiny", [tensor], request_id="t-1", outputs=wanted)
+        # Without `outputs` tritonclient asks for all of them, in binary.
+        every = await call(client.infer, "tiny", [tensor], model_version="1")
     got = result.as_numpy("output")
     assert got.shape == (5, TINY_OUTPUTS)
     np.testing.assert_allclose(got, _reference(x), rtol=1e-6)
@@ -414,16 +441,29 @@ async def test_inference_through_tritonclient(binary_data: bool) -> None:
     assert response["model_name"] == "tiny"
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+async def test_compressed_requests_through_tritonclient(algorithm: str) -> None:
+    httpclient = _tritonclient()
+    x = _rows(2)
+    tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    async with serving() as api, _triton(api.url) as (client, call):
+        result = await call(
+            client.infer,
+            "tiny",
+            [tensor],
+            request_compression_algorithm=algorithm,
+            response_compression_algorithm=algorithm,
+        )
+    np.testing.assert_allclose(result.as_numpy("output"), _reference(x), rtol=1e-6)
+
+
 async def test_tritonclient_sees_the_v2_error_message() -> None:
     httpclient = _tritonclient()
     server_error = pytest.importorskip("tritonclient.utils").InferenceServerException
     tensor = httpclient.InferInput("input", [1, TINY_FEATURES], "FP32")
     tensor.set_data_from_numpy(np.zeros((1, TINY_FEATURES), np.float32))
-    async with serving() as api:
-        client = _client(api.url)
-        try:
-            with pytest.raises(server_error) as caught:
-                await asyncio.to_thread(client.infer, "missing", [tensor])
-        finally:
-            await asyncio.to_thread(client.close)
+    async with serving() as api, _triton(api.url) as (client, call):
+        with pytest.raises(server_error) as caught:
+            await call(client.infer, "missing", [tensor])
     assert "unknown model 'missing'" in caught.value.message()
