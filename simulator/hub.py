@@ -243,7 +243,6 @@ class Simulator:
         broker = Broker(hub, tls, self.host, self._mqtt_port, puback_gate=hub.faults.puback_gate)
         hub.attach(broker)
         runner: web.AppRunner | None = None
-        api: ServiceApi | None = None
         try:
             await broker.start()
             # Bound before the app exists: the service hostname (which SAS tokens sign) has
@@ -253,7 +252,7 @@ class Simulator:
             api = ServiceApi(
                 hub, service_hostname=self.service_hostname, service_key=self.service_key
             )
-            runner = web.AppRunner(api.app(), access_log=None)
+            runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=2.0)
             await runner.setup()
             await web.SockSite(runner, listener, ssl_context=tls).start()
             self._hub = hub
@@ -261,9 +260,6 @@ class Simulator:
             await self._stop.wait()
         finally:
             if runner is not None:
-                assert api is not None  # created before the runner
-                await runner.shutdown()
-                api.abort_connections()
                 await runner.cleanup()
             await broker.close()
             await hub.close()

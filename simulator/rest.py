@@ -53,8 +53,12 @@ class ServiceApi:
         # a graceful TLS close waits for the peer's close_notify, which an idle keep-alive
         # client never sends, and the loop would end with the socket still open.
         self._transports: weakref.WeakSet[asyncio.Transport] = weakref.WeakSet()
+        self._watchers: set[asyncio.Task[Any]] = set()
 
-    def abort_connections(self) -> None:
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        # Watch streams never end by themselves, and would hold the shutdown for its timeout.
+        for task in list(self._watchers):
+            task.cancel()
         for transport in list(self._transports):
             transport.abort()
 
@@ -63,6 +67,7 @@ class ServiceApi:
             middlewares=[self._track, self._errors, self._authorize],
             client_max_size=MAX_BODY_BYTES,
         )
+        app.on_shutdown.append(self._on_shutdown)
         app.router.add_get("/twins/{device}/modules/{module}", self._get_twin)
         app.router.add_patch("/twins/{device}/modules/{module}", self._update_twin)
         app.router.add_put("/twins/{device}/modules/{module}", self._replace_twin)
@@ -220,13 +225,27 @@ class ServiceApi:
         return web.json_response({"queued": True}, status=202)
 
     async def _watch(self, request: web.Request) -> web.StreamResponse:
-        """JSON lines: upstream messages and twin changes, as they happen."""
+        """JSON lines, as they happen: `?kinds=` (default upstream,reported) of upstream,
+        reported, desired, connected, disconnected."""
+        kinds = set(request.query.get("kinds", "upstream,reported").split(","))
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
-        async for event in self._hub.events.follow():
-            line = json.dumps(event.to_json(), default=str) + "\n"
-            await response.write(line.encode())
-        return response  # pragma: no cover  # follow() ends only by cancellation
+        task = asyncio.current_task()
+        assert task is not None  # aiohttp runs each handler in a task
+        self._watchers.add(task)
+        try:
+            # The first line says the stream is live: what happens from now on will be shown.
+            hello = {"kind": "watching", "kinds": sorted(kinds)}
+            await response.write(json.dumps(hello).encode() + b"\n")
+            async for event in self._hub.events.follow():
+                if event.kind in kinds:
+                    line = json.dumps(event.to_json(), default=str) + "\n"
+                    await response.write(line.encode())
+        except ConnectionResetError:
+            log.info("watch_client_gone")
+        finally:
+            self._watchers.discard(task)
+        return response
 
     async def _fault(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)

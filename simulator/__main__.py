@@ -1,0 +1,167 @@
+"""Command line: `start` a simulator, `send` a message to a module input, `watch` what goes up.
+
+    python -m simulator start --deployment deployment.json [--host 127.0.0.1] [--run-dir DIR]
+    python -m simulator send --module M --input I --file body.json [--property k=v ...]
+    python -m simulator watch
+
+`send` and `watch` find the running simulator through `simulator.json` in the run folder and talk
+to its admin endpoints with the service key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import structlog
+
+from simulator import sas
+from simulator.hub import DEFAULT_DEVICE_ID, INFO_FILE, Simulator
+from simulator.manifest import ManifestError
+from simulator.rest import SERVICE_POLICY
+
+DEFAULT_RUN_DIR = Path(tempfile.gettempdir()) / "edge-mlops-simulator"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m simulator", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="run IoT Hub + edgeHub until interrupted")
+    start.add_argument(
+        "--deployment", type=Path, required=True, help="IoT Edge deployment manifest"
+    )
+    start.add_argument("--host", default="127.0.0.1", help="loopback address to bind (port 8883)")
+    start.add_argument("--device-id", default=DEFAULT_DEVICE_ID)
+    start.add_argument("--service-port", type=int, default=0, help="REST port (0: any free)")
+    for command in (start, *_client_commands(commands)):
+        command.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    return parser
+
+
+def _client_commands(commands: Any) -> tuple[argparse.ArgumentParser, ...]:
+    send = commands.add_parser("send", help="deliver a message to a module input")
+    send.add_argument("--module", required=True)
+    send.add_argument("--input", required=True)
+    send.add_argument("--file", type=Path, required=True, help="message body")
+    send.add_argument("--device-id", default=None, help="default: the simulator's device")
+    send.add_argument("--property", action="append", default=[], help="key=value, repeatable")
+    watch = commands.add_parser("watch", help="follow $upstream messages and twin changes")
+    return send, watch
+
+
+# ---------------------------------------------------------------- start
+
+
+def _start(args: argparse.Namespace, out: TextIO) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        simulator = Simulator.start(
+            args.deployment,
+            run_dir=args.run_dir,
+            host=args.host,
+            device_id=args.device_id,
+            service_port=args.service_port,
+        )
+    except (ManifestError, OSError, RuntimeError) as exc:
+        print(f"cannot start the simulator: {exc}", file=sys.stderr)
+        return 2
+    with simulator:
+        print(f"service connection string:\n  {simulator.service_connection_string}", file=out)
+        for device_id, module_id in simulator.modules:
+            print(f"module {device_id}/{module_id}:", file=out)
+            for name, value in simulator.edge_env(device_id, module_id).items():
+                print(f"  {name}={value}", file=out)
+        print(f"env file: {args.run_dir / 'simulator.env'}", file=out, flush=True)
+        # Polled: a signal handler runs only between bytecodes of the main thread.
+        while not stop.wait(0.2):
+            pass
+    return 0
+
+
+# ---------------------------------------------------------------- admin clients
+
+
+class _Admin:
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            info = json.loads((run_dir / INFO_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"no running simulator found in {run_dir}: {exc}") from exc
+        self.base = f"https://{info['host']}:{info['service_port']}"
+        fields = dict(part.split("=", 1) for part in info["service_connection_string"].split(";"))
+        self._hostname = fields["HostName"]
+        self._key = fields["SharedAccessKey"]
+        self.ssl = ssl.create_default_context(cafile=info["ca_cert"])
+        modules: dict[str, Any] = info["modules"]
+        self.device_id = next(iter(modules)).split("/")[0] if modules else DEFAULT_DEVICE_ID
+
+    def headers(self) -> dict[str, str]:
+        token = sas.generate(self._hostname, self._key, int(time.time()) + 3600, SERVICE_POLICY)
+        return {"Authorization": token}
+
+
+async def _send(args: argparse.Namespace, out: TextIO) -> int:
+    admin = _Admin(args.run_dir)
+    properties = dict(item.split("=", 1) for item in args.property)
+    device_id = args.device_id or admin.device_id
+    envelope = {"body": args.file.read_text(encoding="utf-8"), "properties": properties}
+    url = f"{admin.base}/_simulator/inputs/{device_id}/{args.module}/{args.input}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=envelope, headers=admin.headers(), ssl=admin.ssl) as response,
+    ):
+        print(await response.text(), file=out)
+        return 0 if response.status < 300 else 1
+
+
+async def _watch(args: argparse.Namespace, out: TextIO) -> int:
+    admin = _Admin(args.run_dir)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(
+            f"{admin.base}/_simulator/watch", headers=admin.headers(), ssl=admin.ssl
+        ) as response,
+    ):
+        if response.status >= 300:
+            print(await response.text(), file=sys.stderr)
+            return 1
+        async for line in response.content:
+            out.write(line.decode())
+            out.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+    args = _parser().parse_args(argv)
+    # Logs go to stderr so that stdout carries only what the command prints.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    try:
+        match args.command:
+            case "start":
+                return _start(args, out)
+            case "send":
+                return asyncio.run(_send(args, out))
+            case _:
+                return asyncio.run(_watch(args, out))
+    except KeyboardInterrupt:
+        return 0
+    except aiohttp.ClientError as exc:
+        print(f"cannot reach the simulator: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
