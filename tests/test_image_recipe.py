@@ -550,7 +550,7 @@ def test_image_installs_no_cloud_or_dev_packages(image: Image) -> None:
     assert not leaked, f"cloud/dev packages in the device image: {sorted(leaked)}"
     probe = (
         "import importlib.util as u;"
-        "print([m for m in ('deployment', 'simulator', 'bench') if u.find_spec(m)])"
+        "print([m for m in ('deployment', 'simulator', 'bench', 'demo') if u.find_spec(m)])"
     )
     done = subprocess.run(
         [str(image.venv / "bin" / "python"), "-c", probe],
