@@ -27,8 +27,7 @@ from agent.metrics import InferenceMetrics
 
 DEFAULT_HTTP_PORT: Final = 8000
 DEFAULT_METRICS_PORT: Final = 9600
-# A container's port must be reachable from outside the container.
-DEFAULT_HOST: Final = "0.0.0.0"  # noqa: S104 - see the line above
+DEFAULT_HOST: Final = "0.0.0.0"  # noqa: S104 - a container's port must be reachable from outside it
 DEFAULT_MAX_BODY_BYTES: Final = 64 << 20
 SERVER_NAME: Final = "edge-mlops-agent"
 
