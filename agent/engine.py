@@ -118,6 +118,15 @@ class LoadedModel:
         self.output_names = list(self.contract.output_names)
         self.cost = cost
         self.in_flight = 0
+        # Updated by the inference service on the event loop; probation reads them.
+        self.served = 0
+        self.failed = 0
+        self.latency_total_s = 0.0
+
+    def close(self) -> None:
+        """Release the session once no request holds this model (see `drained`)."""
+        # ORT frees the session's memory when the last reference goes.
+        del self.session
 
     def run(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None

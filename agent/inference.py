@@ -85,6 +85,9 @@ class InferenceService:
         self._metrics = metrics
         self._clock = clock
         self._model: LoadedModel | None = None
+        # The lifecycle state of this name (downloading, active, rolled_back...), shown in
+        # the v2 model metadata; set by the model manager.
+        self.status: Mapping[str, object] = {}
         self._validator: InputValidator | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=self.policy.worker_threads, thread_name_prefix=f"infer-{name}"
@@ -122,8 +125,15 @@ class InferenceService:
 
     def metadata(self) -> ModelMetadata:
         model = self._model
+        lifecycle = {
+            f"status_{key}": value
+            for key, value in self.status.items()
+            if isinstance(value, str | int | float | bool)
+        }
         if model is None:
-            return ModelMetadata(self.name, (), PLATFORM, ModelContract((), ()), {"ready": False})
+            return ModelMetadata(
+                self.name, (), PLATFORM, ModelContract((), ()), {"ready": False, **lifecycle}
+            )
         return ModelMetadata(
             name=self.name,
             versions=(model.version,),
@@ -134,6 +144,7 @@ class InferenceService:
                 "sha256": model.sha256,
                 "batch1_cost_us": round(model.cost.estimate(1) * 1e6, 1),
                 "dispatch": self._dispatch_label(model),
+                **lifecycle,
             },
         )
 
@@ -180,6 +191,7 @@ class InferenceService:
                 raise
             except Exception:
                 metrics.failed.inc()
+                model.failed += 1
                 log.exception("inference_failed", model=self.name, version=model.version)
                 raise
             metrics.ok.inc()
@@ -189,7 +201,10 @@ class InferenceService:
             if model.in_flight == 0 and (event := self._drained.pop(id(model), None)):
                 event.set()
             metrics.in_flight.dec()
-            metrics.total.observe(clock() - arrived)
+            elapsed = clock() - arrived
+            metrics.total.observe(elapsed)
+            model.served += 1
+            model.latency_total_s += elapsed
 
     async def _dispatch(
         self,
