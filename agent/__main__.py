@@ -15,6 +15,7 @@ from agent.engine import ModelLoadError
 from agent.logs import configure_logging
 from agent.serving import build_app
 from agent.settings import AgentSettings
+from agent.store import StoreError
 
 EXIT_USAGE = 2
 
@@ -27,7 +28,14 @@ def _parser() -> argparse.ArgumentParser:
         help="serve one ONNX model over Open Inference Protocol v2 (HTTP) with /metrics",
         description="Settings not given as flags come from EDGEML_* environment variables.",
     )
-    serve.add_argument("--model", type=Path, help="ONNX model file (EDGEML_MODEL_PATH)")
+    serve.add_argument(
+        "--model",
+        type=Path,
+        help="serve this ONNX file as is (EDGEML_MODEL_PATH); without it, models come from "
+        "the store (EDGEML_STATE_DIR) and signed releases in EDGEML_WATCH_DIR",
+    )
+    serve.add_argument("--state-dir", type=Path, help="model store volume (EDGEML_STATE_DIR)")
+    serve.add_argument("--watch-dir", type=Path, help="release folder (EDGEML_WATCH_DIR)")
     serve.add_argument("--name", help="served model name; default: the file stem")
     serve.add_argument("--host", help="address to bind (EDGEML_HOST, default 0.0.0.0)")
     serve.add_argument("--http-port", type=int, help="OIP v2 port (default 8000)")
@@ -44,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=args.host,
             http_port=args.http_port,
             metrics_port=args.metrics_port,
+            state_dir=args.state_dir,
+            watch_dir=args.watch_dir,
         )
     except (ValueError, ValidationError) as error:
         print(f"agent: invalid settings: {error}", file=sys.stderr)
@@ -55,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(app.run())
     except Exception as error:
         cause = _first_leaf(error)
-        if not isinstance(cause, ValueError | ModelLoadError):
+        if not isinstance(cause, ValueError | ModelLoadError | StoreError):
             raise
         # An expected failure (bad settings, unusable model): one clear line, no traceback.
         log.error("agent_failed", error=str(cause), error_type=type(cause).__name__)  # noqa: TRY400

@@ -1,20 +1,33 @@
-"""Standalone serving: one model file behind the HTTP API, no hub (`python -m agent serve`)."""
+"""Assembling the agent's services from settings, without a hub (`python -m agent serve`).
+
+Two ways to get models:
+* `--model PATH`: one ONNX file, served as is (no store, no swaps);
+* otherwise the managed mode: the model store in `EDGEML_STATE_DIR` is restored at start, and
+  signed releases arrive from `EDGEML_WATCH_DIR` (the IoT Edge module adds the twin as a
+  second source of releases on top of the same `ModelManager`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from pathlib import Path
 
 import structlog
 from prometheus_client import CollectorRegistry
 
-from agent.app import App, idle_forever
+from agent.app import App, Service, idle_forever
+from agent.download import Downloader
 from agent.engine import LoadedModel, ModelLoadError, load_model
+from agent.folder import FolderSource
 from agent.http import HttpService, MetricsService
 from agent.inference import InferenceService
+from agent.manifest import load_trusted_keys
 from agent.metrics import InferenceMetrics, register_process_metrics
 from agent.settings import AgentSettings
+from agent.store import ModelStore
+from agent.swap import HttpsArtifacts, ModelManager
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +40,7 @@ class FileModelSource:
     """
 
     def __init__(self, path: Path, service: InferenceService, settings: AgentSettings) -> None:
-        self.name = "model-source"
+        self.name = "model-file"
         self._path = path
         self._service = service
         self._settings = settings
@@ -63,30 +76,101 @@ class FileModelSource:
         await self._service.close()
 
 
-def build_app(settings: AgentSettings, registry: CollectorRegistry | None = None) -> App:
-    if settings.model_path is None:
-        raise ValueError("no model: pass --model PATH or set EDGEML_MODEL_PATH")
-    registry = registry or CollectorRegistry()
-    register_process_metrics(registry)
-    metrics = InferenceMetrics(registry)
-    name = settings.model_name or settings.model_path.stem
-    service = InferenceService(
-        name,
-        metrics,
-        policy=settings.batching_policy(),
-        limits=settings.request_limits(),
-    )
-    return App(
-        [
-            FileModelSource(settings.model_path, service, settings),
-            MetricsService(registry, host=settings.host, port=settings.metrics_port),
+class ManagedModels:
+    """The model store and manager as a service: restore at start, abandon installs at stop."""
+
+    def __init__(
+        self, store: ModelStore, manager: ModelManager, services: dict[str, InferenceService]
+    ) -> None:
+        self.name = "model-manager"
+        self.store = store
+        self.manager = manager
+        self._services = services
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.open)
+
+    async def run(self) -> None:
+        await self.manager.restore()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.manager.close()
+        for service in self._services.values():
+            await service.close()
+
+
+class Agent:
+    """The parts of a running agent that adapters (the IoT Edge module) reach into."""
+
+    def __init__(self, settings: AgentSettings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        register_process_metrics(self.registry)
+        self.metrics = InferenceMetrics(self.registry)
+        self.services: dict[str, InferenceService] = {}
+        self.manager: ModelManager | None = None
+        self._sources: list[Service] = []
+        if settings.model_path is not None:
+            name = settings.model_name or settings.model_path.stem
+            service = self.services[name] = self._new_service(name)
+            self._sources.append(FileModelSource(settings.model_path, service, settings))
+        else:
+            self._sources += self._managed()
+
+    def _new_service(self, name: str) -> InferenceService:
+        return InferenceService(
+            name,
+            self.metrics,
+            policy=self.settings.batching_policy(),
+            limits=self.settings.request_limits(),
+        )
+
+    def _managed(self) -> list[Service]:
+        settings = self.settings
+        pem_files = (
+            sorted(settings.trusted_keys_dir.glob("*.pem")) if settings.trusted_keys_dir else []
+        )
+        keys = load_trusted_keys(settings.trusted_keys, pem_files)
+        if not keys:
+            raise ValueError(
+                "no trusted manifest keys: set EDGEML_TRUSTED_KEYS or EDGEML_TRUSTED_KEYS_DIR "
+                "(or serve a single file with --model)"
+            )
+        tls = ssl.create_default_context()
+        if settings.artifact_ca_file is not None:
+            tls.load_verify_locations(cafile=str(settings.artifact_ca_file))
+        store = ModelStore(settings.state_dir, keep_old_artifacts=settings.keep_old_artifacts)
+        self.manager = ModelManager(
+            store=store,
+            trusted_keys=keys,
+            artifacts=HttpsArtifacts(Downloader(settings.download_policy(), ssl_context=tls)),
+            services=self.services,
+            service_factory=self._new_service,
+            registry=self.registry,
+            settings=settings.swap_settings(),
+        )
+        sources: list[Service] = [ManagedModels(store, self.manager, self.services)]
+        if settings.watch_dir is not None:
+            sources.append(FolderSource(settings.watch_dir, self.manager))
+        return sources
+
+    def services_in_start_order(self, *extra: Service) -> list[Service]:
+        """Model sources first, then `extra` (adapters), then the servers: HTTP stops first."""
+        settings = self.settings
+        return [
+            *self._sources,
+            *extra,
+            MetricsService(self.registry, host=settings.host, port=settings.metrics_port),
             HttpService(
-                {name: service},
-                metrics,
+                self.services,
+                self.metrics,
                 host=settings.host,
                 port=settings.http_port,
                 max_body_bytes=settings.max_request_bytes,
             ),
-        ],
-        grace_s=settings.shutdown_grace_s,
-    )
+        ]
+
+
+def build_app(settings: AgentSettings, registry: CollectorRegistry | None = None) -> App:
+    agent = Agent(settings, registry)
+    return App(agent.services_in_start_order(), grace_s=settings.shutdown_grace_s)

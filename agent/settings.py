@@ -10,8 +10,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.contract import RequestLimits
+from agent.download import DownloadPolicy
 from agent.engine import GraphOptimization, RuntimeOptions
 from agent.inference import BatchingPolicy
+from agent.lifecycle import ProbationPolicy
+from agent.swap import SwapSettings
 
 ENV_PREFIX = "EDGEML_"
 
@@ -41,6 +44,26 @@ class AgentSettings(BaseModel):
     max_request_bytes: int = Field(64 << 20, ge=1024)
     max_request_elements: int = Field(1 << 22, ge=1)
     allow_non_finite: bool = False
+
+    state_dir: Path = Field(
+        Path("/var/lib/edge-agent"), description="Model store volume: artifacts and state.json."
+    )
+    watch_dir: Path | None = Field(None, description="Folder of signed manifests + artifacts.")
+    trusted_keys: str = Field("", description="Manifest signing keys: 'key_id=BASE64,...'.")
+    trusted_keys_dir: Path | None = Field(None, description="Folder of <key_id>.pem keys.")
+    allowed_hosts: str = Field(
+        "*.blob.core.windows.net", description="Artifact hosts, comma-separated, '*.suffix' ok."
+    )
+    allow_http_hosts: str = Field("", description="Hosts reachable over plain http (labs only).")
+    artifact_ca_file: Path | None = Field(None, description="Extra CA bundle for artifact TLS.")
+    download_deadline_s: float = Field(1800.0, gt=0.0)
+    download_min_bytes_per_s: float = Field(1024.0, ge=0.0)
+    keep_old_artifacts: int = Field(3, ge=0, le=100)
+    max_model_bytes: int = Field(512 << 20, ge=1024)
+    probation_requests: int = Field(200, ge=0)
+    probation_seconds: float = Field(300.0, ge=0.0)
+    probation_max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    probation_max_latency_ratio: float = Field(3.0, ge=1.0)
 
     shutdown_grace_s: float = Field(8.0, gt=0.0, le=60.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -82,7 +105,32 @@ class AgentSettings(BaseModel):
             worker_threads=self.worker_threads,
         )
 
+    def download_policy(self) -> DownloadPolicy:
+        return DownloadPolicy(
+            allowed_hosts=_names(self.allowed_hosts),
+            allow_http_hosts=_names(self.allow_http_hosts),
+            deadline_s=self.download_deadline_s,
+            min_bytes_per_s=self.download_min_bytes_per_s,
+        )
+
+    def swap_settings(self) -> SwapSettings:
+        return SwapSettings(
+            runtime=self.runtime_options(),
+            max_rows=self.max_batch,
+            max_model_bytes=self.max_model_bytes,
+            probation=ProbationPolicy(
+                requests=self.probation_requests,
+                seconds=self.probation_seconds,
+                max_error_rate=self.probation_max_error_rate,
+                max_latency_ratio=self.probation_max_latency_ratio,
+            ),
+        )
+
     def request_limits(self) -> RequestLimits:
         return RequestLimits(
             max_elements=self.max_request_elements, allow_non_finite=self.allow_non_finite
         )
+
+
+def _names(listing: str) -> tuple[str, ...]:
+    return tuple(name.strip().lower() for name in listing.split(",") if name.strip())

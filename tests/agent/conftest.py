@@ -6,3 +6,4 @@ from tests.agent.artifact_server import (  # noqa: F401 -- importing registers t
     expired_cert_server,
     self_signed_server,
 )
+from tests.agent.releases import publisher  # noqa: F401 -- importing registers the fixture

@@ -1,0 +1,206 @@
+"""A second model source: signed manifests and their artifacts dropped into a folder.
+
+For air-gapped installs and files delivered by other update agents, and for images that ship
+an initial model so a device serves from first boot. Releases go through the same pipeline as
+twin releases (signature, version, size, sha256, load, contract, golden, swap).
+
+Rules that keep partial writes out:
+* only `*.manifest.json` files are acted on, and only once the folder has been quiet for
+  `debounce_s` (a publisher writes the artifact first, the manifest last);
+* the artifact is copied into the store and its sha256 checked like a download: a file still
+  being written fails the check, and is retried when the folder changes again;
+* the artifact is `<sha256>.onnx`, or the file name at the end of the manifest's URL, in the
+  folder itself: a plain name, a regular file, not a link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from agent.download import DeliveryError, DeliveryReason
+from agent.lifecycle import ModelState
+from agent.manifest import ReleaseManifest
+from agent.store import PartFile, is_disk_full
+from agent.swap import ModelManager
+
+log = structlog.get_logger(__name__)
+
+MANIFEST_SUFFIX = ".manifest.json"
+MAX_MANIFEST_BYTES = 64 * 1024  # a desired twin is limited to 32 KB; a manifest fits in it
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class FolderArtifacts:
+    """`ArtifactSource` reading the artifact next to the manifest."""
+
+    folder: Path
+
+    def candidates(self, manifest: ReleaseManifest) -> list[Path]:
+        names = [f"{manifest.sha256}.onnx"]
+        url_name = PurePosixPath(urlsplit(manifest.url).path).name
+        if url_name and not url_name.startswith(".") and url_name not in names:
+            names.append(url_name)
+        return [self.folder / name for name in names]
+
+    async def fetch(self, manifest: ReleaseManifest, part: PartFile) -> None:
+        await asyncio.to_thread(self._copy, manifest, part)
+
+    def _copy(self, manifest: ReleaseManifest, part: PartFile) -> None:
+        for candidate in self.candidates(manifest):
+            try:
+                info = candidate.lstat()
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode):  # a link could point anywhere on the device
+                raise DeliveryError(
+                    DeliveryReason.URL_REJECTED, f"{candidate.name} is not a regular file"
+                )
+            self._copy_file(candidate, manifest, part)
+            return
+        raise DeliveryError(
+            DeliveryReason.FETCH_FAILED,
+            f"no artifact {' or '.join(c.name for c in self.candidates(manifest))} in the folder",
+        )
+
+    @staticmethod
+    def _copy_file(source: Path, manifest: ReleaseManifest, part: PartFile) -> None:
+        digest = hashlib.sha256()
+        copied = 0
+        try:
+            # O_NOFOLLOW: the file must not become a link between lstat and open.
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as reader:
+                sink = part.open(append=False)
+                try:
+                    while chunk := reader.read(_CHUNK):
+                        copied += len(chunk)
+                        if copied > manifest.size:
+                            raise DeliveryError(
+                                DeliveryReason.SIZE_MISMATCH,
+                                f"{source.name} is longer than {manifest.size} bytes",
+                            )
+                        digest.update(chunk)
+                        sink.write(chunk)
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                finally:
+                    sink.close()
+        except DeliveryError:
+            part.remove()
+            raise
+        except OSError as error:
+            part.remove()
+            reason = (
+                DeliveryReason.DISK_FULL if is_disk_full(error) else DeliveryReason.FETCH_FAILED
+            )
+            raise DeliveryError(reason, f"copying {source.name}: {error.strerror}") from error
+        if copied != manifest.size:
+            part.remove()
+            raise DeliveryError(
+                DeliveryReason.SIZE_MISMATCH, f"{source.name} has {copied} of {manifest.size} bytes"
+            )
+        if digest.hexdigest() != manifest.sha256:
+            part.remove()
+            raise DeliveryError(DeliveryReason.HASH_MISMATCH, f"{source.name} sha256 differs")
+
+
+class _Forward(FileSystemEventHandler):
+    """Runs on watchdog's observer thread: only hands a wake-up to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, changed: asyncio.Event) -> None:
+        self._loop = loop
+        self._changed = changed
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self._loop.call_soon_threadsafe(self._changed.set)
+
+
+class FolderSource:
+    """Service: scans the folder at start, then again each time it settles after a change."""
+
+    def __init__(self, folder: Path, manager: ModelManager, *, debounce_s: float = 0.5) -> None:
+        self.name = "model-folder"
+        self._folder = folder
+        self._manager = manager
+        self._debounce_s = debounce_s
+        self._artifacts = FolderArtifacts(folder)
+        self._changed = asyncio.Event()
+        self._observer: BaseObserver | None = None
+        # Manifest file -> (content digest, outcome) of its last submission.
+        self._submitted: dict[Path, tuple[str, ModelState]] = {}
+
+    async def start(self) -> None:
+        self._folder.mkdir(parents=True, exist_ok=True)
+        observer: BaseObserver = Observer()
+        observer.schedule(_Forward(asyncio.get_running_loop(), self._changed), str(self._folder))
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        self._changed.set()  # the first scan: an image may ship an initial model here
+
+    async def run(self) -> None:
+        await self._manager.restored.wait()
+        while True:
+            await self._changed.wait()
+            # Debounce: wait until the folder has been quiet for a whole period.
+            while True:
+                self._changed.clear()
+                try:
+                    async with asyncio.timeout(self._debounce_s):
+                        await self._changed.wait()
+                except TimeoutError:
+                    break
+            await self.scan()
+
+    async def scan(self) -> None:
+        for path in sorted(self._folder.glob(f"*{MANIFEST_SUFFIX}")):
+            document = await asyncio.to_thread(_read_manifest, path)
+            if document is None:
+                continue
+            raw, digest = document
+            if self._manager.is_superseded(raw):
+                continue  # e.g. the image's initial model after the twin delivered newer ones
+            previous = self._submitted.get(path)
+            # A release already submitted is retried only if it failed: its artifact may
+            # have been incomplete, and the folder has changed since.
+            if previous is not None and previous[0] == digest and previous[1] != ModelState.FAILED:
+                continue
+            status = self._manager.submit(raw, artifacts=self._artifacts)
+            await self._manager.wait_idle()
+            final = self._manager.statuses.get(status.name, status)
+            self._submitted[path] = (digest, final.state)
+            log.info("folder_release", file=path.name, state=final.state, reason=final.reason)
+
+    async def stop(self, grace_s: float) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            await asyncio.to_thread(observer.join, grace_s)
+
+
+def _read_manifest(path: Path) -> tuple[object, str] | None:
+    """The parsed manifest and a digest of its bytes; None while it is unreadable."""
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_MANIFEST_BYTES:
+            log.warning("folder_manifest_refused", file=path.name, size=info.st_size)
+            return None
+        data = path.read_bytes()
+        return json.loads(data), hashlib.sha256(data).hexdigest()
+    except (OSError, ValueError) as error:
+        # Most often a manifest still being written: the next change triggers a new scan.
+        log.warning("folder_manifest_unreadable", file=path.name, error=str(error))
+        return None

@@ -1,0 +1,591 @@
+"""Verified delivery and zero-downtime hot swap of models, one pipeline per model name.
+
+    submit(manifest) -> verify signature and version -> fetch (or reuse) the artifact ->
+    size + sha256 -> hostile-file check -> load + warm up in a worker thread -> contract
+    (manifest's, and the active model's unless `contract_change`) -> golden sample ->
+    persist -> switch one reference -> old session drains and is dropped -> probation
+
+Every failure leaves the active model serving and ends in a `ModelStatus` with a bounded
+reason. A newer manifest for the same name cancels the install in progress (only the newest
+spec is acted on). `state.json` is written before the switch: a crash at any instant restarts
+on the old or the new model, never a partial one, and a failed write leaves the old model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from agent.download import DeliveryError, DeliveryReason, Downloader
+from agent.engine import LoadedModel, ModelLoadError, RuntimeOptions, load_model
+from agent.inference import InferenceService
+from agent.lifecycle import (
+    ModelState,
+    ModelStatus,
+    ProbationPolicy,
+    ServingStats,
+    SwapError,
+    SwapReason,
+    Verdict,
+    contract_from_manifest,
+    golden_arrays,
+    golden_mismatches,
+    judge_probation,
+)
+from agent.manifest import (
+    ManifestRejected,
+    ReleaseManifest,
+    ReleaseStatus,
+    check_version,
+    verify_manifest,
+)
+from agent.onnx_check import HostileModel, inspect_model
+from agent.store import ModelRef, ModelStore, NoLastKnownGoodError, PartFile, StoreError, StoreState
+from agent.ticks import ticks
+
+log = structlog.get_logger(__name__)
+
+_DELIVERY_REASONS: Mapping[DeliveryReason, SwapReason] = {
+    DeliveryReason.URL_REJECTED: SwapReason.URL_REJECTED,
+    DeliveryReason.FETCH_FAILED: SwapReason.FETCH_FAILED,
+    DeliveryReason.TIMEOUT: SwapReason.TIMEOUT,
+    DeliveryReason.SIZE_MISMATCH: SwapReason.SIZE_MISMATCH,
+    DeliveryReason.HASH_MISMATCH: SwapReason.HASH_MISMATCH,
+    DeliveryReason.DISK_FULL: SwapReason.DISK_FULL,
+}
+_HOSTILE_REASONS: Mapping[str, SwapReason] = {
+    "not_onnx": SwapReason.NOT_ONNX,
+    "external_data": SwapReason.EXTERNAL_DATA,
+    "too_deep": SwapReason.LOAD_FAILED,
+    "too_large": SwapReason.MODEL_TOO_LARGE,
+}
+
+
+class ArtifactSource(Protocol):
+    """Where a release's bytes come from; writes them into `part`, checking size and sha256."""
+
+    async def fetch(self, manifest: ReleaseManifest, part: PartFile) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HttpsArtifacts:
+    """Artifacts by the manifest's URL (Azure Blob SAS URLs in production)."""
+
+    downloader: Downloader
+
+    async def fetch(self, manifest: ReleaseManifest, part: PartFile) -> None:
+        await self.downloader.fetch(
+            manifest.url, sha256=manifest.sha256, size=manifest.size, part=part
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SwapSettings:
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    max_rows: int = 32
+    max_model_bytes: int = 512 << 20
+    probation: ProbationPolicy = field(default_factory=ProbationPolicy)
+    drain_timeout_s: float = 30.0
+    probation_tick_s: float = 1.0
+
+
+@dataclass(slots=True)
+class _Install:
+    manifest: ReleaseManifest
+    task: asyncio.Task[None]
+
+
+class _SwapMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.outcomes = Counter(
+            "agent_model_updates",
+            "Model releases by final state.",
+            ["state"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "agent_model_update_failures",
+            "Releases rejected, failed or rolled back, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.swap_seconds = Histogram(
+            "agent_model_swap_seconds",
+            "From accepting a manifest to serving the new model.",
+            registry=registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+        )
+
+
+class ModelManager:
+    """Owns the models being served: installs releases, rolls back, restores after restart."""
+
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        trusted_keys: Mapping[str, Ed25519PublicKey],
+        artifacts: ArtifactSource,
+        services: MutableMapping[str, InferenceService],
+        service_factory: Callable[[str], InferenceService],
+        registry: CollectorRegistry,
+        settings: SwapSettings | None = None,
+        listeners: list[Callable[[ModelStatus], None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._keys = trusted_keys
+        self._artifacts = artifacts
+        self._services = services
+        self._service_factory = service_factory
+        self._settings = settings or SwapSettings()
+        self._listeners = listeners if listeners is not None else []
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._metrics = _SwapMetrics(registry)
+        self._installs: dict[str, _Install] = {}
+        self._probations: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.statuses: dict[str, ModelStatus] = {}
+        # Set once `restore` has run: sources wait for it, so a release never races the
+        # restoring of the model it would replace.
+        self.restored = asyncio.Event()
+
+    # -- entry points -----------------------------------------------------------------
+
+    def submit(self, raw: object, *, artifacts: ArtifactSource | None = None) -> ModelStatus:
+        """Act on a release manifest as received (twin or folder); returns the status now.
+
+        Verification is synchronous and cheap, so a bad manifest is answered at once; the
+        install itself runs as a task that a newer manifest for the same name cancels.
+        """
+        try:
+            manifest = verify_manifest(raw, self._keys, self._wall_clock())
+        except ManifestRejected as rejected:
+            return self._reject_unverified(raw, SwapReason(rejected.reason.value), rejected.message)
+        name = manifest.name
+        running = self._installs.get(name)
+        if running is not None and not running.task.done():
+            if running.manifest.version == manifest.version:
+                if running.manifest.sha256 == manifest.sha256:
+                    return self.statuses[name]  # the same release, already being installed
+            elif running.manifest.version > manifest.version:
+                return self._reject(
+                    manifest,
+                    SwapReason.VERSION_NOT_MONOTONIC,
+                    f"version {manifest.version} is older than {running.manifest.version}, "
+                    "which is being installed",
+                )
+        record = self._store.state.record(name)
+        try:
+            release = check_version(manifest, record.highest_seen)
+        except ManifestRejected as rejected:
+            return self._reject(manifest, SwapReason(rejected.reason.value), rejected.message)
+        if release is ReleaseStatus.SAME_RELEASE and self._serving_sha(name) == manifest.sha256:
+            return self.statuses.get(name) or self._publish(
+                manifest.name, ModelState.ACTIVE, None, "already active", manifest=manifest
+            )
+        if running is not None and not running.task.done():
+            running.task.cancel("superseded by a newer release")
+            log.info(
+                "install_superseded",
+                model=name,
+                version=running.manifest.version,
+                by_version=manifest.version,
+            )
+        self._stop_probation(name)
+        status = self._publish(name, ModelState.DOWNLOADING, None, "accepted", manifest=manifest)
+        task = asyncio.get_running_loop().create_task(
+            self._install(manifest, artifacts or self._artifacts), name=f"install-{name}"
+        )
+        self._installs[name] = _Install(manifest, task)
+        return status
+
+    async def rollback(self, name: str, reason: SwapReason = SwapReason.REQUESTED) -> ModelStatus:
+        """Serve the last-known-good release of `name` again (`rolled_back`)."""
+        record = self._store.state.record(name)
+        if record.last_known_good is None:
+            raise SwapError(
+                ModelState.FAILED,
+                SwapReason.NO_LAST_KNOWN_GOOD,
+                f"model {name!r} has no last-known-good release to roll back to",
+            )
+        install = self._installs.pop(name, None)
+        if install is not None and not install.task.done():
+            install.task.cancel("rollback requested")
+        self._stop_probation(name)
+        target = record.last_known_good
+        model = await asyncio.to_thread(self._load_stored, name, target)
+        try:
+            self._save(lambda state: state.rolled_back(name))
+        except NoLastKnownGoodError as error:  # raced with another rollback
+            raise SwapError(ModelState.FAILED, SwapReason.NO_LAST_KNOWN_GOOD, str(error)) from None
+        self._switch(name, model)
+        self._metrics.failures.labels(reason.value).inc()
+        self._metrics.outcomes.labels(ModelState.ROLLED_BACK.value).inc()
+        return self._publish(
+            name,
+            ModelState.ROLLED_BACK,
+            reason,
+            f"serving last-known-good version {target.version}",
+            version=target.version,
+            sha256=target.sha256,
+        )
+
+    async def restore(self) -> None:
+        """At start: serve what `state.json` says is active (or its last-known-good)."""
+        try:
+            await self._restore_all()
+        finally:
+            self.restored.set()
+
+    async def _restore_all(self) -> None:
+        for name, record in sorted(self._store.state.models.items()):
+            if record.active is None:
+                continue
+            try:
+                model = await asyncio.to_thread(self._load_stored, name, record.active)
+            except SwapError as error:
+                # An expected outcome with its reason: no traceback.
+                log.error("restore_failed", model=name, reason=error.reason, error=error.message)  # noqa: TRY400
+                if record.last_known_good is None:
+                    self._publish(
+                        name,
+                        ModelState.FAILED,
+                        SwapReason.RESTORE_FAILED,
+                        error.message,
+                        version=record.active.version,
+                        sha256=record.active.sha256,
+                    )
+                    continue
+                await self.rollback(name, SwapReason.RESTORE_FAILED)
+                continue
+            self._switch(name, model)
+            self._publish(
+                name,
+                ModelState.ACTIVE,
+                SwapReason.RESTORED,
+                "restored from the model store",
+                version=record.active.version,
+                sha256=record.active.sha256,
+            )
+
+    def is_superseded(self, raw: object) -> bool:
+        """Whether an (unverified) manifest names a version below the highest one seen.
+
+        Only for skipping stale files quietly; acting on a manifest always verifies it.
+        """
+        if not isinstance(raw, Mapping):
+            return False
+        name, version = raw.get("name"), raw.get("version")
+        if not isinstance(name, str) or not isinstance(version, int):
+            return False
+        highest = self._store.state.record(name).highest_seen
+        return highest is not None and version < highest.version
+
+    async def wait_idle(self) -> None:
+        """Wait until no install is running (probations may continue)."""
+        while running := [i.task for i in self._installs.values() if not i.task.done()]:
+            await asyncio.wait(running)
+
+    async def close(self) -> None:
+        """Abandon installs in progress (the disk state stays consistent) and probations."""
+        tasks = [i.task for i in self._installs.values()]
+        tasks += list(self._probations.values()) + list(self._background)
+        for task in tasks:
+            task.cancel("agent stopping")
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._installs.clear()
+        self._probations.clear()
+
+    # -- the install pipeline -----------------------------------------------------------
+
+    async def _install(self, manifest: ReleaseManifest, artifacts: ArtifactSource) -> None:
+        name, sha = manifest.name, manifest.sha256
+        started = self._clock()
+        ref = ModelRef(version=manifest.version, sha256=sha)
+        try:
+            # Versions never go backwards, even when this install fails.
+            self._save(lambda state: state.seen(name, ref))
+            if self._store.has_artifact(sha):
+                self._publish(
+                    name, ModelState.VERIFYING, None, "artifact cached", manifest=manifest
+                )
+                await asyncio.to_thread(self._verify_cached, sha)
+            else:
+                self._store.ensure_free_space(manifest.size)
+                await artifacts.fetch(manifest, self._store.artifact_part(sha))
+                self._publish(
+                    name, ModelState.VERIFYING, None, "sha256 verified", manifest=manifest
+                )
+                self._store.commit_artifact(sha)
+            self._publish(name, ModelState.LOADING, None, "loading", manifest=manifest)
+            model = await asyncio.to_thread(self._load_release, manifest)
+            self._check_against_active(name, manifest, model)
+            self._save(lambda state: state.activated(name, ref))
+            previous = self._switch(name, model)
+        except SwapError as error:
+            self._fail(manifest, error.state, error.reason, error.message)
+            return
+        except DeliveryError as error:
+            reason = _DELIVERY_REASONS[error.reason]
+            state = ModelState.REJECTED if reason is SwapReason.URL_REJECTED else ModelState.FAILED
+            self._fail(manifest, state, reason, error.message)
+            return
+        except StoreError as error:
+            self._fail(manifest, ModelState.FAILED, SwapReason(error.reason.value), error.message)
+            return
+        seconds = self._clock() - started
+        self._metrics.swap_seconds.observe(seconds)
+        self._metrics.outcomes.labels(ModelState.ACTIVE.value).inc()
+        self._publish(
+            name, ModelState.ACTIVE, None, f"swapped in {seconds:.2f} s", manifest=manifest
+        )
+        self._collect_garbage()
+        baseline = _stats(previous) if previous is not None else ServingStats(0, 0, 0.0)
+        self._probations[name] = asyncio.get_running_loop().create_task(
+            self._probation(name, model, baseline), name=f"probation-{name}"
+        )
+
+    def _verify_cached(self, sha256: str) -> None:
+        if not self._store.verify_artifact(sha256):
+            raise SwapError(
+                ModelState.FAILED, SwapReason.HASH_MISMATCH, "cached artifact is corrupt"
+            )
+
+    def _load_release(self, manifest: ReleaseManifest) -> LoadedModel:
+        """Worker thread: hostile-file check, load + warm-up, manifest contract, golden sample."""
+        model = self._load_bytes(manifest.name, manifest.version, manifest.sha256)
+        differences = contract_from_manifest(manifest.contract).differences(model.contract)
+        if differences:
+            raise SwapError(
+                ModelState.FAILED,
+                SwapReason.CONTRACT_MISMATCH,
+                "model differs from its manifest: " + "; ".join(differences[:5]),
+            )
+        if manifest.golden is not None:
+            inputs = golden_arrays(manifest.golden.inputs)
+            expected = golden_arrays(manifest.golden.outputs)
+            try:
+                produced = model.run(inputs, list(expected))
+            except Exception as error:  # ORT rejects the golden input: the model cannot run it
+                raise SwapError(
+                    ModelState.FAILED,
+                    SwapReason.GOLDEN_MISMATCH,
+                    f"golden input failed: {str(error).strip()[:200]}",
+                ) from error
+            problems = golden_mismatches(
+                expected, dict(zip(expected, produced, strict=True)), manifest.golden.atol
+            )
+            if problems:
+                raise SwapError(
+                    ModelState.FAILED, SwapReason.GOLDEN_MISMATCH, "; ".join(problems[:5])
+                )
+        return model
+
+    def _load_stored(self, name: str, ref: ModelRef) -> LoadedModel:
+        """Worker thread: a release already installed once (restart, rollback)."""
+        if not self._store.has_artifact(ref.sha256) or not self._store.verify_artifact(ref.sha256):
+            raise SwapError(
+                ModelState.FAILED,
+                SwapReason.HASH_MISMATCH,
+                f"stored artifact of version {ref.version} is missing or corrupt",
+            )
+        return self._load_bytes(name, ref.version, ref.sha256)
+
+    def _load_bytes(self, name: str, version: int, sha256: str) -> LoadedModel:
+        path: Path = self._store.artifact_path(sha256)
+        limit = self._settings.max_model_bytes
+        if path.stat().st_size > limit:
+            raise SwapError(
+                ModelState.FAILED, SwapReason.MODEL_TOO_LARGE, f"model is over {limit} bytes"
+            )
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:  # the file changed under us
+            raise SwapError(ModelState.FAILED, SwapReason.HASH_MISMATCH, "artifact changed on disk")
+        try:
+            inspect_model(data, max_bytes=limit)
+        except HostileModel as hostile:
+            raise SwapError(
+                ModelState.FAILED, _HOSTILE_REASONS[hostile.reason], hostile.message
+            ) from None
+        try:
+            return load_model(
+                data,
+                name=name,
+                version=str(version),
+                sha256=sha256,
+                options=self._settings.runtime,
+                max_rows=self._settings.max_rows,
+            )
+        except ModelLoadError as error:
+            raise SwapError(ModelState.FAILED, SwapReason.LOAD_FAILED, str(error)) from None
+
+    def _check_against_active(
+        self, name: str, manifest: ReleaseManifest, model: LoadedModel
+    ) -> None:
+        service = self._services.get(name)
+        active = service.model if service is not None else None
+        if active is None or manifest.contract_change:
+            return
+        differences = active.contract.differences(model.contract)
+        if differences:
+            raise SwapError(
+                ModelState.FAILED,
+                SwapReason.CONTRACT_MISMATCH,
+                "contract differs from the active model's and the manifest does not set "
+                "contract_change: " + "; ".join(differences[:5]),
+            )
+
+    # -- switching, probation -----------------------------------------------------------
+
+    def _switch(self, name: str, model: LoadedModel) -> LoadedModel | None:
+        service = self._services.get(name)
+        if service is None:
+            service = self._services[name] = self._service_factory(name)
+        previous = service.activate(model)
+        if previous is not None:
+            task = asyncio.get_running_loop().create_task(self._retire(service, previous))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return previous
+
+    async def _retire(self, service: InferenceService, model: LoadedModel) -> None:
+        """Requests in flight finish on the old session; then it is released."""
+        try:
+            async with asyncio.timeout(self._settings.drain_timeout_s):
+                await service.drained(model)
+        except TimeoutError:
+            log.warning("drain_timed_out", model=model.name, version=model.version)
+        model.close()
+
+    async def _probation(self, name: str, model: LoadedModel, previous: ServingStats) -> None:
+        policy = self._settings.probation
+        started = self._clock()
+        async for _ in ticks(self._settings.probation_tick_s, clock=self._clock):
+            verdict = judge_probation(_stats(model), previous, self._clock() - started, policy)
+            if verdict is Verdict.WATCHING:
+                continue
+            if verdict is Verdict.PASSED:
+                log.info("probation_passed", model=name, version=model.version, served=model.served)
+                return
+            reason = (
+                SwapReason.PROBATION_ERRORS
+                if verdict is Verdict.ERRORS
+                else SwapReason.PROBATION_LATENCY
+            )
+            log.warning("probation_failed", model=name, version=model.version, reason=reason)
+            self._probations.pop(name, None)  # rollback() must not cancel this very task
+            try:
+                await self.rollback(name, reason)
+            except SwapError as error:
+                # An expected outcome with its reason: no traceback.
+                log.error("rollback_failed", model=name, reason=error.reason, error=error.message)  # noqa: TRY400
+            return
+
+    def _stop_probation(self, name: str) -> None:
+        task = self._probations.pop(name, None)
+        if task is not None:
+            task.cancel("model changed")
+
+    # -- state, status ------------------------------------------------------------------
+
+    def _save(self, change: Callable[[StoreState], StoreState]) -> None:
+        # On the loop, not a thread: writes stay ordered even when an install is cancelled
+        # mid-write, and the file is a few hundred bytes (a few ms with its fsyncs).
+        self._store.save(change(self._store.state))
+
+    def _collect_garbage(self) -> None:
+        try:
+            removed = self._store.collect_garbage()
+        except StoreError as error:
+            log.warning("garbage_collection_failed", error=error.message)
+            return
+        if removed:
+            log.info("artifacts_removed", files=list(removed))
+
+    def _serving_sha(self, name: str) -> str | None:
+        service = self._services.get(name)
+        model = service.model if service is not None else None
+        return model.sha256 if model is not None else None
+
+    def _reject_unverified(self, raw: object, reason: SwapReason, message: str) -> ModelStatus:
+        name = raw.get("name") if isinstance(raw, Mapping) else None
+        # Only a name that could be valid is echoed: it keys reported state.
+        safe = name if isinstance(name, str) and name.isprintable() and len(name) <= 63 else "?"
+        self._metrics.failures.labels(reason.value).inc()
+        self._metrics.outcomes.labels(ModelState.REJECTED.value).inc()
+        return self._publish(safe, ModelState.REJECTED, reason, message)
+
+    def _reject(self, manifest: ReleaseManifest, reason: SwapReason, message: str) -> ModelStatus:
+        self._metrics.failures.labels(reason.value).inc()
+        self._metrics.outcomes.labels(ModelState.REJECTED.value).inc()
+        return self._publish(manifest.name, ModelState.REJECTED, reason, message, manifest=manifest)
+
+    def _fail(
+        self, manifest: ReleaseManifest, state: ModelState, reason: SwapReason, message: str
+    ) -> None:
+        log.warning(
+            "install_failed",
+            model=manifest.name,
+            version=manifest.version,
+            state=state,
+            reason=reason,
+            error=message,
+        )
+        self._metrics.failures.labels(reason.value).inc()
+        self._metrics.outcomes.labels(state.value).inc()
+        self._publish(manifest.name, state, reason, message, manifest=manifest)
+
+    def _publish(
+        self,
+        name: str,
+        state: ModelState,
+        reason: SwapReason | None,
+        message: str,
+        *,
+        manifest: ReleaseManifest | None = None,
+        version: int | None = None,
+        sha256: str | None = None,
+    ) -> ModelStatus:
+        service = self._services.get(name)
+        active = service.model if service is not None else None
+        status = ModelStatus(
+            name=name,
+            version=manifest.version if manifest is not None else version,
+            sha256=manifest.sha256 if manifest is not None else sha256,
+            state=state,
+            reason=reason,
+            message=message[:500],
+            since=self._wall_clock(),
+            active_version=int(active.version) if active is not None else None,
+        )
+        self.statuses[name] = status
+        if service is not None:
+            service.status = status.to_json()
+        log.info(
+            "model_status",
+            model=name,
+            version=status.version,
+            state=state,
+            reason=reason,
+            message=status.message,
+        )
+        for listener in self._listeners:
+            listener(status)
+        return status
+
+
+def _stats(model: LoadedModel) -> ServingStats:
+    return ServingStats(model.served, model.failed, model.latency_total_s)

@@ -1,0 +1,102 @@
+"""A small publisher for tests: signs releases of real models served by the HTTPS test server."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from prometheus_client import CollectorRegistry
+
+from agent.download import Downloader, DownloadPolicy
+from agent.inference import InferenceService
+from agent.lifecycle import ModelStatus, ProbationPolicy
+from agent.metrics import InferenceMetrics
+from agent.store import ModelStore
+from agent.swap import HttpsArtifacts, ModelManager, SwapSettings
+from deployment.release import build_manifest
+from tests.agent.artifact_server import Artifact, ArtifactServer, TestPki
+
+KEY_ID = "test-key"
+
+
+@dataclass
+class Publisher:
+    server: ArtifactServer
+    key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+
+    @property
+    def trusted(self) -> dict[str, Ed25519PublicKey]:
+        return {KEY_ID: self.key.public_key()}
+
+    def release(
+        self, model: bytes, version: int, *, name: str = "m", **options: Any
+    ) -> dict[str, Any]:
+        """Serve `model` and return its signed manifest."""
+        artifact = options.pop("artifact", None) or Artifact(model)
+        url = self.server.add(f"{name}/{hashlib.sha256(model).hexdigest()[:12]}.onnx", artifact)
+        return build_manifest(
+            model, name=name, version=version, url=url, key=self.key, key_id=KEY_ID, **options
+        )
+
+
+@dataclass
+class Device:
+    """A `ModelManager` with its store, services and recorded status reports."""
+
+    manager: ModelManager
+    store: ModelStore
+    services: dict[str, InferenceService]
+    registry: CollectorRegistry
+    reports: list[ModelStatus]
+
+    def states(self, name: str = "m") -> list[str]:
+        return [r.state.value for r in self.reports if r.name == name]
+
+    def failures(self, reason: str) -> float:
+        value = self.registry.get_sample_value(
+            "agent_model_update_failures_total", {"reason": reason}
+        )
+        return value or 0.0
+
+
+def make_device(
+    root: Path,
+    publisher: Publisher,
+    pki: TestPki,
+    *,
+    probation: ProbationPolicy | None = None,
+    store_factory: Callable[[Path], ModelStore] = ModelStore,
+) -> Device:
+    registry = CollectorRegistry()
+    metrics = InferenceMetrics(registry)
+    services: dict[str, InferenceService] = {}
+    store = store_factory(root)
+    store.open()
+    reports: list[ModelStatus] = []
+    downloader = Downloader(
+        DownloadPolicy(allowed_hosts=("127.0.0.1",), max_retries=1, backoff_base_s=0.01),
+        ssl_context=pki.client_context(),
+    )
+    manager = ModelManager(
+        store=store,
+        trusted_keys=publisher.trusted,
+        artifacts=HttpsArtifacts(downloader),
+        services=services,
+        service_factory=lambda name: InferenceService(name, metrics),
+        registry=registry,
+        settings=SwapSettings(
+            probation=probation or ProbationPolicy(requests=0, seconds=0), probation_tick_s=0.05
+        ),
+        listeners=[reports.append],
+    )
+    return Device(manager, store, services, registry, reports)
+
+
+@pytest.fixture
+def publisher(artifact_server: ArtifactServer) -> Publisher:
+    return Publisher(artifact_server)

@@ -1,0 +1,297 @@
+"""Verified delivery and hot swap end to end: real HTTPS server, real models, real store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.lifecycle import ModelState, ProbationPolicy, SwapError
+from agent.manifest import sign_manifest
+from agent.store import ModelStore
+from deployment.example_models import mlp
+from tests.agent.artifact_server import Artifact, FullDisk, TestPki
+from tests.agent.models import TINY_FEATURES, mid_bytes, tiny_bytes
+from tests.agent.releases import Device, Publisher, make_device
+
+X = np.random.default_rng(3).standard_normal((1, TINY_FEATURES)).astype(np.float32)
+
+
+@pytest.fixture
+async def device(
+    tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
+) -> AsyncIterator[Device]:
+    dev = make_device(tmp_path / "store", publisher, artifact_pki)
+    yield dev
+    await dev.manager.close()
+
+
+async def _install(device: Device, manifest: dict[str, Any]) -> ModelState:
+    device.manager.submit(manifest)
+    await device.manager.wait_idle()
+    return device.manager.statuses[manifest["name"]].state
+
+
+async def _answer(device: Device, name: str = "m") -> np.ndarray:
+    return (await device.services[name].infer({"input": X}))["output"]
+
+
+def _resign(publisher: Publisher, manifest: dict[str, Any]) -> dict[str, Any]:
+    unsigned = {k: v for k, v in manifest.items() if k != "signature"}
+    return sign_manifest(unsigned, publisher.key, "test-key")
+
+
+async def test_a_signed_release_is_fetched_verified_loaded_and_served(
+    device: Device, publisher: Publisher
+) -> None:
+    assert await _install(device, publisher.release(tiny_bytes(0), 1)) == ModelState.ACTIVE
+    assert device.states() == ["downloading", "verifying", "loading", "active"]
+    assert (await _answer(device)).shape == (1, 8)
+    assert device.store.state.record("m").active is not None
+    assert device.services["m"].metadata().parameters["status_state"] == "active"
+
+
+async def test_a_hot_swap_under_load_drops_no_request(device: Device, publisher: Publisher) -> None:
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    old = await _answer(device)
+    service = device.services["m"]
+    stop = asyncio.Event()
+    answers: list[np.ndarray] = []
+
+    async def load() -> None:
+        while not stop.is_set():
+            answers.append((await service.infer({"input": X}))["output"])
+            await asyncio.sleep(0)
+
+    clients = [asyncio.ensure_future(load()) for _ in range(8)]
+    assert await _install(device, publisher.release(tiny_bytes(1), 2)) == ModelState.ACTIVE
+    await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.gather(*clients)  # any failed request would raise here
+    new = await _answer(device)
+    assert not np.allclose(old, new)
+    assert any(np.allclose(a, old) for a in answers)
+    assert any(np.allclose(a, new) for a in answers)
+    assert device.store.state.record("m").last_known_good is not None
+
+
+@pytest.mark.parametrize("tamper", ["unsigned", "bad_signature", "unknown_key"])
+async def test_untrusted_manifests_are_rejected_before_any_download(
+    device: Device, publisher: Publisher, tamper: str
+) -> None:
+    manifest = publisher.release(tiny_bytes(0), 1)
+    if tamper == "unsigned":
+        del manifest["signature"]
+    elif tamper == "bad_signature":
+        manifest["version"] = 2  # the signature no longer covers what is said
+    else:
+        manifest["signature"]["key_id"] = "someone-else"
+    status = device.manager.submit(manifest)
+    assert status.state == ModelState.REJECTED
+    assert publisher.server.requests == []
+    assert "m" not in device.services
+
+
+async def test_an_older_version_is_rejected_and_changes_nothing(
+    device: Device, publisher: Publisher
+) -> None:
+    await _install(device, publisher.release(tiny_bytes(1), 5))
+    status = device.manager.submit(publisher.release(tiny_bytes(0), 4))
+    assert status.reason == "version_not_monotonic"
+    assert device.services["m"].model is not None
+    assert device.services["m"].model.version == "5"
+    assert device.failures("version_not_monotonic") == 1
+
+
+async def test_the_same_release_again_is_not_reloaded(device: Device, publisher: Publisher) -> None:
+    manifest = publisher.release(tiny_bytes(0), 1)
+    await _install(device, manifest)
+    model = device.services["m"].model
+    requests = len(publisher.server.requests)
+    device.manager.submit(copy.deepcopy(manifest))
+    await device.manager.wait_idle()
+    assert device.services["m"].model is model
+    assert len(publisher.server.requests) == requests
+
+
+@pytest.mark.parametrize(
+    ("artifact", "reason"),
+    [
+        (Artifact(tiny_bytes(1), flip_at=100), "hash_mismatch"),
+        (Artifact(tiny_bytes(1), truncate_to=1000), "size_mismatch"),
+        (Artifact(tiny_bytes(1), status=404), "fetch_failed"),
+    ],
+)
+async def test_a_bad_download_fails_and_the_old_model_keeps_serving(
+    device: Device, publisher: Publisher, artifact: Artifact, reason: str
+) -> None:
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    old = await _answer(device)
+    state = await _install(device, publisher.release(tiny_bytes(1), 2, artifact=artifact))
+    assert state == ModelState.FAILED
+    assert device.manager.statuses["m"].reason == reason
+    np.testing.assert_array_equal(await _answer(device), old)
+    assert device.failures(reason) == 1
+    assert list(device.store.models_dir.glob("*.part")) == []
+
+
+async def test_a_signed_file_that_is_not_onnx_fails_to_load(
+    device: Device, publisher: Publisher
+) -> None:
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    manifest = publisher.release(tiny_bytes(0), 2)
+    junk = b"this is not a model" * 10
+    manifest.update(
+        sha256=hashlib.sha256(junk).hexdigest(),
+        size=len(junk),
+        url=publisher.server.add("junk.onnx", Artifact(junk)),
+    )
+    assert await _install(device, _resign(publisher, manifest)) == ModelState.FAILED
+    assert device.manager.statuses["m"].reason == "not_onnx"
+    assert (await _answer(device)).shape == (1, 8)
+
+
+async def test_a_model_unlike_its_manifest_contract_is_refused(
+    device: Device, publisher: Publisher
+) -> None:
+    manifest = publisher.release(tiny_bytes(0), 1)
+    manifest["contract"]["outputs"][0]["shape"] = [-1, 9]
+    assert await _install(device, _resign(publisher, manifest)) == ModelState.FAILED
+    assert device.manager.statuses["m"].reason == "contract_mismatch"
+    assert "shape" in device.manager.statuses["m"].message
+
+
+async def test_a_changed_contract_needs_the_manifest_flag(
+    device: Device, publisher: Publisher
+) -> None:
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    wider = bytes(mlp([32, 64, 9]).SerializeToString())
+    assert await _install(device, publisher.release(wider, 2)) == ModelState.FAILED
+    assert device.manager.statuses["m"].reason == "contract_mismatch"
+    flagged = publisher.release(wider, 3, contract_change=True)
+    assert await _install(device, flagged) == ModelState.ACTIVE
+    assert (await _answer(device)).shape == (1, 9)
+
+
+async def test_a_golden_sample_outside_tolerance_fails_at_warm_up(
+    device: Device, publisher: Publisher
+) -> None:
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    manifest = publisher.release(tiny_bytes(1), 2)
+    manifest["golden"]["outputs"][0]["data"][0] += 1.0
+    assert await _install(device, _resign(publisher, manifest)) == ModelState.FAILED
+    assert device.manager.statuses["m"].reason == "golden_mismatch"
+    assert device.services["m"].model is not None
+    assert device.services["m"].model.version == "1"
+
+
+async def test_a_disk_full_during_download_leaves_the_old_state(
+    tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
+) -> None:
+    disk = FullDisk(budget=10**9)
+    device = make_device(
+        tmp_path / "store",
+        publisher,
+        artifact_pki,
+        store_factory=lambda root: ModelStore(root, opener=disk),
+    )
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    before = (device.store.root / "state.json").read_bytes()
+    disk.budget = disk.written + 1000
+    assert await _install(device, publisher.release(mid_bytes(0), 2, contract_change=True)) == (
+        ModelState.FAILED
+    )
+    assert device.manager.statuses["m"].reason == "disk_full"
+    assert list(device.store.models_dir.glob("*.part")) == []
+    # state.json only gained the version seen; the active model is unchanged
+    active = device.store.state.record("m").active
+    assert active is not None
+    assert active.version == 1
+    assert before != b""
+    await device.manager.close()
+
+
+async def test_rollback_serves_the_last_known_good_again(
+    device: Device, publisher: Publisher
+) -> None:
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    first = await _answer(device)
+    await _install(device, publisher.release(tiny_bytes(1), 2))
+    status = await device.manager.rollback("m")
+    assert status.state == ModelState.ROLLED_BACK
+    assert status.version == 1
+    np.testing.assert_array_equal(await _answer(device), first)
+    with pytest.raises(SwapError) as caught:
+        await device.manager.rollback("m")
+    assert caught.value.reason == "no_last_known_good"
+
+
+async def test_a_release_slower_than_its_predecessor_is_rolled_back_on_probation(
+    tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
+) -> None:
+    device = make_device(
+        tmp_path / "store",
+        publisher,
+        artifact_pki,
+        probation=ProbationPolicy(requests=25, seconds=60, min_requests=20, max_latency_ratio=2.0),
+    )
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    for _ in range(30):
+        await _answer(device)
+    slow = bytes(mlp([32, 2048, 2048, 8]).SerializeToString())
+    await _install(device, publisher.release(slow, 2))
+    for _ in range(30):
+        await _answer(device)
+    for _ in range(100):
+        if device.manager.statuses["m"].state == ModelState.ROLLED_BACK:
+            break
+        await asyncio.sleep(0.05)
+    status = device.manager.statuses["m"]
+    assert (status.state, status.reason) == (ModelState.ROLLED_BACK, "probation_latency")
+    assert device.services["m"].model is not None
+    assert device.services["m"].model.version == "1"
+    await device.manager.close()
+
+
+async def test_a_restart_restores_the_active_model_from_the_store(
+    tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
+) -> None:
+    first = make_device(tmp_path / "store", publisher, artifact_pki)
+    await _install(first, publisher.release(tiny_bytes(1), 3))
+    answer = await _answer(first)
+    await first.manager.close()
+    second = make_device(tmp_path / "store", publisher, artifact_pki)
+    await second.manager.restore()
+    assert second.manager.statuses["m"].state == ModelState.ACTIVE
+    assert second.manager.statuses["m"].reason == "restored"
+    np.testing.assert_array_equal(await _answer(second), answer)
+    await second.manager.close()
+
+
+async def test_a_burst_of_releases_ends_on_the_newest(device: Device, publisher: Publisher) -> None:
+    manifests = [publisher.release(tiny_bytes(v % 2), v) for v in range(1, 41)]
+    for manifest in manifests:
+        device.manager.submit(manifest)
+        await asyncio.sleep(0)
+    await device.manager.wait_idle()
+    assert device.manager.statuses["m"].state == ModelState.ACTIVE
+    assert device.services["m"].model is not None
+    assert device.services["m"].model.version == "40"
+    highest = device.store.state.record("m").highest_seen
+    assert highest is not None
+    assert highest.version == 40
+
+
+async def test_a_signature_over_other_bytes_is_refused(
+    device: Device, publisher: Publisher
+) -> None:
+    manifest = publisher.release(tiny_bytes(0), 1)
+    manifest["signature"]["value"] = base64.b64encode(bytes(64)).decode()
+    assert device.manager.submit(manifest).reason == "signature_invalid"
