@@ -151,7 +151,9 @@ class Agent:
         )
         sources: list[Service] = [ManagedModels(store, self.manager, self.services)]
         if settings.watch_dir is not None:
-            sources.append(FolderSource(settings.watch_dir, self.manager))
+            sources.append(
+                FolderSource(settings.watch_dir, self.manager, debounce_s=settings.watch_debounce_s)
+            )
         return sources
 
     def services_in_start_order(self, *extra: Service) -> list[Service]:

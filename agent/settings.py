@@ -49,6 +49,7 @@ class AgentSettings(BaseModel):
         Path("/var/lib/edge-agent"), description="Model store volume: artifacts and state.json."
     )
     watch_dir: Path | None = Field(None, description="Folder of signed manifests + artifacts.")
+    watch_debounce_s: float = Field(0.5, gt=0.0, le=60.0)
     trusted_keys: str = Field("", description="Manifest signing keys: 'key_id=BASE64,...'.")
     trusted_keys_dir: Path | None = Field(None, description="Folder of <key_id>.pem keys.")
     allowed_hosts: str = Field(
