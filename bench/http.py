@@ -13,11 +13,16 @@ generator in the same run:
 for the tiny model (32 -> 8, ~20 us a call) and the mid one (1024 -> 10, ~1 ms).
 
 The load generator (`bench/_loadgen.py`) runs on asyncio + aiohttp inside this process, which
-does nothing else while it measures; being in-process lets it read its own and the server's
-CPU clocks at the window's edges. With 2 cores the client needs one of them: `client_cores`
-near 1.0 means a result is bound by the client, not the server.
+does nothing else while it measures; being in-process lets it read its own, the server's and
+the machine's CPU clocks at the same instants, the window's edges. `client_cores` near 1.0
+means a run is bound by the client, not the server; `other_cores` is CPU that neither used
+(other work on a shared machine), the first thing to look at when numbers look odd.
 
-    python -m bench.http [--duration 10] [--warmup 2] [--clients 32] [--models tiny,mid]
+Every configuration runs `--rounds` times, in an order rotated each round, and each statistic
+is the median over its rounds (`*_rps_min` / `*_rps_max` keep the spread).
+
+    python -m bench.http [--duration 10] [--warmup 2] [--clients 32] [--rounds 3]
+                         [--models tiny,mid] [--configs agent,agent_nobatch,kserve]
 
 Last line: {"tiny": {"agent_rps", "agent_nobatch_rps", "kserve_rps", "agent_p99_ms",
 "kserve_p99_ms", ...}, "mid": {...}, "setup": {...}}; the same JSON goes to
@@ -33,6 +38,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,6 +169,12 @@ def running_server(
             process.wait()
 
 
+def _machine_busy() -> float:
+    """CPU seconds all cores spent on anything but idling, since boot."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
 def _mean_batch_rows(metrics_url: str) -> float | None:
     """Rows per ONNX Runtime call over the agent's whole run (warm-up included)."""
     with urllib.request.urlopen(metrics_url, timeout=5) as response:
@@ -208,8 +220,13 @@ def measure(
             warmup_s=args.warmup,
             duration_s=args.duration,
         )
-        result = asyncio.run(run_load(spec, server_cpu))
+        clocks = {"client": time.process_time, "server": server_cpu, "machine": _machine_busy}
+        result = asyncio.run(run_load(spec, clocks))
         summary: dict[str, float | int | None] = dict(result.summary())
+        # CPU that neither side of the benchmark used: other work sharing the 2 cores.
+        machine = summary.pop("machine_cores") or 0.0
+        other = machine - (summary["client_cores"] or 0.0) - (summary["server_cores"] or 0.0)
+        summary["other_cores"] = round(max(0.0, other), 2)
         if config != "kserve":
             metrics_port = next(a for a in argv if a.startswith("--metrics-port=")).split("=")[1]
             summary["mean_batch_rows"] = _mean_batch_rows(
@@ -218,6 +235,20 @@ def measure(
     if result.errors:
         print(f"  {model.name} {config} errors by kind: {dict(result.errors)}")
     return summary
+
+
+def _aggregate(runs: list[dict[str, float | int | None]]) -> dict[str, float | int]:
+    """Median of each statistic over the rounds, the rps extremes, the errors summed."""
+    keys = [k for k in runs[0] if all(r.get(k) is not None for r in runs)]
+    out: dict[str, float | int] = {
+        key: round(float(statistics.median(float(r[key] or 0.0) for r in runs)), 3)
+        for key in keys
+        if key not in {"ok", "errors"}
+    }
+    rps = [float(r["rps"] or 0.0) for r in runs]
+    out |= {"rps_min": min(rps), "rps_max": max(rps)}
+    out["errors"] = sum(int(r["errors"] or 0) for r in runs)
+    return out
 
 
 def _request_body(model: BenchModel) -> bytes:
@@ -231,7 +262,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per config")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs of every config, in rotating order"
+    )
     parser.add_argument("--models", default="tiny,mid", help="comma-separated: tiny, mid")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help="comma-separated, run in this order"
+    )
     parser.add_argument("--logs", default=None, help="server logs directory (default: a tmp dir)")
     args = parser.parse_args()
     kserve = ensure_kserve_venv()
@@ -241,6 +278,7 @@ def main() -> None:
         text=True,
         check=True,
     ).stdout.strip()
+    configs = args.configs.split(",")
     result: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
         args.logs = args.logs or scratch
@@ -248,16 +286,25 @@ def main() -> None:
             model = MODELS[key]
             path = save(model.build(), Path(scratch) / f"{model.name}.onnx")
             body = _request_body(model)
-            row: dict[str, object] = {}
-            for config in CONFIGS:
-                summary = measure(config, model, path=path, body=body, args=args, kserve=kserve)
-                print(f"{model.name:5} {config:14} {json.dumps(summary)}", flush=True)
-                row.update({f"{config}_{k}": v for k, v in summary.items() if v is not None})
-            result[model.name] = row
+            runs: dict[str, list[dict[str, float | int | None]]] = {c: [] for c in configs}
+            for round_index in range(args.rounds):
+                # Rotate the order so no configuration always runs first (or last) in a round.
+                shift = round_index % len(configs)
+                for config in configs[shift:] + configs[:shift]:
+                    summary = measure(config, model, path=path, body=body, args=args, kserve=kserve)
+                    print(f"{model.name:5} {config:14} {json.dumps(summary)}", flush=True)
+                    runs[config].append(summary)
+            result[model.name] = {
+                f"{config}_{key}": value
+                for config, summaries in runs.items()
+                for key, value in _aggregate(summaries).items()
+            }
     result["setup"] = {
         "clients": args.clients,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "rounds": args.rounds,
+        "aggregate": "median over rounds per statistic; rps_min/rps_max give the spread",
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "kserve": kserve_version,
