@@ -494,6 +494,51 @@ def image(recipe: Recipe, tmp_path_factory: pytest.TempPathFactory) -> Image:
     return build(recipe, tmp_path_factory.mktemp("image"))
 
 
+@pytest.mark.parametrize(
+    ("dockerignore", "path", "ignored"),
+    [
+        ("*\n!agent/", "agent/engine.py", False),
+        ("*\n!agent/", "deployment/publish.py", True),
+        ("*\n!agent/\n**/__pycache__", "agent/__pycache__/engine.pyc", True),
+        ("**/__pycache__", "__pycache__/x.pyc", True),  # `**/` matches no directory too
+        ("*.md\n!README.md", "README.md", False),
+        ("*.md\n!README.md", "NOTES.md", True),
+        ("docs", "docs/a/b.txt", True),  # an ignored directory takes its files along
+        ("*/tmp", "a/b/tmp", False),  # `*` does not cross a slash
+        ("# *", "agent/engine.py", False),
+    ],
+)
+def test_dockerignore_matching_follows_docker(dockerignore: str, path: str, ignored: bool) -> None:
+    assert is_ignored(path, dockerignore_rules(dockerignore)) is ignored
+
+
+@pytest.mark.parametrize(
+    ("line", "before", "after"),
+    [
+        ('A=1 B="x y"', {}, {"A": "1", "B": "x y"}),
+        ('PATH="/opt/venv/bin:$PATH"', {"PATH": "/usr/bin"}, {"PATH": "/opt/venv/bin:/usr/bin"}),
+        ("P=${HOME}/x", {"HOME": "/h"}, {"P": "/h/x"}),
+        ("K legacy form value", {}, {"K": "legacy form value"}),
+    ],
+)
+def test_env_lines_parse_and_expand_like_docker(
+    line: str, before: dict[str, str], after: dict[str, str]
+) -> None:
+    assert parse_env(line, before) == after
+
+
+def test_parser_joins_continuations_skips_comments_and_reads_flags() -> None:
+    stages = parse_dockerfile(
+        "FROM a AS one\nRUN x \\\n# a comment inside\n    y\n"
+        'FROM b\nCOPY --from=one /v /v\nHEALTHCHECK --timeout=3s CMD ["true"]\n'
+    )
+    assert [(s.base, s.name) for s in stages] == [("a", "one"), ("b", None)]
+    assert stages[0].last("RUN").args == "x y"
+    assert stages[1].last("COPY").flags == {"from": "one"}
+    assert stages[1].last("HEALTHCHECK").flags == {"timeout": "3s"}
+    assert stages[1].last("HEALTHCHECK").args == 'CMD ["true"]'
+
+
 def test_both_stages_start_from_python_slim_matching_the_test_interpreter(recipe: Recipe) -> None:
     """The replay uses this interpreter as the base image's `python`: they must agree."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
