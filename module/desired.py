@@ -1,0 +1,156 @@
+"""Desired twin reconciliation as a pure state machine.
+
+IoT Hub delivers desired properties as a full document (twin GET, and the SDK's replay after a
+reconnect) or as JSON merge patches, each stamped with `$version`. The reconciler merges
+patches into the last applied document, ignores anything not newer than what it applied, and
+validates the result into typed settings before anything acts on it. What changed comes out as
+actions; the adapter performs them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# IoT Hub caps desired properties at 32 KB, strings at 4 KB and depth at 10 levels; a document
+# over those is not from a real hub and is refused before it is parsed into settings.
+MAX_DOCUMENT_BYTES = 32 * 1024
+MAX_DEPTH = 10
+MAX_STRING = 4096
+
+
+class TelemetrySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    interval_s: float = Field(60.0, ge=1.0, le=86400.0)
+    enabled: bool = True
+
+
+class DesiredState(BaseModel):
+    """The agent's section of the module twin's desired properties.
+
+    `model` stays a plain document: its own signature covers it, and the model manager
+    verifies it (a typed copy could not be checked against the signature).
+    `drift` is reserved for drift monitoring and kept as given.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    model: dict[str, Any] | None = None
+    drift: dict[str, Any] | None = None
+    telemetry: TelemetrySettings = TelemetrySettings()  # frozen: one shared default is safe
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Act on a new desired state: submit the model manifest if it changed, retune telemetry."""
+
+    version: int
+    state: DesiredState
+    model_changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The merged document is not a valid desired state; keep what runs, report why."""
+
+    version: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    """Nothing newer than what was applied (a duplicate, an older patch, a replay)."""
+
+    version: int | None
+
+
+Action = Apply | Reject | Ignore
+
+
+@dataclass(frozen=True)
+class Reconciler:
+    """Applied `$version`, the merged desired document, and the state last applied."""
+
+    version: int = 0
+    document: Mapping[str, Any] = field(default_factory=dict)
+    applied: DesiredState | None = None
+
+    def full(self, desired: Mapping[str, Any]) -> tuple[Reconciler, Action]:
+        """A whole desired document (twin GET on connect, or the SDK's replay)."""
+        return self._next(desired, replace=True)
+
+    def patch(self, patch: Mapping[str, Any]) -> tuple[Reconciler, Action]:
+        """A desired-properties patch (JSON merge patch with `$version`)."""
+        return self._next(patch, replace=False)
+
+    def _next(self, incoming: Mapping[str, Any], *, replace: bool) -> tuple[Reconciler, Action]:
+        version = incoming.get("$version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            return self, Reject(self.version, "desired properties carry no integer $version")
+        if version <= self.version:
+            return self, Ignore(version)
+        body = {k: v for k, v in incoming.items() if not k.startswith("$")}
+        document = body if replace else merge_patch(self.document, body)
+        problem = check_shape(document)
+        if problem is None:
+            try:
+                state = DesiredState.model_validate_json(json.dumps(document))
+            except ValidationError as error:
+                problem = describe(error)
+        if problem is not None:
+            # The version is consumed, so the same bad document is not retried forever; the
+            # merged document is kept, so a later patch that fixes the field applies.
+            return Reconciler(version, document, self.applied), Reject(version, problem)
+        changed = self.applied is None or self.applied.model != state.model
+        return Reconciler(version, document, state), Apply(version, state, changed)
+
+
+def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch: objects merge, `null` deletes, anything else replaces."""
+    merged = copy.deepcopy(dict(target))
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_patch(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def check_shape(document: Mapping[str, Any]) -> str | None:
+    """IoT Hub's own limits, checked without recursion: depth, string length, then size."""
+    stack: list[tuple[object, int, str]] = [(document, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"{path or 'desired'} nests deeper than {MAX_DEPTH} levels"
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            return f"{path} is a string of {len(value)} characters, over {MAX_STRING}"
+        if isinstance(value, Mapping):
+            stack += [(v, depth + 1, f"{path}.{k}" if path else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1, f"{path}[{i}]") for i, v in enumerate(value)]
+    try:
+        size = len(json.dumps(document, allow_nan=False).encode())
+    except (TypeError, ValueError):
+        return "desired properties are not JSON"
+    if size > MAX_DOCUMENT_BYTES:
+        return f"desired properties are {size} bytes, over the {MAX_DOCUMENT_BYTES} byte limit"
+    return None
+
+
+def describe(error: ValidationError) -> str:
+    """The first problems, by field path; input values are left out (untrusted, maybe huge)."""
+    parts = [
+        f"{'.'.join(str(p) for p in item['loc']) or 'desired'}: {item['msg']}"
+        for item in error.errors()[:3]
+    ]
+    more = error.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
