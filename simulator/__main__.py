@@ -3,6 +3,7 @@
     python -m simulator start --deployment deployment.json [--host 127.0.0.1] [--run-dir DIR]
     python -m simulator send --module M --input I --file body.json [--property k=v ...]
     python -m simulator watch
+    python -m simulator fault drop|refuse|twin|pause-pubacks|resume-pubacks|clear [options]
 
 `send` and `watch` find the running simulator through `simulator.json` in the run folder and talk
 to its admin endpoints with the service key.
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--host", default="127.0.0.1", help="loopback address to bind (port 8883)")
     start.add_argument("--device-id", default=DEFAULT_DEVICE_ID)
     start.add_argument("--service-port", type=int, default=0, help="REST port (0: any free)")
+    start.add_argument(
+        "--module", action="append", default=[], help="an extra module identity, repeatable"
+    )
     for command in (start, *_client_commands(commands)):
         command.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     return parser
@@ -56,7 +60,18 @@ def _client_commands(commands: Any) -> tuple[argparse.ArgumentParser, ...]:
     send.add_argument("--device-id", default=None, help="default: the simulator's device")
     send.add_argument("--property", action="append", default=[], help="key=value, repeatable")
     watch = commands.add_parser("watch", help="follow $upstream messages and twin changes")
-    return send, watch
+    watch.add_argument("--kinds", default="upstream,reported", help="also: desired, connected")
+    fault = commands.add_parser("fault", help="inject a failure")
+    fault.add_argument(
+        "fault", choices=["drop", "refuse", "twin", "pause-pubacks", "resume-pubacks", "clear"]
+    )
+    fault.add_argument("--module", help="for drop and refuse")
+    fault.add_argument("--device-id", default=None, help="default: the simulator's device")
+    fault.add_argument("--seconds", type=float, default=10.0, help="for refuse")
+    fault.add_argument("--status", type=int, default=None, help="for twin: answer this status")
+    fault.add_argument("--delay", type=float, default=0.0, help="for twin: answer this late")
+    fault.add_argument("--count", type=int, default=None, help="for twin: this many times")
+    return send, watch, fault
 
 
 # ---------------------------------------------------------------- start
@@ -73,6 +88,7 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
             host=args.host,
             device_id=args.device_id,
             service_port=args.service_port,
+            extra_modules=tuple(args.module),
         )
     except (ManifestError, OSError, RuntimeError) as exc:
         print(f"cannot start the simulator: {exc}", file=sys.stderr)
@@ -132,7 +148,10 @@ async def _watch(args: argparse.Namespace, out: TextIO) -> int:
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
         session.get(
-            f"{admin.base}/_simulator/watch", headers=admin.headers(), ssl=admin.ssl
+            f"{admin.base}/_simulator/watch",
+            params={"kinds": args.kinds},
+            headers=admin.headers(),
+            ssl=admin.ssl,
         ) as response,
     ):
         if response.status >= 300:
@@ -142,6 +161,25 @@ async def _watch(args: argparse.Namespace, out: TextIO) -> int:
             out.write(line.decode())
             out.flush()
     return 0
+
+
+async def _fault(args: argparse.Namespace, out: TextIO) -> int:
+    admin = _Admin(args.run_dir)
+    body: dict[str, Any] = {
+        "device": args.device_id or admin.device_id,
+        "module": args.module,
+        "seconds": args.seconds,
+        "status": args.status,
+        "delay": args.delay,
+        "count": args.count,
+    }
+    url = f"{admin.base}/_simulator/faults/{args.fault}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=admin.headers(), ssl=admin.ssl) as response,
+    ):
+        print(await response.text(), file=out)
+        return 0 if response.status < 300 else 1
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
@@ -154,6 +192,8 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
                 return _start(args, out)
             case "send":
                 return asyncio.run(_send(args, out))
+            case "fault":
+                return asyncio.run(_fault(args, out))
             case _:
                 return asyncio.run(_watch(args, out))
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ MQTT_PORT = 8883  # fixed by the device SDK for MQTT over TCP
 CONNECT_TIMEOUT_SECONDS = 10.0
 MAX_PACKET_BYTES = 256 * 1024 + 16 * 1024  # a full-size message plus a generous topic
 MAX_QUEUED_MESSAGES = 20_000
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
 MAX_INFLIGHT = 64
 CLOSE_TIMEOUT_SECONDS = 2.0
 
@@ -88,13 +89,20 @@ class _Connection:
 class Session:
     """What the broker remembers about one client id between connections."""
 
-    def __init__(self, identity: ClientIdentity, max_queued: int = MAX_QUEUED_MESSAGES) -> None:
+    def __init__(
+        self,
+        identity: ClientIdentity,
+        max_queued: int = MAX_QUEUED_MESSAGES,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+    ) -> None:
         self.identity = identity
         self.subscriptions: dict[str, int] = {}
         self._ready: collections.deque[_Outbound] = collections.deque()
         self._held: collections.deque[_Outbound] = collections.deque()
         self._inflight: dict[int, _Outbound] = {}
         self._max_queued = max_queued
+        self._max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0  # payloads in _ready and _held
         self._next_packet_id = 1
         self.connection: _Connection | None = None
         self.dropped = 0
@@ -108,12 +116,26 @@ class Session:
         levels = [qos for flt, qos in self.subscriptions.items() if mqtt.topic_matches(flt, topic)]
         return max(levels) if levels else None
 
+    @property
+    def queued(self) -> int:
+        return len(self._ready) + len(self._held)
+
+    def _over_budget(self) -> bool:
+        return self.queued > 1 and (
+            self.queued > self._max_queued or self._queued_bytes > self._max_queued_bytes
+        )
+
     def _enqueue(self, queue: collections.deque[_Outbound], item: _Outbound) -> None:
-        if len(queue) >= self._max_queued:
-            queue.popleft()
-            self.dropped += 1
-            log.warning("mqtt_queue_full", client_id=self.identity.client_id, dropped=self.dropped)
         queue.append(item)
+        self._queued_bytes += len(item.payload)
+        # Oldest first, and what nobody subscribed to before what is about to be sent.
+        dropped_before = self.dropped
+        for victims in (self._held, self._ready):
+            while victims and self._over_budget():
+                self._queued_bytes -= len(victims.popleft().payload)
+                self.dropped += 1
+        if self.dropped != dropped_before:
+            log.warning("mqtt_queue_full", client_id=self.identity.client_id, dropped=self.dropped)
 
     def deliver(self, topic: str, payload: bytes, *, store_and_forward: bool = False) -> bool:
         """Queue a publish to the client.
@@ -159,6 +181,7 @@ class Session:
         self._ready.clear()
         self._held.clear()
         self._inflight.clear()
+        self._queued_bytes = 0
 
     def _allocate_packet_id(self) -> int:
         while True:
@@ -175,6 +198,7 @@ class Session:
         """Write what may be sent now: as much as the in-flight window allows."""
         while self._ready and len(self._inflight) < MAX_INFLIGHT and not connection.closing:
             item = self._ready.popleft()
+            self._queued_bytes -= len(item.payload)
             qos = self.subscription_qos(item.topic)
             if qos is None:  # unsubscribed since it was queued
                 continue

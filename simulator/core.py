@@ -83,6 +83,12 @@ class HubEvent:
     data: Mapping[str, Any] = field(default_factory=dict)
     at: float = 0.0
 
+    @property
+    def size(self) -> int:
+        """Roughly the bytes it holds: an upstream event carries a whole message body."""
+        body = self.data.get("body")
+        return len(body) if isinstance(body, str) else 0
+
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

@@ -34,10 +34,21 @@ class _Listener(Generic[T]):
 
 
 class Feed(Generic[T]):
-    """Keeps the newest `capacity` items; `dropped` counts the ones pushed out."""
+    """Keeps the newest `capacity` items and at most `max_bytes` of them as `size` counts;
+    `dropped` counts the ones pushed out."""
 
-    def __init__(self, capacity: int = 10_000) -> None:
-        self._items: collections.deque[T] = collections.deque(maxlen=capacity)
+    def __init__(
+        self,
+        capacity: int = 10_000,
+        *,
+        max_bytes: int = 64 * 1024 * 1024,
+        size: Callable[[T], int] = lambda _: 0,
+    ) -> None:
+        self._items: collections.deque[T] = collections.deque()
+        self._capacity = capacity
+        self._max_bytes = max_bytes
+        self._size = size
+        self._bytes = 0
         self._condition = threading.Condition()
         self._listeners: set[_Listener[T]] = set()
         self.dropped = 0
@@ -45,9 +56,13 @@ class Feed(Generic[T]):
 
     def append(self, item: T) -> None:
         with self._condition:
-            if len(self._items) == self._items.maxlen:
-                self.dropped += 1
             self._items.append(item)
+            self._bytes += self._size(item)
+            while len(self._items) > 1 and (
+                len(self._items) > self._capacity or self._bytes > self._max_bytes
+            ):
+                self._bytes -= self._size(self._items.popleft())
+                self.dropped += 1
             self.total += 1
             self._condition.notify_all()
             listeners = list(self._listeners)
@@ -65,6 +80,7 @@ class Feed(Generic[T]):
     def clear(self) -> None:
         with self._condition:
             self._items.clear()
+            self._bytes = 0
 
     def __len__(self) -> int:
         with self._condition:

@@ -130,8 +130,8 @@ class Simulator:
         self._requested_service_port = service_port
         self.service_port = 0
         self.service_key = sas.new_key()
-        self.upstream: Feed[UpstreamMessage] = Feed()
-        self.events: Feed[HubEvent] = Feed()
+        self.upstream: Feed[UpstreamMessage] = Feed(size=lambda item: item.message.size)
+        self.events: Feed[HubEvent] = Feed(size=lambda event: event.size)
         self.faults = SimulatorFaults(self)
         modules = tuple(dict.fromkeys((*deployment.modules, *extra_modules)))
         self._identities = {

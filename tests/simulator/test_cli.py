@@ -17,7 +17,7 @@ from azure.iot.device import Message
 from azure.iot.device.aio import IoTHubModuleClient
 
 from simulator import pick_loopback_host
-from tests.simulator.conftest import DEVICE, MANIFEST
+from tests.simulator.conftest import DEVICE, MANIFEST, collect_sdk_garbage
 from tests.simulator.inbox import Inbox, sdk_message
 
 CLI = [sys.executable, "-m", "simulator"]
@@ -56,6 +56,7 @@ def running(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any], subprocess.P
         assert process.wait(15) == 0
         assert process.stdout is not None
         process.stdout.close()
+        collect_sdk_garbage()
 
 
 def test_start_prints_connection_details_and_writes_an_env_file(
@@ -164,3 +165,35 @@ def test_start_with_a_broken_manifest_fails_with_a_message(tmp_path: Path) -> No
     )
     assert result.returncode == 2
     assert "modulesContent" in result.stderr
+
+
+async def test_fault_drop_cuts_a_connected_module(
+    running: tuple[Path, dict[str, Any], subprocess.Popen[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run_dir, info, _ = running
+    for name, value in info["modules"][f"{DEVICE}/producer"].items():
+        monkeypatch.setenv(name, value)
+    client = IoTHubModuleClient.create_from_edge_environment(connection_retry=False)
+    states: Inbox[bool] = Inbox()
+    try:
+        await client.connect()
+        # The SDK annotates this handler as taking None; it is called with no arguments.
+        client.on_connection_state_change = lambda: states.put(client.connected)  # type: ignore[assignment]
+        fault = await asyncio.create_subprocess_exec(
+            *CLI,
+            "fault",
+            "drop",
+            "--run-dir",
+            str(run_dir),
+            "--module",
+            "producer",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        output, _ = await fault.communicate()
+        assert fault.returncode == 0
+        assert json.loads(output) == {"dropped": True}
+        assert await states.get() is False
+    finally:
+        await client.shutdown()
