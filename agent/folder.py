@@ -25,7 +25,12 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    EVENT_TYPE_CLOSED_NO_WRITE,
+    EVENT_TYPE_OPENED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
@@ -40,6 +45,9 @@ log = structlog.get_logger(__name__)
 MANIFEST_SUFFIX = ".manifest.json"
 MAX_MANIFEST_BYTES = 64 * 1024  # a desired twin is limited to 32 KB; a manifest fits in it
 _CHUNK = 1 << 20
+# Reads are not changes. Every scan opens the manifests (and a retry the artifact): waking on
+# those would rescan forever and retry a failed release without the folder having changed.
+_READ_EVENTS = frozenset({EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +133,8 @@ class _Forward(FileSystemEventHandler):
         self._changed = changed
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        self._loop.call_soon_threadsafe(self._changed.set)
+        if event.event_type not in _READ_EVENTS:
+            self._loop.call_soon_threadsafe(self._changed.set)
 
 
 class FolderSource:
