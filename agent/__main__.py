@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # An expected failure (bad settings, unusable model): one clear line, no traceback.
         log.error("agent_failed", error=str(cause), error_type=type(cause).__name__)  # noqa: TRY400
         return 1
-    log.info("agent_stopped", reason=app.stop_reason)
-    return 0
+    log.info("agent_stopped", reason=app.stop_reason, failed=app.failed)
+    return 1 if app.failed else 0
 
 
 def _first_leaf(error: BaseException) -> BaseException:

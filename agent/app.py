@@ -48,12 +48,20 @@ class App:
         self._handle_signals = handle_signals
         self._stop_requested = asyncio.Event()
         self.stop_reason: str | None = None
+        self.failed = False
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
             log.info("stop_requested", reason=reason)
         self._stop_requested.set()
+
+    def fail(self, reason: str) -> None:
+        """Stop gracefully, then exit non-zero so the container runtime restarts the agent."""
+        if self.stop_reason is None:
+            self.failed = True
+            log.error("agent_failing", reason=reason)
+        self.request_stop(reason)
 
     async def run(self) -> None:
         """Run until a stop is requested (or a service fails, which is re-raised)."""

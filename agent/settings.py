@@ -72,10 +72,17 @@ class AgentSettings(BaseModel):
 
     @classmethod
     def from_environment(
-        cls, environ: Mapping[str, str] = os.environ, **overrides: object
+        cls,
+        environ: Mapping[str, str] = os.environ,
+        *,
+        also_known: frozenset[str] = frozenset(),
+        **overrides: object,
     ) -> AgentSettings:
-        """Settings from `environ`; a misspelt `EDGEML_*` name is an error, not a silent default."""
-        known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
+        """Settings from `environ`; a misspelt `EDGEML_*` name is an error, not a silent default.
+
+        `also_known` names variables of the same prefix that an adapter reads itself.
+        """
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields} | also_known
         unknown = sorted(
             k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
         )

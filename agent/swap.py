@@ -281,6 +281,10 @@ class ModelManager:
                 sha256=record.active.sha256,
             )
 
+    def add_listener(self, listener: Callable[[ModelStatus], None]) -> None:
+        """`listener` gets every status change, on the event loop (adapters report them)."""
+        self._listeners.append(listener)
+
     def is_superseded(self, raw: object) -> bool:
         """Whether an (unverified) manifest names a version below the highest one seen.
 
