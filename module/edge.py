@@ -242,7 +242,7 @@ class EdgeModule:
         if connected:
             self._offline_since = None
             await self._resync()
-            self.reported.update({})  # nudges pending reports out after an outage
+            self.reported.retry_now()
         else:
             self._offline_since = self._clock()
 

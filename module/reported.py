@@ -9,12 +9,12 @@ completes; a failed send keeps its content for the next attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
 
-from agent.ticks import ticks
 from module.desired import merge_patch
 
 log = structlog.get_logger(__name__)
@@ -37,12 +37,18 @@ class ReportedProperties:
         self._retry_s = retry_s
         self._pending: dict[str, Any] = {}
         self._wake = asyncio.Event()
+        self._retry_now = asyncio.Event()
         self.sent = 0
         self.failures = 0
 
     def update(self, patch: Mapping[str, Any]) -> None:
         """Merge `patch` (JSON merge patch: null removes a key) into what is to be reported."""
         self._pending = _merge_keep_nulls(self._pending, patch)
+        self._wake.set()
+
+    def retry_now(self) -> None:
+        """Cut a back-off short: the connection is back."""
+        self._retry_now.set()
         self._wake.set()
 
     @property
@@ -65,8 +71,10 @@ class ReportedProperties:
                 # Newer values win over the ones that failed to go out.
                 self._pending = _merge_keep_nulls(patch, self._pending)
                 log.warning("reported_patch_failed", error=str(error), keys=sorted(patch))
-                async for _ in ticks(self._retry_s):
-                    break
+                self._retry_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._retry_s):
+                        await self._retry_now.wait()
                 self._wake.set()
             else:
                 self.sent += 1
