@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+LogLine = dict[str, object]
+
 
 @dataclass
 class AgentProcess:
     process: subprocess.Popen[str]
-    log_lines: list[dict[str, object]] = field(default_factory=list)
+    log_lines: list[LogLine] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
+    # Set by `signal_on`: the log reader sends `_signal` as it reads the first matching line.
+    _trigger: Callable[[LogLine], bool] | None = None
+    _signal: int = signal.SIGKILL
+    signalled_after: LogLine | None = None
+    signalled_at: float | None = None  # time.monotonic() when the signal was sent
 
     @property
     def http_url(self) -> str:
@@ -34,15 +42,27 @@ class AgentProcess:
         return [line for line in list(self.log_lines) if line.get("event") == name]
 
     def wait_for_event(self, name: str, timeout: float = 30.0) -> dict[str, object]:
+        return self.wait_for(lambda line: line.get("event") == name, timeout, what=repr(name))
+
+    def wait_for(
+        self, matches: Callable[[LogLine], bool], timeout: float = 30.0, *, what: str = "a line"
+    ) -> LogLine:
+        """The first log line that `matches`, waiting at most `timeout` seconds for it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = self.events(name)
+            exited = self.process.poll() is not None
+            found = [line for line in list(self.log_lines) if matches(line)]
             if found:
                 return found[0]
-            if self.process.poll() is not None and not found:
+            if exited:
                 break
             time.sleep(0.02)
-        pytest.fail(f"agent never logged {name!r}; log: {self.log_lines[-10:]}")
+        pytest.fail(f"agent never logged {what}; log: {self.log_lines[-10:]}")
+
+    def signal_on(self, matches: Callable[[LogLine], bool], signum: int = signal.SIGKILL) -> None:
+        """Send `signum` the moment the agent logs a line that `matches` (not a poll later)."""
+        self._signal = signum
+        self._trigger = matches
 
 
 def _read_logs(agent: AgentProcess) -> None:
@@ -55,18 +75,29 @@ def _read_logs(agent: AgentProcess) -> None:
         if line.get("event") == "http_listening":
             agent.ports[str(line["service"])] = int(str(line["port"]))
         agent.log_lines.append(line)
+        trigger = agent._trigger
+        if trigger is not None and trigger(line):
+            agent._trigger = None
+            agent.process.send_signal(agent._signal)
+            agent.signalled_at = time.monotonic()
+            agent.signalled_after = line
 
 
 @contextmanager
 def running_agent(
-    model: Path, *args: str, env: Mapping[str, str] | None = None, ready: bool = True
+    model: Path | None, *args: str, env: Mapping[str, str] | None = None, ready: bool = True
 ) -> Iterator[AgentProcess]:
-    """Run the agent on loopback with OS-chosen ports (read back from its JSON log)."""
+    """Run the agent on loopback with OS-chosen ports (read back from its JSON log).
+
+    `model=None` runs the managed mode (pass `--state-dir` / `--watch-dir` in `args`); `ready`
+    then waits for the HTTP port only, as no model has to be active.
+    """
     environment = {k: v for k, v in os.environ.items() if not k.startswith("EDGEML_")}
     environment |= {"EDGEML_LOG_FORMAT": "json", **(env or {})}
+    model_args = ["--model", str(model)] if model is not None else []
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "agent", "serve", "--model", str(model),
+            sys.executable, "-m", "agent", "serve", *model_args,
             "--host", "127.0.0.1", "--http-port", "0", "--metrics-port", "0", *args,
         ],
         stdin=subprocess.DEVNULL,
@@ -79,8 +110,13 @@ def running_agent(
     reader = threading.Thread(target=_read_logs, args=(agent,), daemon=True)
     reader.start()
     try:
-        if ready:
+        if ready and model is not None:
             agent.wait_for_event("model_active")
+        elif ready:
+            agent.wait_for(
+                lambda line: line.get("event") == "http_listening" and line["service"] == "http",
+                what="the HTTP port",
+            )
         yield agent
     finally:
         if process.poll() is None:
