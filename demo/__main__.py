@@ -1,146 +1,271 @@
-"""The demo: serve a generated example model with the agent and call it as a client would.
+"""`make demo`: the whole loop on one machine, with no Azure account and no Docker.
 
-    python -m demo [--keep-running] [--http-port 8000] [--metrics-port 9600]
+    python -m demo [--keep-running] [--http-port 8000] [--metrics-port 9600] [--seconds 20]
 
-It builds the example model, starts `python -m agent serve` as its own process, waits for
-readiness, sends Open Inference Protocol v2 requests (JSON, then concurrent ones that the
-agent coalesces), prints what came back and how to call it yourself, and stops the agent
-with SIGTERM. With --keep-running the agent stays up until Ctrl-C.
+1. starts the offline IoT Hub + edgeHub (`simulator/`) with `deployment/deployment.template.json`;
+2. starts the agent module as its own process (`python -m module`), through the local-debug
+   variables IoT Edge tooling hands out (`EdgeHubConnectionString`, `EdgeModuleCACertificateFile`);
+3. signs model v1 and serves it over HTTPS, then releases it by updating the module twin
+   through the service SDK (`azure-iot-hub`), as a cloud publisher would;
+4. a sensor module sends v2 inference requests through the `infer` route; predictions come
+   back upstream with their correlation ids;
+5. releases v2 under that traffic: the agent hot-swaps without dropping a message;
+6. prints a summary and stops everything (or keeps it up with --keep-running).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import aiohttp
-import numpy as np
+from azure.iot.device import Message
+from azure.iot.device.aio import IoTHubModuleClient
+from azure.iot.hub import IoTHubRegistryManager
+from azure.iot.hub.models import Twin, TwinProperties
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from deployment.example_models import save, tiny_mlp
+from agent.manifest import public_key_to_b64
+from demo.artifacts import ArtifactServer
+from deployment.example_models import tiny_mlp
+from deployment.release import build_manifest
+from simulator.core import UpstreamMessage
+from simulator.hub import Simulator, pick_loopback_host
 
 RUN_DIR = Path("run/demo")
+TEMPLATE = Path("deployment/deployment.template.json")
+DEVICE, MODULE, SENSOR = "edge-device", "mlagent", "sensor"
+KEY_ID = "demo-publisher"
 FEATURES = 32
 
 
-def _request(rows: int, seed: int) -> dict[str, object]:
-    data = np.random.default_rng(seed).standard_normal((rows, FEATURES)).astype(np.float32)
+@dataclass
+class Traffic:
+    sent: dict[str, float] = field(default_factory=dict)  # correlation id -> wall-clock send time
+    answered: dict[str, float] = field(default_factory=dict)  # correlation id -> latency
+    errors: list[str] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)  # model version -> answers
+    sending: bool = True
+    all_answered: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _request(seed: int) -> dict[str, Any]:
+    values = [round(((seed * 7919 + i * 104729) % 2000) / 1000 - 1, 3) for i in range(FEATURES)]
     return {
-        "id": f"demo-{seed}",
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": [rows, FEATURES],
-                "data": data.astype(np.float64).ravel().round(4).tolist(),
-            }
-        ],
+        "id": f"reading-{seed}",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, FEATURES], "data": values}],
     }
 
 
-async def _wait_ready(base: str, process: subprocess.Popen[bytes], limit_s: float = 60) -> None:
-    deadline = time.monotonic() + limit_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"demo: the agent exited with code {process.returncode}")
-            try:
-                async with session.get(f"{base}/v2/health/ready") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise SystemExit("demo: the agent did not become ready within 60 s")
+async def _sensor(client: IoTHubModuleClient, traffic: Traffic, stop: asyncio.Event) -> None:
+    """Sends a reading every 20 ms (50 per second) until told to stop."""
+    seed = 0
+    while not stop.is_set():
+        correlation = uuid.uuid4().hex
+        message: Message = Message(  # type: ignore[no-untyped-call]  # the SDK's constructor is unannotated
+            json.dumps(_request(seed)),
+            message_id=uuid.uuid4().hex,
+            content_encoding="utf-8",
+            content_type="application/json",
+        )
+        message.correlation_id = correlation
+        traffic.sent[correlation] = time.time()  # the simulator stamps arrivals with time.time()
+        await client.send_message_to_output(message, "readings")
+        seed += 1
+        await asyncio.sleep(0.02)
+    traffic.sending = False
+    if len(traffic.answered) == len(traffic.sent):
+        traffic.all_answered.set()
 
 
-async def _exercise(base: str, metrics_url: str) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{base}/v2/models/tiny") as response:
-            metadata = await response.json()
-        print("model metadata:", json.dumps(metadata))
-        async with session.post(f"{base}/v2/models/tiny/infer", json=_request(2, 1)) as response:
-            answer = await response.json()
-        print("one request, 2 rows ->", json.dumps(answer)[:300], "...")
+async def _collect(sim: Simulator, traffic: Traffic) -> None:
+    async for item in sim.upstream.follow():
+        _record(item, traffic)
 
-        async def one(seed: int) -> int:
-            async with session.post(
-                f"{base}/v2/models/tiny/infer", json=_request(1, seed)
-            ) as response:
-                await response.read()
-                return response.status
 
-        started = time.perf_counter()
-        statuses = await asyncio.gather(*(one(seed) for seed in range(500)))
-        elapsed = time.perf_counter() - started
-        ok = statuses.count(200)
-        print(f"500 concurrent requests: {ok} answered 200 in {elapsed:.2f} s")
-        async with session.post(
-            f"{base}/v2/models/tiny/infer",
-            json={
-                "inputs": [
-                    {"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}
-                ]
-            },
-        ) as response:
-            print(f"a wrong shape gets {response.status}:", await response.text())
-        async with session.get(metrics_url) as response:
-            lines = (await response.text()).splitlines()
-        print("from /metrics:")
-        for line in lines:
-            if line.startswith(("agent_inference_requests_total", "agent_model_info")):
-                print("  ", line)
+def _record(item: UpstreamMessage, traffic: Traffic) -> None:
+    if item.output != "predictions":
+        return
+    correlation = item.message.system.get("correlationId", "")
+    sent = traffic.sent.get(correlation)
+    if sent is None or correlation in traffic.answered:
+        return
+    traffic.answered[correlation] = item.received_at - sent
+    body = json.loads(item.message.body)
+    if "error" in body:
+        traffic.errors.append(body["error"])
+    else:
+        version = str(body.get("model_version"))
+        traffic.versions[version] = traffic.versions.get(version, 0) + 1
+    if not traffic.sending and len(traffic.answered) == len(traffic.sent):
+        traffic.all_answered.set()
+
+
+def _reported_model(registry: IoTHubRegistryManager) -> dict[str, Any]:
+    twin = registry.get_module_twin(DEVICE, MODULE)
+    reported = twin.properties.reported or {}
+    return dict(reported.get("model") or {})
+
+
+async def _release(
+    registry: IoTHubRegistryManager, manifest: dict[str, Any], version: int
+) -> float:
+    """Update the module twin through the service SDK; return seconds until reported active."""
+    started = time.monotonic()
+    twin = Twin(properties=TwinProperties(desired={"model": manifest}))
+    await asyncio.to_thread(registry.update_module_twin, DEVICE, MODULE, twin, "*")
+    deadline = started + 60
+    while time.monotonic() < deadline:
+        model = await asyncio.to_thread(_reported_model, registry)
+        if model.get("version") == version and model.get("state") in {
+            "active",
+            "failed",
+            "rejected",
+        }:
+            if model["state"] != "active":
+                raise SystemExit(f"demo: v{version} ended {model['state']}: {model.get('message')}")
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"demo: v{version} was not active within 60 s (see {RUN_DIR}/module.log)")
+
+
+def _start_module(
+    sim: Simulator, key: Ed25519PrivateKey, artifacts: ArtifactServer, args: argparse.Namespace
+) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEML_")}
+    env |= sim.edge_env(DEVICE, MODULE)
+    env |= {
+        "EDGEML_STATE_DIR": str(RUN_DIR / "state"),
+        "EDGEML_TRUSTED_KEYS": f"{KEY_ID}={public_key_to_b64(key.public_key())}",
+        "EDGEML_ALLOWED_HOSTS": artifacts.host,
+        "EDGEML_ARTIFACT_CA_FILE": str(sim.ca_cert_path),
+        "EDGEML_HOST": "127.0.0.1",
+        "EDGEML_HTTP_PORT": str(args.http_port),
+        "EDGEML_METRICS_PORT": str(args.metrics_port),
+        "EDGEML_LOG_FORMAT": "json",
+    }
+    log = (RUN_DIR / "module.log").open("wb")
+    return subprocess.Popen([sys.executable, "-m", "module"], env=env, stdout=log, stderr=log)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    sim = Simulator.start(
+        TEMPLATE, run_dir=RUN_DIR / "sim", host=pick_loopback_host(), device_id=DEVICE
+    )
+    os.environ["REQUESTS_CA_BUNDLE"] = str(sim.ca_cert_path)  # the service SDK trusts the hub
+    key = Ed25519PrivateKey.generate()
+    artifacts = ArtifactServer(
+        RUN_DIR / "artifacts", host=sim.host, certificates=RUN_DIR / "sim" / "certs"
+    )
+    await artifacts.start()
+    module = _start_module(sim, key, artifacts, args)
+    sensor = IoTHubModuleClient.create_from_connection_string(
+        sim.module_connection_string(DEVICE, SENSOR),
+        server_verification_cert=sim.ca_cert_path.read_text(),
+    )
+    traffic = Traffic()
+    stop_sensor = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        registry = IoTHubRegistryManager.from_connection_string(sim.service_connection_string)
+        print(f"simulator: IoT Hub + edgeHub on {sim.host} (run files in {RUN_DIR})")
+        releases = [_signed(artifacts, key, version, seed) for version, seed in ((1, 0), (2, 1))]
+        swap_v1 = await _release(registry, releases[0], 1)
+        print(f"v1 released through the module twin: active after {swap_v1:.2f} s")
+        await sensor.connect()
+        tasks.append(asyncio.ensure_future(_collect(sim, traffic)))
+        tasks.append(asyncio.ensure_future(_sensor(sensor, traffic, stop_sensor)))
+        await asyncio.sleep(args.seconds / 2)
+        swap_v2 = await _release(registry, releases[1], 2)
+        print(f"v2 hot-swapped under traffic: active after {swap_v2:.2f} s")
+        await asyncio.sleep(args.seconds / 2)
+        stop_sensor.set()
+        await tasks[1]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(15):
+                await traffic.all_answered.wait()
+        _summary(
+            traffic, swap_v1, swap_v2, args, await asyncio.to_thread(_reported_model, registry)
+        )
+        if args.keep_running:
+            print("\nkept running; Ctrl-C stops everything")
+            await asyncio.Event().wait()
+        return 0 if len(traffic.answered) == len(traffic.sent) and not traffic.errors else 1
+    finally:
+        stop_sensor.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await sensor.shutdown()
+        await _stop_module(module)
+        await artifacts.close()
+        sim.stop()
+
+
+def _signed(
+    artifacts: ArtifactServer, key: Ed25519PrivateKey, version: int, seed: int
+) -> dict[str, Any]:
+    data = bytes(tiny_mlp(seed).SerializeToString())
+    url = artifacts.publish(f"tiny-v{version}.onnx", data)
+    return build_manifest(data, name="tiny", version=version, url=url, key=key, key_id=KEY_ID)
+
+
+async def _stop_module(module: subprocess.Popen[bytes]) -> None:
+    if module.poll() is None:
+        module.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(module.wait, 15)
+        print(f"module stopped with SIGTERM, exit code {code}")
+
+
+def _summary(
+    traffic: Traffic,
+    swap_v1: float,
+    swap_v2: float,
+    args: argparse.Namespace,
+    model: dict[str, Any],
+) -> None:
+    latencies = sorted(traffic.answered.values())
+    p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
+    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else float("nan")
+    print("\nsummary")
+    print(f"  releases: v1 active in {swap_v1:.2f} s, v2 swapped in {swap_v2:.2f} s under traffic")
+    print(f"  reported: model {model.get('name')} v{model.get('version')} {model.get('state')}")
+    print(
+        f"  messages: {len(traffic.sent)} sent, {len(traffic.answered)} answered, "
+        f"{len(traffic.sent) - len(traffic.answered)} lost, {len(traffic.errors)} errors"
+    )
+    print(f"  answers by model version: {dict(sorted(traffic.versions.items()))}")
+    print(f"  route latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    print(
+        f"  agent: http://127.0.0.1:{args.http_port}/v2/models/tiny, "
+        f"metrics http://127.0.0.1:{args.metrics_port}/metrics"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
-    parser.add_argument("--keep-running", action="store_true", help="leave the agent up")
+    parser.add_argument("--keep-running", action="store_true", help="leave everything up")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=9600)
+    parser.add_argument("--seconds", type=float, default=20.0, help="traffic duration")
     args = parser.parse_args()
-
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    model = save(tiny_mlp(), RUN_DIR / "tiny.onnx")
-    base = f"http://127.0.0.1:{args.http_port}"
-    metrics_url = f"http://127.0.0.1:{args.metrics_port}/metrics"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEML_")}
-    env["EDGEML_LOG_FORMAT"] = "json"
-    log_path = RUN_DIR / "agent.log"
-    with log_path.open("wb") as log:
-        agent = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed args
-            [
-                sys.executable, "-m", "agent", "serve", "--model", str(model),
-                "--host", "127.0.0.1", "--http-port", str(args.http_port),
-                "--metrics-port", str(args.metrics_port),
-            ],
-            stdout=log,
-            stderr=log,
-            env=env,
-        )  # fmt: skip
-        try:
-            asyncio.run(_wait_ready(base, agent))
-            print(f"agent serving {model} at {base} (logs: {log_path})")
-            asyncio.run(_exercise(base, metrics_url))
-            print("\ncall it yourself:")
-            body = json.dumps(_request(1, 7))
-            print(f"  curl -s -X POST {base}/v2/models/tiny/infer -d '{body}'")
-            print(f"  curl -s {metrics_url} | grep agent_")
-            if args.keep_running:
-                print("\nthe agent keeps running; Ctrl-C stops it")
-                agent.wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            if agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
-                code = agent.wait(15)
-                print(f"agent stopped with SIGTERM, exit code {code}")
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    RUN_DIR.mkdir(parents=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_run(args))
     return 0
 
 

@@ -129,6 +129,8 @@ class EdgeModule:
         self._messages: asyncio.Queue[Message] = asyncio.Queue(settings.max_queued_messages)
         self._route_slots = asyncio.Semaphore(settings.max_route_in_flight)
         self._route_tasks: set[asyncio.Task[None]] = set()
+        self._outbox_task: asyncio.Task[None] | None = None
+        self._senders: list[asyncio.Task[None]] = []
         self._accepting = True
         self._connected = False
         self._offline_since: float | None = clock()
@@ -152,7 +154,10 @@ class EdgeModule:
         self._client = await asyncio.to_thread(self._client_factory)
         # The SDK's handler setters block until its handler thread runs: not on our loop.
         await asyncio.to_thread(self._install_handlers, self._client)
-        self.reported.update({"agent": {"version": agent.__version__, "started": self._started}})
+        # `stopped: null` removes what the previous run reported when it stopped.
+        self.reported.update(
+            {"agent": {"version": agent.__version__, "started": self._started, "stopped": None}}
+        )
 
     def _install_handlers(self, client: IoTHubModuleClient) -> None:
         client.on_twin_desired_properties_patch_received = self._sdk_patch
@@ -165,8 +170,10 @@ class EdgeModule:
             group.create_task(self._connect_until_up())
             group.create_task(self._control_loop())
             group.create_task(self._route_loop())
-            group.create_task(self.reported.run())
-            group.create_task(self.outbox.run())
+            self._senders = [
+                group.create_task(self.reported.run()),
+                group.create_task(self.outbox.run()),
+            ]
             group.create_task(self._telemetry_loop())
             group.create_task(self._watch_connection())
 
@@ -174,12 +181,21 @@ class EdgeModule:
         """Stop taking route messages, finish those in flight, report, hand over to the spool."""
         self._accepting = False
         deadline = self._clock() + grace_s
+        # The App stops services before it cancels their runs, but `flush` and `drain` send
+        # by themselves: the senders' loops end first (one patch, one message in flight).
+        for task in self._senders:
+            task.cancel("module stopping")
+        if self._senders:
+            await asyncio.wait(self._senders, timeout=max(grace_s / 4, 0.1))
         if self._route_tasks:
             await asyncio.wait(list(self._route_tasks), timeout=max(grace_s / 2, 0.1))
         self.reported.update({"agent": {"stopped": datetime.now(UTC).isoformat()}})
         remaining = max(deadline - self._clock(), 0.1)
         if self._connected:
             await self.reported.flush(remaining / 2)
+        if self._outbox_task is not None:  # drain() takes over from the sender task
+            self._outbox_task.cancel("module stopping")
+            await asyncio.gather(self._outbox_task, return_exceptions=True)
         await self.outbox.drain(max(deadline - self._clock(), 0.1) / 2)
         client, self._client = self._client, None
         if client is not None:
