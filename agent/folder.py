@@ -209,7 +209,8 @@ def _read_manifest(path: Path) -> tuple[object, str] | None:
             return None
         data = path.read_bytes()
         return json.loads(data), hashlib.sha256(data).hexdigest()
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         # Most often a manifest still being written: the next change triggers a new scan.
+        # RecursionError: deeply nested JSON; escaping, it would stop the whole agent.
         log.warning("folder_manifest_unreadable", file=path.name, error=str(error))
         return None
