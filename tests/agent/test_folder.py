@@ -331,3 +331,14 @@ async def test_a_manifest_with_a_bad_signature_is_rejected(
     assert status.reason == "signature_invalid"
     assert device.states() == ["rejected"]
     assert not device.store.has_artifact(manifest["sha256"])
+
+
+async def test_a_deeply_nested_manifest_is_ignored_and_the_folder_still_watched(
+    start_device: StartDevice, key: Ed25519PrivateKey
+) -> None:
+    device = await start_device()
+    (device.folder / "hostile.manifest.json").write_text("[" * 5000)  # under 64 KiB
+    model = tiny_bytes(0)
+    _drop(device.folder, _sign(key, model, 1), model)
+    await _until(_state_is(device, ModelState.ACTIVE))
+    assert device.states() == INSTALLED
