@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -67,6 +68,16 @@ class BrokerHandler(Protocol):
 class _Outbound:
     topic: str
     payload: bytes
+    expires_at: float | None = None  # on the session's clock; None: never
+
+
+class PacketSink(Protocol):
+    """Where a session writes its packets: a live connection (or a test's list)."""
+
+    @property
+    def closing(self) -> bool: ...
+
+    def send(self, packet: mqtt.Packet) -> None: ...
 
 
 class _Connection:
@@ -94,8 +105,10 @@ class Session:
         identity: ClientIdentity,
         max_queued: int = MAX_QUEUED_MESSAGES,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.identity = identity
+        self._clock = clock
         self.subscriptions: dict[str, int] = {}
         self._ready: collections.deque[_Outbound] = collections.deque()
         self._held: collections.deque[_Outbound] = collections.deque()
@@ -106,6 +119,7 @@ class Session:
         self._next_packet_id = 1
         self.connection: _Connection | None = None
         self.dropped = 0
+        self.expired = 0
         self.delivered = 0
 
     @property
@@ -137,14 +151,22 @@ class Session:
         if self.dropped != dropped_before:
             log.warning("mqtt_queue_full", client_id=self.identity.client_id, dropped=self.dropped)
 
-    def deliver(self, topic: str, payload: bytes, *, store_and_forward: bool = False) -> bool:
+    def deliver(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        store_and_forward: bool = False,
+        ttl_seconds: float | None = None,
+    ) -> bool:
         """Queue a publish to the client.
 
         Without `store_and_forward` (twin responses, patches, method calls) it goes only to a
         connected client subscribed to it, as IoT Hub does. With it (routed module inputs, as
-        edgeHub does) it waits for the client to connect and subscribe.
+        edgeHub does) it waits for the client to connect and subscribe, for `ttl_seconds` at most.
         """
-        item = _Outbound(topic, payload)
+        expires_at = None if ttl_seconds is None else self._clock() + ttl_seconds
+        item = _Outbound(topic, payload, expires_at)
         subscribed = self.subscription_qos(topic) is not None
         if not store_and_forward and not (self.connected and subscribed):
             return False
@@ -190,15 +212,18 @@ class Session:
             if packet_id not in self._inflight:
                 return packet_id
 
-    def resend_inflight(self, connection: _Connection) -> None:
+    def resend_inflight(self, connection: PacketSink) -> None:
         for packet_id, item in self._inflight.items():
             connection.send(mqtt.Publish(item.topic, item.payload, 1, packet_id, dup=True))
 
-    def send_ready(self, connection: _Connection) -> None:
+    def send_ready(self, connection: PacketSink) -> None:
         """Write what may be sent now: as much as the in-flight window allows."""
         while self._ready and len(self._inflight) < MAX_INFLIGHT and not connection.closing:
             item = self._ready.popleft()
             self._queued_bytes -= len(item.payload)
+            if item.expires_at is not None and self._clock() > item.expires_at:
+                self.expired += 1
+                continue
             qos = self.subscription_qos(item.topic)
             if qos is None:  # unsubscribed since it was queued
                 continue

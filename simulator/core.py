@@ -310,8 +310,8 @@ class Hub:
         """Send a module's message wherever the routes take it (nowhere if none does)."""
         device_id = message.system.get("connectionDeviceId", "")
         module_id = message.system.get("connectionModuleId", "")
-        for sink in routing.sinks_for(self.routes, message):
-            match sink:
+        for route in routing.routes_for(self.routes, message):
+            match route.sink:
                 case routing.Upstream():
                     upstream = UpstreamMessage(
                         device_id,
@@ -323,16 +323,27 @@ class Hub:
                     self.upstream.append(upstream)
                     self._event("upstream", device_id, module_id, upstream.to_json())
                 case routing.ModuleInput(target, input_name):
-                    self.deliver_to_input(device_id, target, input_name, message)
+                    self.deliver_to_input(
+                        device_id, target, input_name, message, ttl_seconds=route.ttl_seconds
+                    )
 
     def deliver_to_input(
-        self, device_id: str, module_id: str, input_name: str, message: topics.Message
+        self,
+        device_id: str,
+        module_id: str,
+        input_name: str,
+        message: topics.Message,
+        *,
+        ttl_seconds: float = routing.DEFAULT_TTL_SECONDS,
     ) -> None:
+        """Queue `message` for a module input; it waits up to `ttl_seconds` for the module."""
         if (device_id, module_id) not in self.identities:
             log.warning("route_target_unknown", device_id=device_id, module_id=module_id)
             return
         topic = topics.input_topic(device_id, module_id, input_name, message)
-        self._session(device_id, module_id).deliver(topic, message.body, store_and_forward=True)
+        self._session(device_id, module_id).deliver(
+            topic, message.body, store_and_forward=True, ttl_seconds=ttl_seconds
+        )
 
     # -------------------------------------------------------- service side
 

@@ -154,10 +154,15 @@ def route_matches(route: Route, message: Message) -> bool:
     return route.condition is None or expressions.matches(route.condition, _lookup(message))
 
 
-def sinks_for(routes: Iterable[Route], message: Message) -> tuple[Sink, ...]:
-    """Each distinct sink of the routes that take `message`, once, in route priority order."""
-    chosen: list[Sink] = []
+def routes_for(routes: Iterable[Route], message: Message) -> tuple[Route, ...]:
+    """The routes that take `message`, one per distinct sink, highest priority (0) first."""
+    chosen: dict[Sink, Route] = {}
     for route in sorted(routes, key=lambda candidate: candidate.priority):
         if route.sink not in chosen and route_matches(route, message):
-            chosen.append(route.sink)
-    return tuple(chosen)
+            chosen[route.sink] = route
+    return tuple(chosen.values())
+
+
+def sinks_for(routes: Iterable[Route], message: Message) -> tuple[Sink, ...]:
+    """Each distinct sink of the routes that take `message`, once, in route priority order."""
+    return tuple(route.sink for route in routes_for(routes, message))

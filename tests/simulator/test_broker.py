@@ -13,8 +13,8 @@ from tests.simulator.raw_mqtt import RawClient
 INPUTS = f"devices/{DEVICE}/modules/consumer/inputs/#"
 
 
-def _session(**limits: int) -> Session:
-    return Session(ClientIdentity("d", "m"), **limits)
+def _session(max_queued: int = 20_000, max_queued_bytes: int = 1 << 26) -> Session:
+    return Session(ClientIdentity("d", "m"), max_queued, max_queued_bytes)
 
 
 def test_without_store_and_forward_nothing_waits_for_an_absent_client() -> None:
@@ -102,3 +102,35 @@ def test_a_second_connection_with_the_same_client_id_takes_over(sim: Simulator) 
         assert first.receive() is None
         second.send_packet(mqtt.PingReq())
         assert second.receive() == mqtt.PingResp()
+
+
+class _ListSink:
+    closing = False
+
+    def __init__(self) -> None:
+        self.sent: list[mqtt.Packet] = []
+
+    def send(self, packet: mqtt.Packet) -> None:
+        self.sent.append(packet)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_messages_older_than_their_ttl_are_not_sent() -> None:
+    clock = _Clock()
+    session = Session(ClientIdentity("d", "m"), clock=clock)
+    topic = "devices/d/modules/m/inputs/in/"
+    session.deliver(topic, b"short", store_and_forward=True, ttl_seconds=5)
+    session.deliver(topic, b"long", store_and_forward=True, ttl_seconds=50)
+    clock.now = 10
+    sink = _ListSink()
+    session.subscribe("devices/d/modules/m/inputs/#", 1)
+    session.send_ready(sink)
+    assert [p.payload for p in sink.sent if isinstance(p, mqtt.Publish)] == [b"long"]
+    assert session.expired == 1

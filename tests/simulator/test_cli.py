@@ -28,32 +28,34 @@ def running(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any], subprocess.P
     deployment = tmp_path / "deployment.json"
     deployment.write_text(json.dumps(MANIFEST))
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [
-            *CLI,
-            "start",
-            "--deployment",
-            str(deployment),
-            "--host",
-            pick_loopback_host(),
-            "--run-dir",
-            str(run_dir),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    log_path = tmp_path / "simulator.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                *CLI,
+                "start",
+                "--deployment",
+                str(deployment),
+                "--host",
+                pick_loopback_host(),
+                "--run-dir",
+                str(run_dir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
     try:
         info_file = run_dir / "simulator.json"
         deadline = time.monotonic() + 30
         while not info_file.exists():
-            assert process.poll() is None, "the simulator exited"
-            assert time.monotonic() < deadline, "the simulator did not start"
+            assert process.poll() is None, f"the simulator exited: {log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no start in 30 s: {log_path.read_text()}"
             time.sleep(0.05)
         yield run_dir, json.loads(info_file.read_text()), process
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(15) == 0
+        assert process.wait(15) == 0, log_path.read_text()
         assert process.stdout is not None
         process.stdout.close()
         collect_sdk_garbage()
