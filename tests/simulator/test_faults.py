@@ -27,8 +27,8 @@ async def test_refused_reconnects_hold_the_module_off_for_the_given_time(
     sim: Simulator, module_client: ClientFactory
 ) -> None:
     await module_client("producer", connection_retry_interval=1)
+    dropped_at = time.monotonic()  # before the refusal starts, so the bound below is strict
     sim.faults.refuse_connections(DEVICE, "producer", seconds=2.5)
-    dropped_at = time.monotonic()
     assert sim.faults.drop_connection(DEVICE, "producer")
     await asyncio.to_thread(sim.events.wait_for_count, _connected("producer"), 2, 20)
     assert time.monotonic() - dropped_at >= 2.5
@@ -54,14 +54,14 @@ async def test_twin_responses_can_fail_with_a_status(
 
 async def test_twin_responses_can_be_delayed(sim: Simulator, module_client: ClientFactory) -> None:
     client = await module_client("producer")
-    sim.faults.twin_responses(delay=0.8)
+    sim.faults.twin_responses(delay=1.5)
     started = time.monotonic()
     await client.patch_twin_reported_properties({"slow": True})
-    assert time.monotonic() - started >= 0.8
+    assert time.monotonic() - started >= 1.5
     sim.faults.clear()
     started = time.monotonic()
     await client.get_twin()
-    assert time.monotonic() - started < 0.8
+    assert time.monotonic() - started < 1.5
 
 
 async def test_paused_pubacks_hold_sends_until_resumed(

@@ -42,9 +42,9 @@ async def test_five_thousand_messages_cross_a_route_exactly_once(
 
     started = time.monotonic()
     await asyncio.gather(*(send(number) for number in range(MESSAGES)))
-    await asyncio.wait_for(all_arrived.wait(), 60)
+    await asyncio.wait_for(all_arrived.wait(), 90)
     elapsed = time.monotonic() - started
     await asyncio.sleep(0.3)  # a duplicate would arrive now
     with lock:
         assert sorted(received) == sorted(f"m{number}" for number in range(MESSAGES))
-    assert elapsed < 30
+    assert elapsed < 60  # about 6 s on an idle 2-core machine; generous for a loaded CI box
