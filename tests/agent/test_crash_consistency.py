@@ -109,28 +109,25 @@ def releases() -> Releases:
 
 @contextmanager
 def managed_agent(releases: Releases, state: Path, watch: Path) -> Iterator[AgentProcess]:
-    """The managed mode on `state` and `watch`; the process is killed on the way out if alive."""
+    """The managed mode on `state` and `watch`; stopped (SIGTERM, then SIGKILL) on the way out."""
     args = ("--state-dir", str(state), "--watch-dir", str(watch))
     with running_agent(None, *args, env=releases.env) as agent:
         yield agent
 
 
-def _status(state: str, version: int, reason: str | None = None) -> Callable[[LogLine], bool]:
+def _status(state: str, version: int) -> Callable[[LogLine], bool]:
     def matches(line: LogLine) -> bool:
         return (
             line.get("event") == "model_status"
             and line.get("state") == state
             and line.get("version") == version
-            and (reason is None or line.get("reason") == reason)
         )
 
     return matches
 
 
-def _wait_active(agent: AgentProcess, version: int, reason: str | None = None) -> None:
-    agent.wait_for(
-        _status("active", version, reason), PROCESS_WAIT_S, what=f"v{version} active ({reason})"
-    )
+def _wait_active(agent: AgentProcess, version: int) -> None:
+    agent.wait_for(_status("active", version), PROCESS_WAIT_S, what=f"v{version} active")
 
 
 def _wait_restored(agent: AgentProcess) -> int:
@@ -217,42 +214,67 @@ class KilledSwap:
         return state, watch
 
 
-# A kill as the log shows each step of the swap, then at seeded random delays after the drop
-# (the drop -> active path takes about 0.2-0.5 s here).
-_DELAYS = [round(random.Random(seed).uniform(0.0, 0.5), 3) for seed in (11, 12, 13)]
-KILL_POINTS = [("verifying", None), ("loading", None), ("active", None)] + [
-    (None, delay) for delay in _DELAYS
+@dataclass(frozen=True)
+class KillPoint:
+    """When to SIGKILL the agent during the swap to v2."""
+
+    label: str
+    logged: str | None = None  # as the agent logs `model_status` with this state for v2
+    delay_s: float | None = None  # this long after the drop
+    part_file: bool = False  # as soon as models/<sha256>.part appears (artifact half copied)
+
+
+# `verifying` is logged just before the checked file is renamed into place, `loading` before
+# the load, `active` after `state.json` and the switch. The random delays fall anywhere on the
+# drop -> active path (about 0.2-0.5 s here).
+KILL_POINTS = [
+    KillPoint("while-copying-the-artifact", part_file=True),
+    KillPoint("at-verifying", logged="verifying"),
+    KillPoint("at-loading", logged="loading"),
+    KillPoint("right-after-active", logged="active"),
+] + [
+    KillPoint(f"after-{delay}s", delay_s=delay)
+    for delay in (round(random.Random(seed).uniform(0.0, 0.5), 3) for seed in (11, 12, 13))
 ]
 
 
-@pytest.fixture(
-    scope="module",
-    params=KILL_POINTS,
-    ids=[f"at-{step}" if step else f"after-{delay}s" for step, delay in KILL_POINTS],
-)
+def _wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.001)  # the copy lasts tens of milliseconds
+
+
+@pytest.fixture(scope="module", params=KILL_POINTS, ids=[point.label for point in KILL_POINTS])
 def killed_swap(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     releases: Releases,
     v1_store: Path,
 ) -> KilledSwap:
-    step, delay = request.param
+    point: KillPoint = request.param
     root = tmp_path_factory.mktemp("killed")
     state, watch = root / "state", root / "watch"
     shutil.copytree(v1_store, state)
     watch.mkdir()
+    part = state / "models" / f"{releases.v2.sha256}.part"
     with managed_agent(releases, state, watch) as agent:
         assert _wait_restored(agent) == 1
-        if step is not None:
-            agent.signal_on(_status(step, releases.v2.version), signal.SIGKILL)
+        if point.logged is not None:
+            agent.signal_on(_status(point.logged, releases.v2.version), signal.SIGKILL)
         releases.v2.drop(watch)
-        if delay is not None:
-            time.sleep(delay)
+        if point.part_file:
+            _wait_for_file(part)
+            agent.process.kill()
+        if point.delay_s is not None:
+            time.sleep(point.delay_s)
             agent.process.kill()
         exit_code = agent.process.wait(PROCESS_WAIT_S)
     assert exit_code == -signal.SIGKILL
-    if step is not None:
-        assert agent.signalled_after is not None, f"killed before the agent logged {step}"
+    if point.logged is not None:
+        assert agent.signalled_after is not None, f"killed before the agent logged {point.logged}"
+    if point.part_file:
+        assert part.exists(), "killed after the artifact was complete"
     return KilledSwap(state, watch, agent.signalled_after)
 
 
