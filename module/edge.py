@@ -463,11 +463,10 @@ class EdgeModule:
         service = self._agent.services.get(name) if name else None
         if service is None:
             raise RequestError("unknown_model", f"no model {name!r} is served here")
-        outputs = await service.infer(request.inputs, request.output_names)
-        model = service.model
+        version, outputs = await service.infer_versioned(request.inputs, request.output_names)
         payload = encode_infer_response(
             model_name=service.name,
-            model_version=model.version if model is not None else None,
+            model_version=version,
             request=request,
             outputs=outputs,
         ).body

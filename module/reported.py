@@ -66,6 +66,10 @@ class ReportedProperties:
             try:
                 async with asyncio.timeout(self._timeout_s):
                     await self._send(patch)
+            except asyncio.CancelledError:
+                # Stopping mid-send: keep the patch for `flush` (sent twice at worst: harmless).
+                self._pending = _merge_keep_nulls(patch, self._pending)
+                raise
             except Exception as error:  # the hub is down or slow: keep it and try again
                 self.failures += 1
                 # Newer values win over the ones that failed to go out.

@@ -19,9 +19,11 @@ class SlowHub:
         self.gate = asyncio.Event()
         self.gate.set()
         self.arrived = asyncio.Event()
+        self.entered = asyncio.Event()
 
     async def send(self, patch: dict[str, Any]) -> None:
         self.in_flight += 1
+        self.entered.set()
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             await self.gate.wait()
@@ -89,3 +91,19 @@ async def test_flush_sends_what_is_pending_at_shutdown() -> None:
     reported.update({"agent": {"stopping": True}})
     assert await reported.flush(1.0)
     assert hub.received == [{"agent": {"stopping": True}}]
+
+
+async def test_a_patch_cut_off_by_stopping_is_kept_for_the_final_flush() -> None:
+    hub = SlowHub()
+    hub.gate.clear()  # the hub holds the first patch
+    reported = ReportedProperties(hub.send)
+    runner = asyncio.get_running_loop().create_task(reported.run())
+    reported.update({"model": {"state": "downloading"}})
+    async with asyncio.timeout(5):
+        await hub.entered.wait()
+    reported.update({"agent": {"stopped": "now"}})
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    hub.gate.set()
+    assert await reported.flush(1.0)
+    assert hub.received == [{"model": {"state": "downloading"}, "agent": {"stopped": "now"}}]
