@@ -361,7 +361,11 @@ class Broker:
                 "mqtt_connect_refused", client_id=packet.client_id, peer=peer, code=verdict.name
             )
             connection.send(mqtt.ConnAck(verdict))
-            await connection.writer.drain()
+            # Closed gracefully so the CONNACK reaches the client before the link goes.
+            connection.writer.close()
+            with contextlib.suppress(TimeoutError, ConnectionError, ssl.SSLError, OSError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                    await connection.writer.wait_closed()
             return None
         session = self.sessions.get(verdict.client_id)
         present = session is not None and not packet.clean_session

@@ -176,7 +176,10 @@ class Simulator:
     def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._certificates = certs.generate(self.run_dir / "certs", self.host)
-        self._thread = threading.Thread(target=self._thread_main, name="iothub-simulator")
+        # A daemon, so that a test which forgets stop() cannot hang the interpreter at exit.
+        self._thread = threading.Thread(
+            target=self._thread_main, name="iothub-simulator", daemon=True
+        )
         self._thread.start()
         if not self._ready.wait(START_TIMEOUT_SECONDS):
             self.stop()
