@@ -411,13 +411,17 @@ class Hub:
         method_name: str,
         payload: Any,
         timeout_seconds: float,
+        *,
+        connect_timeout_seconds: float = 0.0,
     ) -> tuple[int, Any]:
-        """(status the module answered, its payload); 404 if it is offline, 504 if it is slow."""
+        """(status the module answered, its payload); 404 if it is offline (for longer than
+        `connect_timeout_seconds`, as IoT Hub waits), 504 if it answers too late."""
         self.twin(device_id, module_id)
         request_id = format(next(self._request_ids), "x")
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
         topic = topics.method_request_topic(method_name, request_id)
         session = self._session(device_id, module_id)
+        await self._wait_for_method_subscriber(session, topic, connect_timeout_seconds)
         self._pending_methods[request_id] = future
         try:
             if not session.deliver(topic, json.dumps(payload).encode()):
@@ -429,6 +433,15 @@ class Hub:
                 raise ServiceError(504, "GatewayTimeout", "module did not answer in time") from None
         finally:
             self._pending_methods.pop(request_id, None)
+
+    @staticmethod
+    async def _wait_for_method_subscriber(session: Session, topic: str, seconds: float) -> None:
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not (session.connected and session.subscription_qos(topic) is not None):
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            # Polled: connecting and subscribing are separate packets, and this wait is rare.
+            await asyncio.sleep(0.05)
 
     def _method_answered(self, request_id: str, status: int, payload: bytes) -> None:
         future = self._pending_methods.get(request_id)

@@ -74,6 +74,7 @@ class ServiceApi:
         app.router.add_post("/twins/{device}/modules/{module}/methods", self._invoke_method)
         app.router.add_post("/devices/query", self._query)
         app.router.add_get("/devices/{device}/modules/{module}", self._get_module)
+        app.router.add_get("/devices/{device}/modules", self._get_modules)
         app.router.add_post("/_simulator/inputs/{device}/{module}/{input}", self._send_to_input)
         app.router.add_get("/_simulator/watch", self._watch)
         app.router.add_post("/_simulator/faults/{fault}", self._fault)
@@ -143,39 +144,53 @@ class ServiceApi:
         twin = self._hub.update_twin(*self._ids(request), body, if_match, replace=True)
         return self._twin_response(twin)
 
-    async def _get_module(self, request: web.Request) -> web.StreamResponse:
-        device_id, module_id = self._ids(request)
+    def _module_document(self, device_id: str, module_id: str) -> dict[str, Any]:
         twin = self._hub.twin(device_id, module_id)
         identity = self._hub.identities[(device_id, module_id)]
         connected = self._hub.is_connected(device_id, module_id)
-        return web.json_response(
-            {
-                "deviceId": device_id,
-                "moduleId": module_id,
-                "managedBy": "IotEdge",
-                "generationId": "1",
-                "etag": twin.etag,
-                "connectionState": "Connected" if connected else "Disconnected",
-                "cloudToDeviceMessageCount": 0,
-                "authentication": {
-                    "type": "sas",
-                    "symmetricKey": {
-                        "primaryKey": identity.primary_key,
-                        "secondaryKey": identity.secondary_key,
-                    },
+        return {
+            "deviceId": device_id,
+            "moduleId": module_id,
+            "managedBy": "IotEdge",
+            "generationId": "1",
+            "etag": twin.etag,
+            "connectionState": "Connected" if connected else "Disconnected",
+            "cloudToDeviceMessageCount": 0,
+            "authentication": {
+                "type": "sas",
+                "symmetricKey": {
+                    "primaryKey": identity.primary_key,
+                    "secondaryKey": identity.secondary_key,
                 },
-            }
-        )
+            },
+        }
+
+    async def _get_module(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self._module_document(*self._ids(request)))
+
+    async def _get_modules(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device"]
+        modules = [module for device, module in sorted(self._hub.identities) if device == device_id]
+        if not modules:
+            raise ServiceError(404, "DeviceNotFound", "no such device")
+        return web.json_response([self._module_document(device_id, m) for m in modules])
 
     async def _invoke_method(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)
         if not isinstance(body, dict) or not isinstance(body.get("methodName"), str):
             raise ServiceError(400, "ArgumentInvalid", "methodName is required")
         timeout = body.get("responseTimeoutInSeconds") or DEFAULT_METHOD_TIMEOUT_SECONDS
+        connect_timeout = body.get("connectTimeoutInSeconds") or 0
         if not isinstance(timeout, int | float) or not 0 < timeout <= 300:
             raise ServiceError(400, "ArgumentInvalid", "responseTimeoutInSeconds must be 1..300")
+        if not isinstance(connect_timeout, int | float) or not 0 <= connect_timeout <= 300:
+            raise ServiceError(400, "ArgumentInvalid", "connectTimeoutInSeconds must be 0..300")
         status, payload = await self._hub.invoke_method(
-            *self._ids(request), body["methodName"], body.get("payload"), float(timeout)
+            *self._ids(request),
+            body["methodName"],
+            body.get("payload"),
+            float(timeout),
+            connect_timeout_seconds=float(connect_timeout),
         )
         return web.json_response({"status": status, "payload": payload})
 

@@ -157,3 +157,32 @@ def test_a_wrong_service_key_is_unauthorized(
     finally:
         manager.amqp_svc_client.disconnect_sync()
     assert _status(refused) == 401
+
+
+async def test_a_method_waits_connect_timeout_for_the_module_to_come_online(
+    registry: IoTHubRegistryManager, module_client: ClientFactory
+) -> None:
+    request = CloudToDeviceMethod(
+        method_name="status", response_timeout_in_seconds=10, connect_timeout_in_seconds=10
+    )
+    invocation = asyncio.ensure_future(
+        asyncio.to_thread(registry.invoke_device_module_method, DEVICE, "consumer", request)
+    )
+    await asyncio.sleep(0.3)
+    client = await module_client("consumer")
+
+    async def answer(method: MethodRequest) -> None:
+        await client.send_method_response(MethodResponse.create_from_method_request(method, 200))
+
+    client.on_method_request_received = answer
+    result = await asyncio.wait_for(invocation, 15)
+    assert result.status == 200
+
+
+def test_module_identities_carry_the_keys_in_the_connection_strings(
+    sim: Simulator, registry: IoTHubRegistryManager
+) -> None:
+    module = registry.get_module(DEVICE, "producer")
+    key = module.authentication.symmetric_key.primary_key
+    assert f"SharedAccessKey={key}" in sim.module_connection_string(DEVICE, "producer")
+    assert sorted(m.module_id for m in registry.get_modules(DEVICE)) == ["consumer", "producer"]
