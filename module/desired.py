@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MAX_DOCUMENT_BYTES = 32 * 1024
 MAX_DEPTH = 10
 MAX_STRING = 4096
+NULL_MODEL = (
+    "model: null is not a release; the served model is kept "
+    "(publish a newer release, or call the rollback method)"
+)
 
 
 class TelemetrySettings(BaseModel):
@@ -98,6 +102,10 @@ class Reconciler:
         body = {k: v for k, v in incoming.items() if not k.startswith("$")}
         document = body if replace else merge_patch(self.document, body)
         problem = check_shape(document)
+        if problem is None and "model" in body and body["model"] is None:
+            # Reliability case 21: a null model is invalid, not "serve nothing"; what runs is
+            # kept and the operator is told how to go back.
+            problem = NULL_MODEL
         if problem is None:
             try:
                 state = DesiredState.model_validate_json(json.dumps(document))

@@ -68,12 +68,27 @@ def test_a_patch_that_leaves_the_model_alone_does_not_resubmit_it() -> None:
 
 def test_a_null_in_a_patch_removes_the_key() -> None:
     _, actions = _run(
-        [("full", {"$version": 1, "model": MANIFEST}), ("patch", {"$version": 2, "model": None})]
+        [
+            ("full", {"$version": 1, "model": MANIFEST, "telemetry": {"interval_s": 5.0}}),
+            ("patch", {"$version": 2, "telemetry": None}),
+        ]
     )
     second = actions[1]
     assert isinstance(second, Apply)
-    assert second.state.model is None
-    assert second.model_changed
+    assert second.state.telemetry.interval_s == 60  # back to the default
+    assert not second.model_changed
+
+
+def test_a_null_model_is_rejected_and_the_served_model_kept() -> None:
+    """Reliability case 21: `model: null` is not a way to stop serving."""
+    reconciler, actions = _run(
+        [("full", {"$version": 1, "model": MANIFEST}), ("patch", {"$version": 2, "model": None})]
+    )
+    second = actions[1]
+    assert isinstance(second, Reject)
+    assert "model: null" in second.message
+    assert reconciler.applied is not None
+    assert reconciler.applied.model == MANIFEST
 
 
 @pytest.mark.parametrize(
