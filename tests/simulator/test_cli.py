@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from azure.iot.device import Message
@@ -21,6 +21,13 @@ from tests.simulator.conftest import DEVICE, MANIFEST, collect_sdk_garbage
 from tests.simulator.inbox import Inbox, sdk_message
 
 CLI = [sys.executable, "-m", "simulator"]
+
+
+async def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a CLI command in a worker thread (no asyncio subprocess transports left to close)."""
+    return await asyncio.to_thread(
+        subprocess.run, [*CLI, *args], capture_output=True, text=True, timeout=30, check=False
+    )
 
 
 @pytest.fixture
@@ -91,23 +98,11 @@ async def test_send_delivers_a_file_to_a_module_input(
         client.on_message_received = received.put
         body = tmp_path / "body.json"
         body.write_text('{"inputs": []}')
-        sent = await asyncio.create_subprocess_exec(
-            *CLI,
-            "send",
-            "--run-dir",
-            str(run_dir),
-            "--module",
-            "consumer",
-            "--input",
-            "infer",
-            "--file",
-            str(body),
-            "--property",
-            "schema=oip/v2",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        assert await sent.wait() == 0
+        sent = await _cli(
+            "send", "--run-dir", str(run_dir), "--module", "consumer", "--input", "infer",
+            "--file", str(body), "--property", "schema=oip/v2",
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
         message = await received.get()
     finally:
         await client.shutdown()
@@ -116,37 +111,48 @@ async def test_send_delivers_a_file_to_a_module_input(
     assert message.content_type == "application/json"
 
 
+@pytest.fixture
+def watcher(
+    running: tuple[Path, dict[str, Any], subprocess.Popen[str]],
+) -> Iterator[IO[str]]:
+    """`watch` running against the simulator; its stdout."""
+    process = subprocess.Popen(
+        [*CLI, "watch", "--run-dir", str(running[0])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    try:
+        yield process.stdout
+    finally:
+        # Also ends a read still waiting for a line in a worker thread.
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()
+
+
 async def test_watch_follows_upstream_messages_and_reported_changes(
     running: tuple[Path, dict[str, Any], subprocess.Popen[str]],
+    watcher: IO[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    run_dir, info, _ = running
-    watcher = await asyncio.create_subprocess_exec(
-        *CLI,
-        "watch",
-        "--run-dir",
-        str(run_dir),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    _, info, _ = running
     for name, value in info["modules"][f"{DEVICE}/consumer"].items():
         monkeypatch.setenv(name, value)
     client = IoTHubModuleClient.create_from_edge_environment()
     try:
-        assert watcher.stdout is not None
-        async with asyncio.timeout(20):
-            hello = json.loads(await watcher.stdout.readline())
+        hello = json.loads(await asyncio.wait_for(asyncio.to_thread(watcher.readline), 20))
         assert hello == {"kind": "watching", "kinds": ["reported", "upstream"]}
         await client.connect()
         await client.patch_twin_reported_properties({"state": "active"})
         await client.send_message_to_output(sdk_message('{"p": 1}'), "predictions")
-        async with asyncio.timeout(10):
-            first = json.loads(await watcher.stdout.readline())
-            second = json.loads(await watcher.stdout.readline())
+        lines = await asyncio.wait_for(
+            asyncio.to_thread(lambda: [watcher.readline() for _ in range(2)]), 10
+        )
+        first, second = (json.loads(line) for line in lines)
     finally:
         await client.shutdown()
-        watcher.terminate()
-        await watcher.wait()
     assert (first["kind"], first["data"]["patch"]) == ("reported", {"state": "active"})
     assert (second["kind"], second["data"]["output"], second["data"]["body"]) == (
         "upstream",
@@ -182,20 +188,9 @@ async def test_fault_drop_cuts_a_connected_module(
         await client.connect()
         # The SDK annotates this handler as taking None; it is called with no arguments.
         client.on_connection_state_change = lambda: states.put(client.connected)  # type: ignore[assignment]
-        fault = await asyncio.create_subprocess_exec(
-            *CLI,
-            "fault",
-            "drop",
-            "--run-dir",
-            str(run_dir),
-            "--module",
-            "producer",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        output, _ = await fault.communicate()
-        assert fault.returncode == 0
-        assert json.loads(output) == {"dropped": True}
+        fault = await _cli("fault", "drop", "--run-dir", str(run_dir), "--module", "producer")
+        assert fault.returncode == 0, fault.stderr
+        assert json.loads(fault.stdout) == {"dropped": True}
         assert await states.get() is False
     finally:
         await client.shutdown()
