@@ -385,19 +385,24 @@ class EdgeModule:
             if not settings.enabled:
                 await self._telemetry_changed.wait()
                 continue
-            waiter: asyncio.Future[bool] = asyncio.ensure_future(self._telemetry_changed.wait())
+            # A new interval takes effect at once, not at the old interval's next tick (which
+            # could be a day away).
+            emitter = asyncio.ensure_future(self._emit_telemetry(settings.interval_s))
+            waiter = asyncio.ensure_future(self._telemetry_changed.wait())
             try:
-                await self._emit_telemetry(settings.interval_s, waiter)
+                await asyncio.wait({emitter, waiter}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                emitter.cancel()
                 waiter.cancel()
+                await asyncio.gather(emitter, waiter, return_exceptions=True)
+            if emitter.done() and not emitter.cancelled():
+                emitter.result()  # re-raises what the emitter died of
 
-    async def _emit_telemetry(self, interval_s: float, changed: asyncio.Future[bool]) -> None:
+    async def _emit_telemetry(self, interval_s: float) -> None:
         process = psutil.Process()
         metrics = self._agent.metrics
         before = take_snapshot(metrics, process)
         async for _ in ticks(interval_s):
-            if changed.done():
-                return
             after = take_snapshot(metrics, process)
             self.outbox.put(
                 TELEMETRY,
@@ -525,7 +530,8 @@ class EdgeModule:
         if handler is None:
             return 404, {"error": f"unknown method {name!r}; this module has {sorted(handlers)}"}
         try:
-            return await handler({} if raw is None else raw)
+            # azure-iot-hub's invoke_device_module_method sends "" for "no payload".
+            return await handler({} if raw is None or raw == "" else raw)
         except ValidationError as error:
             return 400, {"error": f"bad {name} payload: {describe(error)}"}
         except SwapError as error:
