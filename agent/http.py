@@ -70,9 +70,9 @@ class ServedModel(Protocol):
     @property
     def ready(self) -> bool: ...
     def metadata(self) -> ModelMetadataView: ...
-    async def infer(
+    async def infer_versioned(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]: ...
+    ) -> tuple[str, dict[str, np.ndarray]]: ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -167,7 +167,7 @@ class _V2Handlers:
     # -- inference -----------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        model, version = self._model(request)
+        model, _ = self._model(request)  # a version in the path is checked there
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
             # Refuse on the declared length, before reading a byte of the body.
@@ -181,19 +181,21 @@ class _V2Handlers:
             max_input_bytes=self._max_input_bytes,
         )
         try:
-            outputs = await model.infer(decoded.inputs, decoded.output_names)
+            served_version, outputs = await model.infer_versioned(
+                decoded.inputs, decoded.output_names
+            )
         except RequestError as error:
             # Counted by the service already: it sees every request that reaches a model.
             return _request_error(error)
         except Exception:
             self._log.exception("infer_failed", model=model.name)
             return _error(500, f"inference failed on model {model.name!r}; see the agent log")
-        if version is None:
-            versions = model.metadata().versions
-            version = versions[-1] if versions else None
         try:
             encoded = protocol.encode_infer_response(
-                model_name=model.name, model_version=version, request=decoded, outputs=outputs
+                model_name=model.name,
+                model_version=served_version,
+                request=decoded,
+                outputs=outputs,
             )
         except RequestError as error:
             # Inference succeeded and was counted as such; only the requested encoding failed.

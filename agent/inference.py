@@ -171,6 +171,12 @@ class InferenceService:
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Run one request; raises `RequestError` for anything the model cannot take."""
+        return (await self.infer_versioned(inputs, outputs))[1]
+
+    async def infer_versioned(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """`infer`, with the version of the model that answered (a swap may happen meanwhile)."""
         clock = self._clock
         arrived = clock()
         metrics = self._metrics
@@ -195,7 +201,7 @@ class InferenceService:
                 log.exception("inference_failed", model=self.name, version=model.version)
                 raise
             metrics.ok.inc()
-            return dict(zip(names, results, strict=True))
+            return model.version, dict(zip(names, results, strict=True))
         finally:
             model.in_flight -= 1
             if model.in_flight == 0 and (event := self._drained.pop(id(model), None)):

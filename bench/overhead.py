@@ -1,9 +1,9 @@
 """What the agent's in-process inference path costs over a bare `InferenceSession.run`.
 
-The agent path is `InferenceService.infer` as the HTTP and route handlers call it: validation,
-dispatch choice, batching machinery, metrics. Both sides use the same session object, so the
-model, thread settings and memory are identical. Rounds alternate the two sides to share the
-machine's noise; the result is the median over rounds of per-call time.
+The agent path is `InferenceService.infer_versioned` as the HTTP and route handlers call it:
+validation, dispatch choice, batching machinery, metrics. Both sides use the same session
+object, so the model, thread settings and memory are identical. Rounds alternate the two sides
+to share the machine's noise; the result is the median over rounds of per-call time.
 
     python -m bench.overhead [--rounds 40] [--calls 200]
 
@@ -60,7 +60,7 @@ async def _measure(
                 bare.append((time.perf_counter() - start) / calls)
             else:
                 for _ in range(calls):
-                    await service.infer(feed)
+                    await service.infer_versioned(feed)
                 agent.append((time.perf_counter() - start) / calls)
     await service.close()
     bare_us = statistics.median(bare) * 1e6

@@ -57,15 +57,15 @@ class SlowModel:
     def metadata(self) -> ModelMetadata:
         return ModelMetadata(self.name, ("7",), "test", self._reference.contract, {})
 
-    async def infer(
+    async def infer_versioned(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[str, dict[str, np.ndarray]]:
         self.started.set()
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("the runtime fell over")
         self.finished += 1
-        return {"output": np.asarray(inputs["input"])}
+        return "7", {"output": np.asarray(inputs["input"])}
 
 
 @dataclass(frozen=True)

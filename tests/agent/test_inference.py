@@ -158,12 +158,14 @@ async def test_requests_in_flight_finish_on_the_model_they_started_with() -> Non
     new = loaded(mid_bytes(1), version="2")
     service = _service(registry, old)
     x = _rows(1, MID_FEATURES)
-    in_flight = asyncio.ensure_future(service.infer({"input": x}))
+    in_flight = asyncio.ensure_future(service.infer_versioned({"input": x}))
     await asyncio.sleep(0)
     assert old.in_flight == 1
     assert service.activate(new) is old
-    after = await service.infer({"input": x})
-    np.testing.assert_allclose((await in_flight)["output"], _reference(old, x), rtol=1e-4)
+    after_version, after = await service.infer_versioned({"input": x})
+    before_version, before = await in_flight
+    assert (before_version, after_version) == ("1", "2")
+    np.testing.assert_allclose(before["output"], _reference(old, x), rtol=1e-4)
     np.testing.assert_allclose(after["output"], _reference(new, x), rtol=1e-4)
     await asyncio.wait_for(service.drained(old), 1)
     assert old.in_flight == 0
