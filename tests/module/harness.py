@@ -33,6 +33,7 @@ from azure.iot.device import IoTHubModuleClient, Message
 from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from msrest.exceptions import HttpOperationError
 
 from agent.manifest import public_key_to_b64, sign_manifest
 from deployment.release import build_manifest
@@ -245,8 +246,9 @@ class ModuleProcess:
                 return float(line.rsplit(" ", 1)[1])
         return None
 
-    def terminate(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then the exit code (SIGKILL and a failure if it does not exit in time)."""
+    def terminate(self, timeout: float = 15.0, *, fail: bool = True) -> int | None:
+        """SIGTERM, then the exit code. If it does not exit in time: SIGKILL, and a test
+        failure (or None with `fail=False`)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
@@ -254,7 +256,11 @@ class ModuleProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
-            pytest.fail(f"the module did not exit within {timeout} s of SIGTERM")
+            if self._reader is not None:
+                self._reader.join(10)  # every line it wrote is read: the caller looks at them
+            if fail:
+                pytest.fail(f"the module did not exit within {timeout} s of SIGTERM")
+            return None
 
     def close(self) -> None:
         """SIGKILL if still running; then the log reader ends and the pipe is closed."""
@@ -312,22 +318,39 @@ class Service:
     def desired_version(self) -> int:
         return int(self.twin().properties.desired["$version"])
 
-    def update_desired(self, patch: Mapping[str, Any]) -> int:
-        """Patch the desired properties (with the twin's etag); the new desired `$version`."""
-        current = self.twin()
-        twin = Twin(properties=TwinProperties(desired=dict(patch)))
-        updated = self.registry.update_module_twin(self.device, MODULE, twin, current.etag)
-        return int(updated.properties.desired["$version"])
+    def update_desired(self, patch: Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]) -> int:
+        """Patch the desired properties under the twin's etag; the new desired `$version`.
+
+        The etag changes with every reported patch too, so a 412 (the module reported in
+        between) is answered as an operator's tool would: read again, patch again.
+        `patch` may be a function of the twin read.
+        """
+        for _ in range(10):
+            current = self.twin()
+            body = dict(patch(current) if callable(patch) else patch)
+            twin = Twin(properties=TwinProperties(desired=body))
+            try:
+                updated = self.registry.update_module_twin(self.device, MODULE, twin, current.etag)
+            except HttpOperationError as error:
+                if error.response.status_code != 412:
+                    raise
+                continue
+            return int(updated.properties.desired["$version"])
+        pytest.fail("the module twin changed under ten updates in a row")
 
     def publish(self, manifest: Mapping[str, Any]) -> int:
         """Desired `model` := `manifest`. A twin update is a JSON merge patch, so a field of the
         previous manifest that this one lacks (`golden`, `expires`) is sent as null: merged
         into the new one, it would break the signature."""
-        previous = self.twin().properties.desired.get("model")
-        patch = dict(manifest)
-        if isinstance(previous, Mapping):
-            patch.update({key: None for key in previous if key not in manifest})
-        return self.update_desired({"model": patch})
+
+        def patch(twin: Any) -> dict[str, Any]:
+            previous = twin.properties.desired.get("model")
+            model = dict(manifest)
+            if isinstance(previous, Mapping):
+                model.update({key: None for key in previous if key not in manifest})
+            return {"model": model}
+
+        return self.update_desired(patch)
 
     def wait_reported(
         self, matches: Callable[[dict[str, Any]], bool], timeout: float, what: str

@@ -5,6 +5,7 @@ signed releases from a real HTTPS artifact server."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 import time
@@ -161,7 +162,7 @@ def test_sigterm_during_a_swap_exits_0_reports_and_the_restart_finishes_the_rele
     module = start_module()
     _publish_v1(service, releases)
     # A large release whose artifact trickles out: the swap is still downloading at SIGTERM.
-    url = releases.serve("v2-mid.onnx", MID, stall_interval_s=0.01)
+    url = releases.serve("v2-mid.onnx", MID, stall_interval_s=0.2)
     service.publish(releases.manifest(MID, 2, url, golden=False, contract_change=True))
     module.wait_for(
         lambda line: line.get("event") == "download_started" and "v2-mid" in str(line.get("url")),
@@ -170,9 +171,14 @@ def test_sigterm_during_a_swap_exits_0_reports_and_the_restart_finishes_the_rele
     )
     poll(lambda: releases.artifacts.requests_for("v2-mid.onnx"), 10, "the artifact requested")
     started = time.monotonic()
-    assert module.terminate() == 0
+    code = module.terminate(timeout=15, fail=False)
     exit_s = time.monotonic() - started
+    if (code is None or exit_s >= 10) and _download_outlived_its_cancel(module):
+        pytest.xfail(DOWNLOAD_CANCEL_BUG + f" (exit code {code} after {exit_s:.1f} s)")
+    assert code == 0
+    assert exit_s < 10, "inside Docker's 10 s between SIGTERM and SIGKILL"
     assert not module.events("service_stop_failed")
+    assert not module.events("service_stop_timed_out")
     assert module.events("download_abandoned")
     reported = service.reported()
     assert "stopped" in reported["agent"], "the final reported patch went out"
@@ -190,27 +196,279 @@ def test_sigterm_during_a_swap_exits_0_reports_and_the_restart_finishes_the_rele
     status, body = restarted.infer_http("m", infer_request("after", _mid_rows()))
     assert status == 200, body
     assert body["model_version"] == "2"
-    if exit_s >= 10 and _download_outlived_its_cancel(module):
-        pytest.xfail(
-            f"exit took {exit_s:.1f} s: agent/download.py reads with asyncio.wait_for, which on "
-            "Python 3.11 can swallow a cancellation (CPython gh-86296), so the install outlived "
-            "ModelManager.close() until the App's grace ran out"
-        )
-    assert exit_s < 10, "inside Docker's 10 s between SIGTERM and SIGKILL"
+
+
+DOWNLOAD_CANCEL_BUG = (
+    "known bug in agent/download.py: _copy reads with asyncio.wait_for, which on Python 3.11 "
+    "can swallow a cancellation (CPython gh-86296), so the install outlives "
+    "ModelManager.close() (and, at worst, the App's second cancellation too)"
+)
 
 
 def _download_outlived_its_cancel(module: ModuleProcess) -> bool:
-    """The known bug's signature: the model manager's stop ran out of its grace, and the
-    download was abandoned only seconds after SIGTERM (by the App's second cancellation)."""
-
-    def at(line: dict[str, Any]) -> float:
-        return datetime.fromisoformat(str(line["timestamp"])).timestamp()
-
-    timed_out = [
-        line
-        for line in module.events("service_stop_timed_out")
-        if line.get("service") == "model-manager"
-    ]
+    """The known bug's signature: the download still logged more than 5 s after SIGTERM."""
     [stop] = module.events("stop_requested")
-    abandoned = module.events("download_abandoned")
-    return bool(timed_out and abandoned) and at(abandoned[-1]) - at(stop) > 5
+    return any(
+        str(line.get("event")).startswith("download_") and _at(line) - _at(stop) > 5
+        for line in list(module.lines)
+    )
+
+
+def test_three_patches_while_offline_only_the_newest_is_applied_on_reconnect(
+    sim: Simulator, service: Service, releases: Releases, start_module: StartModule
+) -> None:
+    module = start_module()
+    _publish_v1(service, releases)
+    sim.faults.refuse_connections(sim.device_id, MODULE, 5)
+    assert sim.faults.drop_connection(sim.device_id, MODULE)
+    poll(lambda: not sim.is_connected(sim.device_id, MODULE), 10, "the module offline")
+    for version in (2, 3, 4):
+        service.publish(releases.release(f"offline-v{version}.onnx", tiny_bytes(version), version))
+    newest = service.desired_version()
+    assert not sim.is_connected(sim.device_id, MODULE), "the patches landed while offline"
+    service.wait_model(4, timeout=60)
+    service.wait_reported(
+        lambda r: r.get("desired", {}).get("version") == newest, 10, "the newest $version"
+    )
+    assert releases.artifacts.requests_for("offline-v4.onnx")
+    assert not releases.artifacts.requests_for("offline-v2.onnx")
+    assert not releases.artifacts.requests_for("offline-v3.onnx")
+    superseded = [line for line in module.events("model_status") if line["version"] in (2, 3)]
+    assert superseded == [], "the superseded releases were never acted on"
+
+
+def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_newest(
+    sim: Simulator, service: Service, releases: Releases, start_module: StartModule
+) -> None:
+    """Case 18: 500 desired patches in about 10 s, alternating two models."""
+    module = start_module()
+    _publish_v1(service, releases)
+    models = {"storm-a.onnx": tiny_bytes(2), "storm-b.onnx": tiny_bytes(3)}
+    urls = {name: releases.serve(name, data) for name, data in models.items()}
+    names = sorted(models)
+    manifests = [
+        releases.manifest(models[names[i % 2]], 2 + i, urls[names[i % 2]]) for i in range(500)
+    ]
+    process = module.psutil
+    rss_before = process.memory_info().rss
+    rss_peak = rss_before
+    started = time.monotonic()
+    for index, manifest in enumerate(manifests):
+        sim.update_desired(sim.device_id, MODULE, {"model": manifest})
+        rss_peak = max(rss_peak, process.memory_info().rss)
+        # Paced to about 10 s in all, without drifting.
+        time.sleep(max(0.0, started + (index + 1) * 0.02 - time.monotonic()))
+    newest = int(sim.twin(sim.device_id, MODULE)["properties"]["desired"]["$version"])
+    last = manifests[-1]
+    service.wait_model(last["version"], timeout=60)
+    service.wait_reported(
+        lambda r: r.get("desired", {}).get("version") == newest, 20, "the newest $version"
+    )
+    reported = service.reported()
+    assert reported["model"]["sha256"] == last["sha256"]
+    assert reported["model"]["active_version"] == last["version"]
+
+    # At most one download in flight, from the module's own log: a newer download may start
+    # while a superseded one closes its connection, but never runs beside it for longer.
+    downloads = _download_intervals(module)
+    assert len(downloads) >= 2
+    overlaps = [
+        older_end - newer_start
+        for index, (newer_start, _) in enumerate(downloads)
+        for (_, older_end) in downloads[:index]
+        if older_end > newer_start
+    ]
+    assert max(overlaps, default=0.0) < 0.5, f"downloads ran side by side: {max(overlaps):.2f} s"
+    # Versions never go backwards: once a version is active, no older one becomes active.
+    statuses = module.events("model_status")
+    active = [line["version"] for line in statuses if line["state"] == "active"]
+    assert active == sorted(active), f"active versions went backwards: {active}"
+
+    time.sleep(2)  # let superseded sessions be released
+    rss_after = process.memory_info().rss
+    mib = 1 << 20
+    print(  # the measurement, for the run's record
+        f"storm RSS: before {rss_before / mib:.0f} MiB, peak {rss_peak / mib:.0f} MiB, "
+        f"after {rss_after / mib:.0f} MiB; {len(releases.artifacts.server.requests)} requests"
+    )
+    assert rss_after - rss_before < 64 * mib, "resident memory grew with the storm"
+
+
+def _download_intervals(module: ModuleProcess) -> list[tuple[float, float]]:
+    """(start, end) of each download, in start order, matched by sha256 (first in, first out);
+    a download still running counts as ending now."""
+    ends = {"download_completed", "download_failed", "download_abandoned"}
+    running: dict[str, list[int]] = {}
+    intervals: list[list[float]] = []
+    for line in list(module.lines):
+        event = line.get("event")
+        if event == "download_started":
+            running.setdefault(str(line["sha256"]), []).append(len(intervals))
+            intervals.append([_at(line), time.time()])
+        elif event in ends and running.get(str(line["sha256"])):
+            intervals[running[str(line["sha256"])].pop(0)][1] = _at(line)
+    return [(start, end) for start, end in intervals]
+
+
+def _at(line: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(line["timestamp"])).timestamp()
+
+
+def _nested_lists(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ({"telemetry": {"interval_s": "5"}}, {"telemetry": {"interval_s": 60.0}}, "interval_s"),
+        ({"unknown_setting": 1}, {"unknown_setting": None}, "unknown_setting"),
+        ({"drift": {"note": "x" * 4100}}, {"drift": None}, "4096"),
+        ({"drift": {"deep": _nested_lists(12)}}, {"drift": None}, "deeper than 10"),
+        ({"model": None}, None, "model: null"),
+    ],
+    ids=["wrong-type", "unknown-field", "4kb-string", "deep-nesting", "null-model"],
+)
+def test_invalid_desired_properties_are_rejected_and_the_old_model_keeps_serving(
+    sim: Simulator,
+    service: Service,
+    releases: Releases,
+    start_module: StartModule,
+    case: tuple[dict[str, Any], dict[str, Any] | None, str],
+) -> None:
+    """Case 21: rejected with the reason reported and alerted; a later fix applies."""
+    bad, fix, fragment = case
+    module = start_module()
+    manifest = _publish_v1(service, releases)
+    version = service.update_desired(bad)
+    reported = service.wait_reported(
+        lambda r: r.get("desired", {}).get("version") == version, 20, f"desired {version}"
+    )
+    assert reported["desired"]["state"] == "rejected", reported["desired"]
+    assert fragment in reported["desired"]["message"]
+    alert = sim.upstream.wait_for(
+        lambda m: m.output == "alerts" and m.json()["kind"] == "desired_rejected", timeout=20
+    )
+    message = reported["desired"]["message"]
+    assert alert.json()["details"] == {"version": version, "message": message}
+    assert alert.message.properties["schema"] == "agent-alert/1"
+    assert reported["model"]["state"] == "active"
+    assert reported["model"]["version"] == 1
+    status, body = module.infer_http("m", infer_request("still-v1", _rows(0)))
+    assert status == 200, body
+    assert body["model_version"] == "1"
+
+    fixed = service.update_desired(fix if fix is not None else {"model": manifest})
+    service.wait_reported(
+        lambda r: r.get("desired") == {"version": fixed, "state": "applied"}, 20, "the fix"
+    )
+
+
+def test_direct_methods_through_the_service_sdk(
+    service: Service, releases: Releases, start_module: StartModule
+) -> None:
+    """status, rollback after two releases, profile, a bad payload (400), an unknown method."""
+    module = start_module()
+    _publish_v1(service, releases)
+    status, body = service.invoke("status")
+    assert status == 200, body
+    assert body["hub_connected"] is True
+    assert body["ready"] is True
+    assert body["models"]["m"]["version"] == 1
+    assert body["models"]["m"]["state"] == "active"
+    assert body["desired_version"] == service.desired_version()
+
+    service.publish(releases.release("v2.onnx", V2, 2))
+    service.wait_model(2)
+    status, body = service.invoke("rollback", {})
+    assert status == 200, body
+    assert (body["state"], body["version"], body["reason"]) == ("rolled_back", 1, "requested")
+    service.wait_model(1, "rolled_back")
+    code, answer = module.infer_http("m", infer_request("after-rollback", _rows(1)))
+    assert code == 200, answer
+    assert answer["model_version"] == "1"
+
+    status, body = service.invoke("profile", {"seconds": 1})
+    assert status == 200, body
+    assert isinstance(body, dict)
+    assert body
+
+    status, body = service.invoke("profile", {"seconds": "one"})
+    assert status == 400
+    assert "seconds" in body["error"]
+    status, body = service.invoke("status", {"verbose": True})
+    assert status == 400
+    assert "verbose" in body["error"]
+
+    status, body = service.invoke("reboot", {})
+    assert status == 404
+    assert "reboot" in body["error"]
+
+
+def test_telemetry_spooled_while_the_hub_is_down_is_delivered_after_it_returns(
+    sim: Simulator, service: Service, releases: Releases, start_module: StartModule
+) -> None:
+    """Case 25 (shortened): sends time out while the hub is away; nothing is lost or doubled,
+    and the process does not grow threads."""
+    module = start_module({"EDGEML_MODULE_CALL_TIMEOUT_S": "2"})
+    _publish_v1(service, releases)
+    service.update_desired({"telemetry": {"interval_s": 1.0}})
+    sim.upstream.wait_for_count(telemetry, 3, timeout=20)
+    threads_before = module.psutil.num_threads()
+
+    down_at, back_at = _outage(sim, 10)
+    # Everything put while offline arrives, then telemetry keeps flowing.
+    poll(
+        lambda: [m for m in sim.upstream.items() if telemetry(m) and _sent_at(m) > back_at + 3],
+        30,
+        "telemetry after the outage",
+    )
+    messages = [m for m in sim.upstream.items() if telemetry(m)]
+    ids = [m.message.system["messageId"] for m in messages]
+    assert len(ids) == len(set(ids)), "a message was delivered twice"
+    stamps = sorted(_sent_at(m) for m in messages)
+    offline = [t for t in stamps if down_at < t < back_at]
+    assert len(offline) >= 8, f"only {len(offline)} messages from the outage arrived"
+    gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
+    assert max(gaps) < 2.5, f"a telemetry message is missing: a {max(gaps):.1f} s gap"
+    for reason in ("too_large", "spool_full", "corrupt", "not_json"):
+        assert module.metric("agent_outbox_dropped_total", {"reason": reason}) == 0
+    assert (module.metric("agent_outbox_send_failures_total") or 0) > 0, "sends did fail"
+    assert module.events("hub_connection")[-1]["connected"] is True
+
+    # Thread pools fill lazily up to their bounds, so the first outage may add a thread; a
+    # second one must not add any more.
+    threads_after_first = module.psutil.num_threads()
+    _outage(sim, 4)
+    poll(
+        lambda: [m for m in sim.upstream.items() if telemetry(m) and _sent_at(m) > time.time() - 1],
+        30,
+        "telemetry after the second outage",
+    )
+    threads_after_second = module.psutil.num_threads()
+    print(f"threads: {threads_before} before, {threads_after_first}, {threads_after_second} after")
+    assert threads_after_second <= threads_after_first <= threads_before + 2
+    # The asyncio task count is not checked: the status method does not expose it.
+
+
+def _outage(sim: Simulator, seconds: float) -> tuple[float, float]:
+    """Drop the module's link and refuse it for `seconds`; (down at, back at), wall clock."""
+    sim.faults.refuse_connections(sim.device_id, MODULE, seconds)
+    assert sim.faults.drop_connection(sim.device_id, MODULE)
+    down_at = time.time()
+    poll(lambda: not sim.is_connected(sim.device_id, MODULE), 10, "the module offline")
+    poll(lambda: sim.is_connected(sim.device_id, MODULE), 60, "the module back", interval=0.25)
+    back_at = time.time()
+    assert back_at - down_at >= seconds - 0.5
+    return down_at, back_at
+
+
+def telemetry(message: UpstreamMessage) -> bool:
+    return message.output == "telemetry"
+
+
+def _sent_at(message: UpstreamMessage) -> float:
+    return datetime.fromisoformat(message.json()["at"]).timestamp()
