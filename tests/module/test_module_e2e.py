@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import threading
 import time
 from datetime import datetime
@@ -106,15 +105,20 @@ def test_a_hot_swap_under_route_traffic_loses_and_fails_no_message(
     stop = threading.Event()
     connection = sim.module_connection_string(sim.device_id, SENSOR)
 
+    errors: list[Exception] = []
+
     def send_until_stopped() -> None:
-        with sensor_client(connection, sim.ca_cert_path) as client:
-            index = 0
-            while not stop.is_set() and index < 2000:
-                correlation_id = f"swap-{index}"
-                sent[correlation_id] = _rows(index)
-                send_infer(client, correlation_id, sent[correlation_id])
-                index += 1
-                time.sleep(0.005)
+        try:
+            with sensor_client(connection, sim.ca_cert_path) as client:
+                index = 0
+                while not stop.is_set() and index < 2000:
+                    correlation_id = f"swap-{index}"
+                    sent[correlation_id] = _rows(index)
+                    send_infer(client, correlation_id, sent[correlation_id])
+                    index += 1
+                    time.sleep(0.005)
+        except Exception as error:  # reported by the test, not lost with the thread
+            errors.append(error)
 
     sender = threading.Thread(target=send_until_stopped, name="sensor")
     sender.start()
@@ -127,6 +131,7 @@ def test_a_hot_swap_under_route_traffic_loses_and_fails_no_message(
     finally:
         stop.set()
         sender.join(30)
+    assert not errors, errors
     answers = sim.upstream.wait_for_count(
         lambda m: m.output == "predictions", len(sent), timeout=60
     )
@@ -146,10 +151,6 @@ def test_a_hot_swap_under_route_traffic_loses_and_fails_no_message(
     assert versions.count("1") >= 30
     assert versions.count("2") >= 30
     assert versions[-1] == "2"
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def test_sigterm_during_a_swap_exits_0_reports_and_the_restart_finishes_the_release(
