@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import structlog
 from pydantic import ValidationError
 
-from agent.engine import ModelLoadError
 from agent.logs import configure_logging
-from agent.serving import build_app
+from agent.serving import build_app, run_process
 from agent.settings import AgentSettings
-from agent.store import StoreError
 
 EXIT_USAGE = 2
 
@@ -59,26 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"agent: invalid settings: {error}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_level, settings.log_format)
-    log = structlog.get_logger("agent")
-    try:
-        app = build_app(settings)
-        asyncio.run(app.run())
-    except Exception as error:
-        cause = _first_leaf(error)
-        if not isinstance(cause, ValueError | ModelLoadError | StoreError):
-            raise
-        # An expected failure (bad settings, unusable model): one clear line, no traceback.
-        log.error("agent_failed", error=str(cause), error_type=type(cause).__name__)  # noqa: TRY400
-        return 1
-    log.info("agent_stopped", reason=app.stop_reason, failed=app.failed)
-    return 1 if app.failed else 0
-
-
-def _first_leaf(error: BaseException) -> BaseException:
-    """The first real exception inside the TaskGroup's exception groups."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
+    return run_process(lambda: build_app(settings), "agent")
 
 
 if __name__ == "__main__":

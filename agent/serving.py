@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -26,7 +27,7 @@ from agent.inference import InferenceService
 from agent.manifest import load_trusted_keys
 from agent.metrics import InferenceMetrics, register_process_metrics
 from agent.settings import AgentSettings
-from agent.store import ModelStore
+from agent.store import ModelStore, StoreError
 from agent.swap import HttpsArtifacts, ModelManager
 
 log = structlog.get_logger(__name__)
@@ -171,6 +172,32 @@ class Agent:
                 max_body_bytes=settings.max_request_bytes,
             ),
         ]
+
+
+EXPECTED_FAILURES = (ValueError, ModelLoadError, StoreError)
+
+
+def run_process(build: Callable[[], App], process: str) -> int:
+    """Build and run an app as a process: 0 after a clean stop, 1 after a failure.
+
+    Expected failures (bad settings, an unusable model or store) end in one clear log line;
+    anything else is a bug and keeps its traceback.
+    """
+    log = structlog.get_logger(process).bind(process=process)
+    try:
+        app = build()
+        asyncio.run(app.run())
+    except Exception as error:
+        cause: BaseException = error
+        while isinstance(cause, BaseExceptionGroup):  # from the app's TaskGroup
+            cause = cause.exceptions[0]
+        if not isinstance(cause, EXPECTED_FAILURES):
+            raise
+        # An expected outcome: one clear line, no traceback.
+        log.error("process_failed", error=str(cause), error_type=type(cause).__name__)  # noqa: TRY400
+        return 1
+    log.info("process_stopped", reason=app.stop_reason, failed=app.failed)
+    return 1 if app.failed else 0
 
 
 def build_app(settings: AgentSettings, registry: CollectorRegistry | None = None) -> App:

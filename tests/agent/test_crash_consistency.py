@@ -386,7 +386,7 @@ def test_sigterm_mid_swap_answers_the_requests_in_flight_and_exits_zero(
     answered = [a for a in sigterm_run.answers if a.status is not None]
     assert {a.status for a in answered} == {200}
     assert any(a.at > sigterm_run.signalled_at for a in answered), "nothing was in flight"
-    stopped = [line for line in sigterm_run.log if line.get("event") == "agent_stopped"]
+    stopped = [line for line in sigterm_run.log if line.get("event") == "process_stopped"]
     assert [line["reason"] for line in stopped] == ["SIGTERM"]
 
 
