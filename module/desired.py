@@ -154,10 +154,11 @@ def check_shape(document: Mapping[str, Any]) -> str | None:
     return None
 
 
-def describe(error: ValidationError) -> str:
-    """The first problems, by field path; input values are left out (untrusted, maybe huge)."""
+def describe(error: ValidationError, root: str = "desired") -> str:
+    """The first problems, by field path (`root` for the document itself); input values are
+    left out (untrusted, maybe huge)."""
     parts = [
-        f"{'.'.join(str(p) for p in item['loc']) or 'desired'}: {item['msg']}"
+        f"{'.'.join(str(p) for p in item['loc']) or root}: {item['msg']}"
         for item in error.errors()[:3]
     ]
     more = error.error_count() - len(parts)

@@ -533,7 +533,7 @@ class EdgeModule:
             # azure-iot-hub's invoke_device_module_method sends "" for "no payload".
             return await handler({} if raw is None or raw == "" else raw)
         except ValidationError as error:
-            return 400, {"error": f"bad {name} payload: {describe(error)}"}
+            return 400, {"error": f"bad {name} payload: {describe(error, root='payload')}"}
         except SwapError as error:
             return 409, {"error": error.message, "reason": error.reason.value}
 

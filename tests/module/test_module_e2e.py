@@ -220,13 +220,15 @@ def test_three_patches_while_offline_only_the_newest_is_applied_on_reconnect(
 ) -> None:
     module = start_module()
     _publish_v1(service, releases)
-    sim.faults.refuse_connections(sim.device_id, MODULE, 5)
+    # Refused until the three patches are in, however long a loaded machine takes for them.
+    sim.faults.refuse_connections(sim.device_id, MODULE, 120)
     assert sim.faults.drop_connection(sim.device_id, MODULE)
     poll(lambda: not sim.is_connected(sim.device_id, MODULE), 10, "the module offline")
     for version in (2, 3, 4):
         service.publish(releases.release(f"offline-v{version}.onnx", tiny_bytes(version), version))
     newest = service.desired_version()
     assert not sim.is_connected(sim.device_id, MODULE), "the patches landed while offline"
+    sim.faults.refuse_connections(sim.device_id, MODULE, 0)  # the hub takes it back
     service.wait_model(4, timeout=60)
     service.wait_reported(
         lambda r: r.get("desired", {}).get("version") == newest, 10, "the newest $version"
@@ -403,6 +405,9 @@ def test_direct_methods_through_the_service_sdk(
     status, body = service.invoke("status", {"verbose": True})
     assert status == 400
     assert "verbose" in body["error"]
+    status, body = service.invoke("rollback", [1])
+    assert status == 400
+    assert body["error"].startswith("bad rollback payload: payload: Input should be")
 
     status, body = service.invoke("reboot", {})
     assert status == 404
