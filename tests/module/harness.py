@@ -158,6 +158,7 @@ class ModuleProcess:
 
     process: subprocess.Popen[str]
     lines: list[LogLine] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)  # the same lines, as written
     ports: dict[str, int] = field(default_factory=dict)
     _reader: threading.Thread | None = None
 
@@ -184,6 +185,7 @@ class ModuleProcess:
             for raw in self.process.stdout:
                 copy.write(raw)
                 copy.flush()
+                self.raw.append(raw)
                 try:
                     line = json.loads(raw)
                 except json.JSONDecodeError:

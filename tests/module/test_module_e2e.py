@@ -56,9 +56,9 @@ def _publish_v1(service: Service, releases: Releases) -> dict[str, Any]:
 
 
 def test_a_release_published_through_the_service_sdk_becomes_active(
-    service: Service, releases: Releases, start_module: StartModule
+    sim: Simulator, service: Service, releases: Releases, start_module: StartModule
 ) -> None:
-    start_module()
+    module = start_module()
     manifest = releases.release("v1.onnx", V1, 1)
     version = service.publish(manifest)
     service.wait_model(1)
@@ -68,6 +68,14 @@ def test_a_release_published_through_the_service_sdk_becomes_active(
     # The hub keeps no nulls: `message: null` removes the key (no stale rejection message).
     assert reported["desired"] == {"version": version, "state": "applied"}
     assert releases.artifacts.requests_for("v1.onnx")  # fetched over HTTPS, not from elsewhere
+    # Case 26: neither the SAS query of the artifact URL nor the module's key is logged.
+    connection = sim.module_connection_string(sim.device_id, MODULE)
+    module_key = connection.split("SharedAccessKey=", 1)[1]
+    assert "sig=SECRET" in manifest["url"]
+    log = "".join(module.raw)
+    assert "download_completed" in log
+    assert "SECRET" not in log
+    assert module_key not in log
 
 
 def test_sensor_route_messages_are_answered_upstream_with_their_correlation_ids(
