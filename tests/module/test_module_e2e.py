@@ -248,6 +248,41 @@ def test_three_patches_while_offline_only_the_newest_is_applied_on_reconnect(
     assert superseded == [], "the superseded releases were never acted on"
 
 
+def test_a_download_outlives_a_hub_outage_and_its_state_is_reported_after_it(
+    sim: Simulator, service: Service, releases: Releases, start_module: StartModule
+) -> None:
+    """Case 1: the link drops mid-download; the swap completes offline, is reported on
+    reconnect, and the full twin replayed by the reconnect does not start it again (case 20)."""
+    module = start_module({"EDGEML_MODULE_CALL_TIMEOUT_S": "2"})
+    _publish_v1(service, releases)
+    # The artifact answers 503 + Retry-After first: the download is under way for ~3 s.
+    url = releases.serve("v2.onnx", V2, status=503, status_times=1, retry_after="3")
+    service.publish(releases.manifest(V2, 2, url))
+    module.wait_for(lambda line: line.get("event") == "download_retry", 30, "the 503 retried")
+    sim.faults.refuse_connections(sim.device_id, MODULE, 120)
+    assert sim.faults.drop_connection(sim.device_id, MODULE)
+    active = module.wait_for(
+        lambda line: (
+            line.get("event") == "model_status"
+            and line.get("version") == 2
+            and line.get("state") == "active"
+        ),
+        30,
+        "v2 active",
+    )
+    assert not sim.is_connected(sim.device_id, MODULE), "the swap completed while offline"
+    assert service.reported()["model"]["state"] == "downloading"  # the hub has not heard yet
+    sim.faults.refuse_connections(sim.device_id, MODULE, 0)
+    service.wait_model(2)
+    reconnected = [line for line in module.events("hub_connection") if line["connected"]][-1]
+    assert _at(active) < _at(reconnected)
+    assert len(releases.artifacts.requests_for("v2.onnx")) == 2  # the 503, then the body
+    downloads = [
+        line for line in module.events("download_started") if "v2.onnx" in str(line["url"])
+    ]
+    assert len(downloads) == 1, "the replayed desired document started nothing"
+
+
 def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_newest(
     sim: Simulator, service: Service, releases: Releases, start_module: StartModule
 ) -> None:
