@@ -48,7 +48,8 @@ MAX_ROUTE_MESSAGE_BYTES = 255 * 1024  # IoT Hub's 256 KB, less room for the prop
 ALERT_STATES = frozenset({ModelState.REJECTED, ModelState.FAILED, ModelState.ROLLED_BACK})
 
 ClientFactory = Callable[[], IoTHubModuleClient]
-_Event = tuple[Literal["patch", "connection", "method"], Any]
+_Event = tuple[Literal["patch", "connection", "method", "resync"], Any]
+RESYNC_RETRY_S = (1.0, 30.0)  # first and longest delay before reading the twin again
 
 
 class RollbackPayload(BaseModel):
@@ -135,6 +136,8 @@ class EdgeModule:
         self._connected = False
         self._offline_since: float | None = clock()
         self._reconciler = Reconciler()
+        self._resync_retry: asyncio.TimerHandle | None = None
+        self._resync_delay = RESYNC_RETRY_S[0]
         self._desired = DesiredState()
         self._telemetry_changed = asyncio.Event()
         self._started = datetime.now(UTC).isoformat()
@@ -181,6 +184,8 @@ class EdgeModule:
         """Stop taking route messages, finish those in flight, report, hand over to the spool."""
         self._accepting = False
         deadline = self._clock() + grace_s
+        if self._resync_retry is not None:
+            self._resync_retry.cancel()
         # The App stops services before it cancels their runs, but `flush` and `drain` send
         # by themselves: the senders' loops end first (one patch, one message in flight).
         for task in self._senders:
@@ -288,6 +293,9 @@ class EdgeModule:
                     await self._on_patch(item)
                 elif kind == "connection":
                     await self._on_connection(connected=bool(item))
+                elif kind == "resync":
+                    if self._connected:  # else the reconnect reads the twin anyway
+                        await self._resync()
                 else:
                     task = asyncio.get_running_loop().create_task(self._on_method(item))
                     self._route_tasks.add(task)
@@ -301,11 +309,26 @@ class EdgeModule:
         try:
             twin = await self._call(self._client.get_twin())
         except Exception as error:  # reconnecting: the next connection event tries again
-            log.warning("twin_get_failed", error=str(error))
+            # Patches missed while offline would stay unapplied until the next patch came:
+            # read again after a back-off (promise 1).
+            log.warning("twin_get_failed", error=str(error), retry_s=self._resync_delay)
+            self._schedule_resync()
             return
+        self._resync_delay = RESYNC_RETRY_S[0]
         desired = twin.get("desired", {}) if isinstance(twin, dict) else {}
         self._reconciler, action = self._reconciler.full(desired)
         self._act(action)
+
+    def _schedule_resync(self) -> None:
+        if self._resync_retry is not None:
+            return  # one retry pending is enough
+        assert self._loop is not None
+        self._resync_retry = self._loop.call_later(self._resync_delay, self._resync_due)
+        self._resync_delay = min(self._resync_delay * 2, RESYNC_RETRY_S[1])
+
+    def _resync_due(self) -> None:
+        self._resync_retry = None
+        self._events.put_nowait(("resync", None))
 
     async def _on_patch(self, patch: Any) -> None:
         if not isinstance(patch, dict):

@@ -248,6 +248,22 @@ def test_three_patches_while_offline_only_the_newest_is_applied_on_reconnect(
     assert superseded == [], "the superseded releases were never acted on"
 
 
+def test_a_failed_twin_read_on_reconnect_is_retried(
+    sim: Simulator, service: Service, releases: Releases, start_module: StartModule
+) -> None:
+    """Promise 1: desired state is re-read on every reconnect, even when the first read fails."""
+    module = start_module({"EDGEML_MODULE_CALL_TIMEOUT_S": "2"})
+    _publish_v1(service, releases)
+    sim.faults.refuse_connections(sim.device_id, MODULE, 120)
+    assert sim.faults.drop_connection(sim.device_id, MODULE)
+    poll(lambda: not sim.is_connected(sim.device_id, MODULE), 10, "the module offline")
+    service.publish(releases.release("v2.onnx", V2, 2))
+    sim.faults.twin_responses(status=500, count=3)  # the reads after the reconnect fail
+    sim.faults.refuse_connections(sim.device_id, MODULE, 0)
+    module.wait_for(lambda line: line.get("event") == "twin_get_failed", 30, "a failed read")
+    service.wait_model(2, timeout=30)
+
+
 def test_a_download_outlives_a_hub_outage_and_its_state_is_reported_after_it(
     sim: Simulator, service: Service, releases: Releases, start_module: StartModule
 ) -> None:
