@@ -29,7 +29,7 @@ costs each, `machine_cores` minus the others is work that is not ours (the machi
 shared); `module_switches_per_msg` counts the module's context switches (all threads) and,
 for the agent, `model_calls_per_msg` its ONNX Runtime calls (under 1 when messages share one).
 
-    python -m bench.route [--rounds 5] [--duration 10] [--warmup 2] [--window 64]
+    python -m bench.route [--rounds 9] [--duration 6] [--warmup 1.5] [--window 64]
                           [--echo-onnx] [--profile DIR]
 
 Diagnostics (their results are printed, not written to bench/results/):
@@ -214,6 +214,7 @@ class Run:
         if errors:
             print(f"  {self.config} errors by kind: {dict(errors)}", flush=True)
         rate = in_window / duration
+        messages = max(in_window, 1)  # per-message costs of a run that got no answer in time
         summary: dict[str, float | int] = {
             "msgs_per_s": round(rate, 1),
             "p50_ms": round(float(p50), 3),
@@ -227,9 +228,9 @@ class Run:
         for name, seconds in self.cpu_s.items():
             summary[f"{name}_cores"] = round(seconds / duration, 2)
             if name != "machine":
-                summary[f"{name}_cpu_us_per_msg"] = round(seconds / (rate * duration) * 1e6, 1)
+                summary[f"{name}_cpu_us_per_msg"] = round(seconds / messages * 1e6, 1)
         for name, count in self.counts.items():
-            summary[f"{name}_per_msg"] = round(count / (rate * duration), 3)
+            summary[f"{name}_per_msg"] = round(count / messages, 3)
         return summary
 
 
@@ -688,9 +689,9 @@ def _setting(text: str) -> tuple[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="agent + echo runs, back to back")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per run")
+    parser.add_argument("--rounds", type=int, default=9, help="agent + echo runs, back to back")
+    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds per run")
     parser.add_argument("--first-warmup", type=float, default=3.0, help="once per module, first")
     parser.add_argument("--window", type=int, default=64, help="requests in flight")
     parser.add_argument("--drain", type=float, default=30.0, help="seconds to wait for answers")
@@ -700,7 +701,7 @@ def main() -> None:
         default=0.3,
         help="before each round, wait until other work uses fewer cores than this",
     )
-    parser.add_argument("--quiet-wait", type=float, default=20.0, help="seconds, at most")
+    parser.add_argument("--quiet-wait", type=float, default=10.0, help="seconds, at most")
     parser.add_argument("--logs", default=None, help="module logs directory (default: a tmp dir)")
     parser.add_argument("--profile", default=None, help="cProfile both modules into this dir")
     parser.add_argument(
