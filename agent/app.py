@@ -49,11 +49,16 @@ class App:
         self._stop_requested = asyncio.Event()
         self.stop_reason: str | None = None
         self.failed = False
+        # Called once, the moment a stop is requested: for work that must not start or finish
+        # while intake drains (a model swap, say), before any service is stopped.
+        self.on_stop_requested: list[Callable[[], None]] = []
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
             log.info("stop_requested", reason=reason)
+            for hook in self.on_stop_requested:
+                hook()
         self._stop_requested.set()
 
     def fail(self, reason: str) -> None:

@@ -16,12 +16,14 @@ Rules that keep partial writes out:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import structlog
@@ -88,9 +90,7 @@ class FolderArtifacts:
         digest = hashlib.sha256()
         copied = 0
         try:
-            # O_NOFOLLOW: the file must not become a link between lstat and open.
-            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as reader:
+            with _open_regular(source) as reader:
                 sink = part.open(append=False)
                 try:
                     while chunk := reader.read(_CHUNK):
@@ -200,16 +200,36 @@ class FolderSource:
             await asyncio.to_thread(observer.join, grace_s)
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """Open `path` for reading only if it is a regular file, checked on the open descriptor.
+
+    O_NOFOLLOW: the name must not have become a link since it was listed; O_NONBLOCK: a FIFO
+    swapped in cannot block the reader (it is then refused by the fstat check).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path.name))
+    return os.fdopen(fd, "rb")
+
+
 def _read_manifest(path: Path) -> tuple[object, str] | None:
     """The parsed manifest and a digest of its bytes; None while it is unreadable."""
     try:
-        info = path.lstat()
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_MANIFEST_BYTES:
-            log.warning("folder_manifest_refused", file=path.name, size=info.st_size)
-            return None
-        data = path.read_bytes()
+        with _open_regular(path) as reader:
+            data = reader.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EINVAL):  # a link, a FIFO, a directory...
+            log.warning("folder_manifest_refused", file=path.name, error=error.strerror)
+        else:
+            log.warning("folder_manifest_unreadable", file=path.name, error=str(error))
+        return None
+    if len(data) > MAX_MANIFEST_BYTES:
+        log.warning("folder_manifest_refused", file=path.name, size=len(data))
+        return None
+    try:
         return json.loads(data), hashlib.sha256(data).hexdigest()
-    except (OSError, ValueError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:
         # Most often a manifest still being written: the next change triggers a new scan.
         # RecursionError: deeply nested JSON; escaping, it would stop the whole agent.
         log.warning("folder_manifest_unreadable", file=path.name, error=str(error))

@@ -157,6 +157,13 @@ class Agent:
             )
         return sources
 
+    def make_app(self, *extra: Service) -> App:
+        """The process: model sources, `extra` (adapters), then the servers."""
+        app = App(self.services_in_start_order(*extra), grace_s=self.settings.shutdown_grace_s)
+        if self.manager is not None:
+            app.on_stop_requested.append(self.manager.abandon_installs)
+        return app
+
     def services_in_start_order(self, *extra: Service) -> list[Service]:
         """Model sources first, then `extra` (adapters), then the servers: HTTP stops first."""
         settings = self.settings
@@ -201,5 +208,4 @@ def run_process(build: Callable[[], App], process: str) -> int:
 
 
 def build_app(settings: AgentSettings, registry: CollectorRegistry | None = None) -> App:
-    agent = Agent(settings, registry)
-    return App(agent.services_in_start_order(), grace_s=settings.shutdown_grace_s)
+    return Agent(settings, registry).make_app()

@@ -303,6 +303,11 @@ class ModelManager:
         while running := [i.task for i in self._installs.values() if not i.task.done()]:
             await asyncio.wait(running)
 
+    def abandon_installs(self) -> None:
+        """Cancel installs in progress now (shutdown): a swap must not land while draining."""
+        for install in self._installs.values():
+            install.task.cancel("agent stopping")
+
     async def close(self) -> None:
         """Abandon installs in progress (the disk state stays consistent) and probations."""
         tasks = [i.task for i in self._installs.values()]

@@ -35,7 +35,7 @@ def main() -> int:
     def build() -> App:
         agent = Agent(settings)
         edge = EdgeModule(agent, module_settings)
-        app = App(agent.services_in_start_order(edge), grace_s=settings.shutdown_grace_s)
+        app = agent.make_app(edge)
         edge.app = app  # a hub unreachable for too long fails the app
         return app
 
