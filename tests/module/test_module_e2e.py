@@ -209,8 +209,8 @@ def test_sigterm_during_a_swap_exits_0_reports_and_the_restart_finishes_the_rele
 
 DOWNLOAD_CANCEL_BUG = (
     "known bug in agent/download.py: _copy reads with asyncio.wait_for, which on Python 3.11 "
-    "can swallow a cancellation (CPython gh-86296), so the install outlives "
-    "ModelManager.close() (and, at worst, the App's second cancellation too)"
+    "can swallow a cancellation (CPython gh-86296), so a cancelled install can go on: a "
+    "superseded one (and activate an older version), or one cancelled at SIGTERM"
 )
 
 
@@ -330,6 +330,19 @@ def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_new
     assert reported["model"]["sha256"] == last["sha256"]
     assert reported["model"]["active_version"] == last["version"]
 
+    time.sleep(2)  # let superseded sessions be released
+    rss_after = process.memory_info().rss
+    mib = 1 << 20
+    print(  # the measurement, for the run's record
+        f"storm RSS: before {rss_before / mib:.0f} MiB, peak {rss_peak / mib:.0f} MiB, "
+        f"after {rss_after / mib:.0f} MiB; {len(releases.artifacts.server.requests)} requests"
+    )
+    assert rss_after - rss_before < 64 * mib, "resident memory grew with the storm"
+    events = sim.events.items()
+    patches = [e.data["patch"] for e in events if e.kind == "reported" and e.module_id == MODULE]
+    assert len(patches) < 500, "reported updates were coalesced, not sent one per patch"
+
+    problems: list[str] = []
     # At most one download in flight, from the module's own log: a newer download may start
     # while a superseded one closes its connection, but never runs beside it for longer.
     downloads = _download_intervals(module)
@@ -340,20 +353,48 @@ def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_new
         for (_, older_end) in downloads[:index]
         if older_end > newer_start
     ]
-    assert max(overlaps, default=0.0) < 0.5, f"downloads ran side by side: {max(overlaps):.2f} s"
+    if max(overlaps, default=0.0) >= 0.5:
+        problems.append(f"downloads ran side by side for {max(overlaps):.2f} s")
     # Versions never go backwards: once a version is active, no older one becomes active.
     statuses = module.events("model_status")
     active = [line["version"] for line in statuses if line["state"] == "active"]
-    assert active == sorted(active), f"active versions went backwards: {active}"
+    if active != sorted(active):
+        problems.append(f"active versions went backwards: {_first_inversion(active)}")
+    # Promise 7, as the hub saw it: reported patches arrive in order, so the model version
+    # the twin shows never goes back, and the desired version neither.
+    shown = [p["model"]["version"] for p in patches if "version" in p.get("model", {})]
+    if shown != sorted(shown):
+        problems.append(f"the reported model version went backwards: {_first_inversion(shown)}")
+    desired = [p["desired"]["version"] for p in patches if "version" in p.get("desired", {})]
+    if desired != sorted(desired):
+        problems.append(f"the reported desired version went back: {_first_inversion(desired)}")
+    continued = _superseded_installs_that_went_on(module)
+    if continued:
+        problems.append(f"superseded installs went on: versions {continued}")
+        pytest.xfail(f"{DOWNLOAD_CANCEL_BUG}: {'; '.join(problems)}")
+    assert not problems, problems
 
-    time.sleep(2)  # let superseded sessions be released
-    rss_after = process.memory_info().rss
-    mib = 1 << 20
-    print(  # the measurement, for the run's record
-        f"storm RSS: before {rss_before / mib:.0f} MiB, peak {rss_peak / mib:.0f} MiB, "
-        f"after {rss_after / mib:.0f} MiB; {len(releases.artifacts.server.requests)} requests"
-    )
-    assert rss_after - rss_before < 64 * mib, "resident memory grew with the storm"
+
+def _first_inversion(values: list[int]) -> str:
+    index = next(i for i, (a, b) in enumerate(itertools.pairwise(values)) if b < a)
+    return f"{values[index]} then {values[index + 1]}"
+
+
+def _superseded_installs_that_went_on(module: ModuleProcess) -> list[int]:
+    """Versions whose install logged progress after `install_superseded` had cancelled it."""
+    superseded: set[int] = set()
+    went_on: list[int] = []
+    for line in list(module.lines):
+        if line.get("event") == "install_superseded":
+            superseded.add(int(line["version"]))
+        elif (
+            line.get("event") == "model_status"
+            and line.get("version") in superseded
+            and line.get("state") in {"verifying", "loading", "active"}
+            and line["version"] not in went_on
+        ):
+            went_on.append(int(line["version"]))
+    return went_on
 
 
 def _download_intervals(module: ModuleProcess) -> list[tuple[float, float]]:
