@@ -6,6 +6,9 @@ measured on this machine at load time rather than guessed from the file size.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,11 +35,38 @@ class ModelLoadError(Exception):
     """The bytes are not a model ONNX Runtime can run, or its I/O cannot be described."""
 
 
+_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    return ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
+
+
+def pin_mmap_threshold(size: int) -> bool:
+    """Fix glibc's mmap threshold at `size` bytes for the whole process; False if not glibc.
+
+    glibc raises its threshold each time a block it had mmap'ed is freed (up to 32 MiB). After
+    the first hot swap drops a session, the next models' weights and load-time buffers then
+    come from heap arenas, where freed memory stays resident and fragmented: the agent's RSS
+    grew 86 % over 200 swaps of a 22 MB model (bench/swap.py; microsoft/onnxruntime#18749).
+    With a fixed threshold every block of `size` or more gets its own mapping, returned to the
+    OS when freed: RSS stays within 1 %. The price is paid by loading, which faults its big
+    buffers in afresh (~85 MB, some 50 ms of CPU for that model, on the loader thread); the
+    inference hot path takes no page faults either way, ORT's arena holding its buffers.
+    """
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeOptions:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     optimization: GraphOptimization = "all"
+    # Blocks from this size up are mapped on their own and unmapped when freed; None leaves
+    # glibc's dynamic threshold (see `pin_mmap_threshold`).
+    mmap_threshold_bytes: int | None = 1 << 20
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -140,6 +170,9 @@ class LoadedModel:
 
 def create_session(model: bytes | Path, options: RuntimeOptions) -> ort.InferenceSession:
     source = str(model) if isinstance(model, Path) else model
+    if options.mmap_threshold_bytes is not None:
+        # Process-wide and idempotent: set before each session, whose allocations obey it.
+        pin_mmap_threshold(options.mmap_threshold_bytes)
     try:
         return ort.InferenceSession(
             source, options.session_options(), providers=["CPUExecutionProvider"]
