@@ -104,6 +104,26 @@ def test_sensor_route_messages_are_answered_upstream_with_their_correlation_ids(
         np.testing.assert_allclose(produced, reference(V1, sent[correlation_id]), atol=1e-5)
 
 
+def test_a_bad_route_request_is_answered_with_an_error_under_its_correlation_id(
+    sim: Simulator, service: Service, releases: Releases, start_module: StartModule
+) -> None:
+    """Case 17 over a route: the sender learns what was wrong; the next request is served."""
+    start_module()
+    _publish_v1(service, releases)
+    wrong_width = np.zeros((1, TINY_FEATURES - 1), dtype=np.float32)
+    with sensor_client(sim.module_connection_string(sim.device_id, SENSOR), sim.ca_cert_path) as c:
+        send_infer(c, "bad-shape", wrong_width)
+        send_infer(c, "good", _rows(3))
+        answers = sim.upstream.wait_for_count(lambda m: m.output == "predictions", 2, timeout=30)
+    by_id = {m.message.system["correlationId"]: m for m in answers}
+    bad = by_id["bad-shape"]
+    assert bad.message.properties["schema"] == "oip-v2-error/1"
+    assert "input" in bad.json()["error"]
+    good = by_id["good"]
+    assert good.message.properties["schema"] == "oip-v2-response/1"
+    assert good.json()["model_version"] == "1"
+
+
 def test_a_hot_swap_under_route_traffic_loses_and_fails_no_message(
     sim: Simulator, service: Service, releases: Releases, start_module: StartModule
 ) -> None:
