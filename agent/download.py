@@ -641,10 +641,13 @@ class Downloader:
             # size + 1 without reading the rest of it.
             want = min(policy.chunk_bytes, job.size + 1 - job.received)
             wait = monitor.seconds_until_check(self._clock())
-            try:
-                chunk: bytes | None = await asyncio.wait_for(resp.content.read(want), wait)
-            except TimeoutError:
-                chunk = None  # nothing arrived in time: let the floor decide
+            chunk: bytes | None = None  # stays None if nothing arrives in time: the floor decides
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races the read's completion (CPython gh-86296), and a superseded download would
+            # then go on.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    chunk = await resp.content.read(want)
             now = self._clock()
             if chunk == b"":
                 return
