@@ -26,7 +26,9 @@ in an order rotated each round, and each statistic is the median over rounds. CP
 this process (`bench`: the simulator and the sender), of the module under test (`module`)
 and of the machine are read at the window's edges: `*_cpu_us_per_msg` is what one message
 costs each, `machine_cores` minus the others is work that is not ours (the machine may be
-shared); `module_switches_per_msg` counts the module's context switches (all threads) and,
+shared); `loop_thread_cpu_us_per_msg` is the part of the module's CPU spent by its main
+thread (the event loop; the SDK's threads are the rest); `module_switches_per_msg` counts
+the module's context switches (all threads) and,
 for the agent, `model_calls_per_msg` its ONNX Runtime calls (under 1 when messages share one).
 
     python -m bench.route [--rounds 9] [--duration 6] [--warmup 1.5] [--window 64]
@@ -41,7 +43,8 @@ module, `echo-onnx`: the echo that also runs the tiny model once
 per message on its event loop, as the agent does, which tells the cost of that call apart
 from the rest of the agent's work. `--profile DIR` runs every module under cProfile (the
 main thread only, where the event loop and the agent's inference run, not the SDK's
-threads) and writes `DIR/<module>.prof`.
+threads) and writes `DIR/<module>.prof`; `--profile-clock cpu` (the default) charges each
+function the main thread's CPU time, `wall` the elapsed time, waits for the GIL included.
 
 Last line: {"agent_msgs_per_s", "echo_msgs_per_s", "ratio", "p99_ms", ...} (p99 is the
 agent's); the same JSON goes to bench/results/route.json.
@@ -333,6 +336,19 @@ def _process_clock(pid: int) -> Callable[[], float]:
     return read
 
 
+def _main_thread_cpu_us(pid: int) -> Callable[[], float]:
+    """CPU microseconds of the main thread of `pid`: the event loop's (the SDK's are others)."""
+    process = psutil.Process(pid)
+
+    def read() -> float:
+        for thread in process.threads():
+            if thread.id == pid:
+                return (thread.user_time + thread.system_time) * 1e6
+        return 0.0
+
+    return read
+
+
 def _context_switches(pid: int) -> Callable[[], float]:
     """Voluntary and involuntary context switches of every thread of `pid` (Linux)."""
     tasks = Path(f"/proc/{pid}/task")
@@ -423,10 +439,27 @@ def module_process(
             process.wait()
 
 
-def _module_argv(module: str, profile: Path | None, name: str) -> list[str]:
+# `python -m cProfile` times functions by wall clock, which charges a thread for the time it
+# waits for the GIL; this runner times them by the main thread's own CPU time instead.
+_CPU_PROFILER = """
+import cProfile, runpy, sys, time
+output, module = sys.argv[1], sys.argv[2]
+sys.argv = [module]
+profiler = cProfile.Profile(time.thread_time)
+try:
+    profiler.runcall(runpy.run_module, module, run_name="__main__", alter_sys=True)
+finally:
+    profiler.dump_stats(output)
+"""
+
+
+def _module_argv(module: str, profile: Path | None, name: str, clock: str) -> list[str]:
     if profile is None:
         return [sys.executable, "-m", module]
-    return [sys.executable, "-m", "cProfile", "-o", str(profile / f"{name}.prof"), "-m", module]
+    output = str(profile / f"{name}.prof")
+    if clock == "wall":
+        return [sys.executable, "-m", "cProfile", "-o", output, "-m", module]
+    return [sys.executable, "-c", _CPU_PROFILER, output, module]
 
 
 def _base_env(sim: Simulator, module_id: str, site: Path | None) -> dict[str, str]:
@@ -525,7 +558,7 @@ async def _bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                 processes = {
                     AGENT: stack.enter_context(
                         module_process(
-                            _module_argv("module", profile, AGENT),
+                            _module_argv("module", profile, AGENT, args.profile_clock),
                             _agent_env(sim, scratch, key, site, args.agent_env),
                             logs / f"{AGENT}.log",
                         )
@@ -534,7 +567,7 @@ async def _bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                 for echo in echoes:
                     processes[echo] = stack.enter_context(
                         module_process(
-                            _module_argv("bench._echo_module", profile, echo),
+                            _module_argv("bench._echo_module", profile, echo, args.profile_clock),
                             _echo_env(sim, echo, model_path, site),
                             logs / f"{echo}.log",
                         )
@@ -575,7 +608,13 @@ async def _drive(
     answers = Answers()
     dispatcher = asyncio.get_running_loop().create_task(answers.dispatch(sim))
     runs: dict[str, list[dict[str, float | int]]] = {c: [] for c in configs}
-    counters = {c: {"module_switches": _context_switches(p.pid)} for c, p in processes.items()}
+    counters = {
+        config: {
+            "module_switches": _context_switches(process.pid),
+            "loop_thread_cpu_us": _main_thread_cpu_us(process.pid),
+        }
+        for config, process in processes.items()
+    }
     metrics_url = f"http://127.0.0.1:{_metrics_port(agent_log)}/metrics"
     counters[AGENT]["model_calls"] = lambda: _model_calls(metrics_url)
     busy_before: list[float] = []
@@ -703,7 +742,13 @@ def main() -> None:
     )
     parser.add_argument("--quiet-wait", type=float, default=10.0, help="seconds, at most")
     parser.add_argument("--logs", default=None, help="module logs directory (default: a tmp dir)")
-    parser.add_argument("--profile", default=None, help="cProfile both modules into this dir")
+    parser.add_argument("--profile", default=None, help="cProfile every module into this dir")
+    parser.add_argument(
+        "--profile-clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: the main thread's CPU time; wall: elapsed time, GIL waits included",
+    )
     parser.add_argument(
         "--echo-onnx",
         action="store_true",
