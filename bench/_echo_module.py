@@ -21,6 +21,7 @@ Exits 0 on SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import sys
@@ -71,6 +72,8 @@ class EchoModule:
         self._messages: asyncio.Queue[Message] = asyncio.Queue(MAX_QUEUED)
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
+        # The same message ids as module/edge.py: a random prefix and a counter.
+        self._ids = (f"{uuid.uuid4().hex}-{n}" for n in itertools.count())
         self.dropped = 0
         self.failed = 0
         self.work_calls = 0
@@ -111,7 +114,7 @@ class EchoModule:
         body = request.data if isinstance(request.data, bytes) else str(request.data).encode()
         reply: Message = Message(  # type: ignore[no-untyped-call]  # the SDK is unannotated
             body,
-            message_id=uuid.uuid4().hex,
+            message_id=next(self._ids),
             content_encoding="utf-8",
             content_type="application/json",
         )

@@ -9,6 +9,7 @@ store in `EDGEML_STATE_DIR`, and optionally `EDGEML_WATCH_DIR`.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pydantic import ValidationError
@@ -26,7 +27,13 @@ EXIT_USAGE = 2
 def main() -> int:
     try:
         module_settings = ModuleSettings.from_environment()
-        settings = AgentSettings.from_environment(also_known=ModuleSettings.environment_names())
+        settings = AgentSettings.from_environment(
+            also_known=ModuleSettings.environment_names(),
+            # Route messages arrive in bursts, and inside the module the SDK's threads take the
+            # GIL whenever ONNX Runtime releases it, so a model call costs several times what
+            # it does alone (bench/route.py): sharing calls pays even for a tiny model.
+            coalesce_above_us=None if "EDGEML_COALESCE_ABOVE_US" in os.environ else 0.0,
+        )
     except (ValueError, ValidationError) as error:
         print(f"module: invalid settings: {error}", file=sys.stderr)
         return EXIT_USAGE

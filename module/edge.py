@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import time
 import uuid
@@ -131,6 +132,9 @@ class EdgeModule:
         self._route_slots = asyncio.Semaphore(settings.max_route_in_flight)
         self._route_tasks: set[asyncio.Task[None]] = set()
         self._outbox_task: asyncio.Task[None] | None = None
+        # Unique per message without a uuid4 each: os.urandom releases the GIL, and on the
+        # route's hot path the SDK's threads then hold the loop up.
+        self._prediction_ids = (f"{uuid.uuid4().hex}-{n}" for n in itertools.count())
         self._senders: list[asyncio.Task[None]] = []
         self._accepting = True
         self._connected = False
@@ -518,7 +522,7 @@ class EdgeModule:
         if client is None:
             self._metrics.route_messages.labels("reply_failed").inc()
             return
-        message = _json_message(payload, uuid.uuid4().hex, schema)
+        message = _json_message(payload, next(self._prediction_ids), schema)
         message.correlation_id = correlation
         try:
             await self._call(client.send_message_to_output(message, PREDICTIONS))
