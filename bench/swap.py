@@ -21,7 +21,9 @@ answer checked (200 and output shape [1, 10]) and every failure counted:
 
 `p99_steady_ms` covers requests sent in the steady window, `p99_during_swap_ms` those sent
 from the first manifest write to the last RSS reading (every install, switch, drain and drop);
-`p99_install_windows_ms` narrows that to requests sent between a write and its `active` line.
+`p99_install_windows_ms` narrows that to requests sent between a write and its `active` line
+(verify, load, warm-up, golden sample, switch), `p99_after_switch_windows_ms` to those sent
+from an `active` line to the next write (the old session's drain and drop, the settle time).
 `rss_growth_pct_after_200_swaps` compares the RSS after the last swap with that after the first
 (after the first swap, both models have been resident at once; the first install is not a swap).
 Probation keeps its production defaults: each new model is watched until the next release
@@ -389,6 +391,10 @@ def summarize(run: Run, args: argparse.Namespace, model_bytes: int) -> dict[str,
     steady = window(answers, *run.steady)
     during = window(answers, *run.swapping)
     in_installs = sent_within(during, run.install_spans)
+    # From each `active` line to the next write: the old session's drain and drop, probation.
+    ends = [end for _, end in run.install_spans]
+    starts = [start for start, _ in run.install_spans[1:]] + [run.swapping[1]]
+    after_switches = sent_within(during, list(zip(ends, starts, strict=True)))
     errors = Counter(a.error for a in answers if a.error is not None)
     p99_steady = latency_ms(steady, 99)
     p99_during = latency_ms(during, 99)
@@ -403,6 +409,7 @@ def summarize(run: Run, args: argparse.Namespace, model_bytes: int) -> dict[str,
         "rss_growth_pct_after_200_swaps": round((run.rss[-1] / run.rss[0] - 1) * 100, 2),
         "p99_ratio": round(p99_during / p99_steady, 2),
         "p99_install_windows_ms": latency_ms(in_installs, 99),
+        "p99_after_switch_windows_ms": latency_ms(after_switches, 99),
         "p99_steady_after_swaps_ms": latency_ms(window(answers, *run.steady_after), 99),
         "p50_steady_ms": latency_ms(steady, 50),
         "p50_during_swap_ms": latency_ms(during, 50),
