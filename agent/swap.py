@@ -14,13 +14,18 @@ on the old or the new model, never a partial one, and a failed write leaves the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -54,6 +59,9 @@ from agent.store import ModelRef, ModelStore, NoLastKnownGoodError, PartFile, St
 from agent.ticks import ticks
 
 log = structlog.get_logger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+LOADER_NICENESS = 10
 
 _DELIVERY_REASONS: Mapping[DeliveryReason, SwapReason] = {
     DeliveryReason.URL_REJECTED: SwapReason.URL_REJECTED,
@@ -157,6 +165,11 @@ class ModelManager:
         self._installs: dict[str, _Install] = {}
         self._probations: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # One loader thread at a lower CPU priority: on a 2-core device, loading and warming
+        # up a candidate must not take the event loop's core from requests being served.
+        self._loader = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="model-loader", initializer=_lower_priority
+        )
         self.statuses: dict[str, ModelStatus] = {}
         # Set once `restore` has run: sources wait for it, so a release never races the
         # restoring of the model it would replace.
@@ -226,7 +239,7 @@ class ModelManager:
             install.task.cancel("rollback requested")
         self._stop_probation(name)
         target = record.last_known_good
-        model = await asyncio.to_thread(self._load_stored, name, target)
+        model = await self._in_loader(self._load_stored, name, target)
         try:
             self._save(lambda state: state.rolled_back(name))
         except NoLastKnownGoodError as error:  # raced with another rollback
@@ -255,7 +268,7 @@ class ModelManager:
             if record.active is None:
                 continue
             try:
-                model = await asyncio.to_thread(self._load_stored, name, record.active)
+                model = await self._in_loader(self._load_stored, name, record.active)
             except SwapError as error:
                 # An expected outcome with its reason: no traceback.
                 log.error("restore_failed", model=name, reason=error.reason, error=error.message)  # noqa: TRY400
@@ -317,6 +330,12 @@ class ModelManager:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._installs.clear()
         self._probations.clear()
+        # A load in progress is not waited for: its result is dropped when it ends.
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_loader(self, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._loader, functools.partial(work, *args, **kwargs))
 
     # -- the install pipeline -----------------------------------------------------------
 
@@ -331,7 +350,7 @@ class ModelManager:
                 self._publish(
                     name, ModelState.VERIFYING, None, "artifact cached", manifest=manifest
                 )
-                await asyncio.to_thread(self._verify_cached, sha)
+                await self._in_loader(self._verify_cached, sha)
             else:
                 self._store.ensure_free_space(manifest.size)
                 await artifacts.fetch(manifest, self._store.artifact_part(sha))
@@ -340,7 +359,7 @@ class ModelManager:
                 )
                 self._store.commit_artifact(sha)
             self._publish(name, ModelState.LOADING, None, "loading", manifest=manifest)
-            model = await asyncio.to_thread(self._load_release, manifest)
+            model = await self._in_loader(self._load_release, manifest)
             self._check_against_active(name, manifest, model)
             self._save(lambda state: state.activated(name, ref))
             previous = self._switch(name, model)
@@ -594,6 +613,12 @@ class ModelManager:
         for listener in self._listeners:
             listener(status)
         return status
+
+
+def _lower_priority() -> None:
+    """Thread initializer: nice 10 for this thread only (Linux schedules threads apart)."""
+    with contextlib.suppress(OSError, AttributeError):  # no per-thread niceness elsewhere
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICENESS)
 
 
 def _stats(model: LoadedModel) -> ServingStats:

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import copy
 import hashlib
+import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 from agent.lifecycle import ModelState, ProbationPolicy, SwapError
 from agent.manifest import sign_manifest
 from agent.store import ModelStore
+from agent.swap import LOADER_NICENESS
 from deployment.example_models import mlp
 from tests.agent.artifact_server import Artifact, FullDisk, TestPki
 from tests.agent.models import TINY_FEATURES, mid_bytes, tiny_bytes
@@ -295,3 +298,15 @@ async def test_a_signature_over_other_bytes_is_refused(
     manifest = publisher.release(tiny_bytes(0), 1)
     manifest["signature"]["value"] = base64.b64encode(bytes(64)).decode()
     assert device.manager.submit(manifest).reason == "signature_invalid"
+
+
+async def test_models_load_on_a_thread_of_lower_cpu_priority(
+    device: Device, publisher: Publisher
+) -> None:
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    loaders = [t for t in threading.enumerate() if t.name.startswith("model-loader")]
+    assert loaders
+    expected = os.getpriority(os.PRIO_PROCESS, 0) + LOADER_NICENESS
+    for loader in loaders:  # other tests' loaders may not have exited yet
+        assert loader.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, loader.native_id) == expected
