@@ -7,9 +7,12 @@ Dispatch is chosen per call from the model's measured cost (see `engine.CostMode
   (about 10 µs with its future) would cost more than sharing the call saves;
 * otherwise requests are queued and flushed by one loop callback, so every request that
   arrives within the same event-loop iteration (or within `max_wait_s`) shares a call;
-* a batch estimated under `inline_budget_s` runs on the event loop; a costlier one runs on
-  a worker thread (ONNX Runtime releases the GIL), and requests arriving meanwhile form the
-  next batch. A thread hand-off costs 70-150 µs here, hence the inline budget.
+* a lone request estimated under `inline_budget_s` runs on the event loop; a costlier call
+  runs on a worker thread (ONNX Runtime releases the GIL), and requests arriving meanwhile
+  form the next batch. A thread hand-off costs 70-150 µs here, hence the inline budget;
+* a batch of several requests is evidence of load: there the loop has other requests to
+  decode, so any call over `busy_inline_budget_s` goes to the worker thread and the two
+  cores work in parallel.
 
 Requests in flight keep the `LoadedModel` they were validated against, so a swap never makes
 a queued request meet a different model.
@@ -43,6 +46,7 @@ class BatchingPolicy:
     max_rows: int = 32
     max_wait_s: float = 0.0
     inline_budget_s: float = 0.0015
+    busy_inline_budget_s: float = 0.0002
     coalesce_above_s: float = 0.0001
     worker_threads: int = 1
 
@@ -301,7 +305,10 @@ class InferenceService:
         now = self._clock()
         for pending in batch:
             self._metrics.queue_wait.observe(now - pending.arrived)
-        if model.cost.estimate(sum(rows)) <= self.policy.inline_budget_s:
+        budget = (
+            self.policy.inline_budget_s if len(batch) == 1 else self.policy.busy_inline_budget_s
+        )
+        if model.cost.estimate(sum(rows)) <= budget:
             try:
                 outputs = self._run_inline(model, stack([p.inputs for p in batch]), None, sum(rows))
                 _resolve(batch, model, outputs, rows)

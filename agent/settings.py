@@ -38,6 +38,7 @@ class AgentSettings(BaseModel):
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     inline_budget_us: float = Field(1500.0, ge=0.0, le=1_000_000.0)
+    busy_inline_budget_us: float = Field(200.0, ge=0.0, le=1_000_000.0)
     coalesce_above_us: float = Field(100.0, ge=0.0, le=1_000_000.0)
     worker_threads: int = Field(1, ge=1, le=64)
 
@@ -109,6 +110,7 @@ class AgentSettings(BaseModel):
             max_rows=self.max_batch,
             max_wait_s=self.max_wait_ms / 1000,
             inline_budget_s=self.inline_budget_us / 1e6,
+            busy_inline_budget_s=self.busy_inline_budget_us / 1e6,
             coalesce_above_s=self.coalesce_above_us / 1e6,
             worker_threads=self.worker_threads,
         )

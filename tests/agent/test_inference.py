@@ -180,3 +180,16 @@ async def test_requests_in_flight_finish_on_the_model_they_started_with() -> Non
         is None
     )
     await service.close()
+
+
+async def test_a_lone_request_runs_inline_and_a_busy_batch_on_a_worker_thread() -> None:
+    registry = CollectorRegistry()
+    # 500 µs a call: under the inline budget, over the budget for a loop with others waiting.
+    service = _service(registry, _costed(loaded(tiny_bytes()), fixed_s=0.0005))
+    await service.infer({"input": _rows(1)})
+    assert registry.get_sample_value("agent_inference_batches_total", {"dispatch": "inline"}) == 1
+    await asyncio.gather(*(service.infer({"input": _rows(1)}) for _ in range(8)))
+    threaded = registry.get_sample_value("agent_inference_batches_total", {"dispatch": "thread"})
+    assert threaded is not None
+    assert threaded >= 1
+    await service.close()
