@@ -20,13 +20,14 @@ RUN /opt/venv/bin/pip install .
 
 # --- runtime ---------------------------------------------------------------------------------
 FROM python:3.11-slim
-# Defaults for `python -m agent serve` (EDGEML_* settings; flags given to `docker run` override
-# them): the model in the volume, all interfaces (loopback inside the container's network
+# Defaults for `python -m module` (EDGEML_* settings; the deployment's `env` overrides them):
+# the model store in the volume, all interfaces (loopback inside the container's network
 # namespace is unreachable from edgeHub and from published ports), JSON logs for the runtime.
+# EDGEML_TRUSTED_KEYS comes from the deployment: the image trusts no publisher by itself.
 ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    EDGEML_MODEL_PATH=/var/lib/edge-agent/model.onnx \
+    EDGEML_STATE_DIR=/var/lib/edge-agent \
     EDGEML_HOST=0.0.0.0 \
     EDGEML_HTTP_PORT=8000 \
     EDGEML_METRICS_PORT=9600 \
@@ -44,6 +45,6 @@ EXPOSE 8000 9600
 # verdict. The port is EDGEML_HTTP_PORT above: change both together.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live', timeout=2)"]
-# Arguments to `docker run IMAGE ...` append to the entry point (e.g. `--model PATH`). A later
-# issue switches it to `python -m module`, the IoT Edge adapter.
-ENTRYPOINT ["python", "-m", "agent", "serve"]
+# The IoT Edge adapter: it connects through the workload API (IOTEDGE_* variables set by the
+# runtime), or through EdgeHubConnectionString + EdgeModuleCACertificateFile for local debugging.
+ENTRYPOINT ["python", "-m", "module"]

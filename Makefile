@@ -35,10 +35,13 @@ lint: setup
 test: setup system-deps lint
 	$(PY) -m pytest
 
+# Each benchmark writes bench/results/<name>.json and prints it as its last line.
 bench: setup
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
-	$(PY) -m bench.overhead | tee bench/results/overhead.log
-	$(PY) -m bench.http | tee bench/results/http.log
+	$(PY) -m bench.overhead
+	$(PY) -m bench.http
+	$(PY) -m bench.swap
+	$(PY) -m bench.route
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache

@@ -13,6 +13,7 @@ What cannot be replayed without root (useradd, chown in the runtime stage) is ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,8 +32,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from deployment.example_models import save, tiny_mlp
+from agent.manifest import public_key_to_b64
+from deployment.example_models import tiny_mlp
+from deployment.release import build_manifest
+from simulator.hub import Simulator, pick_loopback_host, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -383,19 +388,49 @@ def _port_free(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
-def run_container(
-    image: Image, recipe: Recipe | None = None, *, model_name: str = "tiny"
-) -> subprocess.Popen[bytes]:
-    """`docker run -v store:VOLUME IMAGE --model VOLUME/<model_name>.onnx`, replayed.
+@dataclass(frozen=True)
+class Deployment:
+    """What IoT Edge hands the container: the hub's local-debug variables and the settings the
+    deployment manifest's `env` sets, plus a signed release in a folder of the volume."""
 
-    The image's environment only, and the volume as working directory: `python -m` puts the
-    cwd first on sys.path, and the repository's source tree there would hide a package missing
-    from the installed wheel.
+    environment: Mapping[str, str]
+
+
+def deployment_for(image: Image, hub: Simulator) -> Deployment:
+    key = Ed25519PrivateKey.generate()
+    releases = image.volume / "releases"
+    releases.mkdir(parents=True, exist_ok=True)
+    model = bytes(tiny_mlp().SerializeToString())
+    manifest = build_manifest(
+        model,
+        name="tiny",
+        version=1,
+        url=f"https://artifacts.invalid/{hashlib.sha256(model).hexdigest()}.onnx",
+        key=key,
+        key_id="image-test",
+    )
+    (releases / f"{manifest['sha256']}.onnx").write_bytes(model)
+    (releases / "tiny.manifest.json").write_text(json.dumps(manifest))
+    return Deployment(
+        {
+            **hub.edge_env(hub.device_id, "mlagent"),
+            "EDGEML_TRUSTED_KEYS": f"image-test={public_key_to_b64(key.public_key())}",
+            "EDGEML_WATCH_DIR": str(releases),
+        }
+    )
+
+
+def run_container(
+    image: Image, deployment: Deployment, recipe: Recipe | None = None
+) -> subprocess.Popen[bytes]:
+    """`docker run -v store:VOLUME -e <deployment env> IMAGE`, replayed.
+
+    The image's environment plus the deployment's, and the volume as working directory:
+    `python -m` puts the cwd first on sys.path, and the repository's source tree there would
+    hide a package missing from the installed wheel.
     """
     recipe = recipe or image.recipe
-    model = f"{recipe.volume}/{model_name}.onnx"
-    save(tiny_mlp(), Path(image.paths(model)))
-    argv = [image.paths(a) for a in recipe.argv(["--model", model])]
+    argv = [image.paths(a) for a in recipe.argv()]
     ports = [int(p) for p in recipe.runtime.last("EXPOSE").args.split()]
     busy = [p for p in ports if not _port_free(p)]
     if busy:
@@ -403,7 +438,11 @@ def run_container(
     # A file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it.
     with image.log.open("wb") as log:
         return subprocess.Popen(
-            argv, cwd=image.volume, env=image.environment(), stdout=log, stderr=subprocess.STDOUT
+            argv,
+            cwd=image.volume,
+            env={**image.environment(), **deployment.environment},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
 
@@ -499,6 +538,17 @@ def image(recipe: Recipe, tmp_path_factory: pytest.TempPathFactory) -> Image:
     return build(recipe, tmp_path_factory.mktemp("image"))
 
 
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
+    """The IoT Edge hub the module connects to (this project's offline simulator)."""
+    with Simulator.start(
+        REPO / "deployment" / "deployment.template.json",
+        run_dir=tmp_path_factory.mktemp("hub"),
+        host=pick_loopback_host(),
+    ) as simulator:
+        yield simulator
+
+
 @pytest.mark.parametrize(
     ("dockerignore", "path", "ignored"),
     [
@@ -566,7 +616,7 @@ def test_runtime_stage_declares_ports_volume_and_healthcheck(recipe: Recipe) -> 
 def test_environment_defaults_agree_with_ports_and_volume(recipe: Recipe) -> None:
     env = recipe.env_defaults()
     assert (env["EDGEML_HTTP_PORT"], env["EDGEML_METRICS_PORT"]) == ("8000", "9600")
-    assert env["EDGEML_MODEL_PATH"].startswith(recipe.volume + "/")
+    assert env["EDGEML_STATE_DIR"] == recipe.volume
     assert env["EDGEML_HOST"] == "0.0.0.0"
     assert env["PATH"].startswith(recipe.venv + "/bin:")
 
@@ -615,10 +665,10 @@ def test_image_installs_no_cloud_or_dev_packages(image: Image) -> None:
 
 
 @pytest.mark.timeout(INSTALL_TIMEOUT_S)
-def test_entry_point_becomes_healthy_serves_the_volume_model_and_exits_zero_on_sigterm(
-    image: Image,
+def test_entry_point_connects_becomes_healthy_serves_a_release_and_exits_zero_on_sigterm(
+    image: Image, hub: Simulator
 ) -> None:
-    process = run_container(image, model_name="tiny")
+    process = run_container(image, deployment_for(image, hub))
     try:
         wait_healthy(image, process)
         body = {
@@ -630,33 +680,39 @@ def test_entry_point_becomes_healthy_serves_the_volume_model_and_exits_zero_on_s
             headers={"Content-Type": "application/json"},
         )
         deadline = time.monotonic() + 30
-        while True:  # live comes before ready: the model loads after the HTTP port is up
+        # Live comes before the model: the release installs after the port is up (404 until
+        # the name exists, 503 until it is ready).
+        while True:
             try:
                 with urllib.request.urlopen(request, timeout=5) as response:
                     answer = json.load(response)
                 break
             except urllib.error.HTTPError as error:
-                if error.code != 503 or time.monotonic() > deadline:
+                if error.code not in (404, 503) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
         assert answer["outputs"][0]["shape"] == [1, 8]
+        wait_until(lambda: hub.is_connected(hub.device_id, "mlagent"), 30)
     finally:
         code = stop(process)
     assert code == 0, image.log.read_text(errors="replace")[-4000:]
 
 
 @pytest.mark.timeout(INSTALL_TIMEOUT_S)
-def test_a_wrong_module_in_the_entry_point_fails_the_replay(image: Image) -> None:
+def test_a_wrong_module_in_the_entry_point_fails_the_replay(image: Image, hub: Simulator) -> None:
     """The replay really runs the recipe's command: a typo there is caught, not papered over."""
     broken = image.recipe.runtime.last("ENTRYPOINT")
-    mutated = replace(broken, args=broken.args.replace('"agent"', '"agnet"'))
+    mutated = replace(broken, args=broken.args.replace('"module"', '"modlue"'))
+    assert mutated != broken
     runtime = replace(
         image.recipe.runtime,
         instructions=tuple(
             mutated if i is broken else i for i in image.recipe.runtime.instructions
         ),
     )
-    process = run_container(image, replace(image.recipe, runtime=runtime))
+    process = run_container(
+        image, deployment_for(image, hub), replace(image.recipe, runtime=runtime)
+    )
     try:
         with pytest.raises(RecipeError, match="exited 1 before it was healthy"):
             wait_healthy(image, process)
@@ -665,14 +721,14 @@ def test_a_wrong_module_in_the_entry_point_fails_the_replay(image: Image) -> Non
 
 
 @pytest.mark.timeout(INSTALL_TIMEOUT_S)
-def test_a_missing_dependency_fails_the_replay(tmp_path: Path) -> None:
+def test_a_missing_dependency_fails_the_replay(tmp_path: Path, hub: Simulator) -> None:
     """`pip install --no-deps .` builds fine and must still be caught at start."""
     text = DOCKERFILE.read_text().replace(
         "/opt/venv/bin/pip install .", "/opt/venv/bin/pip install --no-deps ."
     )
     assert "--no-deps" in text
     broken = build(Recipe.parse(text), tmp_path)
-    process = run_container(broken)
+    process = run_container(broken, deployment_for(broken, hub))
     try:
         with pytest.raises(RecipeError, match="ModuleNotFoundError"):
             wait_healthy(broken, process)
