@@ -310,8 +310,14 @@ class InferenceService:
         )
         if model.cost.estimate(sum(rows)) <= budget:
             try:
-                outputs = self._run_inline(model, stack([p.inputs for p in batch]), None, sum(rows))
-                _resolve(batch, model, outputs, rows)
+                if len(batch) == 1:  # nothing to stack or split: the request's own call
+                    lone = batch[0]
+                    result = self._run_inline(model, lone.inputs, lone.outputs, lone.rows)
+                    if not lone.future.done():
+                        lone.future.set_result(result)
+                else:
+                    stacked = stack([p.inputs for p in batch])
+                    _resolve(batch, model, self._run_inline(model, stacked, None, sum(rows)), rows)
             except Exception as error:  # one failed call fails its own batch, not the service
                 _fail(batch, error)
             if self._queue:
