@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeGuard
 
 import numpy as np
+import orjson
 
 from agent.contract import NUMPY_TO_V2, V2_TO_NUMPY, ModelContract, RequestError, TensorSpec
 
@@ -243,11 +244,23 @@ def _decode_input(raw: Mapping[str, Any], tensor: _Tensor, binary: _BinaryCursor
 
 
 def _load_json(data: bytes) -> Any:
+    # orjson: the stdlib parser takes ~700 µs for the 1,024 floats of a mid-size model's
+    # request, most of the agent's time per request; orjson ~10x less. It also refuses the
+    # NaN/Infinity literals the stdlib accepts, and nests at most 1024 deep.
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if "exceeds 64-bit range" in str(exc):
+            # Integers past 64 bits are valid JSON: the stdlib parser keeps them exact, so
+            # the tensor checks can name the value out of range for its datatype.
+            return _load_json_exact(data)
+        raise RequestError("bad_json", f"the request is not valid JSON: {_short(exc)}") from None
+
+
+def _load_json_exact(data: bytes) -> Any:
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError and UnicodeDecodeError; RecursionError a hostile
-        # `[[[[...` deeper than the parser's stack.
         raise RequestError("bad_json", f"the request is not valid JSON: {_short(exc)}") from None
 
 
