@@ -36,7 +36,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -56,6 +55,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench._loadgen import LoadSpec, run_load
+from bench._machine import machine_busy, stop, wait_for_quiet_machine
 from deployment.example_models import mid_mlp, save, tiny_mlp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,33 +161,7 @@ def running_server(
             time.sleep(0.2)
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _machine_busy() -> float:
-    """CPU seconds all cores spent on anything but idling, since boot."""
-    times = psutil.cpu_times()
-    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
-
-
-def wait_for_quiet_machine(threshold_cores: float, max_wait_s: float) -> float:
-    """Wait (bounded) until other work uses under `threshold_cores`; return the last reading.
-
-    The machine may be shared (CI, other builds); starting a server into a busy second's worth
-    of someone else's compile only adds noise that the rounds must then average away.
-    """
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        before = _machine_busy()
-        time.sleep(1.0)
-        busy = _machine_busy() - before
-        if busy < threshold_cores or time.monotonic() > deadline:
-            return round(busy, 2)
+        stop(process)
 
 
 def _mean_batch_rows(metrics_url: str) -> float | None:
@@ -236,7 +210,7 @@ def measure(
             warmup_s=args.warmup,
             duration_s=args.duration,
         )
-        clocks = {"client": time.process_time, "server": server_cpu, "machine": _machine_busy}
+        clocks = {"client": time.process_time, "server": server_cpu, "machine": machine_busy}
         result = asyncio.run(run_load(spec, clocks))
         summary: dict[str, float | int | None] = dict(result.summary())
         # CPU that neither side of the benchmark used: other work sharing the 2 cores.

@@ -60,7 +60,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import signal
 import ssl
 import statistics
 import subprocess
@@ -83,6 +82,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.manifest import public_key_to_b64
+from bench._machine import machine_busy, stop, wait_for_quiet_machine
 from deployment.example_models import tiny_mlp
 from deployment.release import build_manifest
 from simulator import certs
@@ -320,12 +320,6 @@ async def measure(
 # ------------------------------------------------------------------ processes and setup
 
 
-def _machine_busy() -> float:
-    """CPU seconds all cores spent on anything but idling, since boot."""
-    times = psutil.cpu_times()
-    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
-
-
 def _process_clock(pid: int) -> Callable[[], float]:
     process = psutil.Process(pid)
 
@@ -386,17 +380,6 @@ def _model_calls(url: str) -> float:
     return 0.0
 
 
-def wait_for_quiet_machine(threshold_cores: float, max_wait_s: float) -> float:
-    """Wait (bounded) until other work uses under `threshold_cores`; return the last reading."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        before = _machine_busy()
-        time.sleep(1.0)
-        busy = _machine_busy() - before
-        if busy < threshold_cores or time.monotonic() > deadline:
-            return round(busy, 2)
-
-
 @contextlib.asynccontextmanager
 async def artifact_server(directory: Path, files: Mapping[str, bytes]) -> AsyncIterator[str]:
     """Serve `files` over HTTPS on 127.0.0.1; yields the base URL (its CA: directory/ca.pem)."""
@@ -431,12 +414,7 @@ def module_process(
     try:
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 # `python -m cProfile` times functions by wall clock, which charges a thread for the time it
@@ -651,7 +629,7 @@ async def _drive(
                     cpu_clocks={
                         "bench": time.process_time,
                         "module": _process_clock(processes[config].pid),
-                        "machine": _machine_busy,
+                        "machine": machine_busy,
                     },
                     counters=counters[config],
                 )
