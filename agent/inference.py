@@ -147,15 +147,19 @@ class InferenceService:
                 "ready": True,
                 "sha256": model.sha256,
                 "batch1_cost_us": round(model.cost.estimate(1) * 1e6, 1),
-                "dispatch": self._dispatch_label(model),
+                "dispatch": "coalesced" if self._coalesces(model) else "direct",
                 **lifecycle,
             },
         )
 
-    def _dispatch_label(self, model: LoadedModel) -> str:
-        if not self.policy.enabled or model.cost.fixed_s < self.policy.coalesce_above_s:
-            return "direct"
-        return "coalesced"
+    def _coalesces(self, model: LoadedModel) -> bool:
+        """Whether requests for `model` are queued to share calls (see the module docstring)."""
+        policy = self.policy
+        return (
+            policy.enabled
+            and model.contract.batchable
+            and model.cost.fixed_s >= policy.coalesce_above_s
+        )
 
     async def close(self) -> None:
         """Fail what is still queued and stop the worker threads."""
@@ -224,15 +228,9 @@ class InferenceService:
         names: Sequence[str],
         arrived: float,
     ) -> list[np.ndarray]:
-        policy = self.policy
-        estimate = model.cost.estimate(rows)
-        if (
-            not policy.enabled
-            or model.cost.fixed_s < policy.coalesce_above_s
-            or not model.contract.batchable
-        ):
+        if not self._coalesces(model):
             self._metrics.queue_wait.observe(self._clock() - arrived)
-            if estimate <= policy.inline_budget_s:
+            if model.cost.estimate(rows) <= self.policy.inline_budget_s:
                 return self._run_inline(model, inputs, names, rows)
             return await self._run_in_thread(model, inputs, names, rows)
         future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()

@@ -35,6 +35,7 @@ from agent.download import DeliveryError, DeliveryReason, Downloader
 from agent.engine import LoadedModel, ModelLoadError, RuntimeOptions, load_model
 from agent.inference import InferenceService
 from agent.lifecycle import (
+    NO_BASELINE,
     ModelState,
     ModelStatus,
     ProbationPolicy,
@@ -381,7 +382,7 @@ class ModelManager:
             name, ModelState.ACTIVE, None, f"swapped in {seconds:.2f} s", manifest=manifest
         )
         self._collect_garbage()
-        baseline = _stats(previous) if previous is not None else ServingStats(0, 0, 0.0)
+        baseline = _stats(previous) if previous is not None else NO_BASELINE
         self._probations[name] = asyncio.get_running_loop().create_task(
             self._probation(name, model, baseline), name=f"probation-{name}"
         )
