@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 ARGS ?=
+PYTEST_ARGS ?=
 
 .PHONY: setup system-deps demo test lint typecheck bench clean
 
@@ -33,7 +34,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 test: setup system-deps lint
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Each benchmark writes bench/results/<name>.json and prints it as its last line.
 bench: setup

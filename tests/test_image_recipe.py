@@ -39,6 +39,8 @@ from deployment.example_models import tiny_mlp
 from deployment.release import build_manifest
 from simulator.hub import Simulator, pick_loopback_host, wait_until
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"

@@ -23,6 +23,8 @@ import pytest
 from deployment.example_models import save, tiny_mlp
 from tests.prometheus import Prometheus, free_port, running_prometheus
 
+pytestmark = pytest.mark.e2e
+
 JOB = "edge-agent"
 REQUESTS = 7
 MODEL = "tiny"

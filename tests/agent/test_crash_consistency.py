@@ -34,6 +34,8 @@ from deployment.release import build_manifest
 from tests.agent.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
 from tests.agent_process import AgentProcess, LogLine, running_agent
 
+pytestmark = pytest.mark.e2e
+
 KEY_ID = "crash-key"
 PROCESS_WAIT_S = 30.0  # any one process step; a healthy run takes a fraction of it
 

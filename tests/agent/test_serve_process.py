@@ -18,6 +18,8 @@ import pytest
 from deployment.example_models import mid_mlp, save, tiny_mlp
 from tests.agent_process import running_agent
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:

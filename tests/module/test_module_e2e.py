@@ -32,6 +32,8 @@ from tests.module.harness import (
     sensor_client,
 )
 
+pytestmark = pytest.mark.e2e
+
 V1, V2 = tiny_bytes(0), tiny_bytes(1)
 MID = mid_bytes(0)
 

@@ -20,6 +20,8 @@ from simulator import pick_loopback_host
 from tests.simulator.conftest import DEVICE, MANIFEST, collect_sdk_garbage
 from tests.simulator.inbox import Inbox, sdk_message
 
+pytestmark = pytest.mark.e2e
+
 CLI = [sys.executable, "-m", "simulator"]
 
 
