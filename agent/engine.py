@@ -210,6 +210,12 @@ def measure_cost(
     return fit_cost(1, one, max_rows, median_seconds(max_rows))
 
 
+def warm_up(session: ort.InferenceSession, contract: ModelContract, max_rows: int) -> None:
+    """One run at batch 1 and one at `max_rows`: the first calls allocate their buffers."""
+    for rows in (1, max_rows) if contract.batchable and max_rows > 1 else (1,):
+        session.run(None, sample_inputs(contract, rows))
+
+
 def load_model(
     model: bytes | Path,
     *,
@@ -218,12 +224,17 @@ def load_model(
     sha256: str,
     options: RuntimeOptions,
     max_rows: int,
+    cost: CostModel | None = None,
 ) -> LoadedModel:
-    """Create, warm up and time a session. Blocking: call it from a worker thread."""
+    """Create, warm up and time a session (or only warm it up when its `cost` was measured
+    already, in quarantine). Blocking: call it from a worker thread."""
     session = create_session(model, options)
     contract = read_contract(session)
     try:
-        cost = measure_cost(session, contract, max_rows)
+        if cost is None:
+            cost = measure_cost(session, contract, max_rows)
+        else:
+            warm_up(session, contract, max_rows)
     except Exception as error:  # a model that loads but cannot run on its own contract
         raise ModelLoadError(f"warm-up failed: {str(error).strip()[:300]}") from error
     return LoadedModel(session, name=name, version=version, sha256=sha256, cost=cost)

@@ -54,6 +54,9 @@ class SwapReason(enum.StrEnum):
     LOAD_FAILED = "load_failed"
     CONTRACT_MISMATCH = "contract_mismatch"
     GOLDEN_MISMATCH = "golden_mismatch"
+    RESOURCE_LIMIT = "resource_limit"  # killed or out of memory in quarantine
+    LOAD_TIMEOUT = "load_timeout"  # out of CPU or wall time in quarantine
+    CRASHED_DURING_INSTALL = "crashed_during_install"  # the agent died loading or trying it
     # rollbacks
     PROBATION_ERRORS = "probation_errors"
     PROBATION_LATENCY = "probation_latency"

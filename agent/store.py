@@ -7,8 +7,14 @@ Layout under the store root::
     baselines/<sha256>.json    verified drift baselines, named by their own digest
     baselines/<sha256>.part
     state.json                 {"schema": 1, "models": {<name>: {"active": ref|null,
-                                 "last_known_good": ref|null, "highest_seen": ref|null}}}
+                                 "last_known_good": ref|null, "highest_seen": ref|null,
+                                 ["installing": ref, "crashed": ref]}}}
         ref = {"version": int, "sha256": hex64, "baseline_sha256": hex64|null}
+
+``installing`` is written before a release is loaded into the serving process and cleared once
+it has served its first requests (or failed cleanly): found at start, it means the process died
+loading or trying that release, which is then never loaded again (``crashed``). Both keys are
+written only when set, so a file without them is the same state as before they existed.
 
 ``state.json`` is replaced atomically (temp file in the same directory, fsync, ``os.replace``,
 fsync of the directory), so a crash at any instant leaves either the old or the new state, and
@@ -112,6 +118,8 @@ class ModelRecord:
     active: ModelRef | None = None
     last_known_good: ModelRef | None = None
     highest_seen: ModelRef | None = None
+    installing: ModelRef | None = None  # loading or on trial in the serving process
+    crashed: ModelRef | None = None  # the process died while it was `installing`
 
 
 _EMPTY_RECORD = ModelRecord()
@@ -153,7 +161,36 @@ class StoreState:
         rec = self.record(name)
         if rec.last_known_good is None:
             raise NoLastKnownGoodError(f"model {name!r} has no last-known-good release")
-        return self._with(name, replace(rec, active=rec.last_known_good, last_known_good=None))
+        return self._with(
+            name,
+            replace(rec, active=rec.last_known_good, last_known_good=None, installing=None),
+        )
+
+    def installing(self, name: str, ref: ModelRef) -> StoreState:
+        """``ref`` is about to be loaded in the serving process (see the module docstring)."""
+        return self._with(name, replace(self.record(name), installing=ref))
+
+    def installed(self, name: str, ref: ModelRef) -> StoreState:
+        """``ref`` failed cleanly or has served its first requests: no longer on trial."""
+        rec = self.record(name)
+        if rec.installing != ref:
+            return self
+        return self._with(name, replace(rec, installing=None))
+
+    def crash_recovered(self, name: str) -> StoreState:
+        """At start, with ``installing`` left behind: that release crashed the process. It is
+        remembered as ``crashed``; if it had become active, the last-known-good serves again."""
+        rec = self.record(name)
+        bad = rec.installing
+        if bad is None:
+            return self
+        active, lkg = rec.active, rec.last_known_good
+        if active == bad:
+            active, lkg = lkg, None
+        return self._with(
+            name,
+            replace(rec, active=active, last_known_good=lkg, installing=None, crashed=bad),
+        )
 
     def protected_artifacts(self) -> frozenset[str]:
         """Digests that garbage collection must never remove: every active and LKG model."""
@@ -174,14 +211,7 @@ class StoreState:
         """The ``state.json`` document."""
         return {
             "schema": _STATE_SCHEMA,
-            "models": {
-                name: {
-                    "active": _ref_json(rec.active),
-                    "last_known_good": _ref_json(rec.last_known_good),
-                    "highest_seen": _ref_json(rec.highest_seen),
-                }
-                for name, rec in sorted(self.models.items())
-            },
+            "models": {name: _record_json(rec) for name, rec in sorted(self.models.items())},
         }
 
     @classmethod
@@ -194,6 +224,8 @@ class StoreState:
                     active=_ref(rec.active),
                     last_known_good=_ref(rec.last_known_good),
                     highest_seen=_ref(rec.highest_seen),
+                    installing=_ref(rec.installing),
+                    crashed=_ref(rec.crashed),
                 )
                 for name, rec in parsed.models.items()
             }
@@ -242,6 +274,8 @@ class _RecordFile(BaseModel):
     active: _RefFile | None = None
     last_known_good: _RefFile | None = None
     highest_seen: _RefFile | None = None
+    installing: _RefFile | None = None
+    crashed: _RefFile | None = None
 
 
 class _StateFile(BaseModel):
@@ -254,6 +288,19 @@ def _ref_json(ref: ModelRef | None) -> dict[str, object] | None:
     if ref is None:
         return None
     return {"version": ref.version, "sha256": ref.sha256, "baseline_sha256": ref.baseline_sha256}
+
+
+def _record_json(rec: ModelRecord) -> dict[str, object]:
+    document: dict[str, object] = {
+        "active": _ref_json(rec.active),
+        "last_known_good": _ref_json(rec.last_known_good),
+        "highest_seen": _ref_json(rec.highest_seen),
+    }
+    # Only when set: an agent from before these keys can still read the file.
+    for key, ref in (("installing", rec.installing), ("crashed", rec.crashed)):
+        if ref is not None:
+            document[key] = _ref_json(ref)
+    return document
 
 
 def _ref(ref: _RefFile | None) -> ModelRef | None:

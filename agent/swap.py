@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import operator
 import os
 import threading
 import time
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from agent.download import DeliveryError, DeliveryReason, Downloader
-from agent.engine import LoadedModel, ModelLoadError, RuntimeOptions, load_model
+from agent.engine import CostModel, LoadedModel, ModelLoadError, RuntimeOptions, load_model
 from agent.inference import InferenceService
 from agent.lifecycle import (
     NO_BASELINE,
@@ -43,9 +44,6 @@ from agent.lifecycle import (
     SwapError,
     SwapReason,
     Verdict,
-    contract_from_manifest,
-    golden_arrays,
-    golden_mismatches,
     judge_probation,
 )
 from agent.manifest import (
@@ -56,6 +54,7 @@ from agent.manifest import (
     verify_manifest,
 )
 from agent.onnx_check import HostileModel, inspect_model
+from agent.quarantine import Quarantine, Refused, verify_candidate
 from agent.store import ModelRef, ModelStore, NoLastKnownGoodError, PartFile, StoreError, StoreState
 from agent.ticks import ticks
 
@@ -106,6 +105,10 @@ class SwapSettings:
     probation: ProbationPolicy = field(default_factory=ProbationPolicy)
     drain_timeout_s: float = 30.0
     probation_tick_s: float = 1.0
+    # A new model is on trial until it has served this many requests or this long: if the
+    # process dies before, the next start rolls it back (`crashed_during_install`).
+    crash_guard_requests: int = 20
+    crash_guard_seconds: float = 60.0
 
 
 @dataclass(slots=True)
@@ -150,6 +153,7 @@ class ModelManager:
         registry: CollectorRegistry,
         settings: SwapSettings | None = None,
         listeners: list[Callable[[ModelStatus], None]] | None = None,
+        quarantine: Quarantine | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -160,6 +164,7 @@ class ModelManager:
         self._service_factory = service_factory
         self._settings = settings or SwapSettings()
         self._listeners = listeners if listeners is not None else []
+        self._quarantine = quarantine
         self._clock = clock
         self._wall_clock = wall_clock
         self._metrics = _SwapMetrics(registry)
@@ -206,10 +211,9 @@ class ModelManager:
             release = check_version(manifest, record.highest_seen)
         except ManifestRejected as rejected:
             return self._reject(manifest, SwapReason(rejected.reason.value), rejected.message)
-        if release is ReleaseStatus.SAME_RELEASE and self._serving_sha(name) == manifest.sha256:
-            return self.statuses.get(name) or self._publish(
-                manifest.name, ModelState.ACTIVE, None, "already active", manifest=manifest
-            )
+        settled = self._settled(manifest, release)
+        if settled is not None:
+            return settled
         if running is not None and not running.task.done():
             running.task.cancel("superseded by a newer release")
             log.info(
@@ -225,6 +229,31 @@ class ModelManager:
         )
         self._installs[name] = _Install(manifest, task)
         return status
+
+    def _settled(self, manifest: ReleaseManifest, release: ReleaseStatus) -> ModelStatus | None:
+        """The status of a release with nothing left to do: already active, or one that killed
+        the process once, which is never retried (a fix comes as a higher version)."""
+        name = manifest.name
+        if release is ReleaseStatus.SAME_RELEASE and self._serving_sha(name) == manifest.sha256:
+            return self.statuses.get(name) or self._publish(
+                name, ModelState.ACTIVE, None, "already active", manifest=manifest
+            )
+        crashed = self._store.state.record(name).crashed
+        if crashed is None or (crashed.version, crashed.sha256) != (
+            manifest.version,
+            manifest.sha256,
+        ):
+            return None
+        current = self.statuses.get(manifest.name)
+        if current is not None and current.reason is SwapReason.CRASHED_DURING_INSTALL:
+            return current
+        self._fail(
+            manifest,
+            ModelState.FAILED,
+            SwapReason.CRASHED_DURING_INSTALL,
+            "the agent died while installing this release; it is not installed again",
+        )
+        return self.statuses[manifest.name]
 
     async def rollback(self, name: str, reason: SwapReason = SwapReason.REQUESTED) -> ModelStatus:
         """Serve the last-known-good release of `name` again (`rolled_back`)."""
@@ -258,11 +287,40 @@ class ModelManager:
         )
 
     async def restore(self) -> None:
-        """At start: serve what `state.json` says is active (or its last-known-good)."""
+        """At start: serve what `state.json` says is active (or its last-known-good), after
+        rolling back a release the process died installing."""
+        if self._quarantine is not None:
+            self._quarantine.prepare()
         try:
+            self._recover_crashed_installs()
             await self._restore_all()
         finally:
             self.restored.set()
+
+    def _recover_crashed_installs(self) -> None:
+        for name, record in sorted(self._store.state.models.items()):
+            bad = record.installing
+            if bad is None:
+                continue
+            self._save(operator.methodcaller("crash_recovered", name))
+            back = self._store.state.record(name).active
+            log.error(
+                "crashed_during_install",
+                model=name,
+                version=bad.version,
+                serving_version=back.version if back is not None else None,
+            )
+            self._metrics.failures.labels(SwapReason.CRASHED_DURING_INSTALL.value).inc()
+            self._metrics.outcomes.labels(ModelState.FAILED.value).inc()
+            self._publish(
+                name,
+                ModelState.FAILED,
+                SwapReason.CRASHED_DURING_INSTALL,
+                f"the agent died while installing version {bad.version}; "
+                + (f"serving version {back.version}" if back is not None else "nothing to serve"),
+                version=bad.version,
+                sha256=bad.sha256,
+            )
 
     async def _restore_all(self) -> None:
         for name, record in sorted(self._store.state.models.items()):
@@ -333,6 +391,8 @@ class ModelManager:
         self._probations.clear()
         # A load in progress is not waited for: its result is dropped when it ends.
         self._loader.shutdown(wait=False, cancel_futures=True)
+        if self._quarantine is not None:
+            await self._quarantine.close()
 
     async def _in_loader(self, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
@@ -360,8 +420,15 @@ class ModelManager:
                 )
                 self._store.commit_artifact(sha)
             self._publish(name, ModelState.LOADING, None, "loading", manifest=manifest)
-            model = await self._in_loader(self._load_release, manifest)
-            self._check_against_active(name, manifest, model)
+            cost = await self._quarantined(manifest)
+            # From here a crash of the process is blamed on this release (see the store).
+            self._save(lambda state: state.installing(name, ref))
+            try:
+                model = await self._in_loader(self._load_release, manifest, cost)
+                self._check_against_active(name, manifest, model)
+            except SwapError:
+                self._save(lambda state: state.installed(name, ref))
+                raise
             self._save(lambda state: state.activated(name, ref))
             previous = self._switch(name, model)
         except SwapError as error:
@@ -387,40 +454,30 @@ class ModelManager:
             self._probation(name, model, baseline), name=f"probation-{name}"
         )
 
+    async def _quarantined(self, manifest: ReleaseManifest) -> CostModel | None:
+        """Run the candidate in a bounded child first; its measured cost, or None if off."""
+        if self._quarantine is None:
+            return None
+        result = await self._quarantine.check(
+            self._store.artifact_path(manifest.sha256),
+            manifest,
+            self._settings.runtime,
+            self._settings.max_rows,
+        )
+        if isinstance(result, Refused):
+            raise SwapError(ModelState.FAILED, result.reason, result.message)
+        return result.cost
+
     def _verify_cached(self, sha256: str) -> None:
         if not self._store.verify_artifact(sha256):
             raise SwapError(
                 ModelState.FAILED, SwapReason.HASH_MISMATCH, "cached artifact is corrupt"
             )
 
-    def _load_release(self, manifest: ReleaseManifest) -> LoadedModel:
+    def _load_release(self, manifest: ReleaseManifest, cost: CostModel | None) -> LoadedModel:
         """Worker thread: hostile-file check, load + warm-up, manifest contract, golden sample."""
-        model = self._load_bytes(manifest.name, manifest.version, manifest.sha256)
-        differences = contract_from_manifest(manifest.contract).differences(model.contract)
-        if differences:
-            raise SwapError(
-                ModelState.FAILED,
-                SwapReason.CONTRACT_MISMATCH,
-                "model differs from its manifest: " + "; ".join(differences[:5]),
-            )
-        if manifest.golden is not None:
-            inputs = golden_arrays(manifest.golden.inputs)
-            expected = golden_arrays(manifest.golden.outputs)
-            try:
-                produced = model.run(inputs, list(expected))
-            except Exception as error:  # ORT rejects the golden input: the model cannot run it
-                raise SwapError(
-                    ModelState.FAILED,
-                    SwapReason.GOLDEN_MISMATCH,
-                    f"golden input failed: {str(error).strip()[:200]}",
-                ) from error
-            problems = golden_mismatches(
-                expected, dict(zip(expected, produced, strict=True)), manifest.golden.atol
-            )
-            if problems:
-                raise SwapError(
-                    ModelState.FAILED, SwapReason.GOLDEN_MISMATCH, "; ".join(problems[:5])
-                )
+        model = self._load_bytes(manifest.name, manifest.version, manifest.sha256, cost)
+        verify_candidate(model, manifest)
         return model
 
     def _load_stored(self, name: str, ref: ModelRef) -> LoadedModel:
@@ -433,7 +490,9 @@ class ModelManager:
             )
         return self._load_bytes(name, ref.version, ref.sha256)
 
-    def _load_bytes(self, name: str, version: int, sha256: str) -> LoadedModel:
+    def _load_bytes(
+        self, name: str, version: int, sha256: str, cost: CostModel | None = None
+    ) -> LoadedModel:
         path: Path = self._store.artifact_path(sha256)
         limit = self._settings.max_model_bytes
         if path.stat().st_size > limit:
@@ -457,6 +516,7 @@ class ModelManager:
                 sha256=sha256,
                 options=self._settings.runtime,
                 max_rows=self._settings.max_rows,
+                cost=cost,
             )
         except ModelLoadError as error:
             raise SwapError(ModelState.FAILED, SwapReason.LOAD_FAILED, str(error)) from None
@@ -500,9 +560,27 @@ class ModelManager:
         model.close()
 
     async def _probation(self, name: str, model: LoadedModel, previous: ServingStats) -> None:
+        ref = ModelRef(version=int(model.version), sha256=model.sha256)
+        try:
+            await self._watch(name, model, previous, ref)
+        finally:
+            # Passed, rolled back or cancelled (a newer release, a stop): no longer on trial.
+            with contextlib.suppress(StoreError):
+                self._save(lambda state: state.installed(name, ref))
+
+    async def _watch(
+        self, name: str, model: LoadedModel, previous: ServingStats, ref: ModelRef
+    ) -> None:
         policy = self._settings.probation
         started = self._clock()
+        on_trial = True
         async for _ in ticks(self._settings.probation_tick_s, clock=self._clock):
+            if on_trial and (
+                model.served >= self._settings.crash_guard_requests
+                or self._clock() - started >= self._settings.crash_guard_seconds
+            ):
+                on_trial = False
+                self._save(lambda state: state.installed(name, ref))
             verdict = judge_probation(_stats(model), previous, self._clock() - started, policy)
             if verdict is Verdict.WATCHING:
                 continue
