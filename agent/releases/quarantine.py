@@ -15,7 +15,7 @@ contract check, golden sample and warm-up under hard limits:
 The child answers with one JSON line on stdout. Only a candidate that passed is loaded in the
 serving process, which then reuses the cost the child measured instead of timing it again.
 
-`python -m agent.quarantine` is the child; it reads its job as JSON on stdin.
+`python -m agent.releases.quarantine` is the child; it reads its job as JSON on stdin.
 """
 
 from __future__ import annotations
@@ -35,27 +35,25 @@ from typing import IO, Final
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.engine import (
-    CostModel,
-    GraphOptimization,
-    LoadedModel,
-    ModelLoadError,
-    RuntimeOptions,
-    load_model,
-)
-from agent.lifecycle import (
-    ModelState,
+from agent.reasons import AgentError, Reason
+from agent.releases.lifecycle import (
     SwapError,
-    SwapReason,
     contract_from_manifest,
     golden_arrays,
     golden_mismatches,
 )
-from agent.manifest import ReleaseManifest
+from agent.releases.manifest import ReleaseManifest
+from agent.serving.engine import (
+    CostModel,
+    GraphOptimization,
+    LoadedModel,
+    RuntimeOptions,
+    load_model,
+)
 
 log = structlog.get_logger(__name__)
 
-CHILD_MODULE: Final = "agent.quarantine"
+CHILD_MODULE: Final = "agent.releases.quarantine"
 CHILD_NICENESS: Final = 10  # the loader thread's: a candidate must not take the loop's core
 # The budget a candidate gets when the container sets no memory limit.
 DEFAULT_MEMORY_BYTES: Final = 1 << 30
@@ -106,7 +104,7 @@ class Passed:
 class Refused:
     """The candidate failed in quarantine: the release fails with `reason`."""
 
-    reason: SwapReason
+    reason: Reason
     message: str
     seconds: float
 
@@ -158,42 +156,40 @@ def classify_exit(
     """The verdict from how the child ended and what it printed."""
     if timed_out:
         return Refused(
-            SwapReason.LOAD_TIMEOUT, "candidate did not finish within its wall-clock limit", seconds
+            Reason.LOAD_TIMEOUT, "candidate did not finish within its wall-clock limit", seconds
         )
     if returncode == 0:
         return _from_report(stdout, seconds)
     if returncode is not None and returncode < 0:
         reason, message = _from_signal(-returncode, stderr.decode(errors="replace"))
         return Refused(reason, message, seconds)
-    return Refused(
-        SwapReason.LOAD_FAILED, f"quarantine child exited with status {returncode}", seconds
-    )
+    return Refused(Reason.LOAD_FAILED, f"quarantine child exited with status {returncode}", seconds)
 
 
 def _from_report(stdout: bytes, seconds: float) -> QuarantineResult:
     try:
         report = _ChildReport.model_validate_json(stdout.strip().splitlines()[-1])
     except (ValidationError, IndexError):
-        return Refused(SwapReason.LOAD_FAILED, "quarantine child gave no valid report", seconds)
+        return Refused(Reason.LOAD_FAILED, "quarantine child gave no valid report", seconds)
     if report.passed and report.cost is not None:
         return Passed(CostModel(**report.cost), seconds)
     try:
-        reason = SwapReason(report.reason or SwapReason.LOAD_FAILED)
+        reason = Reason(report.reason or Reason.LOAD_FAILED)
     except ValueError:
-        reason = SwapReason.LOAD_FAILED
+        reason = Reason.LOAD_FAILED
     return Refused(reason, report.message[:500], seconds)
 
 
-def _from_signal(signum: int, stderr: str) -> tuple[SwapReason, str]:
+def _from_signal(signum: int, stderr: str) -> tuple[Reason, str]:
     if signum == signal.SIGXCPU:
-        return SwapReason.LOAD_TIMEOUT, "candidate used up its CPU-time limit"
+        return Reason.LOAD_TIMEOUT, "candidate used up its CPU-time limit"
     if signum == signal.SIGKILL:
         # Not by us (that is a timeout): the OOM killer or RLIMIT_CPU's hard limit.
-        return SwapReason.RESOURCE_LIMIT, "candidate was killed (out of memory or CPU)"
+        return Reason.RESOURCE_LIMIT, "candidate was killed (out of memory or CPU)"
     name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
     if is_out_of_memory(stderr):
-        return SwapReason.RESOURCE_LIMIT, f"candidate ran out of memory ({name})"
-    return SwapReason.LOAD_FAILED, f"candidate crashed its runtime ({name})"
+        return Reason.RESOURCE_LIMIT, f"candidate ran out of memory ({name})"
+    return Reason.LOAD_FAILED, f"candidate crashed its runtime ({name})"
 
 
 def is_out_of_memory(message: str) -> bool:
@@ -231,8 +227,7 @@ def verify_candidate(model: LoadedModel, manifest: ReleaseManifest) -> None:
     differences = contract_from_manifest(manifest.contract).differences(model.contract)
     if differences:
         raise SwapError(
-            ModelState.FAILED,
-            SwapReason.CONTRACT_MISMATCH,
+            Reason.CONTRACT_MISMATCH,
             "model differs from its manifest: " + "; ".join(differences[:5]),
         )
     if manifest.golden is None:
@@ -244,17 +239,13 @@ def verify_candidate(model: LoadedModel, manifest: ReleaseManifest) -> None:
     except Exception as error:  # ORT rejects the golden input: the model cannot run it
         message = str(error).strip()[:200]
         if is_out_of_memory(message):
-            raise SwapError(
-                ModelState.FAILED, SwapReason.RESOURCE_LIMIT, f"golden run: {message}"
-            ) from error
-        raise SwapError(
-            ModelState.FAILED, SwapReason.GOLDEN_MISMATCH, f"golden input failed: {message}"
-        ) from error
+            raise SwapError(Reason.RESOURCE_LIMIT, f"golden run: {message}") from error
+        raise SwapError(Reason.GOLDEN_MISMATCH, f"golden input failed: {message}") from error
     problems = golden_mismatches(
         expected, dict(zip(expected, produced, strict=True)), manifest.golden.atol
     )
     if problems:
-        raise SwapError(ModelState.FAILED, SwapReason.GOLDEN_MISMATCH, "; ".join(problems[:5]))
+        raise SwapError(Reason.GOLDEN_MISMATCH, "; ".join(problems[:5]))
 
 
 def _private_data_bytes() -> int:
@@ -290,22 +281,18 @@ def _run_job(job: _Job) -> _ChildReport:
         model = load_model(
             data,
             name=manifest.name,
-            version=str(manifest.version),
+            version=manifest.version,
             sha256=manifest.sha256,
             options=options,
             max_rows=job.max_rows,
         )
         verify_candidate(model, manifest)
-    except ModelLoadError as error:
-        reason = (
-            SwapReason.RESOURCE_LIMIT if is_out_of_memory(str(error)) else SwapReason.LOAD_FAILED
-        )
-        return _ChildReport(passed=False, reason=reason.value, message=str(error))
-    except SwapError as error:
-        return _ChildReport(passed=False, reason=error.reason.value, message=error.message)
+    except AgentError as error:  # ModelLoadError (a failed warm-up too), SwapError
+        reason = Reason.RESOURCE_LIMIT if is_out_of_memory(error.message) else error.reason
+        return _ChildReport(passed=False, reason=reason.value, message=error.message)
     except MemoryError:
         return _ChildReport(
-            passed=False, reason=SwapReason.RESOURCE_LIMIT.value, message="out of memory"
+            passed=False, reason=Reason.RESOURCE_LIMIT.value, message="out of memory"
         )
     return _ChildReport(passed=True, cost=asdict(model.cost))
 
