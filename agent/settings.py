@@ -17,6 +17,7 @@ from agent.releases.download import DownloadPolicy
 from agent.releases.folder import FolderSettings
 from agent.releases.lifecycle import ProbationPolicy
 from agent.releases.manifest import KeySettings
+from agent.releases.quarantine import QuarantineSettings
 from agent.releases.store import StoreSettings
 from agent.releases.swap import SwapSettings
 from agent.serving.contract import RequestLimits
@@ -49,3 +50,4 @@ class AgentSettings(Section):
     swap: SwapSettings = SwapSettings()
     probation: ProbationPolicy = ProbationPolicy()
     folder: FolderSettings = FolderSettings()
+    quarantine: QuarantineSettings = QuarantineSettings()

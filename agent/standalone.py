@@ -22,6 +22,7 @@ from agent.app import App, Service, idle_forever
 from agent.observation.metrics import InferenceMetrics, register_process_metrics
 from agent.releases.download import Downloader
 from agent.releases.folder import FolderSource
+from agent.releases.quarantine import Quarantine
 from agent.releases.store import ModelStore, StoreError
 from agent.releases.swap import HttpsArtifacts, ModelManager
 from agent.serving.engine import LoadedModel, ModelLoadError, load_model
@@ -152,6 +153,7 @@ class Agent:
             runtime=settings.runtime,
             batching=settings.batching,
             probation=settings.probation,
+            quarantine=Quarantine(settings.quarantine) if settings.quarantine.enabled else None,
         )
         sources: list[Service] = [ManagedModels(store, self.manager, self.services)]
         folder = settings.folder

@@ -35,6 +35,7 @@ from typing import IO, Final
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.config import Section
 from agent.reasons import AgentError, Reason
 from agent.releases.lifecycle import (
     SwapError,
@@ -69,19 +70,17 @@ _OUT_OF_MEMORY_MARKERS: Final = ("failed to allocate memory", "bad_alloc", "memo
 # --- pure values ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class QuarantineLimits:
-    """What one candidate may use in its child: memory beyond the runtime's own, CPU, wall time."""
+class QuarantineSettings(Section):
+    """Whether candidates are quarantined, and what one may use in its child."""
 
-    memory_bytes: int = DEFAULT_MEMORY_BYTES
-    cpu_seconds: int = 60
-    wall_seconds: float = 120.0
-
-    def __post_init__(self) -> None:
-        if self.memory_bytes < MIN_MEMORY_BYTES:
-            raise ValueError(f"memory_bytes must be >= {MIN_MEMORY_BYTES}")
-        if self.cpu_seconds < 1 or self.wall_seconds <= 0:
-            raise ValueError("cpu_seconds must be >= 1 and wall_seconds > 0")
+    enabled: bool = Field(True, alias="quarantine")
+    # A child kept started ahead of need (see `Quarantine`): ~60 MiB resident while it waits.
+    spare: bool = Field(True, alias="quarantine_spare")
+    # Memory a candidate may allocate beyond the runtime's own; unset: derived from the
+    # container's limit (`memory_budget`).
+    memory_bytes: int | None = Field(None, ge=MIN_MEMORY_BYTES, alias="quarantine_memory_bytes")
+    cpu_s: int = Field(60, ge=1, le=3600, alias="quarantine_cpu_s")
+    wall_s: float = Field(120.0, gt=0.0, le=7200.0, alias="quarantine_wall_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,14 +323,15 @@ class Quarantine:
 
     def __init__(
         self,
-        limits: QuarantineLimits,
+        settings: QuarantineSettings,
         *,
-        spare: bool = True,
+        cgroup: Callable[[], CgroupMemory | None] = read_cgroup_memory,
         command: Sequence[str] = (sys.executable, "-m", CHILD_MODULE),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.limits = limits
-        self._keep_spare = spare
+        self.settings = settings
+        self._keep_spare = settings.spare
+        self._cgroup = cgroup
         self._command = tuple(command)
         self._clock = clock
         self._spare: asyncio.Task[asyncio.subprocess.Process] | None = None
@@ -383,14 +383,15 @@ class Quarantine:
             inter_op_threads=runtime.inter_op_threads,
             optimization=runtime.optimization,
             max_rows=max_rows,
-            memory_bytes=self.limits.memory_bytes,
-            cpu_seconds=self.limits.cpu_seconds,
+            # At each check: what the container has free changes with the models it holds.
+            memory_bytes=memory_budget(self._cgroup(), self.settings.memory_bytes),
+            cpu_seconds=self.settings.cpu_s,
         )
         started = self._clock()
         child = await self._child()
         timed_out = False
         try:
-            async with asyncio.timeout(self.limits.wall_seconds):
+            async with asyncio.timeout(self.settings.wall_s):
                 stdout, stderr = await child.communicate(job.model_dump_json().encode())
         except TimeoutError:
             timed_out = True

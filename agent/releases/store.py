@@ -8,13 +8,16 @@ Layout under the store root::
     baselines/<sha256>.part
     state.json                 {"schema": 1, "models": {<name>: {"active": ref|null,
                                  "last_known_good": ref|null, "highest_seen": ref|null,
-                                 ["installing": ref, "crashed": ref]}}}
+                                 ["installing": ref, "blocked": blocked]}}}
         ref = {"version": int, "sha256": hex64, "baseline_sha256": hex64|null}
+        blocked = {"version": int, "sha256": hex64, "reason": str}
 
 ``installing`` is written before a release is loaded into the serving process and cleared once
 it has served its first requests (or failed cleanly): found at start, it means the process died
-loading or trying that release, which is then never loaded again (``crashed``). Both keys are
-written only when set, so a file without them is the same state as before they existed.
+loading or trying that release, which is then never loaded again (``blocked``, also set for a
+release that exhausted its quarantine's limits: retrying either after a restart would only do
+it again). Both keys are written only when set, so a file without them is the same state as
+before they existed.
 
 ``state.json`` is replaced atomically (temp file in the same directory, fsync, ``os.replace``,
 fsync of the directory), so a crash at any instant leaves either the old or the new state, and
@@ -50,6 +53,7 @@ from agent.reasons import AgentError, Reason
 __all__ = [
     "DEFAULT_FREE_SPACE_MARGIN_BYTES",
     "DEFAULT_KEEP_OLD_ARTIFACTS",
+    "BlockedRelease",
     "ModelRecord",
     "ModelRef",
     "ModelStore",
@@ -111,6 +115,18 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class BlockedRelease:
+    """A release that is not installed again, and why (a bounded reason)."""
+
+    version: int
+    sha256: str
+    reason: str
+
+    def matches(self, version: int, sha256: str) -> bool:
+        return (self.version, self.sha256) == (version, sha256)
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     """What the device knows about one model name."""
 
@@ -118,7 +134,7 @@ class ModelRecord:
     last_known_good: ModelRef | None = None
     highest_seen: ModelRef | None = None
     installing: ModelRef | None = None  # loading or on trial in the serving process
-    crashed: ModelRef | None = None  # the process died while it was `installing`
+    blocked: BlockedRelease | None = None  # never installed again (the process died on it...)
 
 
 _EMPTY_RECORD = ModelRecord()
@@ -176,9 +192,9 @@ class StoreState:
             return self
         return self._with(name, replace(rec, installing=None))
 
-    def crash_recovered(self, name: str) -> StoreState:
+    def crash_recovered(self, name: str, reason: str) -> StoreState:
         """At start, with ``installing`` left behind: that release crashed the process. It is
-        remembered as ``crashed``; if it had become active, the last-known-good serves again."""
+        blocked with ``reason``; if it had become active, the last-known-good serves again."""
         rec = self.record(name)
         bad = rec.installing
         if bad is None:
@@ -188,8 +204,19 @@ class StoreState:
             active, lkg = lkg, None
         return self._with(
             name,
-            replace(rec, active=active, last_known_good=lkg, installing=None, crashed=bad),
+            replace(
+                rec,
+                active=active,
+                last_known_good=lkg,
+                installing=None,
+                blocked=BlockedRelease(bad.version, bad.sha256, reason),
+            ),
         )
+
+    def blocked(self, name: str, ref: ModelRef, reason: str) -> StoreState:
+        """``ref`` is not to be installed again (``reason``); replaces an older block."""
+        blocked = BlockedRelease(ref.version, ref.sha256, reason)
+        return self._with(name, replace(self.record(name), blocked=blocked))
 
     def protected_artifacts(self) -> frozenset[str]:
         """Digests that garbage collection must never remove: every active and LKG model."""
@@ -224,7 +251,7 @@ class StoreState:
                     last_known_good=_ref(rec.last_known_good),
                     highest_seen=_ref(rec.highest_seen),
                     installing=_ref(rec.installing),
-                    crashed=_ref(rec.crashed),
+                    blocked=_blocked(rec.blocked),
                 )
                 for name, rec in parsed.models.items()
             }
@@ -268,13 +295,20 @@ class _RefFile(BaseModel):
     baseline_sha256: _Sha | None = None
 
 
+class _BlockedFile(BaseModel):
+    model_config = _FILE_MODEL
+    version: int = Field(ge=1)
+    sha256: _Sha
+    reason: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,40}$")]
+
+
 class _RecordFile(BaseModel):
     model_config = _FILE_MODEL
     active: _RefFile | None = None
     last_known_good: _RefFile | None = None
     highest_seen: _RefFile | None = None
     installing: _RefFile | None = None
-    crashed: _RefFile | None = None
+    blocked: _BlockedFile | None = None
 
 
 class _StateFile(BaseModel):
@@ -296,10 +330,21 @@ def _record_json(rec: ModelRecord) -> dict[str, object]:
         "highest_seen": _ref_json(rec.highest_seen),
     }
     # Only when set: an agent from before these keys can still read the file.
-    for key, ref in (("installing", rec.installing), ("crashed", rec.crashed)):
-        if ref is not None:
-            document[key] = _ref_json(ref)
+    if rec.installing is not None:
+        document["installing"] = _ref_json(rec.installing)
+    if rec.blocked is not None:
+        document["blocked"] = {
+            "version": rec.blocked.version,
+            "sha256": rec.blocked.sha256,
+            "reason": rec.blocked.reason,
+        }
     return document
+
+
+def _blocked(blocked: _BlockedFile | None) -> BlockedRelease | None:
+    if blocked is None:
+        return None
+    return BlockedRelease(blocked.version, blocked.sha256, blocked.reason)
 
 
 def _ref(ref: _RefFile | None) -> ModelRef | None:

@@ -78,6 +78,9 @@ log = structlog.get_logger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 LOADER_NICENESS = 10
+# Releases that fail for these are not installed again after a restart: the same bytes would
+# exhaust the same limits, or kill the process again.
+_BLOCKING = frozenset({Reason.RESOURCE_LIMIT, Reason.LOAD_TIMEOUT, Reason.CRASHED_DURING_INSTALL})
 
 
 class ArtifactSource(Protocol):
@@ -237,26 +240,25 @@ class ModelManager:
 
     def _settled(self, manifest: ReleaseManifest, release: ReleaseStatus) -> ModelStatus | None:
         """The status of a release with nothing left to do: already active, or one that killed
-        the process once, which is never retried (a fix comes as a higher version)."""
+        the process once or exhausted its quarantine, which is never retried (a fix comes as a
+        higher version)."""
         name = manifest.name
         if release is ReleaseStatus.SAME_RELEASE and self._serving_sha(name) == manifest.sha256:
             return self.statuses.get(name) or self._publish(
                 name, ModelState.ACTIVE, None, "already active", manifest=manifest
             )
-        crashed = self._store.state.record(name).crashed
-        if crashed is None or (crashed.version, crashed.sha256) != (
-            manifest.version,
-            manifest.sha256,
-        ):
+        blocked = self._store.state.record(name).blocked
+        if blocked is None or not blocked.matches(manifest.version, manifest.sha256):
             return None
+        reason = Reason(blocked.reason) if blocked.reason in _BLOCKING else Reason.LOAD_FAILED
         current = self.statuses.get(name)
-        if current is not None and current.reason is Reason.CRASHED_DURING_INSTALL:
+        if current is not None and current.version == manifest.version and current.reason is reason:
             return current
         self._fail(
             manifest,
             ModelState.FAILED,
-            Reason.CRASHED_DURING_INSTALL,
-            "the agent died while installing this release; it is not installed again",
+            reason,
+            f"this release failed with {reason} before; it is not installed again",
         )
         return self.statuses[name]
 
@@ -306,7 +308,9 @@ class ModelManager:
             bad = record.installing
             if bad is None:
                 continue
-            self._save(operator.methodcaller("crash_recovered", name))
+            self._save(
+                operator.methodcaller("crash_recovered", name, Reason.CRASHED_DURING_INSTALL.value)
+            )
             back = self._store.state.record(name).active
             log.error(
                 "crashed_during_install",
@@ -427,6 +431,7 @@ class ModelManager:
             cost = await self._quarantined(manifest)
             # From here a death of the process is blamed on this release (see the store).
             self._save(lambda state: state.installing(name, ref))
+            log.info("installing_in_process", model=name, version=manifest.version)
             try:
                 model = await self._in_loader(self._load_release, manifest, cost)
                 self._check_against_active(name, manifest, model)
@@ -462,6 +467,9 @@ class ModelManager:
             self._store.artifact_path(manifest.sha256), manifest, self._runtime, self._max_rows
         )
         if isinstance(result, Refused):
+            if result.reason in _BLOCKING:
+                ref = ModelRef(version=manifest.version, sha256=manifest.sha256)
+                self._save(lambda state: state.blocked(manifest.name, ref, result.reason.value))
             raise SwapError(result.reason, result.message)
         return result.cost
 

@@ -1,0 +1,254 @@
+"""The quarantine child: pure verdicts and budgets from tables, then real children running
+real bomb models under the limits the test sets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.reasons import Reason
+from agent.releases.manifest import ReleaseManifest, verify_manifest
+from agent.releases.quarantine import (
+    DEFAULT_MEMORY_BYTES,
+    MIN_MEMORY_BYTES,
+    CgroupMemory,
+    Passed,
+    Quarantine,
+    QuarantineSettings,
+    Refused,
+    classify_exit,
+    memory_budget,
+    parse_cgroup_memory,
+    read_cgroup_memory,
+)
+from agent.serving.engine import RuntimeOptions
+from deployment.release import build_manifest
+from tests.agent import bombs
+from tests.agent.models import mid_bytes, tiny_bytes
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "configured", "expected"),
+    [
+        (None, None, DEFAULT_MEMORY_BYTES),
+        (None, 300 * MIB, 300 * MIB),
+        (CgroupMemory(limit=2 * GIB, usage=0), 300 * MIB, 300 * MIB),  # the setting wins
+        (CgroupMemory(limit=2 * GIB, usage=512 * MIB), None, 768 * MIB),  # half of what is free
+        (CgroupMemory(limit=2 * GIB, usage=2 * GIB), None, MIN_MEMORY_BYTES),  # never below
+        (None, 1, MIN_MEMORY_BYTES),
+    ],
+)
+def test_memory_budget(cgroup: CgroupMemory | None, configured: int | None, expected: int) -> None:
+    assert memory_budget(cgroup, configured) == expected
+
+
+@pytest.mark.parametrize(
+    ("limit", "usage", "expected"),
+    [
+        ("2147483648\n", "536870912\n", CgroupMemory(2 * GIB, 512 * MIB)),
+        ("max\n", "536870912\n", None),  # cgroup v2 without a limit
+        ("9223372036854771712\n", "1\n", None),  # cgroup v1's "no limit"
+        ("garbage", "1", None),
+        ("1024", "", None),
+    ],
+)
+def test_parse_cgroup_memory(limit: str, usage: str, expected: CgroupMemory | None) -> None:
+    assert parse_cgroup_memory(limit, usage) == expected
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "1073741824", "memory.current": "1048576"}, CgroupMemory(GIB, MIB)),
+        (
+            {"memory/memory.limit_in_bytes": "1073741824", "memory/memory.usage_in_bytes": "0"},
+            CgroupMemory(GIB, 0),
+        ),
+        ({}, None),
+    ],
+)
+def test_read_cgroup_memory(
+    tmp_path: Path, files: dict[str, str], expected: CgroupMemory | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert read_cgroup_memory(tmp_path) == expected
+
+
+_PASSED = b'{"passed":true,"cost":{"fixed_s":0.001,"per_row_s":0.0001}}\n'
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stdout", "stderr", "timed_out", "reason"),
+    [
+        (0, _PASSED, b"", False, None),
+        (0, b'noise\n{"passed":false,"reason":"golden_mismatch","message":"m"}\n', b"", False,
+         Reason.GOLDEN_MISMATCH),
+        (0, b'{"passed":false,"reason":"made_up","message":"m"}', b"", False, Reason.LOAD_FAILED),
+        (0, b"", b"", False, Reason.LOAD_FAILED),  # no report at all
+        (0, b"{not json", b"", False, Reason.LOAD_FAILED),
+        (None, b"", b"", True, Reason.LOAD_TIMEOUT),  # killed by the wall-clock deadline
+        (-signal.SIGXCPU, b"", b"", False, Reason.LOAD_TIMEOUT),  # RLIMIT_CPU, soft
+        (-signal.SIGKILL, b"", b"", False, Reason.RESOURCE_LIMIT),  # OOM killer or CPU hard
+        (-signal.SIGABRT, b"", b"terminate called ... std::bad_alloc", False,
+         Reason.RESOURCE_LIMIT),
+        (-signal.SIGSEGV, b"", b"", False, Reason.LOAD_FAILED),
+        (1, b"", b"Traceback", False, Reason.LOAD_FAILED),
+    ],
+)  # fmt: skip
+def test_classify_exit(
+    returncode: int | None, stdout: bytes, stderr: bytes, timed_out: bool, reason: Reason | None
+) -> None:
+    result = classify_exit(returncode, stdout, stderr, timed_out=timed_out, seconds=1.0)
+    if reason is None:
+        assert isinstance(result, Passed)
+        assert result.cost.fixed_s == pytest.approx(0.001)
+    else:
+        assert isinstance(result, Refused)
+        assert result.reason is reason
+        assert result.message
+
+
+# --- real children -------------------------------------------------------------------------
+
+KEY = Ed25519PrivateKey.generate()
+
+
+def _manifest(model: bytes, *, golden: bool = True) -> ReleaseManifest:
+    raw = build_manifest(
+        model,
+        name="m",
+        version=1,
+        url="https://models.example/m.onnx",
+        key=KEY,
+        key_id="k",
+        golden_atol=1e-4 if golden else None,  # a bomb cannot be run to make its golden sample
+    )
+    return verify_manifest(raw, {"k": KEY.public_key()}, datetime.now(UTC))
+
+
+async def _check(
+    tmp_path: Path, model: bytes, settings: QuarantineSettings, *, golden: bool = True
+) -> tuple[Passed | Refused, float]:
+    path = tmp_path / "candidate.onnx"
+    path.write_bytes(model)
+    quarantine = Quarantine(settings, cgroup=lambda: None)
+    started = time.monotonic()
+    try:
+        result = await quarantine.check(path, _manifest(model, golden=golden), RuntimeOptions(), 8)
+    finally:
+        await quarantine.close()
+    return result, time.monotonic() - started
+
+
+# Far below the machine's memory, far above what a real small model needs.
+LIMITED = QuarantineSettings(memory_bytes=512 * MIB, cpu_s=8, wall_s=60.0, spare=False)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("bomb", "reason"),
+    [
+        ("constant_of_shape", Reason.RESOURCE_LIMIT),
+        ("expand", Reason.RESOURCE_LIMIT),
+        ("tile", Reason.RESOURCE_LIMIT),
+        ("loop_allocating", Reason.RESOURCE_LIMIT),
+        ("loop_forever", Reason.LOAD_TIMEOUT),
+    ],
+)
+async def test_a_bomb_fails_in_its_child_with_a_bounded_reason(
+    tmp_path: Path, bomb: str, reason: Reason
+) -> None:
+    result, seconds = await _check(tmp_path, bombs.BOMBS[bomb](), LIMITED, golden=False)
+    assert isinstance(result, Refused), result
+    assert result.reason is reason, result.message
+    assert seconds < 60
+
+
+@pytest.mark.e2e
+async def test_the_wall_clock_deadline_kills_a_child_that_sleeps_through_its_cpu_limit(
+    tmp_path: Path,
+) -> None:
+    # A CPU limit it cannot reach in time: the wall-clock deadline is what stops it.
+    settings = QuarantineSettings(memory_bytes=512 * MIB, cpu_s=3600, wall_s=4.0, spare=False)
+    result, seconds = await _check(tmp_path, bombs.loop_forever(), settings, golden=False)
+    assert isinstance(result, Refused)
+    assert result.reason is Reason.LOAD_TIMEOUT
+    assert "wall-clock" in result.message
+    assert seconds < 30
+
+
+@pytest.mark.e2e
+async def test_a_sound_model_passes_with_its_measured_cost(tmp_path: Path) -> None:
+    result, _ = await _check(tmp_path, mid_bytes(0), LIMITED)
+    assert isinstance(result, Passed), result
+    assert 0 < result.cost.fixed_s < 1.0
+
+
+@pytest.mark.e2e
+async def test_a_golden_sample_that_does_not_match_fails_in_the_child(tmp_path: Path) -> None:
+    manifest = _manifest(tiny_bytes(0))
+    path = tmp_path / "other.onnx"
+    path.write_bytes(tiny_bytes(1))  # same contract, other weights: the golden output differs
+    quarantine = Quarantine(LIMITED, cgroup=lambda: None)
+    result = await quarantine.check(path, manifest, RuntimeOptions(), 8)
+    assert isinstance(result, Refused)
+    assert result.reason is Reason.GOLDEN_MISMATCH
+
+
+@pytest.mark.e2e
+async def test_a_spare_child_takes_the_next_check_and_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(tiny_bytes(0))
+    quarantine = Quarantine(LIMITED.model_copy(update={"spare": True}), cgroup=lambda: None)
+    quarantine.prepare()
+    try:
+        for _ in range(2):
+            result = await quarantine.check(path, _manifest(tiny_bytes(0)), RuntimeOptions(), 8)
+            assert isinstance(result, Passed), result
+        assert quarantine._spare is not None  # the next one is on its way
+    finally:
+        await quarantine.close()
+    assert quarantine._spare is None
+
+
+@pytest.mark.e2e
+async def test_a_cancelled_check_leaves_no_child_behind(tmp_path: Path) -> None:
+    path = tmp_path / "forever.onnx"
+    path.write_bytes(bombs.loop_forever())
+    quarantine = Quarantine(LIMITED, cgroup=lambda: None)
+    check = asyncio.create_task(
+        quarantine.check(path, _manifest(bombs.loop_forever(), golden=False), RuntimeOptions(), 8)
+    )
+    await asyncio.sleep(1.0)
+    check.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    await quarantine.close()
+    assert not _our_quarantine_children()
+
+
+def _our_quarantine_children() -> list[Path]:
+    return [p for p in Path("/proc").glob("[0-9]*") if _is_quarantine_child_of_us(p)]
+
+
+def _is_quarantine_child_of_us(proc: Path) -> bool:
+    try:
+        status = (proc / "status").read_text()
+        cmdline = (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+    ppid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:"))
+    state = next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
+    return ppid == os.getpid() and b"agent.releases.quarantine" in cmdline and state != "Z"
