@@ -12,7 +12,9 @@ access log, one `json.loads` and one `json.dumps`, and tensors built by numpy in
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, Protocol
 
@@ -28,9 +30,16 @@ from agent.config import Section
 from agent.observation.metrics import InferenceMetrics
 from agent.reasons import Reason
 from agent.serving import protocol
+from agent.serving.connections import (
+    ConnectionGuard,
+    RefusalLogger,
+    connection_cap,
+    raise_open_file_limit,
+)
 from agent.serving.contract import ModelContract, RequestError
 
 SERVER_NAME: Final = "edge-mlops-agent"
+LINGERING_S: Final = 1.0
 
 
 class HttpSettings(Section):
@@ -40,6 +49,14 @@ class HttpSettings(Section):
     http_port: int = Field(8000, ge=0, le=65535)
     metrics_port: int = Field(9600, ge=0, le=65535)
     max_request_bytes: int = Field(64 << 20, ge=1024)
+    # An idle connection, or one that has not completed its request headers, is closed after
+    # this long (aiohttp's own default is an hour).
+    keepalive_timeout_s: float = Field(15.0, gt=0.0, le=3600.0)
+    # A request body must have arrived this long after its headers, else 408 and close.
+    body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    # Open connections per port; beyond, 503 and close. Unset: as many as the open-file
+    # limit allows (raised to its hard limit at start) minus a reserve.
+    max_connections: int | None = Field(None, ge=1)
 
 
 class HttpReason(enum.StrEnum):
@@ -47,6 +64,9 @@ class HttpReason(enum.StrEnum):
 
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    MALFORMED = "malformed_http"  # refused by aiohttp's parser, before routing
+    BODY_TIMEOUT = "body_timeout"  # 408: the body did not arrive in time
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # 503 at connect, beyond the cap
 
 
 _STATUS: Final[Mapping[Reason, int]] = {
@@ -113,6 +133,7 @@ class _V2Handlers:
         *,
         max_body_bytes: int,
         max_input_bytes: int,
+        body_timeout_s: float,
         server_name: str,
         server_version: str,
         log: structlog.typing.FilteringBoundLogger,
@@ -120,6 +141,7 @@ class _V2Handlers:
         self._models = models
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
+        self._body_timeout_s = body_timeout_s
         self._max_input_bytes = max_input_bytes
         self._log = log
         self._server_metadata = protocol.encode_server_metadata(
@@ -191,7 +213,15 @@ class _V2Handlers:
                 Reason.TOO_LARGE,
                 f"request body of {length} bytes; the limit is {self._max_body_bytes}",
             )
-        body = await request.read()
+        try:
+            async with asyncio.timeout(self._body_timeout_s):
+                body = await request.read()
+        except TimeoutError:
+            # A body trickling in (slow loris) holds a connection and a buffer: cut it.
+            self._metrics.reject(HttpReason.BODY_TIMEOUT)
+            response = _error(408, f"request body not received within {self._body_timeout_s} s")
+            response.force_close()
+            return response
         decoded = protocol.decode_infer_request(
             body,
             protocol.parse_header_length(request.headers.get(protocol.HEADER_LENGTH)),
@@ -258,6 +288,7 @@ def create_app(
     *,
     max_body_bytes: int,
     max_input_bytes: int | None = None,
+    body_timeout_s: float = HttpSettings.model_fields["body_timeout_s"].default,
     server_name: str = SERVER_NAME,
     server_version: str = __version__,
     log: structlog.typing.FilteringBoundLogger | None = None,
@@ -270,6 +301,7 @@ def create_app(
         metrics,
         max_body_bytes=max_body_bytes,
         max_input_bytes=2 * max_body_bytes if max_input_bytes is None else max_input_bytes,
+        body_timeout_s=body_timeout_s,
         server_name=server_name,
         server_version=server_version,
         log=log or structlog.get_logger(__name__),
@@ -306,42 +338,75 @@ def create_metrics_app(registry: CollectorRegistry) -> web.Application:
 
 
 class _AppServer:
-    """Runs one aiohttp application on host:port with the agent's start -> run -> stop shape."""
+    """Runs one aiohttp application on host:port with the agent's start -> run -> stop shape:
+    idle connections time out, open ones are capped, refusals are counted (`connections`)."""
 
     def __init__(
         self,
         name: str,
         app: web.Application,
-        host: str,
         port: int,
+        settings: HttpSettings,
+        *,
         log: structlog.typing.FilteringBoundLogger | None,
+        on_refused: Callable[[enum.StrEnum], None] = lambda reason: None,
     ) -> None:
         self.name = name
         self.app = app
-        self._host = host
+        self._host = settings.host
         self._port = port
+        self._settings = settings
+        self._on_refused = on_refused
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self.guard: ConnectionGuard | None = None
         self._log = log or structlog.get_logger(__name__)
 
     @property
     def port(self) -> int:
         """The bound port (the real one when constructed with port 0); valid after `start`."""
-        if self._runner is None:
+        if self._server is None:
             raise RuntimeError(f"{self.name} is not started")
-        port: int = self._runner.addresses[0][1]
+        port: int = self._server.sockets[0].getsockname()[1]
         return port
 
     async def start(self) -> None:
+        cap = connection_cap(raise_open_file_limit(), self._settings.max_connections)
+        guard = ConnectionGuard(cap, lambda: self._on_refused(HttpReason.TOO_MANY_CONNECTIONS))
+        logger = RefusalLogger(
+            logging.getLogger("aiohttp.server"), lambda: self._on_refused(HttpReason.MALFORMED)
+        )
         # No access log: a logging call per request costs more than the tiny model it serves.
-        runner = web.AppRunner(self.app, access_log=None)
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            keepalive_timeout=self._settings.keepalive_timeout_s,
+            # After a refusal, the unread rest of a body is drained for at most this long (so
+            # the client reads the answer rather than a reset), not aiohttp's 10 s.
+            lingering_time=LINGERING_S,
+            logger=logger,
+        )
         await runner.setup()
+        server = runner.server
+        if server is None:
+            raise RuntimeError("aiohttp runner has no server after setup")
         try:
-            await web.TCPSite(runner, self._host, self._port).start()
+            # The server is made here rather than by a TCPSite: its protocol factory is wrapped.
+            self._server = await asyncio.get_running_loop().create_server(
+                guard.wrap(server), self._host, self._port, reuse_address=True
+            )
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        self._log.info("http_listening", service=self.name, host=self._host, port=self.port)
+        self.guard = guard
+        self._log.info(
+            "http_listening",
+            service=self.name,
+            host=self._host,
+            port=self.port,
+            max_connections=cap,
+        )
 
     async def run(self) -> None:
         """Requests are served by callbacks; nothing to run."""
@@ -350,8 +415,10 @@ class _AppServer:
         """Close the listening socket and idle connections, let requests in flight finish within
         `grace_s`, then cancel the ones still running and close their connections."""
         runner, self._runner = self._runner, None
-        if runner is None:
+        server, self._server = self._server, None
+        if runner is None or server is None:
             return
+        server.close()
         # aiohttp reads its drain timeout from the runner, set at construction; the grace is
         # only known now. (BaseSite sets this same attribute for its deprecated argument.)
         runner._shutdown_timeout = grace_s
@@ -377,10 +444,13 @@ class HttpService(_AppServer):
             metrics,
             max_body_bytes=settings.max_request_bytes,
             max_input_bytes=max_input_bytes,
+            body_timeout_s=settings.body_timeout_s,
             server_version=server_version,
             log=log,
         )
-        super().__init__("http", app, settings.host, settings.http_port, log)
+        super().__init__(
+            "http", app, settings.http_port, settings, log=log, on_refused=metrics.reject
+        )
 
 
 class MetricsService(_AppServer):
@@ -394,4 +464,4 @@ class MetricsService(_AppServer):
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         app = create_metrics_app(registry)
-        super().__init__("metrics", app, settings.host, settings.metrics_port, log)
+        super().__init__("metrics", app, settings.metrics_port, settings, log=log)
