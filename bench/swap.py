@@ -31,9 +31,17 @@ cancels the watch, as on a device receiving releases quickly.
 
     python -m bench.swap [--swaps 200] [--clients 8] [--warmup 2] [--steady 10] [--settle 0.5]
 
+The whole run is made twice in one invocation: first with `EDGEML_QUARANTINE=false` (the
+baseline: candidates load straight into the serving process), then with quarantine (the
+default, whose numbers are the result's main fields). `quarantine_seconds_median` is each
+candidate's time in its quarantine child (from the agent's `quarantine_done` lines);
+`quarantine_added_seconds_median` is what quarantine adds to the median swap, and
+`quarantine_added_vs_load_ratio` that against the swap without quarantine (the goal: < 1).
+
 Last line: {"swaps", "failed_requests", "p99_steady_ms", "p99_during_swap_ms",
-"swap_seconds_median", "rss_growth_pct_after_200_swaps", ...}; the same JSON goes to
-bench/results/swap.json.
+"swap_seconds_median", "rss_growth_pct_after_200_swaps", ..., "quarantine_seconds_median",
+"swap_seconds_median_without_quarantine", "quarantine_added_seconds_median",
+"without_quarantine": {...}}; the same JSON goes to bench/results/swap.json.
 """
 
 from __future__ import annotations
@@ -133,6 +141,7 @@ class AgentLog:
     ports: dict[str, int] = field(default_factory=dict)
     statuses: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     notable: Counter[str] = field(default_factory=Counter)
+    quarantine_s: list[float] = field(default_factory=list)  # each candidate's time in its child
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     news: asyncio.Condition = field(default_factory=asyncio.Condition)
     ended: bool = False
@@ -152,6 +161,8 @@ class AgentLog:
                 self.ports[str(line["service"])] = int(line["port"])
             elif event == "model_status":
                 self.statuses.append((received, line))
+            elif event == "quarantine_done":
+                self.quarantine_s.append(float(line["seconds"]))
             elif event in NOTABLE_EVENTS:
                 self.notable[str(event)] += 1
             async with self.news:
@@ -257,19 +268,20 @@ def checkpoints(swaps: int) -> list[int]:
     return sorted({m for m in marks if m <= swaps})
 
 
-def agent_env(trusted_keys: str, debounce_s: float) -> dict[str, str]:
+def agent_env(trusted_keys: str, debounce_s: float, *, quarantine: bool) -> dict[str, str]:
     # A stray EDGEML_* from the caller's shell would change (or, misspelt, stop) the agent.
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("EDGEML_")}
     return env | {
         "EDGEML_TRUSTED_KEYS": trusted_keys,
         "EDGEML_WATCH_DEBOUNCE_S": str(debounce_s),
         "EDGEML_LOG_FORMAT": "json",
+        "EDGEML_QUARANTINE": "true" if quarantine else "false",
     }
 
 
 @asynccontextmanager
 async def running_agent(
-    scratch: Path, publisher: Publisher, debounce_s: float
+    scratch: Path, publisher: Publisher, debounce_s: float, *, quarantine: bool
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, AgentLog]]:
     """The agent in managed mode on loopback, with its HTTP port read from its log."""
     process = await asyncio.create_subprocess_exec(
@@ -278,7 +290,7 @@ async def running_agent(
         "--host", "127.0.0.1", "--http-port", "0", "--metrics-port", "0",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, cwd=REPO,
-        env=agent_env(publisher.trusted_keys, debounce_s),
+        env=agent_env(publisher.trusted_keys, debounce_s, quarantine=quarantine),
     )  # fmt: skip
     assert process.stderr is not None
     log = AgentLog()
@@ -314,6 +326,7 @@ class Run:
     rss: list[int] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     notable: Counter[str] = field(default_factory=Counter)
+    quarantine_s: list[float] = field(default_factory=list)
 
 
 def request_body() -> bytes:
@@ -322,11 +335,14 @@ def request_body() -> bytes:
     return json.dumps({"inputs": [tensor]}).encode()
 
 
-async def measure(args: argparse.Namespace, scratch: Path, publisher: Publisher) -> Run:
+async def measure(
+    args: argparse.Namespace, scratch: Path, publisher: Publisher, *, quarantine: bool
+) -> Run:
     loop = asyncio.get_running_loop()
     # Signed before the run, so signing stays out of every measured window.
     documents = {v: publisher.manifest(v) for v in range(1, args.swaps + 2)}
-    async with running_agent(scratch, publisher, args.debounce) as (process, log):
+    starting = running_agent(scratch, publisher, args.debounce, quarantine=quarantine)
+    async with starting as (process, log):
 
         async def release(version: int) -> tuple[float, dict[str, Any]]:
             """Publish `version`; seconds until its final status, and that status."""
@@ -383,6 +399,7 @@ async def measure(args: argparse.Namespace, scratch: Path, publisher: Publisher)
         load.stop.set()
         await clients
         run.notable = log.notable
+        run.quarantine_s = log.quarantine_s
     return run
 
 
@@ -448,10 +465,39 @@ def summarize(run: Run, args: argparse.Namespace, model_bytes: int) -> dict[str,
 
 
 async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """The same swaps without quarantine (the baseline), then with it (the default)."""
     models = [mid_mlp(seed).SerializeToString() for seed in SEEDS]
-    publisher = Publisher(scratch / "releases", models)
-    run = await measure(args, scratch, publisher)
-    return summarize(run, args, len(models[0]))
+    runs = {}
+    for quarantine in (False, True):
+        root = scratch / ("quarantined" if quarantine else "direct")
+        publisher = Publisher(root / "releases", models)
+        runs[quarantine] = await measure(args, root, publisher, quarantine=quarantine)
+    result = summarize(runs[True], args, len(models[0]))
+    baseline = summarize(runs[False], args, len(models[0]))
+    quarantined = runs[True].quarantine_s[1:]  # the first install is not a swap
+    without = baseline["swap_seconds_median"]
+    added = result["swap_seconds_median"] - without
+    return {
+        **result,
+        # Each candidate's time in its quarantine child (load, contract, golden, warm-up,
+        # measurement) and what that adds to a swap, against the same swaps without it.
+        "quarantine_seconds_median": round(statistics.median(quarantined), 3),
+        "swap_seconds_median_without_quarantine": without,
+        "quarantine_added_seconds_median": round(added, 3),
+        "quarantine_added_vs_load_ratio": round(added / without, 2),
+        "without_quarantine": {
+            k: baseline[k]
+            for k in (
+                "failed_requests",
+                "p99_steady_ms",
+                "p99_during_swap_ms",
+                "p99_ratio",
+                "swap_seconds_p90",
+                "rss_growth_pct_after_200_swaps",
+                "swap_outcomes",
+            )
+        },
+    }
 
 
 def main() -> None:
