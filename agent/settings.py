@@ -20,6 +20,7 @@ from agent.releases.manifest import KeySettings
 from agent.releases.quarantine import QuarantineSettings
 from agent.releases.store import StoreSettings
 from agent.releases.swap import SwapSettings
+from agent.serving.auth import AuthSettings
 from agent.serving.contract import RequestLimits
 from agent.serving.engine import RuntimeOptions
 from agent.serving.http import HttpSettings
@@ -41,6 +42,7 @@ class AgentSettings(Section):
 
     log: LogSettings = LogSettings()
     http: HttpSettings = HttpSettings()
+    auth: AuthSettings = AuthSettings()
     runtime: RuntimeOptions = RuntimeOptions()
     batching: BatchingPolicy = BatchingPolicy()
     limits: RequestLimits = RequestLimits()

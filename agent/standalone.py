@@ -25,6 +25,7 @@ from agent.releases.folder import FolderSource
 from agent.releases.quarantine import Quarantine
 from agent.releases.store import ModelStore, StoreError
 from agent.releases.swap import HttpsArtifacts, ModelManager
+from agent.serving.auth import Credentials
 from agent.serving.engine import LoadedModel, ModelLoadError, load_model
 from agent.serving.http import HttpService, MetricsService
 from agent.serving.inference import InferenceService
@@ -108,6 +109,10 @@ class Agent:
         self.registry = registry or CollectorRegistry()
         register_process_metrics(self.registry)
         self.metrics = InferenceMetrics(self.registry)
+        # Read once here, so a missing or malformed secret stops the start with its reason.
+        self.credentials = (
+            Credentials(settings.auth) if settings.auth.tls_cert_file is not None else None
+        )
         self.services: dict[str, InferenceService] = {}
         self.manager: ModelManager | None = None
         self._sources: list[Service] = []
@@ -176,8 +181,8 @@ class Agent:
         return [
             *self._sources,
             *extra,
-            MetricsService(self.registry, settings.http),
-            HttpService(self.services, self.metrics, settings.http),
+            MetricsService(self.registry, settings.http, credentials=self.credentials),
+            HttpService(self.services, self.metrics, settings.http, credentials=self.credentials),
         ]
 
 

@@ -21,6 +21,7 @@ from typing import Final, Protocol
 import numpy as np
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from pydantic import Field
@@ -30,6 +31,7 @@ from agent.config import Section
 from agent.observation.metrics import InferenceMetrics
 from agent.reasons import Reason
 from agent.serving import protocol
+from agent.serving.auth import Credentials, auth_middleware
 from agent.serving.connections import (
     ConnectionGuard,
     RefusalLogger,
@@ -37,6 +39,7 @@ from agent.serving.connections import (
     raise_open_file_limit,
 )
 from agent.serving.contract import ModelContract, RequestError
+from agent.ticks import ticks
 
 SERVER_NAME: Final = "edge-mlops-agent"
 LINGERING_S: Final = 1.0
@@ -67,6 +70,7 @@ class HttpReason(enum.StrEnum):
     MALFORMED = "malformed_http"  # refused by aiohttp's parser, before routing
     BODY_TIMEOUT = "body_timeout"  # 408: the body did not arrive in time
     TOO_MANY_CONNECTIONS = "too_many_connections"  # 503 at connect, beyond the cap
+    UNAUTHORIZED = "unauthorized"  # 401: no valid bearer token or client certificate
 
 
 _STATUS: Final[Mapping[Reason, int]] = {
@@ -292,9 +296,11 @@ def create_app(
     server_name: str = SERVER_NAME,
     server_version: str = __version__,
     log: structlog.typing.FilteringBoundLogger | None = None,
+    outer: Sequence[Middleware] = (),
 ) -> web.Application:
-    """The v2 application. `max_input_bytes` bounds decoded tensors (default: 2 x the body cap,
-    as JSON integers can take fewer bytes on the wire than in memory)."""
+    """The v2 application, `outer` middlewares first (authentication). `max_input_bytes`
+    bounds decoded tensors (default: 2 x the body cap, as JSON integers can take fewer bytes
+    on the wire than in memory)."""
     metrics.declare(HttpReason)
     handlers = _V2Handlers(
         models,
@@ -307,7 +313,7 @@ def create_app(
         log=log or structlog.get_logger(__name__),
     )
     # aiohttp refuses bodies over client_max_size on read, with a 413 the middleware rewrites.
-    app = web.Application(middlewares=[handlers.v2_errors], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[*outer, handlers.v2_errors], client_max_size=max_body_bytes)
     router = app.router
     router.add_get("/v2/health/live", handlers.live)
     router.add_get("/v2/health/ready", handlers.ready)
@@ -329,9 +335,11 @@ async def _metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
 
 
-def create_metrics_app(registry: CollectorRegistry) -> web.Application:
+def create_metrics_app(
+    registry: CollectorRegistry, outer: Sequence[Middleware] = ()
+) -> web.Application:
     """Prometheus exposition of `registry` at `/metrics`."""
-    app = web.Application()
+    app = web.Application(middlewares=list(outer))
     app[_REGISTRY] = registry
     app.router.add_get("/metrics", _metrics_handler)
     return app
@@ -350,6 +358,7 @@ class _AppServer:
         *,
         log: structlog.typing.FilteringBoundLogger | None,
         on_refused: Callable[[enum.StrEnum], None] = lambda reason: None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.name = name
         self.app = app
@@ -357,6 +366,7 @@ class _AppServer:
         self._port = port
         self._settings = settings
         self._on_refused = on_refused
+        self._credentials = credentials
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self.guard: ConnectionGuard | None = None
@@ -393,7 +403,11 @@ class _AppServer:
         try:
             # The server is made here rather than by a TCPSite: its protocol factory is wrapped.
             self._server = await asyncio.get_running_loop().create_server(
-                guard.wrap(server), self._host, self._port, reuse_address=True
+                guard.wrap(server),
+                self._host,
+                self._port,
+                reuse_address=True,
+                ssl=self._credentials.ssl_context if self._credentials is not None else None,
             )
         except BaseException:
             await runner.cleanup()
@@ -409,7 +423,11 @@ class _AppServer:
         )
 
     async def run(self) -> None:
-        """Requests are served by callbacks; nothing to run."""
+        """Requests are served by callbacks; secrets, if any, are re-read when they change."""
+        if self._credentials is None:
+            return
+        async for _ in ticks(self._credentials.settings.secrets_reload_s):
+            self._credentials.reload_if_changed()
 
     async def stop(self, grace_s: float) -> None:
         """Close the listening socket and idle connections, let requests in flight finish within
@@ -438,7 +456,13 @@ class HttpService(_AppServer):
         max_input_bytes: int | None = None,
         server_version: str = __version__,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
+        outer = (
+            [auth_middleware(credentials, lambda: metrics.reject(HttpReason.UNAUTHORIZED))]
+            if credentials is not None and credentials.settings.authenticates
+            else []
+        )
         app = create_app(
             models,
             metrics,
@@ -447,9 +471,16 @@ class HttpService(_AppServer):
             body_timeout_s=settings.body_timeout_s,
             server_version=server_version,
             log=log,
+            outer=outer,
         )
         super().__init__(
-            "http", app, settings.http_port, settings, log=log, on_refused=metrics.reject
+            "http",
+            app,
+            settings.http_port,
+            settings,
+            log=log,
+            on_refused=metrics.reject,
+            credentials=credentials,
         )
 
 
@@ -462,6 +493,14 @@ class MetricsService(_AppServer):
         settings: HttpSettings,
         *,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
-        app = create_metrics_app(registry)
-        super().__init__("metrics", app, settings.metrics_port, settings, log=log)
+        outer = (
+            [auth_middleware(credentials, lambda: None)]
+            if credentials is not None and credentials.settings.authenticates
+            else []
+        )
+        app = create_metrics_app(registry, outer)
+        super().__init__(
+            "metrics", app, settings.metrics_port, settings, log=log, credentials=credentials
+        )
