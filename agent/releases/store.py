@@ -8,16 +8,20 @@ Layout under the store root::
     baselines/<sha256>.part
     state.json                 {"schema": 1, "models": {<name>: {"active": ref|null,
                                  "last_known_good": ref|null, "highest_seen": ref|null,
-                                 ["installing": ref, "blocked": blocked]}}}
+                                 "rolled_back": rolled|null, ["installing": ref]}}}
         ref = {"version": int, "sha256": hex64, "baseline_sha256": hex64|null}
-        blocked = {"version": int, "sha256": hex64, "reason": str}
+        rolled = {"version": int, "sha256": hex64, "reason": str, "at": ISO 8601}
+
+A rolled-back release stays refused across restarts and twin resyncs until a higher version is
+seen: without the record, a restart would re-submit the twin's (bad) manifest, find it to be
+the highest version seen, and install it again. The same record refuses a release that killed
+the process (``crashed_during_install``) or exhausted its quarantine's limits
+(``resource_limit``, ``load_timeout``): retrying either would only do it again.
 
 ``installing`` is written before a release is loaded into the serving process and cleared once
 it has served its first requests (or failed cleanly): found at start, it means the process died
-loading or trying that release, which is then never loaded again (``blocked``, also set for a
-release that exhausted its quarantine's limits: retrying either after a restart would only do
-it again). Both keys are written only when set, so a file without them is the same state as
-before they existed.
+loading or trying that release (`crash_recovered`). It is written only when set, so a file
+without it reads as before it existed.
 
 ``state.json`` is replaced atomically (temp file in the same directory, fsync, ``os.replace``,
 fsync of the directory), so a crash at any instant leaves either the old or the new state, and
@@ -45,7 +49,7 @@ from types import MappingProxyType
 from typing import Annotated, Literal, Protocol
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from agent.config import Section
 from agent.reasons import AgentError, Reason
@@ -53,13 +57,13 @@ from agent.reasons import AgentError, Reason
 __all__ = [
     "DEFAULT_FREE_SPACE_MARGIN_BYTES",
     "DEFAULT_KEEP_OLD_ARTIFACTS",
-    "BlockedRelease",
     "ModelRecord",
     "ModelRef",
     "ModelStore",
     "NoLastKnownGoodError",
     "Opener",
     "PartFile",
+    "RolledBack",
     "StoreError",
     "StoreSettings",
     "StoreState",
@@ -115,14 +119,20 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
-class BlockedRelease:
-    """A release that is not installed again, and why (a bounded reason)."""
+class RolledBack:
+    """A release taken out of service (probation, the rollback method): never installed again."""
 
     version: int
     sha256: str
-    reason: str
+    reason: Reason
+    at: datetime
 
-    def matches(self, version: int, sha256: str) -> bool:
+    def __post_init__(self) -> None:
+        _check_sha(self.sha256)
+        if self.at.tzinfo is None:
+            raise ValueError("a rollback time must be timezone-aware")
+
+    def is_release(self, version: int, sha256: str) -> bool:
         return (self.version, self.sha256) == (version, sha256)
 
 
@@ -133,8 +143,8 @@ class ModelRecord:
     active: ModelRef | None = None
     last_known_good: ModelRef | None = None
     highest_seen: ModelRef | None = None
+    rolled_back: RolledBack | None = None
     installing: ModelRef | None = None  # loading or on trial in the serving process
-    blocked: BlockedRelease | None = None  # never installed again (the process died on it...)
 
 
 _EMPTY_RECORD = ModelRecord()
@@ -161,7 +171,10 @@ class StoreState:
         rec = self.record(name)
         if rec.highest_seen is not None and ref.version <= rec.highest_seen.version:
             return self
-        return self._with(name, replace(rec, highest_seen=ref))
+        rolled = rec.rolled_back
+        if rolled is not None and ref.version > rolled.version:
+            rolled = None  # a higher version supersedes the release that was rolled back
+        return self._with(name, replace(rec, highest_seen=ref, rolled_back=rolled))
 
     def activated(self, name: str, ref: ModelRef) -> StoreState:
         """``ref`` now serves; the model it replaced becomes the last-known-good."""
@@ -169,16 +182,27 @@ class StoreState:
         lkg = rec.active if rec.active is not None and rec.active != ref else rec.last_known_good
         return self._with(name, replace(rec, active=ref, last_known_good=lkg)).seen(name, ref)
 
-    def rolled_back(self, name: str) -> StoreState:
-        """The last-known-good serves again. The release rolled back from is not kept as a
-        fallback, and the highest version seen stays (a fix is published as a higher version).
+    def rolled_back(self, name: str, reason: Reason, at: datetime) -> StoreState:
+        """The last-known-good serves again. The release rolled back from is recorded (it is
+        refused until a higher version is seen) and not kept as a fallback; the highest version
+        seen stays (a fix is published as a higher version).
         """
         rec = self.record(name)
         if rec.last_known_good is None:
             raise NoLastKnownGoodError(f"model {name!r} has no last-known-good release")
+        bad = rec.active
+        rolled = (
+            RolledBack(bad.version, bad.sha256, reason, at) if bad is not None else rec.rolled_back
+        )
         return self._with(
             name,
-            replace(rec, active=rec.last_known_good, last_known_good=None, installing=None),
+            replace(
+                rec,
+                active=rec.last_known_good,
+                last_known_good=None,
+                rolled_back=rolled,
+                installing=None,
+            ),
         )
 
     def installing(self, name: str, ref: ModelRef) -> StoreState:
@@ -192,9 +216,10 @@ class StoreState:
             return self
         return self._with(name, replace(rec, installing=None))
 
-    def crash_recovered(self, name: str, reason: str) -> StoreState:
+    def crash_recovered(self, name: str, at: datetime) -> StoreState:
         """At start, with ``installing`` left behind: that release crashed the process. It is
-        blocked with ``reason``; if it had become active, the last-known-good serves again."""
+        refused from now on (``crashed_during_install``); if it had become active, the
+        last-known-good serves again."""
         rec = self.record(name)
         bad = rec.installing
         if bad is None:
@@ -202,21 +227,16 @@ class StoreState:
         active, lkg = rec.active, rec.last_known_good
         if active == bad:
             active, lkg = lkg, None
+        refused = RolledBack(bad.version, bad.sha256, Reason.CRASHED_DURING_INSTALL, at)
         return self._with(
             name,
-            replace(
-                rec,
-                active=active,
-                last_known_good=lkg,
-                installing=None,
-                blocked=BlockedRelease(bad.version, bad.sha256, reason),
-            ),
+            replace(rec, active=active, last_known_good=lkg, installing=None, rolled_back=refused),
         )
 
-    def blocked(self, name: str, ref: ModelRef, reason: str) -> StoreState:
-        """``ref`` is not to be installed again (``reason``); replaces an older block."""
-        blocked = BlockedRelease(ref.version, ref.sha256, reason)
-        return self._with(name, replace(self.record(name), blocked=blocked))
+    def refused(self, name: str, ref: ModelRef, reason: Reason, at: datetime) -> StoreState:
+        """``ref`` is never installed again (until a higher version is seen), for ``reason``."""
+        refused = RolledBack(ref.version, ref.sha256, reason, at)
+        return self._with(name, replace(self.record(name), rolled_back=refused))
 
     def protected_artifacts(self) -> frozenset[str]:
         """Digests that garbage collection must never remove: every active and LKG model."""
@@ -250,8 +270,8 @@ class StoreState:
                     active=_ref(rec.active),
                     last_known_good=_ref(rec.last_known_good),
                     highest_seen=_ref(rec.highest_seen),
+                    rolled_back=_rolled(rec.rolled_back),
                     installing=_ref(rec.installing),
-                    blocked=_blocked(rec.blocked),
                 )
                 for name, rec in parsed.models.items()
             }
@@ -295,11 +315,12 @@ class _RefFile(BaseModel):
     baseline_sha256: _Sha | None = None
 
 
-class _BlockedFile(BaseModel):
-    model_config = _FILE_MODEL
+class _RolledBackFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)  # lax: `at` is an ISO string
     version: int = Field(ge=1)
     sha256: _Sha
-    reason: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,40}$")]
+    reason: Reason
+    at: AwareDatetime
 
 
 class _RecordFile(BaseModel):
@@ -307,8 +328,9 @@ class _RecordFile(BaseModel):
     active: _RefFile | None = None
     last_known_good: _RefFile | None = None
     highest_seen: _RefFile | None = None
-    installing: _RefFile | None = None
-    blocked: _BlockedFile | None = None
+    # Absent in files written before rollbacks were recorded.
+    rolled_back: _RolledBackFile | None = None
+    installing: _RefFile | None = None  # absent unless set
 
 
 class _StateFile(BaseModel):
@@ -323,28 +345,33 @@ def _ref_json(ref: ModelRef | None) -> dict[str, object] | None:
     return {"version": ref.version, "sha256": ref.sha256, "baseline_sha256": ref.baseline_sha256}
 
 
+def _rolled_json(rolled: RolledBack | None) -> dict[str, object] | None:
+    if rolled is None:
+        return None
+    return {
+        "version": rolled.version,
+        "sha256": rolled.sha256,
+        "reason": rolled.reason.value,
+        "at": rolled.at.isoformat(),
+    }
+
+
+def _rolled(rolled: _RolledBackFile | None) -> RolledBack | None:
+    if rolled is None:
+        return None
+    return RolledBack(rolled.version, rolled.sha256, rolled.reason, rolled.at)
+
+
 def _record_json(rec: ModelRecord) -> dict[str, object]:
     document: dict[str, object] = {
         "active": _ref_json(rec.active),
         "last_known_good": _ref_json(rec.last_known_good),
         "highest_seen": _ref_json(rec.highest_seen),
+        "rolled_back": _rolled_json(rec.rolled_back),
     }
-    # Only when set: an agent from before these keys can still read the file.
-    if rec.installing is not None:
+    if rec.installing is not None:  # only when set: older agents can still read the file
         document["installing"] = _ref_json(rec.installing)
-    if rec.blocked is not None:
-        document["blocked"] = {
-            "version": rec.blocked.version,
-            "sha256": rec.blocked.sha256,
-            "reason": rec.blocked.reason,
-        }
     return document
-
-
-def _blocked(blocked: _BlockedFile | None) -> BlockedRelease | None:
-    if blocked is None:
-        return None
-    return BlockedRelease(blocked.version, blocked.sha256, blocked.reason)
 
 
 def _ref(ref: _RefFile | None) -> ModelRef | None:

@@ -167,7 +167,7 @@ def test_bombs_from_the_folder_fail_in_quarantine_and_are_not_retried_after_a_re
         assert 'agent_model_update_failures_total{reason="resource_limit"} 4.0' in metrics
         assert 'agent_model_update_failures_total{reason="load_timeout"} 1.0' in metrics
     last = len(BOMBS) + 1
-    assert record(root).blocked.version == last
+    assert record(root).rolled_back.version == last
     # The last bomb's manifest is still in the folder: a restart must not run it again.
     with agent_on(root) as agent:
         agent.wait_for(status("failed", last, "load_timeout"), WAIT_S, what="blocked again")
@@ -232,7 +232,7 @@ def test_a_sigkill_while_installing_rolls_the_release_back_and_never_loads_it_ag
             assert not agent.events("installing_in_process")
             assert served_version(agent) == 1
             assert record(root).active.version == 1
-            assert record(root).blocked.reason == "crashed_during_install"
+            assert record(root).rolled_back.reason == "crashed_during_install"
         else:
             agent.wait_for(status("active", 2), WAIT_S, what="v2 installed after the restart")
             assert infer(agent, MID_FEATURES)[0] == 200
