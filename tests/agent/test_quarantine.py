@@ -154,6 +154,8 @@ async def _check(
 
 # Far below the machine's memory, far above what a real small model needs.
 LIMITED = QuarantineSettings(memory_bytes=512 * MIB, cpu_s=8, wall_s=60.0, spare=False)
+# For sound models: the same memory, CPU and time a loaded machine may need.
+SOUND = QuarantineSettings(memory_bytes=512 * MIB, cpu_s=60, wall_s=120.0, spare=False)
 
 
 @pytest.mark.e2e
@@ -191,7 +193,7 @@ async def test_the_wall_clock_deadline_kills_a_child_that_sleeps_through_its_cpu
 
 @pytest.mark.e2e
 async def test_a_sound_model_passes_with_its_measured_cost(tmp_path: Path) -> None:
-    result, _ = await _check(tmp_path, mid_bytes(0), LIMITED)
+    result, _ = await _check(tmp_path, mid_bytes(0), SOUND)
     assert isinstance(result, Passed), result
     assert 0 < result.cost.fixed_s < 1.0
 
@@ -201,7 +203,7 @@ async def test_a_golden_sample_that_does_not_match_fails_in_the_child(tmp_path: 
     manifest = _manifest(tiny_bytes(0))
     path = tmp_path / "other.onnx"
     path.write_bytes(tiny_bytes(1))  # same contract, other weights: the golden output differs
-    quarantine = Quarantine(LIMITED, cgroup=lambda: None)
+    quarantine = Quarantine(SOUND, cgroup=lambda: None)
     result = await quarantine.check(path, manifest, RuntimeOptions(), 8)
     assert isinstance(result, Refused)
     assert result.reason is Reason.GOLDEN_MISMATCH
@@ -211,7 +213,7 @@ async def test_a_golden_sample_that_does_not_match_fails_in_the_child(tmp_path: 
 async def test_a_spare_child_takes_the_next_check_and_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "tiny.onnx"
     path.write_bytes(tiny_bytes(0))
-    quarantine = Quarantine(LIMITED.model_copy(update={"spare": True}), cgroup=lambda: None)
+    quarantine = Quarantine(SOUND.model_copy(update={"spare": True}), cgroup=lambda: None)
     quarantine.prepare()
     try:
         for _ in range(2):
