@@ -74,7 +74,7 @@ class QuarantineSettings(Section):
     """Whether candidates are quarantined, and what one may use in its child."""
 
     enabled: bool = Field(True, alias="quarantine")
-    # A child kept started ahead of need (see `Quarantine`): ~60 MiB resident while it waits.
+    # A child kept started ahead of need (see `Quarantine`): ~90 MiB resident while it waits.
     spare: bool = Field(True, alias="quarantine_spare")
     # Memory a candidate may allocate beyond the runtime's own; unset: derived from the
     # container's limit (`memory_budget`).
