@@ -179,6 +179,7 @@ class Hub:
         self._pending_methods: dict[str, asyncio.Future[tuple[int, Any]]] = {}
         self._request_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cursors = twin_query.Cursors()
 
     @property
     def broker(self) -> Broker:
@@ -504,7 +505,9 @@ class Hub:
         """(one page of rows, the next page's token, x-ms-item-type)."""
         try:
             parsed = twin_query.parse_query(text)
-            items, token = twin_query.page(self.fleet.query(parsed), continuation, max_items)
+            items, token = self._cursors.page(
+                lambda: self.fleet.query(parsed), continuation, max_items
+            )
         except twin_query.QueryError as exc:
             raise ServiceError(400, "BadRequest", str(exc)) from exc
         # Rows of a projection or an aggregate are plain JSON, not twins.
