@@ -14,7 +14,9 @@ the real SDKs:
    module of the sample (`--connected` real `IoTHubModuleClient`s, spread over both rings) that
    is targeted has received its desired-property patch. Seconds from the create / update call.
 2. queries/s: `query_iot_hub` for one page (the canary ring: 100 twins at 1,000 devices) and
-   for the whole fleet paged by 100 (`devices`), each for `--query-seconds`.
+   for the whole fleet paged by 100 (`devices`), each for `--query-seconds`; and the same
+   queries as plain REST requests (`rest_*`): the SDK spends most of its time deserialising
+   rows into its models, so these tell what the simulator itself answers.
 3. memory: the simulator process's RSS after start, and after the rollouts.
 
 The baseline, in the same run: the same simulator with one device (start time, RSS, the same
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import requests
 from azure.iot.device.aio import IoTHubModuleClient
 from azure.iot.hub import IoTHubConfigurationManager, IoTHubRegistryManager
 from azure.iot.hub.models import (
@@ -54,7 +57,7 @@ from azure.iot.hub.models import (
 )
 
 from bench._machine import machine_busy, stop
-from simulator import pick_loopback_host
+from simulator import pick_loopback_host, sas
 
 RESULTS = Path(__file__).parent / "results" / "fleet.json"
 MODULE = "consumer"
@@ -244,6 +247,37 @@ CANARY_QUERY = "SELECT * FROM devices WHERE tags.ring = 'canary'"
 FLEET_QUERY = "SELECT * FROM devices"
 
 
+def rest_queries_per_s(info: dict[str, Any], text: str, seconds: float) -> float:
+    """The same queries as plain REST requests (one keep-alive session, rows parsed as JSON):
+    what the simulator answers, without the SDK's model deserialisation (most of its time)."""
+    fields = dict(part.split("=", 1) for part in info["service_connection_string"].split(";"))
+    url = f"https://{fields['HostName']}/devices/query?api-version=2021-04-12"
+    done = 0
+    with requests.Session() as session:
+        session.verify = info["ca_cert"]
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            token = None
+            while True:
+                expiry = int(time.time()) + 3600
+                headers = {
+                    "Authorization": sas.generate(
+                        fields["HostName"], fields["SharedAccessKey"], expiry, "iothubowner"
+                    ),
+                    "x-ms-max-item-count": "100",
+                }
+                if token:
+                    headers["x-ms-continuation"] = token
+                response = session.post(url, json={"query": text}, headers=headers, timeout=30)
+                response.raise_for_status()
+                response.json()
+                token = response.headers.get("x-ms-continuation")
+                if not token:
+                    break
+            done += 1
+        return round(done / (time.monotonic() - started), 1)
+
+
 def measure_queries(running: RunningSimulator, seconds: float) -> dict[str, float]:
     registry = IoTHubRegistryManager.from_connection_string(
         running.info["service_connection_string"]
@@ -252,6 +286,8 @@ def measure_queries(running: RunningSimulator, seconds: float) -> dict[str, floa
         return {
             "canary_page_qps": queries_per_s(registry, CANARY_QUERY, seconds),
             "whole_fleet_paged_qps": queries_per_s(registry, FLEET_QUERY, seconds),
+            "rest_canary_page_qps": rest_queries_per_s(running.info, CANARY_QUERY, seconds),
+            "rest_whole_fleet_paged_qps": rest_queries_per_s(running.info, FLEET_QUERY, seconds),
         }
     finally:
         registry.amqp_svc_client.disconnect_sync()
@@ -340,6 +376,9 @@ def main() -> None:
             "whole_fleet_paged": median(fleet_rounds, "whole_fleet_paged_qps"),
             "one_device_baseline_canary_page": median(base_rounds, "canary_page_qps"),
             "one_device_baseline_whole_fleet_paged": median(base_rounds, "whole_fleet_paged_qps"),
+            "rest_canary_page": median(fleet_rounds, "rest_canary_page_qps"),
+            "rest_whole_fleet_paged": median(fleet_rounds, "rest_whole_fleet_paged_qps"),
+            "rest_one_device_baseline": median(base_rounds, "rest_canary_page_qps"),
         },
         "start_s": median(fleet_rounds, "start_s"),
         "baseline_start_s": median(base_rounds, "start_s"),
