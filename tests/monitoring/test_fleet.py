@@ -27,7 +27,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.manifest import public_key_to_b64, sign_manifest
+from agent.releases.manifest import public_key_to_b64, sign_manifest
 from deployment.release import build_manifest
 from tests.agent.models import tiny_bytes
 from tests.agent_process import AgentProcess, LogLine, running_agent
