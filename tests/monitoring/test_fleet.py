@@ -1,11 +1,13 @@
 """Two devices to one notification: the whole monitoring path with real servers on loopback.
 
-Two `python -m agent serve` processes stand for two devices of the canary ring. Each has its own
-agent-mode Prometheus (the committed on-device config) adding hub, ring, device_id and module_id
-and remote-writing to a central Prometheus that evaluates the committed rules and notifies the
-committed Alertmanager, whose webhook is this test's. A release whose golden check fails on both
-devices must reach the webhook as exactly one notification naming both devices; every query of
-the committed dashboard must run, and return data wherever its metrics exist.
+Two devices of the canary ring: device-1 runs `python -m agent serve` on a release folder,
+device-2 the IoT Edge module (`python -m module`) connected to the hub simulator and released
+through its twin with the service SDK. Each has its own agent-mode Prometheus (the committed
+on-device config) adding hub, ring, device_id and module_id and remote-writing to a central
+Prometheus that evaluates the committed rules and notifies the committed Alertmanager, whose
+webhook is this test's. A release whose golden check fails on both devices must reach the
+webhook as exactly one notification naming both; every query of the committed dashboard must
+run, and return data wherever its metrics exist.
 """
 
 from __future__ import annotations
@@ -17,21 +19,25 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.iot.hub import IoTHubRegistryManager
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.releases.manifest import public_key_to_b64, sign_manifest
 from deployment.release import build_manifest
+from simulator import Simulator, pick_loopback_host
+from tests.agent.artifact_server import make_pki
 from tests.agent.models import tiny_bytes
-from tests.agent_process import AgentProcess, LogLine, running_agent
-from tests.monitoring.files import DASHBOARD
+from tests.agent_process import LogLine, running_agent
+from tests.module import harness
+from tests.monitoring.files import DASHBOARD, MONITORING
 from tests.monitoring.stack import (
     GROUP_WAIT_S,
     HUB,
@@ -43,80 +49,45 @@ from tests.monitoring.stack import (
     running_webhook,
 )
 from tests.prometheus import Prometheus
+from tests.simulator.conftest import collect_sdk_garbage
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 KEY_ID = "monitoring-key"
 RING = "canary"
 DEVICES = ("device-1", "device-2")
+MODULE_DEVICE = DEVICES[1]  # the dashboard's drill-down shows it: it has the hub and outbox
 WAIT_S = 90.0  # any one step; a quiet machine takes a few seconds
 # Series one device may send. Measured: see README "Fleet monitoring"; a new label value or
 # metric family that multiplies series per device fails here first.
 SERIES_BUDGET = 200
-# Metrics of other issues (drift, quality, memory headroom, per-model latency) and of the IoT
-# Edge module (hub link, outbox), which this test does not run: their panels must be valid
-# PromQL, and return data once the metric exists.
+# Metrics of other issues (drift, quality, memory headroom under a limit, per-model latency):
+# their panels must be valid PromQL now, and return data once the metric exists.
 NOT_EXPORTED_HERE = {
     "agent_drift_state",
     "agent_drift_score",
     "agent_model_accuracy",
     "agent_memory_headroom_bytes",
     "agent_model_request_duration_seconds_bucket",
-    "agent_hub_connected",
-    "agent_outbox_queued",
-    "agent_outbox_spooled",
-    "agent_outbox_dropped_total",
 }
 SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{")
 
 
-@dataclass(frozen=True)
-class Release:
-    model: bytes
-    manifest: dict[str, Any]
-
-    def drop(self, folder: Path) -> None:
-        """The artifact first, the manifest last, as the release folder asks."""
-        (folder / f"{self.manifest['sha256']}.onnx").write_bytes(self.model)
-        (folder / f"m-v{self.manifest['version']}.manifest.json").write_text(
-            json.dumps(self.manifest)
-        )
-
-
-@dataclass(frozen=True)
-class Device:
-    device_id: str
-    agent: AgentProcess
-    watch: Path
-    prometheus: Service
-
-
-@dataclass(frozen=True)
-class Fleet:
-    devices: tuple[Device, ...]
-    central: Prometheus
-    alertmanager: Service
-    webhook: Webhook
-    bad_release: Release
-
-
-def _releases(key: Ed25519PrivateKey) -> tuple[Release, Release]:
-    good = tiny_bytes(0)
-    v1 = build_manifest(
-        good, name="m", version=1, url="https://models.example/m/1.onnx", key=key, key_id=KEY_ID
-    )
-    # v2 is a real model whose signed golden sample it cannot reproduce (outputs shifted by 1).
-    bad = tiny_bytes(1)
-    unsigned = build_manifest(
-        bad, name="m", version=2, url="https://models.example/m/2.onnx", key=key, key_id=KEY_ID
-    )
-    del unsigned["signature"]
+def _bad_golden(manifest: dict[str, Any], key: Ed25519PrivateKey, key_id: str) -> dict[str, Any]:
+    """`manifest` re-signed with golden outputs its model cannot reproduce (shifted by 1)."""
+    unsigned = {k: v for k, v in manifest.items() if k != "signature"}
     for output in unsigned["golden"]["outputs"]:
         output["data"] = [value + 1.0 for value in output["data"]]
-    return Release(good, v1), Release(bad, sign_manifest(unsigned, key, KEY_ID))
+    return sign_manifest(unsigned, key, key_id)
 
 
-def _status(state: str, version: int) -> Any:
+def _drop(folder: Path, model: bytes, manifest: dict[str, Any]) -> None:
+    """The artifact first, the manifest last, as the release folder asks."""
+    (folder / f"{manifest['sha256']}.onnx").write_bytes(model)
+    (folder / f"m-v{manifest['version']}.manifest.json").write_text(json.dumps(manifest))
+
+
+def _status(state: str, version: int) -> Callable[[LogLine], bool]:
     def matches(line: LogLine) -> bool:
         return (
             line.get("event") == "model_status"
@@ -127,9 +98,13 @@ def _status(state: str, version: int) -> Any:
     return matches
 
 
-def _infer(agent: AgentProcess, body: dict[str, Any]) -> int:
+GOOD = {"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": [0.5] * 32}]}
+BAD = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [0.5] * 3}]}
+
+
+def _post(http_url: str, body: dict[str, Any]) -> int:
     request = urllib.request.Request(
-        f"{agent.http_url}/v2/models/m/infer",
+        f"{http_url}/v2/models/m/infer",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
@@ -137,24 +112,123 @@ def _infer(agent: AgentProcess, body: dict[str, Any]) -> int:
         with urllib.request.urlopen(request, timeout=5) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
-        return int(error.code)
+        with error:
+            return int(error.code)
 
 
-def _traffic(agent: AgentProcess) -> None:
-    good = {"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": [0.5] * 32}]}
-    bad = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [0.5] * 3}]}
-    assert [_infer(agent, good) for _ in range(20)] == [200] * 20
-    assert [_infer(agent, bad) for _ in range(3)] == [400] * 3
+def _traffic(http_url: str) -> None:
+    assert [_post(http_url, GOOD) for _ in range(20)] == [200] * 20
+    assert [_post(http_url, BAD) for _ in range(3)] == [400] * 3
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    metrics_url: str
+    prometheus: Service
+    release_bad: Callable[[], None]
+    wait_for: Callable[[Callable[[LogLine], bool], str], LogLine]
+
+
+@dataclass(frozen=True)
+class Fleet:
+    devices: tuple[Device, ...]
+    central: Prometheus
+    webhook: Webhook
+
+
+def _device_prometheus(
+    stack: ExitStack, root: Path, device_id: str, port: int, central: str
+) -> Service:
+    return stack.enter_context(
+        running_device_prometheus(
+            root / device_id / "prometheus",
+            device_id=device_id,
+            ring=RING,
+            target=f"127.0.0.1:{port}",
+            remote_write_url=f"{central}/api/v1/write",
+        )
+    )
+
+
+def _folder_device(stack: ExitStack, root: Path, central: str) -> Device:
+    """device-1: the standalone agent on a release folder."""
     key = Ed25519PrivateKey.generate()
-    v1, v2 = _releases(key)
     env = {
         "EDGEML_TRUSTED_KEYS": f"{KEY_ID}={public_key_to_b64(key.public_key())}",
         "EDGEML_WATCH_DEBOUNCE_S": "0.05",
     }
+    state, watch = root / DEVICES[0] / "state", root / DEVICES[0] / "watch"
+    watch.mkdir(parents=True)
+    agent = stack.enter_context(
+        running_agent(None, "--state-dir", str(state), "--watch-dir", str(watch), env=env)
+    )
+
+    def manifest(model: bytes, version: int) -> dict[str, Any]:
+        url = f"https://models.example/m/{version}.onnx"
+        return build_manifest(model, name="m", version=version, url=url, key=key, key_id=KEY_ID)
+
+    _drop(watch, tiny_bytes(0), manifest(tiny_bytes(0), 1))
+    agent.wait_for(_status("active", 1), WAIT_S, what="v1 active")
+    _traffic(agent.http_url)
+    return Device(
+        DEVICES[0],
+        agent.metrics_url,
+        _device_prometheus(stack, root, DEVICES[0], agent.ports["metrics"], central),
+        lambda: _drop(watch, tiny_bytes(1), _bad_golden(manifest(tiny_bytes(1), 2), key, KEY_ID)),
+        lambda matches, what: agent.wait_for(matches, WAIT_S, what=what),
+    )
+
+
+def _module_device(stack: ExitStack, root: Path, central: str) -> Device:
+    """device-2: the IoT Edge module on the hub simulator, released through its twin."""
+    sim = stack.enter_context(
+        Simulator.start(
+            MONITORING.parent / "deployment.template.json",
+            run_dir=root / "sim",
+            host=pick_loopback_host(),
+        )
+    )
+    stack.callback(collect_sdk_garbage)
+    patch = stack.enter_context(pytest.MonkeyPatch.context())
+    patch.setenv("REQUESTS_CA_BUNDLE", str(sim.ca_cert_path))
+    registry = IoTHubRegistryManager.from_connection_string(sim.service_connection_string)
+    stack.callback(registry.amqp_svc_client.disconnect_sync)
+    service = harness.Service(registry, sim.device_id)
+    (root / "pki").mkdir()
+    pki = make_pki(root / "pki")
+    artifacts = harness.ThreadedArtifacts(pki)
+    stack.callback(artifacts.close)
+    releases = harness.Releases(artifacts)
+    env = harness.module_environment(
+        sim.edge_env(sim.device_id, harness.MODULE),
+        state_dir=root / MODULE_DEVICE / "state",
+        trusted_keys=releases.trusted_keys,
+        artifact_ca=pki.ca_pem,
+    )
+    module = harness.ModuleProcess.start(env, root / "module.log")
+    stack.callback(module.close)
+    module.wait_ready()
+    service.publish(releases.release("m-1.onnx", tiny_bytes(0), 1))
+    module.wait_for(_status("active", 1), WAIT_S, "v1 active")
+    _traffic(f"http://127.0.0.1:{module.ports['http']}")
+
+    def release_bad() -> None:
+        url = releases.serve("m-2.onnx", tiny_bytes(1))
+        manifest = releases.manifest(tiny_bytes(1), 2, url)
+        service.publish(_bad_golden(manifest, releases.key, harness.KEY_ID))
+
+    return Device(
+        MODULE_DEVICE,
+        f"http://127.0.0.1:{module.ports['metrics']}/metrics",
+        _device_prometheus(stack, root, MODULE_DEVICE, module.ports["metrics"], central),
+        release_bad,
+        lambda matches, what: module.wait_for(matches, WAIT_S, what),
+    )
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("fleet")
     with ExitStack() as stack:
         webhook = stack.enter_context(running_webhook())
@@ -162,38 +236,23 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         central = stack.enter_context(
             running_central(root / "central", alertmanager.url.removeprefix("http://"))
         )
-        devices = []
-        for device_id in DEVICES:
-            state, watch = root / device_id / "state", root / device_id / "watch"
-            watch.mkdir(parents=True)
-            args = ("--state-dir", str(state), "--watch-dir", str(watch))
-            agent = stack.enter_context(running_agent(None, *args, env=env))
-            v1.drop(watch)
-            agent.wait_for(_status("active", 1), WAIT_S, what="v1 active")
-            _traffic(agent)
-            prometheus = stack.enter_context(
-                running_device_prometheus(
-                    root / device_id / "prometheus",
-                    device_id=device_id,
-                    ring=RING,
-                    target=f"127.0.0.1:{agent.ports['metrics']}",
-                    remote_write_url=f"{central.url}/api/v1/write",
-                )
-            )
-            devices.append(Device(device_id, agent, watch, prometheus))
+        devices = (
+            _folder_device(stack, root, central.url),
+            _module_device(stack, root, central.url),
+        )
         for device_id in DEVICES:
             query = f'agent_model_info{{device_id="{device_id}", version="1"}}'
             central.wait_for(functools.partial(central.value, query), query, WAIT_S)
-        yield Fleet(tuple(devices), central, alertmanager, webhook, v2)
+        yield Fleet(devices, central, webhook)
 
 
 @pytest.fixture(scope="module")
 def notification(fleet: Fleet) -> dict[str, Any]:
     """Release v2 to both devices; the one notification the webhook receives for it."""
     for device in fleet.devices:
-        fleet.bad_release.drop(device.watch)
+        device.release_bad()
     for device in fleet.devices:
-        failed = device.agent.wait_for(_status("failed", 2), WAIT_S, what="v2 failed")
+        failed = device.wait_for(_status("failed", 2), "v2 failed")
         assert failed["reason"] == "golden_mismatch", failed
     deadline = time.monotonic() + WAIT_S
     while not fleet.webhook.notifications():
@@ -224,7 +283,7 @@ def test_device_labels_come_from_the_device_prometheus_not_the_agent(fleet: Flee
     )
     assert labels == [(device, HUB, RING, "mlagent") for device in DEVICES]
     for device in fleet.devices:
-        exposition = urllib.request.urlopen(device.agent.metrics_url, timeout=5).read().decode()
+        exposition = urllib.request.urlopen(device.metrics_url, timeout=5).read().decode()
         assert "device_id" not in exposition
         assert device.device_id not in exposition
 
@@ -254,7 +313,7 @@ def _substitute(expr: str) -> str:
     return (
         expr.replace("$__rate_interval", "20s")  # ten scrapes at the test's 2 s interval
         .replace("$ring", RING)
-        .replace("$device", DEVICES[0])
+        .replace("$device", MODULE_DEVICE)
         .replace("$model", "m")
     )
 
@@ -291,13 +350,10 @@ def _device_series(central: Prometheus) -> dict[str, int]:
     return {c["metric"]["device_id"]: int(c["value"][1]) for c in counts}
 
 
-def test_series_per_device_are_bounded_and_equal_across_devices(
-    fleet: Fleet, notification: dict[str, Any]
-) -> None:
+def test_series_per_device_are_bounded(fleet: Fleet, notification: dict[str, Any]) -> None:
     counts = _device_series(fleet.central)
     assert set(counts) == set(DEVICES)
-    assert len(set(counts.values())) == 1, counts
-    assert counts[DEVICES[0]] <= SERIES_BUDGET, counts
+    assert max(counts.values()) <= SERIES_BUDGET, counts
     print(f"\nseries per device: {counts}")
 
 
@@ -313,7 +369,7 @@ def _samples(service: Service) -> dict[str, float]:
 def test_remote_write_bytes_per_device_per_hour_at_the_default_interval(
     fleet: Fleet, notification: dict[str, Any]
 ) -> None:
-    device = fleet.devices[0]
+    device = fleet.devices[1]  # the module: what a production device sends
     own = _samples(device.prometheus)
     data_bytes = own["prometheus_remote_storage_bytes_total"]
     samples = own["prometheus_remote_storage_samples_total"]
@@ -326,8 +382,7 @@ def test_remote_write_bytes_per_device_per_hour_at_the_default_interval(
     assert samples / requests == pytest.approx(series, rel=0.1), (samples, requests, series)
     per_scrape = data_bytes / requests
     per_hour_at_60s = per_scrape * 60
-    request = urllib.request.Request(device.agent.metrics_url)
-    body = urllib.request.urlopen(request, timeout=5).read()
+    body = urllib.request.urlopen(device.metrics_url, timeout=5).read()
     print(
         "\n"
         + json.dumps(
