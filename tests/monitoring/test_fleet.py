@@ -249,8 +249,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 @pytest.fixture(scope="module")
 def notification(fleet: Fleet) -> dict[str, Any]:
     """Release v2 to both devices; the one notification the webhook receives for it."""
-    for device in fleet.devices:
-        device.release_bad()
+    # The twin path (download, verify) is the slower: start it first, and give the folder its
+    # release when the module loads, so both alerts reach Alertmanager within its group_wait.
+    folder, module = fleet.devices
+    module.release_bad()
+    module.wait_for(_status("loading", 2), "v2 loading")
+    folder.release_bad()
     for device in fleet.devices:
         failed = device.wait_for(_status("failed", 2), "v2 failed")
         assert failed["reason"] == "golden_mismatch", failed
