@@ -89,6 +89,15 @@ FLEET: Final[tuple[PanelSpec, ...]] = (
         width=12,
     ),
     PanelSpec(
+        "Release outcomes, last 15 minutes (devices)",
+        "timeseries",
+        _q(
+            f"sum by (state) (device:agent_model_updates:increase15m{{{RING}}} > bool 0)",
+            "{{state}}",
+        ),
+        width=12,
+    ),
+    PanelSpec(
         "Release failures, last 15 minutes, by reason",
         "timeseries",
         _q(
