@@ -9,8 +9,6 @@ import pytest
 
 from tests.monitoring.files import ALERTMANAGER, RULE_TESTS, RULES, binary, load_yaml
 
-pytestmark = pytest.mark.e2e  # runs promtool and amtool
-
 
 def _alerts() -> list[dict[str, Any]]:
     groups = load_yaml(RULES)["groups"]
@@ -21,11 +19,13 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.e2e  # runs a Debian binary
 def test_promtool_check_rules_accepts_the_rules() -> None:
     result = _run(binary("promtool", "prometheus"), "check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e  # runs a Debian binary
 def test_promtool_unit_tests_pass() -> None:
     result = _run(binary("promtool", "prometheus"), "test", "rules", str(RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -51,11 +51,13 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
     assert {rule["alert"] for rule in _alerts()} == fired
 
 
+@pytest.mark.e2e  # runs a Debian binary
 def test_amtool_accepts_the_alertmanager_config() -> None:
     result = _run(binary("amtool", "prometheus-alertmanager"), "check-config", str(ALERTMANAGER))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e  # runs amtool
 @pytest.mark.parametrize(
     ("labels", "receiver"),
     [
