@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 
-from agent.engine import LoadedModel, RuntimeOptions, load_model
+from agent.serving.engine import LoadedModel, RuntimeOptions, load_model
 from deployment.example_models import mid_mlp, tiny_mlp
 
 TINY_FEATURES = 32
@@ -22,7 +22,7 @@ def mid_bytes(seed: int = 0) -> bytes:
     return bytes(mid_mlp(seed).SerializeToString())
 
 
-def loaded(data: bytes, *, name: str = "m", version: str = "1", max_rows: int = 32) -> LoadedModel:
+def loaded(data: bytes, *, name: str = "m", version: int = 1, max_rows: int = 32) -> LoadedModel:
     return load_model(
         data,
         name=name,
