@@ -545,6 +545,8 @@ class ModelManager:
         """Run the candidate in a bounded child first; its measured cost, or None if off."""
         if self._quarantine is None:
             return None
+        # The file checks first: a file that is not ONNX at all fails with its own reason.
+        await self._in_loader(self._checked_bytes, manifest.sha256)
         result = await self._quarantine.check(
             self._store.artifact_path(manifest.sha256), manifest, self._runtime, self._max_rows
         )
@@ -576,17 +578,7 @@ class ModelManager:
     def _load_bytes(
         self, name: str, version: int, sha256: str, cost: CostModel | None = None
     ) -> LoadedModel:
-        path: Path = self._store.artifact_path(sha256)
-        limit = self._settings.max_model_bytes
-        if path.stat().st_size > limit:
-            raise SwapError(Reason.MODEL_TOO_LARGE, f"model is over {limit} bytes")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != sha256:  # the file changed under us
-            raise SwapError(Reason.HASH_MISMATCH, "artifact changed on disk")
-        try:
-            inspect_model(data, max_bytes=limit)
-        except HostileModel as hostile:
-            raise SwapError(hostile.reason, hostile.message) from None
+        data = self._checked_bytes(sha256)
         try:
             return load_model(
                 data,
@@ -599,6 +591,21 @@ class ModelManager:
             )
         except ModelLoadError as error:
             raise SwapError(error.reason, error.message) from None
+
+    def _checked_bytes(self, sha256: str) -> bytes:
+        """Worker thread: the artifact's bytes, their size, digest and hostile-file check."""
+        path: Path = self._store.artifact_path(sha256)
+        limit = self._settings.max_model_bytes
+        if path.stat().st_size > limit:
+            raise SwapError(Reason.MODEL_TOO_LARGE, f"model is over {limit} bytes")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:  # the file changed under us
+            raise SwapError(Reason.HASH_MISMATCH, "artifact changed on disk")
+        try:
+            inspect_model(data, max_bytes=limit)
+        except HostileModel as hostile:
+            raise SwapError(hostile.reason, hostile.message) from None
+        return data
 
     def _check_against_active(
         self, name: str, manifest: ReleaseManifest, model: LoadedModel

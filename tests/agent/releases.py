@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from agent.observation.metrics import InferenceMetrics
 from agent.releases.download import Downloader, DownloadPolicy
 from agent.releases.lifecycle import ModelStatus, ProbationPolicy
+from agent.releases.quarantine import Quarantine
 from agent.releases.store import ModelStore
 from agent.releases.swap import HttpsArtifacts, ModelManager
 from agent.serving.inference import InferenceService
@@ -73,6 +74,7 @@ def make_device(
     *,
     probation: ProbationPolicy | None = None,
     store_factory: Callable[[Path], ModelStore] = ModelStore,
+    quarantine: Quarantine | None = None,
 ) -> Device:
     registry = CollectorRegistry()
     metrics = InferenceMetrics(registry)
@@ -96,6 +98,7 @@ def make_device(
             update={"tick_s": 0.05}
         ),
         listeners=[reports.append],
+        quarantine=quarantine,
     )
     manager.add_rejection_listener(reports.append)
     return Device(manager, store, services, registry, reports)

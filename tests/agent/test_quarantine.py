@@ -4,9 +4,11 @@ real bomb models under the limits the test sets."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.reasons import Reason
-from agent.releases.manifest import ReleaseManifest, verify_manifest
+from agent.releases.manifest import ReleaseManifest, sign_manifest, verify_manifest
 from agent.releases.quarantine import (
     DEFAULT_MEMORY_BYTES,
     MIN_MEMORY_BYTES,
@@ -31,7 +33,9 @@ from agent.releases.quarantine import (
 from agent.serving.engine import RuntimeOptions
 from deployment.release import build_manifest
 from tests.agent import bombs
+from tests.agent.artifact_server import Artifact, TestPki
 from tests.agent.models import mid_bytes, tiny_bytes
+from tests.agent.releases import KEY_ID, Device, Publisher, make_device
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -254,3 +258,48 @@ def _is_quarantine_child_of_us(proc: Path) -> bool:
     ppid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:"))
     state = next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
     return ppid == os.getpid() and b"agent.releases.quarantine" in cmdline and state != "Z"
+
+
+# --- through the install pipeline ----------------------------------------------------------
+
+
+@pytest.fixture
+async def guarded(
+    tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
+) -> AsyncIterator[Device]:
+    quarantine = Quarantine(SOUND.model_copy(update={"cpu_s": 8}), cgroup=lambda: None)
+    device = make_device(tmp_path / "store", publisher, artifact_pki, quarantine=quarantine)
+    yield device
+    await device.manager.close()
+
+
+async def _install(device: Device, manifest: dict[str, object]) -> tuple[str, str | None]:
+    device.manager.submit(manifest)
+    await device.manager.wait_idle()
+    status = device.manager.statuses["m"]
+    return status.state.value, status.reason.value if status.reason else None
+
+
+@pytest.mark.e2e
+async def test_the_pipeline_quarantines_then_loads_and_a_refusal_keeps_the_active_model(
+    guarded: Device, publisher: Publisher
+) -> None:
+    assert await _install(guarded, publisher.release(tiny_bytes(0), 1)) == ("active", None)
+    # A manifest like v1's for other bytes: the file check runs before any child.
+    garbage = b"\x00not an onnx file" * 64
+    unsigned = {k: v for k, v in publisher.release(tiny_bytes(0), 2).items() if k != "golden"}
+    unsigned |= {
+        "sha256": hashlib.sha256(garbage).hexdigest(),
+        "size": len(garbage),
+        "url": publisher.server.add("m/garbage.onnx", Artifact(garbage)),
+    }
+    del unsigned["signature"]
+    bad = sign_manifest(unsigned, publisher.key, KEY_ID)
+    assert await _install(guarded, bad) == ("failed", "not_onnx")
+    bomb = publisher.release(bombs.expand(), 3, golden_atol=None, contract_change=True)
+    assert await _install(guarded, bomb) == ("failed", "resource_limit")
+    assert guarded.store.state.record("m").rolled_back is not None
+    assert guarded.failures("resource_limit") == 1
+    # Offered again (a twin resync): refused at once, no child.
+    assert await _install(guarded, bomb) == ("failed", "resource_limit")
+    assert guarded.store.state.record("m").active.version == 1  # type: ignore[union-attr]
