@@ -206,6 +206,13 @@ class KilledSwap:
     watch: Path
     killed_after: LogLine | None
 
+    @property
+    def while_installing(self) -> bool:
+        """Whether v2 was loading into the process or on trial (its first requests) when the
+        process died: the next start then blames it (`crashed_during_install`) and rolls back."""
+        document = (self.state / "state.json").read_bytes()
+        return StoreState.from_json_bytes(document).record("m").installing is not None
+
     def copy_to(self, root: Path, *, keep_manifest: bool) -> tuple[Path, Path]:
         state, watch = root / "state", root / "watch"
         shutil.copytree(self.state, state, symlinks=True)
@@ -291,7 +298,11 @@ def test_a_restart_after_a_sigkill_mid_swap_serves_the_old_or_the_new_model_whol
         assert serving.version == restored
         _assert_store_whole(state, serving)
     killed_after = killed_swap.killed_after
-    if killed_after is not None and killed_after.get("state") == "active":
+    if killed_swap.while_installing:
+        # The crash-loop breaker: a release the process died loading or trying is rolled back.
+        assert serving == releases.v1
+        assert agent.events("crashed_during_install")
+    elif killed_after is not None and killed_after.get("state") == "active":
         # `state.json` names the new model before the switch is reported: it must survive.
         assert serving == releases.v2
 
@@ -300,11 +311,30 @@ def test_a_restart_after_a_sigkill_mid_swap_ends_on_the_release_still_in_the_fol
     killed_swap: KilledSwap, releases: Releases, tmp_path: Path
 ) -> None:
     state, watch = killed_swap.copy_to(tmp_path, keep_manifest=True)
+    # A release the process died installing stays refused, though the folder still offers it.
+    final = releases.v1 if killed_swap.while_installing else releases.v2
     with managed_agent(releases, state, watch) as agent:
-        _wait_active(agent, releases.v2.version)
+        if final == releases.v2:
+            _wait_active(agent, releases.v2.version)
+        else:
+            agent.wait_for(
+                _failed_again(releases.v2.version), PROCESS_WAIT_S, what="v2 refused again"
+            )
         assert _http(f"{agent.http_url}/v2/health/ready")[0] == 200
-        assert _served(agent, releases) == releases.v2
-        _assert_store_whole(state, releases.v2)
+        assert _served(agent, releases) == final
+        _assert_store_whole(state, final)
+
+
+def _failed_again(version: int) -> Callable[[LogLine], bool]:
+    def matches(line: LogLine) -> bool:
+        return (
+            line.get("event") == "model_status"
+            and line.get("state") == "failed"
+            and line.get("version") == version
+            and line.get("reason") == "crashed_during_install"
+        )
+
+    return matches
 
 
 @dataclass(frozen=True)
