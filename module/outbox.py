@@ -32,7 +32,7 @@ from uuid import uuid4
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from agent.store import ensure_writable_dir
+from agent.releases.store import ensure_writable_dir
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.manifest import sign_manifest
+from agent.releases.manifest import sign_manifest
 from simulator import Simulator
 from tests.agent.models import TINY_FEATURES, tiny_bytes
 from tests.container.conftest import (
