@@ -243,7 +243,7 @@ class Engine:
 
     @property
     def _marker(self) -> Path:
-        return self.shared_dir / "dockerd.pid"  # a dockerd that a lease holder started
+        return self.shared_dir / "dockerd.pid"  # the pid file of a dockerd started here
 
     def start(self) -> None:
         with _locked(self.shared_dir / "lock"):
@@ -261,25 +261,29 @@ class Engine:
                 "(`make system-deps` installs Debian's docker.io)",
             )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._marker.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
-            # No bridge and no iptables: the machine allows no network but loopback, and
-            # containers use the host's network namespace (`--network host`).
-            process = subprocess.Popen(
-                [self.dockerd, "--bridge=none", "--iptables=false"],
+            # Detached (setsid --fork): the engine may outlive this process while another
+            # lease holder uses it. No bridge and no iptables: the machine allows no network
+            # but loopback, and containers use the host's network namespace.
+            subprocess.run(
+                ["setsid", "--fork", self.dockerd, "--bridge=none", "--iptables=false",
+                 f"--pidfile={self._marker}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # outlives this process if another lease remains
-            )
+                check=True,
+                timeout=30,
+            )  # fmt: skip
         deadline = time.monotonic() + self.start_timeout_s
         while not self.docker.engine_answers():
-            if process.poll() is not None:
+            pid = self._marker.read_text().strip() if self._marker.is_file() else ""
+            if pid.isdigit() and not _alive(int(pid)):
                 raise ImageError("engine_failed", f"dockerd exited; see {self.log_path}")
             if time.monotonic() > deadline:
-                process.terminate()
-                process.wait(30)
+                if pid.isdigit():
+                    os.kill(int(pid), signal.SIGTERM)
                 raise ImageError("engine_failed", f"dockerd did not answer; see {self.log_path}")
             time.sleep(0.3)
-        self._marker.write_text(str(process.pid))
         self.started_here = True
 
     def stop(self, grace_s: float = 30.0) -> None:
@@ -290,15 +294,12 @@ class Engine:
                 return
             if not self._marker.is_file():
                 return  # an engine nobody here started: not ours to stop
-            pid = int(self._marker.read_text())
-            self._marker.unlink()
-            if not _alive(pid):
+            pid = int(self._marker.read_text().strip() or 0)
+            if pid <= 1 or not _alive(pid):
                 return
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)  # dockerd removes its pid file as it exits
             deadline = time.monotonic() + grace_s
             while _alive(pid) and time.monotonic() < deadline:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)  # reaps it if it is our child
                 time.sleep(0.2)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
