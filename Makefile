@@ -47,12 +47,13 @@ test: setup system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Each benchmark writes bench/results/<name>.json and prints it as its last line.
-bench: setup
+bench: setup system-deps
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.overhead
 	$(PY) -m bench.http
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
+	$(PY) -m bench.image
 
 clean:
 	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache
