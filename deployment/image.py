@@ -166,11 +166,10 @@ class Docker:
     timeout_s: float = 900.0
 
     def __call__(
-        self, *args: str, check: bool = True, timeout_s: float | None = None, stdin: bytes = b""
+        self, *args: str, check: bool = True, timeout_s: float | None = None
     ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [self.binary, *args],
-            input=stdin.decode() if stdin else None,
             capture_output=True,
             text=True,
             timeout=timeout_s or self.timeout_s,

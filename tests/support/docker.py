@@ -209,7 +209,7 @@ class Containers:
 
 
 def remove_labelled(docker: Docker, label: str) -> None:
-    """Whatever a session left behind under its label: containers, volumes, then images."""
+    """Whatever a session left behind under its label: containers, then volumes."""
     ids = docker("ps", "--all", "--quiet", "--filter", f"label={label}", check=False).stdout
     if ids.split():
         docker("rm", "--force", "--volumes", *ids.split(), check=False, timeout_s=120)
