@@ -96,9 +96,15 @@ class Container:
             lines.append(line if isinstance(line, dict) else {"event": "unparsed", "text": raw})
         return lines
 
-    def wait_log(self, event: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    def wait_log(self, event: str, timeout_s: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """The first JSON log line of `event` whose `fields` have these values."""
+
         def found() -> dict[str, Any] | None:
-            hits = [line for line in self.log_lines() if line.get("event") == event]
+            hits = [
+                line
+                for line in self.log_lines()
+                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())
+            ]
             if hits:
                 return hits[0]
             if not self.running():
