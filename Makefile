@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps image demo test lint typecheck bench clean
+.PHONY: setup system-deps azurite image demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -22,12 +22,24 @@ $(STAMP): pyproject.toml
 # (Debian), Azurite (npm), a Docker engine (Debian's docker.io: dockerd, containerd, runc) and
 # debootstrap, which makes the image's base from Debian packages where no registry is reachable.
 SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap
-system-deps:
+system-deps: azurite
 	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
 	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    prometheus prometheus-alertmanager docker.io debootstrap >/dev/null; }
+
+# Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
+# finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
+# --skipApiVersionCheck --loose).
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+azurite: $(AZURITE)
+
+$(AZURITE):
+	@command -v npm >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
 # The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
 # none runs (and stops it after); says whether the base was pulled or made with debootstrap.
@@ -53,7 +65,8 @@ bench: setup system-deps
 	$(PY) -m bench.http
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
+	$(PY) -m bench.fleet
 	$(PY) -m bench.image
 
 clean:
-	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache
