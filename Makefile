@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test lint typecheck bench clean
+.PHONY: setup system-deps azurite demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Real components the tests start themselves: Prometheus (Debian) and Azurite (npm).
-system-deps:
-	@command -v prometheus >/dev/null || { \
+# Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
+# (Debian) and Azurite (npm).
+system-deps: azurite
+	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    prometheus prometheus-alertmanager >/dev/null; }
+
+# Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
+# finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
+# --skipApiVersionCheck --loose).
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+azurite: $(AZURITE)
+
+$(AZURITE):
+	@command -v npm >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
 demo: setup
 	$(PY) -m demo $(ARGS)
@@ -43,6 +57,7 @@ bench: setup
 	$(PY) -m bench.http
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
+	$(PY) -m bench.fleet
 
 clean:
-	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache
