@@ -318,8 +318,11 @@ def test_a_restart_after_a_sigkill_mid_swap_ends_on_the_release_still_in_the_fol
             _wait_active(agent, releases.v2.version)
         else:
             agent.wait_for(
-                _failed_again(releases.v2.version), PROCESS_WAIT_S, what="v2 refused again"
+                _failed_again(releases.v2.version), PROCESS_WAIT_S, what="v2 blamed at start"
             )
+            assert _wait_restored(agent) == releases.v1.version
+            time.sleep(1.0)  # the folder offers v2 again meanwhile: it must not be loaded
+            assert not agent.events("installing_in_process")
         assert _http(f"{agent.http_url}/v2/health/ready")[0] == 200
         assert _served(agent, releases) == final
         _assert_store_whole(state, final)
