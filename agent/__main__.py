@@ -14,12 +14,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent.limits import read_limits
 from agent.logs import configure_logging
+from agent.observation.limits import read_limits
+from agent.observation.recommend import Target
 from agent.profiler import SweepPlan, knob_grid, run_profile, summary_lines
-from agent.recommend import Target
-from agent.serving import build_app, run_process
 from agent.settings import AgentSettings
+from agent.standalone import build_app, run_process
 
 EXIT_USAGE = 2
 

@@ -46,10 +46,8 @@ import onnxruntime as ort
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.engine import ModelLoadError, RuntimeOptions, create_session, read_contract
-from agent.limits import Limits, read_limits
-from agent.manifest import public_key_to_b64, sign_manifest
-from agent.recommend import (
+from agent.observation.limits import Limits, read_limits
+from agent.observation.recommend import (
     ConfigRun,
     Knobs,
     LoadPoint,
@@ -59,6 +57,8 @@ from agent.recommend import (
     recommend,
     verdict,
 )
+from agent.releases.manifest import public_key_to_b64, sign_manifest
+from agent.serving.engine import ModelLoadError, RuntimeOptions, create_session, read_contract
 
 SCHEMA = "agent-profile/1"
 MODEL_NAME = "profiled"

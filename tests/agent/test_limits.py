@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from agent.limits import (
+from agent.observation.limits import (
     Limits,
     default_intra_op_threads,
     parse_cpu_max,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.__main__ import main
+from agent.observation.recommend import Knobs
 from agent.profiler import (
     SCHEMA,
     PeakMemory,
@@ -17,7 +18,6 @@ from agent.profiler import (
     knob_grid,
     parse_vm_hwm,
 )
-from agent.recommend import Knobs
 from agent.settings import AgentSettings
 from deployment.example_models import save, tiny_mlp
 

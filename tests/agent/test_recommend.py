@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.recommend import (
+from agent.observation.recommend import (
     MIB,
     ConfigRun,
     Knobs,
