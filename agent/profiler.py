@@ -113,6 +113,7 @@ def knob_grid(
 def _release_document(
     model: bytes, version: int, key: Ed25519PrivateKey, contract: Mapping[str, Any]
 ) -> bytes:
+    # No golden sample: the profiler measures the agent, the publisher vouches for outputs.
     sha = hashlib.sha256(model).hexdigest()
     unsigned = {
         "name": MODEL_NAME,
@@ -157,7 +158,7 @@ def _flat(tensor: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class _ChildLog:
+class ChildLog:
     ports: dict[str, int] = field(default_factory=dict)
     statuses: list[dict[str, Any]] = field(default_factory=list)
     tail: list[str] = field(default_factory=list)
@@ -253,9 +254,9 @@ def parse_vm_hwm(status: str) -> int | None:
 
 
 @dataclass
-class _Child:
+class Child:
     process: asyncio.subprocess.Process
-    log: _ChildLog
+    log: ChildLog
     memory: PeakMemory
     url: str
     metrics_url: str
@@ -277,9 +278,9 @@ def child_environment(knobs: Knobs, trusted_keys: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def _running_child(
+async def running_child(
     scratch: Path, knobs: Knobs, trusted_keys: str, timeout_s: float
-) -> AsyncIterator[_Child]:
+) -> AsyncIterator[Child]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent", "serve",
         "--state-dir", str(scratch / "state"), "--watch-dir", str(scratch / "releases"),
@@ -288,12 +289,12 @@ async def _running_child(
         stderr=asyncio.subprocess.PIPE, env=child_environment(knobs, trusted_keys),
     )  # fmt: skip
     assert process.stderr is not None
-    log = _ChildLog()
+    log = ChildLog()
     follower = asyncio.get_running_loop().create_task(log.follow(process.stderr))
     try:
         await log.wait(lambda: {"http", "metrics"} <= log.ports.keys(), timeout_s, "HTTP port")
         http, metrics = log.ports["http"], log.ports["metrics"]
-        yield _Child(
+        yield Child(
             process,
             log,
             PeakMemory(process.pid),
@@ -316,17 +317,38 @@ async def _running_child(
 
 
 @dataclass
-class _Window:
+class Window:
+    """Answers to an offered load: latencies of the good ones, a count of the rest."""
+
     latencies_s: list[float] = field(default_factory=list)
+    scheduled: list[float] = field(default_factory=list)  # loop time each request was due
     errors: int = 0
+
+    def p99_ms(self, start: float, end: float) -> float | None:
+        """p99 of the requests due in [start, end)."""
+        return _percentile_ms(
+            [
+                lat
+                for lat, at in zip(self.latencies_s, self.scheduled, strict=True)
+                if start <= at < end
+            ],
+            99,
+        )
+
+
+def http_client() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=MAX_OUTSTANDING),
+        timeout=aiohttp.ClientTimeout(total=30),
+    )
 
 
 async def offer_load(
     session: aiohttp.ClientSession, url: str, body: bytes, rps: float, seconds: float
-) -> _Window:
+) -> Window:
     """Open loop: one request every 1/rps s for `seconds`; latency from each scheduled instant."""
     loop = asyncio.get_running_loop()
-    window = _Window()
+    window = Window()
     outstanding: set[asyncio.Task[None]] = set()
     headers = {"Content-Type": "application/json"}
 
@@ -339,6 +361,7 @@ async def offer_load(
             ok = False
         if ok:
             window.latencies_s.append(loop.time() - scheduled)
+            window.scheduled.append(scheduled)
         else:
             window.errors += 1
 
@@ -378,26 +401,44 @@ def _percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Release:
-    """The model as the child receives it: signed manifests and a request body for it."""
+class Release:
+    """Models as the child receives them: artifacts in a release folder, signed manifests.
 
-    model: bytes
+    Version n serves `models[(n - 1) % len(models)]`: one model is re-released as itself (a
+    swap of the same size), several alternate. They share one contract and request body.
+    """
+
+    models: tuple[bytes, ...]
     folder: Path
     key: Ed25519PrivateKey
     contract: dict[str, Any]
     body: bytes
 
+    @classmethod
+    def prepare(cls, models: Sequence[bytes], folder: Path) -> Release:
+        """Write the artifacts into `folder`, read the contract, make a signing key."""
+        contract, body = _contract_json(models[0])
+        folder.mkdir(parents=True, exist_ok=True)
+        for model in models:
+            (folder / f"{hashlib.sha256(model).hexdigest()}.onnx").write_bytes(model)
+        return cls(tuple(models), folder, Ed25519PrivateKey.generate(), contract, body)
+
+    @property
+    def trusted_keys(self) -> str:
+        return f"{KEY_ID}={public_key_to_b64(self.key.public_key())}"
+
     def document(self, version: int) -> bytes:
-        return _release_document(self.model, version, self.key, self.contract)
+        model = self.models[(version - 1) % len(self.models)]
+        return _release_document(model, version, self.key, self.contract)
 
 
 @dataclass
-class _Measurement:
+class Measurement:
     """One configuration's child, the HTTP client talking to it, and what to measure."""
 
-    child: _Child
+    child: Child
     session: aiohttp.ClientSession
-    release: _Release
+    release: Release
     plan: SweepPlan
     knobs: Knobs
     progress: TextIO
@@ -437,11 +478,12 @@ class _Measurement:
             swap = await self.swap(self.plan.swap_rps)
             self.say(
                 f"swap: {swap.seconds:.2f} s, peak {swap.peak_rss_bytes / 2**20:.1f} MiB "
-                f"(+{swap.transient_bytes / 2**20:.1f} MiB over the RSS before)"
+                f"(+{swap.transient_bytes / 2**20:.1f} MiB over the RSS before), "
+                f"p99 {swap.p99_ms} ms over {swap.window_s:g} s around it"
             )
         return ConfigRun(self.knobs, load_rss, tuple(points), swap)
 
-    async def offer(self, rps: float, seconds: float) -> _Window:
+    async def offer(self, rps: float, seconds: float) -> Window:
         return await offer_load(self.session, self.child.url, self.release.body, rps, seconds)
 
     async def point(self, rps: float) -> LoadPoint:
@@ -470,45 +512,45 @@ class _Measurement:
         )
 
     async def swap(self, rps: float) -> SwapPoint:
-        """Release the model again under load; resident memory before, at peak and after."""
-        plan, memory = self.plan, self.child.memory
-        load = asyncio.get_running_loop().create_task(
-            self.offer(rps, plan.warmup_s + plan.measure_s * 2)
-        )
+        """Release the model again a quarter into a window of load twice a measured one.
+
+        The p99 of that window is what a window of its length with one swap shows; the peak
+        covers the candidate loading beside the active model, then the old one's drain.
+        """
+        memory, window_s = self.child.memory, self.plan.measure_s * 2
+        load = asyncio.get_running_loop().create_task(self.offer(rps, window_s))
+        await asyncio.sleep(window_s / 4)
+        memory.reset()
+        before = memory.rss()
+        started = time.monotonic()
         try:
-            await asyncio.sleep(plan.warmup_s)
-            memory.reset()
-            before = memory.rss()
-            started = time.monotonic()
             await self.publish(2)
-            seconds = time.monotonic() - started
-            await asyncio.sleep(min(1.0, plan.measure_s / 2))  # the old session drains, goes
-            return SwapPoint(before, memory.peak(), memory.rss(), round(seconds, 3))
         finally:
-            await load
+            seconds = time.monotonic() - started
+            window = await load
+        return SwapPoint(
+            before,
+            memory.peak(),
+            memory.rss(),
+            round(seconds, 3),
+            p99_ms=_percentile_ms(window.latencies_s, 99),
+            window_s=window_s,
+        )
 
 
 async def profile_configuration(
     model: bytes, knobs: Knobs, plan: SweepPlan, scratch: Path, progress: TextIO
 ) -> ConfigRun:
     """One configuration in a fresh child process: loads, then one swap under load."""
-    key = Ed25519PrivateKey.generate()
-    trusted = f"{KEY_ID}={public_key_to_b64(key.public_key())}"
-    contract, body = await asyncio.to_thread(_contract_json, model)
-    release = _Release(model, scratch / "releases", key, contract, body)
-    release.folder.mkdir(parents=True)
-    (release.folder / f"{hashlib.sha256(model).hexdigest()}.onnx").write_bytes(model)
+    release = await asyncio.to_thread(Release.prepare, [model], scratch / "releases")
     try:
         async with (
-            _running_child(scratch, knobs, trusted, plan.startup_timeout_s) as child,
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=MAX_OUTSTANDING),
-                timeout=aiohttp.ClientTimeout(total=30),
-            ) as session,
+            running_child(scratch, knobs, release.trusted_keys, plan.startup_timeout_s) as child,
+            http_client() as session,
         ):
             sampler = asyncio.get_running_loop().create_task(child.memory.sample_forever())
             try:
-                return await _Measurement(child, session, release, plan, knobs, progress).run()
+                return await Measurement(child, session, release, plan, knobs, progress).run()
             finally:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -583,6 +625,8 @@ def recommendation_json(best: Recommendation) -> dict[str, Any]:
         },
         "predicted": {
             "p99_ms": best.predicted_p99_ms,
+            "swap_window_p99_ms": best.predicted_swap_p99_ms,
+            "swap_window_s": best.swap_window_s,
             "peak_rss_bytes": best.predicted_peak_rss_bytes,
             "steady_rss_bytes": best.steady_rss_bytes,
             "swap_transient_bytes": best.swap_transient_bytes,

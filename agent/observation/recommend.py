@@ -76,6 +76,8 @@ class SwapPoint:
     peak_rss_bytes: int
     rss_after_bytes: int
     seconds: float
+    p99_ms: float | None = None  # of the load window around the swap
+    window_s: float = 0.0
 
     @property
     def transient_bytes(self) -> int:
@@ -130,6 +132,8 @@ class Recommendation:
     memory_limit_bytes: int
     nano_cpus: int
     predicted_p99_ms: float | None
+    predicted_swap_p99_ms: float | None
+    swap_window_s: float | None
     predicted_peak_rss_bytes: int
     predicted_cpu_cores: float
     steady_rss_bytes: int
@@ -210,6 +214,8 @@ def recommend(runs: Sequence[ConfigRun], target: Target, host_cpus: float) -> Re
         memory_limit_bytes=memory_limit(best, target.memory_headroom),
         nano_cpus=round(cpus * NANO),
         predicted_p99_ms=point.p99_ms,
+        predicted_swap_p99_ms=best.swap.p99_ms if best.swap else None,
+        swap_window_s=best.swap.window_s if best.swap else None,
         predicted_peak_rss_bytes=best.peak_rss_bytes,
         predicted_cpu_cores=point.cpu_cores,
         steady_rss_bytes=best.steady_rss_bytes,
