@@ -32,6 +32,7 @@ import platform
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -57,6 +58,7 @@ from agent.observation.recommend import (
     recommend,
     verdict,
 )
+from agent.observation.resources import PeakMemory
 from agent.releases.manifest import public_key_to_b64, sign_manifest
 from agent.serving.engine import ModelLoadError, RuntimeOptions, create_session, read_contract
 
@@ -65,7 +67,6 @@ MODEL_NAME = "profiled"
 KEY_ID = "profile"
 MANIFEST = "model.manifest.json"
 FINAL_STATES = frozenset({"active", "failed", "rejected", "rolled_back"})
-SAMPLE_INTERVAL_S = 0.005
 MAX_OUTSTANDING = 256  # open-loop requests in flight at once; beyond, a request counts as failed
 
 
@@ -201,56 +202,6 @@ class ChildLog:
 
 class ChildError(Exception):
     """A configuration's child process failed; the sweep records why and goes on."""
-
-
-class PeakMemory:
-    """Peak resident memory of one process over windows; `proc_root` is `/proc` by default."""
-
-    def __init__(self, pid: int, proc_root: Path = Path("/proc")) -> None:
-        self._process = psutil.Process(pid)
-        self._status = proc_root / str(pid) / "status"
-        self._clear_refs = proc_root / str(pid) / "clear_refs"
-        self.sampled_peak = 0
-        self.hwm_resets = True
-
-    def rss(self) -> int:
-        return int(self._process.memory_info().rss)
-
-    def reset(self) -> None:
-        """Start a window: the kernel's high-water mark and the sampled maximum restart."""
-        if self.hwm_resets:
-            try:
-                self._clear_refs.write_text("5")  # resets VmHWM to the current RSS
-            except OSError:
-                self.hwm_resets = False
-        self.sampled_peak = self.rss()
-
-    def sample(self) -> None:
-        self.sampled_peak = max(self.sampled_peak, self.rss())
-
-    def peak(self) -> int:
-        """The window's peak: the high-water mark when it could be reset, else the samples."""
-        self.sample()
-        if not self.hwm_resets:
-            return self.sampled_peak
-        return max(self.sampled_peak, parse_vm_hwm(self._status.read_text()) or 0)
-
-    async def sample_forever(self) -> None:
-        while True:
-            with contextlib.suppress(psutil.Error):
-                self.sample()
-            await asyncio.sleep(SAMPLE_INTERVAL_S)
-
-
-def parse_vm_hwm(status: str) -> int | None:
-    """`VmHWM` of `/proc/<pid>/status` in bytes, or None when absent."""
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            value, unit = line.split()[1:3]
-            if unit != "kB":
-                raise ValueError(f"VmHWM in {unit!r}, expected kB")
-            return int(value) * 1024
-    return None
 
 
 @dataclass
@@ -564,6 +515,10 @@ async def profile_configuration(
 
 
 async def sweep(model: bytes, plan: SweepPlan, progress: TextIO) -> list[ConfigRun]:
+    # SIGTERM cancels the sweep like Ctrl-C does, so the running child is stopped, not orphaned.
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    if task is not None and threading.current_thread() is threading.main_thread():
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
     runs = []
     for index, knobs in enumerate(plan.knobs, 1):
         print(f"[{index}/{len(plan.knobs)}] {knobs.label()}", file=progress, flush=True)

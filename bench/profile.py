@@ -40,6 +40,7 @@ import onnxruntime as ort
 
 from agent.observation.limits import read_limits
 from agent.observation.recommend import Knobs, Target
+from agent.observation.resources import parse_vm_hwm
 from agent.profiler import (
     Measurement,
     ProfiledModel,
@@ -47,7 +48,6 @@ from agent.profiler import (
     SweepPlan,
     http_client,
     knob_grid,
-    parse_vm_hwm,
     report,
     running_child,
     sweep,

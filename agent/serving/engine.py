@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 
 from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
 
@@ -139,8 +140,11 @@ class LoadedModel:
         version: str,
         sha256: str,
         cost: CostModel,
+        load_rss_delta_bytes: int | None = None,
     ) -> None:
         self.session = session
+        # Resident memory the process gained while this model loaded and warmed up.
+        self.load_rss_delta_bytes = load_rss_delta_bytes
         self.name = name
         self.version = version
         self.sha256 = sha256
@@ -210,6 +214,10 @@ def measure_cost(
     return fit_cost(1, one, max_rows, median_seconds(max_rows))
 
 
+def _resident_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
 def load_model(
     model: bytes | Path,
     *,
@@ -218,12 +226,25 @@ def load_model(
     sha256: str,
     options: RuntimeOptions,
     max_rows: int,
+    resident_bytes: Callable[[], int] = _resident_bytes,
 ) -> LoadedModel:
-    """Create, warm up and time a session. Blocking: call it from a worker thread."""
+    """Create, warm up and time a session. Blocking: call it from a worker thread.
+
+    The resident memory it adds is measured around it (requests served meanwhile allocate a
+    little too): with a version already serving, that is the transient of a swap.
+    """
+    before = resident_bytes()
     session = create_session(model, options)
     contract = read_contract(session)
     try:
         cost = measure_cost(session, contract, max_rows)
     except Exception as error:  # a model that loads but cannot run on its own contract
         raise ModelLoadError(f"warm-up failed: {str(error).strip()[:300]}") from error
-    return LoadedModel(session, name=name, version=version, sha256=sha256, cost=cost)
+    return LoadedModel(
+        session,
+        name=name,
+        version=version,
+        sha256=sha256,
+        cost=cost,
+        load_rss_delta_bytes=resident_bytes() - before,
+    )

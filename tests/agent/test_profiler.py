@@ -11,12 +11,11 @@ import pytest
 
 from agent.__main__ import main
 from agent.observation.recommend import Knobs
+from agent.observation.resources import PeakMemory, parse_vm_hwm
 from agent.profiler import (
     SCHEMA,
-    PeakMemory,
     SweepPlan,
     knob_grid,
-    parse_vm_hwm,
 )
 from agent.settings import AgentSettings
 from deployment.example_models import save, tiny_mlp
