@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.observation.limits import Limits, default_intra_op_threads
 from agent.releases.download import DownloadPolicy
 from agent.releases.lifecycle import ProbationPolicy
 from agent.releases.swap import SwapSettings
@@ -30,7 +31,9 @@ class AgentSettings(BaseModel):
     http_port: int = Field(8000, ge=0, le=65535)
     metrics_port: int = Field(9600, ge=0, le=65535)
 
-    intra_op_threads: int = Field(1, ge=1, le=64)
+    intra_op_threads: int | None = Field(
+        None, ge=1, le=64, description="ONNX Runtime threads per call; default: from the CPU quota."
+    )
     inter_op_threads: int = Field(1, ge=1, le=64)
     graph_optimization: GraphOptimization = "all"
 
@@ -97,9 +100,11 @@ class AgentSettings(BaseModel):
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)
 
-    def runtime_options(self) -> RuntimeOptions:
+    def runtime_options(self, limits: Limits) -> RuntimeOptions:
+        """Session options; unset thread counts follow the container's CPU limit, not the host."""
+        threads = self.intra_op_threads
         return RuntimeOptions(
-            intra_op_threads=self.intra_op_threads,
+            intra_op_threads=default_intra_op_threads(limits) if threads is None else threads,
             inter_op_threads=self.inter_op_threads,
             optimization=self.graph_optimization,
         )
@@ -123,9 +128,9 @@ class AgentSettings(BaseModel):
             min_bytes_per_s=self.download_min_bytes_per_s,
         )
 
-    def swap_settings(self) -> SwapSettings:
+    def swap_settings(self, limits: Limits) -> SwapSettings:
         return SwapSettings(
-            runtime=self.runtime_options(),
+            runtime=self.runtime_options(limits),
             max_rows=self.max_batch,
             max_model_bytes=self.max_model_bytes,
             probation=ProbationPolicy(

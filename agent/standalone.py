@@ -19,13 +19,15 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from agent.app import App, Service, idle_forever
+from agent.observation.limits import Limits, read_limits
 from agent.observation.metrics import InferenceMetrics, register_process_metrics
+from agent.observation.resources import ResourceCollector
 from agent.releases.download import Downloader
 from agent.releases.folder import FolderSource
 from agent.releases.manifest import load_trusted_keys
 from agent.releases.store import ModelStore, StoreError
 from agent.releases.swap import HttpsArtifacts, ModelManager
-from agent.serving.engine import LoadedModel, ModelLoadError, load_model
+from agent.serving.engine import LoadedModel, ModelLoadError, RuntimeOptions, load_model
 from agent.serving.http import HttpService, MetricsService
 from agent.serving.inference import InferenceService
 from agent.settings import AgentSettings
@@ -40,11 +42,18 @@ class FileModelSource:
     and readiness turns true only when the model is loaded and warmed up.
     """
 
-    def __init__(self, path: Path, service: InferenceService, settings: AgentSettings) -> None:
+    def __init__(
+        self,
+        path: Path,
+        service: InferenceService,
+        settings: AgentSettings,
+        runtime: RuntimeOptions,
+    ) -> None:
         self.name = "model-file"
         self._path = path
         self._service = service
         self._settings = settings
+        self._runtime = runtime
 
     async def start(self) -> None:
         if not self._path.is_file():
@@ -69,7 +78,7 @@ class FileModelSource:
             name=self._service.name,
             version="1",
             sha256=hashlib.sha256(data).hexdigest(),
-            options=self._settings.runtime_options(),
+            options=self._runtime,
             max_rows=self._settings.max_batch,
         )
 
@@ -103,18 +112,32 @@ class ManagedModels:
 class Agent:
     """The parts of a running agent that adapters (the IoT Edge module) reach into."""
 
-    def __init__(self, settings: AgentSettings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        registry: CollectorRegistry | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
+        self.limits = limits or read_limits()
         register_process_metrics(self.registry)
+        self.resources = ResourceCollector(self.registry, limits=self.limits)
         self.metrics = InferenceMetrics(self.registry)
+        runtime = settings.runtime_options(self.limits)
+        log.info(
+            "runtime_limits",
+            **self.limits.as_json(),
+            intra_op_threads=runtime.intra_op_threads,
+            threads_from="settings" if settings.intra_op_threads else "cpu_limit",
+        )
         self.services: dict[str, InferenceService] = {}
         self.manager: ModelManager | None = None
         self._sources: list[Service] = []
         if settings.model_path is not None:
             name = settings.model_name or settings.model_path.stem
             service = self.services[name] = self._new_service(name)
-            self._sources.append(FileModelSource(settings.model_path, service, settings))
+            self._sources.append(FileModelSource(settings.model_path, service, settings, runtime))
         else:
             self._sources += self._managed()
 
@@ -148,7 +171,7 @@ class Agent:
             services=self.services,
             service_factory=self._new_service,
             registry=self.registry,
-            settings=settings.swap_settings(),
+            settings=settings.swap_settings(self.limits),
         )
         sources: list[Service] = [ManagedModels(store, self.manager, self.services)]
         if settings.watch_dir is not None:

@@ -17,6 +17,7 @@ from agent.observation.limits import (
     parse_v1_memory,
     read_limits,
 )
+from agent.settings import AgentSettings
 
 GIB = 1 << 30
 
@@ -169,3 +170,19 @@ def test_proc_cgroup_maps_each_controller_to_its_path() -> None:
         "systemd": PurePosixPath("/b"),
         "": PurePosixPath("/c"),
     }
+
+
+@pytest.mark.parametrize(
+    ("environ", "limits", "threads"),
+    [
+        ({}, Limits("v2", None, 4.0, 16), 3),  # the quota, not the host's 16 cores
+        ({}, Limits("v1", None, 0.5, 16), 1),
+        ({"EDGEML_INTRA_OP_THREADS": "6"}, Limits("v2", None, 4.0, 16), 6),  # set: kept
+    ],
+)
+def test_the_agent_takes_its_thread_count_from_the_cpu_limit_unless_set(
+    environ: dict[str, str], limits: Limits, threads: int
+) -> None:
+    settings = AgentSettings.from_environment(environ)
+    assert settings.runtime_options(limits).intra_op_threads == threads
+    assert settings.swap_settings(limits).runtime.intra_op_threads == threads
