@@ -27,7 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import agent
 from agent.app import App
-from agent.observation.profile import live_profile, take_snapshot, window_profile
+from agent.observation.profile import (
+    HeadroomAlarm,
+    live_profile,
+    model_profiles,
+    reported_profile,
+    take_snapshot,
+    window_profile,
+)
 from agent.releases.lifecycle import ModelState, ModelStatus, SwapError
 from agent.serving.contract import RequestError
 from agent.serving.protocol import decode_infer_request, encode_infer_response
@@ -144,6 +151,8 @@ class EdgeModule:
         self._resync_delay = RESYNC_RETRY_S[0]
         self._desired = DesiredState()
         self._telemetry_changed = asyncio.Event()
+        self._headroom = HeadroomAlarm(settings.memory_headroom_alert_fraction)
+        self._reported_profiles: set[str] = set()
         self._started = datetime.now(UTC).isoformat()
         self.reported = ReportedProperties(self._send_reported, timeout_s=settings.call_timeout_s)
         self.outbox = Outbox(
@@ -183,6 +192,7 @@ class EdgeModule:
             ]
             group.create_task(self._telemetry_loop())
             group.create_task(self._watch_connection())
+            group.create_task(self._watch_headroom())
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking route messages, finish those in flight, report, hand over to the spool."""
@@ -431,19 +441,36 @@ class EdgeModule:
         before = take_snapshot(metrics, process)
         async for _ in ticks(interval_s):
             after = take_snapshot(metrics, process)
+            at = datetime.now(UTC).isoformat()
+            window = window_profile(before, after, metrics.total.bounds)
+            profiles = model_profiles(before, after, metrics.total.bounds)
+            resources = self._agent.resources.read()
+            statuses = dict(self._manager.statuses)
             self.outbox.put(
                 TELEMETRY,
                 {
-                    "at": datetime.now(UTC).isoformat(),
-                    "models": {
-                        name: {"version": s.version, "state": s.state.value}
-                        for name, s in self._manager.statuses.items()
-                    },
-                    "inference": window_profile(before, after, metrics.total.bounds),
+                    "at": at,
+                    "models": _telemetry_models(statuses, profiles),
+                    "inference": window,
+                    "resources": resources.as_json(),
                 },
                 "agent-telemetry/1",
             )
+            gone = self._reported_profiles - profiles.keys()
+            self.reported.update(
+                {"profile": reported_profile(window, profiles, resources, at=at, gone=gone)}
+            )
+            self._reported_profiles = set(profiles)
             before = after
+
+    async def _watch_headroom(self) -> None:
+        # Its own tick, not telemetry's: telemetry may be off or hourly, memory pressure not.
+        async for _ in ticks(self._settings.memory_check_interval_s):
+            resources = self._agent.resources.read()
+            kind = self._headroom.update(resources)
+            if kind is not None:
+                log.warning(kind, **resources.as_json())
+                self._alert(kind, resources.as_json())
 
     # -- routes --------------------------------------------------------------------------
 
@@ -576,7 +603,7 @@ class EdgeModule:
 
     async def _method_profile(self, payload: Any) -> tuple[int, Any]:
         seconds = ProfilePayload.model_validate(payload).seconds
-        return 200, await live_profile(self._agent.metrics, seconds)
+        return 200, await live_profile(self._agent.metrics, seconds, limits=self._agent.limits)
 
     def _default_model(self) -> str | None:
         desired = self._desired.model
@@ -595,6 +622,20 @@ class EdgeModule:
             "desired_version": self._reconciler.version,
             "outbox": {"queued": self.outbox.queued, "spooled": self.outbox.spooled},
         }
+
+
+def _telemetry_models(
+    statuses: dict[str, ModelStatus], profiles: dict[str, dict[str, float | int | None]]
+) -> dict[str, dict[str, Any]]:
+    """Per model: its lifecycle state and version with its share of the window."""
+    models: dict[str, dict[str, Any]] = {}
+    for name in sorted(statuses.keys() | profiles.keys()):
+        status = statuses.get(name)
+        lifecycle = (
+            {} if status is None else {"version": status.version, "state": status.state.value}
+        )
+        models[name] = {**lifecycle, **profiles.get(name, {})}
+    return models
 
 
 def _json_message(body: bytes, message_id: str, schema: str) -> Message:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import psutil
 
 from agent.observation.limits import Limits
 from agent.observation.metrics import InferenceMetrics, ModelStats
-from agent.observation.resources import read_resources
+from agent.observation.resources import Resources, headroom_low, read_resources
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,3 +200,59 @@ async def live_profile(
     if limits is not None:
         result["resources"] = read_resources(process, limits).as_json()
     return result
+
+
+# The reported `profile` stays small however many models serve: a twin's reported document
+# is limited to 32 KB, shared with every other reported section.
+MAX_REPORTED_MODELS = 16
+REPORTED_MODEL_FIELDS = (
+    "requests_per_s",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "batch_rows_mean",
+    "cpu_ms_per_inference",
+    "load_rss_delta_mb",
+    "swap_transient_mb",
+)
+
+
+def reported_profile(
+    window: Mapping[str, Any],
+    models: Mapping[str, Mapping[str, Any]],
+    resources: Resources,
+    *,
+    at: str,
+    gone: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The reported `profile` section: the process, its limits, a few figures per model.
+
+    Reported properties merge, so models that stopped serving (`gone`) are nulled out.
+    """
+    names = sorted(models)[:MAX_REPORTED_MODELS]
+    per_model: dict[str, Any] = {name: None for name in gone if name not in models}
+    per_model |= {name: {k: models[name].get(k) for k in REPORTED_MODEL_FIELDS} for name in names}
+    return {
+        "at": at,
+        "window_s": window.get("window_s"),
+        "cpu_percent": window.get("cpu_percent"),
+        **resources.as_json(),
+        "models": per_model,
+        "models_omitted": len(models) - len(names),
+    }
+
+
+class HeadroomAlarm:
+    """Turns readings into alert transitions: `memory_headroom_low`, then `..._recovered`."""
+
+    def __init__(self, alert_fraction: float) -> None:
+        if not 0 <= alert_fraction < 1:
+            raise ValueError(f"the headroom alert fraction is in [0, 1), not {alert_fraction}")
+        self.alert_fraction = alert_fraction
+        self.low = False
+
+    def update(self, resources: Resources) -> str | None:
+        low = headroom_low(resources, self.low, self.alert_fraction)
+        if low == self.low:
+            return None
+        self.low = low
+        return "memory_headroom_low" if low else "memory_headroom_recovered"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import os
 
 import numpy as np
@@ -14,7 +15,16 @@ from prometheus_client import CollectorRegistry
 
 from agent.observation.limits import Limits
 from agent.observation.metrics import InferenceMetrics
-from agent.observation.profile import ModelSnapshot, Snapshot, live_profile, model_profiles
+from agent.observation.profile import (
+    MAX_REPORTED_MODELS,
+    REPORTED_MODEL_FIELDS,
+    HeadroomAlarm,
+    ModelSnapshot,
+    Snapshot,
+    live_profile,
+    model_profiles,
+    reported_profile,
+)
 from agent.observation.resources import ResourceCollector, Resources, headroom_low
 from agent.serving.engine import RuntimeOptions, load_model
 from agent.serving.inference import InferenceService
@@ -149,3 +159,29 @@ async def test_the_live_profile_carries_models_and_resources() -> None:
     assert profile["resources"]["memory_limit_mb"] == 32 * 1024
     assert 0 < profile["resources"]["memory_headroom_mb"] < 32 * 1024
     await service.close()
+
+
+def test_the_alarm_reports_each_transition_once() -> None:
+    alarm = HeadroomAlarm(alert_fraction=0.1)
+    readings = [800, 950, 960, 870, 840, 830]  # MiB of a 1000 MiB limit
+    kinds = [alarm.update(_resources(rss * MIB, 1000 * MIB)) for rss in readings]
+    assert kinds == [None, "memory_headroom_low", None, None, "memory_headroom_recovered", None]
+    with pytest.raises(ValueError, match="alert fraction"):
+        HeadroomAlarm(1.0)
+
+
+def test_the_reported_profile_is_bounded_and_nulls_models_gone() -> None:
+    models = {
+        f"m{i:02d}": {"latency_p99_ms": 1.0, "requests": 5, "extra": "x"}
+        for i in range(MAX_REPORTED_MODELS + 4)
+    }
+    window = {"window_s": 60.0, "cpu_percent": 12.5}
+    report = reported_profile(
+        window, models, _resources(100 * MIB, GIB), at="now", gone=["old", "m00"]
+    )
+    assert report["models_omitted"] == 4
+    assert len(report["models"]) == MAX_REPORTED_MODELS + 1  # + "old": null
+    assert report["models"]["old"] is None
+    assert set(report["models"]["m00"]) == set(REPORTED_MODEL_FIELDS)  # nothing unbounded
+    assert report["memory_headroom_mb"] == 924.0
+    assert len(json.dumps(report)) < 4096
