@@ -76,7 +76,7 @@ class FileModelSource:
         return load_model(
             data,
             name=self._service.name,
-            version="1",
+            version=1,
             sha256=hashlib.sha256(data).hexdigest(),
             options=self._runtime,
             max_rows=self._settings.max_batch,

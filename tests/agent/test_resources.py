@@ -122,7 +122,7 @@ async def test_each_model_gets_its_own_latency_batches_and_load_memory() -> None
     assert (get("agent_model_compute_seconds_total", {"model": "b"}) or 0) > 0
     assert get("agent_model_load_resident_bytes", {"model": "a"}) is not None
     assert get("agent_model_swap_transient_bytes", {"model": "a"}) is None  # no swap yet
-    services["a"].activate(loaded(tiny_bytes(1), name="a", version="2"))
+    services["a"].activate(loaded(tiny_bytes(1), name="a", version=2))
     assert get("agent_model_swap_transient_bytes", {"model": "a"}) is not None
     metrics.forget_model("b")
     assert get("agent_model_request_duration_seconds_count", {"model": "b"}) is None
@@ -136,7 +136,7 @@ def test_a_load_measures_the_resident_memory_it_adds() -> None:
     model = load_model(
         data,
         name="m",
-        version="1",
+        version=1,
         sha256=hashlib.sha256(data).hexdigest(),
         options=RuntimeOptions(),
         max_rows=4,
