@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test lint typecheck bench clean
+.PHONY: setup system-deps image demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -18,13 +18,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Real components the tests start themselves: Prometheus (Debian) and Azurite (npm).
+# Real components the tests start themselves: Prometheus (Debian), Azurite (npm), a Docker
+# engine (Debian's docker.io: dockerd, containerd, runc) and debootstrap, which makes the
+# image's base from Debian packages where no registry can be reached.
+SYSTEM_TOOLS := prometheus dockerd debootstrap
 system-deps:
-	@command -v prometheus >/dev/null || { \
+	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    prometheus docker.io debootstrap >/dev/null; }
 
-demo: setup
+# The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
+# none runs (and stops it after); says whether the base was pulled or made with debootstrap.
+image: setup system-deps
+	$(PY) -m deployment.image build $(ARGS)
+
+demo: setup $(if $(findstring --container,$(ARGS)),system-deps)
 	$(PY) -m demo $(ARGS)
 
 lint: setup
