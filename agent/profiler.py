@@ -39,13 +39,14 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import aiohttp
 import numpy as np
 import onnxruntime as ort
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.observation.limits import Limits, read_limits
 from agent.observation.recommend import (
@@ -636,3 +637,51 @@ def run_profile(
     model = ProfiledModel(model_path.name, model_path.read_bytes())
     runs = asyncio.run(sweep(model.data, plan, progress))
     return report(model, runs, target, limits=read_limits(), plan=plan)
+
+
+# -- reading profile.json back (the publisher renders createOptions from it) ------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+
+class HostConfig(_Strict):
+    Memory: int = Field(gt=0)
+    NanoCpus: int = Field(gt=0)
+
+
+class CreateOptions(_Strict):
+    HostConfig: HostConfig
+
+
+class RecommendationDocument(_Strict):
+    met: bool
+    why: str
+    settings: dict[str, str]
+    createOptions: CreateOptions  # noqa: N815 - Docker's own spelling, as the manifest has it
+
+    @field_validator("settings")
+    @classmethod
+    def _agent_settings(cls, settings: dict[str, str]) -> dict[str, str]:
+        strangers = sorted(name for name in settings if not name.startswith("EDGEML_"))
+        if strangers:
+            raise ValueError(f"settings must be EDGEML_* variables, not {strangers[0]}")
+        return settings
+
+
+class ProfileDocument(_Strict):
+    """The parts of `profile.json` a deployment uses; other fields are for people."""
+
+    schema_: Literal["agent-profile/1"] = Field(alias="schema")
+    recommendation: RecommendationDocument
+
+
+def read_profile(text: str | bytes) -> ProfileDocument:
+    """`profile.json` parsed and checked; ValueError naming what is wrong."""
+    try:
+        return ProfileDocument.model_validate_json(text)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"profile.json: {where}: {first['msg']}") from None

@@ -16,6 +16,7 @@ from agent.profiler import (
     SCHEMA,
     SweepPlan,
     knob_grid,
+    read_profile,
 )
 from agent.settings import AgentSettings
 from deployment.example_models import save, tiny_mlp
@@ -143,6 +144,38 @@ def test_a_real_profile_of_a_small_model_recommends_settings_the_agent_takes(
     peak = best["predicted"]["peak_rss_bytes"]
     assert peak < host["Memory"] <= peak * 1.2 + (1 << 20)
     assert 0.1e9 <= host["NanoCpus"] <= (os.cpu_count() or 1) * 1e9
+    assert read_profile(out.read_text()).recommendation.met
     settings = AgentSettings.from_environment(best["settings"])
     assert settings.intra_op_threads == 1
     assert sys.executable  # the children ran this interpreter
+
+
+def _document(**recommendation: object) -> str:
+    good: dict[str, object] = {
+        "met": True,
+        "why": "least CPU",
+        "settings": {"EDGEML_MAX_BATCH": "8"},
+        "createOptions": {"HostConfig": {"Memory": 256 << 20, "NanoCpus": 10**9}},
+    }
+    return json.dumps({"schema": SCHEMA, "recommendation": good | recommendation, "extra": 1})
+
+
+def test_a_profile_document_reads_back_what_a_deployment_needs() -> None:
+    document = read_profile(_document())
+    assert document.recommendation.createOptions.HostConfig.Memory == 256 << 20
+    assert document.recommendation.settings == {"EDGEML_MAX_BATCH": "8"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_document(settings={"PATH": "/bin"}), "EDGEML_"),
+        (_document(createOptions={"HostConfig": {"Memory": 0, "NanoCpus": 1}}), "Memory"),
+        (_document(createOptions={"HostConfig": {"Memory": "1g", "NanoCpus": 1}}), "Memory"),
+        (json.dumps({"schema": "agent-profile/0", "recommendation": {}}), "schema"),
+        ("not json", "profile.json"),
+    ],
+)
+def test_a_bad_profile_document_is_refused_naming_the_field(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        read_profile(text)
