@@ -18,6 +18,7 @@ from agent.logs import configure_logging
 from agent.observation.limits import read_limits
 from agent.observation.recommend import Target
 from agent.profiler import SweepPlan, knob_grid, run_profile, summary_lines
+from agent.reasons import AgentError
 from agent.settings import AgentSettings
 from agent.standalone import build_app, run_process
 
@@ -122,10 +123,14 @@ def _profile(args: argparse.Namespace) -> int:
             measure_s=args.duration,
             swap_rps=args.target_rps,
         )
-        document = run_profile(args.model, plan, target)
-    except ValueError as error:
+    except ValueError as error:  # the target or the plan
         print(f"agent profile: {error}", file=sys.stderr)
-        return EXIT_USAGE if "target" in str(error) or "sweep" in str(error) else 1
+        return EXIT_USAGE
+    try:
+        document = run_profile(args.model, plan, target)
+    except (AgentError, ValueError) as error:  # a model it cannot serve, nothing measured
+        print(f"agent profile: {error}", file=sys.stderr)
+        return 1
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     if args.json:
         print(json.dumps(document))

@@ -60,6 +60,7 @@ from agent.observation.recommend import (
     verdict,
 )
 from agent.observation.resources import PeakMemory
+from agent.releases.lifecycle import ModelState
 from agent.releases.manifest import public_key_to_b64, sign_manifest
 from agent.serving.engine import ModelLoadError, RuntimeOptions, create_session, read_contract
 
@@ -67,7 +68,9 @@ SCHEMA = "agent-profile/1"
 MODEL_NAME = "profiled"
 KEY_ID = "profile"
 MANIFEST = "model.manifest.json"
-FINAL_STATES = frozenset({"active", "failed", "rejected", "rolled_back"})
+FINAL_STATES = frozenset(
+    {ModelState.ACTIVE, ModelState.FAILED, ModelState.REJECTED, ModelState.ROLLED_BACK}
+)
 MAX_OUTSTANDING = 256  # open-loop requests in flight at once; beyond, a request counts as failed
 
 
@@ -407,7 +410,7 @@ class Measurement:
         await log.wait(lambda: log.final(version), self.plan.startup_timeout_s, f"v{version}")
         final = log.final(version)
         assert final is not None
-        if final.get("state") != "active":
+        if final.get("state") != ModelState.ACTIVE:
             state, message = final.get("state"), final.get("message")
             raise ChildError(f"release {version} ended {state}: {message}")
 

@@ -179,3 +179,13 @@ def test_a_profile_document_reads_back_what_a_deployment_needs() -> None:
 def test_a_bad_profile_document_is_refused_naming_the_field(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         read_profile(text)
+
+
+def test_a_file_that_is_not_a_model_fails_before_any_child_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    assert main(["profile", str(junk), "--target-rps", "5", "--out", str(tmp_path / "p")]) == 1
+    assert "agent profile:" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
