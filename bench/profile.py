@@ -52,7 +52,7 @@ from agent.profiler import (
     running_child,
     sweep,
 )
-from bench._machine import machine_busy
+from bench._machine import machine_busy, wait_for_quiet_machine
 from deployment.example_models import mid_mlp
 
 RESULTS = Path(__file__).parent / "results" / "profile.json"
@@ -128,6 +128,7 @@ async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         measure_s=args.measure,
         swap_rps=args.target_rps,
     )
+    quiet_before_profile = wait_for_quiet_machine(0.5, 120)
     busy_before, started = machine_busy(), time.monotonic()
     runs = await sweep(models[0], plan, sys.stderr)
     document = report(
@@ -142,6 +143,7 @@ async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     best = document["recommendation"]
     predicted = best["predicted"]
     print(f"recommended: {best['settings']} {best['createOptions']}", file=sys.stderr)
+    quiet_before_validation = wait_for_quiet_machine(0.5, 120)
     measured = await validate(models, _knobs(best["settings"]), args, scratch / "validate")
     limit = best["createOptions"]["HostConfig"]["Memory"]
     return {
@@ -178,6 +180,9 @@ async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             "profile_measure_s": args.measure,
             "validation_s": args.duration,
             "profile_machine_busy_cores": round(profile_busy, 2),
+            # Cores others used in the second before each phase (after waiting up to 2 min).
+            "other_cores_before_profile": quiet_before_profile,
+            "other_cores_before_validation": quiet_before_validation,
             "limits_enforced": False,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
