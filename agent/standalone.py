@@ -24,10 +24,9 @@ from agent.observation.metrics import InferenceMetrics, register_process_metrics
 from agent.observation.resources import ResourceCollector
 from agent.releases.download import Downloader
 from agent.releases.folder import FolderSource
-from agent.releases.manifest import load_trusted_keys
 from agent.releases.store import ModelStore, StoreError
 from agent.releases.swap import HttpsArtifacts, ModelManager
-from agent.serving.engine import LoadedModel, ModelLoadError, RuntimeOptions, load_model
+from agent.serving.engine import LoadedModel, ModelLoadError, load_model
 from agent.serving.http import HttpService, MetricsService
 from agent.serving.inference import InferenceService
 from agent.settings import AgentSettings
@@ -42,18 +41,11 @@ class FileModelSource:
     and readiness turns true only when the model is loaded and warmed up.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        service: InferenceService,
-        settings: AgentSettings,
-        runtime: RuntimeOptions,
-    ) -> None:
+    def __init__(self, path: Path, service: InferenceService, settings: AgentSettings) -> None:
         self.name = "model-file"
         self._path = path
         self._service = service
         self._settings = settings
-        self._runtime = runtime
 
     async def start(self) -> None:
         if not self._path.is_file():
@@ -78,8 +70,8 @@ class FileModelSource:
             name=self._service.name,
             version=1,
             sha256=hashlib.sha256(data).hexdigest(),
-            options=self._runtime,
-            max_rows=self._settings.max_batch,
+            options=self._settings.runtime,
+            max_rows=self._settings.batching.max_rows,
         )
 
     async def stop(self, grace_s: float) -> None:
@@ -118,18 +110,18 @@ class Agent:
         registry: CollectorRegistry | None = None,
         limits: Limits | None = None,
     ) -> None:
-        self.settings = settings
-        self.registry = registry or CollectorRegistry()
         self.limits = limits or read_limits()
+        # Thread counts left unset follow the container's CPU limit, read once here.
+        runtime = settings.runtime.for_limits(self.limits)
+        self.settings = settings = settings.model_copy(update={"runtime": runtime})
+        self.registry = registry or CollectorRegistry()
         register_process_metrics(self.registry)
         self.resources = ResourceCollector(self.registry, limits=self.limits)
         self.metrics = InferenceMetrics(self.registry)
-        runtime = settings.runtime_options(self.limits)
         log.info(
             "runtime_limits",
             **self.limits.as_json(),
             intra_op_threads=runtime.intra_op_threads,
-            threads_from="settings" if settings.intra_op_threads else "cpu_limit",
         )
         self.services: dict[str, InferenceService] = {}
         self.manager: ModelManager | None = None
@@ -137,7 +129,7 @@ class Agent:
         if settings.model_path is not None:
             name = settings.model_name or settings.model_path.stem
             service = self.services[name] = self._new_service(name)
-            self._sources.append(FileModelSource(settings.model_path, service, settings, runtime))
+            self._sources.append(FileModelSource(settings.model_path, service, settings))
         else:
             self._sources += self._managed()
 
@@ -145,38 +137,43 @@ class Agent:
         return InferenceService(
             name,
             self.metrics,
-            policy=self.settings.batching_policy(),
-            limits=self.settings.request_limits(),
+            policy=self.settings.batching,
+            limits=self.settings.limits,
         )
 
     def _managed(self) -> list[Service]:
         settings = self.settings
-        pem_files = (
-            sorted(settings.trusted_keys_dir.glob("*.pem")) if settings.trusted_keys_dir else []
-        )
-        keys = load_trusted_keys(settings.trusted_keys, pem_files)
+        keys = settings.keys.load()
         if not keys:
             raise ValueError(
                 "no trusted manifest keys: set EDGEML_TRUSTED_KEYS or EDGEML_TRUSTED_KEYS_DIR "
                 "(or serve a single file with --model)"
             )
         tls = ssl.create_default_context()
-        if settings.artifact_ca_file is not None:
-            tls.load_verify_locations(cafile=str(settings.artifact_ca_file))
-        store = ModelStore(settings.state_dir, keep_old_artifacts=settings.keep_old_artifacts)
+        if settings.download.artifact_ca_file is not None:
+            tls.load_verify_locations(cafile=str(settings.download.artifact_ca_file))
+        store = ModelStore(
+            settings.store.state_dir,
+            keep_old_artifacts=settings.store.keep_old_artifacts,
+            free_space_margin_bytes=settings.store.free_space_margin_bytes,
+        )
         self.manager = ModelManager(
             store=store,
             trusted_keys=keys,
-            artifacts=HttpsArtifacts(Downloader(settings.download_policy(), ssl_context=tls)),
+            artifacts=HttpsArtifacts(Downloader(settings.download, ssl_context=tls)),
             services=self.services,
             service_factory=self._new_service,
             registry=self.registry,
-            settings=settings.swap_settings(self.limits),
+            settings=settings.swap,
+            runtime=settings.runtime,
+            batching=settings.batching,
+            probation=settings.probation,
         )
         sources: list[Service] = [ManagedModels(store, self.manager, self.services)]
-        if settings.watch_dir is not None:
+        folder = settings.folder
+        if folder.watch_dir is not None:
             sources.append(
-                FolderSource(settings.watch_dir, self.manager, debounce_s=settings.watch_debounce_s)
+                FolderSource(folder.watch_dir, self.manager, debounce_s=folder.watch_debounce_s)
             )
         return sources
 
@@ -193,14 +190,8 @@ class Agent:
         return [
             *self._sources,
             *extra,
-            MetricsService(self.registry, host=settings.host, port=settings.metrics_port),
-            HttpService(
-                self.services,
-                self.metrics,
-                host=settings.host,
-                port=settings.http_port,
-                max_body_bytes=settings.max_request_bytes,
-            ),
+            MetricsService(self.registry, settings.http),
+            HttpService(self.services, self.metrics, settings.http),
         ]
 
 

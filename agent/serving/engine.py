@@ -19,7 +19,11 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 import psutil
+from pydantic import Field
 
+from agent.config import Section
+from agent.observation.limits import Limits, default_intra_op_threads, read_limits
+from agent.observation.metrics import LATENCY_BUCKETS, Distribution
 from agent.reasons import AgentError, Reason
 from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
 
@@ -64,18 +68,28 @@ def pin_mmap_threshold(size: int) -> bool:
     return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
 
 
-@dataclass(frozen=True, slots=True)
-class RuntimeOptions:
-    intra_op_threads: int = 1
-    inter_op_threads: int = 1
-    optimization: GraphOptimization = "all"
-    # Blocks from this size up are mapped on their own and unmapped when freed; None leaves
+class RuntimeOptions(Section):
+    """ONNX Runtime session options (`EDGEML_INTRA_OP_THREADS`, `EDGEML_GRAPH_OPTIMIZATION`...)."""
+
+    # Unset: whole cores of the container's CPU limit less one (`default_intra_op_threads`).
+    intra_op_threads: int | None = Field(None, ge=1, le=64)
+    inter_op_threads: int = Field(1, ge=1, le=64)
+    optimization: GraphOptimization = Field("all", alias="graph_optimization")
+    # Blocks from this size up are mapped on their own and unmapped when freed; 0 leaves
     # glibc's dynamic threshold (see `pin_mmap_threshold`).
-    mmap_threshold_bytes: int | None = 1 << 20
+    mmap_threshold_bytes: int = Field(1 << 20, ge=0)
+
+    def for_limits(self, limits: Limits) -> RuntimeOptions:
+        """These options with unset thread counts taken from `limits`, not the host's cores."""
+        if self.intra_op_threads is not None:
+            return self
+        return self.model_copy(update={"intra_op_threads": default_intra_op_threads(limits)})
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
+        # Unresolved options (tests, tools) read the limits here; the agent resolves them once.
+        resolved = self.for_limits(read_limits()) if self.intra_op_threads is None else self
+        options.intra_op_num_threads = resolved.intra_op_threads
         options.inter_op_num_threads = self.inter_op_threads
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[self.optimization]
         # Thread pools that spin keep a core busy after each call; on a 2-core device that
@@ -159,7 +173,7 @@ class LoadedModel:
         # Updated by the inference service on the event loop; probation reads them.
         self.served = 0
         self.failed = 0
-        self.latency_total_s = 0.0
+        self.latency = Distribution(LATENCY_BUCKETS)
 
     def close(self) -> None:
         """Release the session once no request holds this model (see `drained`)."""
@@ -178,7 +192,7 @@ class LoadedModel:
 
 def create_session(model: bytes | Path, options: RuntimeOptions) -> ort.InferenceSession:
     source = str(model) if isinstance(model, Path) else model
-    if options.mmap_threshold_bytes is not None:
+    if options.mmap_threshold_bytes:
         # Process-wide and idempotent: set before each session, whose allocations obey it.
         pin_mmap_threshold(options.mmap_threshold_bytes)
     try:

@@ -16,7 +16,7 @@ from agent.observation.metrics import InferenceMetrics
 from agent.releases.download import Downloader, DownloadPolicy
 from agent.releases.lifecycle import ModelStatus, ProbationPolicy
 from agent.releases.store import ModelStore
-from agent.releases.swap import HttpsArtifacts, ModelManager, SwapSettings
+from agent.releases.swap import HttpsArtifacts, ModelManager
 from agent.serving.inference import InferenceService
 from deployment.release import build_manifest
 from tests.agent.artifact_server import Artifact, ArtifactServer, TestPki
@@ -55,7 +55,9 @@ class Device:
     reports: list[ModelStatus]
 
     def states(self, name: str = "m") -> list[str]:
-        return [r.state.value for r in self.reports if r.name == name]
+        """The state transitions of `name`, rejections included (a repeat is no transition)."""
+        states = [r.state.value for r in self.reports if r.name == name]
+        return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
 
     def failures(self, reason: str) -> float:
         value = self.registry.get_sample_value(
@@ -89,11 +91,13 @@ def make_device(
         services=services,
         service_factory=lambda name: InferenceService(name, metrics),
         registry=registry,
-        settings=SwapSettings(
-            probation=probation or ProbationPolicy(requests=0, seconds=0), probation_tick_s=0.05
+        # A fast tick: probations end within a test's patience.
+        probation=(probation or ProbationPolicy(requests=0, seconds=0)).model_copy(
+            update={"tick_s": 0.05}
         ),
         listeners=[reports.append],
     )
+    manager.add_rejection_listener(reports.append)
     return Device(manager, store, services, registry, reports)
 
 

@@ -18,6 +18,7 @@ from agent.observation.limits import (
     read_limits,
 )
 from agent.settings import AgentSettings
+from agent.standalone import Agent
 
 GIB = 1 << 30
 
@@ -184,5 +185,6 @@ def test_the_agent_takes_its_thread_count_from_the_cpu_limit_unless_set(
     environ: dict[str, str], limits: Limits, threads: int
 ) -> None:
     settings = AgentSettings.from_environment(environ)
-    assert settings.runtime_options(limits).intra_op_threads == threads
-    assert settings.swap_settings(limits).runtime.intra_op_threads == threads
+    assert settings.runtime.for_limits(limits).intra_op_threads == threads
+    agent = Agent(settings.model_copy(update={"model_path": Path("m.onnx")}), limits=limits)
+    assert agent.settings.runtime.intra_op_threads == threads  # what every load then uses

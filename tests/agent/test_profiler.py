@@ -146,7 +146,7 @@ def test_a_real_profile_of_a_small_model_recommends_settings_the_agent_takes(
     assert 0.1e9 <= host["NanoCpus"] <= (os.cpu_count() or 1) * 1e9
     assert read_profile(out.read_text()).recommendation.met
     settings = AgentSettings.from_environment(best["settings"])
-    assert settings.intra_op_threads == 1
+    assert settings.runtime.intra_op_threads == 1
     assert sys.executable  # the children ran this interpreter
 
 

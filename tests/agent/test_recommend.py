@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from agent.observation.limits import Limits
 from agent.observation.recommend import (
     MIB,
     ConfigRun,
@@ -154,11 +153,8 @@ def test_a_target_without_rate_or_budget_is_refused(
 @pytest.mark.parametrize("knobs", [ONE, TWO, DIRECT])
 def test_the_recommended_environment_configures_the_agent(knobs: Knobs) -> None:
     settings = AgentSettings.from_environment(knobs.environment())
-    policy = settings.batching_policy()
-    assert (
-        settings.runtime_options(Limits("none", None, None, 8)).intra_op_threads
-        == knobs.intra_op_threads
-    )
+    policy = settings.batching
+    assert settings.runtime.intra_op_threads == knobs.intra_op_threads
     assert (policy.max_rows, policy.worker_threads, policy.enabled) == (
         knobs.max_batch,
         knobs.worker_threads,
