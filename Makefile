@@ -18,16 +18,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Real components the tests start themselves: Prometheus (Debian), Azurite (npm), a Docker
-# engine (Debian's docker.io: dockerd, containerd, runc) and debootstrap, which makes the
-# image's base from Debian packages where no registry can be reached.
-SYSTEM_TOOLS := prometheus dockerd debootstrap
+# Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
+# (Debian), Azurite (npm), a Docker engine (Debian's docker.io: dockerd, containerd, runc) and
+# debootstrap, which makes the image's base from Debian packages where no registry can be reached.
+SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap
 system-deps:
 	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
 	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus docker.io debootstrap >/dev/null; }
+	    prometheus prometheus-alertmanager docker.io debootstrap >/dev/null; }
 
 # The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
 # none runs (and stops it after); says whether the base was pulled or made with debootstrap.
