@@ -53,6 +53,7 @@ bench: setup
 	$(PY) -m bench.http
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
+	$(PY) -m bench.profile
 
 clean:
 	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache

@@ -132,6 +132,17 @@ def _release_document(
     return json.dumps(sign_manifest(unsigned, key, KEY_ID)).encode()
 
 
+def _with_doc_string(model: bytes, text: bytes) -> bytes:
+    """`model` with its `ModelProto.doc_string` (field 6) set to `text`.
+
+    Protobuf merges a serialized message with fields appended to it, the last value of a
+    singular field winning: the graph and weights stay as they are, the sha256 changes.
+    """
+    if len(text) >= 0x80:
+        raise ValueError("a doc string this long needs a multi-byte length")
+    return model + bytes([6 << 3 | 2, len(text)]) + text
+
+
 def _contract_json(model: bytes) -> tuple[dict[str, Any], bytes]:
     """The model's contract as a manifest carries it, and a batch-1 v2 request body for it."""
     session = create_session(model, RuntimeOptions())
@@ -359,8 +370,8 @@ def _percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
 class Release:
     """Models as the child receives them: artifacts in a release folder, signed manifests.
 
-    Version n serves `models[(n - 1) % len(models)]`: one model is re-released as itself (a
-    swap of the same size), several alternate. They share one contract and request body.
+    Version n serves `models[(n - 1) % len(models)]`; they share one contract and request
+    body.
     """
 
     models: tuple[bytes, ...]
@@ -371,7 +382,14 @@ class Release:
 
     @classmethod
     def prepare(cls, models: Sequence[bytes], folder: Path) -> Release:
-        """Write the artifacts into `folder`, read the contract, make a signing key."""
+        """Write the artifacts into `folder`, read the contract, make a signing key.
+
+        One model is paired with a copy that differs in its bytes alone, so a swap to it
+        takes the path of a new artifact (copied into the store, hashed, read), as on a
+        device: re-releasing identical bytes skips that and measured ~8 MiB less at the peak.
+        """
+        if len(models) == 1:
+            models = [models[0], _with_doc_string(models[0], b"agent profile: swap candidate")]
         contract, body = _contract_json(models[0])
         folder.mkdir(parents=True, exist_ok=True)
         for model in models:

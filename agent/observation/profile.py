@@ -199,6 +199,7 @@ async def live_profile(
     }
     if limits is not None:
         result["resources"] = read_resources(process, limits).as_json()
+        result["limits"] = limits.as_json()
     return result
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.__main__ import main
@@ -14,12 +16,15 @@ from agent.observation.recommend import Knobs
 from agent.observation.resources import PeakMemory, parse_vm_hwm
 from agent.profiler import (
     SCHEMA,
+    Release,
     SweepPlan,
     knob_grid,
     read_profile,
 )
+from agent.serving.engine import RuntimeOptions, create_session
 from agent.settings import AgentSettings
 from deployment.example_models import save, tiny_mlp
+from tests.agent.models import TINY_FEATURES, tiny_bytes
 
 
 def test_the_grid_measures_max_batch_only_where_requests_coalesce() -> None:
@@ -189,3 +194,20 @@ def test_a_file_that_is_not_a_model_fails_before_any_child_starts(
     assert main(["profile", str(junk), "--target-rps", "5", "--out", str(tmp_path / "p")]) == 1
     assert "agent profile:" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_the_swap_candidate_is_the_same_graph_in_other_bytes(tmp_path: Path) -> None:
+    """A swap in the profile goes through the store as a new artifact would."""
+    model = tiny_bytes()
+    release = Release.prepare([model], tmp_path)
+    first, candidate = release.models
+    assert first == model
+    assert hashlib.sha256(candidate).digest() != hashlib.sha256(model).digest()
+    x = {"input": np.ones((2, TINY_FEATURES), dtype=np.float32)}
+    outputs = [
+        create_session(m, RuntimeOptions(intra_op_threads=1)).run(None, x)[0]
+        for m in (model, candidate)
+    ]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    assert len(list(tmp_path.glob("*.onnx"))) == 2
+    assert json.loads(release.document(2))["sha256"] == hashlib.sha256(candidate).hexdigest()

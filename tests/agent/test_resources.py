@@ -157,6 +157,7 @@ async def test_the_live_profile_carries_models_and_resources() -> None:
     assert profile["models"]["m"]["requests"] == 1
     assert profile["models"]["m"]["batch_rows_mean"] == 2
     assert profile["resources"]["memory_limit_mb"] == 32 * 1024
+    assert profile["limits"]["cpu_quota_cores"] == 1.0
     assert 0 < profile["resources"]["memory_headroom_mb"] < 32 * 1024
     await service.close()
 
