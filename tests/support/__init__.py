@@ -1,1 +1,1 @@
-"""Test support shared across test folders (pytest plugins and helpers)."""
+"""Test support shared across test folders: pytest plugins, fakes with real behaviour."""
