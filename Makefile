@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps image demo test lint typecheck bench clean
+.PHONY: setup system-deps azurite image demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 # (Debian), Azurite (npm), a Docker engine (Debian's docker.io: dockerd, containerd, runc) and
 # debootstrap, which makes the image's base from Debian packages where no registry can be reached.
 SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap
-system-deps:
+system-deps: azurite
 	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
 	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
@@ -33,6 +33,18 @@ system-deps:
 # none runs (and stops it after); says whether the base was pulled or made with debootstrap.
 image: setup system-deps
 	$(PY) -m deployment.image build $(ARGS)
+
+# Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
+# finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
+# --skipApiVersionCheck --loose).
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+azurite: $(AZURITE)
+
+$(AZURITE):
+	@command -v npm >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
 demo: setup $(if $(findstring --container,$(ARGS)),system-deps)
 	$(PY) -m demo $(ARGS)
@@ -54,6 +66,7 @@ bench: setup
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
 	$(PY) -m bench.profile
+	$(PY) -m bench.fleet
 
 clean:
-	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache
