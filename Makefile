@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
 # (Debian), Azurite (npm), a Docker engine (Debian's docker.io: dockerd, containerd, runc) and
-# debootstrap, which makes the image's base from Debian packages where no registry can be reached.
+# debootstrap, which makes the image's base from Debian packages where no registry is reachable.
 SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap
 system-deps: azurite
 	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
@@ -28,11 +28,6 @@ system-deps: azurite
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    prometheus prometheus-alertmanager docker.io debootstrap >/dev/null; }
-
-# The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
-# none runs (and stops it after); says whether the base was pulled or made with debootstrap.
-image: setup system-deps
-	$(PY) -m deployment.image build $(ARGS)
 
 # Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
 # finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
@@ -45,6 +40,11 @@ $(AZURITE):
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
 	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
+
+# The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
+# none runs (and stops it after); says whether the base was pulled or made with debootstrap.
+image: setup system-deps
+	$(PY) -m deployment.image build $(ARGS)
 
 demo: setup $(if $(findstring --container,$(ARGS)),system-deps)
 	$(PY) -m demo $(ARGS)
@@ -59,7 +59,7 @@ test: setup system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Each benchmark writes bench/results/<name>.json and prints it as its last line.
-bench: setup
+bench: setup system-deps
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.overhead
 	$(PY) -m bench.http
@@ -67,6 +67,7 @@ bench: setup
 	$(PY) -m bench.route
 	$(PY) -m bench.profile
 	$(PY) -m bench.fleet
+	$(PY) -m bench.image
 
 clean:
 	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import re
 import shlex
@@ -144,14 +145,14 @@ def pip_build_args(pip_config: Mapping[str, str], *, stand_in: bool) -> dict[str
     return args
 
 
-def size_mb(text: str) -> float:
-    """A Docker size ("215MB", "1.2GiB", "512kB", "0B") in MB of 10^6 bytes."""
+def size_bytes(text: str) -> int:
+    """A size as the Docker CLI prints it ("215MB", "57.3MiB", "512kB", "0B") in bytes."""
     match = re.fullmatch(r"\s*([\d.]+)\s*([kKMGT]?i?B)\s*", text)
     if match is None:
         raise ImageError("bad_size", f"not a size: {text!r}")
     units = {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
     units |= {"KiB": 1024, "kiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
-    return float(match[1]) * units[match[2]] / 1e6
+    return round(float(match[1]) * units[match[2]])
 
 
 # --- the Docker CLI and engine --------------------------------------------------------------
@@ -165,11 +166,10 @@ class Docker:
     timeout_s: float = 900.0
 
     def __call__(
-        self, *args: str, check: bool = True, timeout_s: float | None = None, stdin: bytes = b""
+        self, *args: str, check: bool = True, timeout_s: float | None = None
     ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [self.binary, *args],
-            input=stdin.decode() if stdin else None,
             capture_output=True,
             text=True,
             timeout=timeout_s or self.timeout_s,
@@ -192,23 +192,67 @@ class Docker:
         return self("image", "inspect", ref, check=False, timeout_s=30).returncode == 0
 
 
+# Sessions that use an engine (tests, `make image`, the demo, benchmarks) may overlap, on one
+# machine and one engine. Each holds a lease while it runs; the last to leave stops the engine
+# if one of them started it, so none stops it under another's build or containers.
+SHARED_DIR = Path(tempfile.gettempdir()) / "edge-mlops-docker"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_leases(leases: Iterable[Path], alive: Callable[[int], bool] = _alive) -> list[Path]:
+    """The lease files (named by pid) whose process still runs."""
+    return [lease for lease in leases if lease.name.isdigit() and alive(int(lease.name))]
+
+
 @dataclass
 class Engine:
-    """A `dockerd` this process started, or None when one already answered."""
+    """A lease on a Docker engine: `start()` starts `dockerd` when none answers; `stop()` stops
+    it when this was the last lease and a lease holder started it."""
 
     docker: Docker
     log_path: Path
     start_timeout_s: float = 60.0
     dockerd: str = "dockerd"
-    process: subprocess.Popen[bytes] | None = None
+    shared_dir: Path = SHARED_DIR
+    started_here: bool = False
 
     @property
-    def started_here(self) -> bool:
-        return self.process is not None
+    def _lease(self) -> Path:
+        return self.shared_dir / "leases" / str(os.getpid())
+
+    @property
+    def _marker(self) -> Path:
+        return self.shared_dir / "dockerd.pid"  # the pid file of a dockerd started here
 
     def start(self) -> None:
-        if self.docker.engine_answers():
-            return
+        with _locked(self.shared_dir / "lock"):
+            self._lease.parent.mkdir(parents=True, exist_ok=True)
+            self._lease.touch()
+            if self.docker.engine_answers():
+                return
+            self._start_dockerd()
+
+    def _start_dockerd(self) -> None:
         if shutil.which(self.dockerd) is None:
             raise ImageError(
                 "no_engine",
@@ -216,44 +260,48 @@ class Engine:
                 "(`make system-deps` installs Debian's docker.io)",
             )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._marker.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
-            # No bridge and no iptables: the machine allows no network but loopback, and
-            # containers use the host's network namespace (`--network host`).
-            self.process = subprocess.Popen(
-                [self.dockerd, "--bridge=none", "--iptables=false"],
+            # Detached (setsid --fork): the engine may outlive this process while another
+            # lease holder uses it. No bridge and no iptables: the machine allows no network
+            # but loopback, and containers use the host's network namespace.
+            subprocess.run(
+                ["setsid", "--fork", self.dockerd, "--bridge=none", "--iptables=false",
+                 f"--pidfile={self._marker}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not its
-            )
+                check=True,
+                timeout=30,
+            )  # fmt: skip
         deadline = time.monotonic() + self.start_timeout_s
         while not self.docker.engine_answers():
-            if self.process.poll() is not None:
-                # Another session may have started one at the same moment: use that one.
-                self.process = None
-                if self.docker.engine_answers():
-                    return
+            pid = self._marker.read_text().strip() if self._marker.is_file() else ""
+            if pid.isdigit() and not _alive(int(pid)):
                 raise ImageError("engine_failed", f"dockerd exited; see {self.log_path}")
             if time.monotonic() > deadline:
-                self.stop()
+                if pid.isdigit():
+                    os.kill(int(pid), signal.SIGTERM)
                 raise ImageError("engine_failed", f"dockerd did not answer; see {self.log_path}")
             time.sleep(0.3)
+        self.started_here = True
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """Stop the engine if this process started it and nobody else's container runs."""
-        if self.process is None:
-            return
-        others = self.docker("ps", "--quiet", check=False, timeout_s=30).stdout.split()
-        if others:
-            # Someone else uses the engine we started: leave it, rather than kill their work.
-            self.process = None
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
+        with _locked(self.shared_dir / "lock"):
+            self._lease.unlink(missing_ok=True)
+            leases = self.shared_dir / "leases"
+            if live_leases(leases.iterdir() if leases.is_dir() else []):
+                return
+            if not self._marker.is_file():
+                return  # an engine nobody here started: not ours to stop
+            pid = int(self._marker.read_text().strip() or 0)
+            if pid <= 1 or not _alive(pid):
+                return
+            os.kill(pid, signal.SIGTERM)  # dockerd removes its pid file as it exits
+            deadline = time.monotonic() + grace_s
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -385,9 +433,11 @@ class Builder:
     def build(self, tag: str, work_dir: Path, stand_in: Callable[[], StandIn]) -> BuildResult:
         started = time.monotonic()
         dockerfile = (self.context / "Dockerfile").read_text()
-        bases = {
-            b: ensure_base(self.docker, b, stand_in, work_dir) for b in base_images(dockerfile)
-        }
+        # Two sessions missing the base at once would both debootstrap it: one at a time.
+        with _locked(SHARED_DIR / "base.lock"):
+            bases = {
+                b: ensure_base(self.docker, b, stand_in, work_dir) for b in base_images(dockerfile)
+            }
         uses_stand_in = any(is_stand_in(self.docker, b) for b in bases)
         args = pip_build_args(self.pip_config, stand_in=uses_stand_in)
         flags = [f"--build-arg={k}={v}" for k, v in sorted(args.items())]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from deployment.image import (
@@ -9,15 +11,16 @@ from deployment.image import (
     ImageError,
     base_images,
     debian_mirror,
+    live_leases,
     parse_pip_config,
     pip_build_args,
     project_version,
-    size_mb,
+    size_bytes,
 )
 
 DEB822 = """\
 Types: deb
-# http://snapshot.debian.org/archive/debian/20250520T000000Z
+# http://snapshot.example/archive/debian/20250520T000000Z
 URIs: http://mirror.example/debian
 Suites: bookworm bookworm-updates
 Components: main
@@ -135,19 +138,42 @@ def test_base_images_are_the_external_images_of_the_stages(
 
 
 @pytest.mark.parametrize(
-    ("text", "mb"),
-    [("0B", 0.0), ("512kB", 0.512), ("215MB", 215.0), ("1.5GB", 1500.0), ("100MiB", 104.8576)],
+    ("text", "size"),
+    [
+        ("0B", 0),
+        ("512kB", 512_000),
+        ("215MB", 215_000_000),
+        ("1.5GB", 1_500_000_000),
+        ("57.5MiB", 60_293_120),
+        ("2GiB", 2 * 1024**3),
+    ],
 )
-def test_docker_sizes_in_megabytes(text: str, mb: float) -> None:
-    assert size_mb(text) == pytest.approx(mb)
+def test_docker_cli_sizes_in_bytes(text: str, size: int) -> None:
+    assert size_bytes(text) == size
 
 
 def test_a_size_docker_never_prints_is_an_error() -> None:
     with pytest.raises(ImageError, match="not a size"):
-        size_mb("12 parsecs")
+        size_bytes("12 parsecs")
 
 
 def test_the_project_version_tags_the_image() -> None:
     assert project_version('[project]\nname = "x"\nversion = "1.2.3"\n') == "1.2.3"
     with pytest.raises(ImageError, match=r"project\.version"):
         project_version('[project]\nversion = ""\n')
+
+
+@pytest.mark.parametrize(
+    ("names", "alive", "live"),
+    [
+        ([], set(), []),
+        (["101", "102"], {101}, ["101"]),
+        (["101", "lock", "x1"], {101}, ["101"]),  # only pid-named files are leases
+        (["7"], set(), []),
+    ],
+)
+def test_an_engine_lease_counts_while_its_process_runs(
+    names: list[str], alive: set[int], live: list[str]
+) -> None:
+    found = live_leases((Path("/leases") / n for n in names), alive=lambda pid: pid in alive)
+    assert [p.name for p in found] == live

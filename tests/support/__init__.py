@@ -1,1 +1,1 @@
-"""Test support shared across test folders: pytest plugins, fakes with real behaviour."""
+"""Shared test helpers: fakes with real behaviour (no mocks), and pytest plugins (docker.py)."""
