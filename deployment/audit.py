@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.manifest import canonical_json
+from agent.releases.manifest import canonical_json
 from deployment.errors import PublisherError, Reason
 
 GENESIS = "0" * 64

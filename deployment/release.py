@@ -15,11 +15,11 @@ import numpy as np
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.contract import NUMPY_TO_V2, ModelContract, TensorSpec
-from agent.engine import read_contract
-from agent.lifecycle import golden_arrays, golden_mismatches
-from agent.manifest import Golden, sign_manifest
-from agent.onnx_check import HostileModel, inspect_model
+from agent.releases.lifecycle import golden_arrays, golden_mismatches
+from agent.releases.manifest import Golden, sign_manifest
+from agent.releases.onnx_check import HostileModel, inspect_model
+from agent.serving.contract import NUMPY_TO_V2, ModelContract, TensorSpec
+from agent.serving.engine import read_contract
 
 
 def _spec_json(spec: TensorSpec) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.manifest import (
+from agent.releases.manifest import (
     KeyConfigError,
     private_key_from_pem,
     public_key_to_b64,
