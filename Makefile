@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test lint typecheck bench clean
+.PHONY: setup system-deps azurite demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,22 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus (Debian) and Azurite (npm).
-system-deps:
+system-deps: azurite
 	@command -v prometheus >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
+# finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
+# --skipApiVersionCheck --loose).
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+azurite: $(AZURITE)
+
+$(AZURITE):
+	@command -v npm >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
 demo: setup
 	$(PY) -m demo $(ARGS)
@@ -45,4 +57,4 @@ bench: setup
 	$(PY) -m bench.route
 
 clean:
-	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache
