@@ -61,6 +61,7 @@ class Environment(BaseModel):
     module: str = Field("mlagent", pattern=r"^[A-Za-z0-9$][A-Za-z0-9._-]{0,63}$")
     sas_hours: float = Field(48.0, gt=0, le=24 * 365)
     secrets_dir: Path | None = None
+    hub_ca_file: Path | None = None  # a private CA the hub's TLS certificate chains to
     rings: dict[RingName, Annotated[str, StringConstraints(min_length=1, max_length=2048)]] = Field(
         default_factory=dict
     )

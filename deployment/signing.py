@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.releases.manifest import (
     KeyConfigError,
+    load_trusted_keys,
     private_key_from_pem,
     public_key_to_b64,
     sign_manifest,
@@ -90,3 +91,15 @@ def load(resolved: config.Resolved | None, environ: Mapping[str, str] = os.envir
             Reason.KEY_INVALID, f"{config.SIGNING_KEY_SECRET} is not an Ed25519 PEM private key"
         ) from e
     return SigningKey(private, key_id(private.public_key()))
+
+
+def trusted_keys_entries(pem_files: list[Path]) -> str:
+    """The ``EDGEML_TRUSTED_KEYS`` value for public key files named ``<key_id>.pem``."""
+
+    try:
+        keys = load_trusted_keys("", pem_files)
+    except KeyConfigError as e:
+        raise PublisherError(Reason.KEY_INVALID, f"trusted key files: {e}") from e
+    if not keys:
+        raise PublisherError(Reason.KEY_INVALID, "no <key_id>.pem file in the trusted keys folder")
+    return ",".join(f"{kid}={public_key_to_b64(key)}" for kid, key in sorted(keys.items()))
