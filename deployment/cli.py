@@ -7,6 +7,7 @@ bounded reason), 2 bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -165,13 +166,18 @@ def run(
     stdout: TextIO,
     stderr: TextIO,
     hub_factory: HubFactory = _azure_hub,
+    logs: bool = True,
 ) -> int:
+    """One command; ``logs=False`` leaves structlog's global set-up alone (in-process tests)."""
     parser = _parser()
     try:
-        args = parser.parse_args(list(argv))
+        # argparse writes usage and errors to sys.stdout/stderr: point those at our streams.
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(list(argv))
     except SystemExit as e:  # argparse has printed the usage and the error
         return int(e.code or 0)
-    configure_logging(args.log_level, stream=stderr)
+    if logs:
+        configure_logging(args.log_level, stream=stderr)
     out = Console(file=stdout, width=200, soft_wrap=True)
     err = Console(file=stderr, width=200)
     try:
