@@ -311,3 +311,62 @@ def test_an_expired_url_is_refused_until_refreshed(ws: Workspace, fleet: Fleet) 
         )
     _ok(ws.cli("release", f"expiring:{version}", "--rings", "canary", *GATE))
     assert fleet.reported("dev-a", "expiring")["version"] == version
+
+
+def _secret_values(ws: Workspace) -> dict[str, str]:
+    def field(connection_string: str, name: str) -> str:
+        return connection_string.split(f"{name}=")[1].split(";", maxsplit=1)[0]
+
+    pem = Path(ws.environ["PUBLISHER_SIGNING_KEY_FILE"]).read_text()
+    return {
+        "hub key": field(ws.environ["IOTHUB_CONNECTION_STRING"], "SharedAccessKey"),
+        "storage key": field(ws.environ["AZURE_STORAGE_CONNECTION_STRING"], "AccountKey"),
+        "signing key": pem.split("-----")[2].strip(),
+    }
+
+
+def test_no_secret_reaches_any_output(ws: Workspace, fleet: Fleet) -> None:
+    """Every command as its own process with debug logs; then every file it wrote."""
+    model = save(tiny_mlp(seed=9), ws.root / "secretive.onnx")
+    metrics = str(ws.root / "metrics.json")
+    results = [
+        ws.process(
+            "--log-level",
+            "debug",
+            "register",
+            str(model),
+            "--name",
+            "secretive",
+            "--metrics",
+            metrics,
+        ),
+    ]
+    version = results[0].out.split("registered secretive:")[1].split()[0]
+    ref = f"secretive:{version}"
+    for argv in (
+        ["upload", ref],
+        ["sign", ref],
+        ["release", ref, "--rings", "canary", "--dry-run"],
+        ["release", ref, "--rings", "canary", *GATE],
+        ["status"],
+        ["show", ref],
+        ["audit", "show"],
+    ):
+        results.append(ws.process("--log-level", "debug", *argv))
+        assert results[-1].code == 0, results[-1].err
+    broken = dict(ws.environ)
+    ws.environ["IOTHUB_CONNECTION_STRING"] += "x;Bad"
+    results.append(ws.process("--log-level", "debug", "status"))
+    ws.environ.clear()
+    ws.environ.update(broken)
+
+    texts = [r.out for r in results] + [r.err for r in results]
+    files = [p for p in ws.root.rglob("*") if p.is_file() and p.suffix not in (".key", ".onnx")]
+    mlflow_files = [p for p in ws.mlflow_db.parent.rglob("*") if p.is_file()]
+    blobs = b"".join(p.read_bytes() for p in files + mlflow_files)
+    assert ws.audit in files
+    assert any(p.suffix == ".db" for p in mlflow_files)
+    for what, value in _secret_values(ws).items():
+        for text in texts:
+            assert value not in text, what
+        assert value.encode() not in blobs, what
