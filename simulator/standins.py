@@ -39,6 +39,19 @@ TokenFor = Callable[[str, str, int], str]  # (device, module, expiry) -> SAS tok
 _API = "api-version=2019-10-01"
 
 
+def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386: objects merge, ``null`` deletes, anything else replaces (pure)."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_patch(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat()
 
@@ -60,6 +73,7 @@ class StandIn:
     failing: Collection[str]
     check: Check | None
     models: dict[str, _Model] = field(default_factory=dict)
+    desired: dict[str, Any] = field(default_factory=dict)
     desired_version: int = 0
     _writer: asyncio.StreamWriter | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -204,14 +218,16 @@ class StandIn:
         topic = publish.topic
         if topic.startswith("$iothub/twin/res/200/"):
             document = json.loads(publish.payload)
-            desired = document.get("desired", {})
-            self.desired_version = int(desired.get("$version", 0))
-            self.on_desired(desired)
+            self.desired = dict(document.get("desired", {}))
+            self.desired_version = int(self.desired.get("$version", 0))
+            self.on_desired(self.desired)
         elif topic.startswith("$iothub/twin/PATCH/properties/desired/"):
             patch = json.loads(publish.payload)
             self.desired_version = int(patch.get("$version", self.desired_version))
-            # A layered deployment replaces models.<name> wholesale: the patch carries it whole.
-            self.on_desired(patch)
+            # Desired patches are JSON merge patches (RFC 7386): a field that did not change
+            # (the sha256 of a re-released artifact) is not in the patch.
+            self.desired = merge_patch(self.desired, patch)
+            self.on_desired(self.desired)
         elif topic.startswith("$iothub/methods/POST/"):
             method = topic.split("/")[3]
             rid = topic.partition("$rid=")[2]
