@@ -37,6 +37,7 @@ log = structlog.get_logger(__name__)
 Check = Callable[[Mapping[str, Any]], None]
 TokenFor = Callable[[str, str, int], str]  # (device, module, expiry) -> SAS token
 _API = "api-version=2019-10-01"
+KEEP_ALIVE_S = 240  # the MQTT keep-alive: a ping every half of it keeps an idle stand-in on
 
 
 def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,6 +234,11 @@ class StandIn:
             rid = topic.partition("$rid=")[2]
             self.on_method(method, rid, json.loads(publish.payload or b"null"))
 
+    async def _ping(self) -> None:
+        while True:
+            await asyncio.sleep(KEEP_ALIVE_S / 2)
+            self._send(mqtt.PingReq())
+
     async def run(
         self, host: str, port: int, context: ssl.SSLContext, token: str, connected: asyncio.Event
     ) -> None:
@@ -241,7 +247,8 @@ class StandIn:
         )
         self._writer = writer
         client = f"{self.device_id}/{self.module_id}"
-        self._send(mqtt.Connect(client, f"{host}/{client}/?{_API}", token, False, 240))
+        self._send(mqtt.Connect(client, f"{host}/{client}/?{_API}", token, False, KEEP_ALIVE_S))
+        pinger = asyncio.create_task(self._ping())
         self._send(
             mqtt.Subscribe(
                 next(self._ids),
@@ -270,6 +277,7 @@ class StandIn:
                     elif isinstance(packet, mqtt.Publish):
                         self.on_publish(packet)
         finally:
+            pinger.cancel()
             # abort, not close: a TLS close waits for the peer's close_notify, which a hub
             # that is stopping never sends.
             writer.transport.abort()
