@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Real components the tests start themselves: Prometheus (Debian) and Azurite (npm).
+# Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
+# (Debian) and Azurite (npm).
 system-deps: azurite
-	@command -v prometheus >/dev/null || { \
+	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    prometheus prometheus-alertmanager >/dev/null; }
 
 # Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
 # finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
@@ -56,6 +58,7 @@ bench: setup
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
 	$(PY) -m bench.rollout
+	$(PY) -m bench.fleet
 
 clean:
 	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache
