@@ -403,6 +403,7 @@ class Publisher:
             alias_of=lambda model, ring: registry.alias_version(model, ring_alias(ring)),
             set_alias=self._set_alias,
             rerelease=self._rerelease,
+            ring_variable=_split_pair(self._s.resolved.env.ring_variable),
             clock=self._s.monotonic,
             sleep=self._s.sleep,
         )
@@ -552,6 +553,13 @@ class Publisher:
                     entry.outcome,
                 )
         self._out.print(table)
+
+
+def _split_pair(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    module, _, variable = value.partition(":")
+    return module, variable
 
 
 def _check_json_file(path: Path, what: str) -> None:

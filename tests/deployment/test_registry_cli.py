@@ -238,3 +238,43 @@ def test_a_ring_the_environment_does_not_define_is_named(workspace: Workspace) -
     result = workspace.cli("release", "x:1", "--rings", "early")
     assert result.code == 1
     assert "unknown ring(s) early (configured: canary)" in result.err
+
+
+def test_manifest_renders_with_values_and_credentials_from_the_environment(
+    workspace: Workspace,
+) -> None:
+    out = workspace.root / "deployment.json"
+    args = [
+        "manifest",
+        "--image",
+        "r.example/agent:1",
+        "--module-image",
+        "sensor=r.example/s:1",
+        "--trusted-keys-dir",
+        str(workspace.root / "keys"),
+        "--set",
+        "EDGE_RING=unassigned",
+        "--set",
+        "IOT_HUB_RESOURCE_ID=/subscriptions/s/hub",
+        "--set",
+        "LOG_ANALYTICS_WORKSPACE_ID=w",
+        "--out",
+        str(out),
+    ]
+    missing = workspace.cli(*args)
+    assert missing.code == 1
+    assert "missing secret LOG_ANALYTICS_SHARED_KEY" in missing.err
+    refused = workspace.cli(*args, "--set", "LOG_ANALYTICS_SHARED_KEY=plain")
+    assert refused.code == 1
+    assert "a credential comes from the variable LOG_ANALYTICS_SHARED_KEY" in refused.err
+    workspace.environ["LOG_ANALYTICS_SHARED_KEY"] = "c2hhcmVkLWtleQ=="
+    done = workspace.cli(*args)
+    assert done.code == 0, done.err
+    assert "c2hhcmVkLWtleQ==" not in done.out + done.err
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    rendered = json.loads(out.read_text())
+    modules = rendered["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
+    assert modules["mlagent"]["env"]["EDGEML_TRUSTED_KEYS"]["value"].startswith("edgeml-")
+    assert modules["metricscollector"]["env"]["LogAnalyticsSharedKey"]["value"] == (
+        "c2hhcmVkLWtleQ=="
+    )
