@@ -325,6 +325,7 @@ def _secret_values(ws: Workspace) -> dict[str, str]:
     }
 
 
+@pytest.mark.timeout(600)  # nine CLI processes, each importing MLflow and the Azure SDKs
 def test_no_secret_reaches_any_output(ws: Workspace, fleet: Fleet) -> None:
     """Every command as its own process with debug logs; then every file it wrote."""
     model = save(tiny_mlp(seed=9), ws.root / "secretive.onnx")
