@@ -278,3 +278,17 @@ def test_manifest_renders_with_values_and_credentials_from_the_environment(
     assert modules["metricscollector"]["env"]["LogAnalyticsSharedKey"]["value"] == (
         "c2hhcmVkLWtleQ=="
     )
+
+
+@pytest.mark.e2e
+def test_an_unreachable_mlflow_server_is_named_by_the_cli_process(workspace: Workspace) -> None:
+    """As CI runs it: its own process, MLflow's HTTP retries off (the conftest sets them)."""
+    workspace.config.write_text(
+        workspace.config.read_text().replace(
+            f"sqlite:///{workspace.mlflow_db}", "http://127.0.0.1:9"
+        )
+    )
+    result = workspace.process("list", timeout=300)
+    assert result.code == 1
+    assert "[unreachable]: MLflow at http://127.0.0.1:9 failed" in result.err
+    assert "Traceback" not in result.err
