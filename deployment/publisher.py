@@ -24,7 +24,7 @@ from rich.table import Table
 
 from agent.releases.manifest import ManifestRejected, verify_manifest
 from deployment import artifacts, config, rollout, signing
-from deployment.audit import AuditLog
+from deployment.audit import AuditLog, default_actor
 from deployment.errors import PublisherError, Reason
 from deployment.hub import AzureHub, Hub
 from deployment.registry import (
@@ -64,7 +64,7 @@ class Services:
 
     @property
     def audit(self) -> AuditLog:
-        return AuditLog(self.resolved.audit_log, actor=None, clock=self.now)
+        return AuditLog(self.resolved.audit_log, actor=default_actor(self.environ), clock=self.now)
 
     @property
     def releases_dir(self) -> Path:

@@ -68,6 +68,7 @@ def test_register_list_show_history(workspace: Workspace, tiny_file: Path) -> No
     assert history.code == 0
     assert f"│ {first} " in history.out
     assert f"│ {second} " in history.out
+    assert {e.actor for e in AuditLog(workspace.audit).entries()} == {"tester"}
     assert _entries(workspace)[-2:] == [
         ("register", f"reg_a:{first}", "registered"),
         ("register", f"reg_a:{second}", "registered"),
