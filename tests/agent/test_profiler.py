@@ -24,6 +24,7 @@ from agent.profiler import (
 from agent.serving.engine import RuntimeOptions, create_session
 from agent.settings import AgentSettings
 from deployment.example_models import save, tiny_mlp
+from deployment.template import load_profile
 from tests.agent.models import TINY_FEATURES, tiny_bytes
 
 
@@ -150,6 +151,8 @@ def test_a_real_profile_of_a_small_model_recommends_settings_the_agent_takes(
     assert peak < host["Memory"] <= peak * 1.2 + (1 << 20)
     assert 0.1e9 <= host["NanoCpus"] <= (os.cpu_count() or 1) * 1e9
     assert read_profile(out.read_text()).recommendation.met
+    rendered = load_profile(out).recommendation.createOptions.HostConfig  # the publisher's reader
+    assert (rendered.Memory, rendered.NanoCpus) == (host["Memory"], host["NanoCpus"])
     settings = AgentSettings.from_environment(best["settings"])
     assert settings.runtime.intra_op_threads == 1
     assert sys.executable  # the children ran this interpreter
