@@ -204,7 +204,7 @@ class _Job(BaseModel):
 
     model_path: str
     manifest: str  # ReleaseManifest as JSON (verified by the parent; re-parsed, not re-verified)
-    intra_op_threads: int = Field(ge=1)
+    intra_op_threads: int | None = Field(ge=1)  # None: from the container's CPU limit
     inter_op_threads: int = Field(ge=1)
     optimization: GraphOptimization
     max_rows: int = Field(ge=1)
