@@ -1,0 +1,84 @@
+"""Cloud-side commands: ``python -m deployment <command> --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from deployment.baseline import (
+    BaselineOptions,
+    build_baseline,
+    load_table,
+    model_outputs,
+    window_sizes_arg,
+)
+
+log = structlog.get_logger("deployment")
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    data, header = load_table(args.data)
+    options = BaselineOptions(
+        bins=args.bins,
+        max_features=args.max_features,
+        window_sizes=args.window_sizes,
+        false_alarms_per_10k=args.false_alarms_per_10k,
+        resamples=args.resamples,
+        seed=args.seed,
+    )
+    input_name, outputs = model_outputs(args.model, data)
+    names = {input_name: header} if header else {}
+    pack = build_baseline({input_name: data}, outputs, options, names)
+    args.output.write_text(json.dumps(pack, separators=(",", ":")), encoding="utf-8")
+    log.info(
+        "baseline_written",
+        path=str(args.output),
+        rows=pack["rows"],
+        features=len(pack["features"]),
+        skipped=len(pack["skipped"]),
+        windows=[w["rows"] for w in pack["calibration"]["windows"]],
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deployment")
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = BaselineOptions()
+    baseline = commands.add_parser("baseline", help="profile training data into a drift baseline")
+    baseline.add_argument("--data", type=Path, required=True, help="training inputs, .npy or .csv")
+    baseline.add_argument("--model", type=Path, required=True, help="the ONNX model")
+    baseline.add_argument("-o", "--output", type=Path, required=True)
+    baseline.add_argument("--bins", type=int, default=defaults.bins)
+    baseline.add_argument("--max-features", type=int, default=defaults.max_features)
+    baseline.add_argument(
+        "--window-sizes",
+        type=window_sizes_arg,
+        default=defaults.window_sizes,
+        help="comma-separated rows per window to calibrate",
+    )
+    baseline.add_argument(
+        "--false-alarms-per-10k", type=float, default=defaults.false_alarms_per_10k
+    )
+    baseline.add_argument("--resamples", type=int, default=defaults.resamples)
+    baseline.add_argument("--seed", type=int, default=defaults.seed)
+    baseline.set_defaults(run=_baseline)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
