@@ -18,11 +18,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Real components the tests start themselves: Prometheus (Debian) and Azurite (npm).
+# Real components the tests start themselves: Prometheus (Debian) and Azurite (npm); Chromium
+# (Debian) renders the drift report headless.
 system-deps:
 	@command -v prometheus >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v chromium >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 demo: setup
 	$(PY) -m demo $(ARGS)
@@ -43,6 +47,7 @@ bench: setup
 	$(PY) -m bench.http
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
+	$(PY) -m bench.drift
 
 clean:
 	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache

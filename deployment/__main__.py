@@ -17,6 +17,7 @@ from deployment.baseline import (
     model_outputs,
     window_sizes_arg,
 )
+from deployment.drift_report import load_baselines, merge_profiles, read_profiles, write_reports
 
 log = structlog.get_logger("deployment")
 
@@ -46,6 +47,14 @@ def _baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift_report(args: argparse.Namespace) -> int:
+    profiles = read_profiles(args.profiles)
+    fleet = merge_profiles(profiles, load_baselines(args.baseline), args.bucket_seconds)
+    written = write_reports(fleet, args.output)
+    log.info("drift_report_written", profiles=len(profiles), pages=[str(p) for p in written])
+    return 0 if written else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deployment")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     baseline.add_argument("--resamples", type=int, default=defaults.resamples)
     baseline.add_argument("--seed", type=int, default=defaults.seed)
     baseline.set_defaults(run=_baseline)
+
+    report = commands.add_parser("drift-report", help="merge fleet drift profiles into HTML")
+    report.add_argument(
+        "--profiles", type=Path, nargs="+", required=True, help="routed telemetry files/folders"
+    )
+    report.add_argument(
+        "--baseline", type=Path, nargs="+", required=True, help="the baseline packs they name"
+    )
+    report.add_argument("--bucket-seconds", type=float, default=3600.0)
+    report.add_argument("-o", "--output", type=Path, required=True, help="folder for the pages")
+    report.set_defaults(run=_drift_report)
     return parser
 
 
