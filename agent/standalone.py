@@ -67,7 +67,7 @@ class FileModelSource:
         return load_model(
             data,
             name=self._service.name,
-            version="1",
+            version=1,
             sha256=hashlib.sha256(data).hexdigest(),
             options=self._settings.runtime_options(),
             max_rows=self._settings.max_batch,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import hashlib
 import ipaddress
 import random
@@ -54,12 +53,12 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from agent.reasons import AgentError, Reason
 from agent.releases.store import WritableFile, is_disk_full
 
 __all__ = [
     "ContentRange",
     "DeliveryError",
-    "DeliveryReason",
     "DownloadPolicy",
     "Downloader",
     "PartSink",
@@ -73,28 +72,15 @@ __all__ = [
 ]
 
 
-class DeliveryReason(enum.StrEnum):
-    """Bounded reasons a download failed (safe as a metric label and a reported reason)."""
-
-    URL_REJECTED = "url_rejected"
-    FETCH_FAILED = "fetch_failed"
-    TIMEOUT = "timeout"
-    SIZE_MISMATCH = "size_mismatch"
-    HASH_MISMATCH = "hash_mismatch"
-    DISK_FULL = "disk_full"
-
-
-class DeliveryError(Exception):
+class DeliveryError(AgentError):
     """A download that did not deliver the expected bytes; nothing was left to commit.
 
     ``detail`` is a short token from a fixed set (``tls``, ``http_404``, ``scheme``, ...),
     for logs and humans; ``reason`` is what callers branch on.
     """
 
-    def __init__(self, reason: DeliveryReason, message: str, *, detail: str = "") -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+    def __init__(self, reason: Reason, message: str, *, detail: str = "") -> None:
+        super().__init__(reason, message)
         self.detail = detail
 
 
@@ -179,7 +165,7 @@ def _forbidden_ip(host: str) -> bool:
 
 
 def _rejected(message: str, detail: str) -> DeliveryError:
-    return DeliveryError(DeliveryReason.URL_REJECTED, message, detail=detail)
+    return DeliveryError(Reason.URL_REJECTED, message, detail=detail)
 
 
 def check_url(url: str, policy: DownloadPolicy, base: URL | None = None) -> URL:
@@ -363,7 +349,7 @@ class _RetryableError(Exception):
     """One attempt failed in a way another attempt may fix."""
 
     def __init__(
-        self, reason: DeliveryReason, message: str, detail: str, retry_after: float | None = None
+        self, reason: Reason, message: str, detail: str, retry_after: float | None = None
     ) -> None:
         super().__init__(message)
         self.reason = reason
@@ -499,7 +485,7 @@ class Downloader:
         delay = backoff_delay(retries, policy, self._rng, error.retry_after)
         if self._clock() + delay >= job.deadline:
             raise DeliveryError(
-                DeliveryReason.TIMEOUT,
+                Reason.TIMEOUT,
                 f"deadline of {policy.deadline_s}s reached after: {error.message}",
                 detail="deadline",
             ) from error
@@ -516,7 +502,7 @@ class Downloader:
     async def _attempt(self, session: aiohttp.ClientSession, target: URL, job: _Job) -> None:
         remaining = job.deadline - self._clock()
         if remaining <= 0:
-            raise DeliveryError(DeliveryReason.TIMEOUT, "deadline reached", detail="deadline")
+            raise DeliveryError(Reason.TIMEOUT, "deadline reached", detail="deadline")
         if job.received >= job.size:
             return  # everything arrived before the connection dropped; the digest decides
         headers = {"Accept-Encoding": "identity"}
@@ -536,7 +522,7 @@ class Downloader:
                         await self._receive(resp, job, ranged="Range" in headers)
                         return
                 raise DeliveryError(
-                    DeliveryReason.FETCH_FAILED,
+                    Reason.FETCH_FAILED,
                     f"more than {self.policy.max_redirects} redirects",
                     detail="too_many_redirects",
                 )
@@ -544,28 +530,28 @@ class Downloader:
             # Certificate verification failures (self-signed, expired, wrong host) and
             # handshake failures: retrying cannot fix them.
             raise DeliveryError(
-                DeliveryReason.FETCH_FAILED, f"TLS failure: {type(e).__name__}", detail="tls"
+                Reason.FETCH_FAILED, f"TLS failure: {type(e).__name__}", detail="tls"
             ) from e
         except (aiohttp.ClientError, ConnectionError) as e:
             raise _RetryableError(
-                DeliveryReason.FETCH_FAILED, f"connection failed: {type(e).__name__}", "connection"
+                Reason.FETCH_FAILED, f"connection failed: {type(e).__name__}", "connection"
             ) from e
         except TimeoutError as e:
             if deadline_cm.expired():
                 raise DeliveryError(
-                    DeliveryReason.TIMEOUT,
+                    Reason.TIMEOUT,
                     f"deadline of {self.policy.deadline_s}s reached",
                     detail="deadline",
                 ) from e
             raise _RetryableError(
-                DeliveryReason.TIMEOUT, f"timed out: {type(e).__name__}", "connect_timeout"
+                Reason.TIMEOUT, f"timed out: {type(e).__name__}", "connect_timeout"
             ) from e
 
     def _next_hop(self, url: URL, resp: aiohttp.ClientResponse, job: _Job) -> URL:
         location = resp.headers.get("Location")
         if not location:
             raise DeliveryError(
-                DeliveryReason.FETCH_FAILED,
+                Reason.FETCH_FAILED,
                 f"redirect {resp.status} without Location",
                 detail="bad_redirect",
             )
@@ -580,7 +566,7 @@ class Downloader:
             if cr is None or cr.start != job.received or cr.total not in (None, job.size):
                 job.restart()
                 raise _RetryableError(
-                    DeliveryReason.FETCH_FAILED, "partial reply does not fit", "bad_range"
+                    Reason.FETCH_FAILED, "partial reply does not fit", "bad_range"
                 )
             append = True
             job.log.info("download_resumed", offset=job.received)
@@ -593,10 +579,10 @@ class Downloader:
             append = False
         elif status == 416:
             job.restart()
-            raise _RetryableError(DeliveryReason.FETCH_FAILED, "range not satisfiable", "http_416")
+            raise _RetryableError(Reason.FETCH_FAILED, "range not satisfiable", "http_416")
         elif status in _RETRYABLE_STATUS or status >= 500:
             raise _RetryableError(
-                DeliveryReason.FETCH_FAILED,
+                Reason.FETCH_FAILED,
                 f"HTTP {status}",
                 _status_detail(status),
                 parse_retry_after(resp.headers.get("Retry-After"), self._wall_clock()),
@@ -604,12 +590,12 @@ class Downloader:
         else:
             # 403 (expired SAS), 404, 206 to a request without Range...: retrying cannot help.
             raise DeliveryError(
-                DeliveryReason.FETCH_FAILED, f"HTTP {status}", detail=_status_detail(status)
+                Reason.FETCH_FAILED, f"HTTP {status}", detail=_status_detail(status)
             )
         expected = job.size - job.received
         if resp.content_length is not None and resp.content_length != expected:
             raise DeliveryError(
-                DeliveryReason.SIZE_MISMATCH,
+                Reason.SIZE_MISMATCH,
                 f"server announces {resp.content_length} bytes, expected {expected}",
                 detail="content_length",
             )
@@ -654,7 +640,7 @@ class Downloader:
             if chunk:
                 if job.received + len(chunk) > job.size:
                     raise DeliveryError(
-                        DeliveryReason.SIZE_MISMATCH,
+                        Reason.SIZE_MISMATCH,
                         f"body is longer than {job.size} bytes",
                         detail="too_long",
                     )
@@ -667,7 +653,7 @@ class Downloader:
                 monitor.record(now, len(chunk))
             if monitor.too_slow(now):
                 raise _RetryableError(
-                    DeliveryReason.TIMEOUT,
+                    Reason.TIMEOUT,
                     f"below {policy.min_bytes_per_s} B/s over {policy.throughput_window_s}s",
                     "throughput",
                 )
@@ -676,14 +662,12 @@ class Downloader:
 def _check_complete(job: _Job) -> None:
     if job.received != job.size:
         raise DeliveryError(
-            DeliveryReason.SIZE_MISMATCH,
+            Reason.SIZE_MISMATCH,
             f"got {job.received} bytes, expected {job.size}",
             detail="short",
         )
     if job.digest.hexdigest() != job.sha256:
-        raise DeliveryError(
-            DeliveryReason.HASH_MISMATCH, "sha256 of the body differs", detail="sha256"
-        )
+        raise DeliveryError(Reason.HASH_MISMATCH, "sha256 of the body differs", detail="sha256")
 
 
 def _status_detail(status: int) -> str:
@@ -693,10 +677,10 @@ def _status_detail(status: int) -> str:
 def _local_error(error: OSError) -> DeliveryError:
     if is_disk_full(error):
         return DeliveryError(
-            DeliveryReason.DISK_FULL, "disk full while writing the artifact", detail="enospc"
+            Reason.DISK_FULL, "disk full while writing the artifact", detail="enospc"
         )
     return DeliveryError(
-        DeliveryReason.FETCH_FAILED,
+        Reason.FETCH_FAILED,
         f"cannot write the artifact: {error.strerror}",
         detail="local_io",
     )

@@ -36,7 +36,8 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from agent.releases.download import DeliveryError, DeliveryReason
+from agent.reasons import Reason
+from agent.releases.download import DeliveryError
 from agent.releases.lifecycle import ModelState
 from agent.releases.manifest import ReleaseManifest
 from agent.releases.store import PartFile, is_disk_full
@@ -75,13 +76,11 @@ class FolderArtifacts:
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(info.st_mode):  # a link could point anywhere on the device
-                raise DeliveryError(
-                    DeliveryReason.URL_REJECTED, f"{candidate.name} is not a regular file"
-                )
+                raise DeliveryError(Reason.URL_REJECTED, f"{candidate.name} is not a regular file")
             self._copy_file(candidate, manifest, part)
             return
         raise DeliveryError(
-            DeliveryReason.FETCH_FAILED,
+            Reason.FETCH_FAILED,
             f"no artifact {' or '.join(c.name for c in self.candidates(manifest))} in the folder",
         )
 
@@ -97,7 +96,7 @@ class FolderArtifacts:
                         copied += len(chunk)
                         if copied > manifest.size:
                             raise DeliveryError(
-                                DeliveryReason.SIZE_MISMATCH,
+                                Reason.SIZE_MISMATCH,
                                 f"{source.name} is longer than {manifest.size} bytes",
                             )
                         digest.update(chunk)
@@ -111,18 +110,16 @@ class FolderArtifacts:
             raise
         except OSError as error:
             part.remove()
-            reason = (
-                DeliveryReason.DISK_FULL if is_disk_full(error) else DeliveryReason.FETCH_FAILED
-            )
+            reason = Reason.DISK_FULL if is_disk_full(error) else Reason.FETCH_FAILED
             raise DeliveryError(reason, f"copying {source.name}: {error.strerror}") from error
         if copied != manifest.size:
             part.remove()
             raise DeliveryError(
-                DeliveryReason.SIZE_MISMATCH, f"{source.name} has {copied} of {manifest.size} bytes"
+                Reason.SIZE_MISMATCH, f"{source.name} has {copied} of {manifest.size} bytes"
             )
         if digest.hexdigest() != manifest.sha256:
             part.remove()
-            raise DeliveryError(DeliveryReason.HASH_MISMATCH, f"{source.name} sha256 differs")
+            raise DeliveryError(Reason.HASH_MISMATCH, f"{source.name} sha256 differs")
 
 
 class _Forward(FileSystemEventHandler):

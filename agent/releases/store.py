@@ -22,7 +22,6 @@ writes go through an injectable ``opener`` so tests can play a full disk without
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import hashlib
 import json
@@ -39,6 +38,8 @@ from typing import Annotated, Literal, Protocol
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from agent.reasons import AgentError, Reason
+
 __all__ = [
     "DEFAULT_FREE_SPACE_MARGIN_BYTES",
     "DEFAULT_KEEP_OLD_ARTIFACTS",
@@ -49,7 +50,6 @@ __all__ = [
     "Opener",
     "PartFile",
     "StoreError",
-    "StoreReason",
     "StoreState",
     "WritableFile",
     "is_disk_full",
@@ -66,20 +66,8 @@ _TEMP_SUFFIXES = (".part", ".tmp")
 _STATE_SCHEMA = 1
 
 
-class StoreReason(enum.StrEnum):
-    """Bounded reasons for a store failure (safe as a metric label)."""
-
-    DISK_FULL = "disk_full"
-    IO_ERROR = "io_error"
-
-
-class StoreError(Exception):
-    """A store write that did not happen; the previous state on disk is intact."""
-
-    def __init__(self, reason: StoreReason, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+class StoreError(AgentError):
+    """A store write that did not happen (`disk_full`, `io_error`); the state on disk is intact."""
 
 
 class NoLastKnownGoodError(ValueError):
@@ -312,10 +300,8 @@ def is_disk_full(error: OSError) -> bool:
 
 def _store_error(error: OSError, doing: str) -> StoreError:
     if is_disk_full(error):
-        return StoreError(StoreReason.DISK_FULL, f"disk full while {doing}")
-    return StoreError(
-        StoreReason.IO_ERROR, f"{type(error).__name__} while {doing}: {error.strerror}"
-    )
+        return StoreError(Reason.DISK_FULL, f"disk full while {doing}")
+    return StoreError(Reason.IO_ERROR, f"{type(error).__name__} while {doing}: {error.strerror}")
 
 
 def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
@@ -478,7 +464,7 @@ class ModelStore:
         free = self._disk_usage(self.models_dir)[2]
         if free < nbytes + self._margin:
             raise StoreError(
-                StoreReason.DISK_FULL,
+                Reason.DISK_FULL,
                 f"{free} bytes free, need {nbytes} plus a margin of {self._margin}",
             )
 

@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from agent.reasons import AgentError, Reason
 from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
@@ -31,8 +32,11 @@ _OPTIMIZATION_LEVELS: Mapping[GraphOptimization, ort.GraphOptimizationLevel] = {
 }
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(AgentError):
     """The bytes are not a model ONNX Runtime can run, or its I/O cannot be described."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.LOAD_FAILED, message)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
@@ -136,7 +140,7 @@ class LoadedModel:
         session: ort.InferenceSession,
         *,
         name: str,
-        version: str,
+        version: int,
         sha256: str,
         cost: CostModel,
     ) -> None:
@@ -214,7 +218,7 @@ def load_model(
     model: bytes | Path,
     *,
     name: str,
-    version: str,
+    version: int,
     sha256: str,
     options: RuntimeOptions,
     max_rows: int,

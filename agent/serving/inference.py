@@ -31,6 +31,7 @@ import numpy as np
 import structlog
 
 from agent.observation.metrics import InferenceMetrics
+from agent.reasons import Reason
 from agent.serving.batching import batch_key, split, stack, take_batch
 from agent.serving.contract import InputValidator, ModelContract, RequestError, RequestLimits
 from agent.serving.engine import LoadedModel
@@ -54,7 +55,7 @@ class BatchingPolicy:
 @dataclass(frozen=True, slots=True)
 class ModelMetadata:
     name: str
-    versions: tuple[str, ...]
+    versions: tuple[int, ...]
     platform: str
     contract: ModelContract
     parameters: Mapping[str, str | int | float | bool]
@@ -169,7 +170,9 @@ class InferenceService:
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_exception(RequestError("not_ready", "agent is shutting down"))
+                pending.future.set_exception(
+                    RequestError(Reason.NOT_READY, "agent is shutting down")
+                )
         self._queued_rows = 0
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
@@ -183,7 +186,7 @@ class InferenceService:
 
     async def infer_versioned(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> tuple[str, dict[str, np.ndarray]]:
+    ) -> tuple[int, dict[str, np.ndarray]]:
         """`infer`, with the version of the model that answered (a swap may happen meanwhile)."""
         clock = self._clock
         arrived = clock()
@@ -191,8 +194,8 @@ class InferenceService:
         # One read of both: a swap between them would check against the wrong contract.
         model, validator = self._model, self._validator
         if model is None or validator is None:
-            metrics.reject("not_ready")
-            raise RequestError("not_ready", f"model {self.name!r} has no active version yet")
+            metrics.reject(Reason.NOT_READY)
+            raise RequestError(Reason.NOT_READY, f"model {self.name!r} has no active version yet")
         metrics.in_flight.inc()
         model.in_flight += 1
         try:
@@ -364,7 +367,7 @@ def _checked(model: LoadedModel, requested: Sequence[str]) -> Sequence[str]:
     for name in requested:
         if name not in available:
             raise RequestError(
-                "unknown_output", f"unknown output {name!r}; model has {list(available)}"
+                Reason.UNKNOWN_OUTPUT, f"unknown output {name!r}; model has {list(available)}"
             )
     return requested
 

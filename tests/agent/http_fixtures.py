@@ -30,7 +30,7 @@ def tiny_model_bytes() -> bytes:
     return bytes(tiny_mlp().SerializeToString())
 
 
-def load_tiny(version: str = "1") -> LoadedModel:
+def load_tiny(version: int = 1) -> LoadedModel:
     data = tiny_model_bytes()
     return load_model(
         data,
@@ -55,17 +55,17 @@ class SlowModel:
         self._reference = load_tiny()
 
     def metadata(self) -> ModelMetadata:
-        return ModelMetadata(self.name, ("7",), "test", self._reference.contract, {})
+        return ModelMetadata(self.name, (7,), "test", self._reference.contract, {})
 
     async def infer_versioned(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> tuple[str, dict[str, np.ndarray]]:
+    ) -> tuple[int, dict[str, np.ndarray]]:
         self.started.set()
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("the runtime fell over")
         self.finished += 1
-        return "7", {"output": np.asarray(inputs["input"])}
+        return 7, {"output": np.asarray(inputs["input"])}
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,8 @@ async def test_a_service_without_a_model_is_live_but_not_ready() -> None:
 
 async def test_requests_in_flight_finish_on_the_model_they_started_with() -> None:
     registry = CollectorRegistry()
-    old = _costed(loaded(mid_bytes(0), version="1"), fixed_s=0.01)  # forces a worker thread
-    new = loaded(mid_bytes(1), version="2")
+    old = _costed(loaded(mid_bytes(0), version=1), fixed_s=0.01)  # forces a worker thread
+    new = loaded(mid_bytes(1), version=2)
     service = _service(registry, old)
     x = _rows(1, MID_FEATURES)
     in_flight = asyncio.ensure_future(service.infer_versioned({"input": x}))
@@ -164,7 +164,7 @@ async def test_requests_in_flight_finish_on_the_model_they_started_with() -> Non
     assert service.activate(new) is old
     after_version, after = await service.infer_versioned({"input": x})
     before_version, before = await in_flight
-    assert (before_version, after_version) == ("1", "2")
+    assert (before_version, after_version) == (1, 2)
     np.testing.assert_allclose(before["output"], _reference(old, x), rtol=1e-4)
     np.testing.assert_allclose(after["output"], _reference(new, x), rtol=1e-4)
     await asyncio.wait_for(service.drained(old), 1)
