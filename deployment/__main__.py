@@ -34,7 +34,8 @@ def _baseline(args: argparse.Namespace) -> int:
     )
     input_name, outputs = model_outputs(args.model, data)
     names = {input_name: header} if header else {}
-    pack = build_baseline({input_name: data}, outputs, options, names)
+    labels = load_table(args.labels)[0] if args.labels else None
+    pack = build_baseline({input_name: data}, outputs, options, names, labels)
     args.output.write_text(json.dumps(pack, separators=(",", ":")), encoding="utf-8")
     log.info(
         "baseline_written",
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     baseline.add_argument("--data", type=Path, required=True, help="training inputs, .npy or .csv")
     baseline.add_argument("--model", type=Path, required=True, help="the ONNX model")
     baseline.add_argument("-o", "--output", type=Path, required=True)
+    baseline.add_argument(
+        "--labels", type=Path, help="training labels (.npy/.csv), for the quality reference"
+    )
     baseline.add_argument("--bins", type=int, default=defaults.bins)
     baseline.add_argument("--max-features", type=int, default=defaults.max_features)
     baseline.add_argument(

@@ -35,6 +35,7 @@ from pydantic import (
 from agent.observation.counts import Binning, FeatureCounts
 from agent.observation.detector import CusumParams
 from agent.observation.divergence import hellinger, jensen_shannon, psi
+from agent.observation.quality import QualityReference
 
 __all__ = [
     "BASELINE_SCHEMA",
@@ -188,6 +189,7 @@ class BaselinePack(BaseModel):
     features: tuple[Feature, ...] = Field(min_length=1, max_length=256)
     skipped: tuple[Skipped, ...] = ()
     calibration: Calibration
+    quality: QualityReference | None = None  # when the training labels were given
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:

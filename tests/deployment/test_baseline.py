@@ -12,7 +12,7 @@ import pytest
 from agent.observation.baseline import parse_baseline
 from agent.observation.divergence import jensen_shannon
 from deployment.__main__ import main
-from deployment.baseline import BaselineOptions, build_baseline, js_rows, load_table
+from deployment.baseline import BaselineOptions, build_baseline, js_rows, load_table, model_outputs
 from deployment.example_models import mlp
 
 FAST = BaselineOptions(window_sizes=(20, 50), resamples=50, simulated_windows=5_000)
@@ -137,3 +137,22 @@ def test_the_command_names_a_bad_argument(
     argv = ["baseline", "--data", str(tmp_path / "x.txt"), "--model", "m.onnx", "-o", "o.json"]
     assert main(argv) == 2
     assert ".npy or .csv" in capsys.readouterr().err
+
+
+def test_training_labels_give_the_quality_reference(tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    onnx.save(mlp([4, 8, 3], seed=1), model)
+    data = RNG.standard_normal((400, 4)).astype(np.float32)
+    np.save(tmp_path / "train.npy", data)
+    _, outputs = model_outputs(model, data)
+    labels = outputs["output"].argmax(axis=1)
+    labels[:100] = (labels[:100] + 1) % 3  # a quarter wrong
+    np.save(tmp_path / "labels.npy", labels)
+    out = tmp_path / "baseline.json"
+    argv = ["baseline", "--data", str(tmp_path / "train.npy"), "--model", str(model)]
+    argv += ["--labels", str(tmp_path / "labels.npy"), "-o", str(out), "--resamples", "50"]
+    assert main([*argv, "--window-sizes", "20,50"]) == 0
+    quality = parse_baseline(out.read_bytes()).quality
+    assert quality is not None
+    assert (quality.metric, quality.value) == ("accuracy", 0.75)
+    assert quality.loss_std == pytest.approx(0.4330127)
