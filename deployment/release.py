@@ -60,8 +60,10 @@ def build_manifest(
     valid_for: timedelta | None = None,
     golden_atol: float | None = 1e-4,
     contract_change: bool = False,
+    baseline: tuple[bytes, str] | None = None,
 ) -> dict[str, Any]:
-    """A signed manifest for `model` served at `url`."""
+    """A signed manifest for `model` served at `url`; `baseline` is the drift baseline pack's
+    bytes and the URL it is served at."""
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     contract = read_contract(session)
     created = created or datetime.now(UTC)
@@ -81,6 +83,14 @@ def build_manifest(
         unsigned["expires"] = (created + valid_for).isoformat()
     if contract_change:
         unsigned["contract_change"] = True
+    if baseline is not None:
+        pack, baseline_url = baseline
+        unsigned["schema"] = 2  # the first schema with a baseline
+        unsigned["baseline"] = {
+            "sha256": hashlib.sha256(pack).hexdigest(),
+            "size": len(pack),
+            "url": baseline_url,
+        }
     if golden_atol is not None:
         inputs, outputs = golden_sample(session, contract)
         unsigned["golden"] = {
