@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -40,12 +41,17 @@ class Section(BaseModel):
 
     @classmethod
     def from_environment(
-        cls: type[S], environ: Mapping[str, str] = os.environ, **overrides: object
+        cls: type[S],
+        environ: Mapping[str, str] = os.environ,
+        *,
+        overrides: Mapping[str, object] = MappingProxyType({}),
+        defaults: Mapping[str, object] = MappingProxyType({}),
     ) -> S:
         """The section from `environ`; a misspelt `EDGEML_*` name is an error, not a default.
 
-        `overrides` (command-line flags) are `<variable suffix>=value` pairs, e.g.
-        `http_port=8080`; None leaves the environment's value.
+        Both mappings are keyed by variable name without `EDGEML_` (`http_port`): `overrides`
+        (command-line flags) win over the environment, None leaving its value; `defaults`
+        are a process's own defaults, used where the environment says nothing.
         """
         names = cls.environment_names()
         unknown = sorted(
@@ -53,16 +59,19 @@ class Section(BaseModel):
         )
         if unknown:
             raise ValueError(f"unknown setting {unknown[0]}; known: {', '.join(sorted(names))}")
+        from_env = {
+            k[len(ENV_PREFIX) :].lower(): v
+            for k, v in environ.items()
+            if k.upper().startswith(ENV_PREFIX)
+        }
         values: dict[str, Any] = {}
-        for variable, path in names.items():
-            if variable in environ:
-                _put(values, path, environ[variable])
-        for key, value in overrides.items():
-            variable = ENV_PREFIX + key.upper()
-            if variable not in names:
-                raise ValueError(f"unknown override {key!r}")
-            if value is not None:
-                _put(values, names[variable], value)
+        for layer in (defaults, from_env, overrides):
+            for key, value in layer.items():
+                variable = ENV_PREFIX + key.upper()
+                if variable not in names:
+                    raise ValueError(f"unknown setting {variable}")
+                if value is not None:
+                    _put(values, names[variable], value)
         return cls.model_validate(values)
 
 

@@ -149,7 +149,7 @@ class EdgeModule:
         self.reported = ReportedProperties(self._send_reported, timeout_s=settings.call_timeout_s)
         self.outbox = Outbox(
             self._send_outbound,
-            settings.spool_dir or agent_.settings.state_dir / "spool",
+            settings.spool_dir or agent_.settings.store.state_dir / "spool",
             registry=agent_.registry,
             send_timeout_s=settings.call_timeout_s,
         )

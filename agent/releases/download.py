@@ -44,15 +44,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Annotated, Literal, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from pydantic import BeforeValidator, Field, model_validator
 from yarl import URL
 
+from agent.config import Section
 from agent.reasons import AgentError, Reason
 from agent.releases.store import WritableFile, is_disk_full
 
@@ -84,48 +87,47 @@ class DeliveryError(AgentError):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class DownloadPolicy:
+def _host_list(value: object) -> object:
+    """`EDGEML_ALLOWED_HOSTS=a,*.b` as a tuple; lists and tuples pass through."""
+    if isinstance(value, str):
+        return tuple(name.strip().lower() for name in value.split(",") if name.strip())
+    return value
+
+
+_Hosts = Annotated[tuple[str, ...], BeforeValidator(_host_list)]
+
+
+class DownloadPolicy(Section):
     """Download limits, with production defaults (Azure Blob Storage, a slow edge uplink)."""
 
     # Exact host names or "*.suffix" (any subdomain of suffix, not suffix itself).
-    allowed_hosts: tuple[str, ...] = ("*.blob.core.windows.net",)
+    allowed_hosts: _Hosts = ("*.blob.core.windows.net",)
     # Exact hosts that may be reached over plain http: for tests and labs, never production.
-    allow_http_hosts: tuple[str, ...] = ()
-    deadline_s: float = 1800.0
-    min_bytes_per_s: float = 1024.0  # 0 disables the floor
-    throughput_window_s: float = 10.0
-    max_retries: int = 5
-    backoff_base_s: float = 1.0
-    backoff_cap_s: float = 60.0
-    retry_after_cap_s: float = 300.0
-    max_redirects: int = 5
-    connect_timeout_s: float = 30.0
-    chunk_bytes: int = 64 * 1024
+    allow_http_hosts: _Hosts = ()
+    # Extra CA bundle for artifact TLS (a lab's own CA); the system store otherwise.
+    artifact_ca_file: Path | None = None
+    deadline_s: float = Field(1800.0, gt=0.0, alias="download_deadline_s")
+    # 0 disables the floor
+    min_bytes_per_s: float = Field(1024.0, ge=0.0, alias="download_min_bytes_per_s")
+    throughput_window_s: float = Field(10.0, gt=0.0, alias="download_throughput_window_s")
+    max_retries: int = Field(5, ge=0, alias="download_max_retries")
+    backoff_base_s: float = Field(1.0, gt=0.0, alias="download_backoff_base_s")
+    backoff_cap_s: float = Field(60.0, gt=0.0, alias="download_backoff_cap_s")
+    retry_after_cap_s: float = Field(300.0, ge=0.0, alias="download_retry_after_cap_s")
+    max_redirects: int = Field(5, ge=0, alias="download_max_redirects")
+    connect_timeout_s: float = Field(30.0, gt=0.0, alias="download_connect_timeout_s")
+    chunk_bytes: int = Field(64 * 1024, gt=0, alias="download_chunk_bytes")
     # True lets aiohttp use HTTPS_PROXY / NO_PROXY from the environment (IoT Edge proxies).
-    trust_env: bool = False
+    trust_env: bool = Field(False, alias="download_trust_env")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _patterns(self) -> DownloadPolicy:
         for pattern in (*self.allowed_hosts, *self.allow_http_hosts):
             if pattern != pattern.lower() or "*" in pattern.removeprefix("*.") or not pattern:
                 raise ValueError(f"host pattern {pattern!r}: lowercase, exact or '*.suffix'")
         if any(p.startswith("*") for p in self.allow_http_hosts):
             raise ValueError("allow_http_hosts takes exact host names only")
-        positive = (
-            self.deadline_s,
-            self.throughput_window_s,
-            self.backoff_base_s,
-            self.backoff_cap_s,
-            self.connect_timeout_s,
-            self.chunk_bytes,
-        )
-        if min(positive) <= 0:
-            raise ValueError("deadline, window, back-off, connect timeout and chunk must be > 0")
-        if (
-            min(self.min_bytes_per_s, self.max_retries, self.max_redirects, self.retry_after_cap_s)
-            < 0
-        ):
-            raise ValueError("throughput floor, retries, redirects and caps must be >= 0")
+        return self
 
 
 # --- pure policy ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import structlog
+from pydantic import Field
 from watchdog.events import (
     EVENT_TYPE_CLOSED_NO_WRITE,
     EVENT_TYPE_OPENED,
@@ -36,17 +37,17 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from agent.config import Section
 from agent.reasons import Reason
 from agent.releases.download import DeliveryError
 from agent.releases.lifecycle import ModelState
-from agent.releases.manifest import ReleaseManifest
+from agent.releases.manifest import MAX_MANIFEST_BYTES, ReleaseManifest
 from agent.releases.store import PartFile, is_disk_full
 from agent.releases.swap import ModelManager
 
 log = structlog.get_logger(__name__)
 
 MANIFEST_SUFFIX = ".manifest.json"
-MAX_MANIFEST_BYTES = 64 * 1024  # a desired twin is limited to 32 KB; a manifest fits in it
 _CHUNK = 1 << 20
 # Reads are not changes. Every scan opens the manifests (and a retry the artifact): waking on
 # those would rescan forever and retry a failed release without the folder having changed.
@@ -144,10 +145,17 @@ class _Forward(FileSystemEventHandler):
             self._loop.call_soon_threadsafe(self._changed.set)
 
 
+class FolderSettings(Section):
+    """The release folder (`EDGEML_WATCH_DIR`), off unless set."""
+
+    watch_dir: Path | None = None
+    watch_debounce_s: float = Field(0.5, gt=0.0, le=60.0)
+
+
 class FolderSource:
     """Service: scans the folder at start, then again each time it settles after a change."""
 
-    def __init__(self, folder: Path, manager: ModelManager, *, debounce_s: float = 0.5) -> None:
+    def __init__(self, folder: Path, manager: ModelManager, *, debounce_s: float) -> None:
         self.name = "model-folder"
         self._folder = folder
         self._manager = manager

@@ -14,7 +14,9 @@ from datetime import datetime
 from typing import Final
 
 import numpy as np
+from pydantic import Field
 
+from agent.config import Section
 from agent.reasons import REJECTING, AgentError, Reason
 from agent.releases.manifest import Contract, Tensor
 from agent.releases.manifest import TensorSpec as ManifestTensorSpec
@@ -122,15 +124,15 @@ def golden_mismatches(
     return problems
 
 
-@dataclass(frozen=True, slots=True)
-class ProbationPolicy:
+class ProbationPolicy(Section):
     """How long a new model is watched after a swap, and what rolls it back."""
 
-    requests: int = 200
-    seconds: float = 300.0
-    min_requests: int = 20
-    max_error_rate: float = 0.05
-    max_latency_ratio: float = 3.0
+    requests: int = Field(200, ge=0, alias="probation_requests")
+    seconds: float = Field(300.0, ge=0.0, alias="probation_seconds")
+    min_requests: int = Field(20, ge=1, alias="probation_min_requests")
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0, alias="probation_max_error_rate")
+    max_latency_ratio: float = Field(3.0, ge=1.0, alias="probation_max_latency_ratio")
+    tick_s: float = Field(1.0, gt=0.0, le=60.0, alias="probation_tick_s")
 
 
 @dataclass(frozen=True, slots=True)

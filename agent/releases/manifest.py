@@ -67,6 +67,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.config import Section
 from agent.observation.baseline import MAX_BASELINE_BYTES
 from agent.reasons import AgentError, Reason
 
@@ -97,7 +98,8 @@ __all__ = [
 ]
 
 # A desired twin is at most 32 KB, so a bigger manifest cannot be genuine; refusing it early
-# bounds the work done on untrusted input.
+# bounds the work done on untrusted input. The release folder reads manifest files up to this
+# size too (publishers write them compact, as signed).
 MAX_MANIFEST_BYTES = 32 * 1024
 
 _SIGNATURE_BYTES = 64
@@ -477,6 +479,17 @@ def parse_trusted_keys(spec: str) -> dict[str, Ed25519PublicKey]:
             raise KeyConfigError(f"trusted key {key_id!r} given twice")
         keys[key_id] = public_key_from_b64(value)
     return keys
+
+
+class KeySettings(Section):
+    """Whose manifests the device acts on: `key_id=BASE64,...` and/or a folder of PEM files."""
+
+    trusted_keys: str = ""
+    trusted_keys_dir: Path | None = None
+
+    def load(self) -> dict[str, Ed25519PublicKey]:
+        pems = sorted(self.trusted_keys_dir.glob("*.pem")) if self.trusted_keys_dir else []
+        return load_trusted_keys(self.trusted_keys, pems)
 
 
 def load_trusted_keys(

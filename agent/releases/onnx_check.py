@@ -28,6 +28,9 @@ from typing import Final, Literal
 
 from agent.reasons import AgentError, Reason
 
+# The largest model the device takes (`EDGEML_MAX_MODEL_BYTES` changes it).
+MAX_MODEL_BYTES: Final = 512 << 20
+
 
 class HostileModel(AgentError):  # noqa: N818 -- the public name is fixed by the agent's API
     """Bytes the agent will not hand to ONNX Runtime."""
@@ -404,7 +407,7 @@ def _required(ir_version: int | None, graphs: int, opsets: list[tuple[str, int]]
 def inspect_model(
     data: bytes,
     *,
-    max_bytes: int = 512 << 20,
+    max_bytes: int = MAX_MODEL_BYTES,
     max_depth: int = 32,
     max_nodes: int = 1_000_000,
 ) -> ModelFacts:

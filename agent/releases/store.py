@@ -38,6 +38,7 @@ from typing import Annotated, Literal, Protocol
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from agent.config import Section
 from agent.reasons import AgentError, Reason
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "Opener",
     "PartFile",
     "StoreError",
+    "StoreSettings",
     "StoreState",
     "WritableFile",
     "is_disk_full",
@@ -60,6 +62,15 @@ DEFAULT_KEEP_OLD_ARTIFACTS = 3
 # Headroom kept free beyond the artifact itself: the state file, logs and the telemetry spool
 # share the volume, and a volume filled to the last byte breaks all of them at once.
 DEFAULT_FREE_SPACE_MARGIN_BYTES = 32 * 1024 * 1024
+
+
+class StoreSettings(Section):
+    """The model store's volume and how much it keeps."""
+
+    state_dir: Path = Path("/var/lib/edge-agent")
+    keep_old_artifacts: int = Field(DEFAULT_KEEP_OLD_ARTIFACTS, ge=0, le=100)
+    free_space_margin_bytes: int = Field(DEFAULT_FREE_SPACE_MARGIN_BYTES, ge=0)
+
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TEMP_SUFFIXES = (".part", ".tmp")

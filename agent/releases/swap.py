@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
@@ -30,7 +30,9 @@ from typing import ParamSpec, Protocol, TypeVar
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import Field
 
+from agent.config import Section
 from agent.observation.baseline import BaselineInvalidError, BaselinePack, parse_baseline
 from agent.reasons import AgentError, Reason
 from agent.releases.download import Downloader
@@ -55,7 +57,7 @@ from agent.releases.manifest import (
     check_version,
     verify_manifest,
 )
-from agent.releases.onnx_check import HostileModel, inspect_model
+from agent.releases.onnx_check import MAX_MODEL_BYTES, HostileModel, inspect_model
 from agent.releases.store import (
     ModelRef,
     ModelStore,
@@ -65,7 +67,7 @@ from agent.releases.store import (
     StoreState,
 )
 from agent.serving.engine import LoadedModel, ModelLoadError, RuntimeOptions, load_model
-from agent.serving.inference import InferenceService
+from agent.serving.inference import BatchingPolicy, InferenceService
 from agent.ticks import ticks
 
 log = structlog.get_logger(__name__)
@@ -112,14 +114,12 @@ class HttpsArtifacts:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class SwapSettings:
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
-    max_rows: int = 32
-    max_model_bytes: int = 512 << 20
-    probation: ProbationPolicy = field(default_factory=ProbationPolicy)
-    drain_timeout_s: float = 30.0
-    probation_tick_s: float = 1.0
+class SwapSettings(Section):
+    """Limits of the install pipeline itself."""
+
+    max_model_bytes: int = Field(MAX_MODEL_BYTES, ge=1024)
+    # An old session still answering after this long is closed anyway.
+    drain_timeout_s: float = Field(30.0, gt=0.0, alias="swap_drain_timeout_s")
 
 
 @dataclass(slots=True)
@@ -163,6 +163,9 @@ class ModelManager:
         service_factory: Callable[[str], InferenceService],
         registry: CollectorRegistry,
         settings: SwapSettings | None = None,
+        runtime: RuntimeOptions | None = None,
+        batching: BatchingPolicy | None = None,
+        probation: ProbationPolicy | None = None,
         listeners: list[Callable[[ModelStatus], None]] | None = None,
         observer: ReleaseObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -174,6 +177,9 @@ class ModelManager:
         self._services = services
         self._service_factory = service_factory
         self._settings = settings or SwapSettings()
+        self._runtime = runtime or RuntimeOptions()
+        self._max_rows = (batching or BatchingPolicy()).max_rows
+        self._probation_policy = probation or ProbationPolicy()
         self._listeners = listeners if listeners is not None else []
         self._observer = observer
         self._clock = clock
@@ -499,8 +505,8 @@ class ModelManager:
                 name=name,
                 version=version,
                 sha256=sha256,
-                options=self._settings.runtime,
-                max_rows=self._settings.max_rows,
+                options=self._runtime,
+                max_rows=self._max_rows,
             )
         except ModelLoadError as error:
             raise SwapError(error.reason, error.message) from None
@@ -543,9 +549,9 @@ class ModelManager:
         model.close()
 
     async def _probation(self, name: str, model: LoadedModel, previous: ServingStats) -> None:
-        policy = self._settings.probation
+        policy = self._probation_policy
         started = self._clock()
-        async for _ in ticks(self._settings.probation_tick_s, clock=self._clock):
+        async for _ in ticks(policy.tick_s, clock=self._clock):
             verdict = judge_probation(_stats(model), previous, self._clock() - started, policy)
             if verdict is Verdict.WATCHING:
                 continue

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+from pydantic import Field
 
+from agent.config import Section
 from agent.reasons import AgentError, Reason
 
 # v2 datatype -> numpy dtype. BYTES travels as numpy object arrays of `bytes`.
@@ -107,11 +109,10 @@ class ModelContract:
         return found
 
 
-@dataclass(frozen=True, slots=True)
-class RequestLimits:
+class RequestLimits(Section):
     """Per-request bounds. Non-finite floats are refused unless a model is known to want them."""
 
-    max_elements: int = 1 << 22
+    max_elements: int = Field(1 << 22, ge=1, alias="max_request_elements")
     allow_non_finite: bool = False
 
 

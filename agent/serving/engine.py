@@ -18,7 +18,9 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import Field
 
+from agent.config import Section
 from agent.reasons import AgentError, Reason
 from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
 
@@ -63,14 +65,15 @@ def pin_mmap_threshold(size: int) -> bool:
     return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
 
 
-@dataclass(frozen=True, slots=True)
-class RuntimeOptions:
-    intra_op_threads: int = 1
-    inter_op_threads: int = 1
-    optimization: GraphOptimization = "all"
-    # Blocks from this size up are mapped on their own and unmapped when freed; None leaves
+class RuntimeOptions(Section):
+    """ONNX Runtime session options (`EDGEML_INTRA_OP_THREADS`, `EDGEML_GRAPH_OPTIMIZATION`...)."""
+
+    intra_op_threads: int = Field(1, ge=1, le=64)
+    inter_op_threads: int = Field(1, ge=1, le=64)
+    optimization: GraphOptimization = Field("all", alias="graph_optimization")
+    # Blocks from this size up are mapped on their own and unmapped when freed; 0 leaves
     # glibc's dynamic threshold (see `pin_mmap_threshold`).
-    mmap_threshold_bytes: int | None = 1 << 20
+    mmap_threshold_bytes: int = Field(1 << 20, ge=0)
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -174,7 +177,7 @@ class LoadedModel:
 
 def create_session(model: bytes | Path, options: RuntimeOptions) -> ort.InferenceSession:
     source = str(model) if isinstance(model, Path) else model
-    if options.mmap_threshold_bytes is not None:
+    if options.mmap_threshold_bytes:
         # Process-wide and idempotent: set before each session, whose allocations obey it.
         pin_mmap_threshold(options.mmap_threshold_bytes)
     try:

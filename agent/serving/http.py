@@ -21,18 +21,25 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from pydantic import Field
 
 from agent import __version__
+from agent.config import Section
 from agent.observation.metrics import InferenceMetrics
 from agent.reasons import Reason
 from agent.serving import protocol
 from agent.serving.contract import ModelContract, RequestError
 
-DEFAULT_HTTP_PORT: Final = 8000
-DEFAULT_METRICS_PORT: Final = 9600
-DEFAULT_HOST: Final = "0.0.0.0"  # noqa: S104 - a container's port must be reachable from outside it
-DEFAULT_MAX_BODY_BYTES: Final = 64 << 20
 SERVER_NAME: Final = "edge-mlops-agent"
+
+
+class HttpSettings(Section):
+    """Where the v2 API and /metrics listen, and how big a request body may be."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - a container's port must be reachable from outside it
+    http_port: int = Field(8000, ge=0, le=65535)
+    metrics_port: int = Field(9600, ge=0, le=65535)
+    max_request_bytes: int = Field(64 << 20, ge=1024)
 
 
 class HttpReason(enum.StrEnum):
@@ -249,7 +256,7 @@ def create_app(
     models: Mapping[str, ServedModel],
     metrics: InferenceMetrics,
     *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int,
     max_input_bytes: int | None = None,
     server_name: str = SERVER_NAME,
     server_version: str = __version__,
@@ -359,10 +366,8 @@ class HttpService(_AppServer):
         self,
         models: Mapping[str, ServedModel],
         metrics: InferenceMetrics,
+        settings: HttpSettings,
         *,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_HTTP_PORT,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_input_bytes: int | None = None,
         server_version: str = __version__,
         log: structlog.typing.FilteringBoundLogger | None = None,
@@ -370,12 +375,12 @@ class HttpService(_AppServer):
         app = create_app(
             models,
             metrics,
-            max_body_bytes=max_body_bytes,
+            max_body_bytes=settings.max_request_bytes,
             max_input_bytes=max_input_bytes,
             server_version=server_version,
             log=log,
         )
-        super().__init__("http", app, host, port, log)
+        super().__init__("http", app, settings.host, settings.http_port, log)
 
 
 class MetricsService(_AppServer):
@@ -384,9 +389,9 @@ class MetricsService(_AppServer):
     def __init__(
         self,
         registry: CollectorRegistry,
+        settings: HttpSettings,
         *,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_METRICS_PORT,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
-        super().__init__("metrics", create_metrics_app(registry), host, port, log)
+        app = create_metrics_app(registry)
+        super().__init__("metrics", app, settings.host, settings.metrics_port, log)

@@ -171,7 +171,7 @@ def test_redact_url_keeps_scheme_host_path_only(url: str, shown: str) -> None:
     ],
 )
 def test_policy_refuses_malformed_settings(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match=r"host|must be"):
+    with pytest.raises(ValueError, match=r"host|greater than"):
         DownloadPolicy(**bad)
 
 

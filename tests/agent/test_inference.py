@@ -68,7 +68,7 @@ async def test_concurrent_requests_share_calls_and_each_gets_its_rows() -> None:
 async def test_costly_batches_run_on_a_worker_thread() -> None:
     registry = CollectorRegistry()
     model = loaded(mid_bytes())
-    service = _service(registry, model, inline_budget_s=0.0)
+    service = _service(registry, model, inline_budget_us=0.0)
     inputs = [_rows(1, MID_FEATURES) for _ in range(8)]
     results = await asyncio.gather(*(service.infer({"input": x}) for x in inputs))
     for x, result in zip(inputs, results, strict=True):
@@ -100,7 +100,7 @@ async def test_with_batching_off_every_request_is_its_own_call() -> None:
 async def test_max_wait_holds_a_partial_batch_open() -> None:
     registry = CollectorRegistry()
     service = _service(
-        registry, _costed(loaded(tiny_bytes()), fixed_s=0.0002), max_wait_s=0.05, max_rows=4
+        registry, _costed(loaded(tiny_bytes()), fixed_s=0.0002), max_wait_ms=50, max_rows=4
     )
     first = asyncio.ensure_future(service.infer({"input": _rows(1)}))
     await asyncio.sleep(0.01)
