@@ -290,8 +290,14 @@ def _null_statistics(
     return stats
 
 
+# The smallest null spread of each statistic (divergence in bits, shift and spread in standard
+# errors). A feature whose rare values never fall in the resampled windows would otherwise get
+# a spread of ~0, and its first rare value on the device would read as infinite evidence.
+_NULL_SPREAD_FLOOR = np.array([1e-3, 0.1, 0.1])
+
+
 def _floor(x: Floats) -> Floats:
-    return np.maximum(x, 1e-9)
+    return np.asarray(np.maximum(x, _NULL_SPREAD_FLOOR), dtype=np.float64)
 
 
 def quality_reference(outputs: Mapping[str, Array], labels: Array) -> dict[str, Any]:
@@ -346,27 +352,24 @@ def build_baseline(
 
     rng = np.random.default_rng(options.seed)
     order = rng.permutation(total_rows)
-    half_a, half_b = order[: total_rows // 2], order[total_rows // 2 :]
-    # Features constant on one half still profile on the other: keep the full-data cuts.
-    reference_a = [
-        _describe(name, source, kind, cuts[f], values[half_a, f])
-        if np.isfinite(values[half_a, f]).any()
-        else features[f]
-        for f, (name, source, kind) in enumerate(plan.features)
-    ]
+    halves = order[: total_rows // 2], order[total_rows // 2 :]
     binnings = [Binning(kind, cuts[f]) for f, (_, _, kind) in enumerate(plan.features)]
-    held_out = _HeldOut(
-        indices=np.stack(
-            [b.indices(values[half_b, f]) for f, b in enumerate(binnings)], axis=1
-        ).astype(np.int64),
-        values=values[half_b],
-        sizes=[b.size for b in binnings],
-    )
+    # Each half in turn is the reference and the other the windows' source, so that a rare
+    # value found in one half only is seen both as present and as missing.
+    splits = [
+        (_half_reference(plan, cuts, features, values[ref]), _held_out(binnings, values[held]))
+        for ref, held in (halves, halves[::-1])
+    ]
 
     windows = []
     grid = [n for n in options.window_sizes if n <= max(50, total_rows)]
     for n in grid or [min(options.window_sizes)]:
-        stats = _null_statistics(reference_a, held_out, n, options.resamples, rng)
+        stats = np.concatenate(
+            [
+                _null_statistics(reference, held_out, n, options.resamples // 2, rng)
+                for reference, held_out in splits
+            ]
+        )
         means, stds = stats.mean(axis=0), _floor(stats.std(axis=0))
         score = evidence(stats, means, stds).max(axis=1)
         score_mean, score_std = float(score.mean()), float(max(score.std(), 1e-9))
@@ -410,6 +413,34 @@ def build_baseline(
         pack["quality"] = quality_reference(outputs, labels)
     BaselinePack.model_validate(pack, strict=False)  # the device's own check, before shipping
     return pack
+
+
+def _half_reference(
+    plan: _Plan, cuts: Sequence[Floats], features: Sequence[dict[str, Any]], values: Floats
+) -> list[dict[str, Any]]:
+    """The reference as one half of the data describes it (with the full data's cuts); a
+    feature nearly constant on the half keeps the full data's spread, so that its shift and
+    spread statistics stay finite."""
+    reference = []
+    for f, (name, source, kind) in enumerate(plan.features):
+        column = values[:, f]
+        if not np.isfinite(column).any():
+            reference.append(dict(features[f]))
+            continue
+        half = _describe(name, source, kind, cuts[f], column)
+        half["std"] = max(half["std"], 0.1 * features[f]["std"])
+        reference.append(half)
+    return reference
+
+
+def _held_out(binnings: Sequence[Binning], values: Floats) -> _HeldOut:
+    return _HeldOut(
+        indices=np.stack([b.indices(values[:, f]) for f, b in enumerate(binnings)], axis=1).astype(
+            np.int64
+        ),
+        values=values,
+        sizes=[b.size for b in binnings],
+    )
 
 
 def _dedupe(skipped: list[dict[str, str]]) -> list[dict[str, str]]:

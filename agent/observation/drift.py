@@ -54,6 +54,8 @@ class DriftSettings(BaseModel):
     window_seconds: float = Field(300.0, gt=0, le=86_400)
     sample_every: int = Field(1, ge=1, le=1_000_000)  # the smallest k of 1-in-k sampling
     max_sampled_per_second: float = Field(100.0, gt=0, le=1_000_000)
+    # Rows kept from one sampled request, evenly spread: a big batch costs no more than this.
+    max_rows_per_request: int = Field(8, ge=1, le=4096)
     features: tuple[str, ...] | None = Field(None, max_length=256)  # None: every feature
     threshold: float | None = Field(None, gt=0, le=1_000)  # overrides the calibrated CUSUM h
     max_feature_gauges: int = Field(8, ge=0, le=64)
@@ -138,11 +140,14 @@ class DriftMonitor:
         rows: int,
     ) -> None:
         self.requests_sampled += 1
-        rows = min(rows, self._capacity)
         if rows <= 0:
             return
         scratch = self._scratch if rows == 1 else np.empty((rows, len(self.features)))
         self._extractor.into(scratch, {**inputs, **outputs}, rows)
+        keep = min(self.settings.max_rows_per_request, self._capacity)
+        if rows > keep:
+            scratch = scratch[np.linspace(0, rows - 1, keep).astype(np.int64)]
+            rows = keep
         start = self._written % self._capacity
         end = start + rows
         if end <= self._capacity:

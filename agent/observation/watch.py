@@ -31,8 +31,9 @@ from agent.observation.quality import (
     QualitySettings,
     QualityWindow,
 )
+from agent.ticks import ticks
 
-__all__ = ["ALERT_SCHEMA", "NO_BASELINE", "Observer", "Sinks", "Watch"]
+__all__ = ["ALERT_SCHEMA", "NO_BASELINE", "Observer", "ObserverTicks", "Sinks", "Watch"]
 
 log = structlog.get_logger(__name__)
 
@@ -316,6 +317,28 @@ class Observer:
             "reference": quality_monitor.reference is not None,
         }
         return {"drift": drift, "quality": quality}
+
+
+class ObserverTicks:
+    """Service: closes due windows every ``interval_s`` (off the request path)."""
+
+    def __init__(self, observer: Observer, interval_s: float = 1.0) -> None:
+        self.name = "drift-ticks"
+        self._observer = observer
+        self._interval_s = interval_s
+
+    async def start(self) -> None:
+        return None
+
+    async def run(self) -> None:
+        async for _ in ticks(self._interval_s):
+            try:
+                self._observer.tick()
+            except Exception:  # a scoring bug must not take serving down with it
+                log.exception("drift_tick_failed")
+
+    async def stop(self, grace_s: float) -> None:
+        return None
 
 
 def _round(value: float) -> float | None:

@@ -91,7 +91,7 @@ def test_sampling_adapts_to_the_request_rate(requests: int, seconds: float, ever
 
 
 def test_a_closer_that_falls_behind_loses_the_oldest_rows_and_counts_them() -> None:
-    monitor = _monitor(window_rows=20)  # ring of 40 rows
+    monitor = _monitor(window_rows=20, max_rows_per_request=40)  # ring of 40 rows
     _feed(monitor, 1, rows=30)
     _feed(monitor, 1, rows=25)
     assert monitor.pending_rows == 40
@@ -153,3 +153,12 @@ def test_a_window_profile_is_sparse_capped_and_small() -> None:
     assert sum(x0["c"]) == 50
     assert len(x0["i"]) == len(x0["c"]) <= x0["bins"]
     assert all(c > 0 for c in x0["c"])
+
+
+def test_a_big_batch_gives_at_most_the_configured_rows_spread_over_it() -> None:
+    monitor = _monitor(window_rows=20, max_rows_per_request=4)
+    inputs, outputs = tabular_rows(np.random.default_rng(0), 64)
+    inputs["x"][:, 1] = np.arange(64)
+    monitor.observe(inputs, outputs, 64)
+    assert monitor.pending_rows == 4
+    assert monitor._ring[:4, 1].tolist() == [0.0, 21.0, 42.0, 63.0]

@@ -41,7 +41,9 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, i
     rows = 0
     for device in ("cam-1", "cam-2"):
         clock = Clock()
-        monitor = DriftMonitor(pack, DriftSettings(window_rows=50), clock=clock)
+        monitor = DriftMonitor(
+            pack, DriftSettings(window_rows=50, max_rows_per_request=50), clock=clock
+        )
         rng = np.random.default_rng(len(device) + ord(device[-1]))
         lines = []
         for window in range(12):
