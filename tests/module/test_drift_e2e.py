@@ -121,12 +121,11 @@ def test_drifted_inputs_change_the_state_everywhere_and_feedback_scores_the_mode
     assert drift["window_rows"] == 50
     assert drift["top"]
     alerts = poll(
-        lambda: [a for a in _upstream(sim, "alerts") if a.get("event") == "drift_state"] or None,
+        lambda: [a for a in _upstream(sim, "alerts") if a.get("to") == "drift"] or None,
         30,
         "a drift alert upstream",
     )
-    assert alerts[-1]["to"] == "drift"
-    assert alerts[-1]["model"] == "m"
+    assert (alerts[0]["event"], alerts[0]["model"], alerts[0]["version"]) == ("drift_state", "m", 1)
     profiles = [
         p for p in _upstream(sim, "telemetry") if p.get("schema") == "agent-drift-profile/1"
     ]
