@@ -219,6 +219,7 @@ class Observer:
                 baseline_sha256=watch.baseline_sha256 or "",
                 features=monitor.features,
                 max_features=self.settings.max_profile_features,
+                max_bytes=self.settings.max_profile_bytes,
                 wall_clock=wall.timestamp(),
             )
         )
