@@ -25,7 +25,6 @@ from agent.observation.baseline import (
     BaselinePack,
     Extractor,
     Feature,
-    WindowCalibration,
     WindowScore,
     score_window,
 )
@@ -242,19 +241,14 @@ _PER_FEATURE = (
 
 
 def _restrict(pack: BaselinePack, columns: Sequence[int]) -> BaselinePack:
-    """The pack cut down to some features (the calibration's per-feature nulls follow)."""
-    windows = []
-    for w in pack.calibration.windows:
-        pick = {name: tuple(getattr(w, name)[i] for i in columns) for name in _PER_FEATURE}
-        # Validated afresh rather than copied: a copy would keep the cached null arrays.
-        windows.append(WindowCalibration.model_validate({**w.model_dump(), **pick}))
-    calibration = pack.calibration.model_copy(update={"windows": tuple(windows)})
-    return pack.model_copy(
-        update={
-            "features": tuple(pack.features[i] for i in columns),
-            "calibration": calibration,
-        }
-    )
+    """The pack cut down to some features (the calibration's per-feature nulls follow);
+    validated afresh rather than copied, since a copy would keep the cached arrays."""
+    document = pack.model_dump(by_alias=True)
+    document["features"] = [document["features"][i] for i in columns]
+    for window in document["calibration"]["windows"]:
+        for name in _PER_FEATURE:
+            window[name] = [window[name][i] for i in columns]
+    return BaselinePack.model_validate(document, strict=False)
 
 
 def _sparse(counts: FeatureCounts) -> dict[str, Any]:
