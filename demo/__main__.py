@@ -47,6 +47,7 @@ from simulator.hub import Simulator, pick_loopback_host
 RUN_DIR = Path("run/demo")
 TEMPLATE = Path("deployment/deployment.template.json")
 DEVICE, MODULE, SENSOR = "edge-device", "mlagent", "sensor"
+MODEL = "tiny"
 KEY_ID = "demo-publisher"
 FEATURES = 32
 
@@ -114,9 +115,23 @@ def _record(item: UpstreamMessage, traffic: Traffic) -> None:
 
 
 def _reported_model(registry: IoTHubRegistryManager) -> dict[str, Any]:
+    """The reported `models.tiny` entry."""
     twin = registry.get_module_twin(DEVICE, MODULE)
     reported = twin.properties.reported or {}
-    return dict(reported.get("model") or {})
+    return dict((reported.get("models") or {}).get(MODEL) or {})
+
+
+async def _probation(registry: IoTHubRegistryManager, version: int) -> dict[str, Any]:
+    """The reported entry once the probation of `version` is decided (or after 30 s)."""
+    deadline = time.monotonic() + 30
+    model = await asyncio.to_thread(_reported_model, registry)
+    while time.monotonic() < deadline:
+        probation = model.get("probation") or {}
+        if model.get("version") == version and probation.get("state") in {"passed", "failed"}:
+            break
+        await asyncio.sleep(0.2)
+        model = await asyncio.to_thread(_reported_model, registry)
+    return model
 
 
 async def _release(
@@ -124,7 +139,7 @@ async def _release(
 ) -> float:
     """Update the module twin through the service SDK; return seconds until reported active."""
     started = time.monotonic()
-    twin = Twin(properties=TwinProperties(desired={"model": manifest}))
+    twin = Twin(properties=TwinProperties(desired={"models": {MODEL: manifest}}))
     await asyncio.to_thread(registry.update_module_twin, DEVICE, MODULE, twin, "*")
     deadline = started + 60
     while time.monotonic() < deadline:
@@ -155,6 +170,11 @@ def _start_module(
         "EDGEML_HTTP_PORT": str(args.http_port),
         "EDGEML_METRICS_PORT": str(args.metrics_port),
         "EDGEML_LOG_FORMAT": "json",
+        # A probation short enough to end inside the demo: v2 is judged against v1 after
+        # 100 requests (or 20 s), and rolled back if it errs or is over 3x slower.
+        "EDGEML_PROBATION_REQUESTS": "100",
+        "EDGEML_PROBATION_SECONDS": "20",
+        "EDGEML_PROBATION_MIN_REQUESTS": "10",
     }
     log = (RUN_DIR / "module.log").open("wb")
     return subprocess.Popen([sys.executable, "-m", "module"], env=env, stdout=log, stderr=log)
@@ -196,9 +216,7 @@ async def _run(args: argparse.Namespace) -> int:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(15):
                 await traffic.all_answered.wait()
-        _summary(
-            traffic, swap_v1, swap_v2, args, await asyncio.to_thread(_reported_model, registry)
-        )
+        _summary(traffic, swap_v1, swap_v2, args, await _probation(registry, 2))
         if args.keep_running:
             print("\nkept running; Ctrl-C stops everything")
             await asyncio.Event().wait()
@@ -220,7 +238,7 @@ def _signed(
 ) -> dict[str, Any]:
     data = bytes(tiny_mlp(seed).SerializeToString())
     url = artifacts.publish(f"tiny-v{version}.onnx", data)
-    return build_manifest(data, name="tiny", version=version, url=url, key=key, key_id=KEY_ID)
+    return build_manifest(data, name=MODEL, version=version, url=url, key=key, key_id=KEY_ID)
 
 
 async def _stop_module(module: subprocess.Popen[bytes]) -> None:
@@ -242,7 +260,13 @@ def _summary(
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else float("nan")
     print("\nsummary")
     print(f"  releases: v1 active in {swap_v1:.2f} s, v2 swapped in {swap_v2:.2f} s under traffic")
-    print(f"  reported: model {model.get('name')} v{model.get('version')} {model.get('state')}")
+    print(f"  reported: model {MODEL} v{model.get('version')} {model.get('state')}")
+    probation = model.get("probation") or {}
+    print(
+        f"  probation of v{model.get('version')}: {probation.get('state')} after "
+        f"{probation.get('requests')} requests, error rate {probation.get('error_rate')}, "
+        f"latency x{probation.get('latency_ratio')} (p99 x{probation.get('p99_ratio')}) vs v1"
+    )
     print(
         f"  messages: {len(traffic.sent)} sent, {len(traffic.answered)} answered, "
         f"{len(traffic.sent) - len(traffic.answered)} lost, {len(traffic.errors)} errors"

@@ -291,6 +291,16 @@ class Observer:
             return watch.drift.detector.state.value
         return NO_BASELINE if self.settings.enabled else DISABLED
 
+    def drift_entry(self, name: str) -> dict[str, Any] | None:
+        """The `drift` section of the reported entry of `name` (None: not served)."""
+        reported = self.reported(name)
+        return reported["drift"] if reported else None
+
+    def quality_entry(self, name: str) -> dict[str, Any] | None:
+        """The `quality` section of the reported entry of `name` (None: not served)."""
+        reported = self.reported(name)
+        return reported["quality"] if reported else None
+
     def reported(self, name: str) -> dict[str, Any] | None:
         """``{"drift": {...}, "quality": {...}}`` of the release serving ``name``."""
         watch = self.watches.get(name)

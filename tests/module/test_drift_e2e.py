@@ -115,9 +115,12 @@ def test_drifted_inputs_change_the_state_everywhere_and_feedback_scores_the_mode
     assert score is not None
     assert score > 3
     reported = service.wait_reported(
-        lambda r: r.get("model", {}).get("drift", {}).get("state") == "drift", 30, "drift"
+        lambda r: r.get("models", {}).get("m", {}).get("drift", {}).get("state") == "drift",
+        30,
+        "drift reported",
     )
-    drift = reported["model"]["drift"]
+    drift = reported["models"]["m"]["drift"]
+    assert reported["models"]["m"]["quality"]["metric"] == "accuracy"
     assert drift["window_rows"] == 50
     assert drift["top"]
     alerts = poll(
