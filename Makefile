@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test lint typecheck bench clean
+.PHONY: setup system-deps azurite demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
 # (Debian) and Azurite (npm); Chromium (Debian) renders the drift report headless.
-system-deps:
+system-deps: azurite
 	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
@@ -28,6 +28,18 @@ system-deps:
 	@command -v chromium >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+# Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
+# finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
+# --skipApiVersionCheck --loose).
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+azurite: $(AZURITE)
+
+$(AZURITE):
+	@command -v npm >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
 demo: setup
 	$(PY) -m demo $(ARGS)
@@ -48,7 +60,8 @@ bench: setup
 	$(PY) -m bench.http
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
+	$(PY) -m bench.fleet
 	$(PY) -m bench.drift
 
 clean:
-	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache

@@ -12,6 +12,7 @@ one window of all its rows would be.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
 import json
@@ -78,6 +79,11 @@ def _profile(document: Any, where: str) -> Profile | None:
         system = document.get("SystemProperties") or {}
         device = str(system.get("connectionDeviceId", device))
         document = document["Body"]
+        if isinstance(document, str):  # routing stores a body not sent as JSON in base64
+            try:
+                document = json.loads(base64.b64decode(document, validate=True))
+            except (ValueError, UnicodeDecodeError):
+                return None
         if not isinstance(document, dict):
             return None
     if document.get("schema") != PROFILE_SCHEMA:

@@ -1,13 +1,17 @@
 """The condition language shared by route `WHERE` clauses and twin queries (pure).
 
-Comparisons (`=`, `!=`, `<>`, `<`, `>`, `<=`, `>=`), `AND`, `OR`, `NOT`, parentheses, string
-(`'x'` or `"x"`), number, `true`/`false`/`null` literals and `IS_DEFINED(name)`. A name the
-message or twin does not have is undefined: comparisons with it are undefined, and an undefined
-condition does not match (three-valued logic, as IoT Hub's query language has it).
+Comparisons (`=`, `!=`, `<>`, `<`, `>`, `<=`, `>=`), `IN` / `NIN` a list (`[...]` or `(...)`),
+`AND`, `OR`, `NOT`, parentheses, string (`'x'` or `"x"`), number, `true`/`false`/`null`
+literals (`true` alone is a condition), `IS_DEFINED(name)`, `STARTSWITH(name, 'x')` and
+`ENDSWITH(name, 'x')`. A name segment that is not an identifier is quoted as `[[...]]`
+(`configurations.[[ring-1]].status`). A name the message or twin does not have is undefined:
+comparisons with it are undefined, and an undefined condition does not match (three-valued
+logic, as IoT Hub's query language has it).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Callable
@@ -28,7 +32,15 @@ class _Undefined:
         return "UNDEFINED"
 
 
+class _Composite(_Undefined):
+    """An object or array: defined (for IS_DEFINED), yet never compared with a value."""
+
+    def __repr__(self) -> str:
+        return "COMPOSITE"
+
+
 UNDEFINED = _Undefined()
+COMPOSITE = _Composite()
 Lookup = Callable[[str], "Value | _Undefined"]
 
 COMPARISONS = ("=", "!=", "<>", "<", ">", "<=", ">=")
@@ -57,6 +69,25 @@ class IsDefined:
 
 
 @dataclass(frozen=True)
+class In:
+    operand: Literal | Name
+    choices: tuple[Literal | Name, ...]
+    negated: bool = False  # NIN
+
+
+@dataclass(frozen=True)
+class StringTest:
+    function: str  # STARTSWITH or ENDSWITH
+    operand: Literal | Name
+    affix: Literal | Name
+
+
+@dataclass(frozen=True)
+class Constant:
+    value: bool
+
+
+@dataclass(frozen=True)
 class Not:
     operand: Expr
 
@@ -73,7 +104,7 @@ class Or:
     right: Expr
 
 
-Expr = Compare | IsDefined | Not | And | Or
+Expr = Compare | IsDefined | In | StringTest | Constant | Not | And | Or
 
 
 # ---------------------------------------------------------------- tokens
@@ -83,12 +114,21 @@ _TOKEN = re.compile(
     (?P<space>\s+)
   | (?P<string>'(?:[^']|'')*'|"(?:[^"]|"")*")
   | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
-  | (?P<op><=|>=|<>|!=|=|<|>|\(|\)|,)
-  | (?P<name>[$A-Za-z_][$A-Za-z0-9_.\-]*)
+  | (?P<name>(?:\[\[[^\]]+\]\]|[$A-Za-z_][$A-Za-z0-9_\-]*)
+             (?:\.(?:\[\[[^\]]+\]\]|[$A-Za-z0-9_\-]+))*)
+  | (?P<op><=|>=|<>|!=|=|<|>|\(|\)|\[|\]|,)
     """,
     re.VERBOSE,
 )
-_KEYWORDS = {"AND", "OR", "NOT", "TRUE", "FALSE", "NULL", "IS_DEFINED"}
+_KEYWORDS = {"AND", "OR", "NOT", "TRUE", "FALSE", "NULL", "IS_DEFINED", "IN", "NIN"}
+_STRING_FUNCTIONS = {"STARTSWITH", "ENDSWITH"}
+_SEGMENT = re.compile(r"\[\[([^\]]+)\]\]|([^.\[]+)")
+
+
+@functools.lru_cache(maxsize=4096)  # queries over a fleet split the same few paths again
+def split_path(path: str) -> tuple[str, ...]:
+    """`a.[[b.c]].d` -> ('a', 'b.c', 'd'): the segments of a property name."""
+    return tuple(quoted or plain for quoted, plain in _SEGMENT.findall(path))
 
 
 @dataclass(frozen=True)
@@ -110,7 +150,7 @@ def _tokenize(text: str) -> list[_Token]:
         value = match.group()
         if kind == "space":
             continue
-        if kind == "name" and value.upper() in _KEYWORDS:
+        if kind == "name" and value.upper() in _KEYWORDS | _STRING_FUNCTIONS:
             tokens.append(_Token("keyword", value.upper()))
         else:
             tokens.append(_Token(kind, value))
@@ -170,18 +210,47 @@ class _Parser:
             expr = self._or()
             self._expect("op", ")")
             return expr
-        if self._accept("keyword", "IS_DEFINED"):
-            self._expect("op", "(")
-            name = self._operand()
-            self._expect("op", ")")
-            if not isinstance(name, Name):
-                raise ExpressionError("IS_DEFINED takes a property name")
-            return IsDefined(name)
+        function = self._peek()
+        if function.kind == "keyword" and function.text in ("IS_DEFINED", *_STRING_FUNCTIONS):
+            self._next()
+            return self._function(function.text)
         left = self._operand()
+        if isinstance(left, Literal) and isinstance(left.value, bool) and self._ends_term():
+            return Constant(left.value)  # `true` alone: a route that takes every message
+        if self._peek().kind == "keyword" and self._peek().text in ("IN", "NIN"):
+            return self._membership(left)
         op = self._next()
         if op.kind != "op" or op.text not in COMPARISONS:
             raise ExpressionError(f"expected a comparison, found {op.text!r}")
         return Compare(op.text, left, self._operand())
+
+    def _function(self, name: str) -> Expr:
+        self._expect("op", "(")
+        operand = self._operand()
+        if name == "IS_DEFINED":
+            self._expect("op", ")")
+            if not isinstance(operand, Name):
+                raise ExpressionError("IS_DEFINED takes a property name")
+            return IsDefined(operand)
+        self._expect("op", ",")
+        affix = self._operand()
+        self._expect("op", ")")
+        return StringTest(name, operand, affix)
+
+    def _membership(self, left: Literal | Name) -> Expr:
+        negated = self._next().text == "NIN"
+        closing = "]" if self._accept("op", "[") else ")"
+        if closing == ")":
+            self._expect("op", "(")
+        choices = [self._operand()]
+        while self._accept("op", ","):
+            choices.append(self._operand())
+        self._expect("op", closing)
+        return In(left, tuple(choices), negated)
+
+    def _ends_term(self) -> bool:
+        token = self._peek()
+        return token.kind == "end" or token.text in (")", "AND", "OR")
 
     def _operand(self) -> Literal | Name:
         token = self._next()
@@ -252,7 +321,8 @@ def _resolve(operand: Literal | Name, lookup: Lookup) -> Value | _Undefined:
     return operand.value if isinstance(operand, Literal) else lookup(operand.path)
 
 
-def _evaluate(expr: Expr, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # one return per case of three-valued logic
+def _leaf(expr: Compare | IsDefined | In | StringTest, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # one return per case of three-valued logic
+    """A comparison or a function: None when undefined (a name missing, types that differ)."""
     match expr:
         case Compare(op, left, right):
             a, b = _resolve(left, lookup), _resolve(right, lookup)
@@ -260,7 +330,30 @@ def _evaluate(expr: Expr, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # on
                 return None
             return _compare(op, a, b)
         case IsDefined(name):
-            return not isinstance(lookup(name.path), _Undefined)
+            found = lookup(name.path)
+            return isinstance(found, _Composite) or not isinstance(found, _Undefined)
+        case In(operand, choices, negated):
+            subject = _resolve(operand, lookup)
+            if isinstance(subject, _Undefined):
+                return None
+            options = [_resolve(choice, lookup) for choice in choices]
+            member = any(
+                not isinstance(option, _Undefined) and _compare("=", subject, option)
+                for option in options
+            )
+            return member != negated
+        case StringTest(function, operand, affix):
+            text, part = _resolve(operand, lookup), _resolve(affix, lookup)
+            if not isinstance(text, str) or not isinstance(part, str):
+                return None
+            return text.startswith(part) if function == "STARTSWITH" else text.endswith(part)
+    raise AssertionError(f"unknown expression {expr!r}")
+
+
+def _evaluate(expr: Expr, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # one return per case of three-valued logic
+    match expr:
+        case Constant(constant):
+            return constant
         case Not(operand):
             inner = _evaluate(operand, lookup)
             return None if inner is None else not inner
@@ -274,7 +367,7 @@ def _evaluate(expr: Expr, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # on
             if a is True or b is True:
                 return True
             return None if a is None or b is None else False
-    raise AssertionError(f"unknown expression {expr!r}")
+    return _leaf(expr, lookup)
 
 
 def matches(expr: Expr, lookup: Lookup) -> bool:

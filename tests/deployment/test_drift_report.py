@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -61,7 +62,12 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, i
                 max_features=32,
                 wall_clock=START + clock.now,
             )
-            envelope = {"SystemProperties": {"connectionDeviceId": device}, "Body": body}
+            # As IoT Hub routing stores messages: the JSON itself, or base64 when the message
+            # did not say application/json.
+            stored: object = body
+            if window % 2:
+                stored = base64.b64encode(json.dumps(body).encode()).decode()
+            envelope = {"SystemProperties": {"connectionDeviceId": device}, "Body": stored}
             lines.append(json.dumps(envelope))
         lines.append(json.dumps({"Body": {"schema": "agent-latency/1"}}))  # other telemetry
         (routed / f"{device}.json").write_text("\n".join(lines))
