@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
+from azure.storage.blob import ContainerClient
 
 from deployment.baseline import (
     BaselineOptions,
@@ -17,7 +19,13 @@ from deployment.baseline import (
     model_outputs,
     window_sizes_arg,
 )
-from deployment.drift_report import load_baselines, merge_profiles, read_profiles, write_reports
+from deployment.drift_report import (
+    load_baselines,
+    merge_profiles,
+    read_blob_profiles,
+    read_profiles,
+    write_reports,
+)
 
 log = structlog.get_logger("deployment")
 
@@ -49,7 +57,16 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _drift_report(args: argparse.Namespace) -> int:
-    profiles = read_profiles(args.profiles)
+    if not args.profiles and not args.container:
+        raise ValueError("give --profiles, --container, or both")
+    profiles = read_profiles(args.profiles or [])
+    if args.container:
+        connection = os.environ.get(args.connection_string_env)
+        if not connection:
+            raise ValueError(f"set {args.connection_string_env} to read container {args.container}")
+        container = ContainerClient.from_connection_string(connection, args.container)
+        with container:
+            profiles += read_blob_profiles(container, args.prefix)
     fleet = merge_profiles(profiles, load_baselines(args.baseline), args.bucket_seconds)
     written = write_reports(fleet, args.output)
     log.info("drift_report_written", profiles=len(profiles), pages=[str(p) for p in written])
@@ -83,8 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     baseline.set_defaults(run=_baseline)
 
     report = commands.add_parser("drift-report", help="merge fleet drift profiles into HTML")
+    report.add_argument("--profiles", type=Path, nargs="+", help="routed telemetry files/folders")
+    report.add_argument("--container", help="a Blob container that IoT Hub routes telemetry to")
+    report.add_argument("--prefix", default="", help="only blobs under this prefix")
     report.add_argument(
-        "--profiles", type=Path, nargs="+", required=True, help="routed telemetry files/folders"
+        "--connection-string-env",
+        default="AZURE_STORAGE_CONNECTION_STRING",
+        help="the variable holding the storage connection string (never a flag: it is a secret)",
     )
     report.add_argument(
         "--baseline", type=Path, nargs="+", required=True, help="the baseline packs they name"
