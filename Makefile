@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps azurite demo test lint typecheck bench clean
+.PHONY: setup system-deps azurite image demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -19,15 +19,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
-# (Debian) and Azurite (npm); Chromium (Debian) renders the drift report headless.
+# (Debian), Azurite (npm), a Docker engine (Debian's docker.io: dockerd, containerd, runc),
+# debootstrap, which makes the image's base from Debian packages where no registry is reachable,
+# and Chromium (Debian), which renders the drift report headless.
+SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap chromium
 system-deps: azurite
-	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
+	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager >/dev/null; }
-	@command -v chromium >/dev/null || { \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	    prometheus prometheus-alertmanager docker.io debootstrap chromium >/dev/null; }
 
 # Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
 # finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
@@ -41,7 +42,12 @@ $(AZURITE):
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
 	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
-demo: setup
+# The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
+# none runs (and stops it after); says whether the base was pulled or made with debootstrap.
+image: setup system-deps
+	$(PY) -m deployment.image build $(ARGS)
+
+demo: setup $(if $(findstring --container,$(ARGS)),system-deps)
 	$(PY) -m demo $(ARGS)
 
 lint: setup
@@ -54,13 +60,14 @@ test: setup system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Each benchmark writes bench/results/<name>.json and prints it as its last line.
-bench: setup
+bench: setup system-deps
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.overhead
 	$(PY) -m bench.http
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
 	$(PY) -m bench.fleet
+	$(PY) -m bench.image
 	$(PY) -m bench.drift
 
 clean:
