@@ -25,7 +25,7 @@ from prometheus_client import Counter
 
 import agent
 from agent.observation.drift import PROFILE_SCHEMA
-from agent.observation.watch import ALERT_SCHEMA, Sinks
+from agent.observation.watch import Sinks
 from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
 from agent.standalone import Agent
@@ -343,7 +343,9 @@ class EdgeModule:
         self.outbox.put(TELEMETRY, message, PROFILE_SCHEMA)
 
     def _drift_alert(self, message: dict[str, Any]) -> None:
-        self.outbox.put(ALERTS, message, ALERT_SCHEMA)
+        # The module's one alert shape: {kind, at, details}.
+        details = {k: v for k, v in message.items() if k not in ("schema", "event")}
+        self._alert(str(message["event"]), details)
         self.reported.update(self.entries.patch([str(message["model"])]))
 
     def _alert(self, kind: str, details: dict[str, Any]) -> None:
