@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry
 from agent.app import App, Service, idle_forever
 from agent.observation.limits import Limits, read_limits
 from agent.observation.metrics import InferenceMetrics, register_process_metrics
-from agent.observation.watch import Observer, ObserverTicks
 from agent.observation.resources import ResourceCollector
+from agent.observation.watch import Observer, ObserverTicks
 from agent.releases.download import Downloader
 from agent.releases.folder import FolderSource
 from agent.releases.store import ModelStore, StoreError

@@ -25,8 +25,8 @@ from prometheus_client import Counter
 
 import agent
 from agent.observation.drift import PROFILE_SCHEMA
-from agent.observation.watch import Sinks
 from agent.observation.profile import HeadroomAlarm
+from agent.observation.watch import Sinks
 from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
 from agent.standalone import Agent
@@ -358,6 +358,7 @@ class EdgeModule:
         details = {k: v for k, v in message.items() if k not in ("schema", "event")}
         self._alert(str(message["event"]), details)
         self.reported.update(self.entries.patch([str(message["model"])]))
+
     def _on_profile(self, profile: dict[str, Any]) -> None:
         self.reported.update({"profile": profile})
 
