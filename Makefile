@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps azurite demo test lint typecheck bench clean
+.PHONY: setup system-deps azurite image demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -19,12 +19,15 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
-# (Debian) and Azurite (npm).
+# (Debian), Azurite (npm), a Docker engine (Debian's docker.io: dockerd, containerd, runc) and
+# debootstrap, which makes the image's base from Debian packages where no registry is reachable.
+SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap
 system-deps: azurite
-	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
+	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager >/dev/null; }
+	    prometheus prometheus-alertmanager docker.io debootstrap >/dev/null; }
 
 # Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
 # finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
@@ -38,7 +41,12 @@ $(AZURITE):
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
 	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
-demo: setup
+# The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
+# none runs (and stops it after); says whether the base was pulled or made with debootstrap.
+image: setup system-deps
+	$(PY) -m deployment.image build $(ARGS)
+
+demo: setup $(if $(findstring --container,$(ARGS)),system-deps)
 	$(PY) -m demo $(ARGS)
 
 lint: setup
@@ -51,13 +59,15 @@ test: setup system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Each benchmark writes bench/results/<name>.json and prints it as its last line.
-bench: setup
+bench: setup system-deps
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.overhead
 	$(PY) -m bench.http
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
+	$(PY) -m bench.rollout
 	$(PY) -m bench.fleet
+	$(PY) -m bench.image
 
 clean:
 	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache

@@ -1,1 +1,1 @@
-"""Shared test helpers: fakes with real behaviour (no mocks)."""
+"""Shared test helpers: fakes with real behaviour (no mocks), and pytest plugins (docker.py)."""
