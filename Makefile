@@ -19,15 +19,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
-# (Debian), Azurite (npm), a Docker engine (Debian's docker.io: dockerd, containerd, runc) and
-# debootstrap, which makes the image's base from Debian packages where no registry is reachable.
-SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap
+# (Debian), Azurite (npm), a Docker engine (Debian's docker.io: dockerd, containerd, runc),
+# debootstrap, which makes the image's base from Debian packages where no registry is reachable,
+# and Chromium (Debian), which renders the drift report headless.
+SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap chromium
 system-deps: azurite
 	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
 	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager docker.io debootstrap >/dev/null; }
+	    prometheus prometheus-alertmanager docker.io debootstrap chromium >/dev/null; }
 
 # Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
 # finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
@@ -69,6 +70,7 @@ bench: setup system-deps
 	$(PY) -m bench.rollout
 	$(PY) -m bench.fleet
 	$(PY) -m bench.image
+	$(PY) -m bench.drift
 
 clean:
 	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache

@@ -40,6 +40,7 @@ class Reason(enum.StrEnum):
     RESOURCE_LIMIT = "resource_limit"  # killed or out of memory in quarantine
     LOAD_TIMEOUT = "load_timeout"  # out of CPU or wall time in quarantine
     CRASHED_DURING_INSTALL = "crashed_during_install"  # the agent died loading or trying it
+    BASELINE_INVALID = "baseline_invalid"  # the drift baseline pack is not usable
     # -- rollbacks ---------------------------------------------------------------------
     PROBATION_ERRORS = "probation_errors"
     PROBATION_LATENCY = "probation_latency"

@@ -22,6 +22,7 @@ from agent.app import App, Service, idle_forever
 from agent.observation.limits import Limits, read_limits
 from agent.observation.metrics import InferenceMetrics, register_process_metrics
 from agent.observation.resources import ResourceCollector
+from agent.observation.watch import Observer, ObserverTicks
 from agent.releases.download import Downloader
 from agent.releases.folder import FolderSource
 from agent.releases.quarantine import Quarantine
@@ -120,6 +121,8 @@ class Agent:
         register_process_metrics(self.registry)
         self.resources = ResourceCollector(self.registry, limits=self.limits)
         self.metrics = InferenceMetrics(self.registry)
+        # Drift and quality of what is served; adapters set its sinks and drift settings.
+        self.observer = Observer(self.registry)
         log.info(
             "runtime_limits",
             **self.limits.as_json(),
@@ -140,12 +143,14 @@ class Agent:
             self._sources += self._managed()
 
     def _new_service(self, name: str) -> InferenceService:
-        return InferenceService(
+        service = InferenceService(
             name,
             self.metrics,
             policy=self.settings.batching,
             limits=self.settings.limits,
         )
+        service.observer = self.observer
+        return service
 
     def _managed(self) -> list[Service]:
         settings = self.settings
@@ -175,8 +180,12 @@ class Agent:
             batching=settings.batching,
             probation=settings.probation,
             quarantine=Quarantine(settings.quarantine) if settings.quarantine.enabled else None,
+            observer=self.observer,
         )
-        sources: list[Service] = [ManagedModels(store, self.manager, self.services)]
+        sources: list[Service] = [
+            ManagedModels(store, self.manager, self.services),
+            ObserverTicks(self.observer),
+        ]
         folder = settings.folder
         if folder.watch_dir is not None:
             sources.append(

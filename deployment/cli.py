@@ -21,7 +21,7 @@ from rich.console import Console
 
 from agent.logs import configure_logging
 from agent.releases.manifest import KeyConfigError, parse_trusted_keys
-from deployment import config, rollout, signing, template
+from deployment import config, drift_cli, rollout, signing, template
 from deployment.errors import PublisherError, Reason
 from deployment.publisher import HubFactory, Publisher, Services, _azure_hub
 
@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     _registry_commands(commands)
     _rollout_commands(commands)
     _other_commands(commands)
+    drift_cli.add_commands(commands)
     return parser
 
 
@@ -221,6 +222,8 @@ def _dispatch(
     err: Console,
     hub_factory: HubFactory,
 ) -> int:
+    if args.command in drift_cli.COMMANDS:
+        return drift_cli.run(args, environ, err.file)
     if args.command == "keygen":
         generated = signing.generate(args.out)
         out.print(f"key id: {generated.key_id}", markup=False)

@@ -309,6 +309,7 @@ class Publisher:
             if baseline_blob:
                 baseline = {
                     "sha256": entry.tags["baseline_sha256"],
+                    "size": int(entry.tags["baseline_size"]),
                     "url": blobs.read_url(baseline_blob, now + valid_for, now),
                 }
         with tempfile.TemporaryDirectory() as folder:

@@ -125,7 +125,7 @@ def unsigned_manifest(
     created: datetime,
     valid_for: timedelta | None = None,
     contract_change: bool = False,
-    baseline: dict[str, str] | None = None,
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are."""
     unsigned: dict[str, Any] = {
@@ -140,6 +140,7 @@ def unsigned_manifest(
     if contract_change:
         unsigned["contract_change"] = True
     if baseline is not None:
+        unsigned["schema"] = 2  # the first manifest schema with a baseline (sha256, size, url)
         unsigned["baseline"] = baseline
     return unsigned
 
@@ -156,8 +157,10 @@ def build_manifest(
     valid_for: timedelta | None = None,
     golden_atol: float | None = 1e-4,
     contract_change: bool = False,
+    baseline: tuple[bytes, str] | None = None,
 ) -> dict[str, Any]:
-    """A signed manifest for `model` served at `url` (no checks: tests sign bad models too)."""
+    """A signed manifest for `model` served at `url` (no checks: tests sign bad models too);
+    `baseline` is the drift baseline pack's bytes and the URL it is served at."""
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     unsigned = unsigned_manifest(
         _fields(model, session, golden_atol),
@@ -167,5 +170,14 @@ def build_manifest(
         created=created or datetime.now(UTC),
         valid_for=valid_for,
         contract_change=contract_change,
+        baseline=(
+            {
+                "sha256": hashlib.sha256(baseline[0]).hexdigest(),
+                "size": len(baseline[0]),
+                "url": baseline[1],
+            }
+            if baseline is not None
+            else None
+        ),
     )
     return sign_manifest(unsigned, key, key_id)

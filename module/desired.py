@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.observation.drift import DriftSettings
 from agent.reasons import Reason
 
 # IoT Hub caps desired properties at 32 KB, strings at 4 KB and depth at 10 levels; a document
@@ -44,14 +45,14 @@ class DesiredState(BaseModel):
     one release (`{"model": m}` means `{"models": {m.name: m}}`); a document uses one or the
     other. Manifests stay plain documents: their own signatures cover them, and the model
     manager verifies them (a typed copy could not be checked against the signature).
-    `drift` is reserved for drift monitoring and kept as given.
+    `drift` tunes drift watching (window, sampling, features, threshold), strictly typed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     models: dict[str, dict[str, Any]] | None = None
     model: dict[str, Any] | None = None
-    drift: dict[str, Any] | None = None
+    drift: DriftSettings = DriftSettings()  # frozen: one shared default is safe
     telemetry: TelemetrySettings = TelemetrySettings()  # frozen: one shared default is safe
 
     def releases(self) -> dict[str, dict[str, Any]]:

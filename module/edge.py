@@ -24,19 +24,22 @@ from azure.iot.device.aio import IoTHubModuleClient
 from prometheus_client import Counter
 
 import agent
+from agent.observation.drift import PROFILE_SCHEMA
 from agent.observation.profile import HeadroomAlarm
+from agent.observation.watch import Sinks
 from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
 from agent.standalone import Agent
 from agent.ticks import ticks
 from module.connection import ClientFactory, HubConnection
 from module.desired import Apply, Ignore, Reconciler, Reject
+from module.feedback import FeedbackRoute
 from module.methods import DirectMethods
 from module.outbox import OutboundMessage, Outbox
 from module.reported import ModelEntries, ReportedProperties
 from module.routes import InferRoute, RouteMetrics, json_message
 from module.settings import ModuleSettings
-from module.telemetry import Health, Telemetry
+from module.telemetry import TELEMETRY, Health, Telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +85,7 @@ class EdgeModule:
             default_model=self.default_model,
             max_in_flight=settings.max_route_in_flight,
             max_input_bytes=settings.max_input_bytes,
+            feedback=FeedbackRoute(agent_.observer, route_metrics),
         )
         self.methods = DirectMethods(
             self.connection,
@@ -124,6 +128,12 @@ class EdgeModule:
         self.entries = ModelEntries(manager.statuses)
         self.entries.add_section("probation", self._probation_of)
         self.entries.add_section("health", self._health_of)
+        observer = agent_.observer
+        self.entries.add_section("drift", observer.drift_entry)
+        self.entries.add_section("quality", observer.quality_entry)
+        # Window profiles leave as telemetry; drift and quality state changes as alerts and
+        # in the model's reported entry.
+        observer.sinks = Sinks(profile=self._drift_profile, alert=self._drift_alert)
         # Names in the reported `rejected` section: entries leave it as they leave the manager.
         self._rejected_shown: set[str] = set()
         self._desired_refusals: dict[str, dict[str, Any]] = {}
@@ -258,6 +268,7 @@ class EdgeModule:
             return
         self._desired_updates.labels("applied").inc()
         self.telemetry.retune(action.state.telemetry)
+        self._agent.observer.configure(action.state.drift)
         self.reported.update(
             {
                 "desired": {
@@ -338,6 +349,15 @@ class EdgeModule:
         # Health and probation counters change with every request: sent at telemetry
         # cadence, not per change.
         self.reported.update(self.entries.patch(self._manager.statuses))
+
+    def _drift_profile(self, message: dict[str, Any]) -> None:
+        self.outbox.put(TELEMETRY, message, PROFILE_SCHEMA)
+
+    def _drift_alert(self, message: dict[str, Any]) -> None:
+        # The module's one alert shape: {kind, at, details}.
+        details = {k: v for k, v in message.items() if k not in ("schema", "event")}
+        self._alert(str(message["event"]), details)
+        self.reported.update(self.entries.patch([str(message["model"])]))
 
     def _on_profile(self, profile: dict[str, Any]) -> None:
         self.reported.update({"profile": profile})

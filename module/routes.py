@@ -12,6 +12,7 @@ import itertools
 import json
 import uuid
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import structlog
 from azure.iot.device import Message
@@ -26,15 +27,20 @@ from module.connection import HubConnection
 log = structlog.get_logger(__name__)
 
 INFER_INPUT = "infer"
+FEEDBACK_INPUT = "feedback"
 PREDICTIONS = "predictions"
 MAX_ROUTE_MESSAGE_BYTES = 255 * 1024  # IoT Hub's 256 KB, less room for the properties
+
+
+class FeedbackHandler(Protocol):
+    def handle(self, message: Message) -> None: ...
 
 
 class RouteMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.messages = Counter(
             "agent_route_messages",
-            "Messages on the infer input, by outcome.",
+            "Messages on the infer and feedback inputs, by outcome.",
             ["outcome"],
             registry=registry,
         )
@@ -61,6 +67,7 @@ class InferRoute:
         default_model: Callable[[], str | None],
         max_in_flight: int,
         max_input_bytes: int,
+        feedback: FeedbackHandler | None = None,
     ) -> None:
         self._connection = connection
         self._models = models
@@ -69,6 +76,7 @@ class InferRoute:
         self._default_model = default_model
         self._slots = asyncio.Semaphore(max_in_flight)
         self._max_input_bytes = max_input_bytes
+        self._feedback = feedback
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
         # Unique per message without a uuid4 each: os.urandom releases the GIL, and on the
@@ -83,6 +91,9 @@ class InferRoute:
             message = await messages.get()
             if not self.accepting:
                 self._counts.labels("dropped_stopping").inc()
+                continue
+            if message.input_name == FEEDBACK_INPUT and self._feedback is not None:
+                self._feedback.handle(message)  # synchronous and cheap: no slot needed
                 continue
             if message.input_name != INFER_INPUT:
                 self._counts.labels("unknown_input").inc()
@@ -140,6 +151,7 @@ class InferRoute:
                 metrics=self._metrics,
                 max_input_bytes=self._max_input_bytes,
                 json_only=True,
+                correlation_id=message.correlation_id or message.message_id,
             )
         ).body
         if len(payload) > MAX_ROUTE_MESSAGE_BYTES:

@@ -231,7 +231,9 @@ class StoreState:
     def installed(self, name: str, ref: ModelRef) -> StoreState:
         """``ref`` failed cleanly or has served its first requests: no longer on trial."""
         rec = self.record(name)
-        if rec.installing != ref:
+        # The release, whatever drift baseline its ref carries.
+        on_trial = rec.installing
+        if on_trial is None or (on_trial.version, on_trial.sha256) != (ref.version, ref.sha256):
             return self
         return self._with(name, replace(rec, installing=None))
 

@@ -17,7 +17,7 @@ from agent.releases.download import Downloader, DownloadPolicy
 from agent.releases.lifecycle import ModelStatus, ProbationPolicy
 from agent.releases.quarantine import Quarantine
 from agent.releases.store import ModelStore
-from agent.releases.swap import HttpsArtifacts, ModelManager
+from agent.releases.swap import HttpsArtifacts, ModelManager, ReleaseObserver
 from agent.serving.inference import InferenceService
 from deployment.release import build_manifest
 from tests.agent.artifact_server import Artifact, ArtifactServer, TestPki
@@ -75,6 +75,7 @@ def make_device(
     probation: ProbationPolicy | None = None,
     store_factory: Callable[[Path], ModelStore] = ModelStore,
     quarantine: Quarantine | None = None,
+    observer: ReleaseObserver | None = None,
 ) -> Device:
     registry = CollectorRegistry()
     metrics = InferenceMetrics(registry)
@@ -99,6 +100,7 @@ def make_device(
         ),
         listeners=[reports.append],
         quarantine=quarantine,
+        observer=observer,
     )
     manager.add_rejection_listener(reports.append)
     return Device(manager, store, services, registry, reports)
