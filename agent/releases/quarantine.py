@@ -378,7 +378,7 @@ class Quarantine:
     ) -> QuarantineResult:
         job = _Job(
             model_path=str(model_path),
-            manifest=manifest.model_dump_json(),
+            manifest=manifest.model_dump_json(by_alias=True),
             intra_op_threads=runtime.intra_op_threads,
             inter_op_threads=runtime.inter_op_threads,
             optimization=runtime.optimization,
