@@ -10,8 +10,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent.logs import configure_logging
-from agent.serving import build_app, run_process
 from agent.settings import AgentSettings
+from agent.standalone import build_app, run_process
 
 EXIT_USAGE = 2
 

@@ -9,12 +9,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.contract import RequestLimits
-from agent.download import DownloadPolicy
-from agent.engine import GraphOptimization, RuntimeOptions
-from agent.inference import BatchingPolicy
-from agent.lifecycle import ProbationPolicy
-from agent.swap import SwapSettings
+from agent.releases.download import DownloadPolicy
+from agent.releases.lifecycle import ProbationPolicy
+from agent.releases.swap import SwapSettings
+from agent.serving.contract import RequestLimits
+from agent.serving.engine import GraphOptimization, RuntimeOptions
+from agent.serving.inference import BatchingPolicy
 
 ENV_PREFIX = "EDGEML_"
 

@@ -48,7 +48,7 @@ def _onnx_runner(path: Path) -> Callable[[], object]:
     import numpy as np  # noqa: PLC0415  # only the diagnostic pays for these imports
     import onnxruntime as ort  # noqa: PLC0415
 
-    from agent.engine import RuntimeOptions  # noqa: PLC0415
+    from agent.serving.engine import RuntimeOptions  # noqa: PLC0415
 
     session = ort.InferenceSession(
         path.read_bytes(),

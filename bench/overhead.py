@@ -25,9 +25,9 @@ import numpy as np
 import onnxruntime as ort
 from prometheus_client import CollectorRegistry
 
-from agent.engine import LoadedModel, RuntimeOptions, load_model
-from agent.inference import BatchingPolicy, InferenceService
-from agent.metrics import InferenceMetrics
+from agent.observation.metrics import InferenceMetrics
+from agent.serving.engine import LoadedModel, RuntimeOptions, load_model
+from agent.serving.inference import BatchingPolicy, InferenceService
 from deployment.example_models import mid_mlp, tiny_mlp
 
 RESULTS = Path(__file__).parent / "results" / "overhead.json"

@@ -81,7 +81,7 @@ from azure.iot.device.aio import IoTHubModuleClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.manifest import public_key_to_b64
+from agent.releases.manifest import public_key_to_b64
 from bench._machine import machine_busy, stop, wait_for_quiet_machine
 from deployment.example_models import tiny_mlp
 from deployment.release import build_manifest

@@ -63,7 +63,7 @@ import onnxruntime as ort
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.manifest import public_key_to_b64, sign_manifest
+from agent.releases.manifest import public_key_to_b64, sign_manifest
 from bench._loadgen import check_answer
 from deployment.example_models import mid_mlp
 from deployment.release import build_manifest

@@ -37,7 +37,7 @@ from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import Twin, TwinProperties
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.manifest import public_key_to_b64
+from agent.releases.manifest import public_key_to_b64
 from demo.artifacts import ArtifactServer
 from deployment.example_models import tiny_mlp
 from deployment.release import build_manifest

@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.contract import NUMPY_TO_V2, ModelContract, TensorSpec
-from agent.engine import read_contract
-from agent.manifest import sign_manifest
+from agent.releases.manifest import sign_manifest
+from agent.serving.contract import NUMPY_TO_V2, ModelContract, TensorSpec
+from agent.serving.engine import read_contract
 
 
 def _spec_json(spec: TensorSpec) -> dict[str, Any]:

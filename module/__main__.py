@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from agent.app import App
 from agent.logs import configure_logging
-from agent.serving import Agent, run_process
 from agent.settings import AgentSettings
+from agent.standalone import Agent, run_process
 from module.edge import EdgeModule
 from module.settings import ModuleSettings
 

@@ -27,11 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import agent
 from agent.app import App
-from agent.contract import RequestError
-from agent.lifecycle import ModelState, ModelStatus, SwapError
-from agent.profile import live_profile, take_snapshot, window_profile
-from agent.protocol import decode_infer_request, encode_infer_response
-from agent.serving import Agent
+from agent.observation.profile import live_profile, take_snapshot, window_profile
+from agent.releases.lifecycle import ModelState, ModelStatus, SwapError
+from agent.serving.contract import RequestError
+from agent.serving.protocol import decode_infer_request, encode_infer_response
+from agent.standalone import Agent
 from agent.ticks import ticks
 from module.desired import Apply, DesiredState, Ignore, Reconciler, Reject, describe
 from module.outbox import OutboundMessage, Outbox

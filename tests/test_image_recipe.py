@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.manifest import public_key_to_b64
+from agent.releases.manifest import public_key_to_b64
 from deployment.example_models import tiny_mlp
 from deployment.release import build_manifest
 from simulator.hub import Simulator, pick_loopback_host, wait_until
@@ -554,7 +554,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
 @pytest.mark.parametrize(
     ("dockerignore", "path", "ignored"),
     [
-        ("*\n!agent/", "agent/engine.py", False),
+        ("*\n!agent/", "agent/serving/engine.py", False),
         ("*\n!agent/", "deployment/publish.py", True),
         ("*\n!agent/\n**/__pycache__", "agent/__pycache__/engine.pyc", True),
         ("**/__pycache__", "__pycache__/x.pyc", True),  # `**/` matches no directory too
@@ -562,7 +562,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
         ("*.md\n!README.md", "NOTES.md", True),
         ("docs", "docs/a/b.txt", True),  # an ignored directory takes its files along
         ("*/tmp", "a/b/tmp", False),  # `*` does not cross a slash
-        ("# *", "agent/engine.py", False),
+        ("# *", "agent/serving/engine.py", False),
     ],
 )
 def test_dockerignore_matching_follows_docker(dockerignore: str, path: str, ignored: bool) -> None:
@@ -631,7 +631,7 @@ def test_builder_installs_the_project_without_extras(recipe: Recipe) -> None:
 
 def test_dockerignore_keeps_only_the_device_packages() -> None:
     rules = dockerignore_rules(DOCKERIGNORE.read_text())
-    assert not is_ignored("agent/engine.py", rules)
+    assert not is_ignored("agent/serving/engine.py", rules)
     assert not is_ignored("pyproject.toml", rules)
     assert not is_ignored("README.md", rules)
     for ignored in (

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.store import WritableFile
+from agent.releases.store import WritableFile
 
 # --- a disk that fills up ------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ class _BudgetFile:
 
 @dataclass
 class FullDisk:
-    """An ``Opener`` for :class:`agent.store.ModelStore` whose files share ``budget`` bytes."""
+    """An ``Opener`` for :class:`agent.releases.store.ModelStore`: files share ``budget`` bytes."""
 
     budget: int
     written: int = 0

@@ -15,10 +15,10 @@ import aiohttp
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from agent.engine import LoadedModel, RuntimeOptions, load_model
-from agent.http import HttpService, MetricsService, ServedModel
-from agent.inference import InferenceService, ModelMetadata
-from agent.metrics import InferenceMetrics
+from agent.observation.metrics import InferenceMetrics
+from agent.serving.engine import LoadedModel, RuntimeOptions, load_model
+from agent.serving.http import HttpService, MetricsService, ServedModel
+from agent.serving.inference import InferenceService, ModelMetadata
 from deployment.example_models import tiny_mlp
 
 TINY_FEATURES = 32

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 
-from agent.engine import LoadedModel, RuntimeOptions, load_model
+from agent.serving.engine import LoadedModel, RuntimeOptions, load_model
 from deployment.example_models import mid_mlp, tiny_mlp
 
 TINY_FEATURES = 32

@@ -12,12 +12,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from prometheus_client import CollectorRegistry
 
-from agent.download import Downloader, DownloadPolicy
-from agent.inference import InferenceService
-from agent.lifecycle import ModelStatus, ProbationPolicy
-from agent.metrics import InferenceMetrics
-from agent.store import ModelStore
-from agent.swap import HttpsArtifacts, ModelManager, SwapSettings
+from agent.observation.metrics import InferenceMetrics
+from agent.releases.download import Downloader, DownloadPolicy
+from agent.releases.lifecycle import ModelStatus, ProbationPolicy
+from agent.releases.store import ModelStore
+from agent.releases.swap import HttpsArtifacts, ModelManager, SwapSettings
+from agent.serving.inference import InferenceService
 from deployment.release import build_manifest
 from tests.agent.artifact_server import Artifact, ArtifactServer, TestPki
 

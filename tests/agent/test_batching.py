@@ -7,8 +7,8 @@ from collections.abc import Hashable
 import numpy as np
 import pytest
 
-from agent.batching import batch_key, split, stack, take_batch
-from agent.engine import CostModel, fit_cost
+from agent.serving.batching import batch_key, split, stack, take_batch
+from agent.serving.engine import CostModel, fit_cost
 
 A, B = "a", "b"
 

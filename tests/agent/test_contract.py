@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.contract import ModelContract, RequestError, RequestLimits, TensorSpec, validate_inputs
+from agent.serving.contract import (
+    ModelContract,
+    RequestError,
+    RequestLimits,
+    TensorSpec,
+    validate_inputs,
+)
 
 CONTRACT = ModelContract(
     inputs=(

@@ -19,7 +19,7 @@ from aiohttp.resolver import DefaultResolver
 from structlog.testing import capture_logs
 from yarl import URL
 
-from agent.download import (
+from agent.releases.download import (
     ContentRange,
     DeliveryError,
     DeliveryReason,
@@ -33,7 +33,7 @@ from agent.download import (
     parse_retry_after,
     redact_url,
 )
-from agent.store import ModelRef, ModelStore, StoreState
+from agent.releases.store import ModelRef, ModelStore, StoreState
 from tests.agent.artifact_server import (
     Artifact,
     ArtifactServer,

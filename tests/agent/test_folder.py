@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from agent.folder import MAX_MANIFEST_BYTES, FolderArtifacts, FolderSource
-from agent.inference import InferenceService
-from agent.lifecycle import ModelState, ModelStatus, ProbationPolicy
-from agent.metrics import InferenceMetrics
-from agent.store import ModelStore
-from agent.swap import ModelManager, SwapSettings
+from agent.observation.metrics import InferenceMetrics
+from agent.releases.folder import MAX_MANIFEST_BYTES, FolderArtifacts, FolderSource
+from agent.releases.lifecycle import ModelState, ModelStatus, ProbationPolicy
+from agent.releases.store import ModelStore
+from agent.releases.swap import ModelManager, SwapSettings
+from agent.serving.inference import InferenceService
 from deployment.release import build_manifest
 from tests.agent.models import TINY_FEATURES, tiny_bytes
 

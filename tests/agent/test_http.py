@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.inference import InferenceService
-from agent.metrics import InferenceMetrics
-from agent.protocol import HEADER_LENGTH
+from agent.observation.metrics import InferenceMetrics
+from agent.serving.inference import InferenceService
+from agent.serving.protocol import HEADER_LENGTH
 from tests.agent.http_fixtures import (
     TINY_FEATURES,
     TINY_OUTPUTS,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.contract import ModelContract, RequestError, TensorSpec
-from agent.engine import CostModel, LoadedModel
-from agent.inference import BatchingPolicy, InferenceService
-from agent.metrics import InferenceMetrics
+from agent.observation.metrics import InferenceMetrics
+from agent.serving.contract import ModelContract, RequestError, TensorSpec
+from agent.serving.engine import CostModel, LoadedModel
+from agent.serving.inference import BatchingPolicy, InferenceService
 from tests.agent.models import MID_FEATURES, TINY_FEATURES, loaded, mid_bytes, tiny_bytes
 
 RNG = np.random.default_rng(7)

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.manifest import (
+from agent.releases.manifest import (
     KeyConfigError,
     ManifestReason,
     ManifestRejected,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.metrics import Distribution, InferenceMetrics
+from agent.observation.metrics import Distribution, InferenceMetrics
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.metrics import InferenceMetrics
-from agent.profile import Snapshot, live_profile, quantile, window_profile
+from agent.observation.metrics import InferenceMetrics
+from agent.observation.profile import Snapshot, live_profile, quantile, window_profile
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.contract import V2_TO_NUMPY, ModelContract, RequestError, TensorSpec
-from agent.protocol import (
+from agent.serving.contract import V2_TO_NUMPY, ModelContract, RequestError, TensorSpec
+from agent.serving.protocol import (
     EXTENSIONS,
     InferRequest,
     RequestedOutput,

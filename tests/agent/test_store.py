@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.store import (
+from agent.releases.store import (
     ModelRecord,
     ModelRef,
     ModelStore,

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.lifecycle import ModelState, ProbationPolicy, SwapError
-from agent.manifest import sign_manifest
-from agent.store import ModelStore
-from agent.swap import LOADER_NICENESS
+from agent.releases.lifecycle import ModelState, ProbationPolicy, SwapError
+from agent.releases.manifest import sign_manifest
+from agent.releases.store import ModelStore
+from agent.releases.swap import LOADER_NICENESS
 from deployment.example_models import mlp
 from tests.agent.artifact_server import Artifact, FullDisk, TestPki
 from tests.agent.models import TINY_FEATURES, mid_bytes, tiny_bytes

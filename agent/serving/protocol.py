@@ -27,7 +27,7 @@ from typing import Any, Final, TypeGuard
 import numpy as np
 import orjson
 
-from agent.contract import NUMPY_TO_V2, V2_TO_NUMPY, ModelContract, RequestError, TensorSpec
+from agent.serving.contract import NUMPY_TO_V2, V2_TO_NUMPY, ModelContract, RequestError, TensorSpec
 
 # The header that splits a body into a JSON part and a raw tensor part (both directions).
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"

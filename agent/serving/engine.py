@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from agent.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
+from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 

@@ -15,9 +15,9 @@ from typing import Final
 
 import numpy as np
 
-from agent.contract import V2_TO_NUMPY, ModelContract, TensorSpec
-from agent.manifest import Contract, Tensor
-from agent.manifest import TensorSpec as ManifestTensorSpec
+from agent.releases.manifest import Contract, Tensor
+from agent.releases.manifest import TensorSpec as ManifestTensorSpec
+from agent.serving.contract import V2_TO_NUMPY, ModelContract, TensorSpec
 
 
 class ModelState(enum.StrEnum):

@@ -19,16 +19,16 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from agent.app import App, Service, idle_forever
-from agent.download import Downloader
-from agent.engine import LoadedModel, ModelLoadError, load_model
-from agent.folder import FolderSource
-from agent.http import HttpService, MetricsService
-from agent.inference import InferenceService
-from agent.manifest import load_trusted_keys
-from agent.metrics import InferenceMetrics, register_process_metrics
+from agent.observation.metrics import InferenceMetrics, register_process_metrics
+from agent.releases.download import Downloader
+from agent.releases.folder import FolderSource
+from agent.releases.manifest import load_trusted_keys
+from agent.releases.store import ModelStore, StoreError
+from agent.releases.swap import HttpsArtifacts, ModelManager
+from agent.serving.engine import LoadedModel, ModelLoadError, load_model
+from agent.serving.http import HttpService, MetricsService
+from agent.serving.inference import InferenceService
 from agent.settings import AgentSettings
-from agent.store import ModelStore, StoreError
-from agent.swap import HttpsArtifacts, ModelManager
 
 log = structlog.get_logger(__name__)
 

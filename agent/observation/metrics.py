@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
-from agent.contract import RejectReason
+from agent.serving.contract import RejectReason
 
 # Sub-millisecond resolution: tiny models answer in tens of microseconds.
 LATENCY_BUCKETS: Final = (

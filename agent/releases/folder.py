@@ -36,11 +36,11 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from agent.download import DeliveryError, DeliveryReason
-from agent.lifecycle import ModelState
-from agent.manifest import ReleaseManifest
-from agent.store import PartFile, is_disk_full
-from agent.swap import ModelManager
+from agent.releases.download import DeliveryError, DeliveryReason
+from agent.releases.lifecycle import ModelState
+from agent.releases.manifest import ReleaseManifest
+from agent.releases.store import PartFile, is_disk_full
+from agent.releases.swap import ModelManager
 
 log = structlog.get_logger(__name__)
 

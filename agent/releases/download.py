@@ -54,7 +54,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from agent.store import WritableFile, is_disk_full
+from agent.releases.store import WritableFile, is_disk_full
 
 __all__ = [
     "ContentRange",
@@ -345,7 +345,7 @@ class _GuardedResolver(AbstractResolver):
 
 
 class PartSink(Protocol):
-    """Where the bytes go: :class:`agent.store.PartFile` is the production one."""
+    """Where the bytes go: :class:`agent.releases.store.PartFile` is the production one."""
 
     def open(self, *, append: bool) -> WritableFile: ...
 
@@ -425,7 +425,7 @@ class Downloader:
         self._wall_clock = wall_clock
         self._rng = rng or random.Random()  # noqa: S311 -- jitter, not cryptography
         self._log: structlog.typing.FilteringBoundLogger = logger or structlog.get_logger(
-            "agent.download"
+            "agent.releases.download"
         )
 
     async def fetch(self, url: str, *, sha256: str, size: int, part: PartSink) -> None:

@@ -21,9 +21,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from agent import __version__, protocol
-from agent.contract import ModelContract, RejectReason, RequestError
-from agent.metrics import InferenceMetrics
+from agent import __version__
+from agent.observation.metrics import InferenceMetrics
+from agent.serving import protocol
+from agent.serving.contract import ModelContract, RejectReason, RequestError
 
 DEFAULT_HTTP_PORT: Final = 8000
 DEFAULT_METRICS_PORT: Final = 9600
@@ -48,7 +49,7 @@ _JSON: Final = "application/json"
 
 
 class ModelMetadataView(Protocol):
-    """What the API shows of a model (`agent.inference.ModelMetadata` satisfies it)."""
+    """What the API shows of a model (`agent.serving.inference.ModelMetadata` satisfies it)."""
 
     @property
     def name(self) -> str: ...
@@ -63,7 +64,7 @@ class ModelMetadataView(Protocol):
 
 
 class ServedModel(Protocol):
-    """One served model name (`agent.inference.InferenceService` satisfies it)."""
+    """One served model name (`agent.serving.inference.InferenceService` satisfies it)."""
 
     @property
     def name(self) -> str: ...

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from agent.batching import batch_key, split, stack, take_batch
-from agent.contract import InputValidator, ModelContract, RequestError, RequestLimits
-from agent.engine import LoadedModel
-from agent.metrics import InferenceMetrics
+from agent.observation.metrics import InferenceMetrics
+from agent.serving.batching import batch_key, split, stack, take_batch
+from agent.serving.contract import InputValidator, ModelContract, RequestError, RequestLimits
+from agent.serving.engine import LoadedModel
 
 log = structlog.get_logger(__name__)
 

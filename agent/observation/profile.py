@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from agent.metrics import InferenceMetrics
+from agent.observation.metrics import InferenceMetrics
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,10 +31,8 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from agent.download import DeliveryError, DeliveryReason, Downloader
-from agent.engine import LoadedModel, ModelLoadError, RuntimeOptions, load_model
-from agent.inference import InferenceService
-from agent.lifecycle import (
+from agent.releases.download import DeliveryError, DeliveryReason, Downloader
+from agent.releases.lifecycle import (
     NO_BASELINE,
     ModelState,
     ModelStatus,
@@ -48,15 +46,24 @@ from agent.lifecycle import (
     golden_mismatches,
     judge_probation,
 )
-from agent.manifest import (
+from agent.releases.manifest import (
     ManifestRejected,
     ReleaseManifest,
     ReleaseStatus,
     check_version,
     verify_manifest,
 )
-from agent.onnx_check import HostileModel, inspect_model
-from agent.store import ModelRef, ModelStore, NoLastKnownGoodError, PartFile, StoreError, StoreState
+from agent.releases.onnx_check import HostileModel, inspect_model
+from agent.releases.store import (
+    ModelRef,
+    ModelStore,
+    NoLastKnownGoodError,
+    PartFile,
+    StoreError,
+    StoreState,
+)
+from agent.serving.engine import LoadedModel, ModelLoadError, RuntimeOptions, load_model
+from agent.serving.inference import InferenceService
 from agent.ticks import ticks
 
 log = structlog.get_logger(__name__)

@@ -352,7 +352,7 @@ class ModelStore:
         self._disk_usage = disk_usage
         self._wall_clock = wall_clock
         self._log: structlog.typing.FilteringBoundLogger = logger or structlog.get_logger(
-            "agent.store"
+            "agent.releases.store"
         )
         self._state = StoreState()
 

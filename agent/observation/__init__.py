@@ -1,0 +1,1 @@
+"""Observation: Prometheus metrics and latency profiles of what is served."""

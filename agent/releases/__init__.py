@@ -1,0 +1,1 @@
+"""Releases: signed manifests, verified downloads, the on-disk store and the hot swap."""
