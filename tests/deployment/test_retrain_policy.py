@@ -23,30 +23,30 @@ DRIFTING = FleetSignal(devices=10, drifting=4)
 
 
 @pytest.mark.parametrize(
-    ("now", "state", "signal", "data", "trigger", "hold"),
+    ("now", "state", "signal", "data", "expected"),
     [
         # Nothing new, not due: nothing to do.
-        (1_000.0, IDLE, QUIET, {"a.csv"}, None, Hold.NOTHING),
+        (1_000.0, IDLE, QUIET, {"a.csv"}, (None, Hold.NOTHING)),
         # One noisy device: never a trigger, whatever its streak.
-        (1_000.0, IDLE, FleetSignal(10, 1), {"a.csv"}, None, Hold.FEW_DEVICES),
+        (1_000.0, IDLE, FleetSignal(10, 1), {"a.csv"}, (None, Hold.FEW_DEVICES)),
         # Two devices of a thousand: under the share.
-        (1_000.0, IDLE, FleetSignal(1000, 2), {"a.csv"}, None, Hold.FEW_DEVICES),
+        (1_000.0, IDLE, FleetSignal(1000, 2), {"a.csv"}, (None, Hold.FEW_DEVICES)),
         # A fleet signal on its first poll only: wait for it to hold.
-        (1_000.0, IDLE, DRIFTING, {"a.csv"}, None, Hold.NOT_SUSTAINED),
+        (1_000.0, IDLE, DRIFTING, {"a.csv"}, (None, Hold.NOT_SUSTAINED)),
         # ... and on its second poll it triggers.
-        (1_000.0, ControllerState(0.0, 0.0, 1), DRIFTING, set(), Trigger.DRIFT, None),
+        (1_000.0, ControllerState(0.0, 0.0, 1), DRIFTING, set(), (Trigger.DRIFT, None)),
         # Sustained drift inside the cooldown waits.
-        (100.0, ControllerState(0.0, 0.0, 1), DRIFTING, set(), None, Hold.COOLDOWN),
+        (100.0, ControllerState(0.0, 0.0, 1), DRIFTING, set(), (None, Hold.COOLDOWN)),
         # New labelled data.
-        (1_000.0, IDLE, QUIET, {"a.csv", "b.csv"}, Trigger.NEW_DATA, None),
+        (1_000.0, IDLE, QUIET, {"a.csv", "b.csv"}, (Trigger.NEW_DATA, None)),
         # The schedule is due.
-        (90_000.0, IDLE, QUIET, {"a.csv"}, Trigger.SCHEDULE, None),
+        (90_000.0, IDLE, QUIET, {"a.csv"}, (Trigger.SCHEDULE, None)),
         # A first start with no history and a schedule.
-        (5.0, ControllerState(), QUIET, set(), Trigger.SCHEDULE, None),
+        (5.0, ControllerState(), QUIET, set(), (Trigger.SCHEDULE, None)),
         # A schedule that overlaps a running job waits for it.
-        (90_000.0, ControllerState(0.0, 0.0, busy=True), QUIET, set(), None, Hold.BUSY),
+        (90_000.0, ControllerState(0.0, 0.0, busy=True), QUIET, set(), (None, Hold.BUSY)),
         # Drift outranks the other triggers when several hold at once.
-        (90_000.0, ControllerState(0.0, 0.0, 1), DRIFTING, {"z.csv"}, Trigger.DRIFT, None),
+        (90_000.0, ControllerState(0.0, 0.0, 1), DRIFTING, {"z.csv"}, (Trigger.DRIFT, None)),
     ],
 )
 def test_decide(
@@ -54,11 +54,10 @@ def test_decide(
     state: ControllerState,
     signal: FleetSignal,
     data: set[str],
-    trigger: Trigger | None,
-    hold: Hold | None,
+    expected: tuple[Trigger | None, Hold | None],
 ) -> None:
     decision = decide(now, state, signal, frozenset(data), POLICY)
-    assert (decision.trigger, decision.hold) == (trigger, hold)
+    assert (decision.trigger, decision.hold) == expected
 
 
 def test_a_started_job_marks_its_data_seen_and_resets_the_streak() -> None:
