@@ -43,18 +43,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = AgentSettings.from_environment(
-            model_path=args.model,
-            model_name=args.name,
-            host=args.host,
-            http_port=args.http_port,
-            metrics_port=args.metrics_port,
-            state_dir=args.state_dir,
-            watch_dir=args.watch_dir,
+            overrides={
+                "model_path": args.model,
+                "model_name": args.name,
+                "host": args.host,
+                "http_port": args.http_port,
+                "metrics_port": args.metrics_port,
+                "state_dir": args.state_dir,
+                "watch_dir": args.watch_dir,
+            }
         )
     except (ValueError, ValidationError) as error:
         print(f"agent: invalid settings: {error}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log.log_level, settings.log.log_format)
     return run_process(lambda: build_app(settings), "agent")
 
 

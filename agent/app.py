@@ -38,7 +38,7 @@ class App:
         self,
         services: Sequence[Service],
         *,
-        grace_s: float = 8.0,
+        grace_s: float,
         clock: Callable[[], float] = time.monotonic,
         handle_signals: bool = True,
     ) -> None:

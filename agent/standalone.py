@@ -22,7 +22,6 @@ from agent.app import App, Service, idle_forever
 from agent.observation.metrics import InferenceMetrics, register_process_metrics
 from agent.releases.download import Downloader
 from agent.releases.folder import FolderSource
-from agent.releases.manifest import load_trusted_keys
 from agent.releases.store import ModelStore, StoreError
 from agent.releases.swap import HttpsArtifacts, ModelManager
 from agent.serving.engine import LoadedModel, ModelLoadError, load_model
@@ -67,10 +66,10 @@ class FileModelSource:
         return load_model(
             data,
             name=self._service.name,
-            version="1",
+            version=1,
             sha256=hashlib.sha256(data).hexdigest(),
-            options=self._settings.runtime_options(),
-            max_rows=self._settings.max_batch,
+            options=self._settings.runtime,
+            max_rows=self._settings.batching.max_rows,
         )
 
     async def stop(self, grace_s: float) -> None:
@@ -122,38 +121,43 @@ class Agent:
         return InferenceService(
             name,
             self.metrics,
-            policy=self.settings.batching_policy(),
-            limits=self.settings.request_limits(),
+            policy=self.settings.batching,
+            limits=self.settings.limits,
         )
 
     def _managed(self) -> list[Service]:
         settings = self.settings
-        pem_files = (
-            sorted(settings.trusted_keys_dir.glob("*.pem")) if settings.trusted_keys_dir else []
-        )
-        keys = load_trusted_keys(settings.trusted_keys, pem_files)
+        keys = settings.keys.load()
         if not keys:
             raise ValueError(
                 "no trusted manifest keys: set EDGEML_TRUSTED_KEYS or EDGEML_TRUSTED_KEYS_DIR "
                 "(or serve a single file with --model)"
             )
         tls = ssl.create_default_context()
-        if settings.artifact_ca_file is not None:
-            tls.load_verify_locations(cafile=str(settings.artifact_ca_file))
-        store = ModelStore(settings.state_dir, keep_old_artifacts=settings.keep_old_artifacts)
+        if settings.download.artifact_ca_file is not None:
+            tls.load_verify_locations(cafile=str(settings.download.artifact_ca_file))
+        store = ModelStore(
+            settings.store.state_dir,
+            keep_old_artifacts=settings.store.keep_old_artifacts,
+            free_space_margin_bytes=settings.store.free_space_margin_bytes,
+        )
         self.manager = ModelManager(
             store=store,
             trusted_keys=keys,
-            artifacts=HttpsArtifacts(Downloader(settings.download_policy(), ssl_context=tls)),
+            artifacts=HttpsArtifacts(Downloader(settings.download, ssl_context=tls)),
             services=self.services,
             service_factory=self._new_service,
             registry=self.registry,
-            settings=settings.swap_settings(),
+            settings=settings.swap,
+            runtime=settings.runtime,
+            batching=settings.batching,
+            probation=settings.probation,
         )
         sources: list[Service] = [ManagedModels(store, self.manager, self.services)]
-        if settings.watch_dir is not None:
+        folder = settings.folder
+        if folder.watch_dir is not None:
             sources.append(
-                FolderSource(settings.watch_dir, self.manager, debounce_s=settings.watch_debounce_s)
+                FolderSource(folder.watch_dir, self.manager, debounce_s=folder.watch_debounce_s)
             )
         return sources
 
@@ -170,14 +174,8 @@ class Agent:
         return [
             *self._sources,
             *extra,
-            MetricsService(self.registry, host=settings.host, port=settings.metrics_port),
-            HttpService(
-                self.services,
-                self.metrics,
-                host=settings.host,
-                port=settings.http_port,
-                max_body_bytes=settings.max_request_bytes,
-            ),
+            MetricsService(self.registry, settings.http),
+            HttpService(self.services, self.metrics, settings.http),
         ]
 
 

@@ -77,7 +77,7 @@ def _load(data: bytes, max_rows: int) -> LoadedModel:
     return load_model(
         data,
         name="bench",
-        version="1",
+        version=1,
         sha256=hashlib.sha256(data).hexdigest(),
         options=RuntimeOptions(intra_op_threads=1, inter_op_threads=1),
         max_rows=max_rows,

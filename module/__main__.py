@@ -9,35 +9,32 @@ store in `EDGEML_STATE_DIR`, and optionally `EDGEML_WATCH_DIR`.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from pydantic import ValidationError
 
 from agent.app import App
 from agent.logs import configure_logging
-from agent.settings import AgentSettings
 from agent.standalone import Agent, run_process
 from module.edge import EdgeModule
-from module.settings import ModuleSettings
+from module.settings import ModuleProcessSettings
 
 EXIT_USAGE = 2
 
 
 def main() -> int:
     try:
-        module_settings = ModuleSettings.from_environment()
-        settings = AgentSettings.from_environment(
-            also_known=ModuleSettings.environment_names(),
+        process = ModuleProcessSettings.from_environment(
             # Route messages arrive in bursts, and inside the module the SDK's threads take the
             # GIL whenever ONNX Runtime releases it, so a model call costs several times what
             # it does alone (bench/route.py): sharing calls pays even for a tiny model.
-            coalesce_above_us=None if "EDGEML_COALESCE_ABOVE_US" in os.environ else 0.0,
+            defaults={"coalesce_above_us": 0.0},
         )
+        settings, module_settings = process.agent, process.module
     except (ValueError, ValidationError) as error:
         print(f"module: invalid settings: {error}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log.log_level, settings.log.log_format)
 
     def build() -> App:
         agent = Agent(settings)

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import agent
 from agent.app import App
 from agent.observation.profile import live_profile, take_snapshot, window_profile
+from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus, SwapError
 from agent.serving.contract import RequestError
 from agent.serving.protocol import decode_infer_request, encode_infer_response
@@ -148,7 +149,7 @@ class EdgeModule:
         self.reported = ReportedProperties(self._send_reported, timeout_s=settings.call_timeout_s)
         self.outbox = Outbox(
             self._send_outbound,
-            settings.spool_dir or agent_.settings.state_dir / "spool",
+            settings.spool_dir or agent_.settings.store.state_dir / "spool",
             registry=agent_.registry,
             send_timeout_s=settings.call_timeout_s,
         )
@@ -494,7 +495,7 @@ class EdgeModule:
         name = self._model_for(message)
         service = self._agent.services.get(name) if name else None
         if service is None:
-            raise RequestError("unknown_model", f"no model {name!r} is served here")
+            raise RequestError(Reason.UNKNOWN_MODEL, f"no model {name!r} is served here")
         version, outputs = await service.infer_versioned(request.inputs, request.output_names)
         payload = encode_infer_response(
             model_name=service.name,
@@ -504,7 +505,7 @@ class EdgeModule:
         ).body
         if len(payload) > MAX_ROUTE_MESSAGE_BYTES:
             raise RequestError(
-                "too_large",
+                Reason.TOO_LARGE,
                 f"the response is {len(payload)} bytes, over a route message's 256 KB; "
                 "ask for fewer rows or use HTTP",
             )

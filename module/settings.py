@@ -1,18 +1,17 @@
-"""Settings of the IoT Edge adapter, from `EDGEML_MODULE_*` environment variables."""
+"""Settings of the IoT Edge adapter (`EDGEML_MODULE_*`), and the module process's composition."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-PREFIX = "EDGEML_MODULE_"
+from agent.config import Section
+from agent.settings import AgentSettings
 
 
-class ModuleSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ModuleSettings(Section):
+    env_prefix = "module_"
 
     call_timeout_s: float = Field(30.0, gt=0.0, le=600.0, description="Every SDK call's limit.")
     offline_budget_s: float = Field(
@@ -22,16 +21,13 @@ class ModuleSettings(BaseModel):
     max_queued_messages: int = Field(4096, ge=1, description="Route messages waiting.")
     max_input_bytes: int = Field(16 << 20, ge=1024, description="Decoded tensors per message.")
     spool_dir: Path | None = Field(None, description="Telemetry spool; default STATE_DIR/spool.")
+    # Each desired model is a signed manifest of up to 32 KB in one 32 KB twin section: a
+    # handful fit; the bound keeps the reported patch small too.
+    max_models: int = Field(8, ge=1, le=32, description="Models in desired `models`.")
 
-    @classmethod
-    def environment_names(cls) -> frozenset[str]:
-        return frozenset(PREFIX + name.upper() for name in cls.model_fields)
 
-    @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> ModuleSettings:
-        values = {
-            name: environ[PREFIX + name.upper()]
-            for name in cls.model_fields
-            if PREFIX + name.upper() in environ
-        }
-        return cls.model_validate(values)
+class ModuleProcessSettings(Section):
+    """`python -m module`: the agent's settings plus the adapter's, from one environment."""
+
+    agent: AgentSettings = AgentSettings()
+    module: ModuleSettings = ModuleSettings()

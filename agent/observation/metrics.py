@@ -11,9 +11,10 @@ hostile client cannot grow the series count. The model version travels in one in
 
 from __future__ import annotations
 
+import enum
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
-from typing import Final, get_args
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import (
@@ -24,7 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
-from agent.serving.contract import RejectReason
+from agent.reasons import REQUEST_REASONS
 
 # Sub-millisecond resolution: tiny models answer in tens of microseconds.
 LATENCY_BUCKETS: Final = (
@@ -81,7 +82,8 @@ class InferenceMetrics:
         self.ok = Tally()
         self.rejected = Tally()
         self.failed = Tally()
-        self.rejections = {reason: Tally() for reason in get_args(RejectReason)}
+        # Every request reason has its series from the start; HTTP adds its routing ones.
+        self.rejections: dict[str, Tally] = {reason: Tally() for reason in REQUEST_REASONS}
         self.in_flight = Tally()
         self.dispatch_inline = Tally()
         self.dispatch_thread = Tally()
@@ -99,16 +101,22 @@ class InferenceMetrics:
         self._model_labels: dict[str, tuple[str, str, str]] = {}
         registry.register(self)
 
-    def set_model(self, name: str, version: str, sha256: str) -> None:
+    def set_model(self, name: str, version: int, sha256: str) -> None:
         """Replace the info series of `name`, so swaps do not accumulate old versions."""
         previous = self._model_labels.pop(name, None)
         if previous is not None:
             self._model_info.remove(*previous)
-        labels = (name, version, sha256)
+        labels = (name, str(version), sha256)
         self._model_info.labels(*labels).set(1)
         self._model_labels[name] = labels
 
-    def reject(self, reason: RejectReason) -> None:
+    def declare(self, reasons: Iterable[enum.StrEnum]) -> None:
+        """Add a transport's own refusal reasons (HTTP routing), each a series from now on."""
+        for reason in reasons:
+            self.rejections.setdefault(reason, Tally())
+
+    def reject(self, reason: enum.StrEnum) -> None:
+        """One refused request, for a request reason or a declared one (bounded series)."""
         self.rejected.inc()
         self.rejections[reason].inc()
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import hashlib
 import ipaddress
 import random
@@ -45,21 +44,24 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Annotated, Literal, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from pydantic import BeforeValidator, Field, model_validator
 from yarl import URL
 
+from agent.config import Section
+from agent.reasons import AgentError, Reason
 from agent.releases.store import WritableFile, is_disk_full
 
 __all__ = [
     "ContentRange",
     "DeliveryError",
-    "DeliveryReason",
     "DownloadPolicy",
     "Downloader",
     "PartSink",
@@ -73,73 +75,59 @@ __all__ = [
 ]
 
 
-class DeliveryReason(enum.StrEnum):
-    """Bounded reasons a download failed (safe as a metric label and a reported reason)."""
-
-    URL_REJECTED = "url_rejected"
-    FETCH_FAILED = "fetch_failed"
-    TIMEOUT = "timeout"
-    SIZE_MISMATCH = "size_mismatch"
-    HASH_MISMATCH = "hash_mismatch"
-    DISK_FULL = "disk_full"
-
-
-class DeliveryError(Exception):
+class DeliveryError(AgentError):
     """A download that did not deliver the expected bytes; nothing was left to commit.
 
     ``detail`` is a short token from a fixed set (``tls``, ``http_404``, ``scheme``, ...),
     for logs and humans; ``reason`` is what callers branch on.
     """
 
-    def __init__(self, reason: DeliveryReason, message: str, *, detail: str = "") -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+    def __init__(self, reason: Reason, message: str, *, detail: str = "") -> None:
+        super().__init__(reason, message)
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class DownloadPolicy:
+def _host_list(value: object) -> object:
+    """`EDGEML_ALLOWED_HOSTS=a,*.b` as a tuple; lists and tuples pass through."""
+    if isinstance(value, str):
+        return tuple(name.strip().lower() for name in value.split(",") if name.strip())
+    return value
+
+
+_Hosts = Annotated[tuple[str, ...], BeforeValidator(_host_list)]
+
+
+class DownloadPolicy(Section):
     """Download limits, with production defaults (Azure Blob Storage, a slow edge uplink)."""
 
     # Exact host names or "*.suffix" (any subdomain of suffix, not suffix itself).
-    allowed_hosts: tuple[str, ...] = ("*.blob.core.windows.net",)
+    allowed_hosts: _Hosts = ("*.blob.core.windows.net",)
     # Exact hosts that may be reached over plain http: for tests and labs, never production.
-    allow_http_hosts: tuple[str, ...] = ()
-    deadline_s: float = 1800.0
-    min_bytes_per_s: float = 1024.0  # 0 disables the floor
-    throughput_window_s: float = 10.0
-    max_retries: int = 5
-    backoff_base_s: float = 1.0
-    backoff_cap_s: float = 60.0
-    retry_after_cap_s: float = 300.0
-    max_redirects: int = 5
-    connect_timeout_s: float = 30.0
-    chunk_bytes: int = 64 * 1024
+    allow_http_hosts: _Hosts = ()
+    # Extra CA bundle for artifact TLS (a lab's own CA); the system store otherwise.
+    artifact_ca_file: Path | None = None
+    deadline_s: float = Field(1800.0, gt=0.0, alias="download_deadline_s")
+    # 0 disables the floor
+    min_bytes_per_s: float = Field(1024.0, ge=0.0, alias="download_min_bytes_per_s")
+    throughput_window_s: float = Field(10.0, gt=0.0, alias="download_throughput_window_s")
+    max_retries: int = Field(5, ge=0, alias="download_max_retries")
+    backoff_base_s: float = Field(1.0, gt=0.0, alias="download_backoff_base_s")
+    backoff_cap_s: float = Field(60.0, gt=0.0, alias="download_backoff_cap_s")
+    retry_after_cap_s: float = Field(300.0, ge=0.0, alias="download_retry_after_cap_s")
+    max_redirects: int = Field(5, ge=0, alias="download_max_redirects")
+    connect_timeout_s: float = Field(30.0, gt=0.0, alias="download_connect_timeout_s")
+    chunk_bytes: int = Field(64 * 1024, gt=0, alias="download_chunk_bytes")
     # True lets aiohttp use HTTPS_PROXY / NO_PROXY from the environment (IoT Edge proxies).
-    trust_env: bool = False
+    trust_env: bool = Field(False, alias="download_trust_env")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _patterns(self) -> DownloadPolicy:
         for pattern in (*self.allowed_hosts, *self.allow_http_hosts):
             if pattern != pattern.lower() or "*" in pattern.removeprefix("*.") or not pattern:
                 raise ValueError(f"host pattern {pattern!r}: lowercase, exact or '*.suffix'")
         if any(p.startswith("*") for p in self.allow_http_hosts):
             raise ValueError("allow_http_hosts takes exact host names only")
-        positive = (
-            self.deadline_s,
-            self.throughput_window_s,
-            self.backoff_base_s,
-            self.backoff_cap_s,
-            self.connect_timeout_s,
-            self.chunk_bytes,
-        )
-        if min(positive) <= 0:
-            raise ValueError("deadline, window, back-off, connect timeout and chunk must be > 0")
-        if (
-            min(self.min_bytes_per_s, self.max_retries, self.max_redirects, self.retry_after_cap_s)
-            < 0
-        ):
-            raise ValueError("throughput floor, retries, redirects and caps must be >= 0")
+        return self
 
 
 # --- pure policy ---------------------------------------------------------------------------
@@ -179,7 +167,7 @@ def _forbidden_ip(host: str) -> bool:
 
 
 def _rejected(message: str, detail: str) -> DeliveryError:
-    return DeliveryError(DeliveryReason.URL_REJECTED, message, detail=detail)
+    return DeliveryError(Reason.URL_REJECTED, message, detail=detail)
 
 
 def check_url(url: str, policy: DownloadPolicy, base: URL | None = None) -> URL:
@@ -363,7 +351,7 @@ class _RetryableError(Exception):
     """One attempt failed in a way another attempt may fix."""
 
     def __init__(
-        self, reason: DeliveryReason, message: str, detail: str, retry_after: float | None = None
+        self, reason: Reason, message: str, detail: str, retry_after: float | None = None
     ) -> None:
         super().__init__(message)
         self.reason = reason
@@ -499,7 +487,7 @@ class Downloader:
         delay = backoff_delay(retries, policy, self._rng, error.retry_after)
         if self._clock() + delay >= job.deadline:
             raise DeliveryError(
-                DeliveryReason.TIMEOUT,
+                Reason.TIMEOUT,
                 f"deadline of {policy.deadline_s}s reached after: {error.message}",
                 detail="deadline",
             ) from error
@@ -516,7 +504,7 @@ class Downloader:
     async def _attempt(self, session: aiohttp.ClientSession, target: URL, job: _Job) -> None:
         remaining = job.deadline - self._clock()
         if remaining <= 0:
-            raise DeliveryError(DeliveryReason.TIMEOUT, "deadline reached", detail="deadline")
+            raise DeliveryError(Reason.TIMEOUT, "deadline reached", detail="deadline")
         if job.received >= job.size:
             return  # everything arrived before the connection dropped; the digest decides
         headers = {"Accept-Encoding": "identity"}
@@ -536,7 +524,7 @@ class Downloader:
                         await self._receive(resp, job, ranged="Range" in headers)
                         return
                 raise DeliveryError(
-                    DeliveryReason.FETCH_FAILED,
+                    Reason.FETCH_FAILED,
                     f"more than {self.policy.max_redirects} redirects",
                     detail="too_many_redirects",
                 )
@@ -544,28 +532,28 @@ class Downloader:
             # Certificate verification failures (self-signed, expired, wrong host) and
             # handshake failures: retrying cannot fix them.
             raise DeliveryError(
-                DeliveryReason.FETCH_FAILED, f"TLS failure: {type(e).__name__}", detail="tls"
+                Reason.FETCH_FAILED, f"TLS failure: {type(e).__name__}", detail="tls"
             ) from e
         except (aiohttp.ClientError, ConnectionError) as e:
             raise _RetryableError(
-                DeliveryReason.FETCH_FAILED, f"connection failed: {type(e).__name__}", "connection"
+                Reason.FETCH_FAILED, f"connection failed: {type(e).__name__}", "connection"
             ) from e
         except TimeoutError as e:
             if deadline_cm.expired():
                 raise DeliveryError(
-                    DeliveryReason.TIMEOUT,
+                    Reason.TIMEOUT,
                     f"deadline of {self.policy.deadline_s}s reached",
                     detail="deadline",
                 ) from e
             raise _RetryableError(
-                DeliveryReason.TIMEOUT, f"timed out: {type(e).__name__}", "connect_timeout"
+                Reason.TIMEOUT, f"timed out: {type(e).__name__}", "connect_timeout"
             ) from e
 
     def _next_hop(self, url: URL, resp: aiohttp.ClientResponse, job: _Job) -> URL:
         location = resp.headers.get("Location")
         if not location:
             raise DeliveryError(
-                DeliveryReason.FETCH_FAILED,
+                Reason.FETCH_FAILED,
                 f"redirect {resp.status} without Location",
                 detail="bad_redirect",
             )
@@ -580,7 +568,7 @@ class Downloader:
             if cr is None or cr.start != job.received or cr.total not in (None, job.size):
                 job.restart()
                 raise _RetryableError(
-                    DeliveryReason.FETCH_FAILED, "partial reply does not fit", "bad_range"
+                    Reason.FETCH_FAILED, "partial reply does not fit", "bad_range"
                 )
             append = True
             job.log.info("download_resumed", offset=job.received)
@@ -593,10 +581,10 @@ class Downloader:
             append = False
         elif status == 416:
             job.restart()
-            raise _RetryableError(DeliveryReason.FETCH_FAILED, "range not satisfiable", "http_416")
+            raise _RetryableError(Reason.FETCH_FAILED, "range not satisfiable", "http_416")
         elif status in _RETRYABLE_STATUS or status >= 500:
             raise _RetryableError(
-                DeliveryReason.FETCH_FAILED,
+                Reason.FETCH_FAILED,
                 f"HTTP {status}",
                 _status_detail(status),
                 parse_retry_after(resp.headers.get("Retry-After"), self._wall_clock()),
@@ -604,12 +592,12 @@ class Downloader:
         else:
             # 403 (expired SAS), 404, 206 to a request without Range...: retrying cannot help.
             raise DeliveryError(
-                DeliveryReason.FETCH_FAILED, f"HTTP {status}", detail=_status_detail(status)
+                Reason.FETCH_FAILED, f"HTTP {status}", detail=_status_detail(status)
             )
         expected = job.size - job.received
         if resp.content_length is not None and resp.content_length != expected:
             raise DeliveryError(
-                DeliveryReason.SIZE_MISMATCH,
+                Reason.SIZE_MISMATCH,
                 f"server announces {resp.content_length} bytes, expected {expected}",
                 detail="content_length",
             )
@@ -654,7 +642,7 @@ class Downloader:
             if chunk:
                 if job.received + len(chunk) > job.size:
                     raise DeliveryError(
-                        DeliveryReason.SIZE_MISMATCH,
+                        Reason.SIZE_MISMATCH,
                         f"body is longer than {job.size} bytes",
                         detail="too_long",
                     )
@@ -667,7 +655,7 @@ class Downloader:
                 monitor.record(now, len(chunk))
             if monitor.too_slow(now):
                 raise _RetryableError(
-                    DeliveryReason.TIMEOUT,
+                    Reason.TIMEOUT,
                     f"below {policy.min_bytes_per_s} B/s over {policy.throughput_window_s}s",
                     "throughput",
                 )
@@ -676,14 +664,12 @@ class Downloader:
 def _check_complete(job: _Job) -> None:
     if job.received != job.size:
         raise DeliveryError(
-            DeliveryReason.SIZE_MISMATCH,
+            Reason.SIZE_MISMATCH,
             f"got {job.received} bytes, expected {job.size}",
             detail="short",
         )
     if job.digest.hexdigest() != job.sha256:
-        raise DeliveryError(
-            DeliveryReason.HASH_MISMATCH, "sha256 of the body differs", detail="sha256"
-        )
+        raise DeliveryError(Reason.HASH_MISMATCH, "sha256 of the body differs", detail="sha256")
 
 
 def _status_detail(status: int) -> str:
@@ -693,10 +679,10 @@ def _status_detail(status: int) -> str:
 def _local_error(error: OSError) -> DeliveryError:
     if is_disk_full(error):
         return DeliveryError(
-            DeliveryReason.DISK_FULL, "disk full while writing the artifact", detail="enospc"
+            Reason.DISK_FULL, "disk full while writing the artifact", detail="enospc"
         )
     return DeliveryError(
-        DeliveryReason.FETCH_FAILED,
+        Reason.FETCH_FAILED,
         f"cannot write the artifact: {error.strerror}",
         detail="local_io",
     )

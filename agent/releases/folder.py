@@ -27,6 +27,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import structlog
+from pydantic import Field
 from watchdog.events import (
     EVENT_TYPE_CLOSED_NO_WRITE,
     EVENT_TYPE_OPENED,
@@ -36,16 +37,17 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from agent.releases.download import DeliveryError, DeliveryReason
+from agent.config import Section
+from agent.reasons import Reason
+from agent.releases.download import DeliveryError
 from agent.releases.lifecycle import ModelState
-from agent.releases.manifest import ReleaseManifest
+from agent.releases.manifest import MAX_MANIFEST_BYTES, ReleaseManifest
 from agent.releases.store import PartFile, is_disk_full
 from agent.releases.swap import ModelManager
 
 log = structlog.get_logger(__name__)
 
 MANIFEST_SUFFIX = ".manifest.json"
-MAX_MANIFEST_BYTES = 64 * 1024  # a desired twin is limited to 32 KB; a manifest fits in it
 _CHUNK = 1 << 20
 # Reads are not changes. Every scan opens the manifests (and a retry the artifact): waking on
 # those would rescan forever and retry a failed release without the folder having changed.
@@ -75,13 +77,11 @@ class FolderArtifacts:
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(info.st_mode):  # a link could point anywhere on the device
-                raise DeliveryError(
-                    DeliveryReason.URL_REJECTED, f"{candidate.name} is not a regular file"
-                )
+                raise DeliveryError(Reason.URL_REJECTED, f"{candidate.name} is not a regular file")
             self._copy_file(candidate, manifest, part)
             return
         raise DeliveryError(
-            DeliveryReason.FETCH_FAILED,
+            Reason.FETCH_FAILED,
             f"no artifact {' or '.join(c.name for c in self.candidates(manifest))} in the folder",
         )
 
@@ -97,7 +97,7 @@ class FolderArtifacts:
                         copied += len(chunk)
                         if copied > manifest.size:
                             raise DeliveryError(
-                                DeliveryReason.SIZE_MISMATCH,
+                                Reason.SIZE_MISMATCH,
                                 f"{source.name} is longer than {manifest.size} bytes",
                             )
                         digest.update(chunk)
@@ -111,18 +111,16 @@ class FolderArtifacts:
             raise
         except OSError as error:
             part.remove()
-            reason = (
-                DeliveryReason.DISK_FULL if is_disk_full(error) else DeliveryReason.FETCH_FAILED
-            )
+            reason = Reason.DISK_FULL if is_disk_full(error) else Reason.FETCH_FAILED
             raise DeliveryError(reason, f"copying {source.name}: {error.strerror}") from error
         if copied != manifest.size:
             part.remove()
             raise DeliveryError(
-                DeliveryReason.SIZE_MISMATCH, f"{source.name} has {copied} of {manifest.size} bytes"
+                Reason.SIZE_MISMATCH, f"{source.name} has {copied} of {manifest.size} bytes"
             )
         if digest.hexdigest() != manifest.sha256:
             part.remove()
-            raise DeliveryError(DeliveryReason.HASH_MISMATCH, f"{source.name} sha256 differs")
+            raise DeliveryError(Reason.HASH_MISMATCH, f"{source.name} sha256 differs")
 
 
 class _Forward(FileSystemEventHandler):
@@ -137,10 +135,17 @@ class _Forward(FileSystemEventHandler):
             self._loop.call_soon_threadsafe(self._changed.set)
 
 
+class FolderSettings(Section):
+    """The release folder (`EDGEML_WATCH_DIR`), off unless set."""
+
+    watch_dir: Path | None = None
+    watch_debounce_s: float = Field(0.5, gt=0.0, le=60.0)
+
+
 class FolderSource:
     """Service: scans the folder at start, then again each time it settles after a change."""
 
-    def __init__(self, folder: Path, manager: ModelManager, *, debounce_s: float = 0.5) -> None:
+    def __init__(self, folder: Path, manager: ModelManager, *, debounce_s: float) -> None:
         self.name = "model-folder"
         self._folder = folder
         self._manager = manager

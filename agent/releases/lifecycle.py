@@ -14,7 +14,10 @@ from datetime import datetime
 from typing import Final
 
 import numpy as np
+from pydantic import Field
 
+from agent.config import Section
+from agent.reasons import REJECTING, AgentError, Reason
 from agent.releases.manifest import Contract, Tensor
 from agent.releases.manifest import TensorSpec as ManifestTensorSpec
 from agent.serving.contract import V2_TO_NUMPY, ModelContract, TensorSpec
@@ -30,48 +33,13 @@ class ModelState(enum.StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
-class SwapReason(enum.StrEnum):
-    """Why a release ended where it did. Bounded: safe as a metric label."""
-
-    # rejected before any download
-    SCHEMA_INVALID = "schema_invalid"
-    SIGNATURE_MISSING = "signature_missing"
-    SIGNATURE_INVALID = "signature_invalid"
-    UNKNOWN_KEY = "unknown_key"
-    EXPIRED = "expired"
-    VERSION_NOT_MONOTONIC = "version_not_monotonic"
-    URL_REJECTED = "url_rejected"
-    # failed while installing
-    FETCH_FAILED = "fetch_failed"
-    TIMEOUT = "timeout"
-    SIZE_MISMATCH = "size_mismatch"
-    HASH_MISMATCH = "hash_mismatch"
-    DISK_FULL = "disk_full"
-    IO_ERROR = "io_error"
-    NOT_ONNX = "not_onnx"
-    EXTERNAL_DATA = "external_data"
-    MODEL_TOO_LARGE = "model_too_large"
-    LOAD_FAILED = "load_failed"
-    CONTRACT_MISMATCH = "contract_mismatch"
-    GOLDEN_MISMATCH = "golden_mismatch"
-    # rollbacks
-    PROBATION_ERRORS = "probation_errors"
-    PROBATION_LATENCY = "probation_latency"
-    REQUESTED = "requested"
-    NO_LAST_KNOWN_GOOD = "no_last_known_good"
-    # start-up
-    RESTORED = "restored"
-    RESTORE_FAILED = "restore_failed"
+class SwapError(AgentError):
+    """A release (or a rollback) that cannot go ahead; the active model keeps serving."""
 
 
-class SwapError(Exception):
-    """A release that ends in `state` for `reason`; the active model keeps serving."""
-
-    def __init__(self, state: ModelState, reason: SwapReason, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.state = state
-        self.reason = reason
-        self.message = message
+def failure_state(reason: Reason) -> ModelState:
+    """Where an install that ended for `reason` stands: never acceptable, or not installable."""
+    return ModelState.REJECTED if reason in REJECTING else ModelState.FAILED
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +50,7 @@ class ModelStatus:
     version: int | None
     sha256: str | None
     state: ModelState
-    reason: SwapReason | None
+    reason: Reason | None
     message: str
     since: datetime
     active_version: int | None = None
@@ -156,15 +124,15 @@ def golden_mismatches(
     return problems
 
 
-@dataclass(frozen=True, slots=True)
-class ProbationPolicy:
+class ProbationPolicy(Section):
     """How long a new model is watched after a swap, and what rolls it back."""
 
-    requests: int = 200
-    seconds: float = 300.0
-    min_requests: int = 20
-    max_error_rate: float = 0.05
-    max_latency_ratio: float = 3.0
+    requests: int = Field(200, ge=0, alias="probation_requests")
+    seconds: float = Field(300.0, ge=0.0, alias="probation_seconds")
+    min_requests: int = Field(20, ge=1, alias="probation_min_requests")
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0, alias="probation_max_error_rate")
+    max_latency_ratio: float = Field(3.0, ge=1.0, alias="probation_max_latency_ratio")
+    tick_s: float = Field(1.0, gt=0.0, le=60.0, alias="probation_tick_s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,13 +65,15 @@ from pydantic import (
     model_validator,
 )
 
+from agent.config import Section
+from agent.reasons import AgentError, Reason
+
 __all__ = [
     "MAX_MANIFEST_BYTES",
     "Baseline",
     "Contract",
     "Golden",
     "KeyConfigError",
-    "ManifestReason",
     "ManifestRejected",
     "ReleaseManifest",
     "ReleaseStatus",
@@ -93,31 +95,16 @@ __all__ = [
 ]
 
 # A desired twin is at most 32 KB, so a bigger manifest cannot be genuine; refusing it early
-# bounds the work done on untrusted input.
+# bounds the work done on untrusted input. The release folder reads manifest files up to this
+# size too (publishers write them compact, as signed).
 MAX_MANIFEST_BYTES = 32 * 1024
 
 _SIGNATURE_BYTES = 64
 _PUBLIC_KEY_BYTES = 32
 
 
-class ManifestReason(enum.StrEnum):
-    """Bounded reasons for rejecting a manifest (safe as a metric label)."""
-
-    SCHEMA_INVALID = "schema_invalid"
-    SIGNATURE_MISSING = "signature_missing"
-    SIGNATURE_INVALID = "signature_invalid"
-    UNKNOWN_KEY = "unknown_key"
-    EXPIRED = "expired"
-    VERSION_NOT_MONOTONIC = "version_not_monotonic"
-
-
-class ManifestRejected(Exception):  # noqa: N818 -- the name the swap pipeline and reports use
-    """A manifest that must not be acted on; ``reason`` is bounded, ``message`` is for humans."""
-
-    def __init__(self, reason: ManifestReason, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+class ManifestRejected(AgentError):  # noqa: N818 -- the name the swap pipeline and reports use
+    """A manifest that must not be acted on."""
 
 
 class KeyConfigError(ValueError):
@@ -292,14 +279,12 @@ def _parse(document: Mapping[str, Any]) -> ReleaseManifest:
     try:
         text = json.dumps(document, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as e:
-        raise ManifestRejected(
-            ManifestReason.SCHEMA_INVALID, f"not JSON: {type(e).__name__}"
-        ) from e
+        raise ManifestRejected(Reason.SCHEMA_INVALID, f"not JSON: {type(e).__name__}") from e
     try:
         # Strict JSON-mode validation: the twin arrives as JSON, so types must be JSON-exact.
         return ReleaseManifest.model_validate_json(text)
     except ValidationError as e:
-        raise ManifestRejected(ManifestReason.SCHEMA_INVALID, _schema_message(e)) from e
+        raise ManifestRejected(Reason.SCHEMA_INVALID, _schema_message(e)) from e
 
 
 def sign_manifest(
@@ -315,9 +300,7 @@ def sign_manifest(
     try:
         payload = canonical_json(unsigned)
     except (TypeError, ValueError, RecursionError) as e:
-        raise ManifestRejected(
-            ManifestReason.SCHEMA_INVALID, f"not JSON: {type(e).__name__}"
-        ) from e
+        raise ManifestRejected(Reason.SCHEMA_INVALID, f"not JSON: {type(e).__name__}") from e
     signed: dict[str, Any] = json.loads(payload)  # a plain-JSON copy, detached from the input
     signed["signature"] = {
         "key_id": key_id,
@@ -340,52 +323,48 @@ def verify_manifest(
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     if not isinstance(raw, Mapping):
-        raise ManifestRejected(ManifestReason.SCHEMA_INVALID, "manifest is not a JSON object")
+        raise ManifestRejected(Reason.SCHEMA_INVALID, "manifest is not a JSON object")
     signature = raw.get("signature")
     if signature is None:
-        raise ManifestRejected(ManifestReason.SIGNATURE_MISSING, "manifest is not signed")
+        raise ManifestRejected(Reason.SIGNATURE_MISSING, "manifest is not signed")
     key_id, sig_bytes = _signature_parts(signature)
     key = trusted_keys.get(key_id)
     if key is None:
-        raise ManifestRejected(ManifestReason.UNKNOWN_KEY, f"no trusted key {key_id!r}")
+        raise ManifestRejected(Reason.UNKNOWN_KEY, f"no trusted key {key_id!r}")
     unsigned = {k: v for k, v in raw.items() if k != "signature"}
     try:
         payload = canonical_json(unsigned)
     except (TypeError, ValueError, RecursionError) as e:
-        raise ManifestRejected(
-            ManifestReason.SCHEMA_INVALID, f"not JSON: {type(e).__name__}"
-        ) from e
+        raise ManifestRejected(Reason.SCHEMA_INVALID, f"not JSON: {type(e).__name__}") from e
     if len(payload) > MAX_MANIFEST_BYTES:
         raise ManifestRejected(
-            ManifestReason.SCHEMA_INVALID, f"manifest larger than {MAX_MANIFEST_BYTES} bytes"
+            Reason.SCHEMA_INVALID, f"manifest larger than {MAX_MANIFEST_BYTES} bytes"
         )
     try:
         key.verify(sig_bytes, payload)
     except InvalidSignature as e:
         raise ManifestRejected(
-            ManifestReason.SIGNATURE_INVALID, f"signature does not verify with key {key_id!r}"
+            Reason.SIGNATURE_INVALID, f"signature does not verify with key {key_id!r}"
         ) from e
     manifest = _parse(raw)
     if manifest.expires is not None and now >= manifest.expires:
-        raise ManifestRejected(ManifestReason.EXPIRED, f"expired at {manifest.expires.isoformat()}")
+        raise ManifestRejected(Reason.EXPIRED, f"expired at {manifest.expires.isoformat()}")
     return manifest
 
 
 def _signature_parts(signature: object) -> tuple[str, bytes]:
     if not isinstance(signature, Mapping) or set(signature) != {"key_id", "value"}:
-        raise ManifestRejected(
-            ManifestReason.SIGNATURE_INVALID, "signature must be {key_id, value}"
-        )
+        raise ManifestRejected(Reason.SIGNATURE_INVALID, "signature must be {key_id, value}")
     key_id, value = signature["key_id"], signature["value"]
     if not isinstance(key_id, str) or not isinstance(value, str):
-        raise ManifestRejected(ManifestReason.SIGNATURE_INVALID, "signature fields must be strings")
+        raise ManifestRejected(Reason.SIGNATURE_INVALID, "signature fields must be strings")
     try:
         sig_bytes = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ManifestRejected(ManifestReason.SIGNATURE_INVALID, "signature is not base64") from e
+        raise ManifestRejected(Reason.SIGNATURE_INVALID, "signature is not base64") from e
     if len(sig_bytes) != _SIGNATURE_BYTES:
         raise ManifestRejected(
-            ManifestReason.SIGNATURE_INVALID, f"signature is not {_SIGNATURE_BYTES} bytes"
+            Reason.SIGNATURE_INVALID, f"signature is not {_SIGNATURE_BYTES} bytes"
         )
     return key_id, sig_bytes
 
@@ -414,11 +393,11 @@ def check_version(manifest: ReleaseManifest, highest_seen: SeenRelease | None) -
         return ReleaseStatus.SAME_RELEASE
     if manifest.version == highest_seen.version:
         raise ManifestRejected(
-            ManifestReason.VERSION_NOT_MONOTONIC,
+            Reason.VERSION_NOT_MONOTONIC,
             f"version {manifest.version} was already seen with a different sha256",
         )
     raise ManifestRejected(
-        ManifestReason.VERSION_NOT_MONOTONIC,
+        Reason.VERSION_NOT_MONOTONIC,
         f"version {manifest.version} is lower than {highest_seen.version} already seen",
     )
 
@@ -492,6 +471,17 @@ def parse_trusted_keys(spec: str) -> dict[str, Ed25519PublicKey]:
             raise KeyConfigError(f"trusted key {key_id!r} given twice")
         keys[key_id] = public_key_from_b64(value)
     return keys
+
+
+class KeySettings(Section):
+    """Whose manifests the device acts on: `key_id=BASE64,...` and/or a folder of PEM files."""
+
+    trusted_keys: str = ""
+    trusted_keys_dir: Path | None = None
+
+    def load(self) -> dict[str, Ed25519PublicKey]:
+        pems = sorted(self.trusted_keys_dir.glob("*.pem")) if self.trusted_keys_dir else []
+        return load_trusted_keys(self.trusted_keys, pems)
 
 
 def load_trusted_keys(

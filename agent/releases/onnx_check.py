@@ -26,16 +26,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-Reason = Literal["not_onnx", "external_data", "too_deep", "too_large"]
+from agent.reasons import AgentError, Reason
+
+# The largest model the device takes (`EDGEML_MAX_MODEL_BYTES` changes it).
+MAX_MODEL_BYTES: Final = 512 << 20
 
 
-class HostileModel(Exception):  # noqa: N818 -- the public name is fixed by the agent's API
-    """Bytes the agent will not hand to ONNX Runtime; `reason` is a bounded metric label."""
-
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason: Reason = reason
-        self.message = message
+class HostileModel(AgentError):  # noqa: N818 -- the public name is fixed by the agent's API
+    """Bytes the agent will not hand to ONNX Runtime."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ _STRING_ENTRY: Final[Mapping[int, int]] = {1: _LEN, 2: _LEN}  # key, value
 
 
 def _not_onnx(message: str) -> HostileModel:
-    return HostileModel("not_onnx", message)
+    return HostileModel(Reason.NOT_ONNX, message)
 
 
 def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -290,7 +288,8 @@ class _Walk:
     def push(self, body: _Body) -> None:
         if body.depth > self.max_depth:
             raise HostileModel(
-                "too_deep", f"graphs nested deeper than {self.max_depth} levels at {body.where}"
+                Reason.MODEL_TOO_DEEP,
+                f"graphs nested deeper than {self.max_depth} levels at {body.where}",
             )
         self.pending.append(body)
 
@@ -309,7 +308,8 @@ class _Walk:
                 self.nodes += 1
                 if self.nodes > self.max_nodes:
                     raise HostileModel(
-                        "too_large", f"more than {self.max_nodes} nodes (at {body.where})"
+                        Reason.MODEL_TOO_LARGE,
+                        f"more than {self.max_nodes} nodes (at {body.where})",
                     )
                 self.node(a, b, body)
             elif body.kind == "function":
@@ -364,7 +364,7 @@ class _Walk:
     def refuse(found: _External | None, where: str) -> None:
         if found is not None:
             raise HostileModel(
-                "external_data",
+                Reason.EXTERNAL_DATA,
                 f"tensor {found.tensor} in {where} refers to external data at location "
                 f"{found.location}; the agent loads models from bytes only",
             )
@@ -407,7 +407,7 @@ def _required(ir_version: int | None, graphs: int, opsets: list[tuple[str, int]]
 def inspect_model(
     data: bytes,
     *,
-    max_bytes: int = 512 << 20,
+    max_bytes: int = MAX_MODEL_BYTES,
     max_depth: int = 32,
     max_nodes: int = 1_000_000,
 ) -> ModelFacts:
@@ -415,11 +415,13 @@ def inspect_model(
 
     Raises `HostileModel` with reason ``not_onnx`` (not a parseable ModelProto with an
     ir_version, a graph and an opset import), ``external_data`` (any tensor anywhere refers to
-    data outside these bytes), ``too_deep`` (subgraphs nested beyond `max_depth`) or
-    ``too_large`` (more than `max_bytes` bytes or `max_nodes` nodes).
+    data outside these bytes), ``model_too_deep`` (subgraphs nested beyond `max_depth`) or
+    ``model_too_large`` (more than `max_bytes` bytes or `max_nodes` nodes).
     """
     if len(data) > max_bytes:
-        raise HostileModel("too_large", f"{len(data)} bytes exceeds the cap of {max_bytes}")
+        raise HostileModel(
+            Reason.MODEL_TOO_LARGE, f"{len(data)} bytes exceeds the cap of {max_bytes}"
+        )
     if not data:
         raise _not_onnx("empty file")
     ir_version: int | None = None

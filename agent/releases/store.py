@@ -22,7 +22,6 @@ writes go through an injectable ``opener`` so tests can play a full disk without
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import hashlib
 import json
@@ -39,6 +38,9 @@ from typing import Annotated, Literal, Protocol
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from agent.config import Section
+from agent.reasons import AgentError, Reason
+
 __all__ = [
     "DEFAULT_FREE_SPACE_MARGIN_BYTES",
     "DEFAULT_KEEP_OLD_ARTIFACTS",
@@ -49,7 +51,7 @@ __all__ = [
     "Opener",
     "PartFile",
     "StoreError",
-    "StoreReason",
+    "StoreSettings",
     "StoreState",
     "WritableFile",
     "is_disk_full",
@@ -61,25 +63,22 @@ DEFAULT_KEEP_OLD_ARTIFACTS = 3
 # share the volume, and a volume filled to the last byte breaks all of them at once.
 DEFAULT_FREE_SPACE_MARGIN_BYTES = 32 * 1024 * 1024
 
+
+class StoreSettings(Section):
+    """The model store's volume and how much it keeps."""
+
+    state_dir: Path = Path("/var/lib/edge-agent")
+    keep_old_artifacts: int = Field(DEFAULT_KEEP_OLD_ARTIFACTS, ge=0, le=100)
+    free_space_margin_bytes: int = Field(DEFAULT_FREE_SPACE_MARGIN_BYTES, ge=0)
+
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TEMP_SUFFIXES = (".part", ".tmp")
 _STATE_SCHEMA = 1
 
 
-class StoreReason(enum.StrEnum):
-    """Bounded reasons for a store failure (safe as a metric label)."""
-
-    DISK_FULL = "disk_full"
-    IO_ERROR = "io_error"
-
-
-class StoreError(Exception):
-    """A store write that did not happen; the previous state on disk is intact."""
-
-    def __init__(self, reason: StoreReason, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+class StoreError(AgentError):
+    """A store write that did not happen (`disk_full`, `io_error`); the state on disk is intact."""
 
 
 class NoLastKnownGoodError(ValueError):
@@ -312,10 +311,8 @@ def is_disk_full(error: OSError) -> bool:
 
 def _store_error(error: OSError, doing: str) -> StoreError:
     if is_disk_full(error):
-        return StoreError(StoreReason.DISK_FULL, f"disk full while {doing}")
-    return StoreError(
-        StoreReason.IO_ERROR, f"{type(error).__name__} while {doing}: {error.strerror}"
-    )
+        return StoreError(Reason.DISK_FULL, f"disk full while {doing}")
+    return StoreError(Reason.IO_ERROR, f"{type(error).__name__} while {doing}: {error.strerror}")
 
 
 def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
@@ -478,7 +475,7 @@ class ModelStore:
         free = self._disk_usage(self.models_dir)[2]
         if free < nbytes + self._margin:
             raise StoreError(
-                StoreReason.DISK_FULL,
+                Reason.DISK_FULL,
                 f"{free} bytes free, need {nbytes} plus a margin of {self._margin}",
             )
 

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
@@ -30,8 +30,11 @@ from typing import ParamSpec, Protocol, TypeVar
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import Field
 
-from agent.releases.download import DeliveryError, DeliveryReason, Downloader
+from agent.config import Section
+from agent.reasons import AgentError, Reason
+from agent.releases.download import Downloader
 from agent.releases.lifecycle import (
     NO_BASELINE,
     ModelState,
@@ -39,9 +42,9 @@ from agent.releases.lifecycle import (
     ProbationPolicy,
     ServingStats,
     SwapError,
-    SwapReason,
     Verdict,
     contract_from_manifest,
+    failure_state,
     golden_arrays,
     golden_mismatches,
     judge_probation,
@@ -53,7 +56,7 @@ from agent.releases.manifest import (
     check_version,
     verify_manifest,
 )
-from agent.releases.onnx_check import HostileModel, inspect_model
+from agent.releases.onnx_check import MAX_MODEL_BYTES, HostileModel, inspect_model
 from agent.releases.store import (
     ModelRef,
     ModelStore,
@@ -63,28 +66,13 @@ from agent.releases.store import (
     StoreState,
 )
 from agent.serving.engine import LoadedModel, ModelLoadError, RuntimeOptions, load_model
-from agent.serving.inference import InferenceService
+from agent.serving.inference import BatchingPolicy, InferenceService
 from agent.ticks import ticks
 
 log = structlog.get_logger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 LOADER_NICENESS = 10
-
-_DELIVERY_REASONS: Mapping[DeliveryReason, SwapReason] = {
-    DeliveryReason.URL_REJECTED: SwapReason.URL_REJECTED,
-    DeliveryReason.FETCH_FAILED: SwapReason.FETCH_FAILED,
-    DeliveryReason.TIMEOUT: SwapReason.TIMEOUT,
-    DeliveryReason.SIZE_MISMATCH: SwapReason.SIZE_MISMATCH,
-    DeliveryReason.HASH_MISMATCH: SwapReason.HASH_MISMATCH,
-    DeliveryReason.DISK_FULL: SwapReason.DISK_FULL,
-}
-_HOSTILE_REASONS: Mapping[str, SwapReason] = {
-    "not_onnx": SwapReason.NOT_ONNX,
-    "external_data": SwapReason.EXTERNAL_DATA,
-    "too_deep": SwapReason.LOAD_FAILED,
-    "too_large": SwapReason.MODEL_TOO_LARGE,
-}
 
 
 class ArtifactSource(Protocol):
@@ -105,14 +93,12 @@ class HttpsArtifacts:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class SwapSettings:
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
-    max_rows: int = 32
-    max_model_bytes: int = 512 << 20
-    probation: ProbationPolicy = field(default_factory=ProbationPolicy)
-    drain_timeout_s: float = 30.0
-    probation_tick_s: float = 1.0
+class SwapSettings(Section):
+    """Limits of the install pipeline itself."""
+
+    max_model_bytes: int = Field(MAX_MODEL_BYTES, ge=1024)
+    # An old session still answering after this long is closed anyway.
+    drain_timeout_s: float = Field(30.0, gt=0.0, alias="swap_drain_timeout_s")
 
 
 @dataclass(slots=True)
@@ -156,6 +142,9 @@ class ModelManager:
         service_factory: Callable[[str], InferenceService],
         registry: CollectorRegistry,
         settings: SwapSettings | None = None,
+        runtime: RuntimeOptions | None = None,
+        batching: BatchingPolicy | None = None,
+        probation: ProbationPolicy | None = None,
         listeners: list[Callable[[ModelStatus], None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -166,6 +155,9 @@ class ModelManager:
         self._services = services
         self._service_factory = service_factory
         self._settings = settings or SwapSettings()
+        self._runtime = runtime or RuntimeOptions()
+        self._max_rows = (batching or BatchingPolicy()).max_rows
+        self._probation_policy = probation or ProbationPolicy()
         self._listeners = listeners if listeners is not None else []
         self._clock = clock
         self._wall_clock = wall_clock
@@ -194,7 +186,7 @@ class ModelManager:
         try:
             manifest = verify_manifest(raw, self._keys, self._wall_clock())
         except ManifestRejected as rejected:
-            return self._reject_unverified(raw, SwapReason(rejected.reason.value), rejected.message)
+            return self._reject_unverified(raw, rejected.reason, rejected.message)
         name = manifest.name
         running = self._installs.get(name)
         if running is not None and not running.task.done():
@@ -204,7 +196,7 @@ class ModelManager:
             elif running.manifest.version > manifest.version:
                 return self._reject(
                     manifest,
-                    SwapReason.VERSION_NOT_MONOTONIC,
+                    Reason.VERSION_NOT_MONOTONIC,
                     f"version {manifest.version} is older than {running.manifest.version}, "
                     "which is being installed",
                 )
@@ -212,7 +204,7 @@ class ModelManager:
         try:
             release = check_version(manifest, record.highest_seen)
         except ManifestRejected as rejected:
-            return self._reject(manifest, SwapReason(rejected.reason.value), rejected.message)
+            return self._reject(manifest, rejected.reason, rejected.message)
         if release is ReleaseStatus.SAME_RELEASE and self._serving_sha(name) == manifest.sha256:
             return self.statuses.get(name) or self._publish(
                 manifest.name, ModelState.ACTIVE, None, "already active", manifest=manifest
@@ -233,13 +225,12 @@ class ModelManager:
         self._installs[name] = _Install(manifest, task)
         return status
 
-    async def rollback(self, name: str, reason: SwapReason = SwapReason.REQUESTED) -> ModelStatus:
+    async def rollback(self, name: str, reason: Reason = Reason.REQUESTED) -> ModelStatus:
         """Serve the last-known-good release of `name` again (`rolled_back`)."""
         record = self._store.state.record(name)
         if record.last_known_good is None:
             raise SwapError(
-                ModelState.FAILED,
-                SwapReason.NO_LAST_KNOWN_GOOD,
+                Reason.NO_LAST_KNOWN_GOOD,
                 f"model {name!r} has no last-known-good release to roll back to",
             )
         install = self._installs.pop(name, None)
@@ -251,7 +242,7 @@ class ModelManager:
         try:
             self._save(lambda state: state.rolled_back(name))
         except NoLastKnownGoodError as error:  # raced with another rollback
-            raise SwapError(ModelState.FAILED, SwapReason.NO_LAST_KNOWN_GOOD, str(error)) from None
+            raise SwapError(Reason.NO_LAST_KNOWN_GOOD, str(error)) from None
         self._switch(name, model)
         self._metrics.failures.labels(reason.value).inc()
         self._metrics.outcomes.labels(ModelState.ROLLED_BACK.value).inc()
@@ -284,19 +275,19 @@ class ModelManager:
                     self._publish(
                         name,
                         ModelState.FAILED,
-                        SwapReason.RESTORE_FAILED,
+                        Reason.RESTORE_FAILED,
                         error.message,
                         version=record.active.version,
                         sha256=record.active.sha256,
                     )
                     continue
-                await self.rollback(name, SwapReason.RESTORE_FAILED)
+                await self.rollback(name, Reason.RESTORE_FAILED)
                 continue
             self._switch(name, model)
             self._publish(
                 name,
                 ModelState.ACTIVE,
-                SwapReason.RESTORED,
+                Reason.RESTORED,
                 "restored from the model store",
                 version=record.active.version,
                 sha256=record.active.sha256,
@@ -371,16 +362,8 @@ class ModelManager:
             self._check_against_active(name, manifest, model)
             self._save(lambda state: state.activated(name, ref))
             previous = self._switch(name, model)
-        except SwapError as error:
-            self._fail(manifest, error.state, error.reason, error.message)
-            return
-        except DeliveryError as error:
-            reason = _DELIVERY_REASONS[error.reason]
-            state = ModelState.REJECTED if reason is SwapReason.URL_REJECTED else ModelState.FAILED
-            self._fail(manifest, state, reason, error.message)
-            return
-        except StoreError as error:
-            self._fail(manifest, ModelState.FAILED, SwapReason(error.reason.value), error.message)
+        except AgentError as error:  # download, store, model checks: each with its reason
+            self._fail(manifest, failure_state(error.reason), error.reason, error.message)
             return
         seconds = self._clock() - started
         self._metrics.swap_seconds.observe(seconds)
@@ -396,9 +379,7 @@ class ModelManager:
 
     def _verify_cached(self, sha256: str) -> None:
         if not self._store.verify_artifact(sha256):
-            raise SwapError(
-                ModelState.FAILED, SwapReason.HASH_MISMATCH, "cached artifact is corrupt"
-            )
+            raise SwapError(Reason.HASH_MISMATCH, "cached artifact is corrupt")
 
     def _load_release(self, manifest: ReleaseManifest) -> LoadedModel:
         """Worker thread: hostile-file check, load + warm-up, manifest contract, golden sample."""
@@ -406,8 +387,7 @@ class ModelManager:
         differences = contract_from_manifest(manifest.contract).differences(model.contract)
         if differences:
             raise SwapError(
-                ModelState.FAILED,
-                SwapReason.CONTRACT_MISMATCH,
+                Reason.CONTRACT_MISMATCH,
                 "model differs from its manifest: " + "; ".join(differences[:5]),
             )
         if manifest.golden is not None:
@@ -417,25 +397,21 @@ class ModelManager:
                 produced = model.run(inputs, list(expected))
             except Exception as error:  # ORT rejects the golden input: the model cannot run it
                 raise SwapError(
-                    ModelState.FAILED,
-                    SwapReason.GOLDEN_MISMATCH,
+                    Reason.GOLDEN_MISMATCH,
                     f"golden input failed: {str(error).strip()[:200]}",
                 ) from error
             problems = golden_mismatches(
                 expected, dict(zip(expected, produced, strict=True)), manifest.golden.atol
             )
             if problems:
-                raise SwapError(
-                    ModelState.FAILED, SwapReason.GOLDEN_MISMATCH, "; ".join(problems[:5])
-                )
+                raise SwapError(Reason.GOLDEN_MISMATCH, "; ".join(problems[:5]))
         return model
 
     def _load_stored(self, name: str, ref: ModelRef) -> LoadedModel:
         """Worker thread: a release already installed once (restart, rollback)."""
         if not self._store.has_artifact(ref.sha256) or not self._store.verify_artifact(ref.sha256):
             raise SwapError(
-                ModelState.FAILED,
-                SwapReason.HASH_MISMATCH,
+                Reason.HASH_MISMATCH,
                 f"stored artifact of version {ref.version} is missing or corrupt",
             )
         return self._load_bytes(name, ref.version, ref.sha256)
@@ -444,29 +420,25 @@ class ModelManager:
         path: Path = self._store.artifact_path(sha256)
         limit = self._settings.max_model_bytes
         if path.stat().st_size > limit:
-            raise SwapError(
-                ModelState.FAILED, SwapReason.MODEL_TOO_LARGE, f"model is over {limit} bytes"
-            )
+            raise SwapError(Reason.MODEL_TOO_LARGE, f"model is over {limit} bytes")
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != sha256:  # the file changed under us
-            raise SwapError(ModelState.FAILED, SwapReason.HASH_MISMATCH, "artifact changed on disk")
+            raise SwapError(Reason.HASH_MISMATCH, "artifact changed on disk")
         try:
             inspect_model(data, max_bytes=limit)
         except HostileModel as hostile:
-            raise SwapError(
-                ModelState.FAILED, _HOSTILE_REASONS[hostile.reason], hostile.message
-            ) from None
+            raise SwapError(hostile.reason, hostile.message) from None
         try:
             return load_model(
                 data,
                 name=name,
-                version=str(version),
+                version=version,
                 sha256=sha256,
-                options=self._settings.runtime,
-                max_rows=self._settings.max_rows,
+                options=self._runtime,
+                max_rows=self._max_rows,
             )
         except ModelLoadError as error:
-            raise SwapError(ModelState.FAILED, SwapReason.LOAD_FAILED, str(error)) from None
+            raise SwapError(error.reason, error.message) from None
 
     def _check_against_active(
         self, name: str, manifest: ReleaseManifest, model: LoadedModel
@@ -478,8 +450,7 @@ class ModelManager:
         differences = active.contract.differences(model.contract)
         if differences:
             raise SwapError(
-                ModelState.FAILED,
-                SwapReason.CONTRACT_MISMATCH,
+                Reason.CONTRACT_MISMATCH,
                 "contract differs from the active model's and the manifest does not set "
                 "contract_change: " + "; ".join(differences[:5]),
             )
@@ -507,9 +478,9 @@ class ModelManager:
         model.close()
 
     async def _probation(self, name: str, model: LoadedModel, previous: ServingStats) -> None:
-        policy = self._settings.probation
+        policy = self._probation_policy
         started = self._clock()
-        async for _ in ticks(self._settings.probation_tick_s, clock=self._clock):
+        async for _ in ticks(policy.tick_s, clock=self._clock):
             verdict = judge_probation(_stats(model), previous, self._clock() - started, policy)
             if verdict is Verdict.WATCHING:
                 continue
@@ -517,9 +488,7 @@ class ModelManager:
                 log.info("probation_passed", model=name, version=model.version, served=model.served)
                 return
             reason = (
-                SwapReason.PROBATION_ERRORS
-                if verdict is Verdict.ERRORS
-                else SwapReason.PROBATION_LATENCY
+                Reason.PROBATION_ERRORS if verdict is Verdict.ERRORS else Reason.PROBATION_LATENCY
             )
             log.warning("probation_failed", model=name, version=model.version, reason=reason)
             self._probations.pop(name, None)  # rollback() must not cancel this very task
@@ -556,7 +525,7 @@ class ModelManager:
         model = service.model if service is not None else None
         return model.sha256 if model is not None else None
 
-    def _reject_unverified(self, raw: object, reason: SwapReason, message: str) -> ModelStatus:
+    def _reject_unverified(self, raw: object, reason: Reason, message: str) -> ModelStatus:
         name = raw.get("name") if isinstance(raw, Mapping) else None
         # Only a name that could be valid is echoed: it keys reported state.
         safe = name if isinstance(name, str) and name.isprintable() and len(name) <= 63 else "?"
@@ -564,13 +533,13 @@ class ModelManager:
         self._metrics.outcomes.labels(ModelState.REJECTED.value).inc()
         return self._publish(safe, ModelState.REJECTED, reason, message)
 
-    def _reject(self, manifest: ReleaseManifest, reason: SwapReason, message: str) -> ModelStatus:
+    def _reject(self, manifest: ReleaseManifest, reason: Reason, message: str) -> ModelStatus:
         self._metrics.failures.labels(reason.value).inc()
         self._metrics.outcomes.labels(ModelState.REJECTED.value).inc()
         return self._publish(manifest.name, ModelState.REJECTED, reason, message, manifest=manifest)
 
     def _fail(
-        self, manifest: ReleaseManifest, state: ModelState, reason: SwapReason, message: str
+        self, manifest: ReleaseManifest, state: ModelState, reason: Reason, message: str
     ) -> None:
         log.warning(
             "install_failed",
@@ -588,7 +557,7 @@ class ModelManager:
         self,
         name: str,
         state: ModelState,
-        reason: SwapReason | None,
+        reason: Reason | None,
         message: str,
         *,
         manifest: ReleaseManifest | None = None,
@@ -605,7 +574,7 @@ class ModelManager:
             reason=reason,
             message=message[:500],
             since=self._wall_clock(),
-            active_version=int(active.version) if active is not None else None,
+            active_version=active.version if active is not None else None,
         )
         self.statuses[name] = status
         if service is not None:

@@ -8,28 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
+from pydantic import Field
 
-RejectReason = Literal[
-    "bad_json",
-    "bad_request",
-    "bad_datatype",
-    "shape_data_mismatch",
-    "unknown_model",
-    "unknown_input",
-    "missing_input",
-    "unknown_output",
-    "dtype_mismatch",
-    "rank_mismatch",
-    "dim_mismatch",
-    "too_large",
-    "non_finite",
-    "not_ready",
-    "method_not_allowed",
-    "not_found",
-]
+from agent.config import Section
+from agent.reasons import AgentError, Reason
 
 # v2 datatype -> numpy dtype. BYTES travels as numpy object arrays of `bytes`.
 V2_TO_NUMPY: Final[Mapping[str, np.dtype[np.generic]]] = {
@@ -67,13 +52,8 @@ ONNX_TO_V2: Final[Mapping[str, str]] = {
 }
 
 
-class RequestError(Exception):
-    """A request the model cannot take: `reason` is a bounded metric label, `message` for people."""
-
-    def __init__(self, reason: RejectReason, message: str) -> None:
-        super().__init__(message)
-        self.reason: RejectReason = reason
-        self.message = message
+class RequestError(AgentError):
+    """A request the model cannot take."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +109,10 @@ class ModelContract:
         return found
 
 
-@dataclass(frozen=True, slots=True)
-class RequestLimits:
+class RequestLimits(Section):
     """Per-request bounds. Non-finite floats are refused unless a model is known to want them."""
 
-    max_elements: int = 1 << 22
+    max_elements: int = Field(1 << 22, ge=1, alias="max_request_elements")
     allow_non_finite: bool = False
 
 
@@ -172,48 +151,50 @@ class InputValidator:
             if array.dtype != dtype:
                 got = NUMPY_TO_V2.get(array.dtype, str(array.dtype))
                 raise RequestError(
-                    "dtype_mismatch",
+                    Reason.DTYPE_MISMATCH,
                     f"input {spec.name!r} has datatype {got}, model expects {spec.datatype}",
                 )
             shape = array.shape
             if len(shape) != rank:
                 raise RequestError(
-                    "rank_mismatch",
+                    Reason.RANK_MISMATCH,
                     f"input {spec.name!r} has shape {list(shape)}, model expects rank "
                     f"{rank} {spec.v2_shape}",
                 )
             for axis, dim in fixed:
                 if shape[axis] != dim:
                     raise RequestError(
-                        "dim_mismatch",
+                        Reason.DIM_MISMATCH,
                         f"input {spec.name!r} dimension {axis} is {shape[axis]}, "
                         f"model expects {dim}",
                     )
             elements += array.size
             if elements > self._limits.max_elements:
                 raise RequestError(
-                    "too_large", f"request has over {self._limits.max_elements} elements, the limit"
+                    Reason.TOO_LARGE,
+                    f"request has over {self._limits.max_elements} elements, the limit",
                 )
             if shape:
                 if rows < 0:
                     rows = shape[0]
                 elif shape[0] != rows and self._batchable:
                     raise RequestError(
-                        "dim_mismatch",
+                        Reason.DIM_MISMATCH,
                         f"input {spec.name!r} has {shape[0]} rows, other inputs have {rows}",
                     )
             if check_finite and not np.isfinite(array).all():
-                raise RequestError("non_finite", f"input {spec.name!r} contains NaN or Inf")
+                raise RequestError(Reason.NON_FINITE, f"input {spec.name!r} contains NaN or Inf")
         return max(rows, 1)
 
     def _refuse_names(self, inputs: Mapping[str, np.ndarray]) -> None:
         unknown = sorted(set(inputs) - self._names)
         if unknown:
             raise RequestError(
-                "unknown_input", f"unknown input {unknown[0]!r}; model takes {sorted(self._names)}"
+                Reason.UNKNOWN_INPUT,
+                f"unknown input {unknown[0]!r}; model takes {sorted(self._names)}",
             )
         missing = sorted(self._names - set(inputs))
-        raise RequestError("missing_input", f"missing input {missing[0]!r}")
+        raise RequestError(Reason.MISSING_INPUT, f"missing input {missing[0]!r}")
 
 
 def validate_inputs(

@@ -18,7 +18,10 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import Field
 
+from agent.config import Section
+from agent.reasons import AgentError, Reason
 from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
@@ -31,8 +34,11 @@ _OPTIMIZATION_LEVELS: Mapping[GraphOptimization, ort.GraphOptimizationLevel] = {
 }
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(AgentError):
     """The bytes are not a model ONNX Runtime can run, or its I/O cannot be described."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.LOAD_FAILED, message)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
@@ -59,14 +65,15 @@ def pin_mmap_threshold(size: int) -> bool:
     return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
 
 
-@dataclass(frozen=True, slots=True)
-class RuntimeOptions:
-    intra_op_threads: int = 1
-    inter_op_threads: int = 1
-    optimization: GraphOptimization = "all"
-    # Blocks from this size up are mapped on their own and unmapped when freed; None leaves
+class RuntimeOptions(Section):
+    """ONNX Runtime session options (`EDGEML_INTRA_OP_THREADS`, `EDGEML_GRAPH_OPTIMIZATION`...)."""
+
+    intra_op_threads: int = Field(1, ge=1, le=64)
+    inter_op_threads: int = Field(1, ge=1, le=64)
+    optimization: GraphOptimization = Field("all", alias="graph_optimization")
+    # Blocks from this size up are mapped on their own and unmapped when freed; 0 leaves
     # glibc's dynamic threshold (see `pin_mmap_threshold`).
-    mmap_threshold_bytes: int | None = 1 << 20
+    mmap_threshold_bytes: int = Field(1 << 20, ge=0)
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -136,7 +143,7 @@ class LoadedModel:
         session: ort.InferenceSession,
         *,
         name: str,
-        version: str,
+        version: int,
         sha256: str,
         cost: CostModel,
     ) -> None:
@@ -170,7 +177,7 @@ class LoadedModel:
 
 def create_session(model: bytes | Path, options: RuntimeOptions) -> ort.InferenceSession:
     source = str(model) if isinstance(model, Path) else model
-    if options.mmap_threshold_bytes is not None:
+    if options.mmap_threshold_bytes:
         # Process-wide and idempotent: set before each session, whose allocations obey it.
         pin_mmap_threshold(options.mmap_threshold_bytes)
     try:
@@ -214,7 +221,7 @@ def load_model(
     model: bytes | Path,
     *,
     name: str,
-    version: str,
+    version: int,
     sha256: str,
     options: RuntimeOptions,
     max_rows: int,

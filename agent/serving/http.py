@@ -12,6 +12,7 @@ access log, one `json.loads` and one `json.dumps`, and tensors built by numpy in
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, Protocol
 
@@ -20,30 +21,44 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from pydantic import Field
 
 from agent import __version__
+from agent.config import Section
 from agent.observation.metrics import InferenceMetrics
+from agent.reasons import Reason
 from agent.serving import protocol
-from agent.serving.contract import ModelContract, RejectReason, RequestError
+from agent.serving.contract import ModelContract, RequestError
 
-DEFAULT_HTTP_PORT: Final = 8000
-DEFAULT_METRICS_PORT: Final = 9600
-DEFAULT_HOST: Final = "0.0.0.0"  # noqa: S104 - a container's port must be reachable from outside it
-DEFAULT_MAX_BODY_BYTES: Final = 64 << 20
 SERVER_NAME: Final = "edge-mlops-agent"
 
-_STATUS: Final[Mapping[str, int]] = {
-    "unknown_model": 404,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "too_large": 413,
-    "not_ready": 503,
+
+class HttpSettings(Section):
+    """Where the v2 API and /metrics listen, and how big a request body may be."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - a container's port must be reachable from outside it
+    http_port: int = Field(8000, ge=0, le=65535)
+    metrics_port: int = Field(9600, ge=0, le=65535)
+    max_request_bytes: int = Field(64 << 20, ge=1024)
+
+
+class HttpReason(enum.StrEnum):
+    """Refusals only HTTP routing makes (the rest are `agent.reasons.Reason`)."""
+
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+
+
+_STATUS: Final[Mapping[Reason, int]] = {
+    Reason.UNKNOWN_MODEL: 404,
+    Reason.TOO_LARGE: 413,
+    Reason.NOT_READY: 503,
 }
 # aiohttp's own refusals (routing, body size) -> bounded reject reasons.
-_HTTP_REASONS: Final[Mapping[int, RejectReason]] = {
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
+_HTTP_REASONS: Final[Mapping[int, HttpReason | Reason]] = {
+    404: HttpReason.NOT_FOUND,
+    405: HttpReason.METHOD_NOT_ALLOWED,
+    413: Reason.TOO_LARGE,
 }
 _JSON: Final = "application/json"
 
@@ -54,7 +69,7 @@ class ModelMetadataView(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def versions(self) -> tuple[str, ...]: ...
+    def versions(self) -> tuple[int, ...]: ...
     @property
     def platform(self) -> str: ...
     @property
@@ -73,7 +88,7 @@ class ServedModel(Protocol):
     def metadata(self) -> ModelMetadataView: ...
     async def infer_versioned(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> tuple[str, dict[str, np.ndarray]]: ...
+    ) -> tuple[int, dict[str, np.ndarray]]: ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -124,7 +139,7 @@ class _V2Handlers:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            reason = _HTTP_REASONS.get(exc.status, "bad_request")
+            reason = _HTTP_REASONS.get(exc.status, Reason.BAD_REQUEST)
             self._metrics.reject(reason)
             return _error(exc.status, _describe(request, exc, reason))
 
@@ -152,7 +167,7 @@ class _V2Handlers:
         return _ok(
             protocol.encode_model_metadata(
                 name=meta.name,
-                versions=meta.versions,
+                versions=[str(v) for v in meta.versions],
                 platform=meta.platform,
                 contract=meta.contract,
                 parameters=meta.parameters,
@@ -173,7 +188,8 @@ class _V2Handlers:
         if length is not None and length > self._max_body_bytes:
             # Refuse on the declared length, before reading a byte of the body.
             raise RequestError(
-                "too_large", f"request body of {length} bytes; the limit is {self._max_body_bytes}"
+                Reason.TOO_LARGE,
+                f"request body of {length} bytes; the limit is {self._max_body_bytes}",
             )
         body = await request.read()
         decoded = protocol.decode_infer_request(
@@ -215,23 +231,23 @@ class _V2Handlers:
         name = match["name"]
         model = self._models.get(name)
         if model is None:
-            raise RequestError("unknown_model", f"unknown model {name[:200]!r}")
+            raise RequestError(Reason.UNKNOWN_MODEL, f"unknown model {name[:200]!r}")
         version = match.get("version")
-        if version is not None and version not in model.metadata().versions:
+        if version is not None and version not in {str(v) for v in model.metadata().versions}:
             raise RequestError(
-                "unknown_model", f"model {name!r} has no version {version[:200]!r} loaded"
+                Reason.UNKNOWN_MODEL, f"model {name!r} has no version {version[:200]!r} loaded"
             )
         return model, version
 
 
-def _describe(request: web.Request, exc: web.HTTPException, reason: RejectReason) -> str:
+def _describe(request: web.Request, exc: web.HTTPException, reason: HttpReason | Reason) -> str:
     path = request.path[:200]
-    if reason == "not_found":
+    if reason is HttpReason.NOT_FOUND:
         return f"no such endpoint: {path}"
-    if reason == "method_not_allowed":
+    if reason is HttpReason.METHOD_NOT_ALLOWED:
         allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ())))
         return f"method {request.method} is not allowed on {path}; allowed: {allowed}"
-    if reason == "too_large":
+    if reason is Reason.TOO_LARGE:
         return f"request body over the limit of {request.client_max_size} bytes"
     return exc.text or exc.reason
 
@@ -240,7 +256,7 @@ def create_app(
     models: Mapping[str, ServedModel],
     metrics: InferenceMetrics,
     *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int,
     max_input_bytes: int | None = None,
     server_name: str = SERVER_NAME,
     server_version: str = __version__,
@@ -248,6 +264,7 @@ def create_app(
 ) -> web.Application:
     """The v2 application. `max_input_bytes` bounds decoded tensors (default: 2 x the body cap,
     as JSON integers can take fewer bytes on the wire than in memory)."""
+    metrics.declare(HttpReason)
     handlers = _V2Handlers(
         models,
         metrics,
@@ -349,10 +366,8 @@ class HttpService(_AppServer):
         self,
         models: Mapping[str, ServedModel],
         metrics: InferenceMetrics,
+        settings: HttpSettings,
         *,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_HTTP_PORT,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_input_bytes: int | None = None,
         server_version: str = __version__,
         log: structlog.typing.FilteringBoundLogger | None = None,
@@ -360,12 +375,12 @@ class HttpService(_AppServer):
         app = create_app(
             models,
             metrics,
-            max_body_bytes=max_body_bytes,
+            max_body_bytes=settings.max_request_bytes,
             max_input_bytes=max_input_bytes,
             server_version=server_version,
             log=log,
         )
-        super().__init__("http", app, host, port, log)
+        super().__init__("http", app, settings.host, settings.http_port, log)
 
 
 class MetricsService(_AppServer):
@@ -374,9 +389,9 @@ class MetricsService(_AppServer):
     def __init__(
         self,
         registry: CollectorRegistry,
+        settings: HttpSettings,
         *,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_METRICS_PORT,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
-        super().__init__("metrics", create_metrics_app(registry), host, port, log)
+        app = create_metrics_app(registry)
+        super().__init__("metrics", app, settings.host, settings.metrics_port, log)

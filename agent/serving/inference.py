@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
+from pydantic import Field
 
+from agent.config import Section
 from agent.observation.metrics import InferenceMetrics
+from agent.reasons import Reason
 from agent.serving.batching import batch_key, split, stack, take_batch
 from agent.serving.contract import InputValidator, ModelContract, RequestError, RequestLimits
 from agent.serving.engine import LoadedModel
@@ -40,21 +43,22 @@ log = structlog.get_logger(__name__)
 PLATFORM = "onnxruntime_onnx"
 
 
-@dataclass(frozen=True, slots=True)
-class BatchingPolicy:
-    enabled: bool = True
-    max_rows: int = 32
-    max_wait_s: float = 0.0
-    inline_budget_s: float = 0.0015
-    busy_inline_budget_s: float = 0.0002
-    coalesce_above_s: float = 0.0001
-    worker_threads: int = 1
+class BatchingPolicy(Section):
+    """Dispatch and coalescing (see the module docstring); times in the units users set."""
+
+    enabled: bool = Field(True, alias="batching")
+    max_rows: int = Field(32, ge=1, le=4096, alias="max_batch")
+    max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
+    inline_budget_us: float = Field(1500.0, ge=0.0, le=1_000_000.0)
+    busy_inline_budget_us: float = Field(200.0, ge=0.0, le=1_000_000.0)
+    coalesce_above_us: float = Field(100.0, ge=0.0, le=1_000_000.0)
+    worker_threads: int = Field(1, ge=1, le=64)
 
 
 @dataclass(frozen=True, slots=True)
 class ModelMetadata:
     name: str
-    versions: tuple[str, ...]
+    versions: tuple[int, ...]
     platform: str
     contract: ModelContract
     parameters: Mapping[str, str | int | float | bool]
@@ -84,8 +88,13 @@ class InferenceService:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.name = name
-        self.policy = policy or BatchingPolicy()
+        self.policy = policy = policy or BatchingPolicy()
         self.limits = limits or RequestLimits()
+        # In seconds, read once: the dispatch decision runs per request.
+        self._max_wait_s = policy.max_wait_ms / 1e3
+        self._inline_budget_s = policy.inline_budget_us / 1e6
+        self._busy_inline_budget_s = policy.busy_inline_budget_us / 1e6
+        self._coalesce_above_s = policy.coalesce_above_us / 1e6
         self._metrics = metrics
         self._clock = clock
         self._model: LoadedModel | None = None
@@ -158,7 +167,7 @@ class InferenceService:
         return (
             policy.enabled
             and model.contract.batchable
-            and model.cost.fixed_s >= policy.coalesce_above_s
+            and model.cost.fixed_s >= self._coalesce_above_s
         )
 
     async def close(self) -> None:
@@ -169,7 +178,9 @@ class InferenceService:
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_exception(RequestError("not_ready", "agent is shutting down"))
+                pending.future.set_exception(
+                    RequestError(Reason.NOT_READY, "agent is shutting down")
+                )
         self._queued_rows = 0
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
@@ -183,7 +194,7 @@ class InferenceService:
 
     async def infer_versioned(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> tuple[str, dict[str, np.ndarray]]:
+    ) -> tuple[int, dict[str, np.ndarray]]:
         """`infer`, with the version of the model that answered (a swap may happen meanwhile)."""
         clock = self._clock
         arrived = clock()
@@ -191,8 +202,8 @@ class InferenceService:
         # One read of both: a swap between them would check against the wrong contract.
         model, validator = self._model, self._validator
         if model is None or validator is None:
-            metrics.reject("not_ready")
-            raise RequestError("not_ready", f"model {self.name!r} has no active version yet")
+            metrics.reject(Reason.NOT_READY)
+            raise RequestError(Reason.NOT_READY, f"model {self.name!r} has no active version yet")
         metrics.in_flight.inc()
         model.in_flight += 1
         try:
@@ -230,7 +241,7 @@ class InferenceService:
     ) -> list[np.ndarray]:
         if not self._coalesces(model):
             self._metrics.queue_wait.observe(self._clock() - arrived)
-            if model.cost.estimate(rows) <= self.policy.inline_budget_s:
+            if model.cost.estimate(rows) <= self._inline_budget_s:
                 return self._run_inline(model, inputs, names, rows)
             return await self._run_in_thread(model, inputs, names, rows)
         future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
@@ -280,14 +291,14 @@ class InferenceService:
     def _schedule_flush(self) -> None:
         if self._threads_busy >= self.policy.worker_threads:
             return  # the batch finishing on a thread flushes what queued meanwhile
-        wait = self.policy.max_wait_s > 0 and self._queued_rows < self.policy.max_rows
+        wait = self._max_wait_s > 0 and self._queued_rows < self.policy.max_rows
         if self._flush_handle is not None:
             if wait or not self._flush_is_timer:
                 return  # the flush already due is soon enough
             self._flush_handle.cancel()  # a full batch need not wait out the timer
         loop = asyncio.get_running_loop()
         if wait:
-            self._flush_handle = loop.call_later(self.policy.max_wait_s, self._flush)
+            self._flush_handle = loop.call_later(self._max_wait_s, self._flush)
         else:
             self._flush_handle = loop.call_soon(self._flush)
         self._flush_is_timer = wait
@@ -303,9 +314,7 @@ class InferenceService:
         now = self._clock()
         for pending in batch:
             self._metrics.queue_wait.observe(now - pending.arrived)
-        budget = (
-            self.policy.inline_budget_s if len(batch) == 1 else self.policy.busy_inline_budget_s
-        )
+        budget = self._inline_budget_s if len(batch) == 1 else self._busy_inline_budget_s
         if model.cost.estimate(sum(rows)) <= budget:
             try:
                 if len(batch) == 1:  # nothing to stack or split: the request's own call
@@ -364,7 +373,7 @@ def _checked(model: LoadedModel, requested: Sequence[str]) -> Sequence[str]:
     for name in requested:
         if name not in available:
             raise RequestError(
-                "unknown_output", f"unknown output {name!r}; model has {list(available)}"
+                Reason.UNKNOWN_OUTPUT, f"unknown output {name!r}; model has {list(available)}"
             )
     return requested
 

@@ -27,6 +27,7 @@ from typing import Any, Final, TypeGuard
 import numpy as np
 import orjson
 
+from agent.reasons import Reason
 from agent.serving.contract import NUMPY_TO_V2, V2_TO_NUMPY, ModelContract, RequestError, TensorSpec
 
 # The header that splits a body into a JSON part and a raw tensor part (both directions).
@@ -109,7 +110,8 @@ def parse_header_length(value: str | None) -> int | None:
     stripped = value.strip()
     if not stripped.isdigit():
         raise RequestError(
-            "bad_request", f"{HEADER_LENGTH} must be a non-negative integer, got {value[:32]!r}"
+            Reason.BAD_REQUEST,
+            f"{HEADER_LENGTH} must be a non-negative integer, got {value[:32]!r}",
         )
     return int(stripped)
 
@@ -122,21 +124,21 @@ def decode_infer_request(
         header = body
     elif header_length > len(body):
         raise RequestError(
-            "bad_request",
+            Reason.BAD_REQUEST,
             f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes",
         )
     else:
         header = body[:header_length]
     document = _load_json(header)
     if not isinstance(document, dict):
-        raise RequestError("bad_json", "the request body must be a JSON object")
+        raise RequestError(Reason.BAD_JSON, "the request body must be a JSON object")
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise RequestError("bad_request", "'id' must be a string")
+        raise RequestError(Reason.BAD_REQUEST, "'id' must be a string")
     parameters = _parameters(document, "the request")
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise RequestError("bad_request", "'inputs' must be a non-empty list of tensors")
+        raise RequestError(Reason.BAD_REQUEST, "'inputs' must be a non-empty list of tensors")
 
     # Every declared size is checked before any tensor is built, so that a refused request
     # costs no allocation however its inputs are ordered.
@@ -145,10 +147,10 @@ def decode_infer_request(
     for position, raw in enumerate(raw_inputs):
         tensor = _tensor_header(raw, position)
         if tensor.name in tensors:
-            raise RequestError("bad_request", f"input {tensor.name!r} appears twice")
+            raise RequestError(Reason.BAD_REQUEST, f"input {tensor.name!r} appears twice")
         if tensor.nbytes > budget:
             raise RequestError(
-                "too_large",
+                Reason.TOO_LARGE,
                 f"input {tensor.name!r} of shape {list(tensor.shape)} {tensor.datatype} needs "
                 f"{tensor.nbytes} bytes; the request limit is {max_input_bytes}",
             )
@@ -180,7 +182,7 @@ class _Tensor:
 
     def mismatch(self, found: str) -> RequestError:
         return RequestError(
-            "shape_data_mismatch",
+            Reason.SHAPE_DATA_MISMATCH,
             f"input {self.name!r} has shape {list(self.shape)} ({self.count} elements) but {found}",
         )
 
@@ -199,18 +201,19 @@ class _BinaryCursor:
         """Claim `size` bytes for input `name`; return the (start, end) offsets in the body."""
         if not self.enabled:
             raise RequestError(
-                "bad_request",
+                Reason.BAD_REQUEST,
                 f"input {name!r} has binary_data_size but there is no {HEADER_LENGTH}",
             )
         if not _is_int(size) or size < 0:
             raise RequestError(
-                "bad_request", f"input {name!r} binary_data_size must be a non-negative integer"
+                Reason.BAD_REQUEST,
+                f"input {name!r} binary_data_size must be a non-negative integer",
             )
         start = self.offset
         end = start + size
         if end > len(self.body):
             raise RequestError(
-                "bad_request",
+                Reason.BAD_REQUEST,
                 f"input {name!r} binary data ({size} bytes) runs past the end of the body "
                 f"({len(self.body) - start} bytes left)",
             )
@@ -220,7 +223,7 @@ class _BinaryCursor:
     def finish(self) -> None:
         if self.offset != len(self.body):
             raise RequestError(
-                "bad_request",
+                Reason.BAD_REQUEST,
                 f"{len(self.body) - self.offset} bytes of binary data follow the inputs "
                 "that no input claims",
             )
@@ -233,10 +236,10 @@ def _decode_input(raw: Mapping[str, Any], tensor: _Tensor, binary: _BinaryCursor
     size = input_parameters.get("binary_data_size")
     if size is None:
         if "data" not in raw:
-            raise RequestError("bad_request", f"{where} has neither data nor binary_data_size")
+            raise RequestError(Reason.BAD_REQUEST, f"{where} has neither data nor binary_data_size")
         return _json_tensor(raw["data"], tensor)
     if "data" in raw:
-        raise RequestError("bad_request", f"{where} has both data and binary_data_size")
+        raise RequestError(Reason.BAD_REQUEST, f"{where} has both data and binary_data_size")
     start, end = binary.take(tensor.name, size)
     if tensor.datatype == "BYTES":
         return _binary_bytes_tensor(binary.body, start, end, tensor)
@@ -254,14 +257,18 @@ def _load_json(data: bytes) -> Any:
             # Integers past 64 bits are valid JSON: the stdlib parser keeps them exact, so
             # the tensor checks can name the value out of range for its datatype.
             return _load_json_exact(data)
-        raise RequestError("bad_json", f"the request is not valid JSON: {_short(exc)}") from None
+        raise RequestError(
+            Reason.BAD_JSON, f"the request is not valid JSON: {_short(exc)}"
+        ) from None
 
 
 def _load_json_exact(data: bytes) -> Any:
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise RequestError("bad_json", f"the request is not valid JSON: {_short(exc)}") from None
+        raise RequestError(
+            Reason.BAD_JSON, f"the request is not valid JSON: {_short(exc)}"
+        ) from None
 
 
 def _short(exc: BaseException) -> str:
@@ -279,7 +286,7 @@ def _parameters(document: Mapping[str, Any], where: str) -> dict[str, Any]:
     if parameters is None:
         return {}
     if not isinstance(parameters, dict):
-        raise RequestError("bad_request", f"'parameters' of {where} must be a JSON object")
+        raise RequestError(Reason.BAD_REQUEST, f"'parameters' of {where} must be a JSON object")
     return parameters
 
 
@@ -288,35 +295,37 @@ def _refuse_unsupported(
 ) -> None:
     for key in unsupported:
         if key in parameters:
-            raise RequestError("bad_request", f"{where}: parameter {key!r} is not supported")
+            raise RequestError(Reason.BAD_REQUEST, f"{where}: parameter {key!r} is not supported")
 
 
 def _tensor_header(raw: object, position: int) -> _Tensor:
     if not isinstance(raw, dict):
-        raise RequestError("bad_request", f"inputs[{position}] must be a JSON object")
+        raise RequestError(Reason.BAD_REQUEST, f"inputs[{position}] must be a JSON object")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
-        raise RequestError("bad_request", f"inputs[{position}] needs a non-empty string 'name'")
+        raise RequestError(
+            Reason.BAD_REQUEST, f"inputs[{position}] needs a non-empty string 'name'"
+        )
     datatype = raw.get("datatype")
     if not isinstance(datatype, str):
-        raise RequestError("bad_datatype", f"input {name!r} needs a string 'datatype'")
+        raise RequestError(Reason.BAD_DATATYPE, f"input {name!r} needs a string 'datatype'")
     dtype = V2_TO_NUMPY.get(datatype)
     if dtype is None:
         raise RequestError(
-            "bad_datatype",
+            Reason.BAD_DATATYPE,
             f"input {name!r} has unknown datatype {datatype[:32]!r}; "
             f"expected one of {', '.join(V2_TO_NUMPY)}",
         )
     shape = raw.get("shape")
     if not isinstance(shape, list):
-        raise RequestError("bad_request", f"input {name!r} needs a list 'shape'")
+        raise RequestError(Reason.BAD_REQUEST, f"input {name!r} needs a list 'shape'")
     if len(shape) > MAX_RANK:
         raise RequestError(
-            "bad_request", f"input {name!r} has {len(shape)} dimensions; at most {MAX_RANK}"
+            Reason.BAD_REQUEST, f"input {name!r} has {len(shape)} dimensions; at most {MAX_RANK}"
         )
     if not all(_is_int(dim) and dim >= 0 for dim in shape):
         raise RequestError(
-            "bad_request", f"input {name!r} shape {shape} must hold non-negative integers"
+            Reason.BAD_REQUEST, f"input {name!r} shape {shape} must hold non-negative integers"
         )
     return _Tensor(name, datatype, dtype, tuple(shape), math.prod(shape))
 
@@ -324,7 +333,7 @@ def _tensor_header(raw: object, position: int) -> _Tensor:
 def _json_tensor(data: object, tensor: _Tensor) -> np.ndarray:
     name, dtype = tensor.name, tensor.dtype
     if not isinstance(data, list):
-        raise RequestError("bad_request", f"input {name!r} data must be a list")
+        raise RequestError(Reason.BAD_REQUEST, f"input {name!r} data must be a list")
     if tensor.datatype == "BYTES":
         return _json_bytes_tensor(data, tensor)
     try:
@@ -343,14 +352,14 @@ def _json_tensor(data: object, tensor: _Tensor) -> np.ndarray:
         if dtype.kind in "iu" and inferred.dtype.kind == "f":
             want = "integers"
         raise RequestError(
-            "bad_request", f"input {name!r} data must be {want} for {tensor.datatype}"
+            Reason.BAD_REQUEST, f"input {name!r} data must be {want} for {tensor.datatype}"
         )
     if tensor.count and dtype.kind in "iu" and inferred.dtype != dtype:
         info = np.iinfo(dtype)
         low, high = int(inferred.min()), int(inferred.max())
         if low < info.min or high > info.max:
             raise RequestError(
-                "bad_request",
+                Reason.BAD_REQUEST,
                 f"input {name!r} data [{low}, {high}] is out of range for {tensor.datatype}",
             )
     return inferred.astype(dtype, copy=False).reshape(tensor.shape)
@@ -361,13 +370,13 @@ def _exact_integers(data: list[Any], tensor: _Tensor) -> np.ndarray:
     flat = np.array(data, dtype=object).ravel().tolist()
     if not all(_is_int(value) for value in flat):
         raise RequestError(
-            "bad_request", f"input {tensor.name!r} data must be integers for {tensor.datatype}"
+            Reason.BAD_REQUEST, f"input {tensor.name!r} data must be integers for {tensor.datatype}"
         )
     try:
         return np.array(flat, dtype=tensor.dtype).reshape(tensor.shape)
     except OverflowError:
         raise RequestError(
-            "bad_request", f"input {tensor.name!r} data is out of range for {tensor.datatype}"
+            Reason.BAD_REQUEST, f"input {tensor.name!r} data is out of range for {tensor.datatype}"
         ) from None
 
 
@@ -384,7 +393,7 @@ def _json_bytes_tensor(data: list[Any], tensor: _Tensor) -> np.ndarray:
     for index, element in enumerate(flat):
         if not isinstance(element, str):
             raise RequestError(
-                "bad_request", f"input {tensor.name!r} data must be strings for BYTES"
+                Reason.BAD_REQUEST, f"input {tensor.name!r} data must be strings for BYTES"
             )
         out[index] = element.encode()
     return out.reshape(tensor.shape)
@@ -430,26 +439,28 @@ def _requested_outputs(
     if raw_outputs is None:
         return ()
     if not isinstance(raw_outputs, list):
-        raise RequestError("bad_request", "'outputs' must be a list")
+        raise RequestError(Reason.BAD_REQUEST, "'outputs' must be a list")
     default_binary = parameters.get("binary_data_output") is True
     outputs: list[RequestedOutput] = []
     seen: set[str] = set()
     for position, raw in enumerate(raw_outputs):
         if not isinstance(raw, dict):
-            raise RequestError("bad_request", f"outputs[{position}] must be a JSON object")
+            raise RequestError(Reason.BAD_REQUEST, f"outputs[{position}] must be a JSON object")
         name = raw.get("name")
         if not isinstance(name, str) or not name:
             raise RequestError(
-                "bad_request", f"outputs[{position}] needs a non-empty string 'name'"
+                Reason.BAD_REQUEST, f"outputs[{position}] needs a non-empty string 'name'"
             )
         if name in seen:
-            raise RequestError("bad_request", f"output {name!r} is requested twice")
+            raise RequestError(Reason.BAD_REQUEST, f"output {name!r} is requested twice")
         seen.add(name)
         output_parameters = _parameters(raw, f"output {name!r}")
         _refuse_unsupported(output_parameters, _UNSUPPORTED_OUTPUT_PARAMETERS, f"output {name!r}")
         binary = output_parameters.get("binary_data", default_binary)
         if not isinstance(binary, bool):
-            raise RequestError("bad_request", f"output {name!r} binary_data must be true or false")
+            raise RequestError(
+                Reason.BAD_REQUEST, f"output {name!r} binary_data must be true or false"
+            )
         outputs.append(RequestedOutput(name, binary))
     return tuple(outputs)
 
@@ -469,7 +480,7 @@ def encode_error(message: str) -> bytes:
 def encode_infer_response(
     *,
     model_name: str,
-    model_version: str | None,
+    model_version: int | None,
     request: InferRequest,
     outputs: Mapping[str, np.ndarray],
 ) -> EncodedResponse:
@@ -484,7 +495,7 @@ def encode_infer_response(
     for name, binary in selected:
         array = outputs.get(name)
         if array is None:
-            raise RequestError("unknown_output", f"the model has no output {name!r}")
+            raise RequestError(Reason.UNKNOWN_OUTPUT, f"the model has no output {name!r}")
         datatype = _v2_datatype(array, name)
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
@@ -496,7 +507,7 @@ def encode_infer_response(
         tensors.append(tensor)
     document: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
-        document["model_version"] = model_version
+        document["model_version"] = str(model_version)  # v2 versions are strings
     if request.id is not None:
         document["id"] = request.id
     document["outputs"] = tensors
@@ -542,7 +553,7 @@ def _json_output(array: np.ndarray, datatype: str, name: str) -> list[Any]:
         return [e.decode() if isinstance(e, bytes) else str(e) for e in flat]
     except UnicodeDecodeError:
         raise RequestError(
-            "bad_request",
+            Reason.BAD_REQUEST,
             f"output {name!r} holds bytes that are not UTF-8; request it with binary_data",
         ) from None
 

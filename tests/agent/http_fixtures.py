@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.observation.metrics import InferenceMetrics
 from agent.serving.engine import LoadedModel, RuntimeOptions, load_model
-from agent.serving.http import HttpService, MetricsService, ServedModel
+from agent.serving.http import HttpService, HttpSettings, MetricsService, ServedModel
 from agent.serving.inference import InferenceService, ModelMetadata
 from deployment.example_models import tiny_mlp
 
@@ -30,7 +30,7 @@ def tiny_model_bytes() -> bytes:
     return bytes(tiny_mlp().SerializeToString())
 
 
-def load_tiny(version: str = "1") -> LoadedModel:
+def load_tiny(version: int = 1) -> LoadedModel:
     data = tiny_model_bytes()
     return load_model(
         data,
@@ -55,17 +55,17 @@ class SlowModel:
         self._reference = load_tiny()
 
     def metadata(self) -> ModelMetadata:
-        return ModelMetadata(self.name, ("7",), "test", self._reference.contract, {})
+        return ModelMetadata(self.name, (7,), "test", self._reference.contract, {})
 
     async def infer_versioned(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> tuple[str, dict[str, np.ndarray]]:
+    ) -> tuple[int, dict[str, np.ndarray]]:
         self.started.set()
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("the runtime fell over")
         self.finished += 1
-        return "7", {"output": np.asarray(inputs["input"])}
+        return 7, {"output": np.asarray(inputs["input"])}
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,8 @@ async def serving(
         owned.append(service)
         models = {"tiny": service}
     live = dict(models)
-    server = HttpService(
-        live,
-        metrics,
-        host="127.0.0.1",
-        port=0,
-        max_body_bytes=max_body_bytes,
-        max_input_bytes=max_input_bytes,
-    )
+    settings = HttpSettings(host="127.0.0.1", http_port=0, max_request_bytes=max_body_bytes)
+    server = HttpService(live, metrics, settings, max_input_bytes=max_input_bytes)
     await server.start()
     try:
         async with aiohttp.ClientSession() as client:
@@ -134,7 +128,7 @@ async def serving(
 @asynccontextmanager
 async def metrics_serving(registry: CollectorRegistry) -> AsyncIterator[str]:
     """Serve `registry` at /metrics on a free loopback port; yield the URL."""
-    server = MetricsService(registry, host="127.0.0.1", port=0)
+    server = MetricsService(registry, HttpSettings(host="127.0.0.1", metrics_port=0))
     await server.start()
     try:
         yield f"http://127.0.0.1:{server.port}/metrics"

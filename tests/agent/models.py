@@ -22,7 +22,7 @@ def mid_bytes(seed: int = 0) -> bytes:
     return bytes(mid_mlp(seed).SerializeToString())
 
 
-def loaded(data: bytes, *, name: str = "m", version: str = "1", max_rows: int = 32) -> LoadedModel:
+def loaded(data: bytes, *, name: str = "m", version: int = 1, max_rows: int = 32) -> LoadedModel:
     return load_model(
         data,
         name=name,

@@ -16,7 +16,7 @@ from agent.observation.metrics import InferenceMetrics
 from agent.releases.download import Downloader, DownloadPolicy
 from agent.releases.lifecycle import ModelStatus, ProbationPolicy
 from agent.releases.store import ModelStore
-from agent.releases.swap import HttpsArtifacts, ModelManager, SwapSettings
+from agent.releases.swap import HttpsArtifacts, ModelManager
 from agent.serving.inference import InferenceService
 from deployment.release import build_manifest
 from tests.agent.artifact_server import Artifact, ArtifactServer, TestPki
@@ -89,8 +89,9 @@ def make_device(
         services=services,
         service_factory=lambda name: InferenceService(name, metrics),
         registry=registry,
-        settings=SwapSettings(
-            probation=probation or ProbationPolicy(requests=0, seconds=0), probation_tick_s=0.05
+        # A fast tick: probations end within a test's patience.
+        probation=(probation or ProbationPolicy(requests=0, seconds=0)).model_copy(
+            update={"tick_s": 0.05}
         ),
         listeners=[reports.append],
     )

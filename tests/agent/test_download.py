@@ -19,10 +19,10 @@ from aiohttp.resolver import DefaultResolver
 from structlog.testing import capture_logs
 from yarl import URL
 
+from agent.reasons import Reason
 from agent.releases.download import (
     ContentRange,
     DeliveryError,
-    DeliveryReason,
     Downloader,
     DownloadPolicy,
     ThroughputMonitor,
@@ -105,7 +105,7 @@ def test_rejected_urls(url: str, detail: str) -> None:
     )
     with pytest.raises(DeliveryError) as info:
         check_url(url, policy)
-    assert info.value.reason is DeliveryReason.URL_REJECTED
+    assert info.value.reason is Reason.URL_REJECTED
     assert info.value.detail == detail
 
 
@@ -171,7 +171,7 @@ def test_redact_url_keeps_scheme_host_path_only(url: str, shown: str) -> None:
     ],
 )
 def test_policy_refuses_malformed_settings(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match=r"host|must be"):
+    with pytest.raises(ValueError, match=r"host|greater than"):
         DownloadPolicy(**bad)
 
 
@@ -430,7 +430,7 @@ async def test_stall_is_aborted_by_the_throughput_floor_and_retried(
     error = await fetch_into(downloader(artifact_pki, sleep, max_retries=2), store, url)
     elapsed = time.monotonic() - started
     assert error is not None
-    assert error.reason is DeliveryReason.TIMEOUT
+    assert error.reason is Reason.TIMEOUT
     assert error.detail == "throughput"
     assert len(artifact_server.requests) == 3
     assert len(sleep.delays) == 2
@@ -448,7 +448,7 @@ async def test_stall_is_aborted_by_the_overall_deadline(
         downloader(artifact_pki, min_bytes_per_s=0, deadline_s=0.5), store, url
     )
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.TIMEOUT, "deadline")
+    assert (error.reason, error.detail) == (Reason.TIMEOUT, "deadline")
     assert time.monotonic() - started < 2
 
 
@@ -461,7 +461,7 @@ async def test_403_and_404_fail_without_retry(
     url = artifact_server.add("m.onnx", Artifact(BODY, status=status))
     error = await fetch_into(downloader(artifact_pki, sleep), store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.FETCH_FAILED, f"http_{status}")
+    assert (error.reason, error.detail) == (Reason.FETCH_FAILED, f"http_{status}")
     assert len(artifact_server.requests) == 1
     assert sleep.delays == []
 
@@ -500,7 +500,7 @@ async def test_persistent_503_gives_up_after_the_retry_budget(
     url = artifact_server.add("m.onnx", Artifact(BODY, status=503))
     error = await fetch_into(downloader(artifact_pki, sleep, max_retries=3), store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.FETCH_FAILED, "http_503")
+    assert (error.reason, error.detail) == (Reason.FETCH_FAILED, "http_503")
     assert len(artifact_server.requests) == 4
     assert len(sleep.delays) == 3
 
@@ -512,7 +512,7 @@ async def test_a_retry_that_would_pass_the_deadline_is_not_attempted(
     url = artifact_server.add("m.onnx", Artifact(BODY, status=429, retry_after="120"))
     error = await fetch_into(downloader(artifact_pki, sleep, deadline_s=60), store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.TIMEOUT, "deadline")
+    assert (error.reason, error.detail) == (Reason.TIMEOUT, "deadline")
     assert sleep.delays == []
 
 
@@ -548,7 +548,7 @@ async def test_body_longer_than_size_is_aborted_at_size_plus_one(
     sink = _CountingSink(store)
     with pytest.raises(DeliveryError) as info:
         await downloader(artifact_pki).fetch(url, sha256=SHA, size=len(BODY), part=sink)
-    assert (info.value.reason, info.value.detail) == (DeliveryReason.SIZE_MISMATCH, "too_long")
+    assert (info.value.reason, info.value.detail) == (Reason.SIZE_MISMATCH, "too_long")
     assert sink.written <= len(BODY)
     assert not sink.inner.path.exists()
     assert len(artifact_server.requests) == 1
@@ -560,7 +560,7 @@ async def test_announced_length_longer_than_size_is_refused_before_reading(
     url = artifact_server.add("m.onnx", Artifact(BODY, extra=b"x"))
     error = await fetch_into(downloader(artifact_pki), store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.SIZE_MISMATCH, "content_length")
+    assert (error.reason, error.detail) == (Reason.SIZE_MISMATCH, "content_length")
 
 
 @pytest.mark.parametrize(
@@ -568,10 +568,10 @@ async def test_announced_length_longer_than_size_is_refused_before_reading(
     [
         (
             Artifact(BODY, truncate_to=len(BODY) - 1, send_length=False),
-            DeliveryReason.SIZE_MISMATCH,
+            Reason.SIZE_MISMATCH,
         ),
-        (Artifact(BODY, truncate_to=1000), DeliveryReason.SIZE_MISMATCH),
-        (Artifact(BODY, flip_at=123_456), DeliveryReason.HASH_MISMATCH),
+        (Artifact(BODY, truncate_to=1000), Reason.SIZE_MISMATCH),
+        (Artifact(BODY, flip_at=123_456), Reason.HASH_MISMATCH),
     ],
     ids=["truncated-chunked", "truncated-with-length", "flipped-byte"],
 )
@@ -580,7 +580,7 @@ async def test_truncated_or_flipped_body_is_not_committed(
     artifact_pki: TestPki,
     store: ModelStore,
     artifact: Artifact,
-    reason: DeliveryReason,
+    reason: Reason,
 ) -> None:
     """Case 7: size_mismatch / hash_mismatch, nothing under models/, not retried."""
     sleep = RecordingSleep()
@@ -606,7 +606,7 @@ async def test_disk_full_during_download_keeps_old_state(
     url = artifact_server.add("m.onnx", Artifact(BODY))
     error = await fetch_into(downloader(artifact_pki), store, url)
     assert error is not None
-    assert error.reason is DeliveryReason.DISK_FULL
+    assert error.reason is Reason.DISK_FULL
     assert list(store.models_dir.iterdir()) == []
     assert (root / "state.json").read_bytes() == state_bytes
     assert len(artifact_server.requests) == 1  # a full disk is not retried
@@ -646,7 +646,7 @@ async def test_redirect_to_a_disallowed_url_is_rejected(
         url,
     )
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.URL_REJECTED, detail)
+    assert (error.reason, error.detail) == (Reason.URL_REJECTED, detail)
     assert len(artifact_server.requests) == 1
 
 
@@ -656,7 +656,7 @@ async def test_redirect_loop_is_bounded(
     url = artifact_server.add("m.onnx", Artifact(b"", redirect_to="/m.onnx?again"))
     error = await fetch_into(downloader(artifact_pki, max_redirects=5), store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.FETCH_FAILED, "too_many_redirects")
+    assert (error.reason, error.detail) == (Reason.FETCH_FAILED, "too_many_redirects")
     assert len(artifact_server.requests) == 6
 
 
@@ -667,7 +667,7 @@ async def test_a_rejected_url_makes_no_request(
     url = artifact_server.add("m.onnx", Artifact(BODY))
     error = await fetch_into(downloader(artifact_pki, allowed_hosts=("localhost",)), store, url)
     assert error is not None
-    assert error.reason is DeliveryReason.URL_REJECTED
+    assert error.reason is Reason.URL_REJECTED
     assert artifact_server.requests == []
 
 
@@ -692,7 +692,7 @@ async def test_allow_listed_name_resolving_to_a_forbidden_address_is_rejected(
     d = downloader(artifact_pki, sleep, dns=dns, allowed_hosts=("artifacts.test",))
     error = await fetch_into(d, store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.URL_REJECTED, "address")
+    assert (error.reason, error.detail) == (Reason.URL_REJECTED, "address")
     assert sleep.delays == []
 
 
@@ -704,7 +704,7 @@ async def test_self_signed_certificate_is_rejected(
     url = self_signed_server.add("m.onnx", Artifact(BODY))
     error = await fetch_into(downloader(artifact_pki, sleep), store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.FETCH_FAILED, "tls")
+    assert (error.reason, error.detail) == (Reason.FETCH_FAILED, "tls")
     assert self_signed_server.requests == []
     assert sleep.delays == []
 
@@ -716,7 +716,7 @@ async def test_expired_certificate_is_rejected(
     url = expired_cert_server.add("m.onnx", Artifact(BODY))
     error = await fetch_into(downloader(artifact_pki), store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.FETCH_FAILED, "tls")
+    assert (error.reason, error.detail) == (Reason.FETCH_FAILED, "tls")
     assert expired_cert_server.requests == []
 
 
@@ -762,7 +762,7 @@ async def test_a_link_that_keeps_dropping_spends_the_retry_budget(
     )
     error = await fetch_into(downloader(artifact_pki, sleep, max_retries=2), store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.FETCH_FAILED, "connection")
+    assert (error.reason, error.detail) == (Reason.FETCH_FAILED, "connection")
     assert len(artifact_server.requests) == 3
     assert len(sleep.delays) == 2
 
@@ -777,5 +777,5 @@ async def test_connection_refused_is_retried_then_fetch_failed(
         url = f"https://127.0.0.1:{port}/m.onnx"
         error = await fetch_into(downloader(artifact_pki, sleep, max_retries=2), store, url)
     assert error is not None
-    assert (error.reason, error.detail) == (DeliveryReason.FETCH_FAILED, "connection")
+    assert (error.reason, error.detail) == (Reason.FETCH_FAILED, "connection")
     assert len(sleep.delays) == 2

@@ -21,10 +21,11 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from agent.observation.metrics import InferenceMetrics
-from agent.releases.folder import MAX_MANIFEST_BYTES, FolderArtifacts, FolderSource
+from agent.releases.folder import FolderArtifacts, FolderSource
 from agent.releases.lifecycle import ModelState, ModelStatus, ProbationPolicy
+from agent.releases.manifest import MAX_MANIFEST_BYTES
 from agent.releases.store import ModelStore
-from agent.releases.swap import ModelManager, SwapSettings
+from agent.releases.swap import ModelManager
 from agent.serving.inference import InferenceService
 from deployment.release import build_manifest
 from tests.agent.models import TINY_FEATURES, tiny_bytes
@@ -52,9 +53,7 @@ class FolderDevice:
             services=self.services,
             service_factory=lambda name: InferenceService(name, metrics),
             registry=self.registry,
-            settings=SwapSettings(
-                probation=ProbationPolicy(requests=0, seconds=0), probation_tick_s=0.05
-            ),
+            probation=ProbationPolicy(requests=0, seconds=0, tick_s=0.05),
             listeners=[self.reports.append],
         )
         self.source = FolderSource(self.folder, self.manager, debounce_s=debounce_s)

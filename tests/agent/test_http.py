@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.observation.metrics import InferenceMetrics
+from agent.reasons import Reason
 from agent.serving.inference import InferenceService
 from agent.serving.protocol import HEADER_LENGTH
 from tests.agent.http_fixtures import (
@@ -360,7 +361,7 @@ async def test_stop_cuts_requests_that_outlive_the_grace() -> None:
 
 async def test_metrics_endpoint_serves_the_injected_registry() -> None:
     registry = CollectorRegistry()
-    InferenceMetrics(registry).reject("bad_json")
+    InferenceMetrics(registry).reject(Reason.BAD_JSON)
     async with metrics_serving(registry) as url, aiohttp.ClientSession() as client:
         async with client.get(url) as response:
             assert response.status == 200

@@ -68,7 +68,7 @@ async def test_concurrent_requests_share_calls_and_each_gets_its_rows() -> None:
 async def test_costly_batches_run_on_a_worker_thread() -> None:
     registry = CollectorRegistry()
     model = loaded(mid_bytes())
-    service = _service(registry, model, inline_budget_s=0.0)
+    service = _service(registry, model, inline_budget_us=0.0)
     inputs = [_rows(1, MID_FEATURES) for _ in range(8)]
     results = await asyncio.gather(*(service.infer({"input": x}) for x in inputs))
     for x, result in zip(inputs, results, strict=True):
@@ -100,7 +100,7 @@ async def test_with_batching_off_every_request_is_its_own_call() -> None:
 async def test_max_wait_holds_a_partial_batch_open() -> None:
     registry = CollectorRegistry()
     service = _service(
-        registry, _costed(loaded(tiny_bytes()), fixed_s=0.0002), max_wait_s=0.05, max_rows=4
+        registry, _costed(loaded(tiny_bytes()), fixed_s=0.0002), max_wait_ms=50, max_rows=4
     )
     first = asyncio.ensure_future(service.infer({"input": _rows(1)}))
     await asyncio.sleep(0.01)
@@ -154,8 +154,8 @@ async def test_a_service_without_a_model_is_live_but_not_ready() -> None:
 
 async def test_requests_in_flight_finish_on_the_model_they_started_with() -> None:
     registry = CollectorRegistry()
-    old = _costed(loaded(mid_bytes(0), version="1"), fixed_s=0.01)  # forces a worker thread
-    new = loaded(mid_bytes(1), version="2")
+    old = _costed(loaded(mid_bytes(0), version=1), fixed_s=0.01)  # forces a worker thread
+    new = loaded(mid_bytes(1), version=2)
     service = _service(registry, old)
     x = _rows(1, MID_FEATURES)
     in_flight = asyncio.ensure_future(service.infer_versioned({"input": x}))
@@ -164,7 +164,7 @@ async def test_requests_in_flight_finish_on_the_model_they_started_with() -> Non
     assert service.activate(new) is old
     after_version, after = await service.infer_versioned({"input": x})
     before_version, before = await in_flight
-    assert (before_version, after_version) == ("1", "2")
+    assert (before_version, after_version) == (1, 2)
     np.testing.assert_allclose(before["output"], _reference(old, x), rtol=1e-4)
     np.testing.assert_allclose(after["output"], _reference(new, x), rtol=1e-4)
     await asyncio.wait_for(service.drained(old), 1)

@@ -13,9 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.reasons import Reason
 from agent.releases.manifest import (
     KeyConfigError,
-    ManifestReason,
     ManifestRejected,
     ReleaseManifest,
     ReleaseStatus,
@@ -68,7 +68,7 @@ def signed(**overrides: Any) -> dict[str, Any]:
     return sign_manifest(unsigned_manifest(**overrides), SIGNING_KEY, "release-2026")
 
 
-def rejected_reason(raw: object, now: datetime = NOW) -> ManifestReason:
+def rejected_reason(raw: object, now: datetime = NOW) -> Reason:
     with pytest.raises(ManifestRejected) as info:
         verify_manifest(raw, TRUSTED, now)
     return info.value.reason
@@ -145,7 +145,7 @@ def test_sign_refuses_an_already_signed_document() -> None:
 def test_sign_refuses_a_schema_invalid_document() -> None:
     with pytest.raises(ManifestRejected) as info:
         sign_manifest(unsigned_manifest(version=0), SIGNING_KEY, "release-2026")
-    assert info.value.reason is ManifestReason.SCHEMA_INVALID
+    assert info.value.reason is Reason.SCHEMA_INVALID
 
 
 def _tamper(doc: dict[str, Any]) -> dict[str, Any]:
@@ -199,16 +199,16 @@ def _added_field_after_signing(doc: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
-        (_drop_signature, ManifestReason.SIGNATURE_MISSING),
-        (_null_signature, ManifestReason.SIGNATURE_MISSING),
-        (_tamper, ManifestReason.SIGNATURE_INVALID),
-        (_added_field_after_signing, ManifestReason.SIGNATURE_INVALID),
-        (_other_key_same_id, ManifestReason.SIGNATURE_INVALID),
-        (_garbage_value, ManifestReason.SIGNATURE_INVALID),
-        (_short_value, ManifestReason.SIGNATURE_INVALID),
-        (_extra_signature_field, ManifestReason.SIGNATURE_INVALID),
-        (_signature_as_string, ManifestReason.SIGNATURE_INVALID),
-        (_unknown_key, ManifestReason.UNKNOWN_KEY),
+        (_drop_signature, Reason.SIGNATURE_MISSING),
+        (_null_signature, Reason.SIGNATURE_MISSING),
+        (_tamper, Reason.SIGNATURE_INVALID),
+        (_added_field_after_signing, Reason.SIGNATURE_INVALID),
+        (_other_key_same_id, Reason.SIGNATURE_INVALID),
+        (_garbage_value, Reason.SIGNATURE_INVALID),
+        (_short_value, Reason.SIGNATURE_INVALID),
+        (_extra_signature_field, Reason.SIGNATURE_INVALID),
+        (_signature_as_string, Reason.SIGNATURE_INVALID),
+        (_unknown_key, Reason.UNKNOWN_KEY),
     ],
 )
 def test_unsigned_badly_signed_or_unknown_key_is_rejected(mutate: Any, reason: str) -> None:
@@ -218,7 +218,7 @@ def test_unsigned_badly_signed_or_unknown_key_is_rejected(mutate: Any, reason: s
 
 @pytest.mark.parametrize("raw", [None, [], "manifest", 42])
 def test_non_object_is_schema_invalid(raw: object) -> None:
-    assert rejected_reason(raw) is ManifestReason.SCHEMA_INVALID
+    assert rejected_reason(raw) is Reason.SCHEMA_INVALID
 
 
 @pytest.mark.parametrize(
@@ -278,7 +278,7 @@ def test_signed_but_schema_invalid_is_rejected(overrides: dict[str, Any]) -> Non
     doc = unsigned_manifest(**overrides)
     payload_sig = base64.b64encode(SIGNING_KEY.sign(canonical_json(doc))).decode()
     doc["signature"] = {"key_id": "release-2026", "value": payload_sig}
-    assert rejected_reason(doc) is ManifestReason.SCHEMA_INVALID
+    assert rejected_reason(doc) is Reason.SCHEMA_INVALID
 
 
 def test_optional_fields_may_be_absent() -> None:
@@ -302,7 +302,7 @@ def test_expired_manifest_is_rejected(now: datetime, accepted: bool) -> None:
     if accepted:
         assert verify_manifest(signed(), TRUSTED, now).version == 7
     else:
-        assert rejected_reason(signed(), now) is ManifestReason.EXPIRED
+        assert rejected_reason(signed(), now) is Reason.EXPIRED
 
 
 def test_naive_now_is_a_programming_error() -> None:
@@ -338,13 +338,13 @@ class Seen:
         (7, SHA_A, Seen(6, SHA_B), ReleaseStatus.NEW),
         (7, SHA_A, Seen(6, SHA_A), ReleaseStatus.NEW),
         (7, SHA_A, Seen(7, SHA_A), ReleaseStatus.SAME_RELEASE),
-        (7, SHA_A, Seen(7, SHA_B), ManifestReason.VERSION_NOT_MONOTONIC),
-        (6, SHA_A, Seen(7, SHA_B), ManifestReason.VERSION_NOT_MONOTONIC),
-        (1, SHA_A, Seen(7, SHA_A), ManifestReason.VERSION_NOT_MONOTONIC),
+        (7, SHA_A, Seen(7, SHA_B), Reason.VERSION_NOT_MONOTONIC),
+        (6, SHA_A, Seen(7, SHA_B), Reason.VERSION_NOT_MONOTONIC),
+        (1, SHA_A, Seen(7, SHA_A), Reason.VERSION_NOT_MONOTONIC),
     ],
 )
 def test_check_version(
-    version: int, sha: str, seen: Seen | None, expected: ReleaseStatus | ManifestReason
+    version: int, sha: str, seen: Seen | None, expected: ReleaseStatus | Reason
 ) -> None:
     manifest = verify_manifest(signed(version=version, sha256=sha), TRUSTED, NOW)
     if isinstance(expected, ReleaseStatus):
@@ -390,7 +390,7 @@ def test_empty_spec_trusts_nothing() -> None:
     assert parse_trusted_keys("") == {}
     with pytest.raises(ManifestRejected) as info:
         verify_manifest(signed(), {}, NOW)
-    assert info.value.reason is ManifestReason.UNKNOWN_KEY
+    assert info.value.reason is Reason.UNKNOWN_KEY
 
 
 def test_load_trusted_keys_from_pem_files_uses_the_stem_as_key_id(tmp_path: Path) -> None:

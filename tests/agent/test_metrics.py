@@ -6,6 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.observation.metrics import Distribution, InferenceMetrics
+from agent.reasons import Reason
 
 
 @pytest.mark.parametrize(
@@ -26,7 +27,7 @@ def test_histograms_and_counters_read_back_through_the_registry() -> None:
     metrics.total.observe(0.0002)
     metrics.total.observe(0.003)
     metrics.ok.inc()
-    metrics.reject("non_finite")
+    metrics.reject(Reason.NON_FINITE)
     get = registry.get_sample_value
     assert get("agent_inference_request_duration_seconds_count") == 2
     assert get("agent_inference_request_duration_seconds_sum") == pytest.approx(0.0032)
@@ -41,7 +42,7 @@ def test_model_info_keeps_one_series_per_name_across_swaps() -> None:
     registry = CollectorRegistry()
     metrics = InferenceMetrics(registry)
     for version in range(1, 50):
-        metrics.set_model("m", str(version), f"sha{version}")
+        metrics.set_model("m", version, f"sha{version}")
     exposition = generate_latest(registry).decode()
     assert exposition.count("agent_model_info{") == 1
     assert 'version="49"' in exposition

@@ -494,14 +494,14 @@ def test_graphs_nested_beyond_max_depth_are_too_deep(data: bytes, max_depth: int
     with pytest.raises(HostileModel) as refused:
         inspect_model(data, max_depth=max_depth)
 
-    assert refused.value.reason == "too_deep"
+    assert refused.value.reason == "model_too_deep"
 
 
 def test_more_nodes_than_max_nodes_is_too_large() -> None:
     with pytest.raises(HostileModel) as refused:
         inspect_model(tiny_bytes(), max_nodes=4)  # tiny_mlp has 5
 
-    assert refused.value.reason == "too_large"
+    assert refused.value.reason == "model_too_large"
 
 
 def test_file_over_max_bytes_is_too_large() -> None:
@@ -510,4 +510,4 @@ def test_file_over_max_bytes_is_too_large() -> None:
     with pytest.raises(HostileModel) as refused:
         inspect_model(data, max_bytes=len(data) - 1)
 
-    assert refused.value.reason == "too_large"
+    assert refused.value.reason == "model_too_large"

@@ -332,7 +332,7 @@ def _split(encoded_body: bytes, header_length: int | None) -> tuple[dict[str, An
 def test_json_response_lists_outputs_and_echoes_the_id() -> None:
     outputs = {"y": np.arange(6, dtype=np.float32).reshape(2, 3), "z": np.array([True, False])}
     encoded = encode_infer_response(
-        model_name="m", model_version="3", request=_request(id="r1"), outputs=outputs
+        model_name="m", model_version=3, request=_request(id="r1"), outputs=outputs
     )
     assert encoded.header_length is None
     assert encoded.content_type == "application/json"
@@ -368,7 +368,7 @@ def test_binary_response_round_trips_every_numeric_datatype(
     array = np.asarray(values, dtype=V2_TO_NUMPY[datatype]).reshape(2, 2)
     encoded = encode_infer_response(
         model_name="m",
-        model_version="1",
+        model_version=1,
         request=_request(RequestedOutput("t", True)),
         outputs={"t": array},
     )
@@ -388,7 +388,7 @@ def test_binary_response_round_trips_every_numeric_datatype(
 def test_binary_response_places_chunks_in_output_order() -> None:
     outputs: dict[str, np.ndarray] = {"a": np.array([1, 2], np.int32), "b": np.array([3.5])}
     encoded = encode_infer_response(
-        model_name="m", model_version="1", request=_request(binary_default=True), outputs=outputs
+        model_name="m", model_version=1, request=_request(binary_default=True), outputs=outputs
     )
     document, raw = _split(encoded.body, encoded.header_length)
     sizes = [o["parameters"]["binary_data_size"] for o in document["outputs"]]
@@ -401,7 +401,7 @@ def test_bytes_outputs_encode_as_strings_or_length_prefixed() -> None:
     strings = np.array(["héllo", "x"], dtype=object)  # ONNX Runtime returns str elements
     both = _request(RequestedOutput("s", False), RequestedOutput("b", True))
     encoded = encode_infer_response(
-        model_name="m", model_version="1", request=both, outputs={"s": strings, "b": strings}
+        model_name="m", model_version=1, request=both, outputs={"s": strings, "b": strings}
     )
     document, raw = _split(encoded.body, encoded.header_length)
     assert document["outputs"][0]["data"] == ["héllo", "x"]
@@ -413,7 +413,7 @@ def test_non_utf8_bytes_cannot_go_as_json() -> None:
     with pytest.raises(RequestError) as caught:
         encode_infer_response(
             model_name="m",
-            model_version="1",
+            model_version=1,
             request=_request(),
             outputs={"s": np.array([b"\xff"], dtype=object)},
         )
@@ -424,7 +424,7 @@ def test_a_requested_output_the_model_did_not_return_is_refused() -> None:
     with pytest.raises(RequestError) as caught:
         encode_infer_response(
             model_name="m",
-            model_version="1",
+            model_version=1,
             request=_request(RequestedOutput("nope", False)),
             outputs={"y": np.zeros(1, np.float32)},
         )
@@ -440,7 +440,7 @@ def test_decoded_request_encodes_back_to_its_own_tensors() -> None:
     ]
     request = decode_infer_request(_doc(*tensors, id="same"), max_input_bytes=CAP)
     encoded = encode_infer_response(
-        model_name="echo", model_version="1", request=request, outputs=request.inputs
+        model_name="echo", model_version=1, request=request, outputs=request.inputs
     )
     document = json.loads(encoded.body)
     assert document["id"] == "same"

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from agent.reasons import Reason
 from agent.releases.store import (
     ModelRecord,
     ModelRef,
     ModelStore,
     NoLastKnownGoodError,
     StoreError,
-    StoreReason,
     StoreState,
     WritableFile,
     select_garbage,
@@ -150,7 +150,7 @@ def test_state_write_is_atomic_under_a_full_disk(tmp_path: Path) -> None:
     store = opened_store(tmp_path, opener=FullDisk(budget=10))
     with pytest.raises(StoreError) as info:
         store.save(StoreState().activated("m", V1).activated("m", V2))
-    assert info.value.reason is StoreReason.DISK_FULL
+    assert info.value.reason is Reason.DISK_FULL
     assert (tmp_path / "state.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baselines", "models", "state.json"]
     assert store.state.record("m").active == V1
@@ -251,7 +251,7 @@ def test_free_space_check_keeps_a_margin(tmp_path: Path) -> None:
     store.ensure_free_space(900)
     with pytest.raises(StoreError) as info:
         store.ensure_free_space(901)
-    assert info.value.reason is StoreReason.DISK_FULL
+    assert info.value.reason is Reason.DISK_FULL
 
 
 def test_part_file_appends_for_resume(tmp_path: Path) -> None:
@@ -277,5 +277,5 @@ def test_other_write_errors_are_io_error_and_keep_the_old_state(tmp_path: Path) 
     store = opened_store(tmp_path, opener=broken_disk)
     with pytest.raises(StoreError) as info:
         store.save(StoreState().activated("m", V2))
-    assert info.value.reason is StoreReason.IO_ERROR
+    assert info.value.reason is Reason.IO_ERROR
     assert opened_store(tmp_path).state.record("m").active == V1

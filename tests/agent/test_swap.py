@@ -109,7 +109,7 @@ async def test_an_older_version_is_rejected_and_changes_nothing(
     status = device.manager.submit(publisher.release(tiny_bytes(0), 4))
     assert status.reason == "version_not_monotonic"
     assert device.services["m"].model is not None
-    assert device.services["m"].model.version == "5"
+    assert device.services["m"].model.version == 5
     assert device.failures("version_not_monotonic") == 1
 
 
@@ -192,7 +192,7 @@ async def test_a_golden_sample_outside_tolerance_fails_at_warm_up(
     assert await _install(device, _resign(publisher, manifest)) == ModelState.FAILED
     assert device.manager.statuses["m"].reason == "golden_mismatch"
     assert device.services["m"].model is not None
-    assert device.services["m"].model.version == "1"
+    assert device.services["m"].model.version == 1
 
 
 async def test_a_disk_full_during_download_leaves_the_old_state(
@@ -259,7 +259,7 @@ async def test_a_release_slower_than_its_predecessor_is_rolled_back_on_probation
     status = device.manager.statuses["m"]
     assert (status.state, status.reason) == (ModelState.ROLLED_BACK, "probation_latency")
     assert device.services["m"].model is not None
-    assert device.services["m"].model.version == "1"
+    assert device.services["m"].model.version == 1
     await device.manager.close()
 
 
@@ -286,7 +286,7 @@ async def test_a_burst_of_releases_ends_on_the_newest(device: Device, publisher:
     await device.manager.wait_idle()
     assert device.manager.statuses["m"].state == ModelState.ACTIVE
     assert device.services["m"].model is not None
-    assert device.services["m"].model.version == "40"
+    assert device.services["m"].model.version == 40
     highest = device.store.state.record("m").highest_seen
     assert highest is not None
     assert highest.version == 40
