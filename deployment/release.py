@@ -7,6 +7,7 @@ device checks the artifact against exactly what the publisher observed.
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +15,9 @@ import numpy as np
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.releases.manifest import sign_manifest
+from agent.releases.lifecycle import golden_arrays, golden_mismatches
+from agent.releases.manifest import Golden, sign_manifest
+from agent.releases.onnx_check import HostileModel, inspect_model
 from agent.serving.contract import NUMPY_TO_V2, ModelContract, TensorSpec
 from agent.serving.engine import read_contract
 
@@ -48,6 +51,99 @@ def golden_sample(
     return inputs, dict(zip(contract.output_names, outputs, strict=True))
 
 
+class ModelCheckError(ValueError):
+    """Model bytes a device would refuse: ``reason`` is ``model_invalid`` or ``golden_mismatch``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+def describe_model(model: bytes, *, golden_atol: float | None = 1e-4) -> dict[str, Any]:
+    """The manifest fields read off the model bytes: sha256, size, contract, golden sample.
+
+    The bytes go through the device's own checks first (the hostile-file check, then ONNX
+    Runtime), and the golden sample is replayed on a second session: a model whose outputs are
+    NaN or not reproducible would fail its warm-up on every device, so it fails here instead.
+    """
+    try:
+        inspect_model(model)
+    except HostileModel as e:
+        raise ModelCheckError("model_invalid", str(e)) from e
+    try:
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own untyped errors for unloadable graphs
+        raise ModelCheckError("model_invalid", f"ONNX Runtime cannot load it: {e}") from e
+    described = _fields(model, session, golden_atol)
+    if "golden" in described:
+        _replay_golden(model, described["golden"])
+    return described
+
+
+def _fields(
+    model: bytes, session: ort.InferenceSession, golden_atol: float | None
+) -> dict[str, Any]:
+    contract = read_contract(session)
+    described: dict[str, Any] = {
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "size": len(model),
+        "contract": {
+            "inputs": [_spec_json(s) for s in contract.inputs],
+            "outputs": [_spec_json(s) for s in contract.outputs],
+        },
+    }
+    if golden_atol is not None:
+        inputs, outputs = golden_sample(session, contract)
+        described["golden"] = {
+            "inputs": [_tensor_json(n, a) for n, a in inputs.items()],
+            "outputs": [_tensor_json(n, a) for n, a in outputs.items()],
+            "atol": golden_atol,
+        }
+    return described
+
+
+def _replay_golden(model: bytes, golden: dict[str, Any]) -> None:
+    try:
+        parsed = Golden.model_validate_json(json.dumps(golden, allow_nan=True))
+    except ValueError as e:
+        raise ModelCheckError("golden_mismatch", f"golden sample is not valid: {e}") from e
+    replay = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    expected = golden_arrays(parsed.outputs)
+    produced = replay.run(list(expected), golden_arrays(parsed.inputs))
+    problems = golden_mismatches(expected, dict(zip(expected, produced, strict=True)), parsed.atol)
+    if problems:
+        raise ModelCheckError("golden_mismatch", "; ".join(problems))
+
+
+def unsigned_manifest(
+    described: dict[str, Any],
+    *,
+    name: str,
+    version: int,
+    url: str,
+    created: datetime,
+    valid_for: timedelta | None = None,
+    contract_change: bool = False,
+    baseline: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are."""
+    unsigned: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "url": url,
+        "created": created.isoformat(),
+        **described,
+    }
+    if valid_for is not None:
+        unsigned["expires"] = (created + valid_for).isoformat()
+    if contract_change:
+        unsigned["contract_change"] = True
+    if baseline is not None:
+        unsigned["baseline"] = baseline
+    return unsigned
+
+
 def build_manifest(
     model: bytes,
     *,
@@ -61,31 +157,15 @@ def build_manifest(
     golden_atol: float | None = 1e-4,
     contract_change: bool = False,
 ) -> dict[str, Any]:
-    """A signed manifest for `model` served at `url`."""
+    """A signed manifest for `model` served at `url` (no checks: tests sign bad models too)."""
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    contract = read_contract(session)
-    created = created or datetime.now(UTC)
-    unsigned: dict[str, Any] = {
-        "name": name,
-        "version": version,
-        "sha256": hashlib.sha256(model).hexdigest(),
-        "size": len(model),
-        "url": url,
-        "created": created.isoformat(),
-        "contract": {
-            "inputs": [_spec_json(s) for s in contract.inputs],
-            "outputs": [_spec_json(s) for s in contract.outputs],
-        },
-    }
-    if valid_for is not None:
-        unsigned["expires"] = (created + valid_for).isoformat()
-    if contract_change:
-        unsigned["contract_change"] = True
-    if golden_atol is not None:
-        inputs, outputs = golden_sample(session, contract)
-        unsigned["golden"] = {
-            "inputs": [_tensor_json(n, a) for n, a in inputs.items()],
-            "outputs": [_tensor_json(n, a) for n, a in outputs.items()],
-            "atol": golden_atol,
-        }
+    unsigned = unsigned_manifest(
+        _fields(model, session, golden_atol),
+        name=name,
+        version=version,
+        url=url,
+        created=created or datetime.now(UTC),
+        valid_for=valid_for,
+        contract_change=contract_change,
+    )
     return sign_manifest(unsigned, key, key_id)

@@ -1,6 +1,7 @@
 """Offline IoT Hub + edgeHub stand-in for laptops, demos and tests. Never for production."""
 
-from simulator.core import HubEvent, ServiceError, UpstreamMessage
+from simulator.core import HubEvent, UpstreamMessage
+from simulator.errors import ServiceError
 from simulator.hub import Simulator, SimulatorFaults, pick_loopback_host
 from simulator.topics import Message
 

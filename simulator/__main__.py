@@ -1,6 +1,7 @@
 """Command line: `start` a simulator, `send` a message to a module input, `watch` what goes up.
 
     python -m simulator start --deployment deployment.json [--host 127.0.0.1] [--run-dir DIR]
+        [--devices N | --fleet fleet.json]
     python -m simulator send --module M --input I --file body.json [--property k=v ...]
     python -m simulator watch
     python -m simulator fault drop|refuse|twin|pause-pubacks|resume-pubacks|clear [options]
@@ -32,6 +33,7 @@ from simulator.manifest import ManifestError
 from simulator.rest import SERVICE_POLICY
 
 DEFAULT_RUN_DIR = Path(tempfile.gettempdir()) / "edge-mlops-simulator"
+SHOWN_DEVICES = 3  # `start` prints the connection details of this many devices
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,9 +49,41 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--module", action="append", default=[], help="an extra module identity, repeatable"
     )
+    fleet = start.add_mutually_exclusive_group()
+    fleet.add_argument(
+        "--devices", type=_positive, default=None, help="N edge devices <device-id>-0000 ..."
+    )
+    fleet.add_argument(
+        "--fleet", type=Path, default=None, help='JSON {"devices": {"<id>": {"tags": {...}}}}'
+    )
     for command in (start, *_client_commands(commands)):
         command.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def load_fleet(path: Path) -> dict[str, dict[str, Any]]:
+    """Device ids and their tags from a fleet file `{"devices": {"<id>": {"tags": {...}}}}`."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the fleet file {path}: {exc}") from exc
+    devices = document.get("devices") if isinstance(document, dict) else None
+    if not isinstance(devices, dict) or not devices:
+        raise ValueError(f"{path}: 'devices' must map device ids to {{'tags': {{...}}}}")
+    fleet: dict[str, dict[str, Any]] = {}
+    for device_id, spec in devices.items():
+        tags = spec.get("tags", {}) if isinstance(spec, dict) else None
+        if not isinstance(tags, dict):
+            raise TypeError(f"{path}: device {device_id!r} needs an object 'tags'")
+        fleet[device_id] = tags
+    return fleet
 
 
 def _client_commands(commands: Any) -> tuple[argparse.ArgumentParser, ...]:
@@ -60,7 +94,13 @@ def _client_commands(commands: Any) -> tuple[argparse.ArgumentParser, ...]:
     send.add_argument("--device-id", default=None, help="default: the simulator's device")
     send.add_argument("--property", action="append", default=[], help="key=value, repeatable")
     watch = commands.add_parser("watch", help="follow $upstream messages and twin changes")
-    watch.add_argument("--kinds", default="upstream,reported", help="also: desired, connected")
+    watch.add_argument(
+        "--kinds",
+        default="upstream,reported",
+        help="also: desired, connected, disconnected, configuration, targeting",
+    )
+    watch.add_argument("--device", action="append", default=[], help="only these devices")
+    watch.add_argument("--module", action="append", default=[], help="only these modules")
     fault = commands.add_parser("fault", help="inject a failure")
     fault.add_argument(
         "fault", choices=["drop", "refuse", "twin", "pause-pubacks", "resume-pubacks", "clear"]
@@ -82,6 +122,7 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
+        devices = load_fleet(args.fleet) if args.fleet is not None else args.devices
         simulator = Simulator.start(
             args.deployment,
             run_dir=args.run_dir,
@@ -89,13 +130,19 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
             device_id=args.device_id,
             service_port=args.service_port,
             extra_modules=tuple(args.module),
+            devices=devices,
         )
-    except (ManifestError, OSError, RuntimeError) as exc:
+    except (ManifestError, OSError, RuntimeError, ValueError, TypeError) as exc:
         print(f"cannot start the simulator: {exc}", file=sys.stderr)
         return 2
     with simulator:
         print(f"service connection string:\n  {simulator.service_connection_string}", file=out)
+        shown = set(simulator.devices[:SHOWN_DEVICES])
+        if len(simulator.devices) > SHOWN_DEVICES:
+            print(f"{len(simulator.devices)} devices; every module in simulator.json", file=out)
         for device_id, module_id in simulator.modules:
+            if device_id not in shown:
+                continue
             print(f"module {device_id}/{module_id}:", file=out)
             for name, value in simulator.edge_env(device_id, module_id).items():
                 print(f"  {name}={value}", file=out)
@@ -149,7 +196,11 @@ async def _watch(args: argparse.Namespace, out: TextIO) -> int:
         aiohttp.ClientSession(timeout=timeout) as session,
         session.get(
             f"{admin.base}/_simulator/watch",
-            params={"kinds": args.kinds},
+            params={
+                "kinds": args.kinds,
+                "devices": ",".join(args.device),
+                "modules": ",".join(args.module),
+            },
             headers=admin.headers(),
             ssl=admin.ssl,
         ) as response,

@@ -20,21 +20,14 @@ from simulator import query as twin_query
 from simulator import routes as routing
 from simulator import sas, topics
 from simulator.broker import Broker, ClientError, ClientIdentity, Session
+from simulator.errors import ServiceError
 from simulator.feed import Feed
+from simulator.fleet import Device, Fleet, twin_body
 from simulator.twins import Twin, TwinError, desired_delta, etag_matches
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_METHOD_TIMEOUT_SECONDS = 30
-
-
-class ServiceError(Exception):
-    """A service request IoT Hub would refuse; `status` and `code` go into the HTTP answer."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -75,7 +68,9 @@ class UpstreamMessage:
 
 @dataclass(frozen=True)
 class HubEvent:
-    """Something `watch` shows: kind is upstream, reported, desired, connected or disconnected."""
+    """Something `watch` shows: kind is upstream, reported, desired, connected, disconnected,
+    configuration (created / updated / deleted; no device) or targeting (a device's targeted and
+    applied configurations changed; no module)."""
 
     kind: str
     device_id: str
@@ -148,7 +143,7 @@ class Faults:
 
 
 class Hub:
-    """The IoT Hub (service side) and edgeHub (device side) of one simulated edge device."""
+    """The IoT Hub (service side) and the edgeHub (device side) of every simulated edge device."""
 
     def __init__(
         self,
@@ -156,7 +151,7 @@ class Hub:
         hostname: str,
         identities: Mapping[tuple[str, str], Identity],
         twins: Mapping[tuple[str, str], Twin],
-        routes: tuple[routing.Route, ...],
+        devices: Mapping[str, Device],
         upstream: Feed[UpstreamMessage],
         events: Feed[HubEvent],
         clock: Callable[[], float] = time.time,
@@ -165,11 +160,18 @@ class Hub:
         self.hostname = hostname
         self.identities = dict(identities)
         self.twins = dict(twins)
-        self.routes = routes
         self.upstream = upstream
         self.events = events
         self.faults = Faults(monotonic)
         self._clock = clock
+        self.fleet = Fleet(
+            devices,
+            self.twins,
+            notify=self._notify_desired,
+            event=self._event,
+            connected=self.is_connected,
+            clock=clock,
+        )
         self._broker: Broker | None = None
         self._pending_methods: dict[str, asyncio.Future[tuple[int, Any]]] = {}
         self._request_ids = itertools.count(1)
@@ -310,7 +312,10 @@ class Hub:
         """Send a module's message wherever the routes take it (nowhere if none does)."""
         device_id = message.system.get("connectionDeviceId", "")
         module_id = message.system.get("connectionModuleId", "")
-        for route in routing.routes_for(self.routes, message):
+        device = self.fleet.devices.get(device_id)
+        if device is None:
+            return
+        for route in routing.routes_for(device.routes, message):
             match route.sink:
                 case routing.Upstream():
                     upstream = UpstreamMessage(
@@ -354,25 +359,8 @@ class Hub:
             raise ServiceError(404, "ModuleNotFound", "no such module") from None
 
     def service_twin(self, device_id: str, module_id: str) -> dict[str, Any]:
-        twin = self.twin(device_id, module_id)
-        return twin.service_document(connected=self.is_connected(device_id, module_id))
-
-    def _twin_request(self, body: object) -> tuple[Mapping[str, Any], Mapping[str, Any] | None]:
-        """(desired, tags) from a service twin body; reported may not be written by the service."""
-        if not isinstance(body, Mapping):
-            raise ServiceError(400, "ArgumentInvalid", "twin must be a JSON object")
-        properties = body.get("properties") or {}
-        tags = body.get("tags")
-        if not isinstance(properties, Mapping) or (
-            tags is not None and not isinstance(tags, Mapping)
-        ):
-            raise ServiceError(400, "ArgumentInvalid", "properties and tags must be objects")
-        if properties.get("reported"):
-            raise ServiceError(400, "ArgumentInvalid", "reported properties are read-only")
-        desired = properties.get("desired") or {}
-        if not isinstance(desired, Mapping):
-            raise ServiceError(400, "ArgumentInvalid", "desired must be an object")
-        return {k: v for k, v in desired.items() if not k.startswith("$")}, tags
+        self.twin(device_id, module_id)
+        return self.fleet.module_document(device_id, module_id)
 
     def update_twin(
         self, device_id: str, module_id: str, body: object, if_match: str | None, *, replace: bool
@@ -380,22 +368,60 @@ class Hub:
         twin = self.twin(device_id, module_id)
         if not etag_matches(if_match, twin):
             raise ServiceError(412, "PreconditionFailed", "etag does not match")
-        desired, tags = self._twin_request(body)
+        desired, tags = twin_body(body)
         try:
-            if replace:
-                updated = twin.replace_desired_and_tags(desired, tags or {})
-                patch = desired_delta(twin.desired, updated.desired)
+            if self.fleet.device(device_id).applied:
+                self._update_shaped_twin(twin, desired, tags, replace=replace)
             else:
-                updated = twin.patch_tags(tags) if tags else twin
-                patch = dict(desired)
-                if desired:
-                    updated = updated.patch_desired(desired)
+                self._update_twin(twin, desired, tags, replace=replace)
         except TwinError as exc:
             raise ServiceError(exc.status, "ArgumentInvalid", str(exc)) from exc
-        self.twins[(device_id, module_id)] = updated
+        return self.service_twin(device_id, module_id)
+
+    def _update_twin(
+        self,
+        twin: Twin,
+        desired: Mapping[str, Any],
+        tags: Mapping[str, Any] | None,
+        *,
+        replace: bool,
+    ) -> None:
+        """No configuration shapes the device: the write goes to the twin as it was sent."""
+        if replace:
+            updated = twin.replace_desired_and_tags(desired, tags or {})
+            patch = desired_delta(twin.desired, updated.desired)
+        else:
+            updated = twin.patch_tags(tags) if tags else twin
+            patch = dict(desired)
+            if desired:
+                updated = updated.patch_desired(desired)
+        key = (twin.device_id, twin.module_id)
+        self.twins[key] = updated
+        self.fleet.device(twin.device_id).own[twin.module_id] = updated.desired
         if updated.desired_version != twin.desired_version:
-            self._notify_desired(device_id, module_id, patch, updated.desired_version)
-        return updated.service_document(connected=self.is_connected(device_id, module_id))
+            self._notify_desired(*key, patch, updated.desired_version)
+
+    def _update_shaped_twin(
+        self,
+        twin: Twin,
+        desired: Mapping[str, Any],
+        tags: Mapping[str, Any] | None,
+        *,
+        replace: bool,
+    ) -> None:
+        """Configurations shape the device: the write changes the device's own content, and
+        the layers are applied over it again."""
+        device = self.fleet.device(twin.device_id)
+        own = Twin(twin.device_id, twin.module_id, desired=device.own.get(twin.module_id, {}))
+        if replace:
+            own = own.replace_desired_and_tags(desired, {})
+            tagged = twin.with_tags(tags or {})
+        else:
+            own = own.patch_desired(desired) if desired else own
+            tagged = twin.patch_tags(tags) if tags else twin
+        self.twins[(twin.device_id, twin.module_id)] = tagged
+        device.own[twin.module_id] = own.desired
+        self.fleet.evaluate(device)
 
     def _notify_desired(
         self, device_id: str, module_id: str, patch: Mapping[str, Any], version: int
@@ -456,10 +482,13 @@ class Hub:
 
     def query(
         self, text: str, continuation: str | None, max_items: int
-    ) -> tuple[list[Mapping[str, object]], str | None]:
+    ) -> tuple[list[Mapping[str, object]], str | None, str]:
+        """(one page of rows, the next page's token, x-ms-item-type)."""
         try:
             parsed = twin_query.parse_query(text)
-            documents = [self.service_twin(*key) for key in sorted(self.twins)]
-            return twin_query.page(twin_query.select(parsed, documents), continuation, max_items)
+            items, token = twin_query.page(self.fleet.query(parsed), continuation, max_items)
         except twin_query.QueryError as exc:
             raise ServiceError(400, "BadRequest", str(exc)) from exc
+        # Rows of a projection or an aggregate are plain JSON, not twins.
+        plain = bool(parsed.projections) or parsed.count_alias is not None
+        return items, token, "json" if plain else "twin"

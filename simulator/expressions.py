@@ -1,7 +1,9 @@
 """The condition language shared by route `WHERE` clauses and twin queries (pure).
 
-Comparisons (`=`, `!=`, `<>`, `<`, `>`, `<=`, `>=`), `AND`, `OR`, `NOT`, parentheses, string
-(`'x'` or `"x"`), number, `true`/`false`/`null` literals and `IS_DEFINED(name)`. A name the
+Comparisons (`=`, `!=`, `<>`, `<`, `>`, `<=`, `>=`), `IN` / `NIN` a list (`[...]` or `(...)`),
+`AND`, `OR`, `NOT`, parentheses, string (`'x'` or `"x"`), number, `true`/`false`/`null`
+literals, `IS_DEFINED(name)`, `STARTSWITH(name, 'x')` and `ENDSWITH(name, 'x')`. A name segment
+that is not an identifier is quoted as `[[...]]` (`configurations.[[ring-1]].status`). A name the
 message or twin does not have is undefined: comparisons with it are undefined, and an undefined
 condition does not match (three-valued logic, as IoT Hub's query language has it).
 """
@@ -28,7 +30,15 @@ class _Undefined:
         return "UNDEFINED"
 
 
+class _Composite(_Undefined):
+    """An object or array: defined (for IS_DEFINED), yet never compared with a value."""
+
+    def __repr__(self) -> str:
+        return "COMPOSITE"
+
+
 UNDEFINED = _Undefined()
+COMPOSITE = _Composite()
 Lookup = Callable[[str], "Value | _Undefined"]
 
 COMPARISONS = ("=", "!=", "<>", "<", ">", "<=", ">=")
@@ -57,6 +67,20 @@ class IsDefined:
 
 
 @dataclass(frozen=True)
+class In:
+    operand: Literal | Name
+    choices: tuple[Literal | Name, ...]
+    negated: bool = False  # NIN
+
+
+@dataclass(frozen=True)
+class StringTest:
+    function: str  # STARTSWITH or ENDSWITH
+    operand: Literal | Name
+    affix: Literal | Name
+
+
+@dataclass(frozen=True)
 class Not:
     operand: Expr
 
@@ -73,7 +97,7 @@ class Or:
     right: Expr
 
 
-Expr = Compare | IsDefined | Not | And | Or
+Expr = Compare | IsDefined | In | StringTest | Not | And | Or
 
 
 # ---------------------------------------------------------------- tokens
@@ -83,12 +107,20 @@ _TOKEN = re.compile(
     (?P<space>\s+)
   | (?P<string>'(?:[^']|'')*'|"(?:[^"]|"")*")
   | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
-  | (?P<op><=|>=|<>|!=|=|<|>|\(|\)|,)
-  | (?P<name>[$A-Za-z_][$A-Za-z0-9_.\-]*)
+  | (?P<name>(?:\[\[[^\]]+\]\]|[$A-Za-z_][$A-Za-z0-9_\-]*)
+             (?:\.(?:\[\[[^\]]+\]\]|[$A-Za-z0-9_\-]+))*)
+  | (?P<op><=|>=|<>|!=|=|<|>|\(|\)|\[|\]|,)
     """,
     re.VERBOSE,
 )
-_KEYWORDS = {"AND", "OR", "NOT", "TRUE", "FALSE", "NULL", "IS_DEFINED"}
+_KEYWORDS = {"AND", "OR", "NOT", "TRUE", "FALSE", "NULL", "IS_DEFINED", "IN", "NIN"}
+_STRING_FUNCTIONS = {"STARTSWITH", "ENDSWITH"}
+_SEGMENT = re.compile(r"\[\[([^\]]+)\]\]|([^.\[]+)")
+
+
+def split_path(path: str) -> tuple[str, ...]:
+    """`a.[[b.c]].d` -> ('a', 'b.c', 'd'): the segments of a property name."""
+    return tuple(quoted or plain for quoted, plain in _SEGMENT.findall(path))
 
 
 @dataclass(frozen=True)
@@ -110,7 +142,7 @@ def _tokenize(text: str) -> list[_Token]:
         value = match.group()
         if kind == "space":
             continue
-        if kind == "name" and value.upper() in _KEYWORDS:
+        if kind == "name" and value.upper() in _KEYWORDS | _STRING_FUNCTIONS:
             tokens.append(_Token("keyword", value.upper()))
         else:
             tokens.append(_Token(kind, value))
@@ -177,7 +209,26 @@ class _Parser:
             if not isinstance(name, Name):
                 raise ExpressionError("IS_DEFINED takes a property name")
             return IsDefined(name)
+        function = self._peek()
+        if function.kind == "keyword" and function.text in _STRING_FUNCTIONS:
+            self._next()
+            self._expect("op", "(")
+            operand = self._operand()
+            self._expect("op", ",")
+            affix = self._operand()
+            self._expect("op", ")")
+            return StringTest(function.text, operand, affix)
         left = self._operand()
+        if self._peek().kind == "keyword" and self._peek().text in ("IN", "NIN"):
+            negated = self._next().text == "NIN"
+            closing = "]" if self._accept("op", "[") else ")"
+            if closing == ")":
+                self._expect("op", "(")
+            choices = [self._operand()]
+            while self._accept("op", ","):
+                choices.append(self._operand())
+            self._expect("op", closing)
+            return In(left, tuple(choices), negated)
         op = self._next()
         if op.kind != "op" or op.text not in COMPARISONS:
             raise ExpressionError(f"expected a comparison, found {op.text!r}")
@@ -260,7 +311,23 @@ def _evaluate(expr: Expr, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # on
                 return None
             return _compare(op, a, b)
         case IsDefined(name):
-            return not isinstance(lookup(name.path), _Undefined)
+            found = lookup(name.path)
+            return isinstance(found, _Composite) or not isinstance(found, _Undefined)
+        case In(operand, choices, negated):
+            value = _resolve(operand, lookup)
+            if isinstance(value, _Undefined):
+                return None
+            options = [_resolve(choice, lookup) for choice in choices]
+            found = any(
+                not isinstance(option, _Undefined) and _compare("=", value, option)
+                for option in options
+            )
+            return found != negated
+        case StringTest(function, operand, affix):
+            text, part = _resolve(operand, lookup), _resolve(affix, lookup)
+            if not isinstance(text, str) or not isinstance(part, str):
+                return None
+            return text.startswith(part) if function == "STARTSWITH" else text.endswith(part)
         case Not(operand):
             inner = _evaluate(operand, lookup)
             return None if inner is None else not inner

@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -30,16 +31,19 @@ import structlog
 from aiohttp import web
 
 from simulator import certs, manifest, sas, topics
+from simulator import query as twin_query
 from simulator.broker import MQTT_PORT, Broker
+from simulator.configurations import EDGE_HUB
 from simulator.core import Hub as HubCore
 from simulator.core import (
     HubEvent,
     Identity,
-    ServiceError,
     TwinResponseFault,
     UpstreamMessage,
 )
+from simulator.errors import ServiceError
 from simulator.feed import Feed
+from simulator.fleet import new_device
 from simulator.rest import SERVICE_POLICY, ServiceApi
 from simulator.twins import Twin
 
@@ -47,6 +51,9 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 DEFAULT_DEVICE_ID = "edge-device"
+MAX_DEVICES = 100_000
+# IoT Hub device ids: up to 128 ASCII letters, digits and -.%_*?!(),:=@$'+
+DEVICE_ID = re.compile(r"^[A-Za-z0-9\-.%_*?!(),:=@$'+]{1,128}$")
 START_TIMEOUT_SECONDS = 30.0
 CALL_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
@@ -62,6 +69,26 @@ def _load_deployment(
     if isinstance(deployment, Mapping):
         return manifest.parse_manifest(deployment)
     return manifest.load_manifest(Path(deployment))
+
+
+def fleet_devices(
+    device_id: str, devices: int | Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, Mapping[str, Any]]:
+    """Device ids and their tags: one device, N numbered ones, or the ones given."""
+    if devices is None:
+        return {device_id: {}}
+    if isinstance(devices, int):
+        if not 1 <= devices <= MAX_DEVICES:
+            raise ValueError(f"devices must be 1..{MAX_DEVICES}, not {devices}")
+        return {f"{device_id}-{index:04d}": {} for index in range(devices)}
+    if not devices:
+        raise ValueError("the fleet names no device")
+    for name, tags in devices.items():
+        if not DEVICE_ID.match(name):
+            raise ValueError(f"device id {name!r} is not a valid IoT Hub device id")
+        if not isinstance(tags, Mapping):
+            raise TypeError(f"tags of device {name!r} must be an object")
+    return dict(devices)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -121,9 +148,11 @@ class Simulator:
         service_port: int = 0,
         mqtt_port: int = MQTT_PORT,
         extra_modules: tuple[str, ...] = (),
+        devices: int | Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.host = host
-        self.device_id = device_id
+        self.fleet_tags = fleet_devices(device_id, devices)
+        self.device_id = next(iter(self.fleet_tags))
         self.run_dir = Path(run_dir)
         self._deployment = deployment
         self._mqtt_port = mqtt_port
@@ -134,8 +163,10 @@ class Simulator:
         self.events: Feed[HubEvent] = Feed(size=lambda event: event.size)
         self.faults = SimulatorFaults(self)
         modules = tuple(dict.fromkeys((*deployment.modules, *extra_modules)))
+        self._modules = modules
         self._identities = {
-            (device_id, module): Identity(device_id, module, sas.new_key(), sas.new_key())
+            (device, module): Identity(device, module, sas.new_key(), sas.new_key())
+            for device in self.fleet_tags
             for module in modules
         }
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,8 +190,12 @@ class Simulator:
         service_port: int = 0,
         mqtt_port: int = MQTT_PORT,
         extra_modules: tuple[str, ...] = (),
+        devices: int | Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Simulator:
-        """Start serving on `host` (MQTT on `mqtt_port`, REST on `service_port`, 0 = any free)."""
+        """Start serving on `host` (MQTT on `mqtt_port`, REST on `service_port`, 0 = any free).
+
+        `devices`: None for the one device `device_id`; a count N for `<device_id>-0000` ...;
+        or device ids mapped to their twin tags. Every device runs the deployment's modules."""
         simulator = cls(
             _load_deployment(deployment),
             run_dir=run_dir,
@@ -169,6 +204,7 @@ class Simulator:
             service_port=service_port,
             mqtt_port=mqtt_port,
             extra_modules=extra_modules,
+            devices=devices,
         )
         simulator._start()
         return simulator
@@ -232,11 +268,24 @@ class Simulator:
             key: Twin(*key, desired=dict(self._deployment.desired.get(key[1], {})))
             for key in self._identities
         }
+        own = {name: self._deployment.desired.get(name, {}) for name in self._modules}
+        own[EDGE_HUB] = self._deployment.edge_hub
+        devices = {
+            device_id: new_device(
+                device_id,
+                self._modules,
+                tags=tags,
+                own=own,
+                routes=self._deployment.routes,
+                routes_source=self._deployment.edge_hub.get("routes", {}),
+            )
+            for device_id, tags in self.fleet_tags.items()
+        }
         hub = HubCore(
             hostname=self.host,
             identities=self._identities,
             twins=twins,
-            routes=self._deployment.routes,
+            devices=devices,
             upstream=self.upstream,
             events=self.events,
         )
@@ -315,7 +364,13 @@ class Simulator:
 
     @property
     def modules(self) -> list[tuple[str, str]]:
+        """(device id, module id) of every module identity, sorted."""
         return sorted(self._identities)
+
+    @property
+    def devices(self) -> list[str]:
+        """Every edge device id, in the order given (numbered fleets: sorted)."""
+        return list(self.fleet_tags)
 
     def _identity(self, device_id: str, module_id: str) -> Identity:
         try:
@@ -360,7 +415,11 @@ class Simulator:
             f"IOTHUB_CONNECTION_STRING={self.service_connection_string}",
             f"EdgeModuleCACertificateFile={self.ca_cert_path}",
         ]
+        # One device's variables (the first): names would collide across a fleet, whose
+        # connection strings are all in simulator.json.
         for device, module in self.modules:
+            if device != self.device_id:
+                continue
             variable = "".join(c if c.isalnum() else "_" for c in module).upper()
             conn = self.module_connection_string(device, module)
             lines.append(f"{variable}_EDGEHUB_CONNECTION_STRING={conn}")
@@ -374,6 +433,30 @@ class Simulator:
     def twin(self, device_id: str, module_id: str) -> dict[str, Any]:
         """The module twin as the service API shows it (tags, desired, reported, versions)."""
         return self._call_sync(lambda hub: hub.service_twin(device_id, module_id))
+
+    def device_twin(self, device_id: str) -> dict[str, Any]:
+        """The device twin as the service API shows it (tags, configurations)."""
+        return self._call_sync(lambda hub: hub.fleet.device_document(device_id))
+
+    def update_tags(self, device_id: str, tags: Mapping[str, Any]) -> dict[str, Any]:
+        """Patch the device twin's tags as the service would; configurations re-target."""
+        body = {"tags": dict(tags)}
+        return self._call_sync(
+            lambda hub: hub.fleet.update_device_twin(device_id, body, None, replace_all=False)
+        )
+
+    def query(self, text: str) -> list[Mapping[str, object]]:
+        """Every row of a twin query (`ServiceError` 400 if it does not parse)."""
+
+        def run(hub: HubCore) -> list[Mapping[str, object]]:
+            try:
+                rows = hub.fleet.query(twin_query.parse_query(text))
+            except twin_query.QueryError as exc:
+                raise ServiceError(400, "BadRequest", str(exc)) from exc
+            copied: list[Mapping[str, object]] = json.loads(json.dumps(rows))
+            return copied  # copies: the hub's documents stay its own
+
+        return self._call_sync(run)
 
     def update_desired(
         self, device_id: str, module_id: str, patch: Mapping[str, Any]

@@ -23,6 +23,7 @@ class Deployment:
     modules: tuple[str, ...]
     routes: tuple[Route, ...]
     desired: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    edge_hub: Mapping[str, Any] = field(default_factory=dict)  # $edgeHub's properties.desired
 
 
 def _object(value: object, where: str) -> Mapping[str, Any]:
@@ -51,7 +52,9 @@ def parse_manifest(document: Mapping[str, Any]) -> Deployment:
         desired[name] = copy.deepcopy(
             dict(_object(_object(section, name).get("properties.desired", {}), name))
         )
-    return Deployment(modules=modules, routes=routes, desired=desired)
+    return Deployment(
+        modules=modules, routes=routes, desired=desired, edge_hub=copy.deepcopy(dict(hub_desired))
+    )
 
 
 def load_manifest(path: Path) -> Deployment:

@@ -1,4 +1,10 @@
-"""IoT Hub twin queries: `SELECT * FROM devices[.modules] [WHERE ...]` (pure)."""
+"""IoT Hub twin queries over `devices` and `devices.modules` (pure).
+
+    SELECT * | COUNT() [AS name] | path [AS name], ... FROM devices[.modules] [WHERE condition]
+
+The condition language is `expressions`; paths reach into the REST twin document (`tags.ring`,
+`properties.reported.model.version`, `configurations.[[id]].status`).
+"""
 
 from __future__ import annotations
 
@@ -14,52 +20,112 @@ class QueryError(ValueError):
 
 
 @dataclass(frozen=True)
+class Projection:
+    path: str
+    alias: str
+
+
+@dataclass(frozen=True)
 class TwinQuery:
     modules: bool  # FROM devices.modules rather than FROM devices
     condition: expressions.Expr | None
+    projections: tuple[Projection, ...] = ()  # empty: SELECT *
+    count_alias: str | None = None  # SELECT COUNT() [AS alias]
 
 
 _QUERY = re.compile(
-    r"^\s*SELECT\s+\*\s+FROM\s+(?P<collection>devices(?:\.modules)?)(?:\s+WHERE\s+(?P<where>.+?))?\s*$",
+    r"^\s*SELECT\s+(?P<select>.+?)\s+FROM\s+(?P<collection>devices(?:\.modules)?)"
+    r"(?:\s+WHERE\s+(?P<where>.+?))?\s*$",
     re.IGNORECASE | re.DOTALL,
 )
+_COUNT = re.compile(r"^COUNT\(\s*\)(?:\s+AS\s+(?P<alias>[A-Za-z_]\w*))?$", re.IGNORECASE)
+_PROJECTION = re.compile(
+    r"^(?P<path>(?:\[\[[^\]]+\]\]|[$A-Za-z_][$\w\-]*)(?:\.(?:\[\[[^\]]+\]\]|[$\w\-]+))*)"
+    r"(?:\s+AS\s+(?P<alias>[A-Za-z_]\w*))?$",
+    re.IGNORECASE,
+)
+
+
+def _select_clause(text: str) -> tuple[tuple[Projection, ...], str | None]:
+    text = text.strip()
+    if text == "*":
+        return (), None
+    count = _COUNT.match(text)
+    if count is not None:
+        return (), count["alias"] or "numberOfDevices"
+    projections: list[Projection] = []
+    for part in text.split(","):
+        match = _PROJECTION.match(part.strip())
+        if match is None:
+            raise QueryError(f"cannot select {part.strip()!r}")
+        path = match["path"]
+        projections.append(Projection(path, match["alias"] or expressions.split_path(path)[-1]))
+    return tuple(projections), None
 
 
 def parse_query(text: str) -> TwinQuery:
     match = _QUERY.match(text)
     if match is None:
-        raise QueryError("only 'SELECT * FROM devices[.modules] [WHERE ...]' is supported")
+        raise QueryError("a query is 'SELECT ... FROM devices[.modules] [WHERE ...]'")
+    projections, count_alias = _select_clause(match["select"])
     where = match["where"]
     try:
         condition = expressions.parse(where) if where is not None else None
     except expressions.ExpressionError as exc:
         raise QueryError(str(exc)) from exc
-    return TwinQuery(modules=match["collection"].lower() == "devices.modules", condition=condition)
+    return TwinQuery(
+        modules=match["collection"].lower() == "devices.modules",
+        condition=condition,
+        projections=projections,
+        count_alias=count_alias,
+    )
 
 
-def _path_lookup(document: Mapping[str, object]) -> expressions.Lookup:
+def _resolve(document: Mapping[str, object], path: str) -> object:
+    node: object = document
+    for part in expressions.split_path(path):
+        if not isinstance(node, Mapping) or part not in node:
+            return expressions.UNDEFINED
+        node = node[part]
+    return node
+
+
+def path_lookup(document: Mapping[str, object]) -> expressions.Lookup:
     def lookup(path: str) -> expressions.Value | expressions._Undefined:
-        node: object = document
-        for part in path.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                return expressions.UNDEFINED
-            node = node[part]
+        node = _resolve(document, path)
         if node is None or isinstance(node, str | int | float | bool):
             return node
-        return expressions.UNDEFINED  # objects and arrays do not compare with scalars
+        if isinstance(node, expressions._Undefined):
+            return node
+        return expressions.COMPOSITE  # objects and arrays do not compare with scalars
 
     return lookup
 
 
+def matches(condition: expressions.Expr | None, document: Mapping[str, object]) -> bool:
+    return condition is None or expressions.matches(condition, path_lookup(document))
+
+
 def select(query: TwinQuery, twins: Iterable[Mapping[str, object]]) -> list[Mapping[str, object]]:
-    """The twin documents (REST shape) the query selects, in the order given."""
-    chosen: list[Mapping[str, object]] = []
-    for twin in twins:
-        if query.modules != ("moduleId" in twin):
-            continue
-        if query.condition is None or expressions.matches(query.condition, _path_lookup(twin)):
-            chosen.append(twin)
-    return chosen
+    """What the query returns over the twin documents (REST shape), in the order given."""
+    chosen = [
+        twin
+        for twin in twins
+        if query.modules == ("moduleId" in twin) and matches(query.condition, twin)
+    ]
+    if query.count_alias is not None:
+        return [{query.count_alias: len(chosen)}]
+    if not query.projections:
+        return chosen
+    rows: list[Mapping[str, object]] = []
+    for twin in chosen:
+        row: dict[str, object] = {}
+        for projection in query.projections:
+            value = _resolve(twin, projection.path)
+            if not isinstance(value, expressions._Undefined):
+                row[projection.alias] = value
+        rows.append(row)
+    return rows
 
 
 def page(

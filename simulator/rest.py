@@ -20,13 +20,18 @@ import structlog
 from aiohttp import web
 
 from simulator import sas, topics
-from simulator.core import DEFAULT_METHOD_TIMEOUT_SECONDS, Hub, ServiceError, TwinResponseFault
+from simulator.core import DEFAULT_METHOD_TIMEOUT_SECONDS, Hub, HubEvent, TwinResponseFault
+from simulator.errors import ServiceError
 
 log = structlog.get_logger(__name__)
 
 SERVICE_POLICY = "iothubowner"
-MAX_BODY_BYTES = 512 * 1024
+# Above IoT Hub's own limits (512 KB of configuration content), so that an oversized
+# configuration gets IoT Hub's error body rather than the HTTP server's.
+MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000  # IoT Hub's largest query page
+MAX_CONFIGURATIONS_LISTED = 100
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -34,6 +39,15 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response(
         {"Message": f"ErrorCode:{code};{message}", "ExceptionMessage": ""}, status=status
     )
+
+
+def event_selected(event: HubEvent, kinds: set[str], devices: set[str], modules: set[str]) -> bool:
+    """Whether `watch` shows the event; a fleet-wide event (no device) passes device filters."""
+    if event.kind not in kinds:
+        return False
+    if devices and event.device_id and event.device_id not in devices:
+        return False
+    return not (modules and event.module_id and event.module_id not in modules)
 
 
 class ServiceApi:
@@ -73,6 +87,17 @@ class ServiceApi:
         app.router.add_put("/twins/{device}/modules/{module}", self._replace_twin)
         app.router.add_post("/twins/{device}/modules/{module}/methods", self._invoke_method)
         app.router.add_post("/devices/query", self._query)
+        app.router.add_get("/twins/{device}", self._get_device_twin)
+        app.router.add_patch("/twins/{device}", self._update_device_twin)
+        app.router.add_put("/twins/{device}", self._replace_device_twin)
+        app.router.add_get("/devices", self._get_devices)
+        app.router.add_get("/devices/{device}", self._get_device)
+        app.router.add_post("/devices/{device}/applyConfigurationContent", self._apply_content)
+        app.router.add_post("/configurations/testQueries", self._test_queries)
+        app.router.add_get("/configurations", self._get_configurations)
+        app.router.add_get("/configurations/{id}", self._get_configuration)
+        app.router.add_put("/configurations/{id}", self._put_configuration)
+        app.router.add_delete("/configurations/{id}", self._delete_configuration)
         app.router.add_get("/devices/{device}/modules/{module}", self._get_module)
         app.router.add_get("/devices/{device}/modules", self._get_modules)
         app.router.add_post("/_simulator/inputs/{device}/{module}/{input}", self._send_to_input)
@@ -202,13 +227,98 @@ class ServiceApi:
             page_size = int(request.headers.get("x-ms-max-item-count") or DEFAULT_PAGE_SIZE)
         except ValueError as exc:
             raise ServiceError(400, "ArgumentInvalid", "bad x-ms-max-item-count") from exc
-        items, continuation = self._hub.query(
+        page_size = min(page_size, MAX_PAGE_SIZE)
+        items, continuation, item_type = self._hub.query(
             body["query"], request.headers.get("x-ms-continuation"), page_size
         )
-        headers = {"x-ms-item-type": "twin"}
+        headers = {"x-ms-item-type": item_type}
         if continuation is not None:
             headers["x-ms-continuation"] = continuation
         return web.json_response(items, headers=headers)
+
+    # -------------------------------------------------------- devices
+
+    async def _get_device_twin(self, request: web.Request) -> web.StreamResponse:
+        return self._twin_response(self._hub.fleet.device_document(request.match_info["device"]))
+
+    async def _update_device_twin(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        twin = self._hub.fleet.update_device_twin(
+            request.match_info["device"], body, request.headers.get("If-Match"), replace_all=False
+        )
+        return self._twin_response(twin)
+
+    async def _replace_device_twin(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        twin = self._hub.fleet.update_device_twin(
+            request.match_info["device"], body, request.headers.get("If-Match"), replace_all=True
+        )
+        return self._twin_response(twin)
+
+    def _device_document(self, device_id: str) -> dict[str, Any]:
+        device = self._hub.fleet.device(device_id)
+        connected = any(self._hub.is_connected(device_id, m) for m in device.modules)
+        return {
+            "deviceId": device_id,
+            "generationId": "1",
+            "etag": device.twin.etag,
+            "connectionState": "Connected" if connected else "Disconnected",
+            "status": "enabled",
+            "cloudToDeviceMessageCount": 0,
+            "capabilities": {"iotEdge": True},
+            # Edge devices of the simulator have no device-level identity to connect with.
+            "authentication": {"type": "none"},
+        }
+
+    async def _get_device(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self._device_document(request.match_info["device"]))
+
+    async def _get_devices(self, request: web.Request) -> web.StreamResponse:
+        top = self._int_query(request, "top", default=1000)
+        devices = list(self._hub.fleet.devices)[:top]
+        return web.json_response([self._device_document(device) for device in devices])
+
+    # -------------------------------------------------------- configurations
+
+    @staticmethod
+    def _int_query(request: web.Request, name: str, *, default: int) -> int:
+        try:
+            value = int(request.query.get(name, default))
+        except ValueError as exc:
+            raise ServiceError(400, "ArgumentInvalid", f"{name} must be an integer") from exc
+        if value < 1:
+            raise ServiceError(400, "ArgumentInvalid", f"{name} must be positive")
+        return value
+
+    async def _get_configuration(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self._hub.fleet.configuration_document(request.match_info["id"]))
+
+    async def _get_configurations(self, request: web.Request) -> web.StreamResponse:
+        top = self._int_query(request, "top", default=MAX_CONFIGURATIONS_LISTED)
+        return web.json_response(self._hub.fleet.list_configurations(top))
+
+    async def _put_configuration(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        config_id = request.match_info["id"]
+        created = config_id not in self._hub.fleet.configurations
+        document = self._hub.fleet.put_configuration(
+            config_id, body, request.headers.get("If-Match")
+        )
+        return web.json_response(document, status=201 if created else 200)
+
+    async def _delete_configuration(self, request: web.Request) -> web.StreamResponse:
+        self._hub.fleet.delete_configuration(
+            request.match_info["id"], request.headers.get("If-Match")
+        )
+        return web.Response(status=204)
+
+    async def _test_queries(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self._hub.fleet.test_queries(await self._json(request)))
+
+    async def _apply_content(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        self._hub.fleet.apply_on_edge_device(request.match_info["device"], body)
+        return web.Response(status=204)
 
     # -------------------------------------------------------- admin API (CLI and tests)
 
@@ -241,8 +351,11 @@ class ServiceApi:
 
     async def _watch(self, request: web.Request) -> web.StreamResponse:
         """JSON lines, as they happen: `?kinds=` (default upstream,reported) of upstream,
-        reported, desired, connected, disconnected."""
+        reported, desired, connected, disconnected, configuration; `?devices=` and `?modules=`
+        (comma-separated, empty: all) keep only those devices' and modules' events."""
         kinds = set(request.query.get("kinds", "upstream,reported").split(","))
+        devices = {d for d in request.query.get("devices", "").split(",") if d}
+        modules = {m for m in request.query.get("modules", "").split(",") if m}
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         task = asyncio.current_task()
@@ -253,7 +366,7 @@ class ServiceApi:
             hello = {"kind": "watching", "kinds": sorted(kinds)}
             await response.write(json.dumps(hello).encode() + b"\n")
             async for event in self._hub.events.follow():
-                if event.kind in kinds:
+                if event_selected(event, kinds, devices, modules):
                     line = json.dumps(event.to_json(), default=str) + "\n"
                     await response.write(line.encode())
         except ConnectionResetError:

@@ -111,6 +111,22 @@ class Twin:
         _check_size(tags, "tags")
         return replace(self, tags=tags, version=self.version + 1)
 
+    def with_tags(self, tags: Mapping[str, Any]) -> Twin:
+        new_tags = merge_patch({}, _validated(tags, "tags"))
+        _check_size(new_tags, "tags")
+        return replace(self, tags=new_tags, version=self.version + 1)
+
+    def with_desired(self, desired: Mapping[str, Any]) -> Twin:
+        """The desired document a configuration computed, as one new desired version."""
+        new_desired = _validated(desired, "desired properties")
+        _check_size(new_desired, "desired properties")
+        return replace(
+            self,
+            desired=new_desired,
+            desired_version=self.desired_version + 1,
+            version=self.version + 1,
+        )
+
     def replace_desired_and_tags(self, desired: Mapping[str, Any], tags: Mapping[str, Any]) -> Twin:
         new_desired = merge_patch({}, _validated(desired, "desired properties"))
         new_tags = merge_patch({}, _validated(tags, "tags"))
@@ -133,24 +149,45 @@ class Twin:
             "reported": {**copy.deepcopy(self.reported), "$version": self.reported_version},
         }
 
-    def service_document(self, *, connected: bool) -> JsonObject:
-        """The twin as the service REST API returns it."""
-        return {
-            "deviceId": self.device_id,
-            "moduleId": self.module_id,
-            "etag": self.etag,
-            "deviceEtag": self.etag,
-            "version": self.version,
-            "status": "enabled",
-            "connectionState": "Connected" if connected else "Disconnected",
-            "authenticationType": "sas",
-            "cloudToDeviceMessageCount": 0,
-            "tags": copy.deepcopy(self.tags),
-            "properties": {
-                "desired": {**copy.deepcopy(self.desired), "$version": self.desired_version},
-                "reported": {**copy.deepcopy(self.reported), "$version": self.reported_version},
-            },
-        }
+    def service_document(
+        self,
+        *,
+        connected: bool,
+        configurations: Mapping[str, Any] | None = None,
+        copied: bool = True,
+    ) -> JsonObject:
+        """The twin as the service REST API returns it; a device twin (empty `module_id`) has
+        no moduleId and the IoT Edge capability. `copied=False` shares the twin's own
+        dictionaries, for a reader that only looks (query matching, serialising)."""
+        clone = copy.deepcopy if copied else _same
+        document: JsonObject = {"deviceId": self.device_id}
+        if self.module_id:
+            document["moduleId"] = self.module_id
+        document.update(
+            {
+                "etag": self.etag,
+                "deviceEtag": self.etag,
+                "version": self.version,
+                "status": "enabled",
+                "connectionState": "Connected" if connected else "Disconnected",
+                "authenticationType": "sas",
+                "cloudToDeviceMessageCount": 0,
+                "tags": clone(self.tags),
+                "properties": {
+                    "desired": {**clone(self.desired), "$version": self.desired_version},
+                    "reported": {**clone(self.reported), "$version": self.reported_version},
+                },
+            }
+        )
+        if not self.module_id:
+            document["capabilities"] = {"iotEdge": True}
+        if configurations:
+            document["configurations"] = clone(dict(configurations))
+        return document
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def desired_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> JsonObject:

@@ -189,7 +189,7 @@ def _service_token(sim: Simulator, key: str | None = None) -> str:
             400,
         ),
         ("POST", "/devices/query", b'{"query": 1}', 400),
-        ("POST", "/devices/query", b'{"query": "SELECT name FROM devices"}', 400),
+        ("POST", "/devices/query", b'{"query": "SELECT name FROM things"}', 400),
     ],
 )
 def test_bad_rest_requests_get_iot_hub_errors(

@@ -13,6 +13,7 @@ TWINS: list[Mapping[str, object]] = [
         "deviceId": "d1",
         "moduleId": "ml",
         "tags": {"ring": "canary", "site": {"country": "FR"}},
+        "configurations": {"ring-1.a": {"status": "Applied"}},
         "properties": {
             "desired": {"model": {"version": 3}, "$version": 4},
             "reported": {"model": {"version": 3, "state": "active"}, "$version": 9},
@@ -52,6 +53,18 @@ TWINS: list[Mapping[str, object]] = [
         ("SELECT * FROM devices.modules WHERE tags.missing = 1", []),
         ("SELECT * FROM devices.modules WHERE tags.site = 'FR'", []),  # objects do not compare
         ("SELECT * FROM devices", ["d2"]),
+        ("SELECT * FROM devices.modules WHERE tags.ring IN ['broad', 'x']", ["d2"]),
+        ("SELECT * FROM devices.modules WHERE tags.ring in ('canary')", ["d1"]),
+        ("SELECT * FROM devices.modules WHERE tags.ring NIN ['canary']", ["d2"]),
+        ("SELECT * FROM devices.modules WHERE tags.missing NIN ['canary']", []),
+        ("SELECT * FROM devices.modules WHERE STARTSWITH(tags.ring, 'can')", ["d1"]),
+        ("SELECT * FROM devices.modules WHERE ENDSWITH(tags.ring, 'oad')", ["d2"]),
+        ("SELECT * FROM devices.modules WHERE STARTSWITH(tags.missing, 'c')", []),
+        ("SELECT * FROM devices.modules WHERE NOT IS_DEFINED(tags.site)", ["d2"]),
+        (
+            "SELECT * FROM devices.modules WHERE configurations.[[ring-1.a]].status = 'Applied'",
+            ["d1"],
+        ),
     ],
 )
 def test_queries_select_twins(text: str, expected: list[str]) -> None:
@@ -61,8 +74,12 @@ def test_queries_select_twins(text: str, expected: list[str]) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "SELECT deviceId FROM devices.modules",
+        "SELECT FROM devices.modules",
+        "SELECT deviceId, FROM devices.modules",
+        "SELECT COUNT(deviceId) FROM devices",
         "SELECT * FROM devices.jobs",
+        "SELECT * FROM devices WHERE tags.ring IN ['a'",
+        "SELECT * FROM devices WHERE STARTSWITH(deviceId)",
         "SELECT * FROM devices.modules WHERE",
         "SELECT * FROM devices.modules WHERE tags.a = = 1",
         "DELETE FROM devices",
@@ -71,6 +88,25 @@ def test_queries_select_twins(text: str, expected: list[str]) -> None:
 def test_unsupported_queries_are_refused(text: str) -> None:
     with pytest.raises(QueryError):
         parse_query(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "rows"),
+    [
+        ("SELECT COUNT() FROM devices.modules", [{"numberOfDevices": 2}]),
+        ("SELECT COUNT() AS n FROM devices.modules WHERE tags.ring = 'canary'", [{"n": 1}]),
+        (
+            "SELECT deviceId, properties.reported.model.state AS state FROM devices.modules",
+            [{"deviceId": "d1", "state": "active"}, {"deviceId": "d2", "state": "failed"}],
+        ),
+        (
+            "SELECT deviceId, tags.site.country FROM devices.modules",
+            [{"deviceId": "d1", "country": "FR"}, {"deviceId": "d2"}],
+        ),
+    ],
+)
+def test_projections_and_counts(text: str, rows: list[dict[str, object]]) -> None:
+    assert select(parse_query(text), TWINS) == rows
 
 
 def test_pages_follow_continuation_tokens() -> None:

@@ -1,0 +1,262 @@
+"""``python -m deployment`` / ``edgeml``: the publisher's command line.
+
+Exit status: 0 done, 1 a command failed (the message names what and why, prefixed by a
+bounded reason), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import structlog
+from rich.console import Console
+
+from agent.logs import configure_logging
+from agent.releases.manifest import KeyConfigError, parse_trusted_keys
+from deployment import config, rollout, signing, template
+from deployment.errors import PublisherError, Reason
+from deployment.publisher import HubFactory, Publisher, Services, _azure_hub
+
+log = structlog.get_logger(__name__)
+
+
+def _positive(kind: type[float] | type[int]) -> Callable[[str], float | int]:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from e
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = _positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return value
+
+
+def _rings(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ring names separated by commas")
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeml",
+        description="Publish models to an IoT Edge fleet: register, sign, upload, release.",
+    )
+    parser.add_argument(
+        "--config", type=Path, help=f"environments file (${config.CONFIG_VARIABLE})"
+    )
+    parser.add_argument("--env", help=f"environment name (${config.ENVIRONMENT_VARIABLE})")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _registry_commands(commands)
+    _rollout_commands(commands)
+    _other_commands(commands)
+    return parser
+
+
+def _registry_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keygen = commands.add_parser("keygen", help="a new Ed25519 signing key")
+    keygen.add_argument("--out", type=Path, required=True, help="folder for <key_id>.key/.pem")
+
+    register = commands.add_parser("register", help="register MODEL.onnx in MLflow")
+    register.add_argument("model", type=Path)
+    register.add_argument("--metrics", type=Path, required=True, help="JSON object of numbers")
+    register.add_argument("--name", help="registered model name (default: the file's stem)")
+    register.add_argument("--baseline", type=Path, help="drift baseline JSON")
+    register.add_argument("--run", dest="run_id", help="the MLflow run that trained it")
+    register.add_argument(
+        "--version", type=_positive(int), help="fail unless this is the version assigned"
+    )
+
+    commands.add_parser("list", help="registered models")
+    show = commands.add_parser("show", help="one version")
+    show.add_argument("ref", metavar="NAME[:VERSION]")
+    history = commands.add_parser("history", help="every version of a model")
+    history.add_argument("name")
+
+
+def _rollout_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    upload = commands.add_parser("upload", help="artifact to Azure Blob, hash checked")
+    upload.add_argument("ref", metavar="NAME:VERSION")
+    sign = commands.add_parser("sign", help="sign the release manifest")
+    sign.add_argument("ref", metavar="NAME:VERSION")
+    sign.add_argument("--url", help="artifact URL (default: a SAS URL of the uploaded blob)")
+    sign.add_argument("--valid-hours", type=_positive(float))
+    refresh = commands.add_parser("refresh-url", help="re-sign with a fresh SAS URL")
+    refresh.add_argument("ref", metavar="NAME:VERSION")
+    refresh.add_argument("--valid-hours", type=_positive(float))
+
+    release = commands.add_parser("release", help="roll out through the rings, gated")
+    release.add_argument("ref", metavar="NAME:VERSION")
+    release.add_argument("--rings", type=_rings, required=True, help="e.g. canary,all")
+    release.add_argument("--dry-run", action="store_true", help="print the plan only")
+    defaults = rollout.GateBounds()
+    release.add_argument("--min-fraction", type=_fraction, default=defaults.min_fraction)
+    release.add_argument("--max-error-rate", type=_fraction, default=defaults.max_error_rate)
+    release.add_argument("--max-p99-ratio", type=_positive(float), default=defaults.max_p99_ratio)
+    release.add_argument("--timeout", type=_positive(float), default=defaults.timeout_s)
+    release.add_argument("--poll", type=_positive(float), default=defaults.poll_s)
+
+
+def _other_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser("status", help="the fleet, from twin queries")
+    status.add_argument("name", nargs="?")
+
+    audit = commands.add_parser("audit", help="the hash-chained audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_commands.add_parser("verify", help="check every link of the chain")
+    audit_show = audit_commands.add_parser("show", help="the entries")
+    audit_show.add_argument("subject", nargs="?", help="e.g. NAME:VERSION")
+
+    manifest = commands.add_parser("manifest", help="render the base deployment manifest")
+    manifest.add_argument("--image", required=True, help="the agent module's image")
+    manifest.add_argument(
+        "--module-image", action="append", default=[], metavar="NAME=IMAGE", help="other modules"
+    )
+    keys = manifest.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--trusted-keys", help="EDGEML_TRUSTED_KEYS value (keygen prints it)")
+    keys.add_argument("--trusted-keys-dir", type=Path, help="folder of <key_id>.pem files")
+    manifest.add_argument("--profile", type=Path, help="profile.json of python -m agent profile")
+    manifest.add_argument("--template", type=Path, default=template.TEMPLATE)
+    manifest.add_argument("--out", type=Path, required=True)
+
+
+def _trusted_keys(args: argparse.Namespace) -> str:
+    if args.trusted_keys is not None:
+        try:
+            parse_trusted_keys(args.trusted_keys)
+        except KeyConfigError as e:
+            raise PublisherError(Reason.KEY_INVALID, f"--trusted-keys: {e}") from e
+        return str(args.trusted_keys)
+    return signing.trusted_keys_entries(sorted(Path(args.trusted_keys_dir).glob("*.pem")))
+
+
+def _images(args: argparse.Namespace) -> dict[str, str]:
+    images = {template.AGENT_MODULE: args.image}
+    for item in args.module_image:
+        name, sep, image = item.partition("=")
+        if not sep or not name or not image:
+            raise PublisherError(Reason.USAGE, f"--module-image {item!r}: expected NAME=IMAGE")
+        images[name] = image
+    return images
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    environ: Mapping[str, str],
+    stdout: TextIO,
+    stderr: TextIO,
+    hub_factory: HubFactory = _azure_hub,
+    logs: bool = True,
+) -> int:
+    """One command; ``logs=False`` leaves structlog's global set-up alone (in-process tests)."""
+    parser = _parser()
+    try:
+        # argparse writes usage and errors to sys.stdout/stderr: point those at our streams.
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(list(argv))
+    except SystemExit as e:  # argparse has printed the usage and the error
+        return int(e.code or 0)
+    if logs:
+        configure_logging(args.log_level, stream=stderr)
+    out = Console(file=stdout, width=200, soft_wrap=True)
+    err = Console(file=stderr, width=200)
+    try:
+        return _dispatch(args, environ, out, err, hub_factory)
+    except PublisherError as e:
+        err.print(f"edgeml: error [{e.reason}]: {e.message}", markup=False, highlight=False)
+        return 1
+
+
+def _dispatch(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    out: Console,
+    err: Console,
+    hub_factory: HubFactory,
+) -> int:
+    if args.command == "keygen":
+        generated = signing.generate(args.out)
+        out.print(f"key id: {generated.key_id}", markup=False)
+        out.print(f"private key (mode 0600, keep secret): {generated.private_file}", markup=False)
+        out.print(f"public key for EDGEML_TRUSTED_KEYS_DIR: {generated.public_file}", markup=False)
+        out.print(f"EDGEML_TRUSTED_KEYS={generated.trusted_keys_entry}", markup=False)
+        return 0
+    if args.command == "manifest":
+        profile = template.load_profile(args.profile) if args.profile else None
+        rendered = template.render(
+            template.load_template(args.template),
+            images=_images(args),
+            trusted_keys=_trusted_keys(args),
+            profile=profile,
+        )
+        args.out.write_text(json.dumps(rendered, indent=2) + "\n", encoding="utf-8")
+        out.print(f"wrote {args.out}", markup=False)
+        return 0
+    resolved = config.load(args.config, args.env, environ)
+    services = Services(resolved, environ=environ, hub_factory=hub_factory)
+    publisher = Publisher(services, out, err)
+    _COMMANDS[args.command](publisher, args)
+    return 0
+
+
+def _release(publisher: Publisher, args: argparse.Namespace) -> None:
+    bounds = rollout.GateBounds(
+        min_fraction=args.min_fraction,
+        max_error_rate=args.max_error_rate,
+        max_p99_ratio=args.max_p99_ratio,
+        timeout_s=args.timeout,
+        poll_s=args.poll,
+    )
+    publisher.release(args.ref, args.rings, bounds, dry_run=args.dry_run)
+
+
+def _audit(publisher: Publisher, args: argparse.Namespace) -> None:
+    if args.audit_command == "verify":
+        publisher.audit_verify()
+    else:
+        publisher.audit_show(args.subject)
+
+
+_COMMANDS: dict[str, Callable[[Publisher, argparse.Namespace], object]] = {
+    "register": lambda p, a: p.register(
+        a.model,
+        name=a.name,
+        metrics_path=a.metrics,
+        baseline=a.baseline,
+        run_id=a.run_id,
+        version=a.version,
+    ),
+    "list": lambda p, a: p.list_models(),
+    "show": lambda p, a: p.show(a.ref),
+    "history": lambda p, a: p.history(a.name),
+    "upload": lambda p, a: p.upload(a.ref),
+    "sign": lambda p, a: p.sign(a.ref, url=a.url, valid_hours=a.valid_hours),
+    "refresh-url": lambda p, a: p.refresh_url(a.ref, valid_hours=a.valid_hours),
+    "release": _release,
+    "status": lambda p, a: p.status(a.name),
+    "audit": _audit,
+}
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:], environ=os.environ, stdout=sys.stdout, stderr=sys.stderr))

@@ -1,0 +1,586 @@
+"""The publisher's commands: each validates, acts, records itself in the audit log and prints.
+
+Every outside thing comes in through `Services` (MLflow, Blob, the hub, the clock), made
+lazily from the environment's config and secrets: a command that needs no hub never asks for
+the hub's connection string, and a missing secret fails before anything is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from agent.releases.manifest import ManifestRejected, verify_manifest
+from deployment import artifacts, config, rollout, signing
+from deployment.audit import AuditLog
+from deployment.errors import PublisherError, Reason
+from deployment.hub import AzureHub, Hub
+from deployment.registry import (
+    CHAMPION,
+    ModelEntry,
+    Registry,
+    parse_ref,
+    read_metrics,
+    ring_alias,
+)
+from deployment.release import ModelCheckError, describe_model, unsigned_manifest
+
+log = structlog.get_logger(__name__)
+
+HubFactory = Callable[[str, str | None], Hub]
+# A release whose SAS runs out during the rollout would strand devices mid-download.
+MIN_URL_VALIDITY = timedelta(hours=1)
+
+
+def _azure_hub(connection_string: str, ca_file: str | None) -> Hub:
+    return AzureHub(connection_string, ca_file=ca_file)
+
+
+@dataclass
+class Services:
+    """The outside world of one command, made on first use."""
+
+    resolved: config.Resolved
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    hub_factory: HubFactory = _azure_hub
+    now: Callable[[], datetime] = lambda: datetime.now(UTC)
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    _registry: Registry | None = None
+    _hub: Hub | None = None
+    _blobs: artifacts.BlobArtifacts | None = None
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.resolved.audit_log, actor=None, clock=self.now)
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.resolved.audit_log.parent / "releases"
+
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry.connect(self.resolved.mlflow_tracking_uri)
+        return self._registry
+
+    def hub(self) -> Hub:
+        if self._hub is None:
+            secret = config.secret(config.HUB_SECRET, self.resolved, self.environ)
+            ca_file = self.resolved.env.hub_ca_file
+            self._hub = self.hub_factory(
+                secret, str(self.resolved.path(ca_file)) if ca_file is not None else None
+            )
+        return self._hub
+
+    def blobs(self) -> artifacts.BlobArtifacts:
+        if self._blobs is None:
+            secret = config.secret(config.STORAGE_SECRET, self.resolved, self.environ)
+            self._blobs = artifacts.BlobArtifacts.from_connection_string(
+                secret, self.resolved.env.storage_container
+            )
+        return self._blobs
+
+    def signing_key(self) -> signing.SigningKey:
+        return signing.load(self.resolved, self.environ)
+
+
+class Publisher:
+    def __init__(self, services: Services, out: Console, err: Console) -> None:
+        self._s = services
+        self._out = out
+        self._err = err
+
+    # ------------------------------------------------------------------ registry
+
+    def register(
+        self,
+        model_path: Path,
+        *,
+        name: str | None,
+        metrics_path: Path,
+        baseline: Path | None,
+        run_id: str | None,
+        version: int | None,
+    ) -> ModelEntry:
+        name = name or model_path.stem
+        audit = self._s.audit
+        try:
+            entry = self._register(
+                model_path,
+                name=name,
+                metrics_path=metrics_path,
+                baseline=baseline,
+                run_id=run_id,
+                version=version,
+            )
+        except PublisherError as e:
+            audit.append("register", name, "failed", reason=str(e.reason), message=e.message)
+            raise
+        audit.append(
+            "register",
+            entry.ref,
+            "registered",
+            sha256=entry.sha256,
+            size=entry.size,
+            run_id=entry.run_id,
+            file=model_path.name,
+        )
+        self._out.print(f"registered {entry.ref} sha256={entry.sha256} size={entry.size}")
+        return entry
+
+    def _register(
+        self,
+        model_path: Path,
+        *,
+        name: str,
+        metrics_path: Path,
+        baseline: Path | None,
+        run_id: str | None,
+        version: int | None,
+    ) -> ModelEntry:
+        rollout.check_model_name(name)
+        try:
+            data = model_path.read_bytes()
+        except OSError as e:
+            raise PublisherError(
+                Reason.MODEL_INVALID, f"cannot read model file {str(model_path)!r}: {e.strerror}"
+            ) from e
+        metrics = read_metrics(metrics_path)
+        if baseline is not None:
+            _check_json_file(baseline, "baseline")
+        try:
+            described = describe_model(data)
+        except ModelCheckError as e:
+            reason = (
+                Reason.GOLDEN_MISMATCH if e.reason == "golden_mismatch" else Reason.MODEL_INVALID
+            )
+            raise PublisherError(reason, f"{model_path.name}: {e.message}") from e
+        return self._s.registry().register(
+            name,
+            model_path,
+            described,
+            metrics=metrics,
+            baseline=baseline,
+            run_id=run_id,
+            expected_version=version,
+        )
+
+    def list_models(self) -> None:
+        table = Table("model", "latest", "sha256", "aliases", "registered")
+        for entry in self._s.registry().models():
+            table.add_row(
+                entry.name,
+                str(entry.version),
+                entry.sha256[:12],
+                ", ".join(entry.aliases),
+                _when(entry.created_ms),
+            )
+        self._out.print(table)
+
+    def show(self, ref: str) -> None:
+        name, version = parse_ref(ref, version_required=False)
+        registry = self._s.registry()
+        entry = registry.entry(name, version)
+        table = Table("field", "value", show_header=False)
+        for key, value in (
+            ("model", entry.ref),
+            ("sha256", entry.sha256),
+            ("size", str(entry.size)),
+            ("contract", json.dumps(entry.contract)),
+            ("aliases", ", ".join(entry.aliases) or "-"),
+            ("run", entry.run_id),
+            ("lineage", entry.lineage),
+            ("blob", entry.tags.get("blob", "-")),
+            ("signed by", entry.tags.get("signed_by", "-")),
+            ("registered", _when(entry.created_ms)),
+        ):
+            table.add_row(key, value)
+        for metric, number in sorted(registry.metrics(entry).items()):
+            table.add_row(f"metric {metric}", f"{number:g}")
+        self._out.print(table)
+
+    def history(self, name: str) -> None:
+        table = Table("version", "sha256", "aliases", "lineage", "registered")
+        for entry in self._s.registry().history(name):
+            table.add_row(
+                str(entry.version),
+                entry.sha256[:12],
+                ", ".join(entry.aliases),
+                entry.lineage,
+                _when(entry.created_ms),
+            )
+        self._out.print(table)
+
+    # ------------------------------------------------------------------ artifacts and signing
+
+    def upload(self, ref: str) -> None:
+        name, version = parse_ref(ref)
+        assert version is not None  # parse_ref guarantees it when required
+        registry = self._s.registry()
+        entry = registry.entry(name, version)
+        blobs = self._s.blobs()
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                data = registry.model_bytes(entry, Path(folder))
+                path = Path(folder) / "model.onnx"
+                path.write_bytes(data)
+                blob = artifacts.blob_name(name, version, entry.sha256)
+                with self._progress() as progress:
+                    task = progress.add_task(f"upload {entry.ref}", total=len(data))
+                    uploaded = blobs.upload(
+                        path,
+                        blob,
+                        entry.sha256,
+                        lambda done, total: progress.update(task, completed=done, total=total),
+                    )
+                registry.tag(entry, "blob", uploaded.blob_name)
+                baseline_file = entry.tags.get("baseline_file")
+                if baseline_file:
+                    local = registry.artifact(entry, f"baseline/{baseline_file}", Path(folder))
+                    baseline_blob = artifacts.blob_name(
+                        name, version, entry.tags["baseline_sha256"], "json"
+                    )
+                    blobs.upload(local, baseline_blob, entry.tags["baseline_sha256"])
+                    registry.tag(entry, "baseline_blob", baseline_blob)
+        except PublisherError as e:
+            self._s.audit.append("upload", entry.ref, "failed", reason=str(e.reason))
+            raise
+        self._s.audit.append(
+            "upload",
+            entry.ref,
+            "uploaded" if uploaded.uploaded else "already_present",
+            blob=uploaded.blob_name,
+            url=uploaded.url,
+            sha256=entry.sha256,
+        )
+        self._out.print(f"uploaded {entry.ref} to {uploaded.url} (sha256 checked)")
+
+    def _progress(self) -> Progress:
+        return Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=self._err,
+            transient=True,
+            disable=not self._err.is_terminal,
+        )
+
+    def sign(self, ref: str, *, url: str | None, valid_hours: float | None) -> dict[str, Any]:
+        name, version = parse_ref(ref)
+        assert version is not None
+        entry = self._s.registry().entry(name, version)
+        manifest = self._sign(entry, url=url, valid_hours=valid_hours, action="sign")
+        self._out.print(
+            f"signed {entry.ref} with {manifest['signature']['key_id']}, "
+            f"expires {manifest.get('expires', 'never')}: {self._manifest_file(entry)}"
+        )
+        return manifest
+
+    def _sign(
+        self, entry: ModelEntry, *, url: str | None, valid_hours: float | None, action: str
+    ) -> dict[str, Any]:
+        key = self._s.signing_key()
+        now = self._s.now()
+        hours = valid_hours if valid_hours is not None else self._s.resolved.env.sas_hours
+        valid_for = timedelta(hours=hours)
+        baseline = None
+        if url is None:
+            blob = entry.tags.get("blob")
+            if not blob:
+                raise PublisherError(
+                    Reason.NOT_FOUND, f"{entry.ref} is not uploaded: run upload, or give --url"
+                )
+            blobs = self._s.blobs()
+            url = blobs.read_url(blob, now + valid_for, now)
+            baseline_blob = entry.tags.get("baseline_blob")
+            if baseline_blob:
+                baseline = {
+                    "sha256": entry.tags["baseline_sha256"],
+                    "url": blobs.read_url(baseline_blob, now + valid_for, now),
+                }
+        with tempfile.TemporaryDirectory() as folder:
+            described = self._s.registry().described(entry, Path(folder))
+        unsigned = unsigned_manifest(
+            described,
+            name=entry.name,
+            version=entry.version,
+            url=url,
+            created=now,
+            valid_for=valid_for,
+            baseline=baseline,
+        )
+        manifest = key.sign(unsigned)
+        path = self._manifest_file(entry)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            json.dump(manifest, file, sort_keys=True)
+        temporary.replace(path)
+        self._s.registry().tag(entry, "signed_by", key.key_id)
+        self._s.audit.append(
+            action,
+            entry.ref,
+            "signed",
+            key_id=key.key_id,
+            url=url.split("?", 1)[0],
+            expires=str(manifest.get("expires")),
+        )
+        return manifest
+
+    def _manifest_file(self, entry: ModelEntry) -> Path:
+        return self._s.releases_dir / entry.name / f"{entry.version}.manifest.json"
+
+    def _signed_manifest(self, entry: ModelEntry) -> dict[str, Any]:
+        path = self._manifest_file(entry)
+        try:
+            manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise PublisherError(
+                Reason.NOT_FOUND, f"{entry.ref} is not signed yet: run sign (or upload, sign)"
+            ) from e
+        key = self._s.signing_key()
+        try:
+            verify_manifest(manifest, {key.key_id: key.private.public_key()}, self._s.now())
+        except ManifestRejected as e:
+            if e.reason == "expired":
+                raise PublisherError(
+                    Reason.SAS_EXPIRED, f"{entry.ref}: the signed URL expired: run refresh-url"
+                ) from e
+            if e.reason == "unknown_key":
+                raise PublisherError(
+                    Reason.KEY_INVALID,
+                    f"{entry.ref} was signed with another key: run refresh-url to re-sign",
+                ) from e
+            raise PublisherError(Reason.MANIFEST_INVALID, f"{entry.ref}: {e.message}") from e
+        if manifest.get("sha256") != entry.sha256 or manifest.get("version") != entry.version:
+            raise PublisherError(
+                Reason.MANIFEST_INVALID, f"{path} does not describe {entry.ref} any more"
+            )
+        expires = manifest.get("expires")
+        if expires and datetime.fromisoformat(expires) - self._s.now() < MIN_URL_VALIDITY:
+            raise PublisherError(
+                Reason.SAS_EXPIRED, f"{entry.ref}: the signed URL expires at {expires}: refresh-url"
+            )
+        return manifest
+
+    def refresh_url(self, ref: str, *, valid_hours: float | None) -> None:
+        name, version = parse_ref(ref)
+        assert version is not None
+        entry = self._s.registry().entry(name, version)
+        manifest = self._sign(entry, url=None, valid_hours=valid_hours, action="refresh-url")
+        refreshed = self._rollout().refresh(name, version, manifest, self._rings())
+        self._s.audit.append("refresh-url", entry.ref, "repointed", rings=refreshed)
+        self._out.print(
+            f"re-signed {entry.ref}, expires {manifest['expires']}; "
+            f"rings re-pointed: {', '.join(refreshed) or 'none'}"
+        )
+
+    # ------------------------------------------------------------------ rollout
+
+    def _rings(self) -> list[rollout.Ring]:
+        return rollout.rings_from_config(self._s.resolved.env.rings)
+
+    def _rollout(self) -> rollout.Rollout:
+        registry = self._s.registry()
+        return rollout.Rollout(
+            self._s.hub(),
+            self._s.audit,
+            module=self._s.resolved.env.module,
+            alias_of=lambda model, ring: registry.alias_version(model, ring_alias(ring)),
+            set_alias=self._set_alias,
+            rerelease=self._rerelease,
+            clock=self._s.monotonic,
+            sleep=self._s.sleep,
+        )
+
+    def _set_alias(self, model: str, ring: str, version: int) -> None:
+        registry = self._s.registry()
+        registry.set_alias(model, ring_alias(ring), version)
+        if ring == next(reversed(self._s.resolved.env.rings), None):
+            registry.set_alias(model, CHAMPION, version)
+
+    def _rerelease(self, model: str, bad: int, previous: int) -> tuple[int, Mapping[str, Any]]:
+        """The previous artifact as a new, higher version: restarted devices converge too."""
+        registry = self._s.registry()
+        old = registry.entry(model, previous)
+        with tempfile.TemporaryDirectory() as folder:
+            data = registry.model_bytes(old, Path(folder))
+            path = Path(folder) / old.tags.get("model_file", "model.onnx")
+            path.write_bytes(data)
+            described = registry.described(old, Path(folder) / "described")
+            entry = registry.register(
+                model,
+                path,
+                described,
+                metrics=registry.metrics(old),
+                lineage=f"rollback of {model}:{bad} to {model}:{previous}",
+            )
+        self._s.audit.append(
+            "register", entry.ref, "registered", sha256=entry.sha256, rollback_of=bad
+        )
+        blob = old.tags.get("blob")
+        if blob:
+            registry.tag(entry, "blob", blob)
+            entry = registry.entry(model, entry.version)
+        url = None if blob else _unsigned_url(self._manifest_file(old))
+        manifest = self._sign(entry, url=url, valid_hours=None, action="sign")
+        return entry.version, manifest
+
+    def release(
+        self, ref: str, rings: Sequence[str], bounds: rollout.GateBounds, *, dry_run: bool
+    ) -> None:
+        name, version = parse_ref(ref)
+        assert version is not None
+        rollout.check_model_name(name)
+        chosen = rollout.select_rings(self._rings(), rings)
+        entry = self._s.registry().entry(name, version)
+        manifest = self._signed_manifest(entry)
+        runner = self._rollout()
+        if dry_run:
+            table = Table("ring", "condition", "layer", "priority", "devices", "done")
+            for planned in runner.plan(name, version, manifest, chosen):
+                shown = ", ".join(planned.devices[:8])
+                more = len(planned.devices) - 8
+                table.add_row(
+                    planned.ring.name,
+                    planned.ring.condition,
+                    planned.config_id,
+                    str(planned.ring.priority),
+                    f"{len(planned.devices)}: {shown}" + (f" (+{more})" if more > 0 else ""),
+                    "yes" if planned.done else "no",
+                )
+            self._out.print(table)
+            self._out.print(
+                f"dry run: {entry.ref} would set {self._s.resolved.env.module}."
+                f"{rollout.desired_path(name)}; nothing was changed"
+            )
+            return
+        outcome = runner.release(name, version, manifest, chosen, bounds)
+        if outcome == "unchanged":
+            self._out.print(f"{entry.ref} is already released to {', '.join(rings)}: no change")
+        else:
+            self._out.print(f"released {entry.ref} to {', '.join(rings)}")
+
+    def status(self, name: str | None) -> None:
+        hub = self._s.hub()
+        module = self._s.resolved.env.module
+        rings = self._rings()
+        ring_of: dict[str, str] = {}
+        for ring in rings:
+            for device in rollout.Rollout.devices_of(hub, ring.condition):
+                ring_of.setdefault(device, ring.name)
+        # A twin query, not SQL; the module name was checked against a pattern by the config.
+        twins = hub.query(f"SELECT * FROM devices.modules WHERE moduleId = '{module}'")  # noqa: S608
+        table = Table(
+            "ring", "device", "model", "version", "state", "probation", "drift", "last seen"
+        )
+        order = {ring.name: index for index, ring in enumerate(rings)}
+        rows = []
+        for twin in twins:
+            device = str(twin.get("deviceId"))
+            reported = twin.get("properties", {}).get("reported", {})
+            models = reported.get("models") if isinstance(reported, dict) else None
+            for model, report in sorted((models or {}).items()):
+                if (name is not None and model != name) or not isinstance(report, dict):
+                    continue
+                probation = report.get("probation") or {}
+                drift = report.get("drift") or {}
+                ring_name = ring_of.get(device, "-")
+                rows.append(
+                    (
+                        order.get(ring_name, len(order)),
+                        ring_name,
+                        device,
+                        model,
+                        str(report.get("version", "-")),
+                        str(report.get("state", "-")),
+                        str(probation.get("state", "-")),
+                        str(drift.get("state", "-")),
+                        _last_seen(twin),
+                    )
+                )
+        for row in sorted(rows):
+            table.add_row(*row[1:])
+        self._out.print(table)
+        layers = Table("layer", "ring", "version", "priority", "targeted", "applied", "metrics")
+        for layer in hub.configurations():
+            if rollout.LABEL_MODEL not in layer.labels:
+                continue
+            if name is not None and layer.labels[rollout.LABEL_MODEL] != name:
+                continue
+            layers.add_row(
+                layer.id,
+                layer.labels.get(rollout.LABEL_RING, "-"),
+                layer.labels.get(rollout.LABEL_VERSION, "-"),
+                str(layer.priority),
+                str(layer.targeted),
+                str(layer.applied),
+                json.dumps(dict(layer.metric_results or {}), sort_keys=True),
+            )
+        self._out.print(layers)
+
+    # ------------------------------------------------------------------ audit
+
+    def audit_verify(self) -> None:
+        count, head = self._s.audit.verify()
+        self._out.print(f"audit log intact: {count} entries, head {head}")
+
+    def audit_show(self, subject: str | None) -> None:
+        table = Table("seq", "time", "actor", "action", "subject", "outcome")
+        for entry in self._s.audit.entries():
+            if subject is None or entry.subject == subject:
+                table.add_row(
+                    str(entry.seq),
+                    entry.time,
+                    entry.actor,
+                    entry.action,
+                    entry.subject,
+                    entry.outcome,
+                )
+        self._out.print(table)
+
+
+def _check_json_file(path: Path, what: str) -> None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise PublisherError(Reason.MODEL_INVALID, f"no {what} file {str(path)!r}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PublisherError(Reason.MODEL_INVALID, f"{what} file {str(path)!r}: {e}") from e
+
+
+def _unsigned_url(previous_manifest: Path) -> str:
+    try:
+        return str(json.loads(previous_manifest.read_text())["url"])
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise PublisherError(
+            Reason.NOT_FOUND, f"cannot re-release: {previous_manifest} is unreadable"
+        ) from e
+
+
+def _when(created_ms: int) -> str:
+    return datetime.fromtimestamp(created_ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+def _last_seen(twin: Mapping[str, Any]) -> str:
+    for candidate in (
+        twin.get("lastActivityTime"),
+        twin.get("properties", {}).get("reported", {}).get("$metadata", {}).get("$lastUpdated"),
+    ):
+        if isinstance(candidate, str) and not candidate.startswith("0001-"):
+            return candidate
+    return "-"

@@ -1,0 +1,161 @@
+"""The base deployment manifest, rendered from ``deployment.template.json`` and validated.
+
+Who owns which twin path (the layered deployments are written by ``release``):
+
+=================================================  =========================================
+path                                               owner
+=================================================  =========================================
+``$edgeAgent`` (modules, images, createOptions)    this base deployment (priority 0)
+``$edgeHub`` (routes, store and forward)           this base deployment
+``<agent>.properties.desired.telemetry/drift``     this base deployment
+``<agent>.properties.desired.models.<name>``       one layered deployment per ring and model
+=================================================  =========================================
+
+So the base never carries ``models``: a base that did would fight the rings' layers on every
+device whose ring has no layer yet. ``render`` refuses such a template.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from deployment.errors import PublisherError, Reason
+
+TEMPLATE = Path(__file__).with_name("deployment.template.json")
+AGENT_MODULE = "mlagent"
+# IoT Hub caps one deployment's content; the agent's desired part shares the 32 KB twin cap.
+MAX_DEPLOYMENT_BYTES = 512 * 1024
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+_SETTING = re.compile(r"^EDGEML_[A-Z0-9_]+$")
+
+
+class _HostConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    Memory: int = Field(gt=0)
+    NanoCpus: int = Field(gt=0)
+
+
+class _CreateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    HostConfig: _HostConfig
+
+
+class _Recommendation(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    settings: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    createOptions: _CreateOptions  # noqa: N815 -- the profile's field name
+
+
+class Profile(BaseModel):
+    """The part of the profiler's ``profile.json`` (schema ``agent-profile/1``) used here."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    schema_: str = Field(alias="schema", pattern=r"^agent-profile/1$")
+    recommendation: _Recommendation
+
+
+def load_profile(path: Path) -> Profile:
+    try:
+        profile = Profile.model_validate_json(path.read_bytes())
+    except FileNotFoundError as e:
+        raise PublisherError(Reason.MANIFEST_INVALID, f"no profile file {str(path)!r}") from e
+    except (OSError, ValidationError) as e:
+        raise PublisherError(Reason.MANIFEST_INVALID, f"profile {str(path)!r}: {e}") from e
+    bad = [name for name in profile.recommendation.settings if not _SETTING.fullmatch(name)]
+    if bad:
+        raise PublisherError(
+            Reason.MANIFEST_INVALID, f"profile {str(path)!r}: not agent settings: {bad}"
+        )
+    return profile
+
+
+def _substitute(node: Any, values: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name = match[1]
+            if name not in values:
+                raise PublisherError(
+                    Reason.MANIFEST_INVALID, f"template placeholder ${{{name}}} has no value"
+                )
+            return values[name]
+
+        return _PLACEHOLDER.sub(replace, node)
+    if isinstance(node, Mapping):
+        return {key: _substitute(value, values) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_substitute(item, values) for item in node]
+    return node
+
+
+def render(
+    template: Mapping[str, Any],
+    *,
+    images: Mapping[str, str],
+    trusted_keys: str,
+    profile: Profile | None = None,
+    agent: str = AGENT_MODULE,
+) -> dict[str, Any]:
+    """The deployment manifest (pure): placeholders filled, the profile's limits applied."""
+    values = {f"MODULES.{name}": image for name, image in images.items()}
+    values["EDGEML_TRUSTED_KEYS"] = trusted_keys
+    rendered: dict[str, Any] = _substitute(copy.deepcopy(dict(template)), values)
+    rendered.pop("$schema-template", None)
+    if profile is not None:
+        module = rendered["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"][agent]
+        host = module["settings"]["createOptions"].setdefault("HostConfig", {})
+        host.update(profile.recommendation.createOptions.HostConfig.model_dump())
+        env = module.setdefault("env", {})
+        for name, value in profile.recommendation.settings.items():
+            env[name] = {"value": str(value).lower() if isinstance(value, bool) else str(value)}
+    validate(rendered, agent=agent)
+    return rendered
+
+
+def validate(manifest: Mapping[str, Any], *, agent: str = AGENT_MODULE) -> None:
+    """What IoT Hub and the agent need of a base deployment; raises naming the problem."""
+    text = json.dumps(manifest)
+    if len(text.encode()) > MAX_DEPLOYMENT_BYTES:
+        raise PublisherError(Reason.MANIFEST_INVALID, "deployment larger than 512 KB")
+    leftover = _PLACEHOLDER.search(text)
+    if leftover:
+        raise PublisherError(Reason.MANIFEST_INVALID, f"unfilled placeholder {leftover[0]}")
+    try:
+        content = manifest["modulesContent"]
+        edge_agent = content["$edgeAgent"]["properties.desired"]
+        modules = edge_agent["modules"]
+        routes = content["$edgeHub"]["properties.desired"]["routes"]
+    except (KeyError, TypeError) as e:
+        raise PublisherError(
+            Reason.MANIFEST_INVALID, f"deployment lacks modulesContent entry {e}"
+        ) from e
+    if agent not in modules:
+        raise PublisherError(Reason.MANIFEST_INVALID, f"deployment has no module {agent!r}")
+    for name, module in modules.items():
+        image = module.get("settings", {}).get("image", "")
+        if not isinstance(image, str) or not image or any(c.isspace() for c in image):
+            raise PublisherError(Reason.MANIFEST_INVALID, f"module {name!r}: bad image {image!r}")
+    for name, route in routes.items():
+        if not isinstance(route, str) or not route.upper().startswith("FROM "):
+            raise PublisherError(Reason.MANIFEST_INVALID, f"route {name!r} is not FROM ... INTO")
+    desired = content.get(agent, {}).get("properties.desired", {})
+    if "models" in desired or "model" in desired:
+        raise PublisherError(
+            Reason.MANIFEST_INVALID,
+            f"the base deployment sets {agent}'s models: that path belongs to the ring layers",
+        )
+
+
+def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
+    try:
+        loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PublisherError(Reason.MANIFEST_INVALID, f"template {str(path)!r}: {e}") from e
+    return loaded

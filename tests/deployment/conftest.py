@@ -1,0 +1,117 @@
+"""Fixtures of the publisher tests: a workspace with a config file, one MLflow database per
+session (creating its tables takes seconds), and the CLI run in-process or as a process."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from deployment import cli
+from deployment.example_models import save, tiny_mlp
+from deployment.publisher import HubFactory, _azure_hub
+from tests.azurite import azurite  # noqa: F401  (a fixture: pytest finds it by name)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class Workspace:
+    root: Path
+    mlflow_db: Path
+    environ: dict[str, str] = field(default_factory=dict)
+    rings: Mapping[str, str] = field(default_factory=dict)
+    extra: str = ""
+
+    @property
+    def config(self) -> Path:
+        return self.root / "edgeml.toml"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    def write_config(self) -> None:
+        rings = "".join(f'{name} = "{cond}"\n' for name, cond in self.rings.items())
+        self.config.write_text(
+            "[environments.test]\n"
+            f'mlflow_tracking_uri = "sqlite:///{self.mlflow_db}"\n'
+            'audit_log = "audit.jsonl"\n'
+            'storage_container = "models"\n'
+            f"{self.extra}"
+            "[environments.test.rings]\n"
+            f"{rings}"
+        )
+
+    def cli(self, *args: str, hub_factory: HubFactory = _azure_hub) -> Result:
+        """The CLI in this process (fast); the environment is this workspace's only."""
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.run(
+            ["--config", str(self.config), *args],
+            environ=self.environ,
+            stdout=out,
+            stderr=err,
+            hub_factory=hub_factory,
+            logs=False,
+        )
+        return Result(code, out.getvalue(), err.getvalue())
+
+    def process(self, *args: str, timeout: float = 600) -> Result:
+        """`python -m deployment` as its own process, as CI would run it."""
+        environ = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(self.root),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+            **self.environ,
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "deployment", "--config", str(self.config), *args],
+            env=environ,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    def keygen(self) -> Path:
+        result = self.cli("keygen", "--out", str(self.root / "keys"))
+        assert result.code == 0, result.err
+        keys = sorted((self.root / "keys").glob("*.key"), key=lambda p: p.stat().st_mtime_ns)
+        return keys[-1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, mlflow_db: Path) -> Workspace:
+    ws = Workspace(tmp_path, mlflow_db, rings={"canary": "tags.ring = 'canary'"})
+    ws.write_config()
+    key = ws.keygen()
+    ws.environ["PUBLISHER_SIGNING_KEY_FILE"] = str(key)
+    ws.environ["PUBLISHER_ACTOR"] = "tester"
+    (tmp_path / "metrics.json").write_text('{"accuracy": 0.91, "loss": 0.2}')
+    return ws
+
+
+@pytest.fixture(scope="session")
+def tiny_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save(tiny_mlp(seed=1), tmp_path_factory.mktemp("models") / "tiny.onnx")

@@ -1,0 +1,240 @@
+"""register / list / show / history / keygen / sign on a real MLflow (SQLite file)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from onnx import TensorProto, helper
+
+from agent.releases.manifest import (
+    ManifestRejected,
+    load_trusted_keys,
+    parse_trusted_keys,
+    verify_manifest,
+)
+from deployment.audit import AuditLog
+from deployment.example_models import IR_VERSION, OPSET, save, tiny_mlp
+from tests.deployment.conftest import Workspace
+
+URL = "https://fleet.blob.core.windows.net/models/tiny.onnx"
+
+
+def _entries(ws: Workspace) -> list[tuple[str, str, str]]:
+    return [(e.action, e.subject, e.outcome) for e in AuditLog(ws.audit).entries()]
+
+
+def _register(ws: Workspace, model: Path, name: str, *extra: str) -> int:
+    result = ws.cli(
+        "register", str(model), "--name", name, "--metrics", str(ws.root / "metrics.json"), *extra
+    )
+    assert result.code == 0, result.err
+    return int(result.out.split(f"registered {name}:")[1].split()[0])
+
+
+def test_keygen_writes_a_private_file_only_the_owner_reads(
+    tmp_path: Path, workspace: Workspace
+) -> None:
+    result = workspace.cli("keygen", "--out", str(tmp_path / "new"))
+    assert result.code == 0
+    (private,) = (tmp_path / "new").glob("*.key")
+    (public,) = (tmp_path / "new").glob("*.pem")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    body = private.read_text().split("-----")[2].strip()
+    assert body not in result.out
+    assert body not in result.err
+    line = next(x for x in result.out.splitlines() if x.startswith("EDGEML_TRUSTED_KEYS="))
+    keys = parse_trusted_keys(line.removeprefix("EDGEML_TRUSTED_KEYS="))
+    assert set(keys) == {public.stem}
+    assert keys.keys() == load_trusted_keys("", [public]).keys()
+
+
+def test_register_list_show_history(workspace: Workspace, tiny_file: Path) -> None:
+    first = _register(workspace, tiny_file, "reg_a")
+    second = _register(workspace, save(tiny_mlp(seed=2), workspace.root / "v2.onnx"), "reg_a")
+    assert second == first + 1
+    listed = workspace.cli("list")
+    assert listed.code == 0
+    assert "reg_a" in listed.out
+    shown = workspace.cli("show", f"reg_a:{first}")
+    assert shown.code == 0
+    assert "accuracy" in shown.out
+    assert "0.91" in shown.out
+    assert '"shape": [-1, 32]' in shown.out
+    history = workspace.cli("history", "reg_a")
+    assert history.code == 0
+    assert f"│ {first} " in history.out
+    assert f"│ {second} " in history.out
+    assert _entries(workspace)[-2:] == [
+        ("register", f"reg_a:{first}", "registered"),
+        ("register", f"reg_a:{second}", "registered"),
+    ]
+
+
+def test_a_version_that_is_not_next_is_refused(workspace: Workspace, tiny_file: Path) -> None:
+    latest = _register(workspace, tiny_file, "reg_b")
+    for asked in (latest, latest + 2):
+        result = workspace.cli(
+            "register",
+            str(tiny_file),
+            "--name",
+            "reg_b",
+            "--metrics",
+            str(workspace.root / "metrics.json"),
+            "--version",
+            str(asked),
+        )
+        assert result.code == 1
+        assert "version_not_newer" in result.err
+    assert _register(workspace, tiny_file, "reg_b", "--version", str(latest + 1)) == latest + 1
+
+
+def _nan_model(path: Path) -> Path:
+    """Log of a standard normal sample: NaN for every negative input, so its golden fails."""
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["input"], ["output"])],
+        "nan",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return save(model, path)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason", "words"),
+    [
+        ("missing_model", "model_invalid", "cannot read model file"),
+        ("not_onnx", "model_invalid", "not_onnx"),
+        ("golden_nan", "golden_mismatch", "NaN"),
+        ("metrics_not_numbers", "model_invalid", "'accuracy' must be a finite number"),
+        ("metrics_missing", "model_invalid", "no metrics file"),
+        ("bad_name", "usage", "cannot be released through twin queries"),
+        ("unknown_run", "not_found", "no MLflow run"),
+    ],
+)
+def test_bad_input_registers_nothing(
+    workspace: Workspace, tiny_file: Path, case: str, reason: str, words: str
+) -> None:
+    name = f"bad_{case}"
+    model, metrics, extra = tiny_file, workspace.root / "metrics.json", []
+    if case == "missing_model":
+        model = workspace.root / "absent.onnx"
+    elif case == "not_onnx":
+        model = workspace.root / "junk.onnx"
+        model.write_bytes(b"\x00not a model" * 10)
+    elif case == "golden_nan":
+        model = _nan_model(workspace.root / "nan.onnx")
+    elif case == "metrics_not_numbers":
+        metrics = workspace.root / "m.json"
+        metrics.write_text('{"accuracy": "high"}')
+    elif case == "metrics_missing":
+        metrics = workspace.root / "none.json"
+    elif case == "bad_name":
+        name = "bad-name"
+    elif case == "unknown_run":
+        extra = ["--run", "0" * 32]
+    result = workspace.cli(
+        "register", str(model), "--name", name, "--metrics", str(metrics), *extra
+    )
+    assert result.code == 1
+    assert f"[{reason}]" in result.err
+    assert words in result.err
+    assert workspace.cli("show", name).code == 1  # nothing half-registered
+    assert _entries(workspace)[-1] == ("register", name, "failed")
+
+
+def test_sign_makes_a_manifest_devices_accept(workspace: Workspace, tiny_file: Path) -> None:
+    version = _register(workspace, tiny_file, "signed_a")
+    result = workspace.cli("sign", f"signed_a:{version}", "--url", URL, "--valid-hours", "2")
+    assert result.code == 0, result.err
+    manifest_file = workspace.root / "releases" / "signed_a" / f"{version}.manifest.json"
+    assert stat.S_IMODE(manifest_file.stat().st_mode) == 0o600
+    manifest = json.loads(manifest_file.read_text())
+    trusted = load_trusted_keys("", (workspace.root / "keys").glob("*.pem"))
+    verified = verify_manifest(manifest, trusted, datetime.now(UTC))
+    assert verified.version == version
+    assert verified.url == URL
+    assert verified.golden is not None
+    assert verified.expires is not None
+    assert _entries(workspace)[-1] == ("sign", f"signed_a:{version}", "signed")
+
+
+def test_key_rotation_two_trusted_keys_during_the_change_over(
+    workspace: Workspace, tiny_file: Path
+) -> None:
+    """Devices trust old and new keys while rings move to releases signed by the new one;
+    once the old key is dropped, a release it signed is refused."""
+    old_key = Path(workspace.environ["PUBLISHER_SIGNING_KEY_FILE"])
+    first = _register(workspace, tiny_file, "rotated")
+    assert workspace.cli("sign", f"rotated:{first}", "--url", URL).code == 0
+    old_manifest = json.loads(
+        (workspace.root / "releases" / "rotated" / f"{first}.manifest.json").read_text()
+    )
+    workspace.environ["PUBLISHER_SIGNING_KEY_FILE"] = str(workspace.keygen())
+    second = _register(workspace, tiny_file, "rotated")
+    assert workspace.cli("sign", f"rotated:{second}", "--url", URL).code == 0
+    new_manifest = json.loads(
+        (workspace.root / "releases" / "rotated" / f"{second}.manifest.json").read_text()
+    )
+    both = load_trusted_keys("", (workspace.root / "keys").glob("*.pem"))
+    assert len(both) == 2
+    now = datetime.now(UTC)
+    assert verify_manifest(old_manifest, both, now).version == first
+    assert verify_manifest(new_manifest, both, now).version == second
+    new_only = {k: v for k, v in both.items() if k != old_key.stem}
+    assert verify_manifest(new_manifest, new_only, now).version == second
+    with pytest.raises(ManifestRejected, match="unknown_key"):
+        verify_manifest(old_manifest, new_only, now)
+
+
+def test_a_missing_signing_key_names_itself_and_signs_nothing(
+    workspace: Workspace, tiny_file: Path
+) -> None:
+    version = _register(workspace, tiny_file, "unsigned")
+    del workspace.environ["PUBLISHER_SIGNING_KEY_FILE"]
+    result = workspace.cli("sign", f"unsigned:{version}", "--url", URL)
+    assert result.code == 1
+    assert "missing secret PUBLISHER_SIGNING_KEY for environment 'test'" in result.err
+    assert "PUBLISHER_SIGNING_KEY_FILE" in result.err
+    assert not (workspace.root / "releases" / "unsigned").exists()
+
+
+def test_an_unreachable_mlflow_store_is_named(workspace: Workspace, tmp_path: Path) -> None:
+    workspace.mlflow_db = tmp_path / "no-such-folder" / "mlflow.db"
+    workspace.write_config()
+    result = workspace.cli("list")
+    assert result.code == 1
+    assert "[unreachable]" in result.err
+    assert "no-such-folder" in result.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["show", "x:0"],
+        ["show", "x:one"],
+        ["release", "x:1", "--rings", "canary,,all"],
+        ["release", "x:1", "--rings", "canary", "--timeout", "-1"],
+        ["release", "x:1", "--rings", "canary", "--min-fraction", "1.5"],
+        ["release", "x:1", "--rings", "canary", "--poll", "nan"],
+        ["sign", "x:1", "--valid-hours", "0"],
+        ["register", "m.onnx"],
+        ["frobnicate"],
+    ],
+)
+def test_malformed_arguments_are_refused(workspace: Workspace, argv: list[str]) -> None:
+    result = workspace.cli(*argv)
+    assert result.code in (1, 2)
+    assert result.err.strip()
+    assert not result.out.strip()
+
+
+def test_a_ring_the_environment_does_not_define_is_named(workspace: Workspace) -> None:
+    result = workspace.cli("release", "x:1", "--rings", "early")
+    assert result.code == 1
+    assert "unknown ring(s) early (configured: canary)" in result.err

@@ -1,0 +1,146 @@
+"""The rollout's pure parts: ring priorities, layer contents, device and gate verdicts, resume."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployment import rollout
+from deployment.audit import AuditLog
+from deployment.errors import PublisherError, Reason
+
+BOUNDS = rollout.GateBounds(max_error_rate=0.05, max_p99_ratio=3.0)
+MANIFEST = {"name": "tiny", "version": 3, "signature": {"key_id": "k", "value": "c2ln"}}
+
+
+def _report(**fields: Any) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "version": 3,
+        "sha256": "a" * 64,
+        "state": "active",
+        "probation": {"state": "passed", "requests": 200, "error_rate": 0.0, "p99_ratio": 1.1},
+    }
+    report.update(fields)
+    return report
+
+
+@pytest.mark.parametrize(
+    ("reported", "outcome", "reason"),
+    [
+        (None, "pending", "not reporting"),
+        (_report(version=2), "pending", "not reporting"),
+        (_report(), "passed", ""),
+        (_report(state="downloading", probation=None), "pending", "downloading"),
+        (_report(probation={"state": "watching", "requests": 3}), "pending", "watching"),
+        (_report(state="rolled_back", reason="probation"), "failed", "rolled_back: probation"),
+        (_report(state="rejected", reason="signature_invalid"), "failed", "signature_invalid"),
+        (_report(state="failed", reason="golden_mismatch"), "failed", "golden_mismatch"),
+        (_report(probation={"state": "failed"}), "failed", "probation failed"),
+        (
+            _report(probation={"state": "passed", "error_rate": 0.2, "p99_ratio": 1.0}),
+            "failed",
+            "error rate 0.2",
+        ),
+        (
+            _report(probation={"state": "passed", "error_rate": 0.0, "p99_ratio": 4.5}),
+            "failed",
+            "p99 ratio 4.5",
+        ),
+        (_report(drift={"state": "drift"}), "failed", "drift alarm"),
+        (_report(drift={"state": "warning"}), "passed", ""),
+        (_report(probation={"state": "passed", "error_rate": True}), "passed", ""),
+    ],
+)
+def test_judge_device(reported: dict[str, Any] | None, outcome: str, reason: str) -> None:
+    verdict = rollout.judge_device("d1", reported, 3, BOUNDS)
+    assert verdict.outcome == outcome
+    assert reason in verdict.reason
+
+
+def _verdicts(*outcomes: str) -> list[rollout.DeviceVerdict]:
+    return [rollout.DeviceVerdict(f"d{i}", o, "why") for i, o in enumerate(outcomes)]
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "required", "expected"),
+    [
+        (("passed", "passed"), 2, "passed"),
+        (("passed", "pending"), 2, "waiting"),
+        (("passed", "pending"), 1, "passed"),
+        (("passed", "failed"), 1, "failed"),
+        ((), 1, "waiting"),
+    ],
+)
+def test_judge_gate(outcomes: tuple[str, ...], required: int, expected: str) -> None:
+    assert rollout.judge_gate(_verdicts(*outcomes), required).outcome == expected
+
+
+@pytest.mark.parametrize(
+    ("targeted", "fraction", "required"),
+    [(0, 1.0, 0), (1, 0.5, 1), (10, 1.0, 10), (10, 0.9, 9), (1000, 0.99, 990), (3, 0.5, 2)],
+)
+def test_required_devices(targeted: int, fraction: float, required: int) -> None:
+    assert rollout.required_devices(targeted, fraction) == required
+
+
+def test_earlier_rings_have_higher_priority() -> None:
+    rings = rollout.rings_from_config({"canary": "a", "early": "b", "all": "c"})
+    assert [r.priority for r in rings] == sorted((r.priority for r in rings), reverse=True)
+    assert min(r.priority for r in rings) > 0  # the base deployment keeps priority 0
+
+
+def test_unknown_or_repeated_rings_are_usage_errors() -> None:
+    rings = rollout.rings_from_config({"canary": "a", "all": "c"})
+    with pytest.raises(PublisherError, match="unknown ring"):
+        rollout.select_rings(rings, ["canary", "early"])
+    with pytest.raises(PublisherError, match="twice"):
+        rollout.select_rings(rings, ["canary", "canary"])
+    assert [r.name for r in rollout.select_rings(rings, ["all"])] == ["all"]
+
+
+def test_a_layer_owns_only_the_models_path_of_the_agent() -> None:
+    ring = rollout.Ring("canary", "tags.ring = 'canary'", 30)
+    layer = rollout.layered_deployment("tiny", ring, 3, MANIFEST, "mlagent")
+    assert layer.modules_content == {"mlagent": {"properties.desired.models.tiny": MANIFEST}}
+    assert layer.target_condition == "tags.ring = 'canary'"
+    assert layer.priority == 30
+    assert layer.labels == {"edgeml-model": "tiny", "edgeml-ring": "canary", "edgeml-version": "3"}
+    assert set(layer.metric_queries) == {"reported", "passed", "failed"}
+    # Deterministic for resumption, new for a re-signed manifest (content is immutable).
+    assert layer.id == rollout.layered_deployment("tiny", ring, 3, MANIFEST, "mlagent").id
+    resigned = {**MANIFEST, "signature": {"key_id": "k", "value": "b3RoZXI="}}
+    assert rollout.config_id("tiny", "canary", 3, resigned) != layer.id
+
+
+@pytest.mark.parametrize("name", ["tiny", "model_2", "A1"])
+def test_queryable_model_names(name: str) -> None:
+    rollout.check_model_name(name)
+
+
+@pytest.mark.parametrize("name", ["my-model", "1model", "a.b", "x y", ""])
+def test_names_a_twin_query_cannot_address_are_refused(name: str) -> None:
+    with pytest.raises(PublisherError) as caught:
+        rollout.check_model_name(name)
+    assert caught.value.reason == Reason.USAGE
+
+
+def test_progress_replays_the_audit_log(tmp_path: Path) -> None:
+    audit = AuditLog(
+        tmp_path / "audit.jsonl", actor="t", clock=lambda: datetime(2026, 1, 1, tzinfo=UTC)
+    )
+    audit.append("release.start", "tiny:3", "started", rings=["canary", "all"])
+    audit.append("release.ring", "tiny:3", "applied", ring="canary", previous_version=2)
+    audit.append("release.gate", "tiny:3", "passed", ring="canary")
+    audit.append("release.ring", "tiny:3", "applied", ring="all", previous_version=None)
+    audit.append("release.ring", "tiny:4", "applied", ring="canary", previous_version=3)
+    progress = rollout.progress_of(audit.entries(), "tiny:3")
+    assert progress.applied == {"canary", "all"}
+    assert progress.gated == {"canary"}
+    assert progress.previous == {"canary": 2, "all": None}
+    assert not progress.finished
+    assert progress.halted is None
+    audit.append("release.halted", "tiny:3", "halted", ring="all", why="d1: rolled_back")
+    assert rollout.progress_of(audit.entries(), "tiny:3").halted is not None
