@@ -37,6 +37,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 from deployment import sensor_data
+from deployment.errors import PublisherError, Reason
 
 # Files every pipeline writes into its output folder; the retraining controller reads them.
 MODEL_FILE = "model.onnx"
@@ -52,10 +53,6 @@ SAMPLE_ROWS = 5000
 LINEAGE_PACKAGES = ("scikit-learn", "skl2onnx", "onnx", "numpy", "onnxruntime", "mlflow")
 
 
-class PipelineError(Exception):
-    """The pipeline could not produce a model; the message says which input or step failed."""
-
-
 @dataclass(frozen=True)
 class PipelineConfig:
     out_dir: Path
@@ -65,13 +62,18 @@ class PipelineConfig:
     # appended to the generated set: this is where data from the field comes in.
     data: tuple[Path, ...] = ()
     test_fraction: float = 0.25
-    experiment: str = "edge-sensor-classifier"
+    experiment: str = "edge-sensor_classifier"
 
     def __post_init__(self) -> None:
         if self.rows < 100:
-            raise PipelineError(f"rows must be at least 100, got {self.rows}")
+            raise PublisherError(
+                Reason.PIPELINE_FAILED, f"rows must be at least 100, got {self.rows}"
+            )
         if not 0.05 <= self.test_fraction <= 0.5:
-            raise PipelineError(f"test_fraction must be in [0.05, 0.5], got {self.test_fraction}")
+            raise PublisherError(
+                Reason.PIPELINE_FAILED,
+                f"test_fraction must be in [0.05, 0.5], got {self.test_fraction}",
+            )
 
 
 @dataclass(frozen=True)
@@ -98,16 +100,20 @@ class Prepared:
 def load_labelled(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Readings and labels from a CSV (feature columns + `label`) or an .npz (`x`, `y`)."""
     if not path.is_file():
-        raise PipelineError(f"data file {path} does not exist")
+        raise PublisherError(Reason.PIPELINE_FAILED, f"data file {path} does not exist")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive or "y" not in archive:
-                raise PipelineError(f"{path}: an .npz needs arrays 'x' and 'y'")
+                raise PublisherError(
+                    Reason.PIPELINE_FAILED, f"{path}: an .npz needs arrays 'x' and 'y'"
+                )
             x, y = archive["x"], archive["y"]
     elif path.suffix == ".csv":
         x, y = _read_csv(path)
     else:
-        raise PipelineError(f"{path}: data files are .csv or .npz, not {path.suffix!r}")
+        raise PublisherError(
+            Reason.PIPELINE_FAILED, f"{path}: data files are .csv or .npz, not {path.suffix!r}"
+        )
     return _checked(path, np.asarray(x, dtype=np.float32), np.asarray(y))
 
 
@@ -115,29 +121,34 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
-        raise PipelineError(f"{path}: no rows")
+        raise PublisherError(Reason.PIPELINE_FAILED, f"{path}: no rows")
     missing = [c for c in (*sensor_data.FEATURES, "label") if c not in rows[0]]
     if missing:
-        raise PipelineError(f"{path}: missing column {missing[0]!r}")
+        raise PublisherError(Reason.PIPELINE_FAILED, f"{path}: missing column {missing[0]!r}")
     try:
         x = [[float(row[c]) for c in sensor_data.FEATURES] for row in rows]
         y = [int(row["label"]) for row in rows]
     except ValueError as error:
-        raise PipelineError(f"{path}: {error}") from None
+        raise PublisherError(Reason.PIPELINE_FAILED, f"{path}: {error}") from None
     return np.array(x), np.array(y)
 
 
 def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim != 2 or x.shape[1] != len(sensor_data.FEATURES):
-        raise PipelineError(
-            f"{path}: x must have shape (rows, {len(sensor_data.FEATURES)}), got {x.shape}"
+        raise PublisherError(
+            Reason.PIPELINE_FAILED,
+            f"{path}: x must have shape (rows, {len(sensor_data.FEATURES)}), got {x.shape}",
         )
     if y.shape != (len(x),):
-        raise PipelineError(f"{path}: y must have one label per row, got shape {y.shape}")
+        raise PublisherError(
+            Reason.PIPELINE_FAILED, f"{path}: y must have one label per row, got shape {y.shape}"
+        )
     if not np.isfinite(x).all():
-        raise PipelineError(f"{path}: readings must be finite")
+        raise PublisherError(Reason.PIPELINE_FAILED, f"{path}: readings must be finite")
     if not np.isin(y, np.arange(len(sensor_data.CLASSES))).all():
-        raise PipelineError(f"{path}: labels must be in 0..{len(sensor_data.CLASSES) - 1}")
+        raise PublisherError(
+            Reason.PIPELINE_FAILED, f"{path}: labels must be in 0..{len(sensor_data.CLASSES) - 1}"
+        )
     return x, y.astype(np.int64)
 
 
@@ -372,19 +383,23 @@ def read_outputs(out_dir: Path) -> tuple[bytes, dict[str, float], np.ndarray]:
     paths = [out_dir / name for name in (MODEL_FILE, METRICS_FILE, SAMPLE_FILE)]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise PipelineError(f"the pipeline wrote no {missing[0]} in {out_dir}")
+        raise PublisherError(
+            Reason.PIPELINE_FAILED, f"the pipeline wrote no {missing[0]} in {out_dir}"
+        )
     model = paths[0].read_bytes()
     try:
         ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     except Exception as error:  # ONNX Runtime raises several unrelated types
-        raise PipelineError(f"{paths[0]} is not a loadable ONNX model: {error}") from None
+        raise PublisherError(
+            Reason.PIPELINE_FAILED, f"{paths[0]} is not a loadable ONNX model: {error}"
+        ) from None
     try:
         raw = json.loads(paths[1].read_text())
     except json.JSONDecodeError as error:
-        raise PipelineError(f"{paths[1]} is not JSON: {error}") from None
+        raise PublisherError(Reason.PIPELINE_FAILED, f"{paths[1]} is not JSON: {error}") from None
     if not isinstance(raw, dict) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in raw.values()
     ):
-        raise PipelineError(f"{paths[1]} must be an object of numbers")
+        raise PublisherError(Reason.PIPELINE_FAILED, f"{paths[1]} must be an object of numbers")
     sample = np.load(paths[2], allow_pickle=False)
     return model, {str(k): float(v) for k, v in raw.items()}, sample

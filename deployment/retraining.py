@@ -25,10 +25,10 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
+from deployment.errors import PublisherError, Reason
 from deployment.pipeline import (
     HOLDOUT_FILE,
     PipelineConfig,
-    PipelineError,
     Tracker,
     evaluate,
     load_labelled,
@@ -101,11 +101,14 @@ class CommandTrainer:
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as error:
-            raise PipelineError(f"pipeline command {argv[0]!r} did not run: {error}") from None
+            raise PublisherError(
+                Reason.PIPELINE_FAILED, f"pipeline command {argv[0]!r} did not run: {error}"
+            ) from None
         if done.returncode != 0:
             tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-            raise PipelineError(
-                f"pipeline command {argv[0]!r} exited {done.returncode}: {tail[0][:300]}"
+            raise PublisherError(
+                Reason.PIPELINE_FAILED,
+                f"pipeline command {argv[0]!r} exited {done.returncode}: {tail[0][:300]}",
             )
 
 
@@ -277,9 +280,21 @@ class Controller:
     def _run(self, state: ControllerState, job: Job) -> Job:
         try:
             job = self._advance(state, job)
-        except PipelineError as error:
-            self._audit.append("retrain", self._config.model, "failed", error=str(error))
-            log.warning("retrain_failed", model=self._config.model, error=str(error))
+        except PublisherError as error:
+            # Training, the gate or the rollout failed: recorded, and the controller goes on.
+            self._audit.append(
+                "retrain",
+                self._config.model,
+                "failed",
+                reason=str(error.reason),
+                error=error.message,
+            )
+            log.warning(
+                "retrain_failed",
+                model=self._config.model,
+                reason=str(error.reason),
+                error=error.message,
+            )
             job = replace(job, stage="failed")
         self._store.save(replace(state, busy=False), None)
         return job

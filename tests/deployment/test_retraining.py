@@ -30,7 +30,7 @@ from deployment.retraining import (
     split_window,
 )
 
-MODULE, MODEL = "mlagent", "sensor-classifier"
+MODULE, MODEL = "mlagent", "sensor_classifier"
 
 
 @dataclass
