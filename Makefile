@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Real components the tests start themselves: Prometheus (Debian) and Azurite (npm).
+# Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
+# (Debian) and Azurite (npm).
 system-deps: azurite actionlint
-	@command -v prometheus >/dev/null || { \
+	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    prometheus prometheus-alertmanager >/dev/null; }
 
 # Node tools go into git-ignored folders under .tools/; npm comes from Debian when missing.
 npm:

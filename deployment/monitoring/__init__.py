@@ -1,0 +1,1 @@
+"""Fleet monitoring files: Prometheus configs, alert rules, Alertmanager, the Grafana dashboard."""
