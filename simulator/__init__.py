@@ -3,6 +3,7 @@
 from simulator.core import HubEvent, UpstreamMessage
 from simulator.errors import ServiceError
 from simulator.hub import Simulator, SimulatorFaults, pick_loopback_host
+from simulator.storage import StorageRoute
 from simulator.topics import Message
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "ServiceError",
     "Simulator",
     "SimulatorFaults",
+    "StorageRoute",
     "UpstreamMessage",
     "pick_loopback_host",
 ]

@@ -2,6 +2,7 @@
 
     python -m simulator start --deployment deployment.json [--host 127.0.0.1] [--run-dir DIR]
         [--devices N | --fleet fleet.json]
+        [--storage-container C [--storage-condition Q] [--azurite | --storage-connection-string S]]
     python -m simulator send --module M --input I --file body.json [--property k=v ...]
     python -m simulator watch
     python -m simulator fault drop|refuse|twin|pause-pubacks|resume-pubacks|clear [options]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import ssl
@@ -28,9 +30,11 @@ import aiohttp
 import structlog
 
 from simulator import sas
+from simulator.azurite import Azurite, AzuriteError
 from simulator.hub import DEFAULT_DEVICE_ID, INFO_FILE, Simulator
 from simulator.manifest import ManifestError
 from simulator.rest import SERVICE_POLICY
+from simulator.storage import DEFAULT_BATCH_FREQUENCY_SECONDS, StorageRoute, StorageRouteError
 
 DEFAULT_RUN_DIR = Path(tempfile.gettempdir()) / "edge-mlops-simulator"
 SHOWN_DEVICES = 3  # `start` prints the connection details of this many devices
@@ -55,6 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     fleet.add_argument(
         "--fleet", type=Path, default=None, help='JSON {"devices": {"<id>": {"tags": {...}}}}'
+    )
+    storage = start.add_argument_group("routing $upstream messages to Blob storage")
+    storage.add_argument("--storage-container", default=None, help="route into this container")
+    storage.add_argument("--storage-condition", default="", help="IoT Hub routing query")
+    storage.add_argument(
+        "--storage-batch-seconds",
+        type=float,
+        default=DEFAULT_BATCH_FREQUENCY_SECONDS,
+        help="batch frequency (IoT Hub: 60..720)",
+    )
+    target = storage.add_mutually_exclusive_group()
+    target.add_argument("--storage-connection-string", default=None, help="a running storage")
+    target.add_argument(
+        "--azurite", action="store_true", help="start Azurite (make system-deps) on loopback"
     )
     for command in (start, *_client_commands(commands)):
         command.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
@@ -118,6 +136,36 @@ def _client_commands(commands: Any) -> tuple[argparse.ArgumentParser, ...]:
 
 
 def _start(args: argparse.Namespace, out: TextIO) -> int:
+    with contextlib.ExitStack() as stack:
+        try:
+            routes = _storage_routes(args, stack)
+        except (AzuriteError, StorageRouteError) as exc:
+            print(f"cannot route to storage: {exc}", file=sys.stderr)
+            return 2
+        return _serve(args, routes, out)
+
+
+def _storage_routes(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[StorageRoute]:
+    if args.storage_container is None:
+        if args.azurite or args.storage_connection_string:
+            raise StorageRouteError("--storage-container names the container to route into")
+        return []
+    connection_string = args.storage_connection_string
+    if args.azurite or connection_string is None:
+        azurite = stack.enter_context(Azurite.start(args.run_dir / "azurite", host=args.host))
+        connection_string = azurite.connection_string
+    return [
+        StorageRoute(
+            name="storage",
+            connection_string=connection_string,
+            container=args.storage_container,
+            condition=args.storage_condition,
+            batch_frequency_seconds=args.storage_batch_seconds,
+        )
+    ]
+
+
+def _serve(args: argparse.Namespace, routes: list[StorageRoute], out: TextIO) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -131,6 +179,7 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
             service_port=args.service_port,
             extra_modules=tuple(args.module),
             devices=devices,
+            storage_routes=routes,
         )
     except (ManifestError, OSError, RuntimeError, ValueError, TypeError) as exc:
         print(f"cannot start the simulator: {exc}", file=sys.stderr)
@@ -146,6 +195,9 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
             print(f"module {device_id}/{module_id}:", file=out)
             for name, value in simulator.edge_env(device_id, module_id).items():
                 print(f"  {name}={value}", file=out)
+        for route in routes:
+            print(f"storage route into container {route.container!r}:", file=out)
+            print(f"  {route.connection_string}", file=out)
         print(f"env file: {args.run_dir / 'simulator.env'}", file=out, flush=True)
         # Polled: a signal handler runs only between bytecodes of the main thread.
         while not stop.wait(0.2):

@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from simulator.broker import Broker, ClientError, ClientIdentity, Session
 from simulator.errors import ServiceError
 from simulator.feed import Feed
 from simulator.fleet import Device, Fleet, twin_body
+from simulator.storage import StorageWriter
 from simulator.twins import Twin, TwinError, desired_delta, etag_matches
 
 log = structlog.get_logger(__name__)
@@ -154,6 +155,7 @@ class Hub:
         devices: Mapping[str, Device],
         upstream: Feed[UpstreamMessage],
         events: Feed[HubEvent],
+        storage: Sequence[StorageWriter] = (),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -162,6 +164,7 @@ class Hub:
         self.twins = dict(twins)
         self.upstream = upstream
         self.events = events
+        self.storage = tuple(storage)
         self.faults = Faults(monotonic)
         self._clock = clock
         self.fleet = Fleet(
@@ -176,6 +179,7 @@ class Hub:
         self._pending_methods: dict[str, asyncio.Future[tuple[int, Any]]] = {}
         self._request_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cursors = twin_query.Cursors()
 
     @property
     def broker(self) -> Broker:
@@ -186,10 +190,22 @@ class Hub:
     def attach(self, broker: Broker) -> None:
         self._broker = broker
 
+    def start_storage(self) -> None:
+        """Start each storage endpoint's batch timer (on the simulator loop)."""
+        for writer in self.storage:
+            self._spawn(writer.run())
+
+    async def flush_storage(self) -> None:
+        """Write every storage endpoint's batches now."""
+        for writer in self.storage:
+            await writer.flush()
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # What is still batched is written, as a hub that stops gracefully would.
+        await self.flush_storage()
         for future in self._pending_methods.values():
             future.cancel()
 
@@ -327,6 +343,9 @@ class Hub:
                     )
                     self.upstream.append(upstream)
                     self._event("upstream", device_id, module_id, upstream.to_json())
+                    for writer in self.storage:
+                        if writer.add(message):
+                            self._spawn(writer.flush(full_only=True))
                 case routing.ModuleInput(target, input_name):
                     self.deliver_to_input(
                         device_id, target, input_name, message, ttl_seconds=route.ttl_seconds
@@ -486,7 +505,9 @@ class Hub:
         """(one page of rows, the next page's token, x-ms-item-type)."""
         try:
             parsed = twin_query.parse_query(text)
-            items, token = twin_query.page(self.fleet.query(parsed), continuation, max_items)
+            items, token = self._cursors.page(
+                lambda: self.fleet.query(parsed), continuation, max_items
+            )
         except twin_query.QueryError as exc:
             raise ServiceError(400, "BadRequest", str(exc)) from exc
         # Rows of a projection or an aggregate are plain JSON, not twins.

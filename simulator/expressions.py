@@ -10,6 +10,7 @@ condition does not match (three-valued logic, as IoT Hub's query language has it
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Callable
@@ -118,6 +119,7 @@ _STRING_FUNCTIONS = {"STARTSWITH", "ENDSWITH"}
 _SEGMENT = re.compile(r"\[\[([^\]]+)\]\]|([^.\[]+)")
 
 
+@functools.lru_cache(maxsize=4096)  # queries over a fleet split the same few paths again
 def split_path(path: str) -> tuple[str, ...]:
     """`a.[[b.c]].d` -> ('a', 'b.c', 'd'): the segments of a property name."""
     return tuple(quoted or plain for quoted, plain in _SEGMENT.findall(path))

@@ -22,7 +22,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -45,6 +45,7 @@ from simulator.errors import ServiceError
 from simulator.feed import Feed
 from simulator.fleet import new_device
 from simulator.rest import SERVICE_POLICY, ServiceApi
+from simulator.storage import BlobUploader, StorageRoute, StorageWriter
 from simulator.twins import Twin
 
 log = structlog.get_logger(__name__)
@@ -149,7 +150,9 @@ class Simulator:
         mqtt_port: int = MQTT_PORT,
         extra_modules: tuple[str, ...] = (),
         devices: int | Mapping[str, Mapping[str, Any]] | None = None,
+        storage_routes: Sequence[StorageRoute] = (),
     ) -> None:
+        self.storage_routes = tuple(storage_routes)
         self.host = host
         self.fleet_tags = fleet_devices(device_id, devices)
         self.device_id = next(iter(self.fleet_tags))
@@ -191,11 +194,13 @@ class Simulator:
         mqtt_port: int = MQTT_PORT,
         extra_modules: tuple[str, ...] = (),
         devices: int | Mapping[str, Mapping[str, Any]] | None = None,
+        storage_routes: Sequence[StorageRoute] = (),
     ) -> Simulator:
         """Start serving on `host` (MQTT on `mqtt_port`, REST on `service_port`, 0 = any free).
 
         `devices`: None for the one device `device_id`; a count N for `<device_id>-0000` ...;
-        or device ids mapped to their twin tags. Every device runs the deployment's modules."""
+        or device ids mapped to their twin tags. Every device runs the deployment's modules.
+        `storage_routes`: IoT Hub routes of `$upstream` messages into Blob containers."""
         simulator = cls(
             _load_deployment(deployment),
             run_dir=run_dir,
@@ -205,6 +210,7 @@ class Simulator:
             mqtt_port=mqtt_port,
             extra_modules=extra_modules,
             devices=devices,
+            storage_routes=storage_routes,
         )
         simulator._start()
         return simulator
@@ -281,6 +287,7 @@ class Simulator:
             )
             for device_id, tags in self.fleet_tags.items()
         }
+        uploader = BlobUploader()
         hub = HubCore(
             hostname=self.host,
             identities=self._identities,
@@ -288,7 +295,12 @@ class Simulator:
             devices=devices,
             upstream=self.upstream,
             events=self.events,
+            storage=[
+                StorageWriter(route, upload=uploader, clock=time.time)
+                for route in self.storage_routes
+            ],
         )
+        hub.start_storage()
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
         tls.load_cert_chain(self._certificates.server_cert, self._certificates.server_key)
@@ -409,6 +421,14 @@ class Simulator:
                 f"{device}/{module}": self.edge_env(device, module)
                 for device, module in self.modules
             },
+            "storage": [
+                {
+                    "route": route.name,
+                    "container": route.container,
+                    "connection_string": route.connection_string,
+                }
+                for route in self.storage_routes
+            ],
         }
         _write_private(self.run_dir / INFO_FILE, json.dumps(info, indent=2) + "\n")
         lines = [
@@ -444,6 +464,10 @@ class Simulator:
         return self._call_sync(
             lambda hub: hub.fleet.update_device_twin(device_id, body, None, replace_all=False)
         )
+
+    def flush_storage(self) -> None:
+        """Write what the storage routes have batched now, rather than at the batch frequency."""
+        self._call_async(lambda hub: hub.flush_storage(), CALL_TIMEOUT_SECONDS)
 
     def query(self, text: str) -> list[Mapping[str, object]]:
         """Every row of a twin query (`ServiceError` 400 if it does not parse)."""

@@ -8,8 +8,10 @@ The condition language is `expressions`; paths reach into the REST twin document
 
 from __future__ import annotations
 
+import collections
+import itertools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from simulator import expressions
@@ -140,3 +142,40 @@ def page(
         raise QueryError("bad continuation token or page size")
     end = start + max_items
     return items[start:end], (str(end) if end < len(items) else None)
+
+
+class Cursors:
+    """Results of the queries being paged: the next page is a slice of the rows the first page
+    selected (no re-evaluation over the fleet), as IoT Hub's continuation tokens are cursors.
+    Tokens are `<cursor>.<offset>`; a cursor forgotten (only the newest `keep` are kept) is
+    selected again."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._rows: collections.OrderedDict[str, list[Mapping[str, object]]] = (
+            collections.OrderedDict()
+        )
+        self._keep = keep
+        self._ids = itertools.count(1)
+
+    def page(
+        self,
+        select_rows: Callable[[], list[Mapping[str, object]]],
+        continuation: str | None,
+        max_items: int,
+    ) -> tuple[list[Mapping[str, object]], str | None]:
+        if continuation:
+            cursor, dot, offset = continuation.partition(".")
+            if not dot or not cursor.isdigit():
+                raise QueryError("bad continuation token")
+            rows = self._rows.pop(cursor, None)
+            if rows is None:
+                rows = select_rows()
+        else:
+            cursor, offset, rows = str(next(self._ids)), "0", select_rows()
+        items, next_offset = page(rows, offset, max_items)
+        if next_offset is None:
+            return items, None
+        self._rows[cursor] = rows
+        while len(self._rows) > self._keep:
+            self._rows.popitem(last=False)
+        return items, f"{cursor}.{next_offset}"

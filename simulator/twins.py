@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ class TwinError(ValueError):
         self.status = status
 
 
+@functools.lru_cache(maxsize=4096)  # a fleet's documents share few versions
 def etag_for(version: int) -> str:
     return base64.b64encode(version.to_bytes(8, "big")).decode("ascii")
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from simulator.query import QueryError, page, parse_query, select
+from simulator.query import Cursors, QueryError, page, parse_query, select
 
 TWINS: list[Mapping[str, object]] = [
     {
@@ -122,3 +122,32 @@ def test_pages_follow_continuation_tokens() -> None:
 def test_bad_continuation_or_page_size_is_refused(continuation: str | None, size: int) -> None:
     with pytest.raises(QueryError):
         page([], continuation, size)
+
+
+def test_cursors_page_a_snapshot_and_reselect_a_forgotten_one() -> None:
+    selections: list[int] = []
+    fleet: list[Mapping[str, object]] = [{"n": n} for n in range(5)]
+
+    def select_rows() -> list[Mapping[str, object]]:
+        selections.append(1)
+        return list(fleet)
+
+    cursors = Cursors(keep=1)
+    first, token = cursors.page(select_rows, None, 2)
+    fleet.append({"n": 5})  # a change after the first page is not in this cursor's pages
+    second, token2 = cursors.page(select_rows, token, 2)
+    third, token3 = cursors.page(select_rows, token2, 2)
+    assert [*first, *second, *third] == [{"n": n} for n in range(5)]
+    assert (token3, len(selections)) == (None, 1)
+    _, other = cursors.page(select_rows, None, 2)  # a second query: the first is forgotten
+    _, again = cursors.page(select_rows, None, 2)
+    assert other is not None
+    assert again is not None
+    cursors.page(select_rows, other, 2)
+    assert len(selections) == 4
+
+
+@pytest.mark.parametrize("token", ["x", "1", "a.2", "1.x", "1.-2"])
+def test_bad_cursor_tokens_are_refused(token: str) -> None:
+    with pytest.raises(QueryError):
+        Cursors().page(list, token, 2)
