@@ -43,10 +43,10 @@ def blob_name(model: str, version: int, sha256: str, suffix: str = "onnx") -> st
     return f"{model}/{version}/{sha256}.{suffix}"
 
 
-def _failure(action: str, error: AzureError) -> PublisherError:
+def _failure(endpoint: str, action: str, error: AzureError) -> PublisherError:
     # The SDK's message may quote the request URL with its query; keep only the kind of error.
     return PublisherError(
-        Reason.UNREACHABLE, f"Blob storage {action} failed: {type(error).__name__}"
+        Reason.UNREACHABLE, f"Blob storage {endpoint}: {action} failed: {type(error).__name__}"
     )
 
 
@@ -61,7 +61,7 @@ class BlobArtifacts:
     def from_connection_string(cls, connection_string: str, container: str) -> BlobArtifacts:
         try:
             service = BlobServiceClient.from_connection_string(
-                connection_string, retry_total=2, connection_timeout=10, read_timeout=60
+                connection_string, retry_total=1, connection_timeout=10, read_timeout=60
             )
         except ValueError as e:
             raise PublisherError(Reason.CONFIG, "the storage connection string is malformed") from e
@@ -109,7 +109,7 @@ class BlobArtifacts:
                 )
             stored = self._stored_sha256(name)
         except AzureError as e:
-            raise _failure("upload", e) from e
+            raise _failure(self._service.url, "upload", e) from e
         if stored != sha256:
             raise PublisherError(
                 Reason.UPLOAD_FAILED,
@@ -134,7 +134,7 @@ class BlobArtifacts:
                 Reason.NOT_FOUND, f"blob {name} is not in container {self._container}"
             ) from e
         except AzureError as e:
-            raise _failure("read", e) from e
+            raise _failure(self._service.url, "read", e) from e
         token = generate_blob_sas(
             account_name=str(self._service.account_name),
             container_name=self._container,

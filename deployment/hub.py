@@ -60,12 +60,12 @@ class Hub(Protocol):
     ) -> tuple[int, Any]: ...
 
 
-def _unreachable(operation: str, error: Exception) -> PublisherError:
+def _unreachable(host: str, operation: str, error: Exception) -> PublisherError:
     # An SDK message may embed a request with its SAS token: keep the type and the status.
     status = getattr(getattr(error, "response", None), "status_code", None)
     suffix = f" (HTTP {status})" if status is not None else ""
     return PublisherError(
-        Reason.UNREACHABLE, f"IoT Hub {operation} failed: {type(error).__name__}{suffix}"
+        Reason.UNREACHABLE, f"IoT Hub {host}: {operation} failed: {type(error).__name__}{suffix}"
     )
 
 
@@ -85,6 +85,8 @@ class AzureHub:
             self._configs = IoTHubConfigurationManager.from_connection_string(connection_string)
         except Exception as e:  # the SDK raises bare ValueError/KeyError for malformed strings
             raise PublisherError(Reason.CONFIG, "the IoT Hub connection string is malformed") from e
+        fields = dict(part.partition("=")[::2] for part in connection_string.split(";"))
+        self.host = fields.get("HostName", "?")  # not secret: it names the hub in errors
         for client in (self._registry, self._configs):
             connection = client.protocol.config.connection
             connection.timeout = timeout_s
@@ -104,7 +106,7 @@ class AzureHub:
                     raise PublisherError(
                         Reason.CONFIG, f"IoT Hub refused the query {text!r}"
                     ) from e
-                raise _unreachable("query", e) from e
+                raise _unreachable(self.host, "query", e) from e
             items.extend(_plain(item) for item in (result.items or []))
             token = result.continuation_token
             if not token:
@@ -117,7 +119,7 @@ class AzureHub:
         except Exception as e:
             if _status(e) == 404:
                 return None
-            raise _unreachable("get configuration", e) from e
+            raise _unreachable(self.host, "get configuration", e) from e
         return _from_sdk(found)
 
     def configurations(self) -> list[LayeredDeployment]:
@@ -125,7 +127,7 @@ class AzureHub:
         try:
             found = self._configs.get_configurations(max_count=1000)
         except Exception as e:
-            raise _unreachable("list configurations", e) from e
+            raise _unreachable(self.host, "list configurations", e) from e
         return [_from_sdk(item) for item in found or []]
 
     def create_configuration(self, deployment: LayeredDeployment) -> None:
@@ -150,7 +152,7 @@ class AzureHub:
                 raise PublisherError(
                     Reason.MANIFEST_INVALID, f"IoT Hub refused configuration {deployment.id}"
                 ) from e
-            raise _unreachable("create configuration", e) from e
+            raise _unreachable(self.host, "create configuration", e) from e
 
     def delete_configuration(self, config_id: str) -> None:
         self.calls += 1
@@ -159,7 +161,7 @@ class AzureHub:
         except Exception as e:
             if _status(e) == 404:
                 return
-            raise _unreachable("delete configuration", e) from e
+            raise _unreachable(self.host, "delete configuration", e) from e
 
     def invoke(
         self, device_id: str, module_id: str, method: str, payload: Mapping[str, Any]
@@ -177,7 +179,7 @@ class AzureHub:
             status = _status(e)
             if status is not None and status < 500:
                 return status, None
-            raise _unreachable(f"method {method} on {device_id}/{module_id}", e) from e
+            raise _unreachable(self.host, f"method {method} on {device_id}/{module_id}", e) from e
         return int(result.status), result.payload
 
 

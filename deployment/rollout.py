@@ -351,12 +351,19 @@ class Rollout:
             reached.append(ring)
             if ring.name in progress.gated:
                 continue
-            if ring.name not in progress.applied:
-                previous = self._alias_of(model, ring.name)
-                self._apply(model, version, manifest, ring, previous)
-                progress.previous[ring.name] = previous
-            cumulative = union(r.condition for r in rings[: index + 1])
-            result = self._gate(model, version, ring, cumulative, bounds)
+            try:
+                if ring.name not in progress.applied:
+                    previous = self._alias_of(model, ring.name)
+                    self._apply(model, version, manifest, ring, previous)
+                    progress.previous[ring.name] = previous
+                cumulative = union(r.condition for r in rings[: index + 1])
+                result = self._gate(model, version, ring, cumulative, bounds)
+            except PublisherError as e:
+                # The hub or the registry went away mid-step: say where, so a rerun resumes.
+                self._audit.append(
+                    "release.interrupted", subject, str(e.reason), ring=ring.name, why=e.message
+                )
+                raise
             if result.outcome != "passed":
                 self._halt(model, version, ring, reached=reached, progress=progress, result=result)
             self._set_alias(model, ring.name, version)
@@ -473,9 +480,14 @@ class Rollout:
         twins = self._hub.query(_reported_query(self._module, model, version))
         for twin in twins:
             device = str(twin["deviceId"])
-            status, _ = self._hub.invoke(device, self._module, "rollback", {"model": model})
+            try:
+                status, _ = self._hub.invoke(device, self._module, "rollback", {"model": model})
+                outcome = str(status)
+            except PublisherError as e:
+                # An offline device converges through the re-released layer when it is back.
+                outcome = str(e.reason)
             self._audit.append(
-                "release.rollback_method", subject, str(status), device=device, ring=ring.name
+                "release.rollback_method", subject, outcome, device=device, ring=ring.name
             )
         for touched in reached:
             previous = progress.previous.get(touched.name)

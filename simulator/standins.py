@@ -254,7 +254,9 @@ class StandIn:
                     elif isinstance(packet, mqtt.Publish):
                         self.on_publish(packet)
         finally:
-            writer.close()
+            # abort, not close: a TLS close waits for the peer's close_notify, which a hub
+            # that is stopping never sends.
+            writer.transport.abort()
 
 
 class StandInFleet:
@@ -307,6 +309,7 @@ class StandInFleet:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.sleep(0.1)  # aborted transports close their sockets on the next turns
 
         if self._thread.is_alive():
             with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
