@@ -60,6 +60,8 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "too_large"
     NON_FINITE = "non_finite"
     NOT_READY = "not_ready"
+    # -- a request the model accepted but failed on (ours to fix) ------------------------
+    INFERENCE_FAILED = "inference_failed"
 
 
 # A release ending for one of these was never acceptable (`rejected`); any other install

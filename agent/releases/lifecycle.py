@@ -17,6 +17,8 @@ import numpy as np
 from pydantic import Field
 
 from agent.config import Section
+from agent.observation.metrics import LATENCY_BUCKETS
+from agent.observation.profile import quantile
 from agent.reasons import REJECTING, AgentError, Reason
 from agent.releases.manifest import Contract, Tensor
 from agent.releases.manifest import TensorSpec as ManifestTensorSpec
@@ -142,10 +144,21 @@ class ServingStats:
     served: int
     failed: int
     latency_total_s: float
+    # Request latencies in `agent.observation.metrics.LATENCY_BUCKETS` (empty: none kept).
+    latency_counts: tuple[int, ...] = ()
 
     @property
     def mean_latency_s(self) -> float:
         return self.latency_total_s / self.served if self.served else math.nan
+
+    @property
+    def error_rate(self) -> float:
+        return self.failed / self.served if self.served else 0.0
+
+    def p99_s(self) -> float | None:
+        if not self.latency_counts:
+            return None
+        return quantile(LATENCY_BUCKETS, self.latency_counts, 0.99)
 
 
 class Verdict(enum.Enum):
@@ -156,6 +169,79 @@ class Verdict(enum.Enum):
 
 
 NO_BASELINE: Final = ServingStats(0, 0, 0.0)
+
+
+class ProbationState(enum.StrEnum):
+    WATCHING = "watching"
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+_PROBATION_STATES: Final = {
+    Verdict.WATCHING: ProbationState.WATCHING,
+    Verdict.PASSED: ProbationState.PASSED,
+    Verdict.ERRORS: ProbationState.FAILED,
+    Verdict.LATENCY: ProbationState.FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProbationReport:
+    """What the twin shows of a probation: a ring gate in the cloud reads exactly this.
+
+    `latency_ratio` (means) is what the judgement uses; `p99_ratio` is the tail, for the gate.
+    A ratio is None until both models served `min_requests` (nothing to compare yet).
+    """
+
+    state: ProbationState
+    requests: int
+    error_rate: float
+    latency_ratio: float | None
+    p99_ratio: float | None
+    until: datetime
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "state": self.state.value,
+            "requests": self.requests,
+            "error_rate": round(self.error_rate, 4),
+            "latency_ratio": _rounded(self.latency_ratio),
+            "p99_ratio": _rounded(self.p99_ratio),
+            "until": self.until.isoformat(),
+        }
+
+
+def probation_report(
+    candidate: ServingStats,
+    previous: ServingStats,
+    verdict: Verdict,
+    policy: ProbationPolicy,
+    until: datetime,
+) -> ProbationReport:
+    """The report of a probation judged `verdict` on these counters. Pure."""
+    comparable = candidate.served >= policy.min_requests <= previous.served
+    latency_ratio = p99_ratio = None
+    if comparable:
+        latency_ratio = _ratio(candidate.mean_latency_s, previous.mean_latency_s)
+        new_p99, old_p99 = candidate.p99_s(), previous.p99_s()
+        if new_p99 is not None and old_p99 is not None:
+            p99_ratio = _ratio(new_p99, old_p99)
+    return ProbationReport(
+        state=_PROBATION_STATES[verdict],
+        requests=candidate.served,
+        error_rate=candidate.error_rate,
+        latency_ratio=latency_ratio,
+        p99_ratio=p99_ratio,
+        until=until,
+    )
+
+
+def _ratio(new: float, old: float) -> float | None:
+    return new / old if old > 0 and math.isfinite(new) and math.isfinite(old) else None
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def judge_probation(

@@ -7,8 +7,14 @@ Layout under the store root::
     baselines/<sha256>.json    verified drift baselines, named by their own digest
     baselines/<sha256>.part
     state.json                 {"schema": 1, "models": {<name>: {"active": ref|null,
-                                 "last_known_good": ref|null, "highest_seen": ref|null}}}
+                                 "last_known_good": ref|null, "highest_seen": ref|null,
+                                 "rolled_back": rolled|null}}}
         ref = {"version": int, "sha256": hex64, "baseline_sha256": hex64|null}
+        rolled = {"version": int, "sha256": hex64, "reason": str, "at": ISO 8601}
+
+A rolled-back release stays refused across restarts and twin resyncs until a higher version is
+seen: without the record, a restart would re-submit the twin's (bad) manifest, find it to be
+the highest version seen, and install it again.
 
 ``state.json`` is replaced atomically (temp file in the same directory, fsync, ``os.replace``,
 fsync of the directory), so a crash at any instant leaves either the old or the new state, and
@@ -36,7 +42,7 @@ from types import MappingProxyType
 from typing import Annotated, Literal, Protocol
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from agent.config import Section
 from agent.reasons import AgentError, Reason
@@ -50,6 +56,7 @@ __all__ = [
     "NoLastKnownGoodError",
     "Opener",
     "PartFile",
+    "RolledBack",
     "StoreError",
     "StoreSettings",
     "StoreState",
@@ -105,12 +112,31 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class RolledBack:
+    """A release taken out of service (probation, the rollback method): never installed again."""
+
+    version: int
+    sha256: str
+    reason: Reason
+    at: datetime
+
+    def __post_init__(self) -> None:
+        _check_sha(self.sha256)
+        if self.at.tzinfo is None:
+            raise ValueError("a rollback time must be timezone-aware")
+
+    def is_release(self, version: int, sha256: str) -> bool:
+        return (self.version, self.sha256) == (version, sha256)
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     """What the device knows about one model name."""
 
     active: ModelRef | None = None
     last_known_good: ModelRef | None = None
     highest_seen: ModelRef | None = None
+    rolled_back: RolledBack | None = None
 
 
 _EMPTY_RECORD = ModelRecord()
@@ -137,7 +163,10 @@ class StoreState:
         rec = self.record(name)
         if rec.highest_seen is not None and ref.version <= rec.highest_seen.version:
             return self
-        return self._with(name, replace(rec, highest_seen=ref))
+        rolled = rec.rolled_back
+        if rolled is not None and ref.version > rolled.version:
+            rolled = None  # a higher version supersedes the release that was rolled back
+        return self._with(name, replace(rec, highest_seen=ref, rolled_back=rolled))
 
     def activated(self, name: str, ref: ModelRef) -> StoreState:
         """``ref`` now serves; the model it replaced becomes the last-known-good."""
@@ -145,14 +174,22 @@ class StoreState:
         lkg = rec.active if rec.active is not None and rec.active != ref else rec.last_known_good
         return self._with(name, replace(rec, active=ref, last_known_good=lkg)).seen(name, ref)
 
-    def rolled_back(self, name: str) -> StoreState:
-        """The last-known-good serves again. The release rolled back from is not kept as a
-        fallback, and the highest version seen stays (a fix is published as a higher version).
+    def rolled_back(self, name: str, reason: Reason, at: datetime) -> StoreState:
+        """The last-known-good serves again. The release rolled back from is recorded (it is
+        refused until a higher version is seen) and not kept as a fallback; the highest version
+        seen stays (a fix is published as a higher version).
         """
         rec = self.record(name)
         if rec.last_known_good is None:
             raise NoLastKnownGoodError(f"model {name!r} has no last-known-good release")
-        return self._with(name, replace(rec, active=rec.last_known_good, last_known_good=None))
+        bad = rec.active
+        rolled = (
+            RolledBack(bad.version, bad.sha256, reason, at) if bad is not None else rec.rolled_back
+        )
+        return self._with(
+            name,
+            replace(rec, active=rec.last_known_good, last_known_good=None, rolled_back=rolled),
+        )
 
     def protected_artifacts(self) -> frozenset[str]:
         """Digests that garbage collection must never remove: every active and LKG model."""
@@ -178,6 +215,7 @@ class StoreState:
                     "active": _ref_json(rec.active),
                     "last_known_good": _ref_json(rec.last_known_good),
                     "highest_seen": _ref_json(rec.highest_seen),
+                    "rolled_back": _rolled_json(rec.rolled_back),
                 }
                 for name, rec in sorted(self.models.items())
             },
@@ -193,6 +231,7 @@ class StoreState:
                     active=_ref(rec.active),
                     last_known_good=_ref(rec.last_known_good),
                     highest_seen=_ref(rec.highest_seen),
+                    rolled_back=_rolled(rec.rolled_back),
                 )
                 for name, rec in parsed.models.items()
             }
@@ -236,11 +275,21 @@ class _RefFile(BaseModel):
     baseline_sha256: _Sha | None = None
 
 
+class _RolledBackFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)  # lax: `at` is an ISO string
+    version: int = Field(ge=1)
+    sha256: _Sha
+    reason: Reason
+    at: AwareDatetime
+
+
 class _RecordFile(BaseModel):
     model_config = _FILE_MODEL
     active: _RefFile | None = None
     last_known_good: _RefFile | None = None
     highest_seen: _RefFile | None = None
+    # Absent in files written before rollbacks were recorded.
+    rolled_back: _RolledBackFile | None = None
 
 
 class _StateFile(BaseModel):
@@ -253,6 +302,23 @@ def _ref_json(ref: ModelRef | None) -> dict[str, object] | None:
     if ref is None:
         return None
     return {"version": ref.version, "sha256": ref.sha256, "baseline_sha256": ref.baseline_sha256}
+
+
+def _rolled_json(rolled: RolledBack | None) -> dict[str, object] | None:
+    if rolled is None:
+        return None
+    return {
+        "version": rolled.version,
+        "sha256": rolled.sha256,
+        "reason": rolled.reason.value,
+        "at": rolled.at.isoformat(),
+    }
+
+
+def _rolled(rolled: _RolledBackFile | None) -> RolledBack | None:
+    if rolled is None:
+        return None
+    return RolledBack(rolled.version, rolled.sha256, rolled.reason, rolled.at)
 
 
 def _ref(ref: _RefFile | None) -> ModelRef | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import os
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
 
@@ -40,6 +41,8 @@ from agent.releases.lifecycle import (
     ModelState,
     ModelStatus,
     ProbationPolicy,
+    ProbationReport,
+    ProbationState,
     ServingStats,
     SwapError,
     Verdict,
@@ -48,6 +51,7 @@ from agent.releases.lifecycle import (
     golden_arrays,
     golden_mismatches,
     judge_probation,
+    probation_report,
 )
 from agent.releases.manifest import (
     ManifestRejected,
@@ -62,6 +66,7 @@ from agent.releases.store import (
     ModelStore,
     NoLastKnownGoodError,
     PartFile,
+    RolledBack,
     StoreError,
     StoreState,
 )
@@ -73,6 +78,7 @@ log = structlog.get_logger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 LOADER_NICENESS = 10
+MAX_REJECTIONS_KEPT = 8
 
 
 class ArtifactSource(Protocol):
@@ -171,6 +177,12 @@ class ModelManager:
             max_workers=1, thread_name_prefix="model-loader", initializer=_lower_priority
         )
         self.statuses: dict[str, ModelStatus] = {}
+        # The newest probation of each name, kept after it ends (passed or failed).
+        self.probation: dict[str, ProbationReport] = {}
+        # Manifests refused before any install, by the name they claim (bounded: see
+        # `_reject_unverified`); kept apart from `statuses` so they cannot touch what serves.
+        self.rejections: dict[str, ModelStatus] = {}
+        self._rejection_listeners: list[Callable[[ModelStatus], None]] = []
         # Set once `restore` has run: sources wait for it, so a release never races the
         # restoring of the model it would replace.
         self.restored = asyncio.Event()
@@ -181,34 +193,24 @@ class ModelManager:
         """Act on a release manifest as received (twin or folder); returns the status now.
 
         Verification is synchronous and cheap, so a bad manifest is answered at once; the
-        install itself runs as a task that a newer manifest for the same name cancels.
+        install itself runs as a task that a newer manifest for the same name cancels. A
+        manifest refused before any install starts (forged, malformed, expired, older) is a
+        rejection (`rejections`, `add_rejection_listener`): it never changes the status, the
+        metadata or anything else of the model that serves under that name.
         """
         try:
             manifest = verify_manifest(raw, self._keys, self._wall_clock())
         except ManifestRejected as rejected:
+            if rejected.reason is Reason.EXPIRED and self._serves(raw):
+                # Expiry bounds when a release may be installed, not how long it may serve:
+                # the twin re-submits the active release after every restart.
+                return self._already_active(str(raw["name"]))  # type: ignore[index]
             return self._reject_unverified(raw, rejected.reason, rejected.message)
+        answered = self._answer_without_install(manifest)
+        if answered is not None:
+            return answered
         name = manifest.name
         running = self._installs.get(name)
-        if running is not None and not running.task.done():
-            if running.manifest.version == manifest.version:
-                if running.manifest.sha256 == manifest.sha256:
-                    return self.statuses[name]  # the same release, already being installed
-            elif running.manifest.version > manifest.version:
-                return self._reject(
-                    manifest,
-                    Reason.VERSION_NOT_MONOTONIC,
-                    f"version {manifest.version} is older than {running.manifest.version}, "
-                    "which is being installed",
-                )
-        record = self._store.state.record(name)
-        try:
-            release = check_version(manifest, record.highest_seen)
-        except ManifestRejected as rejected:
-            return self._reject(manifest, rejected.reason, rejected.message)
-        if release is ReleaseStatus.SAME_RELEASE and self._serving_sha(name) == manifest.sha256:
-            return self.statuses.get(name) or self._publish(
-                manifest.name, ModelState.ACTIVE, None, "already active", manifest=manifest
-            )
         if running is not None and not running.task.done():
             running.task.cancel("superseded by a newer release")
             log.info(
@@ -225,6 +227,83 @@ class ModelManager:
         self._installs[name] = _Install(manifest, task)
         return status
 
+    def _answer_without_install(self, manifest: ReleaseManifest) -> ModelStatus | None:
+        """The answer to a verified manifest that must not start an install, else None."""
+        name = manifest.name
+        running = self._installs.get(name)
+        if running is not None and not running.task.done():
+            if running.manifest.version == manifest.version:
+                if running.manifest.sha256 == manifest.sha256:
+                    return self.statuses[name]  # the same release, already being installed
+            elif running.manifest.version > manifest.version:
+                return self._reject(
+                    manifest,
+                    Reason.VERSION_NOT_MONOTONIC,
+                    f"version {manifest.version} is older than {running.manifest.version}, "
+                    "which is being installed",
+                )
+        record = self._store.state.record(name)
+        rolled = record.rolled_back
+        if rolled is not None and rolled.is_release(manifest.version, manifest.sha256):
+            return self._still_rolled_back(name, rolled)
+        try:
+            release = check_version(manifest, record.highest_seen)
+        except ManifestRejected as rejected:
+            return self._reject(manifest, rejected.reason, rejected.message)
+        if release is ReleaseStatus.SAME_RELEASE and self._serving_sha(name) == manifest.sha256:
+            return self._already_active(name)
+        return None
+
+    def _serves(self, raw: object) -> bool:
+        """Whether `raw` names exactly the release serving under its name."""
+        if not isinstance(raw, Mapping):
+            return False
+        service = self._services.get(raw.get("name"))  # type: ignore[arg-type]
+        model = service.model if service is not None else None
+        return (
+            model is not None
+            and raw.get("version") == model.version
+            and raw.get("sha256") == model.sha256
+        )
+
+    def _already_active(self, name: str) -> ModelStatus:
+        """The serving release submitted again: `active`, whatever was reported meanwhile."""
+        current = self.statuses.get(name)
+        service = self._services[name]
+        model = service.model
+        assert model is not None
+        if (
+            current is not None
+            and current.state is ModelState.ACTIVE
+            and current.version == model.version
+        ):
+            return current  # keeps its probation
+        return self._publish(
+            name,
+            ModelState.ACTIVE,
+            None,
+            "already active",
+            version=model.version,
+            sha256=model.sha256,
+        )
+
+    def _still_rolled_back(self, name: str, rolled: RolledBack) -> ModelStatus:
+        """The release rolled back from, submitted again: refused without a download."""
+        current = self.statuses.get(name)
+        if current is not None and current.state is ModelState.ROLLED_BACK:
+            return current
+        service = self._services.get(name)
+        model = service.model if service is not None else None
+        return self._publish(
+            name,
+            ModelState.ROLLED_BACK,
+            rolled.reason,
+            f"version {rolled.version} was rolled back at {rolled.at.isoformat()} "
+            f"({rolled.reason}); publish a higher version",
+            version=model.version if model is not None else None,
+            sha256=model.sha256 if model is not None else None,
+        )
+
     async def rollback(self, name: str, reason: Reason = Reason.REQUESTED) -> ModelStatus:
         """Serve the last-known-good release of `name` again (`rolled_back`)."""
         record = self._store.state.record(name)
@@ -240,7 +319,7 @@ class ModelManager:
         target = record.last_known_good
         model = await self._in_loader(self._load_stored, name, target)
         try:
-            self._save(lambda state: state.rolled_back(name))
+            self._save(lambda state: state.rolled_back(name, reason, self._wall_clock()))
         except NoLastKnownGoodError as error:  # raced with another rollback
             raise SwapError(Reason.NO_LAST_KNOWN_GOOD, str(error)) from None
         self._switch(name, model)
@@ -296,6 +375,10 @@ class ModelManager:
     def add_listener(self, listener: Callable[[ModelStatus], None]) -> None:
         """`listener` gets every status change, on the event loop (adapters report them)."""
         self._listeners.append(listener)
+
+    def add_rejection_listener(self, listener: Callable[[ModelStatus], None]) -> None:
+        """`listener` gets every manifest refused before an install started."""
+        self._rejection_listeners.append(listener)
 
     def is_superseded(self, raw: object) -> bool:
         """Whether an (unverified) manifest names a version below the highest one seen.
@@ -480,12 +563,26 @@ class ModelManager:
     async def _probation(self, name: str, model: LoadedModel, previous: ServingStats) -> None:
         policy = self._probation_policy
         started = self._clock()
+        until = self._wall_clock() + timedelta(seconds=policy.seconds)
+        self.probation[name] = probation_report(
+            _stats(model), previous, Verdict.WATCHING, policy, until
+        )
         async for _ in ticks(policy.tick_s, clock=self._clock):
-            verdict = judge_probation(_stats(model), previous, self._clock() - started, policy)
+            stats = _stats(model)
+            verdict = judge_probation(stats, previous, self._clock() - started, policy)
+            self.probation[name] = probation_report(stats, previous, verdict, policy, until)
             if verdict is Verdict.WATCHING:
                 continue
             if verdict is Verdict.PASSED:
                 log.info("probation_passed", model=name, version=model.version, served=model.served)
+                self._publish(
+                    name,
+                    ModelState.ACTIVE,
+                    None,
+                    f"probation passed after {stats.served} requests",
+                    version=model.version,
+                    sha256=model.sha256,
+                )
                 return
             reason = (
                 Reason.PROBATION_ERRORS if verdict is Verdict.ERRORS else Reason.PROBATION_LATENCY
@@ -503,6 +600,10 @@ class ModelManager:
         task = self._probations.pop(name, None)
         if task is not None:
             task.cancel("model changed")
+        report = self.probation.get(name)
+        if report is not None and report.state is ProbationState.WATCHING:
+            # Cut short (a rollback, a newer release): not passed, so not safe either.
+            self.probation[name] = dataclasses.replace(report, state=ProbationState.FAILED)
 
     # -- state, status ------------------------------------------------------------------
 
@@ -529,14 +630,34 @@ class ModelManager:
         name = raw.get("name") if isinstance(raw, Mapping) else None
         # Only a name that could be valid is echoed: it keys reported state.
         safe = name if isinstance(name, str) and name.isprintable() and len(name) <= 63 else "?"
-        self._metrics.failures.labels(reason.value).inc()
-        self._metrics.outcomes.labels(ModelState.REJECTED.value).inc()
-        return self._publish(safe, ModelState.REJECTED, reason, message)
+        return self._publish_rejection(safe, reason, message, None)
 
     def _reject(self, manifest: ReleaseManifest, reason: Reason, message: str) -> ModelStatus:
+        return self._publish_rejection(manifest.name, reason, message, manifest)
+
+    def _publish_rejection(
+        self, name: str, reason: Reason, message: str, manifest: ReleaseManifest | None
+    ) -> ModelStatus:
         self._metrics.failures.labels(reason.value).inc()
         self._metrics.outcomes.labels(ModelState.REJECTED.value).inc()
-        return self._publish(manifest.name, ModelState.REJECTED, reason, message, manifest=manifest)
+        status = ModelStatus(
+            name=name,
+            version=manifest.version if manifest is not None else None,
+            sha256=manifest.sha256 if manifest is not None else None,
+            state=ModelState.REJECTED,
+            reason=reason,
+            message=message[:500],
+            since=self._wall_clock(),
+        )
+        log.warning("manifest_rejected", model=name, reason=reason, error=status.message)
+        # Forged names are unbounded: keep the newest few, dropping the oldest.
+        self.rejections.pop(name, None)
+        self.rejections[name] = status
+        while len(self.rejections) > MAX_REJECTIONS_KEPT:
+            del self.rejections[next(iter(self.rejections))]
+        for listener in self._rejection_listeners:
+            listener(status)
+        return status
 
     def _fail(
         self, manifest: ReleaseManifest, state: ModelState, reason: Reason, message: str
@@ -599,4 +720,5 @@ def _lower_priority() -> None:
 
 
 def _stats(model: LoadedModel) -> ServingStats:
-    return ServingStats(model.served, model.failed, model.latency_total_s)
+    latency = model.latency
+    return ServingStats(model.served, model.failed, latency.total, tuple(latency.counts))

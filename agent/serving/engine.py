@@ -21,6 +21,7 @@ import onnxruntime as ort
 from pydantic import Field
 
 from agent.config import Section
+from agent.observation.metrics import LATENCY_BUCKETS, Distribution
 from agent.reasons import AgentError, Reason
 from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
 
@@ -158,7 +159,7 @@ class LoadedModel:
         # Updated by the inference service on the event loop; probation reads them.
         self.served = 0
         self.failed = 0
-        self.latency_total_s = 0.0
+        self.latency = Distribution(LATENCY_BUCKETS)
 
     def close(self) -> None:
         """Release the session once no request holds this model (see `drained`)."""

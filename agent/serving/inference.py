@@ -229,7 +229,7 @@ class InferenceService:
             elapsed = clock() - arrived
             metrics.total.observe(elapsed)
             model.served += 1
-            model.latency_total_s += elapsed
+            model.latency.observe(elapsed)
 
     async def _dispatch(
         self,

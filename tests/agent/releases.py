@@ -55,7 +55,9 @@ class Device:
     reports: list[ModelStatus]
 
     def states(self, name: str = "m") -> list[str]:
-        return [r.state.value for r in self.reports if r.name == name]
+        """The state transitions of `name`, rejections included (a repeat is no transition)."""
+        states = [r.state.value for r in self.reports if r.name == name]
+        return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
 
     def failures(self, reason: str) -> float:
         value = self.registry.get_sample_value(
@@ -95,6 +97,7 @@ def make_device(
         ),
         listeners=[reports.append],
     )
+    manager.add_rejection_listener(reports.append)
     return Device(manager, store, services, registry, reports)
 
 

@@ -56,6 +56,7 @@ class FolderDevice:
             probation=ProbationPolicy(requests=0, seconds=0, tick_s=0.05),
             listeners=[self.reports.append],
         )
+        self.manager.add_rejection_listener(self.reports.append)
         self.source = FolderSource(self.folder, self.manager, debounce_s=debounce_s)
         self._run: asyncio.Task[None] | None = None
         self._closed = False
@@ -81,7 +82,9 @@ class FolderDevice:
             await service.close()
 
     def states(self, name: str = "m") -> list[str]:
-        return [r.state.value for r in self.reports if r.name == name]
+        """The state transitions of `name`, rejections included (a repeat is no transition)."""
+        states = [r.state.value for r in self.reports if r.name == name]
+        return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
 
     def status(self, name: str = "m") -> ModelStatus | None:
         return self.manager.statuses.get(name)
@@ -328,10 +331,10 @@ async def test_a_manifest_with_a_bad_signature_is_rejected(
     manifest = _sign(key, model, 1)
     manifest["version"] = 7  # no longer what was signed
     _drop(device.folder, manifest, model)
-    await _until(_state_is(device, ModelState.REJECTED))
-    status = device.status()
-    assert status is not None
-    assert status.reason == "signature_invalid"
+    await _until(lambda: "m" in device.manager.rejections)
+    status = device.manager.rejections["m"]
+    assert (status.state, status.reason) == (ModelState.REJECTED, "signature_invalid")
+    assert device.status() is None, "a rejection is not the state of a model"
     assert device.states() == ["rejected"]
     assert not device.store.has_artifact(manifest["sha256"])
 

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from agent.releases.store import (
     ModelRef,
     ModelStore,
     NoLastKnownGoodError,
+    RolledBack,
     StoreError,
     StoreState,
     WritableFile,
@@ -27,6 +29,7 @@ from tests.agent.artifact_server import FullDisk
 
 A, B, C, D, E = (c * 64 for c in "abcde")
 V1, V2, V3 = ModelRef(1, A), ModelRef(2, B, baseline_sha256=E), ModelRef(3, C)
+ROLLBACK = (Reason.REQUESTED, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
 
 
 # --- pure transitions ----------------------------------------------------------------------
@@ -43,13 +46,33 @@ def test_reactivating_the_active_release_keeps_the_last_known_good() -> None:
 
 
 def test_rollback_serves_last_known_good_and_keeps_highest_seen() -> None:
-    state = StoreState().activated("m", V1).activated("m", V2).rolled_back("m")
-    assert state.record("m") == ModelRecord(active=V1, last_known_good=None, highest_seen=V2)
+    state = StoreState().activated("m", V1).activated("m", V2).rolled_back("m", *ROLLBACK)
+    assert state.record("m") == ModelRecord(
+        active=V1,
+        last_known_good=None,
+        highest_seen=V2,
+        rolled_back=RolledBack(V2.version, V2.sha256, *ROLLBACK),
+    )
+
+
+@pytest.mark.parametrize(
+    ("then_seen", "still_refused"),
+    [(None, True), (V1, True), (V2, True), (V3, False)],
+)
+def test_a_rolled_back_release_stays_recorded_until_a_higher_version_is_seen(
+    then_seen: ModelRef | None, still_refused: bool
+) -> None:
+    state = StoreState().activated("m", V1).activated("m", V2).rolled_back("m", *ROLLBACK)
+    if then_seen is not None:
+        state = state.seen("m", then_seen)
+    state = StoreState.from_json_bytes(json.dumps(state.to_json()).encode())  # a restart
+    rolled = state.record("m").rolled_back
+    assert (rolled is not None and rolled.is_release(V2.version, V2.sha256)) is still_refused
 
 
 def test_rollback_without_last_known_good_is_refused() -> None:
     with pytest.raises(NoLastKnownGoodError):
-        StoreState().activated("m", V1).rolled_back("m")
+        StoreState().activated("m", V1).rolled_back("m", *ROLLBACK)
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,14 @@ import hashlib
 import os
 import threading
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ProbationPolicy, SwapError
 from agent.releases.manifest import sign_manifest
 from agent.releases.store import ModelStore
@@ -310,3 +312,89 @@ async def test_models_load_on_a_thread_of_lower_cpu_priority(
     for loader in loaders:  # other tests' loaders may not have exited yet
         assert loader.native_id is not None
         assert os.getpriority(os.PRIO_PROCESS, loader.native_id) == expected
+
+
+# -- what a refused manifest may not touch; what a rollback keeps refusing -------------------
+
+
+@pytest.mark.parametrize("claimed", ["m", "other"])
+async def test_a_forged_manifest_touches_nothing_that_serves(
+    device: Device, publisher: Publisher, claimed: str
+) -> None:
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    before = device.manager.statuses["m"]
+    metadata = device.services["m"].metadata()
+    forged = publisher.release(tiny_bytes(1), 2, name=claimed)
+    forged["signature"]["value"] = base64.b64encode(bytes(64)).decode()
+    answer = device.manager.submit(forged)
+    assert (answer.state, answer.reason) == (ModelState.REJECTED, "signature_invalid")
+    assert device.manager.rejections[claimed] == answer
+    assert device.manager.statuses == {"m": before}
+    assert device.services["m"].metadata() == metadata
+    assert list(device.services) == ["m"]
+
+
+async def test_the_serving_release_resubmitted_after_it_expired_is_active(
+    device: Device, publisher: Publisher
+) -> None:
+    created = datetime.now(UTC) - timedelta(hours=2)
+    manifest = publisher.release(tiny_bytes(0), 1, created=created, valid_for=timedelta(hours=3))
+    await _install(device, manifest)
+    expired = publisher.release(tiny_bytes(0), 1, created=created, valid_for=timedelta(hours=1))
+    assert device.manager.submit(expired).state == ModelState.ACTIVE
+    assert device.manager.rejections == {}
+    # ...but an expired release that does not serve is refused.
+    other = publisher.release(tiny_bytes(1), 2, created=created, valid_for=timedelta(hours=1))
+    assert device.manager.submit(other).reason == "expired"
+
+
+async def test_a_rolled_back_release_stays_rolled_back_after_a_restart(
+    tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
+) -> None:
+    first = make_device(tmp_path / "store", publisher, artifact_pki)
+    await _install(first, publisher.release(tiny_bytes(0), 1))
+    bad = publisher.release(tiny_bytes(1), 2)
+    await _install(first, bad)
+    await first.manager.rollback("m", Reason.PROBATION_ERRORS)
+    await first.manager.close()
+
+    second = make_device(tmp_path / "store", publisher, artifact_pki)  # same volume
+    await second.manager.restore()
+    answer = second.manager.submit(bad)  # what a twin resync does after the restart
+    assert (answer.state, answer.reason) == (ModelState.ROLLED_BACK, "probation_errors")
+    assert "version 2 was rolled back" in answer.message
+    assert second.manager.submit(bad) is answer  # a second resync: the same answer
+    await second.manager.wait_idle()
+    assert second.services["m"].model is not None
+    assert second.services["m"].model.version == 1
+    assert "downloading" not in second.states()
+
+    fixed = publisher.release(tiny_bytes(0), 3)
+    assert await _install(second, fixed) == ModelState.ACTIVE
+    assert second.store.state.record("m").rolled_back is None
+    await second.manager.close()
+
+
+async def test_probation_is_reported_until_it_passes(
+    tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
+) -> None:
+    device = make_device(
+        tmp_path / "store",
+        publisher,
+        artifact_pki,
+        probation=ProbationPolicy(requests=5, seconds=60, min_requests=1),
+    )
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    watching = device.manager.probation["m"]
+    assert (watching.state, watching.requests) == ("watching", 0)
+    for _ in range(5):
+        await _answer(device)
+    for _ in range(100):
+        if device.manager.probation["m"].state != "watching":
+            break
+        await asyncio.sleep(0.05)
+    passed = device.manager.probation["m"]
+    assert (passed.state, passed.requests, passed.error_rate) == ("passed", 5, 0.0)
+    assert passed.p99_ratio is None  # a first install has nothing to compare with
+    assert device.manager.statuses["m"].message.startswith("probation passed")
+    await device.manager.close()
