@@ -19,12 +19,15 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
-# (Debian) and Azurite (npm).
+# (Debian) and Azurite (npm); Chromium (Debian) renders the drift report headless.
 system-deps: azurite actionlint
 	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    prometheus prometheus-alertmanager >/dev/null; }
+	@command -v chromium >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 # Node tools go into git-ignored folders under .tools/; npm comes from Debian when missing.
 npm:
@@ -70,6 +73,7 @@ bench: setup
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
 	$(PY) -m bench.fleet
+	$(PY) -m bench.drift
 
 clean:
 	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache

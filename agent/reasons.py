@@ -37,6 +37,7 @@ class Reason(enum.StrEnum):
     LOAD_FAILED = "load_failed"
     CONTRACT_MISMATCH = "contract_mismatch"
     GOLDEN_MISMATCH = "golden_mismatch"
+    BASELINE_INVALID = "baseline_invalid"  # the drift baseline pack is not usable
     # -- rollbacks ---------------------------------------------------------------------
     PROBATION_ERRORS = "probation_errors"
     PROBATION_LATENCY = "probation_latency"

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.app import App, Service, idle_forever
 from agent.observation.metrics import InferenceMetrics, register_process_metrics
+from agent.observation.watch import Observer, ObserverTicks
 from agent.releases.download import Downloader
 from agent.releases.folder import FolderSource
 from agent.releases.store import ModelStore, StoreError
@@ -107,6 +108,8 @@ class Agent:
         self.registry = registry or CollectorRegistry()
         register_process_metrics(self.registry)
         self.metrics = InferenceMetrics(self.registry)
+        # Drift and quality of what is served; adapters set its sinks and drift settings.
+        self.observer = Observer(self.registry)
         self.services: dict[str, InferenceService] = {}
         self.manager: ModelManager | None = None
         self._sources: list[Service] = []
@@ -118,12 +121,14 @@ class Agent:
             self._sources += self._managed()
 
     def _new_service(self, name: str) -> InferenceService:
-        return InferenceService(
+        service = InferenceService(
             name,
             self.metrics,
             policy=self.settings.batching,
             limits=self.settings.limits,
         )
+        service.observer = self.observer
+        return service
 
     def _managed(self) -> list[Service]:
         settings = self.settings
@@ -152,8 +157,12 @@ class Agent:
             runtime=settings.runtime,
             batching=settings.batching,
             probation=settings.probation,
+            observer=self.observer,
         )
-        sources: list[Service] = [ManagedModels(store, self.manager, self.services)]
+        sources: list[Service] = [
+            ManagedModels(store, self.manager, self.services),
+            ObserverTicks(self.observer),
+        ]
         folder = settings.folder
         if folder.watch_dir is not None:
             sources.append(

@@ -116,6 +116,10 @@ def _replay_golden(model: bytes, golden: dict[str, Any]) -> None:
         raise ModelCheckError("golden_mismatch", "; ".join(problems))
 
 
+# The first manifest schema with a drift baseline.
+BASELINE_SCHEMA = 2
+
+
 def unsigned_manifest(
     described: dict[str, Any],
     *,
@@ -125,9 +129,10 @@ def unsigned_manifest(
     created: datetime,
     valid_for: timedelta | None = None,
     contract_change: bool = False,
-    baseline: dict[str, str] | None = None,
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are."""
+    """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are;
+    `baseline` is :func:`baseline_reference`'s entry for the drift baseline pack."""
     unsigned: dict[str, Any] = {
         "name": name,
         "version": version,
@@ -140,8 +145,14 @@ def unsigned_manifest(
     if contract_change:
         unsigned["contract_change"] = True
     if baseline is not None:
+        unsigned["schema"] = BASELINE_SCHEMA
         unsigned["baseline"] = baseline
     return unsigned
+
+
+def baseline_reference(pack: bytes, url: str) -> dict[str, Any]:
+    """The manifest's `baseline` entry: the device fetches the pack and checks both."""
+    return {"sha256": hashlib.sha256(pack).hexdigest(), "size": len(pack), "url": url}
 
 
 def build_manifest(
@@ -156,8 +167,10 @@ def build_manifest(
     valid_for: timedelta | None = None,
     golden_atol: float | None = 1e-4,
     contract_change: bool = False,
+    baseline: tuple[bytes, str] | None = None,
 ) -> dict[str, Any]:
-    """A signed manifest for `model` served at `url` (no checks: tests sign bad models too)."""
+    """A signed manifest for `model` served at `url` (no checks: tests sign bad models too);
+    `baseline` is the drift baseline pack's bytes and the URL it is served at."""
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     unsigned = unsigned_manifest(
         _fields(model, session, golden_atol),
@@ -167,5 +180,6 @@ def build_manifest(
         created=created or datetime.now(UTC),
         valid_for=valid_for,
         contract_change=contract_change,
+        baseline=baseline_reference(*baseline) if baseline is not None else None,
     )
     return sign_manifest(unsigned, key, key_id)

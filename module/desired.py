@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.observation.drift import DriftSettings
+
 # IoT Hub caps desired properties at 32 KB, strings at 4 KB and depth at 10 levels; a document
 # over those is not from a real hub and is refused before it is parsed into settings.
 MAX_DOCUMENT_BYTES = 32 * 1024
@@ -40,13 +42,13 @@ class DesiredState(BaseModel):
 
     `model` stays a plain document: its own signature covers it, and the model manager
     verifies it (a typed copy could not be checked against the signature).
-    `drift` is reserved for drift monitoring and kept as given.
+    `drift` tunes drift watching (window, sampling, features, threshold), strictly typed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     model: dict[str, Any] | None = None
-    drift: dict[str, Any] | None = None
+    drift: DriftSettings = DriftSettings()  # frozen: one shared default is safe
     telemetry: TelemetrySettings = TelemetrySettings()  # frozen: one shared default is safe
 
 

@@ -27,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import agent
 from agent.app import App
+from agent.observation.drift import PROFILE_SCHEMA
 from agent.observation.profile import live_profile, take_snapshot, window_profile
+from agent.observation.watch import ALERT_SCHEMA, Sinks
 from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus, SwapError
 from agent.serving.contract import RequestError
@@ -35,6 +37,7 @@ from agent.serving.protocol import decode_infer_request, encode_infer_response
 from agent.standalone import Agent
 from agent.ticks import ticks
 from module.desired import Apply, DesiredState, Ignore, Reconciler, Reject, describe
+from module.feedback import FEEDBACK_INPUT, parse_feedback
 from module.outbox import OutboundMessage, Outbox
 from module.reported import ReportedProperties
 from module.settings import ModuleSettings
@@ -154,6 +157,8 @@ class EdgeModule:
             send_timeout_s=settings.call_timeout_s,
         )
         self._manager.add_listener(self._on_model_status)
+        self._observer = agent_.observer
+        self._observer.sinks = Sinks(profile=self._drift_profile, alert=self._drift_alert)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -369,6 +374,8 @@ class EdgeModule:
         self._metrics.desired.labels("applied").inc()
         if action.state.telemetry != self._desired.telemetry:
             self._telemetry_changed.set()
+        if action.state.drift != self._desired.drift:
+            self._observer.configure(action.state.drift)
         self._desired = action.state
         self.reported.update(
             {"desired": {"version": action.version, "state": "applied", "message": None}}
@@ -379,10 +386,26 @@ class EdgeModule:
     # -- model status -> reported properties and alerts ----------------------------------
 
     def _on_model_status(self, status: ModelStatus) -> None:
-        report = status.to_json()
+        report = self._model_report(status)
         self.reported.update({"model": report})
         if status.state in ALERT_STATES:
-            self._alert(f"model_{status.state.value}", report)
+            self._alert(f"model_{status.state.value}", status.to_json())
+
+    def _model_report(self, status: ModelStatus) -> dict[str, Any]:
+        """The reported entry of a model: its release status, and the drift and quality of
+        the release that serves it."""
+        return status.to_json() | (self._observer.reported(status.name) or {})
+
+    # -- drift: window profiles out as telemetry, state changes as alerts and reported ----
+
+    def _drift_profile(self, message: dict[str, Any]) -> None:
+        self.outbox.put(TELEMETRY, message, PROFILE_SCHEMA)
+
+    def _drift_alert(self, message: dict[str, Any]) -> None:
+        self.outbox.put(ALERTS, message, ALERT_SCHEMA)
+        status = self._manager.statuses.get(str(message["model"]))
+        if status is not None:
+            self.reported.update({"model": self._model_report(status)})
 
     def _alert(self, kind: str, details: dict[str, Any]) -> None:
         self.outbox.put(
@@ -454,6 +477,9 @@ class EdgeModule:
             if not self._accepting:
                 self._metrics.route_messages.labels("dropped_stopping").inc()
                 continue
+            if message.input_name == FEEDBACK_INPUT:
+                self._on_feedback(message)
+                continue
             if message.input_name != INFER_INPUT:
                 self._metrics.route_messages.labels("unknown_input").inc()
                 log.warning("unknown_input", input=message.input_name)
@@ -462,6 +488,18 @@ class EdgeModule:
             task = asyncio.get_running_loop().create_task(self._infer_message(message))
             self._route_tasks.add(task)
             task.add_done_callback(self._route_done)
+
+    def _on_feedback(self, message: Message) -> None:
+        body = message.data if isinstance(message.data, bytes) else str(message.data).encode()
+        try:
+            items = parse_feedback(body)
+        except ValueError as error:
+            self._metrics.route_messages.labels("bad_feedback").inc()
+            log.warning("feedback_rejected", error=str(error))
+            return
+        for item in items:
+            self._observer.feedback(item.id, item.labels)
+        self._metrics.route_messages.labels("feedback").inc()
 
     def _route_done(self, task: asyncio.Task[None]) -> None:
         self._route_tasks.discard(task)
@@ -496,7 +534,11 @@ class EdgeModule:
         service = self._agent.services.get(name) if name else None
         if service is None:
             raise RequestError(Reason.UNKNOWN_MODEL, f"no model {name!r} is served here")
-        version, outputs = await service.infer_versioned(request.inputs, request.output_names)
+        version, outputs = await service.infer_versioned(
+            request.inputs,
+            request.output_names,
+            request_id=message.correlation_id or message.message_id,
+        )
         payload = encode_infer_response(
             model_name=service.name,
             model_version=version,

@@ -61,32 +61,44 @@ class FolderArtifacts:
     folder: Path
 
     def candidates(self, manifest: ReleaseManifest) -> list[Path]:
-        names = [f"{manifest.sha256}.onnx"]
-        url_name = PurePosixPath(urlsplit(manifest.url).path).name
+        return self._candidates(f"{manifest.sha256}.onnx", manifest.url)
+
+    def _candidates(self, own_name: str, url: str) -> list[Path]:
+        names = [own_name]
+        url_name = PurePosixPath(urlsplit(url).path).name
         if url_name and not url_name.startswith(".") and url_name not in names:
             names.append(url_name)
         return [self.folder / name for name in names]
 
     async def fetch(self, manifest: ReleaseManifest, part: PartFile) -> None:
-        await asyncio.to_thread(self._copy, manifest, part)
+        candidates = self.candidates(manifest)
+        await asyncio.to_thread(self._copy, candidates, manifest.sha256, manifest.size, part)
 
-    def _copy(self, manifest: ReleaseManifest, part: PartFile) -> None:
-        for candidate in self.candidates(manifest):
+    async def fetch_baseline(self, manifest: ReleaseManifest, part: PartFile) -> None:
+        """The baseline pack is `<sha256>.json`, or the file name at the end of its URL."""
+        baseline = manifest.baseline
+        if baseline is None:
+            raise ValueError(f"release {manifest.name} {manifest.version} has no baseline")
+        candidates = self._candidates(f"{baseline.sha256}.json", baseline.url)
+        await asyncio.to_thread(self._copy, candidates, baseline.sha256, baseline.size, part)
+
+    def _copy(self, candidates: list[Path], sha256: str, size: int, part: PartFile) -> None:
+        for candidate in candidates:
             try:
                 info = candidate.lstat()
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(info.st_mode):  # a link could point anywhere on the device
                 raise DeliveryError(Reason.URL_REJECTED, f"{candidate.name} is not a regular file")
-            self._copy_file(candidate, manifest, part)
+            self._copy_file(candidate, sha256, size, part)
             return
         raise DeliveryError(
             Reason.FETCH_FAILED,
-            f"no artifact {' or '.join(c.name for c in self.candidates(manifest))} in the folder",
+            f"no artifact {' or '.join(c.name for c in candidates)} in the folder",
         )
 
     @staticmethod
-    def _copy_file(source: Path, manifest: ReleaseManifest, part: PartFile) -> None:
+    def _copy_file(source: Path, sha256: str, size: int, part: PartFile) -> None:
         digest = hashlib.sha256()
         copied = 0
         try:
@@ -95,10 +107,10 @@ class FolderArtifacts:
                 try:
                     while chunk := reader.read(_CHUNK):
                         copied += len(chunk)
-                        if copied > manifest.size:
+                        if copied > size:
                             raise DeliveryError(
                                 Reason.SIZE_MISMATCH,
-                                f"{source.name} is longer than {manifest.size} bytes",
+                                f"{source.name} is longer than {size} bytes",
                             )
                         digest.update(chunk)
                         sink.write(chunk)
@@ -113,12 +125,10 @@ class FolderArtifacts:
             part.remove()
             reason = Reason.DISK_FULL if is_disk_full(error) else Reason.FETCH_FAILED
             raise DeliveryError(reason, f"copying {source.name}: {error.strerror}") from error
-        if copied != manifest.size:
+        if copied != size:
             part.remove()
-            raise DeliveryError(
-                Reason.SIZE_MISMATCH, f"{source.name} has {copied} of {manifest.size} bytes"
-            )
-        if digest.hexdigest() != manifest.sha256:
+            raise DeliveryError(Reason.SIZE_MISMATCH, f"{source.name} has {copied} of {size} bytes")
+        if digest.hexdigest() != sha256:
             part.remove()
             raise DeliveryError(Reason.HASH_MISMATCH, f"{source.name} sha256 differs")
 

@@ -6,6 +6,7 @@ schema (unknown fields are rejected at every level; JSON types are strict: ``1``
 ``1.0``, ``"1"`` is not ``1``)::
 
     {
+      "schema":   1 or 2, default 1; 2 is required by "baseline"                (optional)
       "name":     str,  1-63 chars of [A-Za-z0-9._-], starting with a letter or digit
       "version":  int >= 1, strictly increasing per name
       "sha256":   64 lowercase hex chars, digest of the artifact bytes
@@ -16,7 +17,8 @@ schema (unknown fields are rejected at every level; JSON types are strict: ``1``
       "contract": {"inputs":  [TensorSpec, ...],  "outputs": [TensorSpec, ...]}
       "contract_change": bool, default false: allow a contract that differs from the active
                          model's (otherwise the swap refuses it)               (optional)
-      "baseline": {"sha256": hex64, "url": str}  drift baseline, JSON          (optional)
+      "baseline": {"sha256": hex64, "size": int > 0, "url": str}
+                  the drift baseline pack (JSON), verified like the model  (optional, schema 2)
       "golden":   {"inputs": [Tensor, ...], "outputs": [Tensor, ...], "atol": float >= 0}
                                                                                (optional)
       "signature": {"key_id": str, "value": base64 of the 64-byte Ed25519 signature}
@@ -66,6 +68,7 @@ from pydantic import (
 )
 
 from agent.config import Section
+from agent.observation.baseline import MAX_BASELINE_BYTES
 from agent.reasons import AgentError, Reason
 
 __all__ = [
@@ -216,6 +219,7 @@ class Baseline(BaseModel):
     model_config = _STRICT
 
     sha256: Sha256Hex
+    size: int = Field(gt=0, le=MAX_BASELINE_BYTES)
     url: Url
 
 
@@ -233,6 +237,8 @@ class ReleaseManifest(BaseModel):
 
     model_config = _STRICT
 
+    # Schema 2 added the baseline (with its size); a schema-1 document cannot carry one.
+    schema_: Literal[1, 2] = Field(1, alias="schema")
     name: ModelName
     version: int = Field(ge=1, le=2**53)  # 2**53: still exact in any JSON parser
     sha256: Sha256Hex
@@ -250,6 +256,8 @@ class ReleaseManifest(BaseModel):
     def _expires_after_created(self) -> Self:
         if self.expires is not None and self.expires <= self.created:
             raise ValueError("expires must be later than created")
+        if self.baseline is not None and self.schema_ < 2:
+            raise ValueError("a baseline needs schema 2")
         return self
 
 

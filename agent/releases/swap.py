@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import Field
 
 from agent.config import Section
+from agent.observation.baseline import BaselineInvalidError, BaselinePack, parse_baseline
 from agent.reasons import AgentError, Reason
 from agent.releases.download import Downloader
 from agent.releases.lifecycle import (
@@ -86,6 +87,18 @@ class ArtifactSource(Protocol):
 
     async def fetch(self, manifest: ReleaseManifest, part: PartFile) -> None: ...
 
+    async def fetch_baseline(self, manifest: ReleaseManifest, part: PartFile) -> None:
+        """The drift baseline pack the manifest names (never called without one)."""
+        ...
+
+
+class ReleaseObserver(Protocol):
+    """Told which release serves a name, with its parsed drift baseline (None: no baseline)."""
+
+    def attach(
+        self, name: str, version: int, pack: BaselinePack | None, baseline_sha256: str | None
+    ) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class HttpsArtifacts:
@@ -96,6 +109,14 @@ class HttpsArtifacts:
     async def fetch(self, manifest: ReleaseManifest, part: PartFile) -> None:
         await self.downloader.fetch(
             manifest.url, sha256=manifest.sha256, size=manifest.size, part=part
+        )
+
+    async def fetch_baseline(self, manifest: ReleaseManifest, part: PartFile) -> None:
+        baseline = manifest.baseline
+        if baseline is None:
+            raise ValueError(f"release {manifest.name} {manifest.version} has no baseline")
+        await self.downloader.fetch(
+            baseline.url, sha256=baseline.sha256, size=baseline.size, part=part
         )
 
 
@@ -152,6 +173,7 @@ class ModelManager:
         batching: BatchingPolicy | None = None,
         probation: ProbationPolicy | None = None,
         listeners: list[Callable[[ModelStatus], None]] | None = None,
+        observer: ReleaseObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -165,6 +187,7 @@ class ModelManager:
         self._max_rows = (batching or BatchingPolicy()).max_rows
         self._probation_policy = probation or ProbationPolicy()
         self._listeners = listeners if listeners is not None else []
+        self._observer = observer
         self._clock = clock
         self._wall_clock = wall_clock
         self._metrics = _SwapMetrics(registry)
@@ -323,6 +346,7 @@ class ModelManager:
         except NoLastKnownGoodError as error:  # raced with another rollback
             raise SwapError(Reason.NO_LAST_KNOWN_GOOD, str(error)) from None
         self._switch(name, model)
+        await self._attach_stored(name, target)
         self._metrics.failures.labels(reason.value).inc()
         self._metrics.outcomes.labels(ModelState.ROLLED_BACK.value).inc()
         return self._publish(
@@ -363,6 +387,7 @@ class ModelManager:
                 await self.rollback(name, Reason.RESTORE_FAILED)
                 continue
             self._switch(name, model)
+            await self._attach_stored(name, record.active)
             self._publish(
                 name,
                 ModelState.ACTIVE,
@@ -424,7 +449,8 @@ class ModelManager:
     async def _install(self, manifest: ReleaseManifest, artifacts: ArtifactSource) -> None:
         name, sha = manifest.name, manifest.sha256
         started = self._clock()
-        ref = ModelRef(version=manifest.version, sha256=sha)
+        baseline_sha = manifest.baseline.sha256 if manifest.baseline is not None else None
+        ref = ModelRef(version=manifest.version, sha256=sha, baseline_sha256=baseline_sha)
         try:
             # Versions never go backwards, even when this install fails.
             self._save(lambda state: state.seen(name, ref))
@@ -440,11 +466,13 @@ class ModelManager:
                     name, ModelState.VERIFYING, None, "sha256 verified", manifest=manifest
                 )
                 self._store.commit_artifact(sha)
+            pack = await self._fetch_baseline(manifest, artifacts)
             self._publish(name, ModelState.LOADING, None, "loading", manifest=manifest)
             model = await self._in_loader(self._load_release, manifest)
             self._check_against_active(name, manifest, model)
             self._save(lambda state: state.activated(name, ref))
             previous = self._switch(name, model)
+            self._attach(name, model.version, pack, baseline_sha)
         except AgentError as error:  # download, store, model checks: each with its reason
             self._fail(manifest, failure_state(error.reason), error.reason, error.message)
             return
@@ -459,6 +487,49 @@ class ModelManager:
         self._probations[name] = asyncio.get_running_loop().create_task(
             self._probation(name, model, baseline), name=f"probation-{name}"
         )
+
+    async def _fetch_baseline(
+        self, manifest: ReleaseManifest, artifacts: ArtifactSource
+    ) -> BaselinePack | None:
+        """Fetch (or reuse) and parse the release's drift baseline; a bad one fails the
+        release with `baseline_invalid`, like a bad model."""
+        baseline = manifest.baseline
+        if baseline is None:
+            return None
+        if not self._store.baseline_path(baseline.sha256).exists():
+            self._store.ensure_free_space(baseline.size)
+            await artifacts.fetch_baseline(manifest, self._store.baseline_part(baseline.sha256))
+            self._store.commit_baseline(baseline.sha256)
+        return await self._in_loader(self._load_baseline, baseline.sha256)
+
+    def _load_baseline(self, sha256: str) -> BaselinePack:
+        """Worker thread: the stored pack, re-hashed (a cached file may have rotted)."""
+        data = self._store.baseline_path(sha256).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise SwapError(Reason.HASH_MISMATCH, "stored drift baseline is corrupt")
+        try:
+            return parse_baseline(data)
+        except BaselineInvalidError as error:
+            raise SwapError(Reason.BASELINE_INVALID, str(error)) from None
+
+    async def _attach_stored(self, name: str, ref: ModelRef) -> None:
+        """After a restore or rollback: watch the release with its stored baseline, if any.
+        A baseline that no longer loads leaves the model serving, unwatched."""
+        pack = None
+        if ref.baseline_sha256 is not None:
+            try:
+                pack = await self._in_loader(self._load_baseline, ref.baseline_sha256)
+            except (SwapError, OSError) as error:
+                log.warning(
+                    "baseline_unavailable", model=name, version=ref.version, error=str(error)
+                )
+        self._attach(name, ref.version, pack, ref.baseline_sha256 if pack else None)
+
+    def _attach(
+        self, name: str, version: int, pack: BaselinePack | None, baseline_sha: str | None
+    ) -> None:
+        if self._observer is not None:
+            self._observer.attach(name, version, pack, baseline_sha)
 
     def _verify_cached(self, sha256: str) -> None:
         if not self._store.verify_artifact(sha256):

@@ -87,7 +87,11 @@ class ServedModel(Protocol):
     def ready(self) -> bool: ...
     def metadata(self) -> ModelMetadataView: ...
     async def infer_versioned(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        request_id: str | None = None,
     ) -> tuple[int, dict[str, np.ndarray]]: ...
 
 
@@ -199,7 +203,7 @@ class _V2Handlers:
         )
         try:
             served_version, outputs = await model.infer_versioned(
-                decoded.inputs, decoded.output_names
+                decoded.inputs, decoded.output_names, request_id=decoded.id
             )
         except RequestError as error:
             # Counted by the service already: it sees every request that reaches a model.

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import structlog
@@ -53,6 +54,24 @@ class BatchingPolicy(Section):
     busy_inline_budget_us: float = Field(200.0, ge=0.0, le=1_000_000.0)
     coalesce_above_us: float = Field(100.0, ge=0.0, le=1_000_000.0)
     worker_threads: int = Field(1, ge=1, le=64)
+
+
+class RequestObserver(Protocol):
+    """Watches served requests (drift sampling, predictions kept for feedback); called on the
+    event loop after each answered request, so it must cost next to nothing."""
+
+    def observe(
+        self,
+        name: str,
+        version: int,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        rows: int,
+    ) -> None: ...
+
+    def remember(
+        self, request_id: str, name: str, version: int, outputs: Mapping[str, np.ndarray], rows: int
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +120,7 @@ class InferenceService:
         # The lifecycle state of this name (downloading, active, rolled_back...), shown in
         # the v2 model metadata; set by the model manager.
         self.status: Mapping[str, object] = {}
+        self.observer: RequestObserver | None = None
         self._validator: InputValidator | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=self.policy.worker_threads, thread_name_prefix=f"infer-{name}"
@@ -193,9 +213,16 @@ class InferenceService:
         return (await self.infer_versioned(inputs, outputs))[1]
 
     async def infer_versioned(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        request_id: str | None = None,
     ) -> tuple[int, dict[str, np.ndarray]]:
-        """`infer`, with the version of the model that answered (a swap may happen meanwhile)."""
+        """`infer`, with the version of the model that answered (a swap may happen meanwhile).
+
+        `request_id` (the OIP request id or the route's correlation id) lets feedback label
+        this prediction later."""
         clock = self._clock
         arrived = clock()
         metrics = self._metrics
@@ -220,7 +247,12 @@ class InferenceService:
                 log.exception("inference_failed", model=self.name, version=model.version)
                 raise
             metrics.ok.inc()
-            return model.version, dict(zip(names, results, strict=True))
+            answered = dict(zip(names, results, strict=True))
+            if (observer := self.observer) is not None:
+                observer.observe(self.name, model.version, inputs, answered, rows)
+                if request_id is not None:
+                    observer.remember(request_id, self.name, model.version, answered, rows)
+            return model.version, answered
         finally:
             model.in_flight -= 1
             if model.in_flight == 0 and (event := self._drained.pop(id(model), None)):

@@ -58,7 +58,11 @@ class SlowModel:
         return ModelMetadata(self.name, (7,), "test", self._reference.contract, {})
 
     async def infer_versioned(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        request_id: str | None = None,
     ) -> tuple[int, dict[str, np.ndarray]]:
         self.started.set()
         await asyncio.sleep(self.delay_s)

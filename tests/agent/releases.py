@@ -16,7 +16,7 @@ from agent.observation.metrics import InferenceMetrics
 from agent.releases.download import Downloader, DownloadPolicy
 from agent.releases.lifecycle import ModelStatus, ProbationPolicy
 from agent.releases.store import ModelStore
-from agent.releases.swap import HttpsArtifacts, ModelManager
+from agent.releases.swap import HttpsArtifacts, ModelManager, ReleaseObserver
 from agent.serving.inference import InferenceService
 from deployment.release import build_manifest
 from tests.agent.artifact_server import Artifact, ArtifactServer, TestPki
@@ -73,6 +73,7 @@ def make_device(
     *,
     probation: ProbationPolicy | None = None,
     store_factory: Callable[[Path], ModelStore] = ModelStore,
+    observer: ReleaseObserver | None = None,
 ) -> Device:
     registry = CollectorRegistry()
     metrics = InferenceMetrics(registry)
@@ -96,6 +97,7 @@ def make_device(
             update={"tick_s": 0.05}
         ),
         listeners=[reports.append],
+        observer=observer,
     )
     manager.add_rejection_listener(reports.append)
     return Device(manager, store, services, registry, reports)

@@ -42,6 +42,7 @@ TRUSTED = {"release-2026": SIGNING_KEY.public_key()}
 
 def unsigned_manifest(**overrides: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
+        "schema": 2,
         "name": "anomaly",
         "version": 7,
         "sha256": SHA_A,
@@ -53,7 +54,11 @@ def unsigned_manifest(**overrides: Any) -> dict[str, Any]:
             "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
             "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1]}],
         },
-        "baseline": {"sha256": SHA_B, "url": "https://models.example.net/anomaly/7.json"},
+        "baseline": {
+            "sha256": SHA_B,
+            "size": 2048,
+            "url": "https://models.example.net/anomaly/7.json",
+        },
         "golden": {
             "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4.5]}],
             "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 1], "data": [0.25]}],
@@ -269,6 +274,10 @@ def test_non_object_is_schema_invalid(raw: object) -> None:
         },
         {"golden": {"input": [], "output": [], "atol": 0.1}},
         {"baseline": {"sha256": SHA_B}},
+        {"baseline": {"sha256": SHA_B, "url": "https://models.example.net/b.json"}},  # no size
+        {"baseline": {"sha256": SHA_B, "size": 2**30, "url": "https://models.example.net/b"}},
+        {"schema": 1},  # a baseline needs schema 2
+        {"schema": 3},
         {"contract_change": "yes"},
         {"big": "x" * 40_000},
     ],
@@ -283,7 +292,7 @@ def test_signed_but_schema_invalid_is_rejected(overrides: dict[str, Any]) -> Non
 
 def test_optional_fields_may_be_absent() -> None:
     doc = unsigned_manifest()
-    for optional in ("expires", "baseline", "golden"):
+    for optional in ("schema", "expires", "baseline", "golden"):
         del doc[optional]
     manifest = verify_manifest(sign_manifest(doc, SIGNING_KEY, "release-2026"), TRUSTED, NOW)
     assert (manifest.expires, manifest.baseline, manifest.golden) == (None, None, None)

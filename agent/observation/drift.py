@@ -1,0 +1,304 @@
+"""Drift of a served release's inputs and outputs, on the device.
+
+The hot path pays one counter decrement per request; one request in ``k`` (``k`` grows with
+the request rate so that at most ``max_sampled_per_second`` are sampled) has its feature values
+copied into a preallocated ring buffer. Windows (``window_rows`` rows, or what arrived within
+``window_seconds``) are closed off the hot path by :meth:`DriftMonitor.close_windows`, which
+counts them into a mergeable profile, scores them against the release's baseline and steps the
+CUSUM. A monitor belongs to one release: windows never mix releases.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.observation.baseline import (
+    BaselinePack,
+    Extractor,
+    Feature,
+    WindowCalibration,
+    WindowScore,
+    score_window,
+)
+from agent.observation.counts import FeatureCounts
+from agent.observation.detector import Cusum, CusumParams, DriftState
+
+__all__ = [
+    "PROFILE_SCHEMA",
+    "DriftMonitor",
+    "DriftSettings",
+    "WindowResult",
+    "profile_message",
+]
+
+PROFILE_SCHEMA = "agent-drift-profile/1"
+
+Floats = npt.NDArray[np.float64]
+
+
+class DriftSettings(BaseModel):
+    """The twin's ``drift`` section (every field optional; these are the defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    enabled: bool = True
+    window_rows: int = Field(100, ge=2, le=100_000)
+    window_seconds: float = Field(300.0, gt=0, le=86_400)
+    sample_every: int = Field(1, ge=1, le=1_000_000)  # the smallest k of 1-in-k sampling
+    max_sampled_per_second: float = Field(100.0, gt=0, le=1_000_000)
+    # Rows kept from one sampled request, evenly spread: a big batch costs no more than this.
+    max_rows_per_request: int = Field(8, ge=1, le=4096)
+    features: tuple[str, ...] | None = Field(None, max_length=256)  # None: every feature
+    threshold: float | None = Field(None, gt=0, le=1_000)  # overrides the calibrated CUSUM h
+    max_feature_gauges: int = Field(8, ge=0, le=64)
+    max_profile_features: int = Field(32, ge=1, le=256)
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """One closed window: its profile (counts), its score, and the detector after it."""
+
+    seq: int
+    started: float  # monotonic seconds
+    ended: float
+    counts: tuple[FeatureCounts, ...]
+    score: WindowScore
+    detector: Cusum
+    previous: DriftState
+
+    @property
+    def changed(self) -> bool:
+        return self.detector.state is not self.previous
+
+
+class DriftMonitor:
+    """Samples one release's requests and scores its windows; not thread-safe (loop only)."""
+
+    def __init__(
+        self,
+        pack: BaselinePack,
+        settings: DriftSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        wanted = set(settings.features) if settings.features is not None else None
+        self.pack = pack
+        self._columns = [
+            i for i, f in enumerate(pack.features) if wanted is None or f.name in wanted
+        ]
+        self.features = tuple(pack.features[i] for i in self._columns)
+        self.settings = settings
+        self.calibration = pack.nearest_window(settings.window_rows)
+        self.window_rows = self.calibration.rows  # only calibrated sizes are used
+        base = self.calibration.cusum
+        self.cusum = CusumParams(settings.threshold or base.h, base.k, base.clip)
+        self._clock = clock
+        self._extractor = Extractor([f.source for f in self.features])
+        self._capacity = 2 * self.window_rows
+        self._ring = np.full((self._capacity, len(self.features)), np.nan)
+        self._scratch = np.empty((1, len(self.features)))
+        self._written = 0  # rows ever written; the ring index is this modulo capacity
+        self._read = 0
+        self._every = settings.sample_every
+        self._countdown = 1
+        self._rate_since = clock()
+        self._rate_seen = 0
+        self.detector = Cusum()
+        self.seq = 0
+        self.window_started = clock()
+        self.requests_seen = 0
+        self.requests_sampled = 0
+        self.rows_dropped = 0
+
+    # --- hot path -------------------------------------------------------------------------
+
+    def observe(
+        self,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        outputs: Mapping[str, npt.NDArray[Any]],
+        rows: int,
+    ) -> None:
+        """Offer one request (all its rows) and its response; most calls return at once."""
+        self._countdown -= 1
+        if self._countdown > 0:
+            return
+        self._countdown = self._every
+        self._sample(inputs, outputs, rows)
+
+    def _sample(
+        self,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        outputs: Mapping[str, npt.NDArray[Any]],
+        rows: int,
+    ) -> None:
+        self.requests_sampled += 1
+        if rows <= 0:
+            return
+        scratch = self._scratch if rows == 1 else np.empty((rows, len(self.features)))
+        self._extractor.into(scratch, {**inputs, **outputs}, rows)
+        keep = min(self.settings.max_rows_per_request, self._capacity)
+        if rows > keep:
+            scratch = scratch[np.linspace(0, rows - 1, keep).astype(np.int64)]
+            rows = keep
+        start = self._written % self._capacity
+        end = start + rows
+        if end <= self._capacity:
+            self._ring[start:end] = scratch
+        else:
+            split = self._capacity - start
+            self._ring[start:] = scratch[:split]
+            self._ring[: end - self._capacity] = scratch[split:]
+        self._written += rows
+        overrun = self._written - self._read - self._capacity
+        if overrun > 0:  # the closer fell behind: the oldest rows are gone
+            self.rows_dropped += overrun
+            self._read += overrun
+
+    # --- off the hot path -------------------------------------------------------------------
+
+    @property
+    def pending_rows(self) -> int:
+        return self._written - self._read
+
+    def adapt_sampling(self, requests_seen: int) -> int:
+        """Retune k from the requests seen since the last call; returns the new k."""
+        now = self._clock()
+        elapsed = now - self._rate_since
+        if elapsed > 0:
+            rate = (requests_seen - self._rate_seen) / elapsed
+            k = math.ceil(rate / self.settings.max_sampled_per_second)
+            self._every = max(self.settings.sample_every, k)
+            self._countdown = min(self._countdown, self._every)
+        self._rate_since, self._rate_seen = now, requests_seen
+        return self._every
+
+    @property
+    def sample_every(self) -> int:
+        return self._every
+
+    def close_windows(self) -> list[WindowResult]:
+        """Close every full window, and a partial one older than ``window_seconds``."""
+        results = []
+        while self.pending_rows >= self.window_rows:
+            results.append(self._close(self.window_rows))
+        now = self._clock()
+        if self.pending_rows and now - self.window_started >= self.settings.window_seconds:
+            results.append(self._close(self.pending_rows))
+        elif not self.pending_rows and now - self.window_started >= self.settings.window_seconds:
+            self.window_started = now  # an idle window is no window
+        return results
+
+    def _close(self, rows: int) -> WindowResult:
+        start = self._read % self._capacity
+        index = (np.arange(rows) + start) % self._capacity
+        block = self._ring[index]
+        self._read += rows
+        counts = tuple(
+            FeatureCounts.of(f.binning, block[:, i], f.min, f.max)
+            for i, f in enumerate(self.features)
+        )
+        score = score_window(self._subpack(), counts)
+        previous = self.detector.state
+        # A partial window scores against the calibration of its own size; the CUSUM keeps the
+        # configured window's threshold.
+        self.detector = self.detector.step(score.score, self.cusum)
+        self.seq += 1
+        now = self._clock()
+        result = WindowResult(
+            self.seq, self.window_started, now, counts, score, self.detector, previous
+        )
+        self.window_started = now
+        return result
+
+    def _subpack(self) -> BaselinePack:
+        if len(self.features) == len(self.pack.features):
+            return self.pack
+        cached: BaselinePack | None = getattr(self, "_cached_subpack", None)
+        if cached is None:
+            cached = _restrict(self.pack, self._columns)
+            self._cached_subpack = cached
+        return cached
+
+
+_PER_FEATURE = (
+    "divergence_mean",
+    "divergence_std",
+    "shift_mean",
+    "shift_std",
+    "spread_mean",
+    "spread_std",
+)
+
+
+def _restrict(pack: BaselinePack, columns: Sequence[int]) -> BaselinePack:
+    """The pack cut down to some features (the calibration's per-feature nulls follow)."""
+    windows = []
+    for w in pack.calibration.windows:
+        pick = {name: tuple(getattr(w, name)[i] for i in columns) for name in _PER_FEATURE}
+        # Validated afresh rather than copied: a copy would keep the cached null arrays.
+        windows.append(WindowCalibration.model_validate({**w.model_dump(), **pick}))
+    calibration = pack.calibration.model_copy(update={"windows": tuple(windows)})
+    return pack.model_copy(
+        update={
+            "features": tuple(pack.features[i] for i in columns),
+            "calibration": calibration,
+        }
+    )
+
+
+def _sparse(counts: FeatureCounts) -> dict[str, Any]:
+    nonzero = np.flatnonzero(counts.counts)
+    return {
+        "bins": counts.counts.size,
+        "i": nonzero.tolist(),
+        "c": counts.counts[nonzero].tolist(),
+        "sum": counts.total,
+        "sum_sq": counts.total_sq,
+        "below": counts.below,
+        "above": counts.above,
+    }
+
+
+def profile_message(
+    result: WindowResult,
+    *,
+    model: str,
+    version: int,
+    baseline_sha256: str,
+    features: Sequence[Feature],
+    max_features: int,
+    wall_clock: float,
+) -> dict[str, Any]:
+    """A window as an immutable telemetry profile: sparse counts of at most ``max_features``
+    features (the most divergent first), mergeable by adding counts of the same baseline."""
+    order = sorted(
+        range(len(features)),
+        key=lambda i: -np.nan_to_num(result.score.features[i].evidence, nan=-np.inf),
+    )
+    kept = sorted(order[:max_features])
+    return {
+        "schema": PROFILE_SCHEMA,
+        "model": model,
+        "version": version,
+        "baseline": baseline_sha256,
+        "seq": result.seq,
+        "ended": round(wall_clock, 3),
+        "seconds": round(result.ended - result.started, 3),
+        "rows": result.score.rows,
+        "score": _finite(result.score.score),
+        "state": result.detector.state.value,
+        "features": {features[i].name: _sparse(result.counts[i]) for i in kept},
+        "truncated": len(features) - len(kept),
+    }
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None

@@ -1,0 +1,105 @@
+"""The drift side of the command line: `baseline` (a pack from training data) and
+`drift-report` (the fleet's routed window profiles merged into HTML). Neither needs an
+environment: they read and write local files only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import structlog
+
+from deployment.baseline import (
+    BaselineOptions,
+    build_baseline,
+    load_table,
+    model_outputs,
+    window_sizes_arg,
+)
+from deployment.drift_report import load_baselines, merge_profiles, read_profiles, write_reports
+
+log = structlog.get_logger(__name__)
+
+COMMANDS = frozenset({"baseline", "drift-report"})
+
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    data, header = load_table(args.data)
+    options = BaselineOptions(
+        bins=args.bins,
+        max_features=args.max_features,
+        window_sizes=args.window_sizes,
+        false_alarms_per_10k=args.false_alarms_per_10k,
+        resamples=args.resamples,
+        seed=args.seed,
+    )
+    input_name, outputs = model_outputs(args.model, data)
+    names = {input_name: header} if header else {}
+    labels = load_table(args.labels)[0] if args.labels else None
+    pack = build_baseline({input_name: data}, outputs, options, names, labels)
+    args.output.write_text(json.dumps(pack, separators=(",", ":")), encoding="utf-8")
+    log.info(
+        "baseline_written",
+        path=str(args.output),
+        rows=pack["rows"],
+        features=len(pack["features"]),
+        skipped=len(pack["skipped"]),
+        windows=[w["rows"] for w in pack["calibration"]["windows"]],
+    )
+    return 0
+
+
+def _drift_report(args: argparse.Namespace) -> int:
+    profiles = read_profiles(args.profiles)
+    fleet = merge_profiles(profiles, load_baselines(args.baseline), args.bucket_seconds)
+    written = write_reports(fleet, args.output)
+    log.info("drift_report_written", profiles=len(profiles), pages=[str(p) for p in written])
+    return 0 if written else 1
+
+
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    defaults = BaselineOptions()
+    baseline = commands.add_parser("baseline", help="profile training data into a drift baseline")
+    baseline.add_argument("--data", type=Path, required=True, help="training inputs, .npy or .csv")
+    baseline.add_argument("--model", type=Path, required=True, help="the ONNX model")
+    baseline.add_argument("-o", "--output", type=Path, required=True)
+    baseline.add_argument(
+        "--labels", type=Path, help="training labels (.npy/.csv), for the quality reference"
+    )
+    baseline.add_argument("--bins", type=int, default=defaults.bins)
+    baseline.add_argument("--max-features", type=int, default=defaults.max_features)
+    baseline.add_argument(
+        "--window-sizes",
+        type=window_sizes_arg,
+        default=defaults.window_sizes,
+        help="comma-separated rows per window to calibrate",
+    )
+    baseline.add_argument(
+        "--false-alarms-per-10k", type=float, default=defaults.false_alarms_per_10k
+    )
+    baseline.add_argument("--resamples", type=int, default=defaults.resamples)
+    baseline.add_argument("--seed", type=int, default=defaults.seed)
+    baseline.set_defaults(run=_baseline)
+
+    report = commands.add_parser("drift-report", help="merge fleet drift profiles into HTML")
+    report.add_argument(
+        "--profiles", type=Path, nargs="+", required=True, help="routed telemetry files/folders"
+    )
+    report.add_argument(
+        "--baseline", type=Path, nargs="+", required=True, help="the baseline packs they name"
+    )
+    report.add_argument("--bucket-seconds", type=float, default=3600.0)
+    report.add_argument("-o", "--output", type=Path, required=True, help="folder for the pages")
+    report.set_defaults(run=_drift_report)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Exit status 0 done, 1 nothing written, 2 unreadable or invalid input."""
+    try:
+        return int(args.run(args))
+    except (ValueError, OSError) as e:
+        log.error("drift_command_failed", command=args.command, error=str(e))
+        return 2

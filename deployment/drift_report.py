@@ -1,0 +1,362 @@
+"""Fleet drift: merge window profiles from many devices and hours, score the merged counts,
+and draw one self-contained HTML page per model.
+
+``python -m deployment drift-report --profiles DIR_OR_FILE... --baseline pack.json... -o DIR``
+
+Profiles are the agent's ``telemetry`` messages (schema ``agent-drift-profile/1``), read from
+files as IoT Hub message routing writes them to storage: one JSON object, a JSON array, or one
+object per line, either bare or in a routing envelope (``Body`` plus ``SystemProperties``).
+Counts of the same baseline add up, so a bucket of an hour across a fleet is scored exactly as
+one window of all its rows would be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.observation.baseline import BaselinePack, parse_baseline, score_window
+from agent.observation.counts import FeatureCounts
+from agent.observation.drift import PROFILE_SCHEMA
+
+__all__ = [
+    "Bucket",
+    "FleetModel",
+    "load_baselines",
+    "merge_profiles",
+    "read_profiles",
+    "render_html",
+    "write_reports",
+]
+
+
+@dataclass(frozen=True)
+class Profile:
+    device: str
+    model: str
+    version: int
+    baseline: str
+    seq: int
+    ended: float
+    rows: int
+    state: str
+    features: Mapping[str, Mapping[str, Any]]
+
+
+def _iter_documents(text: str) -> Iterator[Any]:
+    text = text.strip()
+    if not text:
+        return
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        for line in text.splitlines():
+            if line.strip():
+                yield json.loads(line)
+        return
+    if isinstance(document, list):
+        yield from document
+    else:
+        yield document
+
+
+def _profile(document: Any, where: str) -> Profile | None:
+    if not isinstance(document, dict):
+        return None
+    device = "unknown"
+    if "Body" in document:
+        system = document.get("SystemProperties") or {}
+        device = str(system.get("connectionDeviceId", device))
+        document = document["Body"]
+        if not isinstance(document, dict):
+            return None
+    if document.get("schema") != PROFILE_SCHEMA:
+        return None
+    try:
+        return Profile(
+            device=str(document.get("device", device)),
+            model=str(document["model"]),
+            version=int(document["version"]),
+            baseline=str(document["baseline"]),
+            seq=int(document["seq"]),
+            ended=float(document["ended"]),
+            rows=int(document["rows"]),
+            state=str(document["state"]),
+            features=dict(document["features"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: malformed drift profile ({e})") from None
+
+
+def read_profiles(paths: Iterable[Path]) -> list[Profile]:
+    """Every drift profile in the files (folders are read recursively); other messages are
+    ignored, since routed telemetry mixes message kinds."""
+    files: list[Path] = []
+    for path in paths:
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    profiles = []
+    for file in files:
+        for document in _iter_documents(file.read_text(encoding="utf-8")):
+            profile = _profile(document, str(file))
+            if profile is not None:
+                profiles.append(profile)
+    return profiles
+
+
+def load_baselines(paths: Iterable[Path]) -> dict[str, BaselinePack]:
+    """Baseline packs by the sha256 of their bytes (what profiles and manifests name)."""
+    packs = {}
+    for path in paths:
+        data = path.read_bytes()
+        packs[hashlib.sha256(data).hexdigest()] = parse_baseline(data)
+    return packs
+
+
+def _counts(pack: BaselinePack, sparse: Mapping[str, Any], index: int) -> FeatureCounts:
+    size = pack.features[index].binning.size
+    if int(sparse["bins"]) != size:
+        raise ValueError(f"{sparse['bins']} bins where the baseline has {size}")
+    counts = np.zeros(size, dtype=np.int64)
+    np.add.at(counts, np.asarray(sparse["i"], dtype=np.int64), np.asarray(sparse["c"]))
+    return FeatureCounts(
+        counts, float(sparse["sum"]), float(sparse["sum_sq"]), int(sparse["below"]),
+        int(sparse["above"]),
+    )  # fmt: skip
+
+
+@dataclass
+class Bucket:
+    start: float
+    rows: int = 0
+    profiles: int = 0
+    devices: set[str] = field(default_factory=set)
+    counts: dict[int, FeatureCounts] = field(default_factory=dict)
+    score: float = float("nan")
+    divergence: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FleetModel:
+    model: str
+    baseline: str
+    pack: BaselinePack
+    versions: set[int] = field(default_factory=set)
+    buckets: list[Bucket] = field(default_factory=list)
+    total: Bucket = field(default_factory=lambda: Bucket(0.0))
+    changes: list[tuple[float, str, int, str, str]] = field(default_factory=list)
+
+
+def _add(bucket: Bucket, profile: Profile, pack: BaselinePack) -> None:
+    names = {f.name: i for i, f in enumerate(pack.features)}
+    bucket.rows += profile.rows
+    bucket.profiles += 1
+    bucket.devices.add(profile.device)
+    for name, sparse in profile.features.items():
+        index = names.get(name)
+        if index is None:
+            continue  # a feature the pack does not know cannot be scored
+        part = _counts(pack, sparse, index)
+        bucket.counts[index] = bucket.counts[index] + part if index in bucket.counts else part
+
+
+def _score(bucket: Bucket, pack: BaselinePack) -> None:
+    if not bucket.counts:
+        return
+    counts = [
+        bucket.counts.get(i, FeatureCounts.empty(f.binning.size))
+        for i, f in enumerate(pack.features)
+    ]
+    score = score_window(pack, counts)
+    present = [i for i in range(len(counts)) if i in bucket.counts]
+    bucket.score = max((score.features[i].evidence for i in present), default=float("nan"))
+    bucket.divergence = {score.features[i].name: score.features[i].divergence for i in present}
+
+
+def merge_profiles(
+    profiles: Sequence[Profile], baselines: Mapping[str, BaselinePack], bucket_s: float
+) -> list[FleetModel]:
+    """Profiles merged per (model, baseline) and time bucket; state changes per device."""
+    models: dict[tuple[str, str], FleetModel] = {}
+    buckets: dict[tuple[str, str], dict[float, Bucket]] = defaultdict(dict)
+    missing = sorted({p.baseline for p in profiles if p.baseline not in baselines})
+    if missing:
+        raise ValueError(f"no baseline given for {', '.join(s[:12] for s in missing)}")
+    last_state: dict[tuple[str, str, int], str] = {}
+    for profile in sorted(profiles, key=lambda p: (p.ended, p.device, p.seq)):
+        key = (profile.model, profile.baseline)
+        pack = baselines[profile.baseline]
+        fleet = models.setdefault(key, FleetModel(profile.model, profile.baseline, pack))
+        fleet.versions.add(profile.version)
+        start = math.floor(profile.ended / bucket_s) * bucket_s
+        _add(buckets[key].setdefault(start, Bucket(start)), profile, pack)
+        _add(fleet.total, profile, pack)
+        release = (profile.device, profile.model, profile.version)
+        before = last_state.get(release, "ok")
+        if profile.state != before:
+            fleet.changes.append(
+                (profile.ended, profile.device, profile.version, before, profile.state)
+            )
+        last_state[release] = profile.state
+    for key, fleet in models.items():
+        fleet.buckets = [buckets[key][s] for s in sorted(buckets[key])]
+        for bucket in [*fleet.buckets, fleet.total]:
+            _score(bucket, fleet.pack)
+    return sorted(models.values(), key=lambda m: (m.model, m.baseline))
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px system-ui,sans-serif;margin:24px;color:#1d2733;background:#fff}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:14px}
+.card{border:1px solid #d5dbe3;border-radius:8px;padding:10px}
+.card h3{font-size:14px;margin:0 0 4px}.muted{color:#5c6b7a;font-size:12px}
+table{border-collapse:collapse}
+td,th{padding:3px 10px;border-bottom:1px solid #e3e8ee;text-align:left}
+.ok{color:#1a7f37}.warning{color:#b35900}.drift{color:#c62828;font-weight:600}
+"""
+_REFERENCE, _CURRENT = "#8aa4c8", "#e4572e"
+
+
+def _time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _histogram(reference: Sequence[float], current: Sequence[float], labels: Sequence[str]) -> str:
+    width, height, pad = 320, 150, 22
+    bins = len(reference)
+    step = (width - 2 * pad) / max(1, bins)
+    top = max([*reference, *current, 1e-9])
+    bars = []
+    for i, (ref, cur) in enumerate(zip(reference, current, strict=True)):
+        x = pad + i * step
+        for offset, value, colour in ((0.0, ref, _REFERENCE), (step / 2, cur, _CURRENT)):
+            h = (height - 2 * pad) * value / top
+            bars.append(
+                f'<rect x="{x + offset:.1f}" y="{height - pad - h:.1f}" '
+                f'width="{max(step / 2 - 1, 1):.1f}" height="{h:.1f}" fill="{colour}"/>'
+            )
+    axis = (
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
+        'stroke="#5c6b7a"/>'
+        f'<text x="{pad}" y="{height - 6}" font-size="10" fill="#5c6b7a">'
+        f"{html.escape(labels[0])}</text>"
+        f'<text x="{width - pad}" y="{height - 6}" font-size="10" fill="#5c6b7a" '
+        f'text-anchor="end">{html.escape(labels[-1])}</text>'
+    )
+    return f'<svg width="{width}" height="{height}" role="img">{"".join(bars)}{axis}</svg>'
+
+
+def _timeline(fleet: FleetModel) -> str:
+    width, height, pad = 900, 220, 36
+    points = [(b.start, b.score) for b in fleet.buckets if math.isfinite(b.score)]
+    if not points:
+        return '<p class="muted">no scored bucket</p>'
+    t0 = min(p[0] for p in points)
+    t1 = max(t0 + 1, *(p[0] for p in points))
+    top = max(4.0, *(p[1] for p in points))
+    low = min(0.0, *(p[1] for p in points))
+
+    def x(t: float) -> float:
+        return pad + (width - 2 * pad) * (t - t0) / (t1 - t0)
+
+    def y(v: float) -> float:
+        return height - pad - (height - 2 * pad) * (v - low) / (top - low)
+
+    path = " ".join(
+        f"{'M' if i == 0 else 'L'}{x(t):.1f},{y(v):.1f}" for i, (t, v) in enumerate(points)
+    )
+    dots = "".join(
+        f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="3" fill="{_CURRENT}"/>' for t, v in points
+    )
+    marks = "".join(
+        f'<line x1="{x(t):.1f}" y1="{pad}" x2="{x(t):.1f}" y2="{height - pad}" '
+        f'stroke="{"#c62828" if new == "drift" else "#b35900" if new == "warning" else "#1a7f37"}" '
+        'stroke-dasharray="4 3"/>'
+        for t, _, _, _, new in fleet.changes
+        if t0 <= t <= t1 + 1
+    )
+    guide = (
+        f'<line x1="{pad}" y1="{y(0):.1f}" x2="{width - pad}" y2="{y(0):.1f}" stroke="#d5dbe3"/>'
+    )
+    labels = (
+        f'<text x="{pad}" y="{height - 10}" font-size="11" fill="#5c6b7a">{_time(t0)}</text>'
+        f'<text x="{width - pad}" y="{height - 10}" font-size="11" fill="#5c6b7a" '
+        f'text-anchor="end">{_time(t1)}</text>'
+        f'<text x="4" y="{pad - 10}" font-size="11" fill="#5c6b7a">'
+        "largest feature evidence (standard deviations above training windows)</text>"
+    )
+    return (
+        f'<svg width="{width}" height="{height}" role="img">{guide}{marks}'
+        f'<path d="{path}" fill="none" stroke="{_CURRENT}" stroke-width="2"/>{dots}{labels}</svg>'
+    )
+
+
+def _bin_labels(pack: BaselinePack, index: int) -> list[str]:
+    feature = pack.features[index]
+    cuts = [f"{c:.3g}" for c in feature.cuts]
+    if feature.kind == "categorical":
+        return [*cuts, "other", "missing"]
+    return [f"< {cuts[0]}" if cuts else "all", *cuts, "missing"][: feature.binning.size]
+
+
+def render_html(fleet: FleetModel) -> str:
+    pack = fleet.pack
+    total = fleet.total
+    order = sorted(total.counts, key=lambda i: -total.divergence.get(pack.features[i].name, 0.0))
+    cards = []
+    for index in order:
+        feature = pack.features[index]
+        counts = total.counts[index].counts
+        current = (counts / max(1, counts.sum())).tolist()
+        labels = _bin_labels(pack, index)
+        cards.append(
+            f'<div class="card"><h3>{html.escape(feature.name)}</h3>'
+            f'<div class="muted">JS {total.divergence.get(feature.name, 0.0):.4f} bits · '
+            f"{int(counts.sum())} rows · {feature.kind}</div>"
+            f"{_histogram(list(feature.reference), current, [labels[0], labels[-1]])}</div>"
+        )
+    changes = "".join(
+        f"<tr><td>{_time(t)}</td><td>{html.escape(device)}</td><td>{version}</td>"
+        f'<td class="{html.escape(old)}">{html.escape(old)}</td>'
+        f'<td class="{html.escape(new)}">{html.escape(new)}</td></tr>'
+        for t, device, version, old, new in fleet.changes
+    )
+    title = f"Drift of {fleet.model}"
+    versions = ", ".join(map(str, sorted(fleet.versions)))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_CSS}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="muted">baseline {fleet.baseline[:12]} · versions {versions}
+ · {total.profiles} windows · {total.rows} rows · {len(total.devices)} devices ·
+ <span style="color:{_REFERENCE}">■</span> training reference
+ <span style="color:{_CURRENT}">■</span> merged current</p>
+<h2>Score over time</h2>{_timeline(fleet)}
+<h2>Features, most divergent first</h2><div class="grid">{"".join(cards)}</div>
+<h2>State changes</h2>
+<table><tr><th>time (UTC)</th><th>device</th><th>version</th><th>from</th><th>to</th></tr>
+{changes or '<tr><td colspan="5" class="muted">none</td></tr>'}</table>
+</body></html>
+"""
+
+
+def write_reports(fleet: Sequence[FleetModel], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model in fleet:
+        path = out / f"{model.model}-{model.baseline[:12]}.html"
+        path.write_text(render_html(model), encoding="utf-8")
+        written.append(path)
+    return written

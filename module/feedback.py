@@ -1,0 +1,51 @@
+"""The `feedback` input route: ground-truth labels for earlier predictions.
+
+A message body is one item or a list of items, each ``{"id": <correlation id of the
+prediction>, "label": <number | bool, or a list of them, one per row of that request>}``.
+Parsing is strict and bounded; what the labels are joined with is the agent's business.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+
+FEEDBACK_INPUT = "feedback"
+MAX_ITEMS = 1000
+
+Scalar = int | float | bool
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    label: Scalar | Annotated[list[Scalar], Field(min_length=1, max_length=4096)]
+
+    @property
+    def labels(self) -> list[Scalar]:
+        return self.label if isinstance(self.label, list) else [self.label]
+
+
+_ONE: TypeAdapter[FeedbackItem] = TypeAdapter(FeedbackItem)
+_MANY: TypeAdapter[list[FeedbackItem]] = TypeAdapter(
+    Annotated[list[FeedbackItem], Field(min_length=1, max_length=MAX_ITEMS)]
+)
+
+
+def parse_feedback(body: bytes) -> list[FeedbackItem]:
+    """The items of one feedback message; `ValueError` names what is wrong."""
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"feedback is not JSON: {error}") from None
+    try:
+        if isinstance(document, list):
+            return _MANY.validate_json(body)
+        return [_ONE.validate_json(body)]
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise ValueError(f"feedback {where}: {first['msg']}") from None

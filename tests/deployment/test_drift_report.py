@@ -1,0 +1,147 @@
+"""Fleet merge of drift profiles and the HTML report, rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent.observation.drift import DriftMonitor, DriftSettings, profile_message
+from deployment.__main__ import main
+from deployment.drift_report import load_baselines, merge_profiles, read_profiles
+from tests.agent.drift_packs import tabular_pack, tabular_rows
+
+START = 1_760_000_000.0
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    """Two devices, 12 windows of 50 rows each; the second half of each is shifted."""
+    root = tmp_path_factory.mktemp("fleet")
+    pack = tabular_pack()
+    data = json.dumps(pack.model_dump(mode="json", by_alias=True)).encode()
+    baseline = root / "baseline.json"
+    baseline.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    routed = root / "routed"
+    routed.mkdir()
+    rows = 0
+    for device in ("cam-1", "cam-2"):
+        clock = Clock()
+        monitor = DriftMonitor(
+            pack, DriftSettings(window_rows=50, max_rows_per_request=50), clock=clock
+        )
+        rng = np.random.default_rng(len(device) + ord(device[-1]))
+        lines = []
+        for window in range(12):
+            inputs, outputs = tabular_rows(rng, 50, shift=2.0 if window >= 6 else 0.0)
+            monitor.observe(inputs, outputs, 50)
+            clock.now += 600
+            (result,) = monitor.close_windows()
+            rows += result.score.rows
+            body = profile_message(
+                result,
+                model="anomaly",
+                version=7,
+                baseline_sha256=sha,
+                features=monitor.features,
+                max_features=32,
+                wall_clock=START + clock.now,
+            )
+            envelope = {"SystemProperties": {"connectionDeviceId": device}, "Body": body}
+            lines.append(json.dumps(envelope))
+        lines.append(json.dumps({"Body": {"schema": "agent-latency/1"}}))  # other telemetry
+        (routed / f"{device}.json").write_text("\n".join(lines))
+    return routed, baseline, rows
+
+
+def test_merged_profiles_add_up_and_later_buckets_score_higher(
+    fleet_files: tuple[Path, Path, int],
+) -> None:
+    routed, baseline, rows = fleet_files
+    profiles = read_profiles([routed])
+    assert len(profiles) == 24
+    (fleet,) = merge_profiles(profiles, load_baselines([baseline]), bucket_s=3600.0)
+    assert fleet.total.rows == rows == 1200
+    assert fleet.total.devices == {"cam-1", "cam-2"}
+    assert int(fleet.total.counts[0].counts.sum()) == 1200
+    assert sum(b.rows for b in fleet.buckets) == 1200
+    early, late = fleet.buckets[0], fleet.buckets[-1]
+    assert late.score > early.score + 3
+    assert late.divergence["x[0]"] > early.divergence["x[0]"]
+    drifted = {(device, new) for _, device, _, _, new in fleet.changes}
+    assert {("cam-1", "drift"), ("cam-2", "drift")} <= drifted
+
+
+def test_profiles_of_an_unknown_baseline_are_refused(fleet_files: tuple[Path, Path, int]) -> None:
+    routed, _, _ = fleet_files
+    with pytest.raises(ValueError, match="no baseline given"):
+        merge_profiles(read_profiles([routed]), {}, bucket_s=3600.0)
+
+
+def test_a_malformed_profile_names_its_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "agent-drift-profile/1", "model": "m"}))
+    with pytest.raises(ValueError, match=r"bad\.json: malformed drift profile"):
+        read_profiles([bad])
+
+
+def _screenshot(page: Path, out: Path, profile_dir: Path) -> None:
+    chromium = shutil.which("chromium")
+    assert chromium, "make system-deps installs Debian's chromium"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile_dir}",
+            "--hide-scrollbars",
+            "--window-size=1200,1400",
+            f"--screenshot={out}",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=90,
+    )
+
+
+@pytest.mark.e2e
+def test_the_report_renders_in_chromium_with_charts(
+    fleet_files: tuple[Path, Path, int], tmp_path: Path
+) -> None:
+    routed, baseline, _ = fleet_files
+    out = tmp_path / "report"
+    argv = ["drift-report", "--profiles", str(routed), "--baseline", str(baseline), "-o", str(out)]
+    assert main([*argv, "--bucket-seconds", "1800"]) == 0
+    (page,) = out.glob("*.html")
+    assert "Drift of anomaly" in page.read_text()
+    png = tmp_path / "report.png"
+    _screenshot(page, png, tmp_path / "chromium-profile")
+    image = np.asarray(Image.open(png).convert("RGB"), dtype=np.int32)
+    assert image.shape[:2] == (1400, 1200)
+    not_white = (image.min(axis=2) < 235).mean()
+    current = (np.abs(image - [0xE4, 0x57, 0x2E]).sum(axis=2) < 40).sum()  # the orange series
+    reference = (np.abs(image - [0x8A, 0xA4, 0xC8]).sum(axis=2) < 40).sum()
+    assert not_white > 0.03, f"only {not_white:.1%} of the page is drawn"
+    assert current > 500
+    assert reference > 500
