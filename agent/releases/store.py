@@ -61,6 +61,7 @@ __all__ = [
     "StoreSettings",
     "StoreState",
     "WritableFile",
+    "ensure_writable_dir",
     "is_disk_full",
     "select_garbage",
 ]
@@ -86,6 +87,24 @@ _STATE_SCHEMA = 1
 
 class StoreError(AgentError):
     """A store write that did not happen (`disk_full`, `io_error`); the state on disk is intact."""
+
+
+def ensure_writable_dir(directory: Path, role: str) -> None:
+    """Create `directory` if needed; a StoreError naming `role` if this uid cannot write it.
+
+    A store or spool that cannot be written fails at start, not at the first release: in a
+    container this is a missing volume, a read-only root, or a volume owned by another uid.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory))
+    except OSError as error:
+        raise StoreError(
+            StoreReason.IO_ERROR,
+            f"the {role} is not usable by uid {os.getuid()} "
+            f"({error.strerror}: {error.filename}); mount a volume writable by it there",
+        ) from error
 
 
 class NoLastKnownGoodError(ValueError):
@@ -424,7 +443,7 @@ class ModelStore:
     def open(self) -> StoreState:
         """Create the layout, drop orphaned temp files, load ``state.json`` (or start empty)."""
         for directory in (self.root, self.models_dir, self.baselines_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            ensure_writable_dir(directory, f"state directory {self.root}")
         self._remove_orphans()
         self._state = self._load_state()
         return self._state

@@ -159,6 +159,14 @@ def test_open_creates_the_layout_and_starts_empty(tmp_path: Path) -> None:
     assert (tmp_path / "vol" / "baselines").is_dir()
 
 
+def test_open_on_an_unusable_state_directory_names_it(tmp_path: Path) -> None:
+    """A file where the store's directory should be (the tests run as root, which writes
+    anywhere: the container's non-root uid meeting a root-owned volume is tests/container's)."""
+    (tmp_path / "vol").write_text("not a directory")
+    with pytest.raises(StoreError, match=r"state directory .*vol is not usable by uid \d+"):
+        ModelStore(tmp_path / "vol").open()
+
+
 def test_saved_state_survives_a_restart(tmp_path: Path) -> None:
     state = StoreState().activated("m", V1).activated("m", V2)
     opened_store(tmp_path).save(state)

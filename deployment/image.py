@@ -1,0 +1,511 @@
+"""The device image, built from the repository's Dockerfile by a real Docker engine.
+
+    python -m deployment.image build [--tag TAG]     # what `make image` runs
+
+Where no engine runs, `dockerd` is started (no bridge, no iptables: containers use the host's
+network) and stopped again afterwards. The Dockerfile's base (`python:3.11-slim`) is pulled where
+a registry is reachable; where none is, a stand-in is made from Debian packages with
+debootstrap (bookworm's python3 is 3.11, the slim image's Debian release) from the machine's
+own apt mirror, and tagged with the base's name, so the Dockerfile stays exactly what
+production builds. The stand-in carries the host's CA bundle, and the build gets the host pip's
+index settings as build arguments, so pip inside the build reaches PyPI the way the host does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_NAME = "edge-mlops-agent"
+# The Debian release of python:3.11-slim, whose python3 is 3.11 too.
+SUITE = "bookworm"
+# Where Debian and the slim image keep the CA bundle that pip is pointed at inside the build.
+IMAGE_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+STAND_IN_LABEL = "org.edge-mlops.stand-in"
+# pip options that make sense inside the build: where packages come from and how to trust it.
+# Paths on the host (find-links, file:// indexes, constraint files) do not exist in there.
+_PIP_OPTIONS = ("index-url", "extra-index-url", "trusted-host", "default-timeout")
+
+BaseSource = Literal["present", "pulled", "stand-in"]
+
+
+class ImageError(Exception):
+    """The engine, the base or the build failed; `reason` is one word from a closed set."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# --- pure helpers -----------------------------------------------------------------------------
+
+
+def project_version(pyproject: str) -> str:
+    version = tomllib.loads(pyproject)["project"]["version"]
+    if not isinstance(version, str) or not version:
+        raise ImageError("bad_pyproject", "pyproject.toml has no project.version")
+    return version
+
+
+def base_images(dockerfile: str) -> list[str]:
+    """The images the Dockerfile's stages start from (not its own stages), in order."""
+    stages: set[str] = set()
+    bases: list[str] = []
+    for line in dockerfile.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0].upper() != "FROM":
+            continue
+        args = [w for w in words[1:] if not w.startswith("--")]
+        if len(args) >= 3 and args[1].upper() == "AS":
+            stages.add(args[2])
+        if args[0] not in stages and args[0] not in bases:
+            bases.append(args[0])
+    return bases
+
+
+def debian_mirror(sources: Iterable[str], suite: str = SUITE) -> str:
+    """The first http(s) archive URL that serves `suite`, from apt's sources (one-line `deb`
+    entries or deb822 stanzas); security and updates archives do not carry the base system."""
+    for text in sources:
+        for uris, suites in _apt_entries(text):
+            if suite in suites:
+                for uri in uris:
+                    if uri.startswith(("http://", "https://")):
+                        return uri.rstrip("/")
+    raise ImageError("no_mirror", f"no apt source serves Debian {suite} over http(s)")
+
+
+def _apt_entries(text: str) -> Iterator[tuple[list[str], list[str]]]:
+    stanza: dict[str, str] = {}
+    for raw in [*text.splitlines(), ""]:
+        if raw.lstrip().startswith("#"):
+            continue  # a comment inside a deb822 stanza does not end it
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("deb "):
+            words = re.sub(r"\[[^]]*\]", " ", line).split()[1:]  # without [options]
+            if len(words) >= 2:
+                yield [words[0]], [words[1]]
+            continue
+        if not line:
+            if "deb" in stanza.get("types", "").split() and stanza.get("enabled") != "no":
+                yield stanza.get("uris", "").split(), stanza.get("suites", "").split()
+            stanza = {}
+            continue
+        key, sep, value = line.partition(":")
+        if sep and not raw[:1].isspace():
+            stanza[key.strip().lower()] = value.strip()
+
+
+def parse_pip_config(listing: str) -> dict[str, str]:
+    """`pip config list` output as {option: value}; environment variables (`:env:`) win."""
+    values: dict[str, str] = {}
+    from_env: dict[str, str] = {}
+    for line in listing.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or "." not in key:
+            continue
+        scope, _, option = key.rpartition(".")
+        unquoted = shlex.split(value)
+        text = " ".join(unquoted)
+        (from_env if scope == ":env:" else values)[option] = text
+    return values | from_env
+
+
+def pip_build_args(pip_config: Mapping[str, str], *, stand_in: bool) -> dict[str, str]:
+    """The `--build-arg`s (PIP_* variables) that give pip in the build the host's index.
+
+    Only network indexes pass: a file:// index is a path on the host. PIP_CERT only with the
+    stand-in base, which carries the host's CA bundle at IMAGE_CA_BUNDLE.
+    """
+    args: dict[str, str] = {}
+    for option in _PIP_OPTIONS:
+        value = pip_config.get(option, "")
+        if option.endswith("index-url"):
+            value = " ".join(u for u in value.split() if u.startswith(("http://", "https://")))
+        if value:
+            args["PIP_" + option.upper().replace("-", "_")] = value
+    if stand_in and pip_config.get("cert"):
+        args["PIP_CERT"] = IMAGE_CA_BUNDLE
+    return args
+
+
+def size_bytes(text: str) -> int:
+    """A size as the Docker CLI prints it ("215MB", "57.3MiB", "512kB", "0B") in bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kKMGT]?i?B)\s*", text)
+    if match is None:
+        raise ImageError("bad_size", f"not a size: {text!r}")
+    units = {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+    units |= {"KiB": 1024, "kiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+    return round(float(match[1]) * units[match[2]])
+
+
+# --- the Docker CLI and engine --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Docker:
+    """The `docker` command line (the only way this project talks to the engine)."""
+
+    binary: str = "docker"
+    timeout_s: float = 900.0
+
+    def __call__(
+        self, *args: str, check: bool = True, timeout_s: float | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [self.binary, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s or self.timeout_s,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise ImageError(
+                "docker_failed",
+                f"docker {args[0]} exited {done.returncode}: {done.stderr.strip()[-2000:]}",
+            )
+        return done
+
+    def engine_answers(self) -> bool:
+        try:
+            return self("info", "--format", "{{.ID}}", check=False, timeout_s=20).returncode == 0
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return False
+
+    def image_exists(self, ref: str) -> bool:
+        return self("image", "inspect", ref, check=False, timeout_s=30).returncode == 0
+
+
+# Sessions that use an engine (tests, `make image`, the demo, benchmarks) may overlap, on one
+# machine and one engine. Each holds a lease while it runs; the last to leave stops the engine
+# if one of them started it, so none stops it under another's build or containers.
+SHARED_DIR = Path(tempfile.gettempdir()) / "edge-mlops-docker"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_leases(leases: Iterable[Path], alive: Callable[[int], bool] = _alive) -> list[Path]:
+    """The lease files (named by pid) whose process still runs."""
+    return [lease for lease in leases if lease.name.isdigit() and alive(int(lease.name))]
+
+
+@dataclass
+class Engine:
+    """A lease on a Docker engine: `start()` starts `dockerd` when none answers; `stop()` stops
+    it when this was the last lease and a lease holder started it."""
+
+    docker: Docker
+    log_path: Path
+    start_timeout_s: float = 60.0
+    dockerd: str = "dockerd"
+    shared_dir: Path = SHARED_DIR
+    started_here: bool = False
+
+    @property
+    def _lease(self) -> Path:
+        return self.shared_dir / "leases" / str(os.getpid())
+
+    @property
+    def _marker(self) -> Path:
+        return self.shared_dir / "dockerd.pid"  # the pid file of a dockerd started here
+
+    def start(self) -> None:
+        with _locked(self.shared_dir / "lock"):
+            self._lease.parent.mkdir(parents=True, exist_ok=True)
+            self._lease.touch()
+            if self.docker.engine_answers():
+                return
+            self._start_dockerd()
+
+    def _start_dockerd(self) -> None:
+        if shutil.which(self.dockerd) is None:
+            raise ImageError(
+                "no_engine",
+                "no Docker engine answers and dockerd is not installed "
+                "(`make system-deps` installs Debian's docker.io)",
+            )
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._marker.unlink(missing_ok=True)
+        with self.log_path.open("ab") as log:
+            # Detached (setsid --fork): the engine may outlive this process while another
+            # lease holder uses it. No bridge and no iptables: the machine allows no network
+            # but loopback, and containers use the host's network namespace.
+            subprocess.run(
+                ["setsid", "--fork", self.dockerd, "--bridge=none", "--iptables=false",
+                 f"--pidfile={self._marker}"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=True,
+                timeout=30,
+            )  # fmt: skip
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.docker.engine_answers():
+            pid = self._marker.read_text().strip() if self._marker.is_file() else ""
+            if pid.isdigit() and not _alive(int(pid)):
+                raise ImageError("engine_failed", f"dockerd exited; see {self.log_path}")
+            if time.monotonic() > deadline:
+                if pid.isdigit():
+                    os.kill(int(pid), signal.SIGTERM)
+                raise ImageError("engine_failed", f"dockerd did not answer; see {self.log_path}")
+            time.sleep(0.3)
+        self.started_here = True
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        with _locked(self.shared_dir / "lock"):
+            self._lease.unlink(missing_ok=True)
+            leases = self.shared_dir / "leases"
+            if live_leases(leases.iterdir() if leases.is_dir() else []):
+                return
+            if not self._marker.is_file():
+                return  # an engine nobody here started: not ours to stop
+            pid = int(self._marker.read_text().strip() or 0)
+            if pid <= 1 or not _alive(pid):
+                return
+            os.kill(pid, signal.SIGTERM)  # dockerd removes its pid file as it exits
+            deadline = time.monotonic() + grace_s
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_engine(docker: Docker, log_path: Path) -> Iterator[Engine]:
+    engine = Engine(docker, log_path)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+# --- the base image -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """How to make a Debian stand-in for a python:3.11-slim base."""
+
+    mirror: str
+    ca_bundle: Path
+    suite: str = SUITE
+    debootstrap: str = "debootstrap"
+
+
+def read_apt_sources(apt_dir: Path = Path("/etc/apt")) -> list[str]:
+    files = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*"))]
+    return [
+        f.read_text()
+        for f in files
+        if f.is_file() and (f.name == "sources.list" or f.suffix in {".list", ".sources"})
+    ]
+
+
+def ensure_base(
+    docker: Docker, base: str, stand_in: Callable[[], StandIn], work_dir: Path
+) -> BaseSource:
+    """`base` in the engine: already there, pulled, or made from Debian packages."""
+    if docker.image_exists(base):
+        return "present"
+    if docker("pull", "--quiet", base, check=False, timeout_s=120).returncode == 0:
+        return "pulled"
+    make_stand_in(docker, base, stand_in(), work_dir)
+    return "stand-in"
+
+
+def make_stand_in(docker: Docker, tag: str, recipe: StandIn, work_dir: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="stand-in-", dir=work_dir))
+    try:
+        done = subprocess.run(
+            [
+                recipe.debootstrap,
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                recipe.suite,
+                str(root),
+                recipe.mirror,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ImageError(
+                "debootstrap_failed", f"debootstrap exited {done.returncode}: {done.stdout[-2000:]}"
+            )
+        # The slim image's names: `python` on PATH and its CA bundle (here, the host's).
+        (root / "usr/bin/python").symlink_to("python3")
+        shutil.copyfile(recipe.ca_bundle, root / IMAGE_CA_BUNDLE.lstrip("/"))
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for path in (root / cache).glob("*"):
+                if path.is_file():
+                    path.unlink()
+        tar = subprocess.run(
+            ["tar", "-C", str(root), "--numeric-owner", "-c", "."],
+            capture_output=True,
+            timeout=600,
+            check=True,
+        )
+        changes = [
+            "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "ENV LANG=C.UTF-8",
+            'CMD ["python3"]',
+            f"LABEL {STAND_IN_LABEL}=debootstrap-{recipe.suite}",
+        ]
+        flags = [a for change in changes for a in ("--change", change)]
+        imported = subprocess.run(
+            [docker.binary, "import", *flags, "-", tag],
+            input=tar.stdout,
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+        if imported.returncode != 0:
+            raise ImageError("import_failed", imported.stderr.decode(errors="replace")[-2000:])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def is_stand_in(docker: Docker, ref: str) -> bool:
+    labels = docker(
+        "image", "inspect", "--format", "{{json .Config.Labels}}", ref, check=False, timeout_s=30
+    ).stdout
+    return STAND_IN_LABEL in labels
+
+
+# --- the build ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    tag: str
+    image_id: str
+    bases: dict[str, BaseSource]
+    stand_in: bool  # a base is the Debian stand-in (made now or by an earlier build)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Builder:
+    """`docker build` of the repository's Dockerfile, with the host's pip settings."""
+
+    docker: Docker
+    context: Path = REPO
+    pip_config: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def build(self, tag: str, work_dir: Path, stand_in: Callable[[], StandIn]) -> BuildResult:
+        started = time.monotonic()
+        dockerfile = (self.context / "Dockerfile").read_text()
+        # Two sessions missing the base at once would both debootstrap it: one at a time.
+        with _locked(SHARED_DIR / "base.lock"):
+            bases = {
+                b: ensure_base(self.docker, b, stand_in, work_dir) for b in base_images(dockerfile)
+            }
+        uses_stand_in = any(is_stand_in(self.docker, b) for b in bases)
+        args = pip_build_args(self.pip_config, stand_in=uses_stand_in)
+        flags = [f"--build-arg={k}={v}" for k, v in sorted(args.items())]
+        flags += [f"--label={k}={v}" for k, v in sorted(self.labels.items())]
+        # The host's network: the build's pip reaches the index as the host does (loopback
+        # proxies included), and an engine without a bridge has no other network to give.
+        self.docker("build", "--network=host", "--tag", tag, *flags, str(self.context))
+        image_id = self.docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+        return BuildResult(tag, image_id, bases, uses_stand_in, time.monotonic() - started)
+
+
+def host_pip_config(python: str = sys.executable) -> dict[str, str]:
+    done = subprocess.run(
+        [python, "-m", "pip", "config", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return parse_pip_config(done.stdout)
+
+
+def default_stand_in() -> StandIn:
+    """The machine's own Debian mirror and the CA bundle the host's pip trusts."""
+    cert = host_pip_config().get("cert") or os.environ.get("SSL_CERT_FILE") or IMAGE_CA_BUNDLE
+    return StandIn(mirror=debian_mirror(read_apt_sources()), ca_bundle=Path(cert))
+
+
+def default_tag() -> str:
+    return f"{IMAGE_NAME}:{project_version((REPO / 'pyproject.toml').read_text())}"
+
+
+def build_default(
+    docker: Docker, tag: str, work_dir: Path, labels: Mapping[str, str] | None = None
+) -> BuildResult:
+    builder = Builder(docker, REPO, host_pip_config(), dict(labels or {}))
+    return builder.build(tag, work_dir, default_stand_in)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployment.image", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build the device image from the Dockerfile")
+    build.add_argument("--tag", default=None, help=f"default {IMAGE_NAME}:<project version>")
+    build.add_argument("--work-dir", type=Path, default=REPO / "run" / "image")
+    args = parser.parse_args(argv)
+    docker = Docker()
+    work_dir: Path = args.work_dir
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with running_engine(docker, work_dir / "dockerd.log") as engine:
+            if engine.started_here:
+                print(f"image: started dockerd (log in {work_dir / 'dockerd.log'})")
+            result = build_default(docker, args.tag or default_tag(), work_dir)
+    except ImageError as error:
+        print(f"image: {error.reason}: {error}", file=sys.stderr)
+        return 1
+    for base, source in result.bases.items():
+        how = {
+            "present": "already in the engine",
+            "pulled": "pulled from its registry",
+            "stand-in": "unreachable: made a Debian stand-in with debootstrap",
+        }[source]
+        stand_in = " (the Debian stand-in)" if result.stand_in else ""
+        print(f"image: base {base}{stand_in}: {how}")
+    print(f"image: built {result.tag} ({result.image_id[:19]}) in {result.seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

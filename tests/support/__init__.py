@@ -1,0 +1,1 @@
+"""Test support shared across test folders (pytest plugins and helpers)."""
