@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import structlog
+from rich.console import Console
 
 from deployment.baseline import (
     BaselineOptions,
@@ -23,7 +24,6 @@ from deployment.drift_report import load_baselines, merge_profiles, read_profile
 log = structlog.get_logger(__name__)
 
 COMMANDS = frozenset({"baseline", "drift-report"})
-
 
 
 def _baseline(args: argparse.Namespace) -> int:
@@ -96,10 +96,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     report.set_defaults(run=_drift_report)
 
 
-def dispatch(args: argparse.Namespace) -> int:
+def dispatch(args: argparse.Namespace, err: Console) -> int:
     """Exit status 0 done, 1 nothing written, 2 unreadable or invalid input."""
     try:
         return int(args.run(args))
     except (ValueError, OSError) as e:
-        log.error("drift_command_failed", command=args.command, error=str(e))
+        err.print(f"edgeml: error [{args.command}]: {e}", markup=False, highlight=False)
         return 2

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 from deployment import sensor_data
+from deployment.baseline import BaselineOptions, build_baseline, model_outputs
 from deployment.errors import PublisherError, Reason
 
 # Files every pipeline writes into its output folder; the retraining controller reads them.
@@ -45,6 +46,8 @@ METRICS_FILE = "metrics.json"
 SAMPLE_FILE = "train_sample.npy"
 HOLDOUT_FILE = "holdout.npz"
 LINEAGE_FILE = "lineage.json"
+# The drift baseline pack of the training data, for the device's drift and quality watch.
+BASELINE_FILE = "baseline.json"
 
 INPUT_NAME = "input"
 # Pinned with skl2onnx's version (recorded in the lineage): both shape the exported bytes.
@@ -63,6 +66,8 @@ class PipelineConfig:
     data: tuple[Path, ...] = ()
     test_fraction: float = 0.25
     experiment: str = "edge-sensor_classifier"
+    # How the drift baseline pack is calibrated (window sizes the device may watch).
+    baseline: BaselineOptions = field(default_factory=BaselineOptions)
 
     def __post_init__(self) -> None:
         if self.rows < 100:
@@ -318,7 +323,8 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> PipelineResult:
         with tracker.run("export"):
             facts = lineage(config, prepared, family)
             sha256 = _write_outputs(config.out_dir, model_bytes, metrics, prepared, facts)
-            tracker.params({"sha256": sha256})
+            pack = write_baseline(config.out_dir, prepared, config.baseline)
+            tracker.params({"sha256": sha256, "baseline_sha256": hashlib.sha256(pack).hexdigest()})
             tracker.artifacts(config.out_dir)
         tracker.params({k: v for k, v in facts.items() if isinstance(v, str | int)})
         tracker.metrics(metrics)
@@ -343,6 +349,25 @@ def _write_outputs(
     np.savez(out_dir / HOLDOUT_FILE, x=prepared.x_test, y=prepared.y_test)
     (out_dir / LINEAGE_FILE).write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n")
     return hashlib.sha256(model).hexdigest()
+
+
+def write_baseline(out_dir: Path, prepared: Prepared, options: BaselineOptions) -> bytes:
+    """The drift baseline pack of the training sample the model was exported from, with the
+    labels as its quality reference; seeded, so the same inputs give the same pack."""
+    rows = min(SAMPLE_ROWS, len(prepared.x_train))
+    sample, labels = prepared.x_train[:rows], prepared.y_train[:rows]
+    input_name, outputs = model_outputs(out_dir / MODEL_FILE, sample)
+    try:
+        pack = build_baseline(
+            {input_name: sample}, outputs, options, {input_name: sensor_data.FEATURES}, labels
+        )
+    except ValueError as error:
+        raise PublisherError(
+            Reason.PIPELINE_FAILED, f"the drift baseline pack cannot be built: {error}"
+        ) from None
+    data = json.dumps(pack, separators=(",", ":"), sort_keys=True).encode()
+    (out_dir / BASELINE_FILE).write_bytes(data)
+    return data
 
 
 class Tracker:

@@ -21,6 +21,7 @@ from rich.console import Console
 from deployment import rollout
 from deployment.errors import PublisherError, Reason
 from deployment.pipeline import (
+    BASELINE_FILE,
     HOLDOUT_FILE,
     METRICS_FILE,
     MODEL_FILE,
@@ -45,7 +46,6 @@ from deployment.retraining import (
 log = structlog.get_logger(__name__)
 
 EXPERIMENT = "edge-sensor_classifier"
-BASELINE_FILE = "baseline.json"
 
 
 def add_parsers(

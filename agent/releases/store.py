@@ -101,7 +101,7 @@ def ensure_writable_dir(directory: Path, role: str) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory))
     except OSError as error:
         raise StoreError(
-            StoreReason.IO_ERROR,
+            Reason.IO_ERROR,
             f"the {role} is not usable by uid {os.getuid()} "
             f"({error.strerror}: {error.filename}); mount a volume writable by it there",
         ) from error

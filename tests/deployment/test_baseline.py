@@ -11,8 +11,8 @@ import pytest
 
 from agent.observation.baseline import parse_baseline
 from agent.observation.divergence import jensen_shannon
-from deployment.__main__ import main
 from deployment.baseline import BaselineOptions, build_baseline, js_rows, load_table, model_outputs
+from deployment.cli import main
 from deployment.example_models import mlp
 
 FAST = BaselineOptions(window_sizes=(20, 50), resamples=50, simulated_windows=5_000)

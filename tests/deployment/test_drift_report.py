@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from agent.observation.drift import DriftMonitor, DriftSettings, profile_message
-from deployment.__main__ import main
+from deployment.cli import main
 from deployment.drift_report import load_baselines, merge_profiles, read_profiles
 from tests.agent.drift_packs import tabular_pack, tabular_rows
 
