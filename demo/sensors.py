@@ -22,6 +22,9 @@ from deployment import sensor_data
 from deployment.pipeline import INPUT_NAME
 
 FEEDBACK_DELAY = 5  # readings between a reading and its label
+# The deployment routes sensor output carrying this schema property to the agent's `feedback`
+# input, and everything else from the sensor to `infer`.
+FEEDBACK_SCHEMA = "agent-feedback/1"
 
 
 @dataclass
@@ -67,11 +70,15 @@ class Sensor:
             self._pending.append((correlation, int(y[0])))
             if len(self._pending) > FEEDBACK_DELAY:
                 answered, label = self._pending.popleft()
-                await self._send("feedback", {"id": answered, "label": label}, None)
+                await self._send(
+                    "feedback", {"id": answered, "label": label}, None, FEEDBACK_SCHEMA
+                )
             tick += 1
             await asyncio.sleep(period_s)
 
-    async def _send(self, output: str, body: object, correlation: str | None) -> None:
+    async def _send(
+        self, output: str, body: object, correlation: str | None, schema: str | None = None
+    ) -> None:
         message: Message = Message(  # type: ignore[no-untyped-call]  # the SDK's constructor is unannotated
             json.dumps(body),
             message_id=uuid.uuid4().hex,
@@ -80,7 +87,13 @@ class Sensor:
         )
         if correlation is not None:
             message.correlation_id = correlation
+        if schema is not None:
+            message.custom_properties["schema"] = schema
         await self._client.send_message_to_output(message, output)
+
+    @property
+    def count(self) -> int:
+        return len(self.sent.labels)
 
     def labelled(self, since: int) -> tuple[np.ndarray, np.ndarray]:
         """The readings sent from index `since` on, with their true classes."""

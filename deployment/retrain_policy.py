@@ -36,6 +36,9 @@ class RetrainPolicy:
     min_drifting_devices: int = 2
     min_drifting_share: float = 0.2
     sustain_polls: int = 2
+    # False: labelled data arriving starts nothing by itself; it waits for the next retraining
+    # that drift or the schedule starts (for data that streams in all the time).
+    retrain_on_new_data: bool = True
     # Promotion: the candidate must beat the champion on the drifted window by `min_gain`
     # and may lose at most `max_holdout_loss` on the evaluation holdout.
     min_gain: float = 0.02
@@ -111,7 +114,7 @@ def decide(
         Trigger.DRIFT
         if streak >= policy.sustain_polls
         else Trigger.NEW_DATA
-        if new_data
+        if new_data and policy.retrain_on_new_data
         else Trigger.SCHEDULE
         if due
         else None

@@ -18,13 +18,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
+from deployment.baseline import BaselineOptions
 from deployment.errors import PublisherError, Reason
 from deployment.pipeline import (
     HOLDOUT_FILE,
@@ -74,9 +75,12 @@ class PipelineTrainer:
     tracker: Tracker
     seed: int = 7
     rows: int = 3000
+    baseline: BaselineOptions = field(default_factory=BaselineOptions)
 
     def __call__(self, out_dir: Path, data: tuple[Path, ...]) -> None:
-        config = PipelineConfig(out_dir, seed=self.seed, rows=self.rows, data=data)
+        config = PipelineConfig(
+            out_dir, seed=self.seed, rows=self.rows, data=data, baseline=self.baseline
+        )
         run_pipeline(config, self.tracker)
 
 

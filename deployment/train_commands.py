@@ -80,6 +80,12 @@ def add_parsers(
     watch.add_argument("--min-share", type=fraction, default=0.2)
     watch.add_argument("--sustain", type=positive(int), default=2, help="polls in a row")
     watch.add_argument(
+        "--no-new-data-trigger",
+        dest="on_new_data",
+        action="store_false",
+        help="data arriving waits for drift or the schedule instead of starting a retraining",
+    )
+    watch.add_argument(
         "--command", help="your own pipeline: a command line with {out} for its output folder"
     )
     watch.add_argument("--gate-timeout", type=positive(float), default=900.0)
@@ -99,7 +105,7 @@ def dispatch(
         _watch(args, services, publisher, out)
 
 
-def _tracker(services: Services) -> Tracker:
+def tracker_for(services: Services) -> Tracker:
     return Tracker(
         services.resolved.mlflow_tracking_uri,
         EXPERIMENT,
@@ -109,7 +115,7 @@ def _tracker(services: Services) -> Tracker:
 
 def _train(args: argparse.Namespace, services: Services, out: Console) -> None:
     config = PipelineConfig(args.out, seed=args.seed, rows=args.rows, data=tuple(args.data))
-    result = run_pipeline(config, _tracker(services))
+    result = run_pipeline(config, tracker_for(services))
     services.audit.append(
         "train", EXPERIMENT, "trained", sha256=result.sha256, run_id=result.run_id, **result.metrics
     )
@@ -192,11 +198,12 @@ def _watch(
         min_drifting_devices=args.min_devices,
         min_drifting_share=args.min_share,
         sustain_polls=args.sustain,
+        retrain_on_new_data=args.on_new_data,
     )
     trainer: Trainer = (
         CommandTrainer(tuple(shlex.split(args.command)))
         if args.command
-        else PipelineTrainer(_tracker(services))
+        else PipelineTrainer(tracker_for(services))
     )
     releaser = PublisherReleaser(
         services, publisher, args.rings, rollout.GateBounds(timeout_s=args.gate_timeout)

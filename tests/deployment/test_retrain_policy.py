@@ -60,6 +60,33 @@ def test_decide(
     assert (decision.trigger, decision.hold) == expected
 
 
+STREAMING = RetrainPolicy(
+    cooldown_s=600.0, min_drifting_devices=2, sustain_polls=2, retrain_on_new_data=False
+)
+
+
+@pytest.mark.parametrize(
+    ("state", "signal", "expected"),
+    [
+        # Data streams in all the time: its arrival alone starts nothing ...
+        (IDLE, QUIET, (None, Hold.NOTHING)),
+        (IDLE, DRIFTING, (None, Hold.NOT_SUSTAINED)),
+        # ... sustained drift does, and the job takes the new data along.
+        (
+            ControllerState(0.0, 0.0, 1, seen_data=frozenset({"a.csv"})),
+            DRIFTING,
+            (Trigger.DRIFT, None),
+        ),
+    ],
+)
+def test_new_data_waits_for_drift_when_it_is_no_trigger(
+    state: ControllerState, signal: FleetSignal, expected: tuple[Trigger | None, Hold | None]
+) -> None:
+    decision = decide(1_000.0, state, signal, frozenset({"a.csv", "b.csv"}), STREAMING)
+    assert (decision.trigger, decision.hold) == expected
+    assert ("b.csv" in decision.state.seen_data) is (decision.trigger is not None)
+
+
 def test_a_started_job_marks_its_data_seen_and_resets_the_streak() -> None:
     decision = decide(1_000.0, ControllerState(0.0, 0.0, 5), DRIFTING, frozenset({"b.csv"}), POLICY)
     assert decision.trigger is Trigger.DRIFT
