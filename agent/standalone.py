@@ -191,7 +191,9 @@ class Agent:
 EXPECTED_FAILURES = (ValueError, ModelLoadError, StoreError)
 
 
-def run_process(build: Callable[[], App], process: str) -> int:
+def run_process(
+    build: Callable[[], App], process: str, expected: tuple[type[Exception], ...] = ()
+) -> int:
     """Build and run an app as a process: 0 after a clean stop, 1 after a failure.
 
     Expected failures (bad settings, an unusable model or store) end in one clear log line;
@@ -205,7 +207,7 @@ def run_process(build: Callable[[], App], process: str) -> int:
         cause: BaseException = error
         while isinstance(cause, BaseExceptionGroup):  # from the app's TaskGroup
             cause = cause.exceptions[0]
-        if not isinstance(cause, EXPECTED_FAILURES):
+        if not isinstance(cause, (*EXPECTED_FAILURES, *expected)):
             raise
         # An expected outcome: one clear line, no traceback.
         log.error("process_failed", error=str(cause), error_type=type(cause).__name__)  # noqa: TRY400

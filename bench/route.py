@@ -458,7 +458,7 @@ def _switch_interval_site(directory: Path, seconds: float) -> Path:
 
 def _reported_model_state(sim: Simulator) -> str | None:
     reported = sim.twin(sim.device_id, AGENT)["properties"]["reported"]
-    model = reported.get("model")
+    model = (reported.get("models") or {}).get(MODEL)
     return model.get("state") if isinstance(model, dict) else None
 
 
@@ -575,7 +575,7 @@ async def _drive(
     await asyncio.to_thread(
         wait_until, lambda: all(sim.is_connected(device, m) for m in configs), 60
     )
-    sim.update_desired(device, AGENT, {"model": manifest})
+    sim.update_desired(device, AGENT, {"models": {manifest["name"]: manifest}})
     await asyncio.to_thread(wait_until, lambda: _reported_model_state(sim) == "active", 60)
     client = IoTHubModuleClient.create_from_connection_string(
         sim.module_connection_string(device, SENDER),

@@ -149,8 +149,24 @@ def plan_features(
     names: Mapping[str, Sequence[str]],
     options: BaselineOptions,
 ) -> _Plan:
-    """Pick the features: inputs first (positions of small rows, channel means of image-like
-    rows), then outputs (value, or top-class confidence and class), capped in total."""
+    """Pick the features: inputs (positions of small rows, channel means of image-like rows),
+    then outputs (value, or top-class confidence and class), capped in total. The outputs are
+    planned first so that wide inputs cannot crowd them out (they get up to a quarter)."""
+    outputs = {n: t for n, t in tensors.items() if t[0] == "output"}
+    inputs = {n: t for n, t in tensors.items() if t[0] == "input"}
+    planned_outputs = _plan(outputs, names, options, max(1, options.max_features // 4))
+    plan = _plan(inputs, names, options, options.max_features - len(planned_outputs.features))
+    plan.features += planned_outputs.features
+    plan.skipped += planned_outputs.skipped
+    return plan
+
+
+def _plan(
+    tensors: Mapping[str, tuple[Literal["input", "output"], Array]],
+    names: Mapping[str, Sequence[str]],
+    options: BaselineOptions,
+    cap: int,
+) -> _Plan:
     plan = _Plan()
     for tensor, (role, array) in tensors.items():
         if array.dtype.kind in "OSUV":
@@ -191,7 +207,7 @@ def plan_features(
             if finite.size == 0 or finite.min() == finite.max():
                 plan.skipped.append({"tensor": tensor, "reason": "constant"})
                 continue
-            if len(plan.features) >= options.max_features:
+            if len(plan.features) >= cap:
                 plan.skipped.append({"tensor": tensor, "reason": "feature_cap"})
                 continue
             kind: Literal["numeric", "categorical"] = (

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from agent.app import App
 from agent.logs import configure_logging
 from agent.standalone import Agent, run_process
+from module.connection import HubUnreachable
 from module.edge import EdgeModule
 from module.settings import ModuleProcessSettings
 
@@ -38,12 +39,11 @@ def main() -> int:
 
     def build() -> App:
         agent = Agent(settings)
-        edge = EdgeModule(agent, module_settings)
-        app = agent.make_app(edge)
-        edge.app = app  # a hub unreachable for too long fails the app
-        return app
+        return agent.make_app(EdgeModule(agent, module_settings))
 
-    return run_process(build, "module")
+    # A hub unreachable past the offline budget ends the process non-zero, without a
+    # traceback: the IoT Edge runtime restarts the module.
+    return run_process(build, "module", expected=(HubUnreachable,))
 
 
 if __name__ == "__main__":

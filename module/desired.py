@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.observation.drift import DriftSettings
+from agent.reasons import Reason
 
 # IoT Hub caps desired properties at 32 KB, strings at 4 KB and depth at 10 levels; a document
 # over those is not from a real hub and is refused before it is parsed into settings.
@@ -40,25 +41,41 @@ class TelemetrySettings(BaseModel):
 class DesiredState(BaseModel):
     """The agent's section of the module twin's desired properties.
 
-    `model` stays a plain document: its own signature covers it, and the model manager
-    verifies it (a typed copy could not be checked against the signature).
+    `models` maps a model name to its signed release manifest; `model` is the shorthand for
+    one release (`{"model": m}` means `{"models": {m.name: m}}`); a document uses one or the
+    other. Manifests stay plain documents: their own signatures cover them, and the model
+    manager verifies them (a typed copy could not be checked against the signature).
     `drift` tunes drift watching (window, sampling, features, threshold), strictly typed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
+    models: dict[str, dict[str, Any]] | None = None
     model: dict[str, Any] | None = None
     drift: DriftSettings = DriftSettings()  # frozen: one shared default is safe
     telemetry: TelemetrySettings = TelemetrySettings()  # frozen: one shared default is safe
 
+    def releases(self) -> dict[str, dict[str, Any]]:
+        """Desired manifests by the name they are desired under (the map key, or for the
+        shorthand the manifest's own `name`); an entry whose manifest names another model
+        is the adapter's to refuse."""
+        if self.model is not None:
+            name = self.model.get("name")
+            return {name if isinstance(name, str) else "?": self.model}
+        return dict(self.models or {})
+
 
 @dataclass(frozen=True, slots=True)
 class Apply:
-    """Act on a new desired state: submit the model manifest if it changed, retune telemetry."""
+    """Act on a new desired state: submit the manifests that changed, retune telemetry."""
 
     version: int
     state: DesiredState
-    model_changed: bool
+    changed: tuple[str, ...]  # the names whose desired manifest is new or different
+
+    @property
+    def model_changed(self) -> bool:
+        return bool(self.changed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +84,7 @@ class Reject:
 
     version: int
     message: str
+    reason: Reason = Reason.DESIRED_INVALID
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +104,7 @@ class Reconciler:
     version: int = 0
     document: Mapping[str, Any] = field(default_factory=dict)
     applied: DesiredState | None = None
+    max_models: int = 8
 
     def full(self, desired: Mapping[str, Any]) -> tuple[Reconciler, Action]:
         """A whole desired document (twin GET on connect, or the SDK's replay)."""
@@ -108,17 +127,33 @@ class Reconciler:
             # Reliability case 21: a null model is invalid, not "serve nothing"; what runs is
             # kept and the operator is told how to go back.
             problem = NULL_MODEL
+        reason = Reason.DESIRED_INVALID
         if problem is None:
             try:
                 state = DesiredState.model_validate_json(json.dumps(document))
             except ValidationError as error:
                 problem = describe(error)
+            else:
+                if state.model is not None and state.models is not None:
+                    problem = "use `models` or its `model` shorthand, not both"
+                elif len(state.models or {}) > self.max_models:
+                    reason = Reason.TOO_MANY_MODELS
+                    problem = (
+                        f"{len(state.models or {})} models desired; this device takes at most "
+                        f"{self.max_models} (EDGEML_MODULE_MAX_MODELS)"
+                    )
         if problem is not None:
             # The version is consumed, so the same bad document is not retried forever; the
             # merged document is kept, so a later patch that fixes the field applies.
-            return Reconciler(version, document, self.applied), Reject(version, problem)
-        changed = self.applied is None or self.applied.model != state.model
-        return Reconciler(version, document, state), Apply(version, state, changed)
+            return (
+                Reconciler(version, document, self.applied, self.max_models),
+                Reject(version, problem, reason),
+            )
+        before = self.applied.releases() if self.applied is not None else {}
+        changed = tuple(
+            name for name, manifest in state.releases().items() if before.get(name) != manifest
+        )
+        return Reconciler(version, document, state, self.max_models), Apply(version, state, changed)
 
 
 def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,11 +8,17 @@ Parsing is strict and bounded; what the labels are joined with is the agent's bu
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Protocol
 
+import structlog
+from azure.iot.device import Message
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
-FEEDBACK_INPUT = "feedback"
+from module.routes import RouteMetrics
+
+log = structlog.get_logger(__name__)
+
 MAX_ITEMS = 1000
 
 Scalar = int | float | bool
@@ -49,3 +55,29 @@ def parse_feedback(body: bytes) -> list[FeedbackItem]:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<root>"
         raise ValueError(f"feedback {where}: {first['msg']}") from None
+
+
+class LabelSink(Protocol):
+    """Joins labels with remembered predictions (`agent.observation.watch.Observer`)."""
+
+    def feedback(self, request_id: str, labels: Sequence[Scalar]) -> object: ...
+
+
+class FeedbackRoute:
+    """Messages on the `feedback` input: parsed, handed to the observer, counted."""
+
+    def __init__(self, sink: LabelSink, metrics: RouteMetrics) -> None:
+        self._sink = sink
+        self._counts = metrics.messages
+
+    def handle(self, message: Message) -> None:
+        body = message.data if isinstance(message.data, bytes) else str(message.data).encode()
+        try:
+            items = parse_feedback(body)
+        except ValueError as error:
+            self._counts.labels("bad_feedback").inc()
+            log.warning("feedback_rejected", error=str(error))
+            return
+        for item in items:
+            self._sink.feedback(item.id, item.labels)
+        self._counts.labels("feedback").inc()

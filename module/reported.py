@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
 
+from agent.releases.lifecycle import ModelStatus
 from module.desired import merge_patch
 
 log = structlog.get_logger(__name__)
@@ -107,3 +108,42 @@ def _merge_keep_nulls(target: Mapping[str, Any], patch: Mapping[str, Any]) -> di
         else:
             merged[key] = merge_patch({}, {"v": value})["v"] if value is not None else None
     return merged
+
+
+EntrySection = Callable[[str], Mapping[str, Any] | None]
+
+
+class ModelEntries:
+    """The one place a model's reported entry (`models.<name>`) is built.
+
+    An entry is the model's status (version, sha256, state, reason, message, since,
+    active_version) plus one key per section; a feature adds its own with `add_section`
+    (probation and health here; drift and quality add theirs the same way).
+    """
+
+    def __init__(self, statuses: Mapping[str, ModelStatus]) -> None:
+        self._statuses = statuses
+        self._sections: dict[str, EntrySection] = {}
+
+    def add_section(self, key: str, section: EntrySection) -> None:
+        if key in self._sections or key in _STATUS_KEYS:
+            raise ValueError(f"reported entry section {key!r} exists already")
+        self._sections[key] = section
+
+    def entry(self, name: str) -> dict[str, Any]:
+        status = self._statuses.get(name)
+        body: dict[str, Any] = {}
+        if status is not None:
+            body = status.to_json()
+            del body["name"]  # the key says it
+        for key, section in self._sections.items():
+            body[key] = section(name)
+        return body
+
+    def patch(self, names: Iterable[str]) -> dict[str, Any]:
+        return {"models": {name: self.entry(name) for name in names}}
+
+
+_STATUS_KEYS = frozenset(
+    {"version", "sha256", "state", "reason", "message", "since", "active_version"}
+)

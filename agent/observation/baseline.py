@@ -34,7 +34,7 @@ from pydantic import (
 
 from agent.observation.counts import Binning, FeatureCounts
 from agent.observation.detector import CusumParams
-from agent.observation.divergence import hellinger, jensen_shannon, psi
+from agent.observation.divergence import PSI_FLOOR
 from agent.observation.quality import QualityReference
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "WindowScore",
     "aggregate",
     "evidence",
-    "feature_statistics",
     "parse_baseline",
     "score_window",
 ]
@@ -212,6 +211,19 @@ class BaselinePack(BaseModel):
                 )
         return self
 
+    @cached_property
+    def reference_matrix(self) -> Floats:
+        """Reference probabilities of every feature, zero-padded to the widest."""
+        width = max(f.binning.size for f in self.features)
+        return _padded([f.reference_array for f in self.features], width)
+
+    @cached_property
+    def moments(self) -> tuple[Floats, Floats]:
+        return (
+            np.array([f.mean for f in self.features]),
+            np.array([f.std for f in self.features]),
+        )
+
     def window_for(self, rows: int) -> WindowCalibration | None:
         """The largest calibrated window not larger than ``rows`` (None: too few rows)."""
         fitting = [w for w in self.calibration.windows if w.rows <= rows]
@@ -310,18 +322,6 @@ class WindowScore:
         return max(self.features, key=lambda f: f.evidence, default=None)
 
 
-def feature_statistics(feature: Feature, counts: FeatureCounts) -> tuple[float, float, float]:
-    """(JS divergence, mean shift, variance change) of one feature's window counts; the last
-    two in standard errors, so that a window of any size reads on one scale."""
-    divergence = jensen_shannon(feature.reference_array, counts.counts)
-    present = counts.present
-    if not present:
-        return divergence, 0.0, 0.0
-    shift = abs(counts.mean - feature.mean) / (feature.std / math.sqrt(present))
-    spread = abs(counts.std**2 / feature.std**2 - 1.0) * math.sqrt(present / 2)
-    return divergence, float(shift), float(spread)
-
-
 def evidence(statistics: Floats, means: Floats, stds: Floats) -> Floats:
     """Per-feature evidence: the largest of a feature's statistics, each standardised against
     its null mean and spread. ``statistics``: ``[windows x] features x 3``; ``means`` and
@@ -336,13 +336,55 @@ def aggregate(statistics: Floats, window: WindowCalibration) -> tuple[Floats, Fl
     return per_feature, np.asarray(score, dtype=np.float64)
 
 
+def _padded(rows: Sequence[npt.NDArray[Any]], width: int) -> Floats:
+    out = np.zeros((len(rows), width))
+    for i, row in enumerate(rows):
+        out[i, : row.size] = row
+    return out
+
+
+def _statistics(
+    pack: BaselinePack, counts: Sequence[FeatureCounts]
+) -> tuple[Floats, Floats, Floats]:
+    """(features x 3 statistics, Hellinger, PSI) of every feature at once: one window costs a
+    few array operations instead of a dozen small ones per feature (it runs on the loop)."""
+    reference = pack.reference_matrix
+    current = _padded([c.counts for c in counts], reference.shape[1])
+    totals = current.sum(axis=1, keepdims=True)
+    q = current / np.maximum(totals, 1)
+    p = reference
+    m = (p + q) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum(axis=1)
+        kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=1)
+    divergence = np.clip((kl_p + kl_q) / 2, 0.0, 1.0)
+    hellinger_ = np.sqrt(np.maximum(0.0, 1.0 - np.sqrt(p * q).sum(axis=1)))
+    pf, qf = np.maximum(p, PSI_FLOOR), np.maximum(q, PSI_FLOOR)
+    psi_ = ((qf - pf) * np.log(qf / pf)).sum(axis=1)
+    present = np.array([c.present for c in counts], dtype=np.float64)
+    total = np.array([c.total for c in counts])
+    total_sq = np.array([c.total_sq for c in counts])
+    mean, std = pack.moments
+    with np.errstate(divide="ignore", invalid="ignore"):
+        window_mean = total / present
+        window_var = np.maximum(0.0, total_sq / present - window_mean**2)
+        shift = np.abs(window_mean - mean) / (std / np.sqrt(present))
+        spread = np.abs(window_var / std**2 - 1.0) * np.sqrt(present / 2)
+    empty = present == 0
+    shift[empty] = spread[empty] = 0.0
+    return np.stack([divergence, shift, spread], axis=1), hellinger_, psi_
+
+
 def score_window(pack: BaselinePack, counts: Sequence[FeatureCounts]) -> WindowScore:
     if len(counts) != len(pack.features):
         raise ValueError(f"{len(counts)} feature counts for {len(pack.features)} features")
+    for feature, part in zip(pack.features, counts, strict=True):
+        if part.counts.size != feature.binning.size:
+            raise ValueError(
+                f"feature {feature.name}: {part.counts.size} counts for {feature.binning.size} bins"
+            )
     rows = max((c.rows for c in counts), default=0)
-    stats = np.array(
-        [feature_statistics(f, c) for f, c in zip(pack.features, counts, strict=True)]
-    ).reshape(len(counts), 3)
+    stats, hellingers, psis = _statistics(pack, counts)
     window = pack.window_for(rows)
     if window is None:
         evidence, score = np.full(len(counts), np.nan), float("nan")
@@ -356,13 +398,13 @@ def score_window(pack: BaselinePack, counts: Sequence[FeatureCounts]) -> WindowS
             FeatureScore(
                 name=f.name,
                 divergence=float(stats[i, 0]),
-                hellinger=hellinger(f.reference_array, c.counts),
-                psi=psi(f.reference_array, c.counts),
+                hellinger=float(hellingers[i]),
+                psi=float(psis[i]),
                 shift=float(stats[i, 1]),
                 spread=float(stats[i, 2]),
                 evidence=float(evidence[i]),
             )
-            for i, (f, c) in enumerate(zip(pack.features, counts, strict=True))
+            for i, f in enumerate(pack.features)
         ),
         score=score,
     )

@@ -14,6 +14,7 @@ Bin layout of one feature (``Binning.size`` counts):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -98,7 +99,7 @@ class FeatureCounts:
     below: int
     above: int
 
-    @property
+    @cached_property
     def rows(self) -> int:
         return int(self.counts.sum())
 
@@ -106,7 +107,7 @@ class FeatureCounts:
     def missing(self) -> int:
         return int(self.counts[-1])
 
-    @property
+    @cached_property
     def present(self) -> int:
         return self.rows - self.missing
 

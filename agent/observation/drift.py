@@ -10,6 +10,7 @@ CUSUM. A monitor belongs to one release: windows never mix releases.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,6 @@ from agent.observation.baseline import (
     BaselinePack,
     Extractor,
     Feature,
-    WindowCalibration,
     WindowScore,
     score_window,
 )
@@ -60,6 +60,8 @@ class DriftSettings(BaseModel):
     threshold: float | None = Field(None, gt=0, le=1_000)  # overrides the calibrated CUSUM h
     max_feature_gauges: int = Field(8, ge=0, le=64)
     max_profile_features: int = Field(32, ge=1, le=256)
+    # IoT Hub bills device-to-cloud messages per 4 KB: a profile stays within one unit.
+    max_profile_bytes: int = Field(4000, ge=512, le=250_000)
 
 
 @dataclass(frozen=True)
@@ -239,19 +241,14 @@ _PER_FEATURE = (
 
 
 def _restrict(pack: BaselinePack, columns: Sequence[int]) -> BaselinePack:
-    """The pack cut down to some features (the calibration's per-feature nulls follow)."""
-    windows = []
-    for w in pack.calibration.windows:
-        pick = {name: tuple(getattr(w, name)[i] for i in columns) for name in _PER_FEATURE}
-        # Validated afresh rather than copied: a copy would keep the cached null arrays.
-        windows.append(WindowCalibration.model_validate({**w.model_dump(), **pick}))
-    calibration = pack.calibration.model_copy(update={"windows": tuple(windows)})
-    return pack.model_copy(
-        update={
-            "features": tuple(pack.features[i] for i in columns),
-            "calibration": calibration,
-        }
-    )
+    """The pack cut down to some features (the calibration's per-feature nulls follow);
+    validated afresh rather than copied, since a copy would keep the cached arrays."""
+    document = pack.model_dump(by_alias=True)
+    document["features"] = [document["features"][i] for i in columns]
+    for window in document["calibration"]["windows"]:
+        for name in _PER_FEATURE:
+            window[name] = [window[name][i] for i in columns]
+    return BaselinePack.model_validate(document, strict=False)
 
 
 def _sparse(counts: FeatureCounts) -> dict[str, Any]:
@@ -276,14 +273,25 @@ def profile_message(
     features: Sequence[Feature],
     max_features: int,
     wall_clock: float,
+    max_bytes: int = 4000,
 ) -> dict[str, Any]:
     """A window as an immutable telemetry profile: sparse counts of at most ``max_features``
-    features (the most divergent first), mergeable by adding counts of the same baseline."""
+    features, the most divergent first while the JSON stays under ``max_bytes``; mergeable by
+    adding counts of the same baseline. ``truncated`` counts the features left out."""
     order = sorted(
         range(len(features)),
         key=lambda i: -np.nan_to_num(result.score.features[i].evidence, nan=-np.inf),
     )
-    kept = sorted(order[:max_features])
+    sparse = {i: _sparse(result.counts[i]) for i in order[:max_features]}
+    budget = max_bytes - 400  # the envelope below, with room to spare
+    kept = []
+    for i in order[:max_features]:
+        cost = len(json.dumps({features[i].name: sparse[i]}, separators=(",", ":")))
+        if cost > budget:
+            break
+        budget -= cost
+        kept.append(i)
+    kept.sort()
     return {
         "schema": PROFILE_SCHEMA,
         "model": model,
@@ -295,7 +303,7 @@ def profile_message(
         "rows": result.score.rows,
         "score": _finite(result.score.score),
         "state": result.detector.state.value,
-        "features": {features[i].name: _sparse(result.counts[i]) for i in kept},
+        "features": {features[i].name: sparse[i] for i in kept},
         "truncated": len(features) - len(kept),
     }
 

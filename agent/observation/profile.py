@@ -112,3 +112,39 @@ async def live_profile(
     before = take_snapshot(metrics, process)
     await asyncio.sleep(seconds)
     return window_profile(before, take_snapshot(metrics, process), metrics.total.bounds)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCounters:
+    """One served model's counters at an instant; `model` identifies the loaded model, so a
+    window across a swap counts the new model only."""
+
+    model: int
+    served: int
+    failed: int
+    latency_counts: tuple[int, ...]
+
+
+def model_health(
+    before: ModelCounters | None,
+    after: ModelCounters,
+    window_s: float,
+    latency_bounds: Sequence[float],
+) -> dict[str, float | int | None]:
+    """A model's health over one window (reported per model at telemetry cadence). Pure."""
+    if before is None or before.model != after.model:
+        before = ModelCounters(after.model, 0, 0, (0,) * len(after.latency_counts))
+    requests = after.served - before.served
+    failed = after.failed - before.failed
+    latency = [a - b for a, b in zip(after.latency_counts, before.latency_counts, strict=True)]
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 3)
+
+    return {
+        "requests": requests,
+        "error_rate": round(failed / requests, 4) if requests else 0.0,
+        "p50_ms": ms(quantile(latency_bounds, latency, 0.5)),
+        "p99_ms": ms(quantile(latency_bounds, latency, 0.99)),
+        "window_s": round(window_s, 1),
+    }

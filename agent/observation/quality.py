@@ -98,6 +98,18 @@ def predicted_rows(outputs: Mapping[str, npt.NDArray[Any]], rows: int) -> tuple[
     return "regression", []
 
 
+# Outputs kept as served up to this size per prediction (a few dozen floats per row).
+MAX_KEPT_OUTPUT_BYTES = 1024
+
+
+def _as_outputs(kind: str, predicted: list[float]) -> dict[str, npt.NDArray[Any]]:
+    """Predictions in the shape `predicted_rows` reads back as the same predictions."""
+    values = np.asarray(predicted)
+    if kind == "classification":
+        return {"label": values.astype(np.int64)}
+    return {"value": values.reshape(-1, 1)}
+
+
 class PredictionCache:
     """Recent predictions by correlation id: bounded, oldest first out."""
 
@@ -122,6 +134,11 @@ class PredictionCache:
         rows: int,
     ) -> None:
         items = self._items
+        if sum(a.nbytes for a in outputs.values()) > MAX_KEPT_OUTPUT_BYTES:
+            # Big outputs (images, embeddings) are not kept by the thousand: their predictions
+            # are taken now, a cost only such models pay.
+            kind, predicted = predicted_rows(outputs, rows)
+            outputs = _as_outputs(kind, predicted)
         items[request_id] = Remembered(model, version, outputs, rows, self._clock())
         items.move_to_end(request_id)
         if len(items) > self._capacity:

@@ -42,6 +42,12 @@ ALERT_SCHEMA = "agent-alert/1"
 NO_BASELINE: Final = "no_baseline"
 DISABLED: Final = "disabled"
 _STATE_VALUE: Final = {DriftState.OK: 0, DriftState.WARNING: 1, DriftState.DRIFT: 2}
+# Quality runs the same state machine; its top state reads better as what it means.
+_QUALITY_STATE: Final = {
+    DriftState.OK: "ok",
+    DriftState.WARNING: "warning",
+    DriftState.DRIFT: "degraded",
+}
 
 Tensors = Mapping[str, npt.NDArray[Any]]
 
@@ -219,6 +225,7 @@ class Observer:
                 baseline_sha256=watch.baseline_sha256 or "",
                 features=monitor.features,
                 max_features=self.settings.max_profile_features,
+                max_bytes=self.settings.max_profile_bytes,
                 wall_clock=wall.timestamp(),
             )
         )
@@ -260,8 +267,8 @@ class Observer:
             "event": "quality_state",
             "model": watch.name,
             "version": watch.version,
-            "from": window.previous.value,
-            "to": window.detector.state.value,
+            "from": _QUALITY_STATE[window.previous],
+            "to": _QUALITY_STATE[window.detector.state],
             window.metric: _round(window.value),
             "window": window.seq,
             "at": wall.isoformat(),
@@ -270,8 +277,8 @@ class Observer:
             "quality_state_changed",
             model=watch.name,
             version=watch.version,
-            old=window.previous.value,
-            new=window.detector.state.value,
+            old=_QUALITY_STATE[window.previous],
+            new=_QUALITY_STATE[window.detector.state],
             metric=window.metric,
             value=alert[window.metric],
         )
@@ -283,6 +290,16 @@ class Observer:
         if watch.drift is not None:
             return watch.drift.detector.state.value
         return NO_BASELINE if self.settings.enabled else DISABLED
+
+    def drift_entry(self, name: str) -> dict[str, Any] | None:
+        """The `drift` section of the reported entry of `name` (None: not served)."""
+        reported = self.reported(name)
+        return reported["drift"] if reported else None
+
+    def quality_entry(self, name: str) -> dict[str, Any] | None:
+        """The `quality` section of the reported entry of `name` (None: not served)."""
+        reported = self.reported(name)
+        return reported["quality"] if reported else None
 
     def reported(self, name: str) -> dict[str, Any] | None:
         """``{"drift": {...}, "quality": {...}}`` of the release serving ``name``."""
@@ -309,7 +326,7 @@ class Observer:
         quality_monitor = watch.quality
         last = quality_monitor.last
         quality = {
-            "state": quality_monitor.detector.state.value,
+            "state": _QUALITY_STATE[quality_monitor.detector.state],
             "since": watch.quality_since.isoformat(),
             "metric": quality_monitor.metric,
             "value": _round(last.value) if last else None,
@@ -422,7 +439,7 @@ class _Collector:
         )
         quality_state = GaugeMetricFamily(
             f"{ns}_model_quality_state",
-            "Quality state from feedback: 0 ok, 1 warning, 2 drift.",
+            "Quality state from feedback: 0 ok, 1 warning, 2 degraded.",
             labels=["model"],
         )
         for name, watch in sorted(observer.watches.items()):

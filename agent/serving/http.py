@@ -13,10 +13,9 @@ access log, one `json.loads` and one `json.dumps`, and tensors built by numpy in
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Final, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
 
-import numpy as np
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -28,7 +27,8 @@ from agent.config import Section
 from agent.observation.metrics import InferenceMetrics
 from agent.reasons import Reason
 from agent.serving import protocol
-from agent.serving.contract import ModelContract, RequestError
+from agent.serving.contract import RequestError
+from agent.serving.v2 import InferenceError, ServedModel, infer_v2
 
 SERVER_NAME: Final = "edge-mlops-agent"
 
@@ -61,38 +61,6 @@ _HTTP_REASONS: Final[Mapping[int, HttpReason | Reason]] = {
     413: Reason.TOO_LARGE,
 }
 _JSON: Final = "application/json"
-
-
-class ModelMetadataView(Protocol):
-    """What the API shows of a model (`agent.serving.inference.ModelMetadata` satisfies it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def versions(self) -> tuple[int, ...]: ...
-    @property
-    def platform(self) -> str: ...
-    @property
-    def contract(self) -> ModelContract: ...
-    @property
-    def parameters(self) -> Mapping[str, str | int | float | bool]: ...
-
-
-class ServedModel(Protocol):
-    """One served model name (`agent.serving.inference.InferenceService` satisfies it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def ready(self) -> bool: ...
-    def metadata(self) -> ModelMetadataView: ...
-    async def infer_versioned(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str] | None = None,
-        *,
-        request_id: str | None = None,
-    ) -> tuple[int, dict[str, np.ndarray]]: ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -196,31 +164,20 @@ class _V2Handlers:
                 f"request body of {length} bytes; the limit is {self._max_body_bytes}",
             )
         body = await request.read()
-        decoded = protocol.decode_infer_request(
-            body,
-            protocol.parse_header_length(request.headers.get(protocol.HEADER_LENGTH)),
-            max_input_bytes=self._max_input_bytes,
-        )
+        header_length = protocol.parse_header_length(request.headers.get(protocol.HEADER_LENGTH))
         try:
-            served_version, outputs = await model.infer_versioned(
-                decoded.inputs, decoded.output_names, request_id=decoded.id
+            encoded = await infer_v2(
+                self._models,
+                model.name,
+                body,
+                metrics=self._metrics,
+                max_input_bytes=self._max_input_bytes,
+                header_length=header_length,
             )
-        except RequestError as error:
-            # Counted by the service already: it sees every request that reaches a model.
+        except RequestError as error:  # accounted for by `infer_v2`: not through the middleware
             return _request_error(error)
-        except Exception:
-            self._log.exception("infer_failed", model=model.name)
-            return _error(500, f"inference failed on model {model.name!r}; see the agent log")
-        try:
-            encoded = protocol.encode_infer_response(
-                model_name=model.name,
-                model_version=served_version,
-                request=decoded,
-                outputs=outputs,
-            )
-        except RequestError as error:
-            # Inference succeeded and was counted as such; only the requested encoding failed.
-            return _request_error(error)
+        except InferenceError as error:
+            return _error(500, error.message)
         if encoded.header_length is None:
             return web.Response(body=encoded.body, content_type=_JSON)
         return web.Response(

@@ -53,7 +53,11 @@ class ServedModel(Protocol):
     def ready(self) -> bool: ...
     def metadata(self) -> ModelMetadataView: ...
     async def infer_versioned(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        request_id: str | None = None,
     ) -> tuple[int, dict[str, np.ndarray]]: ...
 
 
@@ -75,11 +79,13 @@ async def infer_v2(
     max_input_bytes: int,
     header_length: int | None = None,
     json_only: bool = False,
+    correlation_id: str | None = None,
 ) -> EncodedResponse:
     """The encoded v2 response to `body` for model `name`.
 
     `json_only` answers every output as JSON whatever the request asked (transports without
-    the binary-data header extension, such as route messages).
+    the binary-data header extension, such as route messages). The prediction is kept for
+    feedback under `correlation_id` (a route message's), else the request's own `id`.
     """
     model = models.get(name)
     if model is None:
@@ -93,7 +99,9 @@ async def infer_v2(
     if json_only:
         request = _json_outputs(request)
     try:
-        version, outputs = await model.infer_versioned(request.inputs, request.output_names)
+        version, outputs = await model.infer_versioned(
+            request.inputs, request.output_names, request_id=correlation_id or request.id
+        )
     except RequestError:
         raise  # counted by the inference service, which sees every request reaching a model
     except Exception:

@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry
 
 from agent.observation.metrics import InferenceMetrics
 from agent.serving.engine import LoadedModel, RuntimeOptions, load_model
-from agent.serving.http import HttpService, HttpSettings, MetricsService, ServedModel
+from agent.serving.http import HttpService, HttpSettings, MetricsService
 from agent.serving.inference import InferenceService, ModelMetadata
+from agent.serving.v2 import ServedModel
 from deployment.example_models import tiny_mlp
 
 TINY_FEATURES = 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -162,3 +163,29 @@ def test_a_big_batch_gives_at_most_the_configured_rows_spread_over_it() -> None:
     monitor.observe(inputs, outputs, 64)
     assert monitor.pending_rows == 4
     assert monitor._ring[:4, 1].tolist() == [0.0, 21.0, 42.0, 63.0]
+
+
+@pytest.mark.parametrize("max_bytes", [600, 1200, 4000])
+def test_a_profile_keeps_the_most_divergent_features_within_its_byte_budget(
+    max_bytes: int,
+) -> None:
+    monitor = _monitor(window_rows=50)
+    _feed(monitor, 50, shift=2.0)
+    (window,) = monitor.close_windows()
+    message = profile_message(
+        window,
+        model="m",
+        version=3,
+        baseline_sha256="ab" * 32,
+        features=monitor.features,
+        max_features=32,
+        wall_clock=1_700_000_000.0,
+        max_bytes=max_bytes,
+    )
+    assert len(json.dumps(message, separators=(",", ":"))) <= max_bytes
+    kept = set(message["features"])
+    assert message["truncated"] == len(monitor.features) - len(kept)
+    evidence = {f.name: f.evidence for f in window.score.features}
+    dropped = set(evidence) - kept
+    if kept and dropped:
+        assert min(evidence[k] for k in kept) >= max(evidence[d] for d in dropped)

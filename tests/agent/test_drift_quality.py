@@ -109,3 +109,24 @@ def test_accuracy_falling_below_the_reference_goes_to_drift() -> None:
         states += [w.detector.state for w in monitor.add(_remembered({"p": probs}, 20), labels)]
     assert states[:5] == [DriftState.OK] * 5
     assert states[-1] is DriftState.DRIFT
+
+
+@pytest.mark.parametrize(
+    ("outputs", "expected"),
+    [
+        ({"p": np.tile([[0.1, 0.7, 0.2]], (4, 200))}, ("classification", [1.0] * 4)),
+        ({"y": np.arange(4.0).reshape(4, 1).repeat(100, axis=1)[:, :1].copy()}, None),
+        ({"y": np.full((400, 1), 2.5)}, ("regression", [2.5] * 400)),
+    ],
+)
+def test_big_outputs_are_kept_as_their_predictions(
+    outputs: dict[str, np.ndarray], expected: tuple[str, list[float]] | None
+) -> None:
+    rows = next(iter(outputs.values())).shape[0]
+    cache = PredictionCache(10, 60.0, Clock())
+    cache.remember("a", "m", "1", outputs, rows)
+    _, remembered = cache.take("a")
+    assert remembered is not None
+    kept = predicted_rows(remembered.outputs, rows)
+    assert kept == (expected or predicted_rows(outputs, rows))
+    assert sum(a.nbytes for a in remembered.outputs.values()) <= max(1024, 8 * rows)

@@ -156,3 +156,10 @@ def test_training_labels_give_the_quality_reference(tmp_path: Path) -> None:
     assert quality is not None
     assert (quality.metric, quality.value) == ("accuracy", 0.75)
     assert quality.loss_std == pytest.approx(0.4330127)
+
+
+def test_wide_inputs_leave_room_for_the_outputs() -> None:
+    inputs = {"x": RNG.standard_normal((300, 40))}
+    outputs = {"probs": RNG.dirichlet([1, 1, 1], size=300)}
+    pack = build_baseline(inputs, outputs, BaselineOptions(**{**FAST.__dict__, "max_features": 8}))
+    assert _names(pack) == [*(f"x[{i}]" for i in range(6)), "probs:confidence", "probs:class"]

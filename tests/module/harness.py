@@ -235,6 +235,11 @@ class ModuleProcess:
             with error:
                 return int(error.code), json.loads(error.read())
 
+    def metadata(self, name: str) -> Any:
+        url = f"http://127.0.0.1:{self.ports['http']}/v2/models/{name}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
         """A sample from the module's `/metrics` (None if absent)."""
         url = f"http://127.0.0.1:{self.ports['metrics']}/metrics"
@@ -340,17 +345,19 @@ class Service:
             return int(updated.properties.desired["$version"])
         pytest.fail("the module twin changed under ten updates in a row")
 
-    def publish(self, manifest: Mapping[str, Any]) -> int:
-        """Desired `model` := `manifest`. A twin update is a JSON merge patch, so a field of the
-        previous manifest that this one lacks (`golden`, `expires`) is sent as null: merged
-        into the new one, it would break the signature."""
+    def publish(self, manifest: Mapping[str, Any], key: str | None = None) -> int:
+        """Desired `models.<key>` := `manifest` (key: its name). A twin update through this
+        SDK is a JSON merge patch, so a field of the previous manifest that this one lacks
+        (`golden`, `expires`) is sent as null: merged into the new one, it would break the
+        signature. (A layered deployment that owns `models.<key>` replaces it wholesale.)"""
+        key = key or str(manifest["name"])
 
         def patch(twin: Any) -> dict[str, Any]:
-            previous = twin.properties.desired.get("model")
+            previous = (twin.properties.desired.get("models") or {}).get(key)
             model = dict(manifest)
             if isinstance(previous, Mapping):
-                model.update({key: None for key in previous if key not in manifest})
-            return {"model": model}
+                model.update({field: None for field in previous if field not in manifest})
+            return {"models": {key: model}}
 
         return self.update_desired(patch)
 
@@ -363,15 +370,19 @@ class Service:
 
         return poll(check, timeout, f"reported: {what}", interval=0.15)
 
-    def wait_model(self, version: int, state: str = "active", timeout: float = 30.0) -> None:
-        self.wait_reported(
+    def wait_model(
+        self, version: int, state: str = "active", timeout: float = 30.0, name: str = "m"
+    ) -> dict[str, Any]:
+        """The reported `models.<name>` entry once it shows `version` in `state`."""
+        reported = self.wait_reported(
             lambda r: (
-                r.get("model", {}).get("version") == version
-                and r.get("model", {}).get("state") == state
+                model_entry(r, name).get("version") == version
+                and model_entry(r, name).get("state") == state
             ),
             timeout,
-            f"model version {version} {state}",
+            f"model {name} version {version} {state}",
         )
+        return model_entry(reported, name)
 
     def invoke(self, method: str, payload: Any = None, timeout: int = 15) -> tuple[int, Any]:
         request = CloudToDeviceMethod(
@@ -379,6 +390,12 @@ class Service:
         )
         result = self.registry.invoke_device_module_method(self.device, MODULE, request)
         return int(result.status), result.payload
+
+
+def model_entry(reported: Mapping[str, Any], name: str = "m") -> dict[str, Any]:
+    """The reported `models.<name>` entry ({} if absent)."""
+    models = reported.get("models") or {}
+    return dict(models.get(name) or {})
 
 
 # --- a sensor module: a real device SDK client sending infer requests -------------------------

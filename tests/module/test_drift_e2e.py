@@ -115,23 +115,25 @@ def test_drifted_inputs_change_the_state_everywhere_and_feedback_scores_the_mode
     assert score is not None
     assert score > 3
     reported = service.wait_reported(
-        lambda r: r.get("model", {}).get("drift", {}).get("state") == "drift", 30, "drift"
+        lambda r: r.get("models", {}).get("m", {}).get("drift", {}).get("state") == "drift",
+        30,
+        "drift reported",
     )
-    drift = reported["model"]["drift"]
+    drift = reported["models"]["m"]["drift"]
+    assert reported["models"]["m"]["quality"]["metric"] == "accuracy"
     assert drift["window_rows"] == 50
     assert drift["top"]
     alerts = poll(
-        lambda: [a for a in _upstream(sim, "alerts") if a.get("event") == "drift_state"] or None,
+        lambda: [a for a in _upstream(sim, "alerts") if a.get("to") == "drift"] or None,
         30,
         "a drift alert upstream",
     )
-    assert alerts[-1]["to"] == "drift"
-    assert alerts[-1]["model"] == "m"
+    assert (alerts[0]["event"], alerts[0]["model"], alerts[0]["version"]) == ("drift_state", "m", 1)
     profiles = [
         p for p in _upstream(sim, "telemetry") if p.get("schema") == "agent-drift-profile/1"
     ]
     assert [p["seq"] for p in profiles][:3] == [1, 2, 3]
-    assert all(len(json.dumps(p)) < 16_384 for p in profiles)
+    assert all(len(json.dumps(p, separators=(",", ":"))) <= 4000 for p in profiles)
 
     assert module.metric("agent_feedback_total", {"outcome": "joined"}) == 20
     assert module.metric("agent_feedback_total", {"outcome": "duplicate"}) == 1

@@ -4,6 +4,7 @@ signed releases from a real HTTPS artifact server."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import threading
@@ -26,6 +27,7 @@ from tests.module.harness import (
     Releases,
     Service,
     infer_request,
+    model_entry,
     poll,
     reference,
     send_infer,
@@ -65,8 +67,8 @@ def test_a_release_published_through_the_service_sdk_becomes_active(
     version = service.publish(manifest)
     service.wait_model(1)
     reported = service.reported()
-    assert reported["model"]["sha256"] == manifest["sha256"]
-    assert reported["model"]["active_version"] == 1
+    assert model_entry(reported)["sha256"] == manifest["sha256"]
+    assert model_entry(reported)["active_version"] == 1
     # The hub keeps no nulls: `message: null` removes the key (no stale rejection message).
     assert reported["desired"] == {"version": version, "state": "applied"}
     assert releases.artifacts.requests_for("v1.onnx")  # fetched over HTTPS, not from elsewhere
@@ -212,16 +214,16 @@ def test_sigterm_during_a_swap_exits_0_reports_and_the_restart_finishes_the_rele
     assert module.events("download_abandoned")
     reported = service.reported()
     assert "stopped" in reported["agent"], "the final reported patch went out"
-    assert reported["model"]["version"] == 2
-    assert reported["model"]["state"] == "downloading"  # truthful: it was cut off there
-    assert reported["model"]["active_version"] == 1
+    assert model_entry(reported)["version"] == 2
+    assert model_entry(reported)["state"] == "downloading"  # truthful: it was cut off there
+    assert model_entry(reported)["active_version"] == 1
     assert not list((tmp_path / "state").rglob("*.part")), "no half-finished download kept"
 
     releases.artifacts.server.artifacts["v2-mid.onnx"].stall_interval_s = None
     restarted = start_module()
     service.wait_model(2, timeout=60)
     reported = service.reported()
-    assert reported["model"]["sha256"] == hashlib.sha256(MID).hexdigest()
+    assert model_entry(reported)["sha256"] == hashlib.sha256(MID).hexdigest()
     assert "stopped" not in reported["agent"]
     status, body = restarted.infer_http("m", infer_request("after", _mid_rows()))
     assert status == 200, body
@@ -301,7 +303,7 @@ def test_a_download_outlives_a_hub_outage_and_its_state_is_reported_after_it(
         "v2 active",
     )
     assert not sim.is_connected(sim.device_id, MODULE), "the swap completed while offline"
-    assert service.reported()["model"]["state"] == "downloading"  # the hub has not heard yet
+    assert model_entry(service.reported())["state"] == "downloading"  # the hub has not heard yet
     sim.faults.refuse_connections(sim.device_id, MODULE, 0)
     service.wait_model(2)
     reconnected = [line for line in module.events("hub_connection") if line["connected"]][-1]
@@ -330,7 +332,7 @@ def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_new
     rss_peak = rss_before
     started = time.monotonic()
     for index, manifest in enumerate(manifests):
-        sim.update_desired(sim.device_id, MODULE, {"model": manifest})
+        sim.update_desired(sim.device_id, MODULE, {"models": {"m": manifest}})
         rss_peak = max(rss_peak, process.memory_info().rss)
         # Paced to about 10 s in all, without drifting.
         time.sleep(max(0.0, started + (index + 1) * 0.02 - time.monotonic()))
@@ -341,8 +343,8 @@ def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_new
         lambda r: r.get("desired", {}).get("version") == newest, 20, "the newest $version"
     )
     reported = service.reported()
-    assert reported["model"]["sha256"] == last["sha256"]
-    assert reported["model"]["active_version"] == last["version"]
+    assert model_entry(reported)["sha256"] == last["sha256"]
+    assert model_entry(reported)["active_version"] == last["version"]
 
     time.sleep(2)  # let superseded sessions be released
     rss_after = process.memory_info().rss
@@ -376,7 +378,8 @@ def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_new
         problems.append(f"active versions went backwards: {_first_inversion(active)}")
     # Promise 7, as the hub saw it: reported patches arrive in order, so the model version
     # the twin shows never goes back, and the desired version neither.
-    shown = [p["model"]["version"] for p in patches if "version" in p.get("model", {})]
+    entries = [p.get("models", {}).get("m") or {} for p in patches]
+    shown = [entry["version"] for entry in entries if "version" in entry]
     if shown != sorted(shown):
         problems.append(f"the reported model version went backwards: {_first_inversion(shown)}")
     desired = [p["desired"]["version"] for p in patches if "version" in p.get("desired", {})]
@@ -471,13 +474,13 @@ def test_invalid_desired_properties_are_rejected_and_the_old_model_keeps_serving
     message = reported["desired"]["message"]
     assert alert.json()["details"] == {"version": version, "message": message}
     assert alert.message.properties["schema"] == "agent-alert/1"
-    assert reported["model"]["state"] == "active"
-    assert reported["model"]["version"] == 1
+    assert model_entry(reported)["state"] == "active"
+    assert model_entry(reported)["version"] == 1
     status, body = module.infer_http("m", infer_request("still-v1", _rows(0)))
     assert status == 200, body
     assert body["model_version"] == "1"
 
-    fixed = service.update_desired(fix if fix is not None else {"model": manifest})
+    fixed = service.update_desired(fix if fix is not None else {"models": {"m": manifest}})
     service.wait_reported(
         lambda r: r.get("desired") == {"version": fixed, "state": "applied"}, 20, "the fix"
     )
@@ -591,3 +594,66 @@ def telemetry(message: UpstreamMessage) -> bool:
 
 def _sent_at(message: UpstreamMessage) -> float:
     return datetime.fromisoformat(message.json()["at"]).timestamp()
+
+
+def _forged(manifest: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    forged = {**manifest, "name": name or manifest["name"]}
+    forged["signature"] = {**manifest["signature"], "value": base64.b64encode(bytes(64)).decode()}
+    return forged
+
+
+def test_forged_manifests_touch_nothing_and_a_rollback_survives_a_restart_and_a_resync(
+    sim: Simulator, service: Service, releases: Releases, start_module: StartModule
+) -> None:
+    """Issue 8: a forged `m` and a forged `other` leave m's reported state, the route's default
+    model and the v2 metadata alone; v2 rolled back stays rolled back across a restart (new
+    process, same volume) and a full twin resync, without being installed again."""
+    module = start_module()
+    _publish_v1(service, releases)
+    genuine = releases.release("v2.onnx", V2, 2)
+    before = model_entry(service.reported())
+    service.publish(_forged(genuine))
+    service.publish(_forged(genuine, "other"))
+    reported = service.wait_reported(
+        lambda r: {"m", "other"} <= set(r.get("rejected") or {}), 20, "both forgeries rejected"
+    )
+    assert reported["rejected"]["m"]["reason"] == "signature_invalid"
+    assert reported["rejected"]["other"]["reason"] == "signature_invalid"
+    assert model_entry(reported) == before
+    assert "other" not in (reported.get("models") or {})
+    with sensor_client(sim.module_connection_string(sim.device_id, SENSOR), sim.ca_cert_path) as c:
+        send_infer(c, "default-model", _rows(5))  # no `model` property: the default model
+        [answer] = sim.upstream.wait_for_count(lambda m: m.output == "predictions", 1, 30)
+    assert answer.json()["model_name"] == "m", answer.json()
+    metadata = module.metadata("m")
+    assert metadata["parameters"]["status_state"] == "active"
+    assert metadata["versions"] == ["1"]
+
+    service.publish(genuine)  # re-published genuine: the rejection no longer stands in its way
+    service.wait_model(2)
+    status, body = service.invoke("rollback", {})
+    assert (status, body["state"], body["version"]) == (200, "rolled_back", 1), body
+    service.wait_model(1, "rolled_back")
+    module.terminate()
+
+    restarted = start_module()  # same state dir: the twin still desires v2
+    # The twin still shows the previous run's report: wait for this run's answer to v2.
+    reported = service.wait_reported(
+        lambda r: "version 2 was rolled back" in str(model_entry(r).get("message")),
+        60,
+        "v2 answered rolled_back after the restart",
+    )
+    entry = model_entry(reported)
+    assert (entry["state"], entry["reason"], entry["version"]) == ("rolled_back", "requested", 1)
+    connected = len(restarted.events("twin_read"))
+    assert sim.faults.drop_connection(sim.device_id, MODULE)  # a full twin resync
+    poll(lambda: len(restarted.events("twin_read")) > connected, 30, "the twin read again")
+    status, body = restarted.infer_http("m", infer_request("after-restart", _rows(2)))
+    assert (status, body["model_version"]) == (200, "1"), body
+    installs = [
+        line
+        for line in restarted.events("model_status")
+        if line.get("version") == 2 and line.get("state") in {"downloading", "loading"}
+    ]
+    assert installs == [], "the rolled-back release was installed again"
+    assert model_entry(service.reported())["state"] == "rolled_back"

@@ -1,1 +1,2 @@
-"""Test support shared across test folders (pytest plugins and helpers)."""
+"""Test support shared across test folders: pytest plugins, helpers, fakes with real behaviour
+(no mocks)."""

@@ -1,0 +1,112 @@
+"""Telemetry at the desired cadence: a profile of the agent on `telemetry`, and each model's
+health (requests, error rate, p50/p99 over the window) handed to the reported properties."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+
+import psutil
+
+from agent.observation.metrics import LATENCY_BUCKETS, InferenceMetrics
+from agent.observation.profile import ModelCounters, model_health, take_snapshot, window_profile
+from agent.releases.swap import ModelManager
+from agent.serving.inference import InferenceService
+from agent.ticks import ticks
+from module.desired import TelemetrySettings
+from module.outbox import Outbox
+
+TELEMETRY = "telemetry"
+
+Health = dict[str, float | int | None]
+
+
+def counters(service: InferenceService) -> ModelCounters | None:
+    model = service.model
+    if model is None:
+        return None
+    return ModelCounters(id(model), model.served, model.failed, tuple(model.latency.counts))
+
+
+class Telemetry:
+    """Runs until cancelled; `retune` applies new desired settings at once."""
+
+    def __init__(
+        self,
+        services: Mapping[str, InferenceService],
+        manager: ModelManager,
+        metrics: InferenceMetrics,
+        outbox: Outbox,
+        *,
+        on_health: Callable[[Mapping[str, Health]], None],
+    ) -> None:
+        self._services = services
+        self._manager = manager
+        self._metrics = metrics
+        self._outbox = outbox
+        self._on_health = on_health
+        self._settings = TelemetrySettings()
+        self._changed = asyncio.Event()
+        self.health: dict[str, Health] = {}
+
+    def retune(self, settings: TelemetrySettings) -> None:
+        if settings != self._settings:
+            self._settings = settings
+            self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            settings = self._settings
+            self._changed.clear()
+            if not settings.enabled:
+                await self._changed.wait()
+                continue
+            # A new interval takes effect at once, not at the old interval's next tick (which
+            # could be a day away).
+            emitter = asyncio.ensure_future(self._emit(settings.interval_s))
+            waiter = asyncio.ensure_future(self._changed.wait())
+            try:
+                await asyncio.wait({emitter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                emitter.cancel()
+                waiter.cancel()
+                await asyncio.gather(emitter, waiter, return_exceptions=True)
+            if emitter.done() and not emitter.cancelled():
+                emitter.result()  # re-raises what the emitter died of
+
+    async def _emit(self, interval_s: float) -> None:
+        process = psutil.Process()
+        metrics = self._metrics
+        before = take_snapshot(metrics, process)
+        models_before = self._counters()
+        async for _ in ticks(interval_s):
+            after = take_snapshot(metrics, process)
+            models_after = self._counters()
+            window_s = after.at - before.at
+            self.health = {
+                name: model_health(models_before.get(name), now, window_s, LATENCY_BUCKETS)
+                for name, now in models_after.items()
+            }
+            self._outbox.put(
+                TELEMETRY,
+                {
+                    "at": datetime.now(UTC).isoformat(),
+                    "models": {
+                        name: {
+                            "version": s.version,
+                            "state": s.state.value,
+                            "health": self.health.get(name),
+                        }
+                        for name, s in self._manager.statuses.items()
+                    },
+                    "inference": window_profile(before, after, metrics.total.bounds),
+                },
+                "agent-telemetry/1",
+            )
+            self._on_health(self.health)
+            before, models_before = after, models_after
+
+    def _counters(self) -> dict[str, ModelCounters]:
+        found = {name: counters(service) for name, service in self._services.items()}
+        return {name: c for name, c in found.items() if c is not None}

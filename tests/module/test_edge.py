@@ -1,0 +1,248 @@
+"""The module's pieces through the `client_factory` seam: a fake client that calls handlers
+from another thread, like the SDK; a real agent (store, manager, HTTP) on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from azure.iot.device import Message
+from azure.iot.device.aio import IoTHubModuleClient
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.app import App
+from agent.reasons import Reason
+from agent.releases.lifecycle import ModelState, ModelStatus, ProbationReport, ProbationState
+from agent.releases.manifest import KeySettings, public_key_to_b64, sign_manifest
+from agent.releases.store import StoreSettings
+from agent.serving.http import HttpSettings
+from agent.settings import AgentSettings
+from agent.standalone import Agent
+from module.connection import HubUnreachable
+from module.edge import EdgeModule
+from module.reported import ModelEntries
+from module.settings import ModuleSettings
+from tests.support.fake_hub import FakeModuleClient
+
+SHA = "a" * 64
+
+
+@dataclass
+class Running:
+    client: FakeModuleClient
+    edge: EdgeModule
+    app: App
+    task: asyncio.Task[None]
+
+    async def until(self, condition: Callable[[], Any], what: str) -> Any:
+        """`condition()`'s first truthy value, within 10 s (a loaded machine is slow)."""
+        try:
+            async with asyncio.timeout(10):
+                while not (value := condition()):
+                    self.client.changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.client.changed.wait(), 0.1)
+        except TimeoutError:
+            raise AssertionError(f"not within 10 s: {what}") from None
+        return value
+
+
+def _manifest(name: str, version: int = 1) -> dict[str, Any]:
+    unsigned = {
+        "name": name,
+        "version": version,
+        "sha256": SHA,
+        "size": 1024,
+        "url": "https://models.blob.core.windows.net/m.onnx?sig=x",
+        "created": datetime(2026, 1, 1, tzinfo=UTC).isoformat(),
+        "contract": {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+        },
+    }
+    return sign_manifest(unsigned, Ed25519PrivateKey.generate(), "k")  # not a trusted key
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    runs: list[Running] = []
+
+    async def start_edge(client: FakeModuleClient, **module: Any) -> Running:
+        key = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
+        settings = AgentSettings(
+            store=StoreSettings(state_dir=tmp_path / "state"),
+            keys=KeySettings(trusted_keys=f"k={key}"),
+            http=HttpSettings(host="127.0.0.1", http_port=0, metrics_port=0),
+        )
+        agent = Agent(settings)
+        edge = EdgeModule(
+            agent,
+            ModuleSettings(spool_dir=tmp_path / "spool", **module),
+            # The fake stands in for the SDK class where the module can tell.
+            client_factory=lambda: cast(IoTHubModuleClient, client),
+        )
+        app = App(agent.services_in_start_order(edge), grace_s=2.0, handle_signals=False)
+        running = Running(client, edge, app, asyncio.ensure_future(app.run()))
+        runs.append(running)
+        return running
+
+    yield start_edge
+    for running in runs:
+        running.app.request_stop("test over")
+        await asyncio.gather(running.task, return_exceptions=True)
+
+
+async def test_forged_manifests_are_reported_as_rejected_and_change_no_model(
+    start: Callable[..., Any],
+) -> None:
+    client = FakeModuleClient({"models": {"m": _manifest("m")}})
+    run = await start(client)
+    reported = await run.until(
+        lambda: client.reported.get("rejected", {}).get("m"), "the rejection reported"
+    )
+    assert reported["reason"] == "signature_invalid"  # trusted key id, another key
+    client.patch_desired({"models": {"other": _manifest("other")}})
+    await run.until(lambda: "other" in client.reported.get("rejected", {}), "other rejected")
+    assert "models" not in client.reported or not client.reported["models"]
+    assert run.edge.default_model() is None  # a refused manifest never becomes the default
+    assert client.reported["desired"]["state"] == "applied"
+    alerts = [json.loads(m.data) for output, m in client.outputs if output == "alerts"]
+    assert [a["kind"] for a in alerts] == ["manifest_rejected", "manifest_rejected"]
+
+
+@pytest.mark.parametrize(
+    ("desired", "reason", "fragment"),
+    [
+        ({"models": {f"m{i}": _manifest(f"m{i}") for i in range(3)}}, "too_many_models", "3"),
+        ({"models": {}, "model": _manifest("m")}, "desired_invalid", "not both"),
+        ({"models": {"m": "not a manifest"}}, "desired_invalid", "models.m"),
+    ],
+    ids=["too-many", "both-forms", "not-an-object"],
+)
+async def test_a_bad_models_map_is_rejected_as_a_whole(
+    start: Callable[..., Any], desired: dict[str, Any], reason: str, fragment: str
+) -> None:
+    client = FakeModuleClient(desired)
+    run = await start(client, max_models=2)
+    report = await run.until(
+        lambda: (
+            client.reported.get("desired", {}).get("state") == "rejected"
+            and client.reported["desired"]
+        ),
+        "the desired document rejected",
+    )
+    assert report["reason"] == reason
+    assert fragment in report["message"]
+    assert "rejected" not in client.reported  # nothing was submitted
+
+
+async def test_a_manifest_under_another_models_key_is_refused_by_name(
+    start: Callable[..., Any],
+) -> None:
+    client = FakeModuleClient({"models": {"m": _manifest("other")}})
+    run = await start(client)
+    entry = await run.until(
+        lambda: client.reported.get("rejected", {}).get("m"), "the mismatch reported"
+    )
+    assert entry["reason"] == "name_mismatch"
+    assert "'other'" in entry["message"]
+    assert run.edge.connection.connected
+
+
+async def test_direct_methods_answer_on_the_sdk_thread_hand_off(
+    start: Callable[..., Any],
+) -> None:
+    client = FakeModuleClient()
+    run = await start(client)
+    await run.until(lambda: run.edge.connection.connected, "connected")
+    client.call_method("status", None, "1")
+    client.call_method("reboot", {}, "2")
+    client.call_method("rollback", {}, "3")
+    await run.until(lambda: len(client.method_responses) == 3, "three responses")
+    by_id = {r.request_id: r for r in client.method_responses}
+    assert by_id["1"].status == 200
+    status = by_id["1"].payload
+    assert isinstance(status, dict)
+    assert status["hub_connected"] is True
+    assert by_id["2"].status == 404
+    assert by_id["3"].status == 400  # nothing served: no model to roll back
+
+
+async def test_a_route_message_for_no_model_is_answered_with_its_error(
+    start: Callable[..., Any],
+) -> None:
+    client = FakeModuleClient()
+    run = await start(client)
+    await run.until(lambda: run.edge.connection.connected, "connected")
+    message = Message(b'{"inputs": []}', message_id="q1")  # type: ignore[no-untyped-call]
+    message.input_name = "infer"
+    message.custom_properties["model"] = "m"
+    client.send_route_message(message)
+    _, answer = await run.until(
+        lambda: next((o for o in client.outputs if o[0] == "predictions"), None), "an answer"
+    )
+    assert answer.correlation_id == "q1"
+    assert answer.custom_properties["schema"] == "oip-v2-error/1"
+    assert "unknown model 'm'" in json.loads(answer.data)["error"]
+
+
+async def test_a_hub_unreachable_past_the_budget_fails_run(start: Callable[..., Any]) -> None:
+    client = FakeModuleClient(reachable=False)
+    run = await start(client, offline_budget_s=0.3)
+    with pytest.raises(ExceptionGroup) as failed:
+        async with asyncio.timeout(10):
+            await run.task
+    assert failed.group_contains(HubUnreachable)
+
+
+def test_eight_models_report_far_under_the_twin_limit() -> None:
+    since = datetime(2026, 1, 1, tzinfo=UTC)
+    statuses = {
+        f"model-{i:02d}-" + "x" * 50: ModelStatus(
+            name=f"model-{i:02d}-" + "x" * 50,
+            version=2**31,
+            sha256=SHA,
+            state=ModelState.ROLLED_BACK,
+            reason=Reason.PROBATION_LATENCY,
+            message="m" * 500,  # the longest message a status keeps
+            since=since,
+            active_version=2**31 - 1,
+        )
+        for i in range(8)
+    }
+    probation = ProbationReport(ProbationState.FAILED, 10**9, 0.123456, 3.14159, 2.71828, since)
+    health = {
+        "requests": 10**9,
+        "error_rate": 0.1234,
+        "p50_ms": 0.123,
+        "p99_ms": 2500.0,
+        "window_s": 86400.0,
+    }
+    entries = ModelEntries(statuses)
+    entries.add_section("probation", lambda name: probation.to_json())
+    entries.add_section("health", lambda name: health)
+    size = len(json.dumps(entries.patch(statuses)).encode())
+    assert size < 12 * 1024, size  # the twin takes 32 KB: room for drift and quality
+
+
+def test_a_section_is_added_once() -> None:
+    entries = ModelEntries({})
+    entries.add_section("drift", lambda name: None)
+    with pytest.raises(ValueError, match="exists"):
+        entries.add_section("drift", lambda name: None)
+    with pytest.raises(ValueError, match="exists"):
+        entries.add_section("state", lambda name: None)
+    assert entries.entry("m") == {"drift": None}
+
+
+def test_the_fake_signature_is_really_refused() -> None:
+    manifest = _manifest("m")
+    assert base64.b64decode(manifest["signature"]["value"])  # signed, by an unknown key
