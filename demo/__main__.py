@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -43,6 +44,7 @@ from azure.iot.device.aio import IoTHubModuleClient
 from azure.storage.blob import BlobServiceClient
 from rich.console import Console
 
+from agent.logs import configure_logging
 from demo.sensors import Sensor
 from demo.world import AGENT, FLEET, MODEL, PROFILES_CONTAINER, RINGS, SENSOR, World, start_world
 from deployment import cli, rollout, sensor_data
@@ -57,8 +59,8 @@ from deployment.retraining import Controller, ControllerConfig, Job, PipelineTra
 from deployment.train_commands import PublisherReleaser, tracker_for
 from simulator.core import UpstreamMessage
 
-RUN_DIR = Path("run/demo")
-READING_PERIOD_S = 0.1  # per sensor: 10 readings a second, 30 across the fleet
+RUN_DIR = Path("run/demo")  # the default; --run-dir moves it (tests use a temporary one)
+READING_PERIOD_S = 0.05  # per sensor: 20 readings a second, 60 across the fleet
 # The baseline packs calibrate the window sizes the devices watch (demo/world.py: 50 rows);
 # fewer resamples than the default keep training quick, at a looser false-alarm bound.
 DEMO_BASELINE = BaselineOptions(window_sizes=(50, 100), resamples=500, simulated_windows=20_000)
@@ -478,13 +480,13 @@ async def _loop(demo: Demo, args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    world = await asyncio.to_thread(start_world, RUN_DIR)
+    world = await asyncio.to_thread(start_world, args.run_dir)
     demo: Demo | None = None
     try:
         demo = Demo(world, args)
         return await _loop(demo, args)
     except DemoError as error:
-        print(f"demo: {error} (logs in {RUN_DIR})", file=sys.stderr)
+        print(f"demo: {error} (logs in {args.run_dir})", file=sys.stderr)
         return 1
     finally:
         if demo is not None:
@@ -499,6 +501,7 @@ def _interrupted(signum: int, frame: object) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--keep-running", action="store_true", help="leave everything up")
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="run files (emptied first)")
     parser.add_argument(
         "--retrain-timeout",
         type=float,
@@ -506,9 +509,12 @@ def main() -> int:
         help="seconds from the sensor fault to a released retraining",
     )
     args = parser.parse_args()
+    # The demo prints its own progress; components log warnings and errors only.
+    configure_logging("warning", stream=sys.stderr)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _interrupted)  # a stopped demo still stops what it started
-    shutil.rmtree(RUN_DIR, ignore_errors=True)
-    RUN_DIR.mkdir(parents=True)
+    shutil.rmtree(args.run_dir, ignore_errors=True)
+    args.run_dir.mkdir(parents=True)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_run(args))
     return 130

@@ -29,7 +29,7 @@ from simulator.azurite import Azurite
 from simulator.hub import Simulator, pick_loopback_host
 from simulator.storage import StorageRoute
 
-TEMPLATE = Path("deployment/deployment.template.json")
+TEMPLATE = Path(__file__).resolve().parent.parent / "deployment" / "deployment.template.json"
 AGENT, SENSOR = "mlagent", "sensor"
 MODEL = "sensor_classifier"
 # Device id -> twin tags: one canary, and `all` is every device of the fleet.

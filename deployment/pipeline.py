@@ -53,6 +53,8 @@ INPUT_NAME = "input"
 # Pinned with skl2onnx's version (recorded in the lineage): both shape the exported bytes.
 TARGET_OPSET = 17
 SAMPLE_ROWS = 5000
+# Field rows the baseline pack needs before it profiles them instead of the whole training set.
+MIN_FIELD_BASELINE_ROWS = 200
 LINEAGE_PACKAGES = ("scikit-learn", "skl2onnx", "onnx", "numpy", "onnxruntime", "mlflow")
 
 
@@ -100,6 +102,8 @@ class Prepared:
     x_test: np.ndarray
     y_test: np.ndarray
     data_sha256: str
+    # Which training rows came from the field (`PipelineConfig.data`), not the generated set.
+    field_train: np.ndarray | None = None
 
 
 def load_labelled(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -160,14 +164,16 @@ def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
 def prepare(config: PipelineConfig) -> Prepared:
     """The generated set plus field data, split once, stratified, by the seed."""
     x, y = sensor_data.generate(config.rows, seed=config.seed)
+    field = np.zeros(len(x), dtype=bool)
     for path in config.data:
         extra_x, extra_y = load_labelled(path)
         x, y = np.concatenate([x, extra_x]), np.concatenate([y, extra_y])
+        field = np.concatenate([field, np.ones(len(extra_x), dtype=bool)])
     digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=config.test_fraction, random_state=config.seed, stratify=y
+    x_train, x_test, y_train, y_test, field_train, _ = train_test_split(
+        x, y, field, test_size=config.test_fraction, random_state=config.seed, stratify=y
     )
-    return Prepared(x_train, y_train, x_test, y_test, digest)
+    return Prepared(x_train, y_train, x_test, y_test, digest, field_train)
 
 
 def candidates(seed: int) -> list[tuple[str, Pipeline, dict[str, list[Any]]]]:
@@ -352,10 +358,15 @@ def _write_outputs(
 
 
 def write_baseline(out_dir: Path, prepared: Prepared, options: BaselineOptions) -> bytes:
-    """The drift baseline pack of the training sample the model was exported from, with the
-    labels as its quality reference; seeded, so the same inputs give the same pack."""
-    rows = min(SAMPLE_ROWS, len(prepared.x_train))
-    sample, labels = prepared.x_train[:rows], prepared.y_train[:rows]
+    """The drift baseline pack of the training data (its field rows when there are enough),
+    with the labels as its quality reference; seeded, so the same inputs give the same pack."""
+    x, y = prepared.x_train, prepared.y_train
+    field = prepared.field_train
+    if field is not None and field.sum() >= MIN_FIELD_BASELINE_ROWS:
+        # Retrained on field data: the field is the regime the model will serve, so the
+        # pack profiles it (a sensor recalibrated for good is the new normal, not drift).
+        x, y = x[field], y[field]
+    sample, labels = x[:SAMPLE_ROWS], y[:SAMPLE_ROWS]
     input_name, outputs = model_outputs(out_dir / MODEL_FILE, sample)
     try:
         pack = build_baseline(

@@ -126,9 +126,9 @@ class Releaser(Protocol):
 
 def fleet_signal(fleet: Fleet, module: str, model: str) -> FleetSignal:
     """Drift or quality state of `model` on every device's agent module, by one twin query."""
+    # Whole module twins: the service SDK reads query rows as twins and drops projected fields.
     rows = fleet.query(
-        f"SELECT deviceId, properties.reported.models FROM devices.modules "  # noqa: S608 - names are checked identifiers
-        f"WHERE moduleId = '{module}'"
+        f"SELECT * FROM devices.modules WHERE moduleId = '{module}'"  # noqa: S608 - names are checked identifiers
     )
     states: dict[str, str] = {}
     for row in rows:
