@@ -10,7 +10,9 @@ The trainer is the pipeline's own steps on a small data set (tests/deployment/te
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -88,7 +90,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             yield Fleet(sim, standins)
 
 
-def _controller(ws: Workspace, fleet: Fleet, trainer: SmallTrainer) -> tuple[Controller, Services]:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _controller(ws: Workspace, trainer: SmallTrainer, clock: Clock) -> tuple[Controller, Services]:
     services = Services(load(ws.config, "test", ws.environ), environ=ws.environ)
     console = Console(file=io.StringIO())
     releaser = PublisherReleaser(
@@ -105,7 +115,12 @@ def _controller(ws: Workspace, fleet: Fleet, trainer: SmallTrainer) -> tuple[Con
         policy=POLICY,
     )
     controller = Controller(
-        config, fleet=services.hub(), trainer=trainer, releaser=releaser, audit=services.audit
+        config,
+        fleet=services.hub(),
+        trainer=trainer,
+        releaser=releaser,
+        audit=services.audit,
+        clock=clock,
     )
     return controller, services
 
@@ -124,7 +139,8 @@ def test_drift_on_enough_devices_retrains_once_and_promotes_through_the_rings(
     ws.environ["IOTHUB_CONNECTION_STRING"] = fleet.sim.service_connection_string
     ws.environ["AZURE_STORAGE_CONNECTION_STRING"] = azurite.connection_string
     trainer = SmallTrainer()
-    controller, services = _controller(ws, fleet, trainer)
+    clock = Clock()
+    controller, services = _controller(ws, trainer, clock)
 
     # The champion: the first job (new data, clean readings) has nothing to beat.
     (ws.root / "data").mkdir()
@@ -135,6 +151,8 @@ def test_drift_on_enough_devices_retrains_once_and_promotes_through_the_rings(
     assert (first.trigger, first.stage, first.version) == ("new_data", "released", 1)
     for device in FLEET:
         assert fleet.entry(device)["version"] == 1
+
+    clock.now += POLICY.cooldown_s + 1  # long after the first job
 
     # One noisy device: held, however long it lasts.
     fleet.report_drift("line-c", "drift")
@@ -161,6 +179,11 @@ def test_drift_on_enough_devices_retrains_once_and_promotes_through_the_rings(
     assert job.gate is not None
     assert job.gate["reason"] == "better"
     assert job.gate["candidate_window"] > job.gate["champion_window"]
+    manifest = json.loads((ws.root / "releases" / MODEL / "2.manifest.json").read_text())
+    assert manifest["schema"] == 2  # with the drift baseline pack the pipeline wrote
+    pack = (ws.root / "work" / "candidate" / "baseline.json").read_bytes()
+    assert manifest["baseline"]["sha256"] == hashlib.sha256(pack).hexdigest()
+    assert manifest["baseline"]["size"] == len(pack)
     for device in FLEET:
         entry = fleet.entry(device)
         assert entry["version"] == 2
@@ -181,11 +204,17 @@ def test_drift_on_enough_devices_retrains_once_and_promotes_through_the_rings(
         ("release.gate", "all", "passed"),
     ]
 
-    # Still drifting (the agents have not re-profiled yet): the cooldown holds, nothing reruns.
+    # v2 serves with a fresh drift watch on every device (its own baseline).
+    assert {str(fleet.drift(device)) for device in FLEET} == {"ok"}
+    # Drift again at once, sustained: inside the cooldown nothing retrains.
+    for device in ("line-a", "line-b", "line-c"):
+        fleet.report_drift(device, "drift")
+    holds = []
     for _ in range(3):
         after = controller.poll()
         assert isinstance(after, Decision)
-        assert after.hold in {Hold.COOLDOWN, Hold.NOT_SUSTAINED}
+        holds.append(after.hold)
+    assert holds == [Hold.NOT_SUSTAINED, Hold.COOLDOWN, Hold.COOLDOWN]
     assert trainer.calls == 2
     assert _retrain_entries(ws).count("started") == 2
     assert _retrain_entries(ws).count("released") == 2

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from deployment import sensor_data
+from deployment.baseline import BaselineOptions
 from deployment.pipeline import (
     MODEL_FILE,
     PipelineConfig,
@@ -20,6 +21,7 @@ from deployment.pipeline import (
     lineage,
     prepare,
     search,
+    write_baseline,
 )
 from deployment.retrain_policy import Decision, RetrainPolicy
 from deployment.retraining import (
@@ -31,6 +33,7 @@ from deployment.retraining import (
 )
 
 MODULE, MODEL = "mlagent", "sensor_classifier"
+FAST_BASELINE = BaselineOptions(window_sizes=(50,), resamples=100, simulated_windows=5_000)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class SmallTrainer:
         metrics = evaluate(model_bytes, prepared.x_test, prepared.y_test)
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_outputs(out_dir, model_bytes, metrics, prepared, lineage(config, prepared, family))
+        write_baseline(out_dir, prepared, FAST_BASELINE)
 
 
 @pytest.fixture(scope="module")
