@@ -97,6 +97,8 @@ class Sensor:
 
     def labelled(self, since: int) -> tuple[np.ndarray, np.ndarray]:
         """The readings sent from index `since` on, with their true classes."""
-        return np.array(self.sent.readings[since:], dtype=np.float32), np.array(
+        readings = np.array(self.sent.readings[since:], dtype=np.float32)
+        # (0, features) when nothing was sent yet, so it concatenates with other sensors' rows.
+        return readings.reshape(-1, len(sensor_data.FEATURES)), np.array(
             self.sent.labels[since:], dtype=np.int64
         )
