@@ -72,8 +72,9 @@ class EchoModule:
         self._messages: asyncio.Queue[Message] = asyncio.Queue(MAX_QUEUED)
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
-        # The same message ids as module/edge.py: a random prefix and a counter.
-        self._ids = (f"{uuid.uuid4().hex}-{n}" for n in itertools.count())
+        # The same message ids as module/routes.py: a random prefix (drawn once) and a counter.
+        prefix = uuid.uuid4().hex
+        self._ids = (f"{prefix}-{n}" for n in itertools.count())
         self.dropped = 0
         self.failed = 0
         self.work_calls = 0

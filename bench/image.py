@@ -143,8 +143,13 @@ def image_sizes(docker: Docker, image: str) -> dict[str, Any]:
     history = docker(
         "history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}", image
     ).stdout
-    # The runtime stage's COPY of the builder's venv (`COPY dir:<hash> in /opt/venv`).
-    venv = [int(row.split("\t")[0]) for row in history.splitlines() if " in /opt/venv" in row]
+    # The runtime stage's COPY of the builder's venv: `COPY dir:<hash> in /opt/venv` from the
+    # classic builder, `COPY /opt/venv /opt/venv # buildkit` from BuildKit.
+    venv = [
+        int(row.split("\t")[0])
+        for row in history.splitlines()
+        if "COPY" in row and "/opt/venv" in row
+    ]
     if len(venv) != 1:
         raise RuntimeError(f"expected one venv layer in the image history, found {len(venv)}")
     return {"image_mb": round(size / MB, 1), "venv_layer_mb": round(venv[0] / MB, 1)}

@@ -80,8 +80,10 @@ class InferRoute:
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
         # Unique per message without a uuid4 each: os.urandom releases the GIL, and on the
-        # route's hot path the SDK's threads then hold the loop up.
-        self._ids = (f"{uuid.uuid4().hex}-{n}" for n in itertools.count())
+        # route's hot path the SDK's threads then hold the loop up. (The prefix is drawn once:
+        # inside the generator expression it was drawn for every message.)
+        prefix = uuid.uuid4().hex
+        self._ids = (f"{prefix}-{n}" for n in itertools.count())
 
     async def run(self) -> None:
         messages = self._connection.messages

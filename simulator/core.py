@@ -343,8 +343,9 @@ class Hub:
                     )
                     self.upstream.append(upstream)
                     self._event("upstream", device_id, module_id, upstream.to_json())
+                    twin = self.fleet.device_document(device_id, copied=False)
                     for writer in self.storage:
-                        if writer.add(message):
+                        if writer.add(message, twin):
                             self._spawn(writer.flush(full_only=True))
                 case routing.ModuleInput(target, input_name):
                     self.deliver_to_input(

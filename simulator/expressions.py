@@ -2,10 +2,11 @@
 
 Comparisons (`=`, `!=`, `<>`, `<`, `>`, `<=`, `>=`), `IN` / `NIN` a list (`[...]` or `(...)`),
 `AND`, `OR`, `NOT`, parentheses, string (`'x'` or `"x"`), number, `true`/`false`/`null`
-literals, `IS_DEFINED(name)`, `STARTSWITH(name, 'x')` and `ENDSWITH(name, 'x')`. A name segment
-that is not an identifier is quoted as `[[...]]` (`configurations.[[ring-1]].status`). A name the
-message or twin does not have is undefined: comparisons with it are undefined, and an undefined
-condition does not match (three-valued logic, as IoT Hub's query language has it).
+literals (`true` alone is a condition), `IS_DEFINED(name)`, `STARTSWITH(name, 'x')` and
+`ENDSWITH(name, 'x')`. A name segment that is not an identifier is quoted as `[[...]]`
+(`configurations.[[ring-1]].status`). A name the message or twin does not have is undefined:
+comparisons with it are undefined, and an undefined condition does not match (three-valued
+logic, as IoT Hub's query language has it).
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class StringTest:
 
 
 @dataclass(frozen=True)
+class Constant:
+    value: bool
+
+
+@dataclass(frozen=True)
 class Not:
     operand: Expr
 
@@ -98,7 +104,7 @@ class Or:
     right: Expr
 
 
-Expr = Compare | IsDefined | In | StringTest | Not | And | Or
+Expr = Compare | IsDefined | In | StringTest | Constant | Not | And | Or
 
 
 # ---------------------------------------------------------------- tokens
@@ -204,37 +210,47 @@ class _Parser:
             expr = self._or()
             self._expect("op", ")")
             return expr
-        if self._accept("keyword", "IS_DEFINED"):
-            self._expect("op", "(")
-            name = self._operand()
-            self._expect("op", ")")
-            if not isinstance(name, Name):
-                raise ExpressionError("IS_DEFINED takes a property name")
-            return IsDefined(name)
         function = self._peek()
-        if function.kind == "keyword" and function.text in _STRING_FUNCTIONS:
+        if function.kind == "keyword" and function.text in ("IS_DEFINED", *_STRING_FUNCTIONS):
             self._next()
-            self._expect("op", "(")
-            operand = self._operand()
-            self._expect("op", ",")
-            affix = self._operand()
-            self._expect("op", ")")
-            return StringTest(function.text, operand, affix)
+            return self._function(function.text)
         left = self._operand()
+        if isinstance(left, Literal) and isinstance(left.value, bool) and self._ends_term():
+            return Constant(left.value)  # `true` alone: a route that takes every message
         if self._peek().kind == "keyword" and self._peek().text in ("IN", "NIN"):
-            negated = self._next().text == "NIN"
-            closing = "]" if self._accept("op", "[") else ")"
-            if closing == ")":
-                self._expect("op", "(")
-            choices = [self._operand()]
-            while self._accept("op", ","):
-                choices.append(self._operand())
-            self._expect("op", closing)
-            return In(left, tuple(choices), negated)
+            return self._membership(left)
         op = self._next()
         if op.kind != "op" or op.text not in COMPARISONS:
             raise ExpressionError(f"expected a comparison, found {op.text!r}")
         return Compare(op.text, left, self._operand())
+
+    def _function(self, name: str) -> Expr:
+        self._expect("op", "(")
+        operand = self._operand()
+        if name == "IS_DEFINED":
+            self._expect("op", ")")
+            if not isinstance(operand, Name):
+                raise ExpressionError("IS_DEFINED takes a property name")
+            return IsDefined(operand)
+        self._expect("op", ",")
+        affix = self._operand()
+        self._expect("op", ")")
+        return StringTest(name, operand, affix)
+
+    def _membership(self, left: Literal | Name) -> Expr:
+        negated = self._next().text == "NIN"
+        closing = "]" if self._accept("op", "[") else ")"
+        if closing == ")":
+            self._expect("op", "(")
+        choices = [self._operand()]
+        while self._accept("op", ","):
+            choices.append(self._operand())
+        self._expect("op", closing)
+        return In(left, tuple(choices), negated)
+
+    def _ends_term(self) -> bool:
+        token = self._peek()
+        return token.kind == "end" or token.text in (")", "AND", "OR")
 
     def _operand(self) -> Literal | Name:
         token = self._next()
@@ -305,7 +321,8 @@ def _resolve(operand: Literal | Name, lookup: Lookup) -> Value | _Undefined:
     return operand.value if isinstance(operand, Literal) else lookup(operand.path)
 
 
-def _evaluate(expr: Expr, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # one return per case of three-valued logic
+def _leaf(expr: Compare | IsDefined | In | StringTest, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # one return per case of three-valued logic
+    """A comparison or a function: None when undefined (a name missing, types that differ)."""
     match expr:
         case Compare(op, left, right):
             a, b = _resolve(left, lookup), _resolve(right, lookup)
@@ -316,20 +333,27 @@ def _evaluate(expr: Expr, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # on
             found = lookup(name.path)
             return isinstance(found, _Composite) or not isinstance(found, _Undefined)
         case In(operand, choices, negated):
-            value = _resolve(operand, lookup)
-            if isinstance(value, _Undefined):
+            subject = _resolve(operand, lookup)
+            if isinstance(subject, _Undefined):
                 return None
             options = [_resolve(choice, lookup) for choice in choices]
-            found = any(
-                not isinstance(option, _Undefined) and _compare("=", value, option)
+            member = any(
+                not isinstance(option, _Undefined) and _compare("=", subject, option)
                 for option in options
             )
-            return found != negated
+            return member != negated
         case StringTest(function, operand, affix):
             text, part = _resolve(operand, lookup), _resolve(affix, lookup)
             if not isinstance(text, str) or not isinstance(part, str):
                 return None
             return text.startswith(part) if function == "STARTSWITH" else text.endswith(part)
+    raise AssertionError(f"unknown expression {expr!r}")
+
+
+def _evaluate(expr: Expr, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # one return per case of three-valued logic
+    match expr:
+        case Constant(constant):
+            return constant
         case Not(operand):
             inner = _evaluate(operand, lookup)
             return None if inner is None else not inner
@@ -343,7 +367,7 @@ def _evaluate(expr: Expr, lookup: Lookup) -> bool | None:  # noqa: PLR0911  # on
             if a is True or b is True:
                 return True
             return None if a is None or b is None else False
-    raise AssertionError(f"unknown expression {expr!r}")
+    return _leaf(expr, lookup)
 
 
 def matches(expr: Expr, lookup: Lookup) -> bool:

@@ -1,5 +1,5 @@
 """The fleet: edge devices with twins and tags, configurations, and the desired properties they
-produce on every module twin. Runs on the simulator loop; pure apart from the callbacks.
+produce on every module twin. Runs on the simulator loop; the outside world is the callbacks.
 
 Each device keeps its own content (the manifest's desired properties plus the service's direct
 patches, or what `applyConfigurationContent` set); configurations layer over it (see
@@ -47,6 +47,9 @@ class Device:
 
 
 class Fleet:
+    """Every device, the configurations, and the service operations on them; `notify` sends a
+    module its desired patch, `event` feeds `watch`."""
+
     def __init__(
         self,
         devices: Mapping[str, Device],

@@ -93,10 +93,13 @@ def fleet_devices(
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Connection strings are secrets: owner-only, written in one go."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Connection strings are secrets: owner-only. Readers poll for these files, so each
+    appears whole: written beside its final name, then renamed over it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as file:
         file.write(text)
+    temporary.replace(path)
 
 
 class SimulatorFaults:

@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,8 +37,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
+    """IoT Hub's error body: the code and reason in `Message`, a tracking id beside it."""
+    now = time.strftime("%m/%d/%Y %H:%M:%S", time.gmtime())
+    tracking = f"Tracking ID:{uuid.uuid4().hex}-G:0-TimeStamp:{now}"
     return web.json_response(
-        {"Message": f"ErrorCode:{code};{message}", "ExceptionMessage": ""}, status=status
+        {"Message": f"ErrorCode:{code};{message}", "ExceptionMessage": tracking}, status=status
     )
 
 

@@ -28,6 +28,7 @@ from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient
 
 from simulator import expressions, topics
+from simulator import query as twin_query
 
 log = structlog.get_logger(__name__)
 
@@ -76,17 +77,26 @@ class StorageRoute:
             raise StorageRouteError(f"route {self.name!r}: condition: {exc}") from exc
         object.__setattr__(self, "parsed", parsed)
 
-    def matches(self, message: topics.Message) -> bool:
-        return self.parsed is None or expressions.matches(self.parsed, message_lookup(message))
+    def matches(self, message: topics.Message, twin: Mapping[str, object] | None = None) -> bool:
+        if self.parsed is None:
+            return True
+        return expressions.matches(self.parsed, message_lookup(message, twin))
 
 
-def message_lookup(message: topics.Message) -> expressions.Lookup:
-    """Routing query names: `$name` system properties, `$body.path` in a JSON body, else
-    application properties."""
+def message_lookup(
+    message: topics.Message, twin: Mapping[str, object] | None = None
+) -> expressions.Lookup:
+    """Routing query names: `$name` system properties, `$body.path` in a JSON body,
+    `$twin.path` in the sending device's twin (`$twin.tags.ring`), else application
+    properties."""
 
     def lookup(name: str) -> expressions.Value | expressions._Undefined:
         if name.startswith("$body."):
             return _body_value(message, name[len("$body.") :])
+        if name.startswith("$twin."):
+            if twin is None:
+                return expressions.UNDEFINED
+            return twin_query.path_lookup(twin)(name[len("$twin.") :])
         if name.startswith("$"):
             value = message.system.get(name[1:])
         else:
@@ -232,9 +242,10 @@ class StorageWriter:
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self._clock(), tz=dt.UTC)
 
-    def add(self, message: topics.Message) -> bool:
-        """Take the message if the route's condition matches; True when the chunk is full."""
-        if not self.route.matches(message):
+    def add(self, message: topics.Message, twin: Mapping[str, object] | None = None) -> bool:
+        """Take the message if the route's condition matches (over the message and its
+        device's `twin`); True when the chunk is full."""
+        if not self.route.matches(message, twin):
             return False
         now = self._now()
         device = message.system.get("connectionDeviceId", "")

@@ -59,7 +59,7 @@ class AgentContainer:
             return json.loads(response.read())
 
     def wait_connected(self, timeout_s: float = 90.0) -> None:
-        self.container.wait_log("hub_connection", timeout_s)
+        self.container.wait_log("hub_connection", timeout_s, connected=True)
 
 
 StartAgent = Callable[..., AgentContainer]

@@ -22,7 +22,7 @@ from msrest.exceptions import HttpOperationError
 
 from simulator import Simulator, pick_loopback_host
 from tests.simulator.conftest import collect_sdk_garbage
-from tests.simulator.inbox import Inbox
+from tests.simulator.inbox import Inbox, sdk_message
 
 pytestmark = pytest.mark.e2e
 
@@ -264,10 +264,22 @@ def test_configuration_queries_are_checked(configs: IoTHubConfigurationManager) 
             400,
             "ArgumentInvalid",
         ),
-        (layer("bad-path", "tags.ring = 'x'", 1, {"properties.reported.rate": 1}), 400, "Argu"),
+        (
+            layer("bad-path", "tags.ring = 'x'", 1, {"properties.reported.rate": 1}),
+            400,
+            "ArgumentInvalid",
+        ),
         (layer("bad-path", "tags.ring = 'x'", 1, {"rate": 1}), 400, "ArgumentInvalid"),
-        (layer("Upper", "tags.ring = 'x'", 1, {"properties.desired.rate": 1}), 400, "Argu"),
-        (layer("negative", "tags.ring = 'x'", -1, {"properties.desired.rate": 1}), 400, "Argu"),
+        (
+            layer("Upper", "tags.ring = 'x'", 1, {"properties.desired.rate": 1}),
+            400,
+            "ArgumentInvalid",
+        ),
+        (
+            layer("negative", "tags.ring = 'x'", -1, {"properties.desired.rate": 1}),
+            400,
+            "ArgumentInvalid",
+        ),
         (
             layer("huge", "tags.ring = 'x'", 1, {"properties.desired.blob": "x" * 600_000}),
             413,
@@ -286,7 +298,8 @@ def test_bad_configurations_get_iot_hub_errors(
     with pytest.raises(HttpOperationError) as refused:
         configs.create_configuration(body)
     assert _status(refused) == status
-    assert _message(refused).startswith(f"ErrorCode:{code}")
+    assert _message(refused).startswith(f"ErrorCode:{code};")
+    assert refused.value.response.json()["ExceptionMessage"].startswith("Tracking ID:")
 
 
 def test_configuration_etags_conflicts_and_missing(configs: IoTHubConfigurationManager) -> None:
@@ -346,3 +359,51 @@ async def test_a_module_receives_exactly_its_devices_layer_patches(
     assert twin["desired"] == {"rate": 5, "model": {"name": "m", "version": 1}, "$version": 3}
     events = [e for e in fleet.events.items() if e.kind == "desired"]
     assert {e.device_id for e in events} == {"plant-a", "plant-b", "plant-c", "plant-d", "plant-e"}
+
+
+async def test_each_device_routes_by_its_own_edge_hub_content(
+    fleet: Simulator, configs: IoTHubConfigurationManager, manifest: dict[str, Any]
+) -> None:
+    content = manifest["modulesContent"]
+    content["$edgeHub"]["properties.desired"]["routes"] = {}  # plant-b sends nothing upstream
+    await asyncio.to_thread(
+        configs.apply_configuration_on_edge_device,
+        "plant-b",
+        ConfigurationContent(modules_content=content),
+    )
+    clients = {}
+    try:
+        for device in ("plant-a", "plant-b"):
+            client = IoTHubModuleClient.create_from_connection_string(
+                fleet.module_connection_string(device, "consumer"),
+                server_verification_cert=fleet.ca_cert_path.read_text(),
+            )
+            await client.connect()
+            clients[device] = client
+        await clients["plant-b"].send_message_to_output(sdk_message("b-1"), "predictions")
+        await clients["plant-a"].send_message_to_output(sdk_message("a-1"), "predictions")
+        first = await asyncio.to_thread(
+            fleet.upstream.wait_for, lambda m: m.body in (b"a-1", b"b-1"), 10
+        )
+        assert (first.device_id, first.body) == ("plant-a", b"a-1")
+        # A layered deployment adds a route to plant-b's edgeHub.
+        route = {
+            "properties.desired.routes.consumerUp": "FROM /messages/modules/consumer/outputs/* "
+            "INTO $upstream"
+        }
+        await asyncio.to_thread(
+            configs.create_configuration,
+            Configuration(
+                id="route-b",
+                target_condition="deviceId = 'plant-b'",
+                priority=5,
+                content=ConfigurationContent(modules_content={"$edgeHub": route}),
+            ),
+        )
+        await clients["plant-b"].send_message_to_output(sdk_message("b-2"), "predictions")
+        second = await asyncio.to_thread(fleet.upstream.wait_for, lambda m: m.body == b"b-2", 10)
+        assert second.device_id == "plant-b"
+        assert not [m for m in fleet.upstream.items() if m.body == b"b-1"]
+    finally:
+        for client in clients.values():
+            await client.shutdown()

@@ -74,6 +74,7 @@ def test_blob_names_follow_the_file_name_format(
         ({"batch_frequency_seconds": 0}, "positive"),
         ({"max_chunk_bytes": -1}, "positive"),
         ({"condition": "level > > 3"}, "condition"),
+        ({"condition": "true false"}, "condition"),
     ],
 )
 def test_bad_storage_routes_are_refused(overrides: dict[str, Any], reason: str) -> None:
@@ -101,13 +102,15 @@ def test_a_json_body_is_stored_as_json_and_anything_else_as_base64() -> None:
         ("$connectionDeviceId", "plant-a"),
         ("kind", "drift"),
         ("missing", None),
+        ("$twin.tags.ring", "canary"),
+        ("$twin.tags.missing", None),
     ],
 )
-def test_routing_queries_see_body_system_and_application_properties(
+def test_routing_queries_see_body_system_application_and_twin_properties(
     name: str, value: object
 ) -> None:
     message = Message(b'{"drift": 0.2, "window": {"size": 10}}', JSON_SYSTEM, {"kind": "drift"})
-    found = message_lookup(message)(name)
+    found = message_lookup(message, {"tags": {"ring": "canary"}})(name)
     assert (None if not isinstance(found, str | int | float | bool) else found) == value
 
 
@@ -177,7 +180,7 @@ def routed(
         name="drift-to-blob",
         connection_string=azurite.connection_string,
         container=container,
-        condition="$body.kind = 'drift' OR severity = 'high'",
+        condition="($body.kind = 'drift' OR severity = 'high') AND $twin.tags.ring != 'lab'",
         batch_frequency_seconds=0.5,
         hub_name="sim-hub",
     )
@@ -185,7 +188,11 @@ def routed(
         manifest,
         host=pick_loopback_host(),
         run_dir=tmp_path / "run",
-        devices={"plant-a": {}, "plant-b": {}},
+        devices={
+            "plant-a": {"ring": "canary"},
+            "plant-b": {"ring": "broad"},
+            "lab-1": {"ring": "lab"},
+        },
         storage_routes=[storage],
     ) as sim:
         yield sim, container
@@ -210,7 +217,7 @@ async def test_upstream_messages_matching_the_route_land_in_azurite(
     sim, container = routed
     clients = []
     try:
-        for device in ("plant-a", "plant-b"):
+        for device in ("plant-a", "plant-b", "lab-1"):
             client = IoTHubModuleClient.create_from_connection_string(
                 sim.module_connection_string(device, "consumer"),
                 server_verification_cert=sim.ca_cert_path.read_text(),
@@ -227,7 +234,7 @@ async def test_upstream_messages_matching_the_route_land_in_azurite(
     finally:
         for client in clients:
             await client.shutdown()
-    # The 0.5 s batch frequency writes without being asked.
+    # The 0.5 s batch frequency writes without being asked; lab-1's drift stays out (its twin).
     deadline = time.monotonic() + 30
     while sum(len(r) for r in _records(azurite, container).values()) < 2:
         assert time.monotonic() < deadline, "no blob within 30 s"

@@ -2,10 +2,11 @@
 
 A pytest plugin (loaded by tests/conftest.py). Fixtures:
 
-* `docker_engine` (session): a `Docker` CLI whose engine answers. `dockerd` is started when
-  none runs, and stopped at the end of the session if it was started here.
+* `docker_engine` (session): a `Docker` CLI whose engine answers, held through a lease
+  (deployment/image.py `Engine`): `dockerd` is started when none runs, and stopped when the last
+  lease holder (this session, another one, `make image`...) finishes, if one of them started it.
 * `agent_image` (session): `AgentImage`, the repository's Dockerfile built once per session
-  (the layers stay cached in the engine between sessions; only the session's tag is removed).
+  under a tag of its own, removed at the end; the builder stage's layers stay cached.
 * `containers` (function): `Containers`, whose `run(*docker_run_args, env=...)` starts the image
   (`--network host`, the only network the machine allows) and returns a `Container`; `volume()`
   makes a named volume. Everything made through it is removed after the test.
@@ -96,9 +97,15 @@ class Container:
             lines.append(line if isinstance(line, dict) else {"event": "unparsed", "text": raw})
         return lines
 
-    def wait_log(self, event: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    def wait_log(self, event: str, timeout_s: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """The first JSON log line of `event` whose `fields` have these values."""
+
         def found() -> dict[str, Any] | None:
-            hits = [line for line in self.log_lines() if line.get("event") == event]
+            hits = [
+                line
+                for line in self.log_lines()
+                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())
+            ]
             if hits:
                 return hits[0]
             if not self.running():
