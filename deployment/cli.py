@@ -204,7 +204,7 @@ def _dispatch(
         out.print(f"EDGEML_TRUSTED_KEYS={generated.trusted_keys_entry}", markup=False)
         return 0
     if args.command in drift_commands.COMMANDS:
-        return drift_commands.dispatch(args, err)
+        return drift_commands.dispatch(args, environ, err)
     if args.command == "manifest":
         profile = template.load_profile(args.profile) if args.profile else None
         rendered = template.render(

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
+from azure.storage.blob import ContainerClient
 from rich.console import Console
 
 from deployment.baseline import (
@@ -19,7 +21,13 @@ from deployment.baseline import (
     model_outputs,
     window_sizes_arg,
 )
-from deployment.drift_report import load_baselines, merge_profiles, read_profiles, write_reports
+from deployment.drift_report import (
+    load_baselines,
+    merge_profiles,
+    read_blob_profiles,
+    read_profiles,
+    write_reports,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -52,8 +60,17 @@ def _baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _drift_report(args: argparse.Namespace) -> int:
-    profiles = read_profiles(args.profiles)
+def _drift_report(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    if not args.profiles and not args.container:
+        raise ValueError("give --profiles, --container, or both")
+    profiles = read_profiles(args.profiles or [])
+    if args.container:
+        connection = environ.get(args.connection_string_env)
+        if not connection:
+            raise ValueError(f"set {args.connection_string_env} to read container {args.container}")
+        container = ContainerClient.from_connection_string(connection, args.container)
+        with container:
+            profiles += read_blob_profiles(container, args.prefix)
     fleet = merge_profiles(profiles, load_baselines(args.baseline), args.bucket_seconds)
     written = write_reports(fleet, args.output)
     log.info("drift_report_written", profiles=len(profiles), pages=[str(p) for p in written])
@@ -82,24 +99,29 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     baseline.add_argument("--resamples", type=int, default=defaults.resamples)
     baseline.add_argument("--seed", type=int, default=defaults.seed)
-    baseline.set_defaults(run=_baseline)
 
     report = commands.add_parser("drift-report", help="merge fleet drift profiles into HTML")
+    report.add_argument("--profiles", type=Path, nargs="+", help="routed telemetry files/folders")
+    report.add_argument("--container", help="a Blob container that IoT Hub routes telemetry to")
+    report.add_argument("--prefix", default="", help="only blobs under this prefix")
     report.add_argument(
-        "--profiles", type=Path, nargs="+", required=True, help="routed telemetry files/folders"
+        "--connection-string-env",
+        default="AZURE_STORAGE_CONNECTION_STRING",
+        help="the variable holding the storage connection string (never a flag: it is a secret)",
     )
     report.add_argument(
         "--baseline", type=Path, nargs="+", required=True, help="the baseline packs they name"
     )
     report.add_argument("--bucket-seconds", type=float, default=3600.0)
     report.add_argument("-o", "--output", type=Path, required=True, help="folder for the pages")
-    report.set_defaults(run=_drift_report)
 
 
-def dispatch(args: argparse.Namespace, err: Console) -> int:
+def dispatch(args: argparse.Namespace, environ: Mapping[str, str], err: Console) -> int:
     """Exit status 0 done, 1 nothing written, 2 unreadable or invalid input."""
     try:
-        return int(args.run(args))
+        if args.command == "baseline":
+            return _baseline(args)
+        return _drift_report(args, environ)
     except (ValueError, OSError) as e:
         err.print(f"edgeml: error [{args.command}]: {e}", markup=False, highlight=False)
         return 2

@@ -12,6 +12,7 @@ one window of all its rows would be.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
 import json
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from azure.storage.blob import ContainerClient
 
 from agent.observation.baseline import BaselinePack, parse_baseline, score_window
 from agent.observation.counts import FeatureCounts
@@ -34,6 +36,7 @@ __all__ = [
     "FleetModel",
     "load_baselines",
     "merge_profiles",
+    "read_blob_profiles",
     "read_profiles",
     "render_html",
     "write_reports",
@@ -78,6 +81,11 @@ def _profile(document: Any, where: str) -> Profile | None:
         system = document.get("SystemProperties") or {}
         device = str(system.get("connectionDeviceId", device))
         document = document["Body"]
+        if isinstance(document, str):  # routing stores a body not sent as JSON in base64
+            try:
+                document = json.loads(base64.b64decode(document, validate=True))
+            except (ValueError, UnicodeDecodeError):
+                return None
         if not isinstance(document, dict):
             return None
     if document.get("schema") != PROFILE_SCHEMA:
@@ -98,6 +106,25 @@ def _profile(document: Any, where: str) -> Profile | None:
         raise ValueError(f"{where}: malformed drift profile ({e})") from None
 
 
+def _profiles_in(text: str, where: str) -> list[Profile]:
+    profiles = []
+    for document in _iter_documents(text):
+        profile = _profile(document, where)
+        if profile is not None:
+            profiles.append(profile)
+    return profiles
+
+
+def read_blob_profiles(container: ContainerClient, prefix: str = "") -> list[Profile]:
+    """Every drift profile in the blobs under `prefix` of a container, as IoT Hub message
+    routing writes them (one JSON record per line)."""
+    profiles = []
+    for blob in container.list_blobs(name_starts_with=prefix or None):
+        text = container.download_blob(blob.name).readall().decode("utf-8")
+        profiles += _profiles_in(text, blob.name)
+    return profiles
+
+
 def read_profiles(paths: Iterable[Path]) -> list[Profile]:
     """Every drift profile in the files (folders are read recursively); other messages are
     ignored, since routed telemetry mixes message kinds."""
@@ -106,10 +133,7 @@ def read_profiles(paths: Iterable[Path]) -> list[Profile]:
         files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     profiles = []
     for file in files:
-        for document in _iter_documents(file.read_text(encoding="utf-8")):
-            profile = _profile(document, str(file))
-            if profile is not None:
-                profiles.append(profile)
+        profiles += _profiles_in(file.read_text(encoding="utf-8"), str(file))
     return profiles
 
 

@@ -107,6 +107,7 @@ class DriftMonitor:
         self._capacity = 2 * self.window_rows
         self._ring = np.full((self._capacity, len(self.features)), np.nan)
         self._scratch = np.empty((1, len(self.features)))
+        self._spread: dict[int, npt.NDArray[np.int64]] = {}
         self._written = 0  # rows ever written; the ring index is this modulo capacity
         self._read = 0
         self._every = settings.sample_every
@@ -148,7 +149,12 @@ class DriftMonitor:
         self._extractor.into(scratch, {**inputs, **outputs}, rows)
         keep = min(self.settings.max_rows_per_request, self._capacity)
         if rows > keep:
-            scratch = scratch[np.linspace(0, rows - 1, keep).astype(np.int64)]
+            spread = self._spread.get(rows)
+            if spread is None:  # evenly spaced rows, computed once per batch size
+                spread = self._spread[rows] = np.linspace(0, rows - 1, keep).astype(np.int64)
+                if len(self._spread) > 64:
+                    self._spread.clear()
+            scratch = scratch[spread]
             rows = keep
         start = self._written % self._capacity
         end = start + rows

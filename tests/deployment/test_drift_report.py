@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -10,11 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from azure.storage.blob import BlobServiceClient
 from PIL import Image
 
 from agent.observation.drift import DriftMonitor, DriftSettings, profile_message
 from deployment.cli import main
-from deployment.drift_report import load_baselines, merge_profiles, read_profiles
+from deployment.drift_report import (
+    load_baselines,
+    merge_profiles,
+    read_blob_profiles,
+    read_profiles,
+)
+from simulator.azurite import Azurite
 from tests.agent.drift_packs import tabular_pack, tabular_rows
 
 START = 1_760_000_000.0
@@ -61,7 +69,12 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, i
                 max_features=32,
                 wall_clock=START + clock.now,
             )
-            envelope = {"SystemProperties": {"connectionDeviceId": device}, "Body": body}
+            # As IoT Hub routing stores messages: the JSON itself, or base64 when the message
+            # did not say application/json.
+            stored: object = body
+            if window % 2:
+                stored = base64.b64encode(json.dumps(body).encode()).decode()
+            envelope = {"SystemProperties": {"connectionDeviceId": device}, "Body": stored}
             lines.append(json.dumps(envelope))
         lines.append(json.dumps({"Body": {"schema": "agent-latency/1"}}))  # other telemetry
         (routed / f"{device}.json").write_text("\n".join(lines))
@@ -145,3 +158,36 @@ def test_the_report_renders_in_chromium_with_charts(
     assert not_white > 0.03, f"only {not_white:.1%} of the page is drawn"
     assert current > 500
     assert reference > 500
+
+
+@pytest.mark.e2e
+def test_the_report_reads_profiles_from_blob_storage_as_routing_leaves_them(
+    fleet_files: tuple[Path, Path, int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    routed, baseline, rows = fleet_files
+    with Azurite.start(tmp_path / "azurite") as azurite:
+        service = BlobServiceClient.from_connection_string(azurite.connection_string)
+        container = service.create_container("telemetry")
+        for i, file in enumerate(sorted(routed.iterdir())):
+            container.upload_blob(f"hub/0/2026/11/30/10/{i:02d}", file.read_bytes())
+        container.upload_blob("elsewhere/x", b'{"not": "a profile"}')
+        profiles = read_blob_profiles(container, prefix="hub/")
+        assert len(profiles) == 24
+        (fleet,) = merge_profiles(profiles, load_baselines([baseline]), bucket_s=3600.0)
+        assert fleet.total.rows == rows
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+        out = tmp_path / "report"
+        argv = ["drift-report", "--container", "telemetry", "--prefix", "hub/"]
+        assert main([*argv, "--baseline", str(baseline), "-o", str(out)]) == 0
+        assert len(list(out.glob("*.html"))) == 1
+        service.close()
+
+
+def test_the_command_needs_somewhere_to_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["drift-report", "--baseline", str(tmp_path / "b.json"), "-o", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--profiles, --container" in capsys.readouterr().err
