@@ -102,7 +102,7 @@ class AuditLog:
         check_no_secret(subject, "subject")
         entries = list(self.entries())
         last = entries[-1] if entries else None
-        self._check_head(last)
+        self._check_head(entries)
         entry: dict[str, Any] = {
             "seq": (last.seq + 1) if last else 1,
             "time": self._clock().isoformat(),
@@ -127,16 +127,21 @@ class AuditLog:
         os.replace(head, self.head_path)
         return _to_entry(entry)
 
-    def _check_head(self, last: Entry | None) -> None:
+    def _check_head(self, entries: list[Entry]) -> None:
+        """The head names the last entry, or the one before it: an append writes the log
+        first and the head second, so a crash between the two leaves the head one behind."""
+        last = entries[-1] if entries else None
         if not self.head_path.exists():
             if last is not None:
                 raise PublisherError(Reason.AUDIT_BROKEN, f"{self.head_path} is missing")
             return
         head = json.loads(self.head_path.read_text())
-        if last is None or head != {"seq": last.seq, "hash": last.hash}:
+        candidates = [{"seq": e.seq, "hash": e.hash} for e in entries[-2:]]
+        if head not in candidates:
             raise PublisherError(
                 Reason.AUDIT_BROKEN,
-                f"the audit log ends before its head (seq {head.get('seq')}): entries were removed",
+                f"the audit log does not end at its head (seq {head.get('seq')}): "
+                "entries were removed or the head was changed",
             )
 
     def entries(self) -> Iterator[Entry]:
@@ -166,9 +171,8 @@ class AuditLog:
     def verify(self) -> tuple[int, str]:
         """(entries, head hash) of an intact log; raises :class:`PublisherError` otherwise."""
         entries = list(self.entries())
-        last = entries[-1] if entries else None
-        self._check_head(last)
-        return (len(entries), last.hash if last else GENESIS)
+        self._check_head(entries)
+        return (len(entries), entries[-1].hash if entries else GENESIS)
 
 
 def _to_entry(raw: Mapping[str, Any]) -> Entry:

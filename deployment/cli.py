@@ -136,6 +136,14 @@ def _other_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
     keys = manifest.add_mutually_exclusive_group(required=True)
     keys.add_argument("--trusted-keys", help="EDGEML_TRUSTED_KEYS value (keygen prints it)")
     keys.add_argument("--trusted-keys-dir", type=Path, help="folder of <key_id>.pem files")
+    manifest.add_argument(
+        "--set",
+        dest="values",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a ${NAME} placeholder (credentials come from variables of the same name)",
+    )
     manifest.add_argument("--profile", type=Path, help="profile.json of python -m agent profile")
     manifest.add_argument("--template", type=Path, default=template.TEMPLATE)
     manifest.add_argument("--out", type=Path, required=True)
@@ -159,6 +167,25 @@ def _images(args: argparse.Namespace) -> dict[str, str]:
             raise PublisherError(Reason.USAGE, f"--module-image {item!r}: expected NAME=IMAGE")
         images[name] = image
     return images
+
+
+def _values(
+    args: argparse.Namespace, loaded: Mapping[str, object], environ: Mapping[str, str]
+) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for item in args.values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise PublisherError(Reason.USAGE, f"--set {item!r}: expected NAME=VALUE")
+        if template.is_secret_placeholder(name):
+            raise PublisherError(
+                Reason.USAGE, f"--set {name}: a credential comes from the variable {name}"
+            )
+        values[name] = value
+    for name in sorted(template.placeholders(loaded)):
+        if template.is_secret_placeholder(name) and name not in values:
+            values[name] = config.secret(name, None, environ)
+    return values
 
 
 def run(
@@ -207,13 +234,18 @@ def _dispatch(
         return drift_commands.dispatch(args, environ, err)
     if args.command == "manifest":
         profile = template.load_profile(args.profile) if args.profile else None
+        loaded = template.load_template(args.template)
         rendered = template.render(
-            template.load_template(args.template),
+            loaded,
             images=_images(args),
             trusted_keys=_trusted_keys(args),
+            settings=_values(args, loaded, environ),
             profile=profile,
         )
-        args.out.write_text(json.dumps(rendered, indent=2) + "\n", encoding="utf-8")
+        # It may hold credentials (a Log Analytics key): owner-only, like the other secrets.
+        descriptor = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(json.dumps(rendered, indent=2) + "\n")
         out.print(f"wrote {args.out}", markup=False)
         return 0
     resolved = config.load(args.config, args.env, environ)

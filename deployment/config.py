@@ -62,6 +62,12 @@ class Environment(BaseModel):
     sas_hours: float = Field(48.0, gt=0, le=24 * 365)
     secrets_dir: Path | None = None
     hub_ca_file: Path | None = None  # a private CA the hub's TLS certificate chains to
+    # "MODULE:VARIABLE": ring layers also set that module's variable to the ring's name (a
+    # `$edgeAgent` path in each layer; the simulator takes any `$edgeAgent` content for a base
+    # deployment, so this is off by default and not exercised against it).
+    ring_variable: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}:[A-Za-z_][A-Za-z0-9_]{0,63}$"
+    )
     rings: dict[RingName, Annotated[str, StringConstraints(min_length=1, max_length=2048)]] = Field(
         default_factory=dict
     )

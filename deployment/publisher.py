@@ -24,7 +24,7 @@ from rich.table import Table
 
 from agent.releases.manifest import ManifestRejected, verify_manifest
 from deployment import artifacts, config, rollout, signing
-from deployment.audit import AuditLog
+from deployment.audit import AuditLog, default_actor
 from deployment.errors import PublisherError, Reason
 from deployment.hub import AzureHub, Hub
 from deployment.registry import (
@@ -64,7 +64,7 @@ class Services:
 
     @property
     def audit(self) -> AuditLog:
-        return AuditLog(self.resolved.audit_log, actor=None, clock=self.now)
+        return AuditLog(self.resolved.audit_log, actor=default_actor(self.environ), clock=self.now)
 
     @property
     def releases_dir(self) -> Path:
@@ -406,6 +406,7 @@ class Publisher:
             alias_of=lambda model, ring: registry.alias_version(model, ring_alias(ring)),
             set_alias=self._set_alias,
             rerelease=self._rerelease,
+            ring_variable=_split_pair(self._s.resolved.env.ring_variable),
             clock=self._s.monotonic,
             sleep=self._s.sleep,
         )
@@ -555,6 +556,13 @@ class Publisher:
                     entry.outcome,
                 )
         self._out.print(table)
+
+
+def _split_pair(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    module, _, variable = value.partition(":")
+    return module, variable
 
 
 def _check_json_file(path: Path, what: str) -> None:

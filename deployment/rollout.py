@@ -121,13 +121,27 @@ def metric_queries(module: str, model: str, version: int) -> dict[str, str]:
 
 
 def layered_deployment(
-    model: str, ring: Ring, version: int, manifest: Mapping[str, Any], module: str
+    model: str,
+    ring: Ring,
+    version: int,
+    manifest: Mapping[str, Any],
+    module: str,
+    *,
+    ring_variable: tuple[str, str] | None = None,
 ) -> LayeredDeployment:
+    content: dict[str, dict[str, Any]] = {module: {desired_path(model): dict(manifest)}}
+    if ring_variable is not None:
+        # The ring's name as an environment variable of one module (the fleet monitoring's
+        # Prometheus labels its series with it): every layer of a ring writes the same value.
+        target, variable = ring_variable
+        content["$edgeAgent"] = {
+            f"properties.desired.modules.{target}.env.{variable}": {"value": ring.name}
+        }
     return LayeredDeployment(
         id=config_id(model, ring.name, version, manifest),
         target_condition=ring.condition,
         priority=ring.priority,
-        modules_content={module: {desired_path(model): dict(manifest)}},
+        modules_content=content,
         labels={LABEL_MODEL: model, LABEL_RING: ring.name, LABEL_VERSION: str(version)},
         metric_queries=metric_queries(module, model, version),
     )
@@ -291,6 +305,7 @@ class Rollout:
         alias_of: AliasOf,
         set_alias: SetAlias,
         rerelease: Rerelease,
+        ring_variable: tuple[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -300,6 +315,7 @@ class Rollout:
         self._alias_of = alias_of
         self._set_alias = set_alias
         self._rerelease = rerelease
+        self._ring_variable = ring_variable
         self._clock = clock
         self._sleep = sleep
 
@@ -386,7 +402,9 @@ class Rollout:
         refreshed = []
         for ring in rings:
             if ring.name in carrying:
-                deployment = layered_deployment(model, ring, version, manifest, self._module)
+                deployment = layered_deployment(
+                    model, ring, version, manifest, self._module, ring_variable=self._ring_variable
+                )
                 self._hub.create_configuration(deployment)
                 self._replace_older(model, ring.name, deployment.id)
                 refreshed.append(ring.name)
@@ -400,7 +418,9 @@ class Rollout:
         ring: Ring,
         previous: int | None,
     ) -> None:
-        deployment = layered_deployment(model, ring, version, manifest, self._module)
+        deployment = layered_deployment(
+            model, ring, version, manifest, self._module, ring_variable=self._ring_variable
+        )
         self._hub.create_configuration(deployment)
         replaced = self._replace_older(model, ring.name, deployment.id)
         self._audit.append(
@@ -502,7 +522,14 @@ class Rollout:
                 )
                 continue
             new_version, manifest = self._rerelease(model, version, previous)
-            deployment = layered_deployment(model, touched, new_version, manifest, self._module)
+            deployment = layered_deployment(
+                model,
+                touched,
+                new_version,
+                manifest,
+                self._module,
+                ring_variable=self._ring_variable,
+            )
             self._hub.create_configuration(deployment)
             self._replace_older(model, touched.name, deployment.id)
             self._set_alias(model, touched.name, new_version)

@@ -76,18 +76,29 @@ def load_profile(path: Path) -> Profile:
     return profile
 
 
+# Placeholders whose values are credentials: only from the environment (secret precedence),
+# never from the command line, where they would land in shell history and process lists.
+_SECRET_PLACEHOLDER = re.compile(r"(KEY|SECRET|PASSWORD|TOKEN)$")
+
+
+def is_secret_placeholder(name: str) -> bool:
+    return name != "EDGEML_TRUSTED_KEYS" and bool(_SECRET_PLACEHOLDER.search(name))
+
+
+def placeholders(node: Any) -> set[str]:
+    """Every ``${NAME}`` in a template (pure)."""
+    if isinstance(node, str):
+        return set(_PLACEHOLDER.findall(node))
+    if isinstance(node, Mapping):
+        return set().union(*(placeholders(v) for v in node.values())) if node else set()
+    if isinstance(node, list):
+        return set().union(*(placeholders(v) for v in node)) if node else set()
+    return set()
+
+
 def _substitute(node: Any, values: Mapping[str, str]) -> Any:
     if isinstance(node, str):
-
-        def replace(match: re.Match[str]) -> str:
-            name = match[1]
-            if name not in values:
-                raise PublisherError(
-                    Reason.MANIFEST_INVALID, f"template placeholder ${{{name}}} has no value"
-                )
-            return values[name]
-
-        return _PLACEHOLDER.sub(replace, node)
+        return _PLACEHOLDER.sub(lambda match: values[match[1]], node)
     if isinstance(node, Mapping):
         return {key: _substitute(value, values) for key, value in node.items()}
     if isinstance(node, list):
@@ -100,12 +111,32 @@ def render(
     *,
     images: Mapping[str, str],
     trusted_keys: str,
+    settings: Mapping[str, str] | None = None,
     profile: Profile | None = None,
     agent: str = AGENT_MODULE,
 ) -> dict[str, Any]:
     """The deployment manifest (pure): placeholders filled, the profile's limits applied."""
     values = {f"MODULES.{name}": image for name, image in images.items()}
     values["EDGEML_TRUSTED_KEYS"] = trusted_keys
+    values.update(settings or {})
+    missing = sorted(placeholders(template) - set(values))
+    if missing:
+        raise PublisherError(
+            Reason.MANIFEST_INVALID,
+            "template placeholders without a value: "
+            + ", ".join(
+                f"${{{n}}} ("
+                + (
+                    "secret: set the variable"
+                    if is_secret_placeholder(n)
+                    else "--module-image"
+                    if n.startswith("MODULES.")
+                    else "--set"
+                )
+                + ")"
+                for n in missing
+            ),
+        )
     rendered: dict[str, Any] = _substitute(copy.deepcopy(dict(template)), values)
     rendered.pop("$schema-template", None)
     if profile is not None:

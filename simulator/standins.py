@@ -37,6 +37,20 @@ log = structlog.get_logger(__name__)
 Check = Callable[[Mapping[str, Any]], None]
 TokenFor = Callable[[str, str, int], str]  # (device, module, expiry) -> SAS token
 _API = "api-version=2019-10-01"
+KEEP_ALIVE_S = 240  # the MQTT keep-alive: a ping every half of it keeps an idle stand-in on
+
+
+def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386: objects merge, ``null`` deletes, anything else replaces (pure)."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_patch(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _now() -> str:
@@ -60,6 +74,7 @@ class StandIn:
     failing: Collection[str]
     check: Check | None
     models: dict[str, _Model] = field(default_factory=dict)
+    desired: dict[str, Any] = field(default_factory=dict)
     desired_version: int = 0
     _writer: asyncio.StreamWriter | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -206,18 +221,25 @@ class StandIn:
         topic = publish.topic
         if topic.startswith("$iothub/twin/res/200/"):
             document = json.loads(publish.payload)
-            desired = document.get("desired", {})
-            self.desired_version = int(desired.get("$version", 0))
-            self.on_desired(desired)
+            self.desired = dict(document.get("desired", {}))
+            self.desired_version = int(self.desired.get("$version", 0))
+            self.on_desired(self.desired)
         elif topic.startswith("$iothub/twin/PATCH/properties/desired/"):
             patch = json.loads(publish.payload)
             self.desired_version = int(patch.get("$version", self.desired_version))
-            # A layered deployment replaces models.<name> wholesale: the patch carries it whole.
-            self.on_desired(patch)
+            # Desired patches are JSON merge patches (RFC 7386): a field that did not change
+            # (the sha256 of a re-released artifact) is not in the patch.
+            self.desired = merge_patch(self.desired, patch)
+            self.on_desired(self.desired)
         elif topic.startswith("$iothub/methods/POST/"):
             method = topic.split("/")[3]
             rid = topic.partition("$rid=")[2]
             self.on_method(method, rid, json.loads(publish.payload or b"null"))
+
+    async def _ping(self) -> None:
+        while True:
+            await asyncio.sleep(KEEP_ALIVE_S / 2)
+            self._send(mqtt.PingReq())
 
     async def run(
         self, host: str, port: int, context: ssl.SSLContext, token: str, connected: asyncio.Event
@@ -227,7 +249,8 @@ class StandIn:
         )
         self._writer = writer
         client = f"{self.device_id}/{self.module_id}"
-        self._send(mqtt.Connect(client, f"{host}/{client}/?{_API}", token, False, 240))
+        self._send(mqtt.Connect(client, f"{host}/{client}/?{_API}", token, False, KEEP_ALIVE_S))
+        pinger = asyncio.create_task(self._ping())
         self._send(
             mqtt.Subscribe(
                 next(self._ids),
@@ -256,6 +279,7 @@ class StandIn:
                     elif isinstance(packet, mqtt.Publish):
                         self.on_publish(packet)
         finally:
+            pinger.cancel()
             # abort, not close: a TLS close waits for the peer's close_notify, which a hub
             # that is stopping never sends.
             writer.transport.abort()

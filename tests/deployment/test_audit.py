@@ -114,3 +114,14 @@ def test_plain_urls_and_hashes_are_kept(tmp_path: Path) -> None:
         "upload", "m:1", "uploaded", url="https://a.blob.core.windows.net/c/m/1/x.onnx"
     )
     assert entry.details["url"].endswith("x.onnx")
+
+
+def test_a_crash_between_the_log_and_its_head_is_not_tampering(tmp_path: Path) -> None:
+    """The head one entry behind is what a crash between the two writes leaves."""
+    log = _filled(tmp_path)
+    head = log.head_path.read_text()
+    log.append("sign", "m:4", "signed")
+    log.head_path.write_text(head)  # as if killed before the head was replaced
+    assert log.verify()[0] == 5
+    log.append("sign", "m:4", "signed again")
+    assert log.verify()[0] == 6

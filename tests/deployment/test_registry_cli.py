@@ -68,6 +68,7 @@ def test_register_list_show_history(workspace: Workspace, tiny_file: Path) -> No
     assert history.code == 0
     assert f"│ {first} " in history.out
     assert f"│ {second} " in history.out
+    assert {e.actor for e in AuditLog(workspace.audit).entries()} == {"tester"}
     assert _entries(workspace)[-2:] == [
         ("register", f"reg_a:{first}", "registered"),
         ("register", f"reg_a:{second}", "registered"),
@@ -238,3 +239,57 @@ def test_a_ring_the_environment_does_not_define_is_named(workspace: Workspace) -
     result = workspace.cli("release", "x:1", "--rings", "early")
     assert result.code == 1
     assert "unknown ring(s) early (configured: canary)" in result.err
+
+
+def test_manifest_renders_with_values_and_credentials_from_the_environment(
+    workspace: Workspace,
+) -> None:
+    out = workspace.root / "deployment.json"
+    args = [
+        "manifest",
+        "--image",
+        "r.example/agent:1",
+        "--module-image",
+        "sensor=r.example/s:1",
+        "--trusted-keys-dir",
+        str(workspace.root / "keys"),
+        "--set",
+        "EDGE_RING=unassigned",
+        "--set",
+        "IOT_HUB_RESOURCE_ID=/subscriptions/s/hub",
+        "--set",
+        "LOG_ANALYTICS_WORKSPACE_ID=w",
+        "--out",
+        str(out),
+    ]
+    missing = workspace.cli(*args)
+    assert missing.code == 1
+    assert "missing secret LOG_ANALYTICS_SHARED_KEY" in missing.err
+    refused = workspace.cli(*args, "--set", "LOG_ANALYTICS_SHARED_KEY=plain")
+    assert refused.code == 1
+    assert "a credential comes from the variable LOG_ANALYTICS_SHARED_KEY" in refused.err
+    workspace.environ["LOG_ANALYTICS_SHARED_KEY"] = "c2hhcmVkLWtleQ=="
+    done = workspace.cli(*args)
+    assert done.code == 0, done.err
+    assert "c2hhcmVkLWtleQ==" not in done.out + done.err
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    rendered = json.loads(out.read_text())
+    modules = rendered["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
+    assert modules["mlagent"]["env"]["EDGEML_TRUSTED_KEYS"]["value"].startswith("edgeml-")
+    assert modules["metricscollector"]["env"]["LogAnalyticsSharedKey"]["value"] == (
+        "c2hhcmVkLWtleQ=="
+    )
+
+
+@pytest.mark.e2e
+def test_an_unreachable_mlflow_server_is_named_by_the_cli_process(workspace: Workspace) -> None:
+    """As CI runs it: its own process, MLflow's HTTP retries off (the conftest sets them)."""
+    workspace.config.write_text(
+        workspace.config.read_text().replace(
+            f"sqlite:///{workspace.mlflow_db}", "http://127.0.0.1:9"
+        )
+    )
+    result = workspace.process("list", timeout=300)
+    assert result.code == 1
+    assert "[unreachable]: MLflow at http://127.0.0.1:9 failed" in result.err
+    assert "Traceback" not in result.err

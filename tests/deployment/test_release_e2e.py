@@ -4,7 +4,9 @@ azure-storage-blob SDK, the simulator's IoT Hub with the real azure-iot-hub SDK.
 Devices: three, in two rings (canary: dev-a; all: dev-a, dev-b, dev-c). They are agent
 stand-ins (simulator/standins.py) that speak MQTT to the hub, check each manifest's signature
 against the trusted keys, download the artifact from its SAS URL and check its sha256, then
-report the agent's states and probation; a sha256 put in `failing` fails probation.
+report the agent's states and probation; a sha256 put in `failing` fails probation. They make
+the slow and rare paths cheap (crash and resume, expiry, outages); the same rollout against
+real `python -m module` agents is in test_release_modules_e2e.py.
 """
 
 from __future__ import annotations
@@ -325,6 +327,7 @@ def _secret_values(ws: Workspace) -> dict[str, str]:
     }
 
 
+@pytest.mark.timeout(600)  # nine CLI processes, each importing MLflow and the Azure SDKs
 def test_no_secret_reaches_any_output(ws: Workspace, fleet: Fleet) -> None:
     """Every command as its own process with debug logs; then every file it wrote."""
     model = save(tiny_mlp(seed=9), ws.root / "secretive.onnx")

@@ -146,3 +146,13 @@ def test_progress_replays_the_audit_log(tmp_path: Path) -> None:
     assert progress.halted is None
     audit.append("release.halted", "tiny:3", "halted", ring="all", why="d1: rolled_back")
     assert rollout.progress_of(audit.entries(), "tiny:3").halted is not None
+
+
+def test_a_ring_variable_names_the_ring_in_one_module() -> None:
+    ring = rollout.Ring("canary", "tags.ring = 'canary'", 30)
+    layer = rollout.layered_deployment(
+        "tiny", ring, 3, MANIFEST, "mlagent", ring_variable=("prometheus", "EDGE_RING")
+    )
+    assert layer.modules_content["$edgeAgent"] == {
+        "properties.desired.modules.prometheus.env.EDGE_RING": {"value": "canary"}
+    }

@@ -14,6 +14,12 @@ from deployment.errors import PublisherError
 
 KEYS = "edgeml-abc=" + "A" * 43 + "="
 IMAGES = {"mlagent": "registry.example/agent:1.2", "sensor": "registry.example/sensor:1"}
+SETTINGS = {
+    "EDGE_RING": "unassigned",
+    "IOT_HUB_RESOURCE_ID": "/subscriptions/s/resourceGroups/g/providers/x/IotHubs/h",
+    "LOG_ANALYTICS_WORKSPACE_ID": "w",
+    "LOG_ANALYTICS_SHARED_KEY": "k",
+}
 PROFILE = {
     "schema": "agent-profile/1",
     "model": {"file": "m.onnx"},
@@ -32,7 +38,9 @@ def _agent(rendered: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_shipped_template_renders_and_validates() -> None:
-    rendered = template.render(template.load_template(), images=IMAGES, trusted_keys=KEYS)
+    rendered = template.render(
+        template.load_template(), images=IMAGES, trusted_keys=KEYS, settings=SETTINGS
+    )
     agent = _agent(rendered)
     assert agent["settings"]["image"] == IMAGES["mlagent"]
     assert agent["env"]["EDGEML_TRUSTED_KEYS"] == {"value": KEYS}
@@ -47,6 +55,7 @@ def test_the_profile_sets_limits_and_settings(tmp_path: Path) -> None:
         template.load_template(),
         images=IMAGES,
         trusted_keys=KEYS,
+        settings=SETTINGS,
         profile=template.load_profile(path),
     )
     agent = _agent(rendered)
@@ -77,20 +86,46 @@ def test_a_bad_profile_is_refused(tmp_path: Path, change: Any, words: str) -> No
         template.load_profile(path)
 
 
-def test_a_missing_image_is_named() -> None:
-    with pytest.raises(PublisherError, match=r"\$\{MODULES.sensor\} has no value"):
-        template.render(template.load_template(), images={"mlagent": "a:1"}, trusted_keys=KEYS)
+def test_every_missing_value_is_named_with_where_it_comes_from() -> None:
+    settings = {
+        k: v for k, v in SETTINGS.items() if k not in ("EDGE_RING", "LOG_ANALYTICS_SHARED_KEY")
+    }
+    with pytest.raises(PublisherError) as caught:
+        template.render(
+            template.load_template(),
+            images={"mlagent": "a:1"},
+            trusted_keys=KEYS,
+            settings=settings,
+        )
+    message = caught.value.message
+    assert "${EDGE_RING} (--set)" in message
+    assert "${MODULES.sensor} (--module-image)" in message
+    assert "${LOG_ANALYTICS_SHARED_KEY} (secret: set the variable)" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("LOG_ANALYTICS_SHARED_KEY", True),
+        ("API_TOKEN", True),
+        ("EDGEML_TRUSTED_KEYS", False),
+        ("EDGE_RING", False),
+        ("LOG_ANALYTICS_WORKSPACE_ID", False),
+    ],
+)
+def test_which_placeholders_are_credentials(name: str, secret: bool) -> None:
+    assert template.is_secret_placeholder(name) is secret
 
 
 def test_a_base_deployment_that_sets_models_is_refused() -> None:
     base = template.load_template()
     base["modulesContent"]["mlagent"]["properties.desired"]["models"] = {}
     with pytest.raises(PublisherError, match="belongs to the ring layers"):
-        template.render(base, images=IMAGES, trusted_keys=KEYS)
+        template.render(base, images=IMAGES, trusted_keys=KEYS, settings=SETTINGS)
 
 
 def test_a_broken_route_is_refused() -> None:
     base = template.load_template()
     base["modulesContent"]["$edgeHub"]["properties.desired"]["routes"]["bad"] = "INTO x"
     with pytest.raises(PublisherError, match="route 'bad'"):
-        template.render(base, images=IMAGES, trusted_keys=KEYS)
+        template.render(base, images=IMAGES, trusted_keys=KEYS, settings=SETTINGS)

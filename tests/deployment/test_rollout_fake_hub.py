@@ -1,0 +1,183 @@
+"""Rollout decisions against an in-memory hub: what is written, audited and undone."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployment import rollout
+from deployment.audit import AuditLog
+from deployment.errors import PublisherError, Reason
+from deployment.hub import LayeredDeployment
+
+MANIFEST = {"name": "m", "version": 2, "signature": {"key_id": "k", "value": "c2ln"}}
+RINGS = rollout.rings_from_config({"canary": "tags.ring = 'canary'", "all": "tags.all = 1"})
+BOUNDS = rollout.GateBounds(timeout_s=10, poll_s=1)
+
+
+class FakeHub:
+    """Configurations kept in a dict; queries answered from tables the test sets."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.layers: dict[str, LayeredDeployment] = {}
+        self.devices: dict[str, list[str]] = {}  # condition -> device ids
+        self.reports: dict[str, Mapping[str, Any]] = {}  # device -> reported models.m
+        self.methods: list[tuple[str, str]] = []
+        self.reports_unreachable = False  # the gate's query fails, as a hub outage would
+        self.offline: set[str] = set()
+
+    def query(self, text: str) -> list[dict[str, Any]]:
+        self.calls += 1
+        if text.startswith("SELECT * FROM devices.modules") and self.reports_unreachable:
+            raise PublisherError(Reason.UNREACHABLE, "IoT Hub h: query failed")
+        if text.startswith("SELECT * FROM devices WHERE "):
+            condition = text.removeprefix("SELECT * FROM devices WHERE ")
+            ids: set[str] = set()
+            for part in condition.split(" OR "):
+                ids.update(self.devices.get(part.strip("()"), []))
+            return [{"deviceId": d} for d in sorted(ids)]
+        return [
+            {"deviceId": d, "properties": {"reported": {"models": {"m": r}}}}
+            for d, r in self.reports.items()
+            if r.get("version") == int(text.rsplit("= ", 1)[1])
+        ]
+
+    def configuration(self, config_id: str) -> LayeredDeployment | None:
+        return self.layers.get(config_id)
+
+    def configurations(self) -> list[LayeredDeployment]:
+        self.calls += 1
+        return list(self.layers.values())
+
+    def create_configuration(self, deployment: LayeredDeployment) -> None:
+        self.calls += 1
+        self.layers.setdefault(deployment.id, deployment)
+
+    def delete_configuration(self, config_id: str) -> None:
+        self.calls += 1
+        self.layers.pop(config_id, None)
+
+    def invoke(
+        self, device_id: str, module_id: str, method: str, payload: Mapping[str, Any]
+    ) -> tuple[int, Any]:
+        self.calls += 1
+        if device_id in self.offline:
+            raise PublisherError(Reason.UNREACHABLE, f"IoT Hub h: method on {device_id} failed")
+        self.methods.append((device_id, method))
+        return 200, {}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _rollout(
+    hub: FakeHub, tmp_path: Path, aliases: dict[str, int], clock: Clock
+) -> tuple[rollout.Rollout, AuditLog, list[int]]:
+    audit = AuditLog(
+        tmp_path / "audit.jsonl", actor="t", clock=lambda: datetime(2026, 1, 1, tzinfo=UTC)
+    )
+    rereleased: list[int] = []
+
+    def rerelease(model: str, bad: int, previous: int) -> tuple[int, Mapping[str, Any]]:
+        rereleased.append(previous)
+        return bad + 1, {**MANIFEST, "version": bad + 1}
+
+    runner = rollout.Rollout(
+        hub,
+        audit,
+        module="mlagent",
+        alias_of=lambda _m, ring: aliases.get(ring),
+        set_alias=lambda _m, ring, version: aliases.__setitem__(ring, version),
+        rerelease=rerelease,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    return runner, audit, rereleased
+
+
+def _fleet() -> FakeHub:
+    hub = FakeHub()
+    hub.devices = {"tags.ring = 'canary'": ["a"], "tags.all = 1": ["a", "b"]}
+    return hub
+
+
+def _passed() -> dict[str, Any]:
+    return {"version": 2, "state": "active", "probation": {"state": "passed"}}
+
+
+def test_a_gate_that_never_passes_times_out_and_removes_a_first_release(tmp_path: Path) -> None:
+    hub, clock = _fleet(), Clock()
+    runner, audit, rereleased = _rollout(hub, tmp_path, {}, clock)
+    hub.reports = {"a": {"version": 2, "state": "downloading"}}
+    with pytest.raises(PublisherError) as caught:
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    assert caught.value.reason == Reason.GATE_TIMEOUT
+    assert clock.now >= BOUNDS.timeout_s
+    assert hub.layers == {}  # no previous release: the ring's layer is removed
+    assert rereleased == []
+    outcomes = [(e.action, e.outcome) for e in audit.entries()]
+    assert ("release.gate", "timeout") in outcomes
+    assert ("release.rollback", "removed") in outcomes
+
+
+def test_an_offline_device_does_not_stop_the_rollback(tmp_path: Path) -> None:
+    hub, clock = _fleet(), Clock()
+    runner, audit, rereleased = _rollout(hub, tmp_path, {"canary": 1, "all": 1}, clock)
+    hub.reports = {"a": {"version": 2, "state": "rolled_back", "reason": "probation"}}
+    hub.offline = {"a"}
+    with pytest.raises(PublisherError) as caught:
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    assert caught.value.reason == Reason.GATE_FAILED
+    assert rereleased == [1]
+    layers = list(hub.layers.values())
+    assert [layer.labels[rollout.LABEL_VERSION] for layer in layers] == ["3"]
+    outcomes = [(e.action, e.outcome) for e in audit.entries()]
+    assert ("release.rollback_method", "unreachable") in outcomes
+    assert ("release.rollback", "rereleased") in outcomes
+
+
+def test_an_unreachable_hub_mid_gate_is_audited_and_a_rerun_resumes(tmp_path: Path) -> None:
+    hub, clock = _fleet(), Clock()
+    aliases: dict[str, int] = {}
+    runner, audit, _ = _rollout(hub, tmp_path, aliases, clock)
+    hub.reports = {"a": _passed()}
+    hub.reports_unreachable = True
+    with pytest.raises(PublisherError, match="query failed"):
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    entries = [(e.action, e.outcome) for e in audit.entries()]
+    assert entries[-2:] == [("release.ring", "applied"), ("release.interrupted", "unreachable")]
+    hub.reports_unreachable = False
+    hub.reports = {"a": _passed(), "b": _passed()}
+    created_before = len(hub.layers)
+    assert runner.release("m", 2, MANIFEST, RINGS, BOUNDS) == "released"
+    applied = [e for e in audit.entries() if e.action == "release.ring"]
+    assert [e.details["ring"] for e in applied] == ["canary", "all"]  # canary not re-applied
+    assert len(hub.layers) == created_before + 1
+    assert aliases == {"canary": 2, "all": 2}
+    assert runner.release("m", 2, MANIFEST, RINGS, BOUNDS) == "unchanged"
+
+
+def test_hub_calls_do_not_grow_with_the_fleet(tmp_path: Path) -> None:
+    counts = []
+    for size in (10, 1000):
+        hub, clock = FakeHub(), Clock()
+        devices = [f"d{i}" for i in range(size)]
+        hub.devices = {"tags.ring = 'canary'": devices[:1], "tags.all = 1": devices}
+        hub.reports = {d: _passed() for d in devices}
+        runner, _, _ = _rollout(hub, tmp_path / str(size), {}, clock)
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+        counts.append(hub.calls)
+    assert counts[0] == counts[1]
