@@ -1,10 +1,11 @@
 """`make demo`: the whole MLOps loop on one machine, with no Azure account and no Docker.
 
-    python -m demo [--keep-running] [--container] [--timeout 600]
+    python -m demo [--keep-running] [--container] [--run-dir run/demo] [--retrain-timeout 240]
 
 1. starts Azurite (HTTPS on loopback), the offline IoT Hub + edgeHub (`simulator/`) with a fleet
    of three devices in two rings (canary: plant-1; all: every device), and a real agent process
-   (`python -m module`) per device;
+   (`python -m module`) per device (with --container, the canary's agent runs from the device
+   image built from the Dockerfile, demo/container.py);
 2. trains v1 with the example pipeline (`deployment/pipeline.py`, tracked in MLflow on SQLite),
    then the publisher registers it with its drift baseline pack, uploads both to Azurite, signs
    the manifest and releases it ring by ring (canary, then all, each gated on probation);
@@ -51,6 +52,7 @@ from deployment import cli, rollout, sensor_data
 from deployment.baseline import BaselineOptions
 from deployment.config import load as load_config
 from deployment.errors import PublisherError
+from deployment.image import Docker, Engine, ImageError, build_default, default_tag
 from deployment.pipeline import BASELINE_FILE, PipelineConfig, run_pipeline
 from deployment.publisher import Publisher, Services
 from deployment.registry import ring_alias
@@ -446,9 +448,14 @@ async def _loop(demo: Demo, args: argparse.Namespace) -> int:
         f"hub on {world.sim.host} (fleet: {', '.join(FLEET)}; rings: {', '.join(RINGS)}), "
         f"Azurite on {world.azurite.blob_endpoint}, run files in {world.run_dir}"
     )
-    for device in FLEET:
-        world.start_agent(device)
-    demo.say(f"{len(FLEET)} agents started (python -m module); training v1 meanwhile")
+    for index, device in enumerate(FLEET):
+        if index == 0 and args.image is not None:
+            agent = world.start_agent_container(device, args.docker, args.image)
+            assert agent.container is not None
+            demo.say(f"{device}: agent container {agent.container.name} from {args.image}")
+        else:
+            world.start_agent(device)
+    demo.say(f"{len(FLEET)} agents started; training v1 meanwhile")
     v1_dir = await _step(demo, "training v1", lambda: demo.train("v1", seed=7), 300)
     await demo.start_sensors()
     await _step(demo, "releasing v1", lambda: demo.release(v1_dir, "first release"), 300)
@@ -508,6 +515,9 @@ def main() -> int:
         default=240.0,
         help="seconds from the sensor fault to a released retraining",
     )
+    parser.add_argument(
+        "--container", action="store_true", help="the canary's agent runs from the device image"
+    )
     args = parser.parse_args()
     # The demo prints its own progress; components log warnings and errors only.
     configure_logging("warning", stream=sys.stderr)
@@ -515,9 +525,23 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupted)  # a stopped demo still stops what it started
     shutil.rmtree(args.run_dir, ignore_errors=True)
     args.run_dir.mkdir(parents=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(_run(args))
-    return 130
+    args.docker = Docker()
+    args.image = None
+    engine = Engine(args.docker, args.run_dir / "dockerd.log")
+    try:
+        if args.container:
+            engine.start()
+            print("image: building the device image from the Dockerfile (cached after the first)")
+            args.image = build_default(args.docker, default_tag(), args.run_dir).tag
+        with contextlib.suppress(KeyboardInterrupt):
+            return asyncio.run(_run(args))
+    except ImageError as error:
+        print(f"demo: {error.reason}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if args.container:
+            engine.stop()
+    return 130  # interrupted
 
 
 if __name__ == "__main__":

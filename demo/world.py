@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from demo.container import ModuleContainer, start_module_container
 from deployment import config as publisher_config
 from deployment import signing
+from deployment.image import Docker
 from simulator import certs
 from simulator.azurite import Azurite
 from simulator.hub import Simulator, pick_loopback_host
@@ -74,7 +76,7 @@ class Agent:
     metrics_port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
-    container: Any = None  # demo.container.ModuleContainer when --container
+    container: ModuleContainer | None = None  # --container: the agent runs from the image
 
     @property
     def metrics_url(self) -> str:
@@ -128,6 +130,24 @@ class World:
             agent.process = subprocess.Popen(
                 [sys.executable, "-m", "module"], env=env, stdout=log, stderr=log
             )
+        self.agents[device] = agent
+        return agent
+
+    def start_agent_container(self, device: str, docker: Docker, image: str) -> Agent:
+        """The agent of `device` from the device image, as iotedgehubdev runs a module: the
+        CA files mounted, the model store on the image's volume, the host's network."""
+        agent = Agent(
+            device, free_port(), free_port(), self.run_dir / "devices" / device / "module.log"
+        )
+        agent.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = self.agent_env(device, agent)
+        ca_files = {
+            name: Path(env.pop(name))
+            for name in ("EdgeModuleCACertificateFile", "EDGEML_ARTIFACT_CA_FILE")
+        }
+        agent.container = start_module_container(
+            docker, image, env, ca_files, agent.log_path.parent
+        )
         self.agents[device] = agent
         return agent
 
