@@ -33,15 +33,25 @@ def _summary(stdout: str, stderr: str) -> dict[str, Any]:
 def test_make_demo_closes_the_loop(tmp_path: Path) -> None:
     azurite_binary_or_skip()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("EDGEML_")}
-    done = subprocess.run(
+    demo = subprocess.Popen(
         [sys.executable, "-m", "demo", "--run-dir", str(tmp_path / "demo")],
         cwd=REPO,
         env=environ,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=840,
-        check=False,
     )
+    try:
+        stdout, stderr = demo.communicate(timeout=780)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the demo then stops the agents, the hub and Azurite it started.
+        demo.terminate()
+        stdout, stderr = demo.communicate(timeout=90)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(30)
+    done = subprocess.CompletedProcess(demo.args, demo.returncode, stdout, stderr)
     result = _summary(done.stdout, done.stderr)
     assert done.returncode == 0, done.stderr[-4000:]
 
