@@ -470,9 +470,13 @@ async def _loop(demo: Demo, args: argparse.Namespace) -> int:
         "waiting for the agents to see it and the controller to act"
     )
     deadline = time.monotonic() + args.retrain_timeout
-    demo.job = await _step(
-        demo, "retraining", lambda: demo.retrain_loop(deadline), args.retrain_timeout + 300
-    )
+    try:
+        demo.job = await _step(
+            demo, "retraining", lambda: demo.retrain_loop(deadline), args.retrain_timeout + 300
+        )
+    except DemoError as error:
+        # The summary still shows how far the loop got (and says what did not close).
+        print(f"demo: {error}", file=sys.stderr)
     await asyncio.sleep(2)
     await demo.drain()
     report = await asyncio.to_thread(demo.drift_report)
