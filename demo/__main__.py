@@ -47,7 +47,17 @@ from rich.console import Console
 
 from agent.logs import configure_logging
 from demo.sensors import Sensor
-from demo.world import AGENT, FLEET, MODEL, PROFILES_CONTAINER, RINGS, SENSOR, World, start_world
+from demo.world import (
+    AGENT,
+    FLEET,
+    MAX_LATENCY_RATIO,
+    MODEL,
+    PROFILES_CONTAINER,
+    RINGS,
+    SENSOR,
+    World,
+    start_world,
+)
 from deployment import cli, rollout, sensor_data
 from deployment.baseline import BaselineOptions
 from deployment.config import load as load_config
@@ -76,7 +86,7 @@ POLICY = RetrainPolicy(
     retrain_on_new_data=False,
 )
 POLL_S = 2.0
-GATE = rollout.GateBounds(timeout_s=120.0, poll_s=0.5)
+GATE = rollout.GateBounds(timeout_s=120.0, poll_s=0.5, max_p99_ratio=MAX_LATENCY_RATIO)
 
 T = TypeVar("T")
 
