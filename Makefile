@@ -79,6 +79,7 @@ bench: setup system-deps
 	$(PY) -m bench.http
 	$(PY) -m bench.swap
 	$(PY) -m bench.route
+	$(PY) -m bench.profile
 	$(PY) -m bench.rollout
 	$(PY) -m bench.fleet
 	$(PY) -m bench.drift

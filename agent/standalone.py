@@ -19,7 +19,9 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from agent.app import App, Service, idle_forever
+from agent.observation.limits import Limits, read_limits
 from agent.observation.metrics import InferenceMetrics, register_process_metrics
+from agent.observation.resources import ResourceCollector
 from agent.observation.watch import Observer, ObserverTicks
 from agent.releases.download import Downloader
 from agent.releases.folder import FolderSource
@@ -103,13 +105,27 @@ class ManagedModels:
 class Agent:
     """The parts of a running agent that adapters (the IoT Edge module) reach into."""
 
-    def __init__(self, settings: AgentSettings, registry: CollectorRegistry | None = None) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        settings: AgentSettings,
+        registry: CollectorRegistry | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.limits = limits or read_limits()
+        # Thread counts left unset follow the container's CPU limit, read once here.
+        runtime = settings.runtime.for_limits(self.limits)
+        self.settings = settings = settings.model_copy(update={"runtime": runtime})
         self.registry = registry or CollectorRegistry()
         register_process_metrics(self.registry)
+        self.resources = ResourceCollector(self.registry, limits=self.limits)
         self.metrics = InferenceMetrics(self.registry)
         # Drift and quality of what is served; adapters set its sinks and drift settings.
         self.observer = Observer(self.registry)
+        log.info(
+            "runtime_limits",
+            **self.limits.as_json(),
+            intra_op_threads=runtime.intra_op_threads,
+        )
         self.services: dict[str, InferenceService] = {}
         self.manager: ModelManager | None = None
         self._sources: list[Service] = []

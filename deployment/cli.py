@@ -21,7 +21,7 @@ from rich.console import Console
 
 from agent.logs import configure_logging
 from agent.releases.manifest import KeyConfigError, parse_trusted_keys
-from deployment import config, drift_commands, rollout, signing, template, train_commands
+from deployment import config, drift_cli, rollout, signing, template, train_commands
 from deployment.errors import PublisherError, Reason
 from deployment.publisher import HubFactory, Publisher, Services, _azure_hub
 
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     _rollout_commands(commands)
     _other_commands(commands)
     train_commands.add_parsers(commands, _positive, _fraction, _rings)
-    drift_commands.add_parsers(commands)
+    drift_cli.add_commands(commands)
     return parser
 
 
@@ -223,6 +223,8 @@ def _dispatch(
     err: Console,
     hub_factory: HubFactory,
 ) -> int:
+    if args.command in drift_cli.COMMANDS:
+        return drift_cli.run(args, environ, err.file)
     if args.command == "keygen":
         generated = signing.generate(args.out)
         out.print(f"key id: {generated.key_id}", markup=False)
@@ -230,8 +232,6 @@ def _dispatch(
         out.print(f"public key for EDGEML_TRUSTED_KEYS_DIR: {generated.public_file}", markup=False)
         out.print(f"EDGEML_TRUSTED_KEYS={generated.trusted_keys_entry}", markup=False)
         return 0
-    if args.command in drift_commands.COMMANDS:
-        return drift_commands.dispatch(args, environ, err)
     if args.command == "manifest":
         profile = template.load_profile(args.profile) if args.profile else None
         loaded = template.load_template(args.template)
@@ -297,6 +297,5 @@ _COMMANDS: dict[str, Callable[[Publisher, argparse.Namespace], object]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    arguments = sys.argv[1:] if argv is None else argv
-    return run(arguments, environ=os.environ, stdout=sys.stdout, stderr=sys.stderr)
+def main() -> None:
+    sys.exit(run(sys.argv[1:], environ=os.environ, stdout=sys.stdout, stderr=sys.stderr))

@@ -178,8 +178,8 @@ class Registry:
             if baseline is not None:
                 self._client.log_artifact(run_id, str(baseline), BASELINE_ARTIFACT_DIR)
                 tags["baseline_sha256"] = hashlib.sha256(baseline.read_bytes()).hexdigest()
+                tags["baseline_size"] = str(baseline.stat().st_size)  # manifest schema 2
                 tags["baseline_file"] = baseline.name
-                tags["baseline_size"] = str(baseline.stat().st_size)
             with tempfile.TemporaryDirectory() as folder:
                 described_file = Path(folder) / Path(DESCRIBED_ARTIFACT).name
                 described_file.write_text(json.dumps(described, sort_keys=True))

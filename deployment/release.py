@@ -116,10 +116,6 @@ def _replay_golden(model: bytes, golden: dict[str, Any]) -> None:
         raise ModelCheckError("golden_mismatch", "; ".join(problems))
 
 
-# The first manifest schema with a drift baseline.
-BASELINE_SCHEMA = 2
-
-
 def unsigned_manifest(
     described: dict[str, Any],
     *,
@@ -131,8 +127,7 @@ def unsigned_manifest(
     contract_change: bool = False,
     baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are;
-    `baseline` is :func:`baseline_reference`'s entry for the drift baseline pack."""
+    """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are."""
     unsigned: dict[str, Any] = {
         "name": name,
         "version": version,
@@ -145,14 +140,9 @@ def unsigned_manifest(
     if contract_change:
         unsigned["contract_change"] = True
     if baseline is not None:
-        unsigned["schema"] = BASELINE_SCHEMA
+        unsigned["schema"] = 2  # the first manifest schema with a baseline (sha256, size, url)
         unsigned["baseline"] = baseline
     return unsigned
-
-
-def baseline_reference(pack: bytes, url: str) -> dict[str, Any]:
-    """The manifest's `baseline` entry: the device fetches the pack and checks both."""
-    return {"sha256": hashlib.sha256(pack).hexdigest(), "size": len(pack), "url": url}
 
 
 def build_manifest(
@@ -180,6 +170,14 @@ def build_manifest(
         created=created or datetime.now(UTC),
         valid_for=valid_for,
         contract_change=contract_change,
-        baseline=baseline_reference(*baseline) if baseline is not None else None,
+        baseline=(
+            {
+                "sha256": hashlib.sha256(baseline[0]).hexdigest(),
+                "size": len(baseline[0]),
+                "url": baseline[1],
+            }
+            if baseline is not None
+            else None
+        ),
     )
     return sign_manifest(unsigned, key, key_id)

@@ -25,10 +25,12 @@ from prometheus_client import Counter
 
 import agent
 from agent.observation.drift import PROFILE_SCHEMA
-from agent.observation.watch import ALERT_SCHEMA, Sinks
+from agent.observation.profile import HeadroomAlarm
+from agent.observation.watch import Sinks
 from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
 from agent.standalone import Agent
+from agent.ticks import ticks
 from module.connection import ClientFactory, HubConnection
 from module.desired import Apply, Ignore, Reconciler, Reject
 from module.feedback import FeedbackRoute
@@ -92,6 +94,7 @@ class EdgeModule:
             registry,
             status=self.status,
             default_model=self.default_model,
+            limits=agent_.limits,
         )
         self._desired_updates = Counter(
             "agent_desired_updates",
@@ -113,8 +116,15 @@ class EdgeModule:
             send_timeout_s=settings.call_timeout_s,
         )
         self.telemetry = Telemetry(
-            agent_.services, manager, agent_.metrics, self.outbox, on_health=self._on_health
+            agent_.services,
+            manager,
+            agent_.metrics,
+            self.outbox,
+            on_health=self._on_health,
+            resources=agent_.resources.read,
+            on_profile=self._on_profile,
         )
+        self._headroom = HeadroomAlarm(settings.memory_headroom_alert_fraction)
         self.entries = ModelEntries(manager.statuses)
         self.entries.add_section("probation", self._probation_of)
         self.entries.add_section("health", self._health_of)
@@ -155,6 +165,7 @@ class EdgeModule:
             ]
             group.create_task(self.telemetry.run())
             group.create_task(self.connection.watch())
+            group.create_task(self._watch_headroom())
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking route messages, finish those in flight, report, hand over to the spool."""
@@ -343,8 +354,22 @@ class EdgeModule:
         self.outbox.put(TELEMETRY, message, PROFILE_SCHEMA)
 
     def _drift_alert(self, message: dict[str, Any]) -> None:
-        self.outbox.put(ALERTS, message, ALERT_SCHEMA)
+        # The module's one alert shape: {kind, at, details}.
+        details = {k: v for k, v in message.items() if k not in ("schema", "event")}
+        self._alert(str(message["event"]), details)
         self.reported.update(self.entries.patch([str(message["model"])]))
+
+    def _on_profile(self, profile: dict[str, Any]) -> None:
+        self.reported.update({"profile": profile})
+
+    async def _watch_headroom(self) -> None:
+        # Its own tick, not telemetry's: telemetry may be off or hourly, memory pressure not.
+        async for _ in ticks(self._settings.memory_check_interval_s):
+            resources = self._agent.resources.read()
+            kind = self._headroom.update(resources)
+            if kind is not None:
+                log.warning(kind, **resources.as_json())
+                self._alert(kind, resources.as_json())
 
     def _alert(self, kind: str, details: dict[str, Any]) -> None:
         self.outbox.put(

@@ -10,6 +10,7 @@ from azure.iot.device import MethodRequest, MethodResponse
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.observation.limits import Limits
 from agent.observation.metrics import InferenceMetrics
 from agent.observation.profile import live_profile
 from agent.releases.lifecycle import SwapError
@@ -48,8 +49,10 @@ class DirectMethods:
         *,
         status: Callable[[], Mapping[str, Any]],
         default_model: Callable[[], str | None],
+        limits: Limits | None = None,
     ) -> None:
         self._connection = connection
+        self._limits = limits
         self._manager = manager
         self._metrics = metrics
         self._status = status
@@ -106,4 +109,4 @@ class DirectMethods:
 
     async def _method_profile(self, payload: Any) -> MethodResult:
         seconds = ProfilePayload.model_validate(payload).seconds
-        return 200, await live_profile(self._metrics, seconds)
+        return 200, await live_profile(self._metrics, seconds, limits=self._limits)

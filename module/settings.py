@@ -21,6 +21,12 @@ class ModuleSettings(Section):
     max_queued_messages: int = Field(4096, ge=1, description="Route messages waiting.")
     max_input_bytes: int = Field(16 << 20, ge=1024, description="Decoded tensors per message.")
     spool_dir: Path | None = Field(None, description="Telemetry spool; default STATE_DIR/spool.")
+    memory_headroom_alert_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Alert when memory left under the limit is below this."
+    )
+    memory_check_interval_s: float = Field(
+        5.0, gt=0.0, le=3600.0, description="How often headroom is checked against the limit."
+    )
     # Each desired model is a signed manifest of up to 32 KB in one 32 KB twin section: a
     # handful fit; the bound keeps the reported patch small too.
     max_models: int = Field(8, ge=1, le=32, description="Models in desired `models`.")

@@ -1,16 +1,26 @@
 """Telemetry at the desired cadence: a profile of the agent on `telemetry`, and each model's
-health (requests, error rate, p50/p99 over the window) handed to the reported properties."""
+health (requests, error rate, p50/p99 over the window) handed to the reported properties, with
+the bounded reported `profile` (resources against the limits, a few figures per model)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import psutil
 
 from agent.observation.metrics import LATENCY_BUCKETS, InferenceMetrics
-from agent.observation.profile import ModelCounters, model_health, take_snapshot, window_profile
+from agent.observation.profile import (
+    ModelCounters,
+    model_health,
+    model_profiles,
+    reported_profile,
+    take_snapshot,
+    window_profile,
+)
+from agent.observation.resources import Resources
 from agent.releases.swap import ModelManager
 from agent.serving.inference import InferenceService
 from agent.ticks import ticks
@@ -40,12 +50,17 @@ class Telemetry:
         outbox: Outbox,
         *,
         on_health: Callable[[Mapping[str, Health]], None],
+        resources: Callable[[], Resources],
+        on_profile: Callable[[dict[str, Any]], None],
     ) -> None:
         self._services = services
         self._manager = manager
         self._metrics = metrics
         self._outbox = outbox
         self._on_health = on_health
+        self._resources = resources
+        self._on_profile = on_profile
+        self._profiled: set[str] = set()  # models in the last reported profile
         self._settings = TelemetrySettings()
         self._changed = asyncio.Event()
         self.health: dict[str, Health] = {}
@@ -88,23 +103,32 @@ class Telemetry:
                 name: model_health(models_before.get(name), now, window_s, LATENCY_BUCKETS)
                 for name, now in models_after.items()
             }
+            at = datetime.now(UTC).isoformat()
+            window = window_profile(before, after, metrics.total.bounds)
+            profiles = model_profiles(before, after, metrics.total.bounds)
+            resources = self._resources()
             self._outbox.put(
                 TELEMETRY,
                 {
-                    "at": datetime.now(UTC).isoformat(),
+                    "at": at,
                     "models": {
                         name: {
                             "version": s.version,
                             "state": s.state.value,
                             "health": self.health.get(name),
+                            "profile": profiles.get(name),
                         }
                         for name, s in self._manager.statuses.items()
                     },
-                    "inference": window_profile(before, after, metrics.total.bounds),
+                    "inference": window,
+                    "resources": resources.as_json(),
                 },
                 "agent-telemetry/1",
             )
             self._on_health(self.health)
+            gone = self._profiled - profiles.keys()
+            self._on_profile(reported_profile(window, profiles, resources, at=at, gone=gone))
+            self._profiled = set(profiles)
             before, models_before = after, models_after
 
     def _counters(self) -> dict[str, ModelCounters]:

@@ -7,6 +7,8 @@ standard counter and histogram families at scrape time.
 
 Every label takes values from a closed set (outcomes, reject reasons, dispatch kinds), so a
 hostile client cannot grow the series count. The model version travels in one info metric.
+Per-model families carry only a `model` label: names of served models, which the manager
+bounds (a model's series go when it is forgotten); never versions or request ids.
 """
 
 from __future__ import annotations
@@ -64,13 +66,44 @@ class Distribution:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
-        cumulative: list[tuple[str, float]] = []
+    def cumulative(self) -> list[tuple[str, float]]:
+        buckets: list[tuple[str, float]] = []
         running = 0
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return buckets
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        return HistogramMetricFamily(
+            name, documentation, buckets=self.cumulative(), sum_value=self.total
+        )
+
+
+class ModelStats:
+    """One served model name's share of the inference path; event-loop thread only."""
+
+    __slots__ = (
+        "batch_rows",
+        "compute_s",
+        "load_rss_delta_bytes",
+        "swap_transient_bytes",
+        "total",
+    )
+
+    def __init__(self) -> None:
+        self.total = Distribution(LATENCY_BUCKETS)
+        self.batch_rows = Distribution(BATCH_BUCKETS)
+        self.compute_s = 0.0
+        # Resident memory the active version added while it loaded; when it loaded beside a
+        # previous version (a swap), that is also the swap's transient.
+        self.load_rss_delta_bytes: int | None = None
+        self.swap_transient_bytes: int | None = None
+
+    def loaded(self, rss_delta_bytes: int | None, *, beside_previous: bool) -> None:
+        self.load_rss_delta_bytes = rss_delta_bytes
+        if beside_previous:
+            self.swap_transient_bytes = rss_delta_bytes
 
 
 class InferenceMetrics:
@@ -99,7 +132,22 @@ class InferenceMetrics:
             registry=registry,
         )
         self._model_labels: dict[str, tuple[str, str, str]] = {}
+        self.models: dict[str, ModelStats] = {}
         registry.register(self)
+
+    def model(self, name: str) -> ModelStats:
+        """The per-model figures of `name`, created on first use."""
+        stats = self.models.get(name)
+        if stats is None:
+            stats = self.models[name] = ModelStats()
+        return stats
+
+    def forget_model(self, name: str) -> None:
+        """Drop `name`'s series (a model no longer served)."""
+        self.models.pop(name, None)
+        labels = self._model_labels.pop(name, None)
+        if labels is not None:
+            self._model_info.remove(*labels)
 
     def set_model(self, name: str, version: int, sha256: str) -> None:
         """Replace the info series of `name`, so swaps do not accumulate old versions."""
@@ -168,6 +216,44 @@ class InferenceMetrics:
         yield self.batch_rows.family(
             f"{p}inference_batch_rows", "Rows per ONNX Runtime call after coalescing."
         )
+        yield from self._per_model()
+
+    def _per_model(self) -> Iterator[Metric]:
+        p = self._prefix
+        duration = HistogramMetricFamily(
+            f"{p}model_request_duration_seconds",
+            "Time from arrival to answer, per served model.",
+            labels=["model"],
+        )
+        rows = HistogramMetricFamily(
+            f"{p}model_batch_rows",
+            "Rows per ONNX Runtime call after coalescing, per served model.",
+            labels=["model"],
+        )
+        compute = CounterMetricFamily(
+            f"{p}model_compute_seconds",
+            "ONNX Runtime time spent in calls, per served model.",
+            labels=["model"],
+        )
+        load = GaugeMetricFamily(
+            f"{p}model_load_resident_bytes",
+            "Resident memory the active version added while loading (warm-up included).",
+            labels=["model"],
+        )
+        swap = GaugeMetricFamily(
+            f"{p}model_swap_transient_bytes",
+            "Resident memory the last swap's candidate added beside the version it replaced.",
+            labels=["model"],
+        )
+        for name, stats in sorted(self.models.items()):
+            duration.add_metric([name], stats.total.cumulative(), stats.total.total)
+            rows.add_metric([name], stats.batch_rows.cumulative(), stats.batch_rows.total)
+            compute.add_metric([name], stats.compute_s)
+            if stats.load_rss_delta_bytes is not None:
+                load.add_metric([name], stats.load_rss_delta_bytes)
+            if stats.swap_transient_bytes is not None:
+                swap.add_metric([name], stats.swap_transient_bytes)
+        yield from (duration, rows, compute, load, swap)
 
 
 def register_process_metrics(registry: CollectorRegistry) -> None:

@@ -18,9 +18,11 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 from pydantic import Field
 
 from agent.config import Section
+from agent.observation.limits import Limits, default_intra_op_threads, read_limits
 from agent.observation.metrics import LATENCY_BUCKETS, Distribution
 from agent.reasons import AgentError, Reason
 from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
@@ -69,16 +71,25 @@ def pin_mmap_threshold(size: int) -> bool:
 class RuntimeOptions(Section):
     """ONNX Runtime session options (`EDGEML_INTRA_OP_THREADS`, `EDGEML_GRAPH_OPTIMIZATION`...)."""
 
-    intra_op_threads: int = Field(1, ge=1, le=64)
+    # Unset: whole cores of the container's CPU limit less one (`default_intra_op_threads`).
+    intra_op_threads: int | None = Field(None, ge=1, le=64)
     inter_op_threads: int = Field(1, ge=1, le=64)
     optimization: GraphOptimization = Field("all", alias="graph_optimization")
     # Blocks from this size up are mapped on their own and unmapped when freed; 0 leaves
     # glibc's dynamic threshold (see `pin_mmap_threshold`).
     mmap_threshold_bytes: int = Field(1 << 20, ge=0)
 
+    def for_limits(self, limits: Limits) -> RuntimeOptions:
+        """These options with unset thread counts taken from `limits`, not the host's cores."""
+        if self.intra_op_threads is not None:
+            return self
+        return self.model_copy(update={"intra_op_threads": default_intra_op_threads(limits)})
+
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
+        # Unresolved options (tests, tools) read the limits here; the agent resolves them once.
+        resolved = self.for_limits(read_limits()) if self.intra_op_threads is None else self
+        options.intra_op_num_threads = resolved.intra_op_threads
         options.inter_op_num_threads = self.inter_op_threads
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[self.optimization]
         # Thread pools that spin keep a core busy after each call; on a 2-core device that
@@ -147,8 +158,11 @@ class LoadedModel:
         version: int,
         sha256: str,
         cost: CostModel,
+        load_rss_delta_bytes: int | None = None,
     ) -> None:
         self.session = session
+        # Resident memory the process gained while this model loaded and warmed up.
+        self.load_rss_delta_bytes = load_rss_delta_bytes
         self.name = name
         self.version = version
         self.sha256 = sha256
@@ -218,6 +232,10 @@ def measure_cost(
     return fit_cost(1, one, max_rows, median_seconds(max_rows))
 
 
+def _resident_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
 def load_model(
     model: bytes | Path,
     *,
@@ -226,12 +244,25 @@ def load_model(
     sha256: str,
     options: RuntimeOptions,
     max_rows: int,
+    resident_bytes: Callable[[], int] = _resident_bytes,
 ) -> LoadedModel:
-    """Create, warm up and time a session. Blocking: call it from a worker thread."""
+    """Create, warm up and time a session. Blocking: call it from a worker thread.
+
+    The resident memory it adds is measured around it (requests served meanwhile allocate a
+    little too): with a version already serving, that is the transient of a swap.
+    """
+    before = resident_bytes()
     session = create_session(model, options)
     contract = read_contract(session)
     try:
         cost = measure_cost(session, contract, max_rows)
     except Exception as error:  # a model that loads but cannot run on its own contract
         raise ModelLoadError(f"warm-up failed: {str(error).strip()[:300]}") from error
-    return LoadedModel(session, name=name, version=version, sha256=sha256, cost=cost)
+    return LoadedModel(
+        session,
+        name=name,
+        version=version,
+        sha256=sha256,
+        cost=cost,
+        load_rss_delta_bytes=resident_bytes() - before,
+    )

@@ -115,6 +115,7 @@ class InferenceService:
         self._busy_inline_budget_s = policy.busy_inline_budget_us / 1e6
         self._coalesce_above_s = policy.coalesce_above_us / 1e6
         self._metrics = metrics
+        self._stats = metrics.model(name)
         self._clock = clock
         self._model: LoadedModel | None = None
         # The lifecycle state of this name (downloading, active, rolled_back...), shown in
@@ -148,6 +149,7 @@ class InferenceService:
         previous, self._model = self._model, model
         self._validator = InputValidator(model.contract, self.limits)
         self._metrics.set_model(self.name, model.version, model.sha256)
+        self._stats.loaded(model.load_rss_delta_bytes, beside_previous=previous is not None)
         return previous
 
     async def drained(self, model: LoadedModel) -> None:
@@ -260,6 +262,7 @@ class InferenceService:
             metrics.in_flight.dec()
             elapsed = clock() - arrived
             metrics.total.observe(elapsed)
+            self._stats.total.observe(elapsed)
             model.served += 1
             model.latency.observe(elapsed)
 
@@ -313,9 +316,12 @@ class InferenceService:
             self._record_batch(start, rows, inline=False)
 
     def _record_batch(self, start: float, rows: int, *, inline: bool) -> None:
-        metrics = self._metrics
-        metrics.compute.observe(self._clock() - start)
+        metrics, stats = self._metrics, self._stats
+        seconds = self._clock() - start
+        metrics.compute.observe(seconds)
         metrics.batch_rows.observe(rows)
+        stats.compute_s += seconds
+        stats.batch_rows.observe(rows)
         (metrics.dispatch_inline if inline else metrics.dispatch_thread).inc()
 
     # -- coalescing ------------------------------------------------------------------

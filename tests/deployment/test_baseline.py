@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,18 @@ import pytest
 from agent.observation.baseline import parse_baseline
 from agent.observation.divergence import jensen_shannon
 from deployment.baseline import BaselineOptions, build_baseline, js_rows, load_table, model_outputs
-from deployment.cli import main
+from deployment.cli import run
 from deployment.example_models import mlp
 
 FAST = BaselineOptions(window_sizes=(20, 50), resamples=50, simulated_windows=5_000)
 RNG = np.random.default_rng(0)
+
+
+def _cli(argv: list[str], environ: dict[str, str] | None = None) -> tuple[int, str]:
+    """`python -m deployment ARGV` in-process: its exit code and what it wrote to stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = run(argv, environ=environ or {}, stdout=out, stderr=err, logs=False)
+    return code, err.getvalue()
 
 
 def _names(pack: dict[str, Any]) -> list[str]:
@@ -124,19 +132,18 @@ def test_the_command_writes_a_pack_the_device_accepts(tmp_path: Path) -> None:
     np.save(data, RNG.standard_normal((400, 4)).astype(np.float32))
     out = tmp_path / "baseline.json"
     argv = ["baseline", "--data", str(data), "--model", str(model), "-o", str(out)]
-    assert main([*argv, "--window-sizes", "20,50", "--resamples", "50"]) == 0
+    assert _cli([*argv, "--window-sizes", "20,50", "--resamples", "50"])[0] == 0
     pack = parse_baseline(out.read_bytes())
     assert [f.name for f in pack.features] == [
         "input[0]", "input[1]", "input[2]", "input[3]", "output:confidence", "output:class"
     ]  # fmt: skip
 
 
-def test_the_command_names_a_bad_argument(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_command_names_a_bad_argument(tmp_path: Path) -> None:
     argv = ["baseline", "--data", str(tmp_path / "x.txt"), "--model", "m.onnx", "-o", "o.json"]
-    assert main(argv) == 2
-    assert ".npy or .csv" in capsys.readouterr().err
+    code, err = _cli(argv)
+    assert code == 2
+    assert ".npy or .csv" in err
 
 
 def test_training_labels_give_the_quality_reference(tmp_path: Path) -> None:
@@ -151,7 +158,7 @@ def test_training_labels_give_the_quality_reference(tmp_path: Path) -> None:
     out = tmp_path / "baseline.json"
     argv = ["baseline", "--data", str(tmp_path / "train.npy"), "--model", str(model)]
     argv += ["--labels", str(tmp_path / "labels.npy"), "-o", str(out), "--resamples", "50"]
-    assert main([*argv, "--window-sizes", "20,50"]) == 0
+    assert _cli([*argv, "--window-sizes", "20,50"])[0] == 0
     quality = parse_baseline(out.read_bytes()).quality
     assert quality is not None
     assert (quality.metric, quality.value) == ("accuracy", 0.75)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from azure.storage.blob import BlobServiceClient
 from PIL import Image
 
 from agent.observation.drift import DriftMonitor, DriftSettings, profile_message
-from deployment.cli import main
+from deployment.cli import run
 from deployment.drift_report import (
     load_baselines,
     merge_profiles,
@@ -26,6 +27,13 @@ from simulator.azurite import Azurite
 from tests.agent.drift_packs import tabular_pack, tabular_rows
 
 START = 1_760_000_000.0
+
+
+def _cli(argv: list[str], environ: dict[str, str] | None = None) -> tuple[int, str]:
+    """`python -m deployment ARGV` in-process: its exit code and what it wrote to stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = run(argv, environ=environ or {}, stdout=out, stderr=err, logs=False)
+    return code, err.getvalue()
 
 
 class Clock:
@@ -145,7 +153,7 @@ def test_the_report_renders_in_chromium_with_charts(
     routed, baseline, _ = fleet_files
     out = tmp_path / "report"
     argv = ["drift-report", "--profiles", str(routed), "--baseline", str(baseline), "-o", str(out)]
-    assert main([*argv, "--bucket-seconds", "1800"]) == 0
+    assert _cli([*argv, "--bucket-seconds", "1800"])[0] == 0
     (page,) = out.glob("*.html")
     assert "Drift of anomaly" in page.read_text()
     png = tmp_path / "report.png"
@@ -164,7 +172,6 @@ def test_the_report_renders_in_chromium_with_charts(
 def test_the_report_reads_profiles_from_blob_storage_as_routing_leaves_them(
     fleet_files: tuple[Path, Path, int],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     routed, baseline, rows = fleet_files
     with Azurite.start(tmp_path / "azurite") as azurite:
@@ -177,17 +184,16 @@ def test_the_report_reads_profiles_from_blob_storage_as_routing_leaves_them(
         assert len(profiles) == 24
         (fleet,) = merge_profiles(profiles, load_baselines([baseline]), bucket_s=3600.0)
         assert fleet.total.rows == rows
-        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+        environ = {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
         out = tmp_path / "report"
         argv = ["drift-report", "--container", "telemetry", "--prefix", "hub/"]
-        assert main([*argv, "--baseline", str(baseline), "-o", str(out)]) == 0
+        assert _cli([*argv, "--baseline", str(baseline), "-o", str(out)], environ)[0] == 0
         assert len(list(out.glob("*.html"))) == 1
         service.close()
 
 
-def test_the_command_needs_somewhere_to_read(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_command_needs_somewhere_to_read(tmp_path: Path) -> None:
     argv = ["drift-report", "--baseline", str(tmp_path / "b.json"), "-o", str(tmp_path)]
-    assert main(argv) == 2
-    assert "--profiles, --container" in capsys.readouterr().err
+    code, err = _cli(argv)
+    assert code == 2
+    assert "--profiles, --container" in err

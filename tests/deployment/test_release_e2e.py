@@ -43,7 +43,13 @@ FLEET = {
     "dev-b": {"ring": "broad", "fleet": "edgeml"},
     "dev-c": {"ring": "broad", "fleet": "edgeml"},
 }
-RINGS = {"canary": "tags.ring = 'canary'", "all": "tags.fleet = 'edgeml'"}
+# A device no stand-in runs until a test starts one: a ring that waits for it cannot finish.
+LATE = {"dev-late": {"ring": "late"}}
+RINGS = {
+    "canary": "tags.ring = 'canary'",
+    "all": "tags.fleet = 'edgeml'",
+    "late": "tags.ring = 'late'",
+}
 GATE = ("--poll", "0.2", "--timeout", "60")
 
 
@@ -77,11 +83,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         REPO / "deployment" / "deployment.template.json",
         host=host,
         run_dir=run_dir,
-        devices=FLEET,
+        devices={**FLEET, **LATE},
     ) as sim:
         fleet = Fleet(sim, failing)
         standins = StandInFleet(
-            [(device, "mlagent") for device in sim.devices],
+            [(device, "mlagent") for device in FLEET],
             host=host,
             ca_file=sim.ca_cert_path,
             token_for=sim.module_sas_token,
@@ -163,8 +169,9 @@ def test_release_through_two_rings_then_a_rerun_changes_nothing(
         ("release.finished", "", "released"),
     ]
     shown = _ok(ws.cli("show", f"ringed:{version}"))
-    assert "champion" in shown.out
     assert "ring-canary" in shown.out
+    assert "ring-all" in shown.out
+    assert "champion" not in shown.out  # the environment's last ring is "late"
     status = _ok(ws.cli("status", "ringed"))
     for device in FLEET:
         assert device in status.out
@@ -213,21 +220,13 @@ def test_a_model_failing_probation_on_the_canary_halts_and_the_canary_converges_
 
 
 def test_a_crash_between_ring_steps_resumes_from_the_audit_log(ws: Workspace, fleet: Fleet) -> None:
+    """Killed while its last ring waits for a device that is offline; run again once it is back."""
     version, _ = _publish(ws, "resumed", seed=5)
     environ = {"PATH": "/usr/bin:/bin", "HOME": str(ws.root), **ws.environ}
+    rings = ("--rings", "canary,late")
+    command = [sys.executable, "-m", "deployment", "--config", str(ws.config), "release"]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deployment",
-            "--config",
-            str(ws.config),
-            "release",
-            f"resumed:{version}",
-            "--rings",
-            "canary,all",
-            *GATE,
-        ],
+        [*command, f"resumed:{version}", *rings, *GATE],
         env=environ,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -235,23 +234,34 @@ def test_a_crash_between_ring_steps_resumes_from_the_audit_log(ws: Workspace, fl
     )
     try:
         wait_until(
-            lambda: ("release.gate", "canary", "passed") in _actions(ws, f"resumed:{version}"),
+            lambda: ("release.ring", "late", "applied") in _actions(ws, f"resumed:{version}"),
             timeout=120,
         )
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait(30)
-    assert ("release.finished", "", "released") not in _actions(ws, f"resumed:{version}")
+    actions = _actions(ws, f"resumed:{version}")
+    assert ("release.gate", "canary", "passed") in actions
+    assert not any(a[0] == "release.gate" and a[1] == "late" for a in actions)
     _ok(ws.cli("audit", "verify"))
 
-    resumed = _ok(ws.cli("release", f"resumed:{version}", "--rings", "canary,all", *GATE))
+    late = StandInFleet(
+        [("dev-late", "mlagent")],
+        host=fleet.sim.host,
+        ca_file=fleet.sim.ca_cert_path,
+        token_for=fleet.sim.module_sas_token,
+        probation_s=0.5,
+    )
+    with late.start():
+        resumed = _ok(ws.cli("release", f"resumed:{version}", *rings, *GATE))
     assert f"released resumed:{version}" in resumed.out
     actions = _actions(ws, f"resumed:{version}")
     assert actions.count(("release.ring", "canary", "applied")) == 1  # not done twice
     assert actions.count(("release.gate", "canary", "passed")) == 1
+    assert actions.count(("release.ring", "late", "applied")) == 1
     assert actions[-1] == ("release.finished", "", "released")
-    for device in FLEET:
-        assert fleet.reported(device, "resumed")["version"] == version
+    assert fleet.reported("dev-late", "resumed")["version"] == version
+    assert "champion" in _ok(ws.cli("show", f"resumed:{version}")).out
 
 
 def test_a_ring_that_matches_no_device_releases_nothing(ws: Workspace, fleet: Fleet) -> None:

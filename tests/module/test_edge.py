@@ -13,12 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 import pytest
 from azure.iot.device import Message
 from azure.iot.device.aio import IoTHubModuleClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.app import App
+from agent.observation.limits import Limits
 from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus, ProbationReport, ProbationState
 from agent.releases.manifest import KeySettings, public_key_to_b64, sign_manifest
@@ -75,14 +77,16 @@ def _manifest(name: str, version: int = 1) -> dict[str, Any]:
 async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     runs: list[Running] = []
 
-    async def start_edge(client: FakeModuleClient, **module: Any) -> Running:
+    async def start_edge(
+        client: FakeModuleClient, limits: Limits | None = None, **module: Any
+    ) -> Running:
         key = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
         settings = AgentSettings(
             store=StoreSettings(state_dir=tmp_path / "state"),
             keys=KeySettings(trusted_keys=f"k={key}"),
             http=HttpSettings(host="127.0.0.1", http_port=0, metrics_port=0),
         )
-        agent = Agent(settings)
+        agent = Agent(settings, limits=limits)
         edge = EdgeModule(
             agent,
             ModuleSettings(spool_dir=tmp_path / "spool", **module),
@@ -246,3 +250,24 @@ def test_a_section_is_added_once() -> None:
 def test_the_fake_signature_is_really_refused() -> None:
     manifest = _manifest("m")
     assert base64.b64decode(manifest["signature"]["value"])  # signed, by an unknown key
+
+
+async def test_memory_headroom_under_the_threshold_raises_one_alert_and_is_reported(
+    start: Callable[..., Any],
+) -> None:
+    """A memory limit a few MiB over the process's RSS: well under 10 % of headroom."""
+    limit = psutil.Process().memory_info().rss + (8 << 20)
+    client = FakeModuleClient({"telemetry": {"interval_s": 1.0}})
+    run = await start(client, Limits("v2", limit, 1.0, 2), memory_check_interval_s=0.05)
+
+    def alerts() -> list[dict[str, Any]]:
+        sent = [json.loads(m.data) for output, m in client.outputs if output == "alerts"]
+        return [a for a in sent if a["kind"].startswith("memory_headroom")]
+
+    await run.until(alerts, "a headroom alert")
+    profile = await run.until(lambda: client.reported.get("profile"), "the reported profile")
+    assert profile["memory_limit_mb"] == round(limit / 2**20, 1)
+    assert profile["memory_headroom_mb"] < 0.1 * profile["memory_limit_mb"]
+    await asyncio.sleep(0.3)  # several more checks: still low, no second alert
+    assert [a["kind"] for a in alerts()] == ["memory_headroom_low"]
+    assert alerts()[0]["details"]["memory_limit_mb"] == profile["memory_limit_mb"]

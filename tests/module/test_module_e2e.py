@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -510,10 +511,18 @@ def test_direct_methods_through_the_service_sdk(
     assert code == 200, answer
     assert answer["model_version"] == "1"
 
-    status, body = service.invoke("profile", {"seconds": 1})
+    status, body = _invoke_while(
+        service,
+        "profile",
+        {"seconds": 1},
+        lambda i: module.infer_http("m", infer_request(f"p{i}", _rows(1))),
+    )
     assert status == 200, body
-    assert isinstance(body, dict)
-    assert body
+    assert body["models"]["m"]["requests"] >= 1  # per-model figures of the window
+    assert body["models"]["m"]["latency_p99_ms"] > 0
+    assert body["models"]["m"]["load_rss_delta_mb"] is not None
+    assert body["resources"]["rss_mb"] > 0
+    assert body["resources"]["cgroup"] in {"v1", "v2", "none"}
 
     status, body = service.invoke("profile", {"seconds": "one"})
     assert status == 400
@@ -540,6 +549,13 @@ def test_telemetry_spooled_while_the_hub_is_down_is_delivered_after_it_returns(
     service.update_desired({"telemetry": {"interval_s": 1.0}})
     sim.upstream.wait_for_count(telemetry, 3, timeout=20)
     threads_before = module.psutil.num_threads()
+    last = [m for m in sim.upstream.items() if telemetry(m)][-1].json()
+    assert last["resources"]["threads"] >= 1
+    assert last["models"]["m"]["state"] == "active"
+    assert "latency_p99_ms" in last["models"]["m"]["profile"]
+    profile = service.wait_reported(lambda r: "profile" in r, 20, "a profile")["profile"]
+    assert profile["rss_mb"] > 0
+    assert set(profile["models"]) == {"m"}
 
     down_at, back_at = _outage(sim, 10)
     # Everything put while offline arrives, then telemetry keeps flowing.
@@ -574,6 +590,27 @@ def test_telemetry_spooled_while_the_hub_is_down_is_delivered_after_it_returns(
     print(f"threads: {threads_before} before, {threads_after_first}, {threads_after_second} after")
     assert threads_after_second <= threads_after_first <= threads_before + 2
     # The asyncio task count is not checked: the status method does not expose it.
+
+
+def _invoke_while(
+    service: Service, method: str, payload: dict[str, Any], work: Callable[[int], object]
+) -> tuple[int, Any]:
+    """Invoke `method` while `work(i)` runs over and over (requests for a profile to see)."""
+    done = threading.Event()
+
+    def repeat() -> None:
+        for i in itertools.count():
+            if done.wait(0.05):
+                return
+            work(i)
+
+    worker = threading.Thread(target=repeat)
+    worker.start()
+    try:
+        return service.invoke(method, payload)
+    finally:
+        done.set()
+        worker.join()
 
 
 def _outage(sim: Simulator, seconds: float) -> tuple[float, float]:

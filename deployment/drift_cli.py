@@ -1,7 +1,5 @@
-"""The drift side of the command line: `baseline` (a pack from training data) and
-`drift-report` (the fleet's routed window profiles merged into HTML). Neither needs an
-environment: they read and write local files only.
-"""
+"""The drift commands of the cloud CLI: ``baseline`` (a model's drift baseline pack from its
+training data) and ``drift-report`` (fleet window profiles merged into HTML pages)."""
 
 from __future__ import annotations
 
@@ -9,10 +7,10 @@ import argparse
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 import structlog
 from azure.storage.blob import ContainerClient
-from rich.console import Console
 
 from deployment.baseline import (
     BaselineOptions,
@@ -29,12 +27,10 @@ from deployment.drift_report import (
     write_reports,
 )
 
-log = structlog.get_logger(__name__)
-
-COMMANDS = frozenset({"baseline", "drift-report"})
+log = structlog.get_logger("deployment")
 
 
-def _baseline(args: argparse.Namespace) -> int:
+def _baseline(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     data, header = load_table(args.data)
     options = BaselineOptions(
         bins=args.bins,
@@ -77,7 +73,10 @@ def _drift_report(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0 if written else 1
 
 
-def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+COMMANDS = frozenset({"baseline", "drift-report"})
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     defaults = BaselineOptions()
     baseline = commands.add_parser("baseline", help="profile training data into a drift baseline")
     baseline.add_argument("--data", type=Path, required=True, help="training inputs, .npy or .csv")
@@ -99,6 +98,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     baseline.add_argument("--resamples", type=int, default=defaults.resamples)
     baseline.add_argument("--seed", type=int, default=defaults.seed)
+    baseline.set_defaults(drift_run=_baseline)
 
     report = commands.add_parser("drift-report", help="merge fleet drift profiles into HTML")
     report.add_argument("--profiles", type=Path, nargs="+", help="routed telemetry files/folders")
@@ -114,14 +114,13 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     report.add_argument("--bucket-seconds", type=float, default=3600.0)
     report.add_argument("-o", "--output", type=Path, required=True, help="folder for the pages")
+    report.set_defaults(drift_run=_drift_report)
 
 
-def dispatch(args: argparse.Namespace, environ: Mapping[str, str], err: Console) -> int:
-    """Exit status 0 done, 1 nothing written, 2 unreadable or invalid input."""
+def run(args: argparse.Namespace, environ: Mapping[str, str], stderr: IO[str]) -> int:
+    """One drift command; 2 with the problem on `stderr` when an input is unusable."""
     try:
-        if args.command == "baseline":
-            return _baseline(args)
-        return _drift_report(args, environ)
+        return int(args.drift_run(args, environ))
     except (ValueError, OSError) as e:
-        err.print(f"edgeml: error [{args.command}]: {e}", markup=False, highlight=False)
+        print(f"edgeml: error: {e}", file=stderr)
         return 2
