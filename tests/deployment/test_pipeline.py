@@ -29,9 +29,16 @@ def test_same_inputs_give_the_same_onnx_bytes_in_two_processes(workspace: Worksp
     second = workspace.process("train", "--out", str(workspace.root / "b"), "--rows", "600")
     assert first.code == 0, first.err
     assert second.code == 0, second.err
+    facts = {
+        run: (
+            json.loads((workspace.root / run / "lineage.json").read_text()),
+            json.loads((workspace.root / run / "metrics.json").read_text()),
+        )
+        for run in ("a", "b")
+    }
     assert _sha256(workspace.root / "a" / "model.onnx") == _sha256(
         workspace.root / "b" / "model.onnx"
-    )
+    ), facts
     lineage = json.loads((workspace.root / "a" / "lineage.json").read_text())
     assert lineage["packages"]["skl2onnx"] != "absent"
     assert lineage["target_opset"] == 17
