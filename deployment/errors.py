@@ -25,6 +25,7 @@ class Reason(enum.StrEnum):
     HALTED = "halted"
     AUDIT_BROKEN = "audit_broken"
     MANIFEST_INVALID = "manifest_invalid"
+    PIPELINE_FAILED = "pipeline_failed"
 
 
 class PublisherError(Exception):

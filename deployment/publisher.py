@@ -254,6 +254,7 @@ class Publisher:
                     )
                     blobs.upload(local, baseline_blob, entry.tags["baseline_sha256"])
                     registry.tag(entry, "baseline_blob", baseline_blob)
+                    registry.tag(entry, "baseline_size", str(local.stat().st_size))
         except PublisherError as e:
             self._s.audit.append("upload", entry.ref, "failed", reason=str(e.reason))
             raise
@@ -307,6 +308,7 @@ class Publisher:
             url = blobs.read_url(blob, now + valid_for, now)
             baseline_blob = entry.tags.get("baseline_blob")
             if baseline_blob:
+                # The device fetches the pack like the model: bounded by its size, checked by hash.
                 baseline = {
                     "sha256": entry.tags["baseline_sha256"],
                     "size": int(entry.tags["baseline_size"]),

@@ -7,6 +7,9 @@ parallel test runs never race for a port.
 
     with Azurite.start(tmp_path / "azurite") as azurite:
         BlobServiceClient.from_connection_string(azurite.connection_string)
+
+`tls=(certificate, key)` serves HTTPS instead (PEM files, e.g. `simulator.certs.generate`'s):
+clients then need that certificate's CA, as agents do, which download only over HTTPS.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ BINARY_ENV = "AZURITE_BLOB_BIN"  # overrides where `azurite-blob` is looked for
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 10.0
 LOG_FILE = "azurite.log"
-_LISTENING = re.compile(r"Blob service successfully listens on http://[^:\s]+:(?P<port>\d+)")
+_LISTENING = re.compile(r"Blob service successfully listens on https?://[^:\s]+:(?P<port>\d+)")
 
 
 class AzuriteError(RuntimeError):
@@ -57,8 +60,9 @@ def find_binary() -> Path:
 
 def connection_string(blob_endpoint: str) -> str:
     """The storage connection string of the development account at `blob_endpoint`."""
+    scheme = blob_endpoint.split("://", 1)[0]
     return (
-        f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};"
+        f"DefaultEndpointsProtocol={scheme};AccountName={DEV_ACCOUNT};"
         f"AccountKey={DEV_ACCOUNT_KEY};BlobEndpoint={blob_endpoint};"
     )
 
@@ -77,10 +81,11 @@ class Azurite:
     host: str
     blob_port: int
     location: Path
+    scheme: str = "http"
 
     @property
     def blob_endpoint(self) -> str:
-        return f"http://{self.host}:{self.blob_port}/{DEV_ACCOUNT}"
+        return f"{self.scheme}://{self.host}:{self.blob_port}/{DEV_ACCOUNT}"
 
     @property
     def connection_string(self) -> str:
@@ -98,8 +103,10 @@ class Azurite:
         host: str = "127.0.0.1",
         binary: Path | None = None,
         timeout: float = START_TIMEOUT_SECONDS,
+        tls: tuple[Path, Path] | None = None,
     ) -> Azurite:
-        """Start Azurite Blob on `host` (a free port), keeping its data and log in `location`."""
+        """Start Azurite Blob on `host` (a free port), keeping its data and log in `location`;
+        over HTTPS with `tls` (certificate and key PEM files)."""
         executable = binary if binary is not None else find_binary()
         location.mkdir(parents=True, exist_ok=True)
         command = [
@@ -115,11 +122,14 @@ class Azurite:
             "--disableTelemetry",
             "--silent",
         ]
+        if tls is not None:
+            command += ["--cert", str(tls[0]), "--key", str(tls[1])]
         with (location / LOG_FILE).open("wb") as output:
             process = subprocess.Popen(  # noqa: S603  # a fixed argument list, no shell
                 command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
             )
-        azurite = cls(process=process, host=host, blob_port=0, location=location)
+        scheme = "https" if tls is not None else "http"
+        azurite = cls(process=process, host=host, blob_port=0, location=location, scheme=scheme)
         deadline = time.monotonic() + timeout
         while True:
             port = listening_port(azurite.log_path.read_text(errors="replace"))

@@ -137,6 +137,8 @@ class StandIn:
                 "state": "active",
                 "reason": "",
                 "message": "",
+                # As the agent does, a release that starts serving gets a fresh drift watch.
+                "drift": {"state": "ok" if manifest.get("baseline") else "no_baseline"},
                 "probation": {
                     "state": "watching",
                     "requests": 0,

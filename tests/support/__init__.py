@@ -1,1 +1,2 @@
-"""Shared test helpers: fakes with real behaviour (no mocks), and pytest plugins (docker.py)."""
+"""Test support shared across test folders: pytest plugins, helpers, fakes with real behaviour
+(no mocks)."""

@@ -1,0 +1,232 @@
+"""The training side of the command line: `train`, `gate` and `watch` (the retraining controller).
+
+They share the publisher's environments: the MLflow tracking URI, the audit log, the hub and the
+rings all come from the same config file, so a retrained model is registered, signed and rolled
+out exactly as a hand-published one is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from rich.console import Console
+
+from deployment import rollout
+from deployment.errors import PublisherError, Reason
+from deployment.pipeline import (
+    BASELINE_FILE,
+    HOLDOUT_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PipelineConfig,
+    Tracker,
+    evaluate,
+    load_labelled,
+    read_outputs,
+    run_pipeline,
+)
+from deployment.publisher import Publisher, Services
+from deployment.registry import CHAMPION
+from deployment.retrain_policy import Decision, RetrainPolicy, promotion_gate
+from deployment.retraining import (
+    CommandTrainer,
+    Controller,
+    ControllerConfig,
+    PipelineTrainer,
+    Trainer,
+)
+
+log = structlog.get_logger(__name__)
+
+EXPERIMENT = "edge-sensor_classifier"
+
+
+def add_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    positive: Callable[[type[float] | type[int]], Callable[[str], float | int]],
+    fraction: Callable[[str], float],
+    rings: Callable[[str], list[str]],
+) -> None:
+    train = commands.add_parser("train", help="run the example pipeline, tracked in MLflow")
+    train.add_argument("--out", type=Path, required=True, help="folder for model.onnx etc.")
+    train.add_argument("--data", type=Path, action="append", default=[], help="labelled data")
+    train.add_argument("--seed", type=int, default=7)
+    train.add_argument("--rows", type=positive(int), default=3000)
+
+    gate = commands.add_parser("gate", help="candidate vs the champion; exit 1 if not better")
+    gate.add_argument("candidate", type=Path, help="a pipeline's output folder")
+    gate.add_argument("--name", required=True, help="registered model name")
+    gate.add_argument("--window", type=Path, help="recent labelled data (.csv/.npz)")
+    gate.add_argument("--min-gain", type=float, default=RetrainPolicy.min_gain)
+    gate.add_argument("--max-holdout-loss", type=float, default=RetrainPolicy.max_holdout_loss)
+
+    watch = commands.add_parser("watch", help="the retraining controller")
+    watch.add_argument("--name", required=True, help="registered model name")
+    watch.add_argument("--data-dir", type=Path, required=True, help="labelled data arrives here")
+    watch.add_argument("--work-dir", type=Path, required=True, help="candidates and state")
+    watch.add_argument("--rings", type=rings, required=True, help="release rings, in order")
+    watch.add_argument("--interval", type=positive(float), default=60.0, help="seconds per poll")
+    watch.add_argument("--once", action="store_true", help="one poll, then exit")
+    watch.add_argument("--schedule-hours", type=positive(float))
+    watch.add_argument("--cooldown-minutes", type=float, default=60.0)
+    watch.add_argument("--min-devices", type=positive(int), default=2)
+    watch.add_argument("--min-share", type=fraction, default=0.2)
+    watch.add_argument("--sustain", type=positive(int), default=2, help="polls in a row")
+    watch.add_argument(
+        "--no-new-data-trigger",
+        dest="on_new_data",
+        action="store_false",
+        help="data arriving waits for drift or the schedule instead of starting a retraining",
+    )
+    watch.add_argument(
+        "--command", help="your own pipeline: a command line with {out} for its output folder"
+    )
+    watch.add_argument("--gate-timeout", type=positive(float), default=900.0)
+
+
+COMMANDS = frozenset({"train", "gate", "watch"})
+
+
+def dispatch(
+    args: argparse.Namespace, services: Services, publisher: Publisher, out: Console
+) -> None:
+    if args.command == "train":
+        _train(args, services, out)
+    elif args.command == "gate":
+        _gate(args, services, out)
+    else:
+        _watch(args, services, publisher, out)
+
+
+def tracker_for(services: Services) -> Tracker:
+    return Tracker(
+        services.resolved.mlflow_tracking_uri,
+        EXPERIMENT,
+        services.resolved.audit_log.parent / "mlruns",
+    )
+
+
+def _train(args: argparse.Namespace, services: Services, out: Console) -> None:
+    config = PipelineConfig(args.out, seed=args.seed, rows=args.rows, data=tuple(args.data))
+    result = run_pipeline(config, tracker_for(services))
+    services.audit.append(
+        "train", EXPERIMENT, "trained", sha256=result.sha256, run_id=result.run_id, **result.metrics
+    )
+    out.print(f"trained {result.model_path} sha256={result.sha256} run={result.run_id}")
+    for name, value in sorted(result.metrics.items()):
+        out.print(f"  {name} = {value:.4f}", markup=False)
+
+
+def _champion(services: Services, name: str) -> bytes | None:
+    registry = services.registry()
+    version = registry.alias_version(name, CHAMPION)
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        return registry.model_bytes(registry.entry(name, version), Path(folder))
+
+
+def _gate(args: argparse.Namespace, services: Services, out: Console) -> None:
+    rollout.check_model_name(args.name)
+    candidate, _, _ = read_outputs(args.candidate)
+    champion = _champion(services, args.name)
+    if champion is None:
+        out.print(f"no champion of {args.name} yet: the candidate passes on its own metrics")
+        return
+    holdout_x, holdout_y = load_labelled(args.candidate / HOLDOUT_FILE)
+    window_x, window_y = load_labelled(args.window) if args.window else (holdout_x, holdout_y)
+    policy = RetrainPolicy(min_gain=args.min_gain, max_holdout_loss=args.max_holdout_loss)
+    result = promotion_gate(
+        candidate_window=evaluate(candidate, window_x, window_y)["accuracy"],
+        champion_window=evaluate(champion, window_x, window_y)["accuracy"],
+        candidate_holdout=evaluate(candidate, holdout_x, holdout_y)["accuracy"],
+        champion_holdout=evaluate(champion, holdout_x, holdout_y)["accuracy"],
+        policy=policy,
+    )
+    services.audit.append("gate", args.name, result.reason, **vars(result))
+    out.print(
+        f"gate {result.reason}: recent data {result.candidate_window:.3f} against"
+        f" {result.champion_window:.3f}, holdout {result.candidate_holdout:.3f} against"
+        f" {result.champion_holdout:.3f}"
+    )
+    if not result.promote:
+        raise PublisherError(Reason.GATE_FAILED, f"candidate refused: {result.reason}")
+
+
+@dataclass
+class PublisherReleaser:
+    """The controller's hand-off to the publisher: register, upload, sign, roll out."""
+
+    services: Services
+    publisher: Publisher
+    rings: list[str]
+    bounds: rollout.GateBounds
+
+    def champion(self, model: str) -> bytes | None:
+        return _champion(self.services, model)
+
+    def release(self, model: str, out_dir: Path, reason: str) -> int:
+        baseline = out_dir / BASELINE_FILE
+        entry = self.publisher.register(
+            out_dir / MODEL_FILE,
+            name=model,
+            metrics_path=out_dir / METRICS_FILE,
+            baseline=baseline if baseline.exists() else None,
+            run_id=None,
+            version=None,
+        )
+        self.publisher.upload(entry.ref)
+        self.publisher.sign(entry.ref, url=None, valid_hours=None)
+        self.publisher.release(entry.ref, self.rings, self.bounds, dry_run=False)
+        log.info("retrain_released", model=model, version=entry.version, trigger=reason)
+        return entry.version
+
+
+def _watch(
+    args: argparse.Namespace, services: Services, publisher: Publisher, out: Console
+) -> None:
+    policy = RetrainPolicy(
+        schedule_s=args.schedule_hours * 3600 if args.schedule_hours else None,
+        cooldown_s=args.cooldown_minutes * 60,
+        min_drifting_devices=args.min_devices,
+        min_drifting_share=args.min_share,
+        sustain_polls=args.sustain,
+        retrain_on_new_data=args.on_new_data,
+    )
+    trainer: Trainer = (
+        CommandTrainer(tuple(shlex.split(args.command)))
+        if args.command
+        else PipelineTrainer(tracker_for(services))
+    )
+    releaser = PublisherReleaser(
+        services, publisher, args.rings, rollout.GateBounds(timeout_s=args.gate_timeout)
+    )
+    controller = Controller(
+        ControllerConfig(
+            model=args.name,
+            module=services.resolved.env.module,
+            data_dir=args.data_dir,
+            work_dir=args.work_dir,
+            policy=policy,
+        ),
+        fleet=services.hub(),
+        trainer=trainer,
+        releaser=releaser,
+        audit=services.audit,
+    )
+    while True:
+        outcome = controller.poll()
+        if isinstance(outcome, Decision):
+            out.print(f"watch: {outcome.hold}", markup=False)
+        else:
+            out.print(f"watch: job {outcome.trigger} ended at {outcome.stage}", markup=False)
+        if args.once:
+            return
+        time.sleep(args.interval)

@@ -1,0 +1,253 @@
+"""The retraining controller over a fake fleet and publisher, with the real pipeline code."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from deployment import sensor_data
+from deployment.baseline import BaselineOptions
+from deployment.pipeline import (
+    MODEL_FILE,
+    PipelineConfig,
+    _write_outputs,
+    evaluate,
+    export,
+    lineage,
+    prepare,
+    search,
+    write_baseline,
+)
+from deployment.retrain_policy import Decision, RetrainPolicy
+from deployment.retraining import (
+    CommandTrainer,
+    Controller,
+    ControllerConfig,
+    Job,
+    split_window,
+)
+
+MODULE, MODEL = "mlagent", "sensor_classifier"
+FAST_BASELINE = BaselineOptions(window_sizes=(50,), resamples=100, simulated_windows=5_000)
+
+
+@dataclass
+class FakeFleet:
+    """Twin query rows as IoT Hub answers a projection of reported models."""
+
+    states: dict[str, str] = field(default_factory=dict)
+    queries: list[str] = field(default_factory=list)
+
+    def query(self, text: str) -> list[dict[str, Any]]:
+        self.queries.append(text)
+        return [
+            {"deviceId": device, "models": {MODEL: {"version": 1, "drift": {"state": state}}}}
+            for device, state in self.states.items()
+        ]
+
+
+@dataclass
+class FakeReleaser:
+    champion_bytes: bytes | None = None
+    released: list[tuple[str, str]] = field(default_factory=list)
+
+    def champion(self, model: str) -> bytes | None:
+        return self.champion_bytes
+
+    def release(self, model: str, out_dir: Path, reason: str) -> int:
+        self.champion_bytes = (out_dir / MODEL_FILE).read_bytes()
+        self.released.append((model, reason))
+        return len(self.released) + 1
+
+
+@dataclass
+class FakeAudit:
+    entries: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    def append(self, action: str, subject: str, outcome: str, **details: Any) -> None:
+        self.entries.append((action, outcome, details))
+
+    def outcomes(self) -> list[str]:
+        return [outcome for _, outcome, _ in self.entries]
+
+
+@dataclass
+class SmallTrainer:
+    """The pipeline's own steps without MLflow, on a small data set: fast and real."""
+
+    calls: int = 0
+
+    def __call__(self, out_dir: Path, data: tuple[Path, ...]) -> None:
+        self.calls += 1
+        config = PipelineConfig(out_dir, rows=600, data=data)
+        prepared = prepare(config)
+        family, model, _ = search(prepared, config.seed)
+        model_bytes = export(model)
+        metrics = evaluate(model_bytes, prepared.x_test, prepared.y_test)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_outputs(out_dir, model_bytes, metrics, prepared, lineage(config, prepared, family))
+        write_baseline(out_dir, prepared, FAST_BASELINE)
+
+
+@pytest.fixture(scope="module")
+def clean_champion(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    out = tmp_path_factory.mktemp("champion")
+    SmallTrainer()(out, ())
+    return (out / MODEL_FILE).read_bytes()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 10_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class World:
+    """The controller's outside world: all fakes but the pipeline code and the files."""
+
+    fleet: FakeFleet
+    releaser: FakeReleaser
+    trainer: Any = field(default_factory=SmallTrainer)
+    audit: FakeAudit = field(default_factory=FakeAudit)
+    clock: Clock = field(default_factory=Clock)
+
+    def controller(self, tmp_path: Path) -> Controller:
+        config = ControllerConfig(
+            model=MODEL,
+            module=MODULE,
+            data_dir=tmp_path / "data",
+            work_dir=tmp_path / "work",
+            policy=RetrainPolicy(cooldown_s=600.0, min_drifting_devices=2, sustain_polls=2),
+        )
+        return Controller(
+            config,
+            fleet=self.fleet,
+            trainer=self.trainer,
+            releaser=self.releaser,
+            audit=self.audit,
+            clock=self.clock,
+        )
+
+
+def drifted_field_data(folder: Path, rows: int = 900) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = sensor_data.generate(rows, seed=41, fault=sensor_data.RECALIBRATED)
+    np.savez(folder / "field-0001.npz", x=x, y=y)
+
+
+def test_sustained_fleet_drift_retrains_once_and_releases_a_better_candidate(
+    tmp_path: Path, clean_champion: bytes
+) -> None:
+    world = World(FakeFleet({f"d{i}": "ok" for i in range(6)}), FakeReleaser(clean_champion))
+    ctl = world.controller(tmp_path)
+    assert isinstance(ctl.poll(), Decision)
+    # The field data arrives while the drift is first seen: it is new data, so it triggers.
+    world.fleet.states.update(d0="drift", d1="drift", d2="drift")
+    drifted_field_data(tmp_path / "data")
+    job = ctl.poll()
+    assert isinstance(job, Job)
+    assert job.stage == "released"
+    assert job.gate is not None
+    assert job.gate["candidate_window"] > job.gate["champion_window"]
+    assert world.releaser.released == [(MODEL, "new_data")]
+    assert world.trainer.calls == 1
+    # The same drift polled again right after: the cooldown holds, nothing retrains.
+    world.clock.now += 60
+    ctl.poll()
+    ctl.poll()
+    assert world.trainer.calls == 1
+    assert world.audit.outcomes() == ["started", "trained", "promote", "released"]
+
+
+def test_a_candidate_no_better_than_the_champion_is_refused(
+    tmp_path: Path, clean_champion: bytes
+) -> None:
+    fleet = FakeFleet({"d0": "drift", "d1": "drift", "d2": "ok"})
+    world = World(fleet, FakeReleaser(clean_champion))
+    ctl = world.controller(tmp_path)
+    ctl.poll()
+    job = ctl.poll()
+    assert isinstance(job, Job)
+    assert (job.stage, job.promote) == ("gated", False)
+    assert world.releaser.released == []
+    assert world.audit.outcomes()[-1] == "refused"
+
+
+def test_one_noisy_device_starts_nothing(tmp_path: Path, clean_champion: bytes) -> None:
+    world = World(FakeFleet({"d0": "drift", "d1": "ok", "d2": "ok"}), FakeReleaser(clean_champion))
+    ctl = world.controller(tmp_path)
+    for _ in range(5):
+        decision = ctl.poll()
+        assert isinstance(decision, Decision)
+        assert decision.trigger is None
+    assert world.trainer.calls == 0
+
+
+def test_a_restart_after_training_resumes_at_the_gate(
+    tmp_path: Path, clean_champion: bytes
+) -> None:
+    drifted_field_data(tmp_path / "data")
+
+    class CrashAfterTraining(SmallTrainer):
+        def __call__(self, out_dir: Path, data: tuple[Path, ...]) -> None:
+            super().__call__(out_dir, data)
+            raise SystemExit("killed after training")  # the process dies here
+
+    fleet, releaser = FakeFleet({"d0": "drift", "d1": "drift"}), FakeReleaser(clean_champion)
+    crashing = World(fleet, releaser, trainer=CrashAfterTraining())
+    with pytest.raises(SystemExit):
+        crashing.controller(tmp_path).poll()
+    # The job was recorded before training; a new controller on the same state resumes it.
+    restarted = World(fleet, releaser, audit=crashing.audit)
+    job = restarted.controller(tmp_path).poll()
+    assert isinstance(job, Job)
+    assert job.stage == "released"
+    # Training ran again (its outputs were never recorded), but the job started once.
+    assert restarted.audit.outcomes().count("started") == 1
+
+
+def test_a_failing_pipeline_command_is_audited_and_the_controller_goes_on(
+    tmp_path: Path, clean_champion: bytes
+) -> None:
+    drifted_field_data(tmp_path / "data")
+    failing = CommandTrainer((sys.executable, "-c", "import sys; sys.exit('no GPU here')"))
+    world = World(FakeFleet(), FakeReleaser(clean_champion), trainer=failing)
+    ctl = world.controller(tmp_path)
+    job = ctl.poll()
+    assert isinstance(job, Job)
+    assert job.stage == "failed"
+    assert "exited 1: no GPU here" in world.audit.entries[-1][2]["error"]
+    state, pending = ctl.state_file.load()
+    assert pending is None
+    assert not state.busy
+
+
+def test_a_pipeline_command_that_writes_no_model_fails_clearly(
+    tmp_path: Path, clean_champion: bytes
+) -> None:
+    drifted_field_data(tmp_path / "data")
+    silent = CommandTrainer((sys.executable, "-c", "print('done')"))
+    world = World(FakeFleet(), FakeReleaser(clean_champion), trainer=silent)
+    job = world.controller(tmp_path).poll()
+    assert isinstance(job, Job)
+    assert job.stage == "failed"
+    assert "wrote no model.onnx" in world.audit.entries[-1][2]["error"]
+
+
+@pytest.mark.parametrize(("rows", "train", "window"), [(10, 7, 3), (3, 2, 1), (1, 0, 1)])
+def test_split_window_keeps_the_newest_rows_for_the_gate(
+    rows: int, train: int, window: int
+) -> None:
+    x = np.arange(rows * 6, dtype=np.float32).reshape(rows, 6)
+    y = np.arange(rows)
+    (tx, _), (wx, wy) = split_window(x, y)
+    assert (len(tx), len(wx)) == (train, window)
+    assert list(wy) == list(range(train, rows))
