@@ -133,10 +133,11 @@ async def _main(rounds: int, calls: int, *, drift: bool) -> dict[str, object]:
             f"ratio {case['ratio']:.3f}"
             + (f"  with drift {case['drift_us']:9.2f} µs" if drift else "")
         )
-    drift_ratios = {f"{name}_drift_ratio": case["drift_ratio"] for name, case in cases.items()}
+    ratios = {f"{name}_ratio": case["ratio"] for name, case in cases.items()}
+    if drift:
+        ratios |= {f"{name}_drift_ratio": case["drift_ratio"] for name, case in cases.items()}
     return {
-        **{f"{name}_ratio": case["ratio"] for name, case in cases.items()},
-        **(drift_ratios if drift else {}),
+        **ratios,
         "details": cases,
         "onnxruntime": ort.__version__,
         "python": platform.python_version(),
