@@ -233,6 +233,11 @@ def export(model: Pipeline) -> bytes:
         options={id(final): {"zipmap": False}},
         target_opset=TARGET_OPSET,
     )
+    # skl2onnx's order of the opset imports varies between processes (the same model came out as
+    # two byte strings differing only there); sorted, the bytes are the same in every process.
+    imports = sorted(onnx_model.opset_import, key=lambda opset: opset.domain)
+    del onnx_model.opset_import[:]
+    onnx_model.opset_import.extend(imports)
     return bytes(onnx_model.SerializeToString())
 
 
