@@ -207,7 +207,8 @@ def _hammer(agent: AgentContainer, stop: threading.Event, outcomes: list[str]) -
             refused = isinstance(error.reason, ConnectionRefusedError)
             outcomes.append("refused" if refused else f"broken {error.reason!r}")
             time.sleep(0.05)
-        except (http.client.RemoteDisconnected, ConnectionResetError) as error:
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as error:
+            # Closed unread at shutdown: seen while reading the answer, or while still sending.
             outcomes.append(f"dropped {error!r}")
             time.sleep(0.05)
         except (ConnectionError, http.client.HTTPException, TimeoutError) as error:
