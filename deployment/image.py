@@ -211,12 +211,28 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _alive(pid: int) -> bool:
     try:
+        # A dockerd started here is this process's child: reap it once it exits, or its zombie
+        # would answer the signal below as if it still ran.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not a child of this process
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
     return True
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log, for an error message that must explain itself in CI output."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def live_leases(leases: Iterable[Path], alive: Callable[[int], bool] = _alive) -> list[Path]:
@@ -231,7 +247,8 @@ class Engine:
 
     docker: Docker
     log_path: Path
-    start_timeout_s: float = 60.0
+    start_timeout_s: float = 180.0
+    start_attempts: int = 5
     dockerd: str = "dockerd"
     shared_dir: Path = SHARED_DIR
     started_here: bool = False
@@ -253,37 +270,58 @@ class Engine:
             self._start_dockerd()
 
     def _start_dockerd(self) -> None:
-        if shutil.which(self.dockerd) is None:
+        dockerd = shutil.which(self.dockerd)
+        if dockerd is None:
             raise ImageError(
                 "no_engine",
                 "no Docker engine answers and dockerd is not installed "
                 "(`make system-deps` installs Debian's docker.io)",
             )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.start_timeout_s
+        # On a machine just booted from a cold disk, dockerd has given up on its own containerd
+        # ("timeout waiting for containerd to start", after 15 s) and exited; a second start
+        # finds the binaries in memory.
+        for _ in range(self.start_attempts):
+            if self._launch_and_wait(dockerd, deadline):
+                self.started_here = True
+                return
+        raise ImageError(
+            "engine_failed",
+            f"dockerd exited {self.start_attempts} times; the end of {self.log_path}:\n"
+            f"{log_tail(self.log_path)}",
+        )
+
+    def _launch_and_wait(self, dockerd: str, deadline: float) -> bool:
+        """Start dockerd and wait until it answers (True) or exits (False)."""
         self._marker.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
-            # Detached (setsid --fork): the engine may outlive this process while another
-            # lease holder uses it. No bridge and no iptables: the machine allows no network
-            # but loopback, and containers use the host's network namespace.
-            subprocess.run(
-                ["setsid", "--fork", self.dockerd, "--bridge=none", "--iptables=false",
-                 f"--pidfile={self._marker}"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                check=True,
-                timeout=30,
-            )  # fmt: skip
-        deadline = time.monotonic() + self.start_timeout_s
+            # In a session of its own: the engine may outlive this process while another lease
+            # holder uses it. No bridge and no iptables: the machine allows no network but
+            # loopback, and containers use the host's network namespace.
+            pid = os.posix_spawn(
+                dockerd,
+                [dockerd, "--bridge=none", "--iptables=false", f"--pidfile={self._marker}"],
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, log.fileno(), 1),
+                    (os.POSIX_SPAWN_DUP2, log.fileno(), 2),
+                ],
+                setsid=True,
+            )
         while not self.docker.engine_answers():
-            pid = self._marker.read_text().strip() if self._marker.is_file() else ""
-            if pid.isdigit() and not _alive(int(pid)):
-                raise ImageError("engine_failed", f"dockerd exited; see {self.log_path}")
+            if not _alive(pid):
+                return False
             if time.monotonic() > deadline:
-                if pid.isdigit():
-                    os.kill(int(pid), signal.SIGTERM)
-                raise ImageError("engine_failed", f"dockerd did not answer; see {self.log_path}")
+                os.kill(pid, signal.SIGTERM)
+                raise ImageError(
+                    "engine_failed",
+                    f"dockerd did not answer in {self.start_timeout_s:.0f} s; the end of "
+                    f"{self.log_path}:\n{log_tail(self.log_path)}",
+                )
             time.sleep(0.3)
-        self.started_here = True
+        return True
 
     def stop(self, grace_s: float = 30.0) -> None:
         with _locked(self.shared_dir / "lock"):
