@@ -124,8 +124,8 @@ class Reconciler:
         document = body if replace else merge_patch(self.document, body)
         problem = check_shape(document)
         if problem is None and "model" in body and body["model"] is None:
-            # Reliability case 21: a null model is invalid, not "serve nothing"; what runs is
-            # kept and the operator is told how to go back.
+            # A null model is invalid, not "serve nothing": what runs is kept and the
+            # operator is told how to go back.
             problem = NULL_MODEL
         reason = Reason.DESIRED_INVALID
         if problem is None:

@@ -215,14 +215,14 @@ class EdgeModule:
             self.reported.retry_now()
 
     async def _resync(self) -> None:
-        """Promise 1: on every (re)connect, GET the full twin and apply its desired part."""
+        """On every (re)connect, GET the full twin and apply its desired part."""
         client = self.connection.client
         assert client is not None
         try:
             twin = await self.connection.call(client.get_twin())
         except Exception as error:  # reconnecting: the next connection event tries again
             # Patches missed while offline would stay unapplied until the next patch came:
-            # read again after a back-off (promise 1).
+            # read again after a back-off.
             log.warning("twin_get_failed", error=str(error), retry_s=self._resync_delay)
             if self._resync_retry is None:
                 self._resync_retry = self.connection.resync_later(self._resync_delay)

@@ -1,4 +1,4 @@
-"""Bounded, verified artifact download over HTTPS (promise 5 of RELIABILITY.md).
+"""Bounded, verified artifact download over HTTPS.
 
 A download is only ever *of a digest*: the caller passes the manifest's ``sha256`` and ``size``
 and a temp file from the store; the bytes get their final name only after the caller commits

@@ -1,4 +1,4 @@
-"""Crash consistency of the managed agent (cases 11 and 12), with real processes and signals.
+"""Crash consistency of the managed agent, killed mid-install, with real processes and signals.
 
 `python -m agent serve` runs on a model store and a release folder. v1 (tiny) serves; v2 (the
 22 MB mid model, with a new contract) is dropped into the folder, and the process is killed

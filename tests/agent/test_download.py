@@ -1,4 +1,4 @@
-"""Verified download: URL policy, back-off maths, and cases 2-7, 10, 22, 23 against a real
+"""Verified download: URL policy, back-off maths, and a transfer's failures against a real
 HTTPS server on loopback with injected faults.
 """
 
@@ -48,7 +48,7 @@ SHA = hashlib.sha256(BODY).hexdigest()
 POLICY = DownloadPolicy(allowed_hosts=("*.blob.core.windows.net", "models.example.net"))
 
 
-# --- URL policy (case 22) ------------------------------------------------------------------
+# --- URL policy -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_host_allowed(host: str, patterns: tuple[str, ...], allowed: bool) -> No
     ],
 )
 def test_rejected_urls(url: str, detail: str) -> None:
-    """Case 22: file://, http://, link-local, userinfo, non-allow-listed host."""
+    """Refused URLs: file://, http://, link-local, userinfo, non-allow-listed host."""
     # The link-local and other addresses are allow-listed here on purpose: the address
     # check must hold even when an operator lists an IP.
     policy = DownloadPolicy(
@@ -365,7 +365,7 @@ async def test_download_verifies_and_commits(
 async def test_logs_never_carry_the_query_string(
     artifact_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
 ) -> None:
-    """Promise 10: SAS `sig=` stays out of logs, also on failures and retries."""
+    """A SAS `sig=` stays out of logs, also on failures and retries."""
     url = artifact_server.add("m.onnx", Artifact(BODY, status=503, status_times=1))
     with capture_logs() as logs:
         await fetch_into(downloader(artifact_pki), store, url)
@@ -378,7 +378,7 @@ async def test_logs_never_carry_the_query_string(
 async def test_reset_at_60_percent_resumes_with_range_and_if_range(
     artifact_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
 ) -> None:
-    """Case 2: the second request continues where the first stopped; the hash is checked."""
+    """Resume: the second request continues where the first stopped; the hash is checked."""
     sleep = RecordingSleep()
     url = artifact_server.add("m.onnx", Artifact(BODY, reset_at=0.6))
     assert await fetch_into(downloader(artifact_pki, sleep), store, url) is None
@@ -411,7 +411,7 @@ async def test_without_any_validator_the_retry_starts_from_zero(
 async def test_a_200_answer_to_a_range_request_restarts_cleanly(
     artifact_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
 ) -> None:
-    """Case 2: a server that ignores Range sends the whole body; it must not be appended."""
+    """A server that ignores Range sends the whole body; it must not be appended."""
     url = artifact_server.add("m.onnx", Artifact(BODY, reset_at=0.6, ignore_range=True))
     with capture_logs() as logs:
         assert await fetch_into(downloader(artifact_pki), store, url) is None
@@ -423,7 +423,8 @@ async def test_a_200_answer_to_a_range_request_restarts_cleanly(
 async def test_stall_is_aborted_by_the_throughput_floor_and_retried(
     artifact_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
 ) -> None:
-    """Case 3: 1 byte per 50 ms against a 1 KiB/s floor over 0.3 s; retried, then `timeout`."""
+    """A stalled server: 1 byte per 50 ms against a 1 KiB/s floor over 0.3 s; retried, then
+    `timeout`."""
     sleep = RecordingSleep()
     url = artifact_server.add("m.onnx", Artifact(BODY, stall_interval_s=0.05))
     started = time.monotonic()
@@ -441,7 +442,7 @@ async def test_stall_is_aborted_by_the_throughput_floor_and_retried(
 async def test_stall_is_aborted_by_the_overall_deadline(
     artifact_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
 ) -> None:
-    """Case 3 with the floor off: the deadline alone bounds the download."""
+    """A stalled server with the floor off: the deadline alone bounds the download."""
     url = artifact_server.add("m.onnx", Artifact(BODY, stall_interval_s=0.05))
     started = time.monotonic()
     error = await fetch_into(
@@ -456,7 +457,7 @@ async def test_stall_is_aborted_by_the_overall_deadline(
 async def test_403_and_404_fail_without_retry(
     artifact_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore, status: int
 ) -> None:
-    """Case 4: no retry storm: exactly one request, no back-off."""
+    """A refusal causes no retry storm: exactly one request, no back-off."""
     sleep = RecordingSleep()
     url = artifact_server.add("m.onnx", Artifact(BODY, status=status))
     error = await fetch_into(downloader(artifact_pki, sleep), store, url)
@@ -483,7 +484,7 @@ async def test_429_and_503_back_off_honouring_retry_after(
     retry_after: str,
     at_least: float,
 ) -> None:
-    """Case 5: the wait is the server's Retry-After (capped), then the download succeeds."""
+    """A busy server: the wait is the server's Retry-After (capped), then the download succeeds."""
     sleep = RecordingSleep()
     url = artifact_server.add(
         "m.onnx", Artifact(BODY, status=status, status_times=2, retry_after=retry_after)
@@ -543,7 +544,8 @@ class _CountingSink:
 async def test_body_longer_than_size_is_aborted_at_size_plus_one(
     artifact_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
 ) -> None:
-    """Case 6: chunked (no length up front); reading stops at size + 1; temp removed."""
+    """A body longer than the manifest says, chunked (no length up front): reading stops at
+    size + 1; temp removed."""
     url = artifact_server.add("m.onnx", Artifact(BODY, extra=b"x" * 1_000_000, send_length=False))
     sink = _CountingSink(store)
     with pytest.raises(DeliveryError) as info:
@@ -582,7 +584,7 @@ async def test_truncated_or_flipped_body_is_not_committed(
     artifact: Artifact,
     reason: Reason,
 ) -> None:
-    """Case 7: size_mismatch / hash_mismatch, nothing under models/, not retried."""
+    """Wrong bytes: size_mismatch / hash_mismatch, nothing under models/, not retried."""
     sleep = RecordingSleep()
     url = artifact_server.add("m.onnx", artifact)
     error = await fetch_into(downloader(artifact_pki, sleep), store, url)
@@ -595,7 +597,7 @@ async def test_truncated_or_flipped_body_is_not_committed(
 async def test_disk_full_during_download_keeps_old_state(
     artifact_server: ArtifactServer, artifact_pki: TestPki, tmp_path: Path
 ) -> None:
-    """Case 10: ENOSPC from the file system: `disk_full`, temp removed, state.json intact."""
+    """A full disk: ENOSPC from the file system: `disk_full`, temp removed, state.json intact."""
     root = tmp_path / "vol"
     before = ModelStore(root)
     before.open()
@@ -663,7 +665,7 @@ async def test_redirect_loop_is_bounded(
 async def test_a_rejected_url_makes_no_request(
     artifact_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
 ) -> None:
-    """Case 22 end to end: the server on 127.0.0.1 is not allow-listed, so nothing connects."""
+    """URL policy end to end: the server on 127.0.0.1 is not allow-listed, so nothing connects."""
     url = artifact_server.add("m.onnx", Artifact(BODY))
     error = await fetch_into(downloader(artifact_pki, allowed_hosts=("localhost",)), store, url)
     assert error is not None
@@ -699,7 +701,7 @@ async def test_allow_listed_name_resolving_to_a_forbidden_address_is_rejected(
 async def test_self_signed_certificate_is_rejected(
     self_signed_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
 ) -> None:
-    """Case 23: TLS failures are `fetch_failed` with a `tls` detail, and are not retried."""
+    """TLS failures are `fetch_failed` with a `tls` detail, and are not retried."""
     sleep = RecordingSleep()
     url = self_signed_server.add("m.onnx", Artifact(BODY))
     error = await fetch_into(downloader(artifact_pki, sleep), store, url)
@@ -712,7 +714,7 @@ async def test_self_signed_certificate_is_rejected(
 async def test_expired_certificate_is_rejected(
     expired_cert_server: ArtifactServer, artifact_pki: TestPki, store: ModelStore
 ) -> None:
-    """Case 23: signed by the trusted CA, but expired."""
+    """A certificate signed by the trusted CA, but expired."""
     url = expired_cert_server.add("m.onnx", Artifact(BODY))
     error = await fetch_into(downloader(artifact_pki), store, url)
     assert error is not None

@@ -1,4 +1,4 @@
-"""Release manifest: canonical JSON, signatures, schema, expiry, versions (cases 8, 9)."""
+"""Release manifest: canonical JSON, signatures, schema, expiry, versions."""
 
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ def _added_field_after_signing(doc: dict[str, Any]) -> dict[str, Any]:
     ],
 )
 def test_unsigned_badly_signed_or_unknown_key_is_rejected(mutate: Any, reason: str) -> None:
-    """Case 8: rejected before any download (verification is pure, so nothing else can run)."""
+    """Rejected before any download (verification is pure, so nothing else can run)."""
     assert rejected_reason(mutate(signed())) == reason
 
 
@@ -331,7 +331,7 @@ def test_error_message_does_not_echo_untrusted_values() -> None:
     assert "version" in info.value.message
 
 
-# --- version monotonicity (case 9, 27) -----------------------------------------------------
+# --- version monotonicity ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Hostile model files are refused before ONNX Runtime sees them (promise 12, cases 13 and 16)."""
+"""Hostile model files are refused before ONNX Runtime sees them."""
 
 from __future__ import annotations
 
@@ -274,7 +274,7 @@ def test_deep_nesting_within_a_raised_limit_does_not_recurse() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# External data (case 16)
+# External data
 
 
 @pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", "weights.bin"])
@@ -348,7 +348,7 @@ def test_external_data_entries_without_data_location_are_refused() -> None:
 
 
 def test_refusal_message_escapes_control_characters_in_the_location() -> None:
-    """The location is attacker text bound for logs (case 26): no raw line breaks get through."""
+    """The location is attacker text bound for logs: no raw line breaks get through."""
     data = serialized(add_model(external(weights(), "x\r\nlevel=info forged")))
 
     with pytest.raises(HostileModel) as refused:
@@ -387,7 +387,7 @@ def test_onnx_runtime_reads_cwd_files_named_by_a_model_that_the_check_refuses(
 
 
 # ---------------------------------------------------------------------------------------------
-# Not ONNX (case 13) and malformed wire format
+# Not ONNX, and malformed wire format
 
 
 NOT_ONNX: dict[str, bytes] = {

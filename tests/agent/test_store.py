@@ -175,7 +175,7 @@ def test_saved_state_survives_a_restart(tmp_path: Path) -> None:
 
 
 def test_state_write_is_atomic_under_a_full_disk(tmp_path: Path) -> None:
-    """Case 10 (state): old state.json intact, temp removed, reason disk_full."""
+    """A full disk while writing state: old state.json intact, temp removed, reason disk_full."""
     opened_store(tmp_path).save(StoreState().activated("m", V1))
     before = (tmp_path / "state.json").read_bytes()
     store = opened_store(tmp_path, opener=FullDisk(budget=10))

@@ -80,7 +80,7 @@ def test_a_null_in_a_patch_removes_the_key() -> None:
 
 
 def test_a_null_model_is_rejected_and_the_served_model_kept() -> None:
-    """Reliability case 21: `model: null` is not a way to stop serving."""
+    """`model: null` is not a way to stop serving."""
     reconciler, actions = _run(
         [("full", {"$version": 1, "model": MANIFEST}), ("patch", {"$version": 2, "model": None})]
     )

@@ -73,7 +73,7 @@ def test_a_release_published_through_the_service_sdk_becomes_active(
     # The hub keeps no nulls: `message: null` removes the key (no stale rejection message).
     assert reported["desired"] == {"version": version, "state": "applied"}
     assert releases.artifacts.requests_for("v1.onnx")  # fetched over HTTPS, not from elsewhere
-    # Case 26: neither the SAS query of the artifact URL nor the module's key is logged.
+    # Neither the SAS query of the artifact URL nor the module's key is logged.
     connection = sim.module_connection_string(sim.device_id, MODULE)
     module_key = connection.split("SharedAccessKey=", 1)[1]
     assert "sig=SECRET" in manifest["url"]
@@ -112,7 +112,7 @@ def test_sensor_route_messages_are_answered_upstream_with_their_correlation_ids(
 def test_a_bad_route_request_is_answered_with_an_error_under_its_correlation_id(
     sim: Simulator, service: Service, releases: Releases, start_module: StartModule
 ) -> None:
-    """Case 17 over a route: the sender learns what was wrong; the next request is served."""
+    """A bad request over a route: the sender learns what was wrong; the next request is served."""
     start_module()
     _publish_v1(service, releases)
     wrong_width = np.zeros((1, TINY_FEATURES - 1), dtype=np.float32)
@@ -268,7 +268,7 @@ def test_three_patches_while_offline_only_the_newest_is_applied_on_reconnect(
 def test_a_failed_twin_read_on_reconnect_is_retried(
     sim: Simulator, service: Service, releases: Releases, start_module: StartModule
 ) -> None:
-    """Promise 1: desired state is re-read on every reconnect, even when the first read fails."""
+    """Desired state is re-read on every reconnect, even when the first read fails."""
     module = start_module({"EDGEML_MODULE_CALL_TIMEOUT_S": "2"})
     _publish_v1(service, releases)
     sim.faults.refuse_connections(sim.device_id, MODULE, 120)
@@ -284,8 +284,8 @@ def test_a_failed_twin_read_on_reconnect_is_retried(
 def test_a_download_outlives_a_hub_outage_and_its_state_is_reported_after_it(
     sim: Simulator, service: Service, releases: Releases, start_module: StartModule
 ) -> None:
-    """Case 1: the link drops mid-download; the swap completes offline, is reported on
-    reconnect, and the full twin replayed by the reconnect does not start it again (case 20)."""
+    """The link drops mid-download; the swap completes offline, is reported on
+    reconnect, and the full twin replayed by the reconnect does not start it again."""
     module = start_module({"EDGEML_MODULE_CALL_TIMEOUT_S": "2"})
     _publish_v1(service, releases)
     # The artifact answers 503 + Retry-After first: the download is under way for ~3 s.
@@ -319,7 +319,7 @@ def test_a_download_outlives_a_hub_outage_and_its_state_is_reported_after_it(
 def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_newest(
     sim: Simulator, service: Service, releases: Releases, start_module: StartModule
 ) -> None:
-    """Case 18: 500 desired patches in about 10 s, alternating two models."""
+    """A patch storm: 500 desired patches in about 10 s, alternating two models."""
     module = start_module()
     _publish_v1(service, releases)
     models = {"storm-a.onnx": tiny_bytes(2), "storm-b.onnx": tiny_bytes(3)}
@@ -380,7 +380,7 @@ def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_new
     active = [line["version"] for line in statuses if line["state"] == "active"]
     if active != sorted(active):
         problems.append(f"active versions went backwards: {_first_inversion(active)}")
-    # Promise 7, as the hub saw it: reported patches arrive in order, so the model version
+    # As the hub saw it: reported patches arrive in order, so the model version
     # the twin shows never goes back, and the desired version neither.
     entries = [p.get("models", {}).get("m") or {} for p in patches]
     shown = [entry["version"] for entry in entries if "version" in entry]
@@ -462,7 +462,7 @@ def test_invalid_desired_properties_are_rejected_and_the_old_model_keeps_serving
     start_module: StartModule,
     case: tuple[dict[str, Any], dict[str, Any] | None, str],
 ) -> None:
-    """Case 21: rejected with the reason reported and alerted; a later fix applies."""
+    """Invalid desired properties: rejected, the reason reported and alerted; a fix applies."""
     bad, fix, fragment = case
     module = start_module()
     manifest = _publish_v1(service, releases)
@@ -545,7 +545,7 @@ def test_direct_methods_through_the_service_sdk(
 def test_telemetry_spooled_while_the_hub_is_down_is_delivered_after_it_returns(
     sim: Simulator, service: Service, releases: Releases, start_module: StartModule
 ) -> None:
-    """Case 25 (shortened): sends time out while the hub is away; nothing is lost or doubled,
+    """An outage (shortened): sends time out while the hub is away; nothing is lost or doubled,
     and the process does not grow threads."""
     module = start_module({"EDGEML_MODULE_CALL_TIMEOUT_S": "2"})
     _publish_v1(service, releases)
