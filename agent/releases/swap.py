@@ -150,14 +150,14 @@ class _SwapMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.outcomes = Counter(
             "agent_model_updates",
-            "Model releases by final state.",
-            ["state"],
+            "Model releases by model and final state.",
+            ["model", "state"],
             registry=registry,
         )
         self.failures = Counter(
             "agent_model_update_failures",
-            "Releases rejected, failed or rolled back, by reason.",
-            ["reason"],
+            "Releases rejected, failed or rolled back, by model and reason.",
+            ["model", "reason"],
             registry=registry,
         )
         self.swap_seconds = Histogram(
@@ -385,8 +385,8 @@ class ModelManager:
             raise SwapError(Reason.NO_LAST_KNOWN_GOOD, str(error)) from None
         self._switch(name, model)
         await self._attach_stored(name, target)
-        self._metrics.failures.labels(reason.value).inc()
-        self._metrics.outcomes.labels(ModelState.ROLLED_BACK.value).inc()
+        self._metrics.failures.labels(name, reason.value).inc()
+        self._metrics.outcomes.labels(name, ModelState.ROLLED_BACK.value).inc()
         return self._publish(
             name,
             ModelState.ROLLED_BACK,
@@ -420,8 +420,8 @@ class ModelManager:
                 version=bad.version,
                 serving_version=back.version if back is not None else None,
             )
-            self._metrics.failures.labels(Reason.CRASHED_DURING_INSTALL.value).inc()
-            self._metrics.outcomes.labels(ModelState.FAILED.value).inc()
+            self._metrics.failures.labels(name, Reason.CRASHED_DURING_INSTALL.value).inc()
+            self._metrics.outcomes.labels(name, ModelState.FAILED.value).inc()
             self._publish(
                 name,
                 ModelState.FAILED,
@@ -555,7 +555,7 @@ class ModelManager:
             return
         seconds = self._clock() - started
         self._metrics.swap_seconds.observe(seconds)
-        self._metrics.outcomes.labels(ModelState.ACTIVE.value).inc()
+        self._metrics.outcomes.labels(name, ModelState.ACTIVE.value).inc()
         self._publish(
             name, ModelState.ACTIVE, None, f"swapped in {seconds:.2f} s", manifest=manifest
         )
@@ -811,8 +811,8 @@ class ModelManager:
     def _publish_rejection(
         self, name: str, reason: Reason, message: str, manifest: ReleaseManifest | None
     ) -> ModelStatus:
-        self._metrics.failures.labels(reason.value).inc()
-        self._metrics.outcomes.labels(ModelState.REJECTED.value).inc()
+        self._metrics.failures.labels(name, reason.value).inc()
+        self._metrics.outcomes.labels(name, ModelState.REJECTED.value).inc()
         status = ModelStatus(
             name=name,
             version=manifest.version if manifest is not None else None,
@@ -843,8 +843,8 @@ class ModelManager:
             reason=reason,
             error=message,
         )
-        self._metrics.failures.labels(reason.value).inc()
-        self._metrics.outcomes.labels(state.value).inc()
+        self._metrics.failures.labels(manifest.name, reason.value).inc()
+        self._metrics.outcomes.labels(manifest.name, state.value).inc()
         self._publish(manifest.name, state, reason, message, manifest=manifest)
 
     def _publish(

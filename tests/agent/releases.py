@@ -25,6 +25,18 @@ from tests.agent.artifact_server import Artifact, ArtifactServer, TestPki
 KEY_ID = "test-key"
 
 
+def update_failures(registry: CollectorRegistry, reason: str) -> float:
+    """Releases that failed for `reason`, whatever the model (a rejected manifest may not name
+    one the test expects)."""
+    return sum(
+        sample.value
+        for family in registry.collect()
+        if family.name == "agent_model_update_failures"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["reason"] == reason
+    )
+
+
 @dataclass
 class Publisher:
     server: ArtifactServer
@@ -61,10 +73,7 @@ class Device:
         return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
 
     def failures(self, reason: str) -> float:
-        value = self.registry.get_sample_value(
-            "agent_model_update_failures_total", {"reason": reason}
-        )
-        return value or 0.0
+        return update_failures(self.registry, reason)
 
 
 def make_device(

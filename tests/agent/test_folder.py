@@ -29,6 +29,7 @@ from agent.releases.swap import ModelManager
 from agent.serving.inference import InferenceService
 from deployment.release import build_manifest
 from tests.agent.models import TINY_FEATURES, tiny_bytes
+from tests.agent.releases import update_failures
 
 KEY_ID = "folder-key"
 DEBOUNCE_S = 0.05
@@ -90,10 +91,7 @@ class FolderDevice:
         return self.manager.statuses.get(name)
 
     def failures(self, reason: str) -> float:
-        value = self.registry.get_sample_value(
-            "agent_model_update_failures_total", {"reason": reason}
-        )
-        return value or 0.0
+        return update_failures(self.registry, reason)
 
     async def answer(self, name: str = "m") -> np.ndarray:
         return (await self.services[name].infer({"input": X}))["output"]

@@ -164,8 +164,8 @@ def test_bombs_from_the_folder_fail_in_quarantine_and_are_not_retried_after_a_re
             assert served_version(agent) == 1
         with urllib.request.urlopen(agent.metrics_url, timeout=10) as response:
             metrics = response.read().decode()
-        assert 'agent_model_update_failures_total{reason="resource_limit"} 4.0' in metrics
-        assert 'agent_model_update_failures_total{reason="load_timeout"} 1.0' in metrics
+        assert 'agent_model_update_failures_total{model="m",reason="resource_limit"} 4.0' in metrics
+        assert 'agent_model_update_failures_total{model="m",reason="load_timeout"} 1.0' in metrics
     last = len(BOMBS) + 1
     assert record(root).rolled_back.version == last
     # The last bomb's manifest is still in the folder: a restart must not run it again.

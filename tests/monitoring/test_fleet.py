@@ -297,7 +297,11 @@ def test_a_release_failing_on_two_devices_is_one_notification_naming_both(
 ) -> None:
     assert notification["receiver"] == "release"
     assert notification["status"] == "firing"
-    assert notification["groupLabels"] == {"alertname": "AgentModelReleaseFailed", "ring": RING}
+    assert notification["groupLabels"] == {
+        "alertname": "AgentModelReleaseFailed",
+        "ring": RING,
+        "model": "m",
+    }
     alerts = notification["alerts"]
     assert sorted(a["labels"]["device_id"] for a in alerts) == list(DEVICES)
     for alert in alerts:
