@@ -226,6 +226,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _inheritable_descriptors() -> list[int]:
+    """Descriptors beyond stdio that a child would inherit: a long-lived engine holding a
+    caller's pipe open (a CI runner's, a make jobserver's) would keep that caller waiting."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with contextlib.suppress(OSError):  # the descriptor listdir itself used is gone
+            if fd > 2 and os.get_inheritable(fd):
+                found.append(fd)
+    return found
+
+
 def log_tail(path: Path, lines: int = 5) -> str:
     """The last lines of a log, for an error message that must explain itself in CI output."""
     try:
@@ -307,6 +319,7 @@ class Engine:
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, log.fileno(), 1),
                     (os.POSIX_SPAWN_DUP2, log.fileno(), 2),
+                    *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_descriptors()),
                 ],
                 setsid=True,
             )

@@ -68,3 +68,17 @@ def test_a_dockerd_that_keeps_exiting_is_an_error_quoting_its_log(tmp_path: Path
     assert "exited 5 times" in str(raised.value)
     assert "timeout waiting for containerd to start" in str(raised.value)
     assert not engine.started_here
+
+
+def test_the_engine_holds_none_of_its_starters_descriptors(tmp_path: Path) -> None:
+    """A CI runner reading its pipe to the end must not wait on a dockerd left running."""
+    engine = stand_ins(tmp_path, failures=0)
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    try:
+        engine.start()
+        os.close(write_end)
+        assert os.read(read_end, 1) == b""  # end of file: no other writer holds the pipe
+    finally:
+        os.close(read_end)
+        engine.stop(grace_s=10)
