@@ -203,9 +203,14 @@ def _hammer(agent: AgentContainer, stop: threading.Event, outcomes: list[str]) -
             error.close()
             outcomes.append(f"http {error.code}")
         except urllib.error.URLError as error:
-            # Refused: the server no longer accepts, so the request was never in flight.
-            refused = isinstance(error.reason, ConnectionRefusedError)
-            outcomes.append("refused" if refused else f"broken {error.reason!r}")
+            # Refused: the server no longer accepts, so the request was never in flight. Reset
+            # or broken while urllib still sent the request: closed unread at shutdown.
+            if isinstance(error.reason, ConnectionRefusedError):
+                outcomes.append("refused")
+            elif isinstance(error.reason, ConnectionResetError | BrokenPipeError):
+                outcomes.append(f"dropped {error.reason!r}")
+            else:
+                outcomes.append(f"broken {error.reason!r}")
             time.sleep(0.05)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as error:
             # Closed unread at shutdown: seen while reading the answer, or while still sending.
