@@ -127,7 +127,7 @@ class InferenceMetrics:
         self._model_info = Gauge(
             "model_info",
             "The model being served (value 1); one series per served model name.",
-            ["name", "version", "sha256"],
+            ["model", "version", "sha256"],
             namespace=namespace,
             registry=registry,
         )

@@ -85,7 +85,7 @@ FLEET: Final[tuple[PanelSpec, ...]] = (
     PanelSpec(
         "Model versions per ring (devices)",
         "table",
-        _q(f"count by (ring, name, version) (agent_model_info{{{RING}}})"),
+        _q(f"count by (ring, model, version) (agent_model_info{{{RING}}})"),
         width=12,
     ),
     PanelSpec(
@@ -275,7 +275,7 @@ MODEL_PANELS: Final[tuple[PanelSpec, ...]] = (
     PanelSpec(
         "Versions of $model across the fleet (devices)",
         "timeseries",
-        _q(f'count by (version) (agent_model_info{{name="$model", {RING}}})', "v{{version}}"),
+        _q(f'count by (version) (agent_model_info{{model="$model", {RING}}})', "v{{version}}"),
     ),
     PanelSpec(
         "Devices in drift on $model, per ring",
@@ -371,7 +371,7 @@ def build() -> model.Dashboard:
             )
         )
         .with_variable(
-            _variable("model", "Model", "label_values(agent_model_info, name)", multi=False)
+            _variable("model", "Model", "label_values(agent_model_info, model)", multi=False)
         )
     )
     for title, panels in ROWS:

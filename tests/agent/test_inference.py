@@ -170,12 +170,12 @@ async def test_requests_in_flight_finish_on_the_model_they_started_with() -> Non
     await asyncio.wait_for(service.drained(old), 1)
     assert old.in_flight == 0
     info = registry.get_sample_value(
-        "agent_model_info", {"name": "m", "version": "2", "sha256": new.sha256}
+        "agent_model_info", {"model": "m", "version": "2", "sha256": new.sha256}
     )
     assert info == 1
     assert (
         registry.get_sample_value(
-            "agent_model_info", {"name": "m", "version": "1", "sha256": old.sha256}
+            "agent_model_info", {"model": "m", "version": "1", "sha256": old.sha256}
         )
         is None
     )

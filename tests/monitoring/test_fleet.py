@@ -275,7 +275,7 @@ def notification(fleet: Fleet) -> dict[str, Any]:
 
 
 def test_device_labels_come_from_the_device_prometheus_not_the_agent(fleet: Fleet) -> None:
-    series = fleet.central.query('agent_model_info{name="m"}')
+    series = fleet.central.query('agent_model_info{model="m"}')
     labels = sorted(
         (
             s["metric"]["device_id"],
