@@ -64,6 +64,14 @@ class DesiredState(BaseModel):
             return {name if isinstance(name, str) else "?": self.model}
         return dict(self.models or {})
 
+    def names(self) -> frozenset[str] | None:
+        """The model names this document wants served; None when it cannot say (a `model`
+        shorthand whose manifest names no model), and then no model may be removed for it."""
+        if self.model is not None:
+            name = self.model.get("name")
+            return frozenset({name}) if isinstance(name, str) else None
+        return frozenset(self.models or {})
+
 
 @dataclass(frozen=True, slots=True)
 class Apply:

@@ -233,6 +233,19 @@ class EdgeModule:
         self._reconciler, action = self._reconciler.full(desired)
         log.info("twin_read", version=action.version, action=type(action).__name__.lower())
         await self._act(action)
+        await self._forget_stale_entries(twin.get("reported") if isinstance(twin, dict) else None)
+
+    async def _forget_stale_entries(self, reported: object) -> None:
+        """Entries the twin holds for models this process does not know leave it: a previous
+        run stopped between removing a model and reporting that it had."""
+        models = reported.get("models") if isinstance(reported, Mapping) else None
+        if not isinstance(models, Mapping):
+            return
+        await self._manager.restored.wait()
+        stale = sorted(set(models) - self._manager.names)
+        if stale:
+            log.info("stale_model_entries_removed", models=stale)
+            self.reported.update({"models": dict.fromkeys(stale)})
 
     async def _on_patch(self, patch: Any) -> None:
         if not isinstance(patch, dict):
@@ -280,12 +293,26 @@ class EdgeModule:
             }
         )
         releases = action.state.releases()
-        if action.changed:
-            # A release must not race the restoring of the model it would replace (a rolled-
-            # back release is only recognised once the store's models are restored).
-            await self._manager.restored.wait()
+        # A release must not race the restoring of the model it would replace (a rolled-back
+        # release is only recognised once the store's models are restored), nor a removal the
+        # restoring of the model it removes.
+        await self._manager.restored.wait()
+        await self._remove_undesired(action.state.names())
         for name in action.changed:
             self._submit(name, releases[name])
+
+    async def _remove_undesired(self, wanted: frozenset[str] | None) -> None:
+        """A model the desired state no longer holds (its layered deployment deleted, or
+        `models.<name>: null`) stops serving and leaves the reported twin."""
+        if wanted is None:
+            return
+        for name in sorted(self._manager.names - wanted):
+            if await self._manager.remove(name):
+                self.reported.update({"models": {name: None}})
+        if self._desired_refusals.keys() - wanted:
+            for key in self._desired_refusals.keys() - wanted:
+                del self._desired_refusals[key]
+            self._report_rejected()
 
     def _submit(self, key: str, manifest: Mapping[str, Any]) -> None:
         claimed = manifest.get("name")

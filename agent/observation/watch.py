@@ -146,6 +146,12 @@ class Observer:
             window_rows=drift.window_rows if drift else None,
         )
 
+    def detach(self, name: str) -> None:
+        """``name`` serves no more: it is not watched, and its series go."""
+        self._packs.pop(name, None)
+        if self.watches.pop(name, None) is not None:
+            log.info("drift_watch_stopped", model=name)
+
     def configure(self, settings: DriftSettings) -> None:
         """New settings from the twin: every release is watched afresh with them."""
         if settings == self.settings:

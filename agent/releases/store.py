@@ -259,6 +259,13 @@ class StoreState:
         refused = RolledBack(ref.version, ref.sha256, reason, at)
         return self._with(name, replace(self.record(name), rolled_back=refused))
 
+    def removed(self, name: str) -> StoreState:
+        """``name`` serves no more (no longer desired): nothing to restore or fall back to, so
+        its files may be collected. What was seen and refused stays: versions never go back,
+        and a refused release stays refused if the model is desired again."""
+        rec = self.record(name)
+        return self._with(name, replace(rec, active=None, last_known_good=None, installing=None))
+
     def protected_artifacts(self) -> frozenset[str]:
         """Digests that garbage collection must never remove: every active and LKG model."""
         return frozenset(ref.sha256 for ref in self._serving_refs())

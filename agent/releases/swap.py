@@ -107,6 +107,8 @@ class ReleaseObserver(Protocol):
         self, name: str, version: int, pack: BaselinePack | None, baseline_sha256: str | None
     ) -> None: ...
 
+    def detach(self, name: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class HttpsArtifacts:
@@ -395,6 +397,35 @@ class ModelManager:
             version=target.version,
             sha256=target.sha256,
         )
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every name served, being installed, reported, or active in the store."""
+        stored = (name for name, record in self._store.state.models.items() if record.active)
+        return frozenset((*self._services, *self._installs, *self.statuses, *stored))
+
+    async def remove(self, name: str) -> bool:
+        """Stop serving `name` and let its files go: it is no longer desired. An install or
+        probation under way ends; what was seen and refused stays in the store. False if
+        nothing of `name` was served, installed or reported."""
+        install = self._installs.pop(name, None)
+        if install is not None and not install.task.done():
+            install.task.cancel("model removed")
+        self._stop_probation(name)
+        service = self._services.pop(name, None)
+        known = service is not None or name in self.statuses
+        if not known and self._store.state.record(name).active is None:
+            return False
+        self._save(operator.methodcaller("removed", name))
+        self.statuses.pop(name, None)
+        self.probation.pop(name, None)
+        if self._observer is not None:
+            self._observer.detach(name)
+        if service is not None:
+            await service.retire(self._settings.drain_timeout_s)
+        self._collect_garbage()
+        log.info("model_removed", model=name)
+        return True
 
     async def restore(self) -> None:
         """At start: serve what `state.json` says is active (or its last-known-good), after

@@ -43,6 +43,9 @@ class Recorder:
     ) -> None:
         self.attached.append((name, version, pack, baseline_sha256))
 
+    def detach(self, name: str) -> None:
+        """Removals are not what these tests are about (tests/agent/test_remove.py)."""
+
 
 @pytest.fixture
 async def watched(

@@ -117,6 +117,21 @@ def test_a_requested_window_size_not_calibrated_is_reported(setup: Any) -> None:
     )
 
 
+def test_a_detached_model_is_not_watched_its_series_go_and_new_settings_leave_it_out(
+    setup: Any,
+) -> None:
+    observer, _, registry, _ = setup
+    observer.attach("m", 1, tabular_pack(), SHA)
+    _serve(observer, 1, 60)
+    observer.detach("m")
+    _serve(observer, 1, 60)  # requests still in flight when it went
+    assert observer.tick() == []
+    assert observer.reported("m") is None
+    assert registry.get_sample_value("agent_drift_state", {"model": "m"}) is None
+    observer.configure(DriftSettings(window_rows=20))
+    assert "m" not in observer.watches
+
+
 def test_new_settings_restart_the_watch(setup: Any) -> None:
     observer, _, _, _ = setup
     observer.attach("m", 1, tabular_pack(), SHA)

@@ -86,6 +86,23 @@ def test_highest_seen_never_goes_back(
     assert state.seen("m", seen).record("m").highest_seen == expected
 
 
+def test_a_removed_model_keeps_what_was_seen_and_refused_but_protects_no_file() -> None:
+    state = (
+        StoreState()
+        .activated("m", V1)
+        .activated("m", V2)
+        .rolled_back("m", *ROLLBACK)
+        .activated("n", V3)
+        .installing("m", V3)
+        .removed("m")
+    )
+    assert state.record("m") == ModelRecord(
+        highest_seen=V2, rolled_back=RolledBack(V2.version, V2.sha256, *ROLLBACK)
+    )
+    assert state.protected_artifacts() == {C}  # only the other model's
+    assert StoreState().removed("never").record("never") == ModelRecord()
+
+
 def test_transitions_do_not_change_the_original() -> None:
     before = StoreState().activated("m", V1)
     before.activated("m", V2)

@@ -79,6 +79,25 @@ def test_a_null_in_a_patch_removes_the_key() -> None:
     assert not second.model_changed
 
 
+@pytest.mark.parametrize(
+    ("document", "names"),
+    [
+        ({"models": {"a": MANIFEST, "b": MANIFEST}}, {"a", "b"}),
+        ({"models": {}}, set()),
+        ({}, set()),  # the agent's section desires nothing
+        ({"model": MANIFEST}, {"m"}),
+        ({"model": {"version": 1}}, None),  # cannot tell which model: none is removed
+        ({"model": {"name": 7}}, None),
+    ],
+)
+def test_the_names_a_document_wants_served(
+    document: dict[str, Any], names: set[str] | None
+) -> None:
+    _, [action] = _run([("full", {"$version": 1, **document})])
+    assert isinstance(action, Apply)
+    assert action.state.names() == (None if names is None else frozenset(names))
+
+
 def test_a_null_model_is_rejected_and_the_served_model_kept() -> None:
     """`model: null` is not a way to stop serving."""
     reconciler, actions = _run(

@@ -122,6 +122,18 @@ async def test_forged_manifests_are_reported_as_rejected_and_change_no_model(
     assert [a["kind"] for a in alerts] == ["manifest_rejected", "manifest_rejected"]
 
 
+async def test_an_entry_a_previous_run_left_for_a_model_it_removed_leaves_the_twin(
+    start: Callable[..., Any],
+) -> None:
+    client = FakeModuleClient({"models": {"m": _manifest("m")}})
+    client.reported = {"models": {"gone": {"version": 3, "state": "active"}}}
+    run = await start(client)
+    await run.until(lambda: "gone" not in client.reported.get("models", {}), "gone removed")
+    await run.until(lambda: client.reported.get("rejected", {}).get("m"), "m answered")
+    removals = [p for p in client.patches if "gone" in p.get("models", {})]
+    assert [p["models"]["gone"] for p in removals] == [None]  # sent once, as a null
+
+
 @pytest.mark.parametrize(
     ("desired", "reason", "fragment"),
     [

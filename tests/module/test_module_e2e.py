@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.releases.manifest import sign_manifest
 from simulator import Simulator
 from simulator.core import UpstreamMessage
 from tests.agent.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
 from tests.module.conftest import StartModule
 from tests.module.harness import (
+    KEY_ID,
     MODULE,
     SENSOR,
     ModuleProcess,
@@ -697,3 +699,36 @@ def test_forged_manifests_touch_nothing_and_a_rollback_survives_a_restart_and_a_
     ]
     assert installs == [], "the rolled-back release was installed again"
     assert model_entry(service.reported())["state"] == "rolled_back"
+
+
+def _renamed(releases: Releases, manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    unsigned = {k: v for k, v in manifest.items() if k != "signature"} | {"name": name}
+    return sign_manifest(unsigned, releases.key, KEY_ID)
+
+
+def test_a_model_no_longer_desired_stops_serving_also_when_removed_while_the_module_was_down(
+    sim: Simulator, service: Service, releases: Releases, start_module: StartModule
+) -> None:
+    module = start_module()
+    _publish_v1(service, releases)
+    n = _renamed(releases, releases.release("n.onnx", V2, 1), "n")
+    service.publish(n)
+    service.wait_model(1, name="n")
+    assert module.infer_http("n", infer_request("n-1", _rows(1)))[0] == 200
+
+    service.update_desired({"models": {"n": None}})
+    service.wait_reported(lambda r: "n" not in r.get("models", {}), 30, "n left the twin")
+    status, body = module.infer_http("n", infer_request("n-2", _rows(2)))
+    assert (status, body["error"].startswith("unknown model")) == (404, True), body
+    assert module.infer_http("m", infer_request("m-1", _rows(3)))[0] == 200
+    assert model_entry(service.reported())["state"] == "active"
+
+    # While the module is down, m leaves the desired state and n comes back.
+    assert module.terminate() == 0
+    service.update_desired({"models": {"m": None, "n": n}})
+    restarted = start_module()
+    service.wait_model(1, name="n")
+    service.wait_reported(lambda r: "m" not in r.get("models", {}), 30, "m left the twin")
+    restarted.wait_for(lambda line: line.get("event") == "model_removed", 10, "m removed")
+    assert restarted.infer_http("m", infer_request("m-2", _rows(4)))[0] == 404
+    assert restarted.infer_http("n", infer_request("n-3", _rows(5)))[0] == 200
