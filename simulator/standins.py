@@ -4,7 +4,8 @@ A stand-in connects as a module of one device, reads its twin, and for every man
 ``properties.desired.models`` newer than what it runs reports what the agent reports
 (``models.<name>: {version, sha256, state, probation: {...}}``): ``active`` with probation
 ``watching``, then ``passed`` after ``probation_s`` -- or, for a sha256 listed in
-``failing``, probation ``failed`` and ``rolled_back`` to the previous release. It answers the
+``failing``, probation ``failed`` and ``rolled_back`` to the previous release. A model that
+leaves the desired ``models`` loses its reported entry (the agent stops serving it). It answers the
 ``rollback`` direct method like the agent. It does not load models: a fleet of a thousand fits
 in one thread. ``check`` (optional) runs on each manifest first, e.g. a signature check or a
 download; an exception there is reported as ``failed``.
@@ -74,6 +75,7 @@ class StandIn:
     failing: Collection[str]
     check: Check | None
     models: dict[str, _Model] = field(default_factory=dict)
+    entries: set[str] = field(default_factory=set)  # names with a reported entry
     desired: dict[str, Any] = field(default_factory=dict)
     desired_version: int = 0
     _writer: asyncio.StreamWriter | None = None
@@ -94,23 +96,31 @@ class StandIn:
         rid = next(self._ids)
         patch = {"models": {name: {**fields, "since": _now()}}}
         self._publish(f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", patch)
+        self.entries.add(name)
+
+    def remove(self, name: str) -> None:
+        rid = next(self._ids)
+        patch = {"models": {name: None}}
+        self._publish(f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", patch)
+        self.entries.discard(name)
 
     # ------------------------------------------------------------ protocol
 
     def on_desired(self, desired: Mapping[str, Any]) -> None:
         models = desired.get("models")
-        if not isinstance(models, Mapping):
-            return
-        for name, manifest in models.items():
+        wanted = models if isinstance(models, Mapping) else {}
+        for name, manifest in wanted.items():
             if isinstance(manifest, Mapping):
                 self._consider(str(name), manifest)
+        for name in sorted(self.entries - set(wanted)):
+            self.remove(name)
 
     def _consider(self, name: str, manifest: Mapping[str, Any]) -> None:
         version, sha256 = manifest.get("version"), manifest.get("sha256")
         if not isinstance(version, int) or not isinstance(sha256, str):
             return
         model = self.models.setdefault(name, _Model())
-        if version <= model.version:
+        if version < model.version or (version == model.version and name in self.entries):
             return  # versions never go backwards; the same release is a replay
         if self.check is not None:
             try:
@@ -155,7 +165,7 @@ class StandIn:
     async def _judge(self, name: str, version: int, sha256: str) -> None:
         await asyncio.sleep(self.probation_s)
         model = self.models[name]
-        if model.version != version:
+        if model.version != version or name not in self.entries:
             return
         if sha256 in self.failing:
             self.report(
@@ -198,7 +208,7 @@ class StandIn:
         status = 404
         if method == "rollback":
             name = payload.get("model") if isinstance(payload, Mapping) else None
-            model = self.models.get(str(name)) if name is not None else None
+            model = self.models.get(str(name)) if str(name) in self.entries else None
             if model is None or model.previous is None or model.previous[0] == model.version:
                 status, answer = 409, {"error": "no last-known-good release"}
             else:

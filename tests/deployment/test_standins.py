@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from simulator.standins import merge_patch
+from simulator.standins import StandIn, merge_patch
 
 
 @pytest.mark.parametrize(
@@ -29,3 +32,29 @@ from simulator.standins import merge_patch
 )
 def test_merge_patch(target: dict[str, Any], patch: dict[str, Any], merged: dict[str, Any]) -> None:
     assert merge_patch(target, patch) == merged
+
+
+@dataclass
+class RecordingStandIn(StandIn):
+    """Keeps what it would publish instead of sending it."""
+
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+    def _publish(self, topic: str, body: Mapping[str, Any] | None) -> None:
+        self.sent.append(dict(body or {}))
+
+
+async def test_a_model_leaving_the_desired_state_loses_its_entry_and_may_come_back() -> None:
+    stand_in = RecordingStandIn("d", "mlagent", probation_s=0.01, failing=(), check=None)
+    sent = stand_in.sent
+    manifest = {"version": 2, "sha256": "a" * 64}
+    stand_in.on_desired({"models": {"m": manifest, "n": manifest}})
+    stand_in.on_desired({"models": {"m": manifest}})
+    assert sent[-1] == {"models": {"n": None}}
+    await asyncio.sleep(0.05)  # n's probation ends after its removal: no entry comes back
+    assert all("n" not in patch["models"] for patch in sent[3:])
+    stand_in.on_desired({"models": {"m": manifest, "n": manifest}})  # the same release again
+    assert sent[-1]["models"]["n"]["state"] == "active"
+    before = len(sent)
+    stand_in.on_desired({"models": {"m": manifest, "n": {"version": 1, "sha256": "b" * 64}}})
+    assert sent[before:] == []  # older than what was seen: nothing to report
