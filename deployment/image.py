@@ -248,9 +248,28 @@ def log_tail(path: Path, lines: int = 8) -> str:
     return "\n".join([line for line in text.splitlines() if "module=grpc" not in line][-lines:])
 
 
-def live_leases(leases: Iterable[Path], alive: Callable[[int], bool] = _alive) -> list[Path]:
-    """The lease files (named by pid) whose process still runs."""
-    return [lease for lease in leases if lease.name.isdigit() and alive(int(lease.name))]
+def process_identity(pid: int) -> str | None:
+    """Which process `pid` is: the boot and its start time (a pid alone is reused, and a lease
+    left in /tmp by a killed session must not pass for a process that runs now)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name, which is in parentheses and may hold spaces; the start
+    # time is field 22 of the whole line.
+    return f"{boot} {stat.rpartition(')')[2].split()[19]}"
+
+
+def live_leases(
+    leases: Mapping[str, str], identity: Callable[[int], str | None] = process_identity
+) -> list[str]:
+    """The leases (file name: a pid; content: that process's identity) whose process runs."""
+    return [
+        name
+        for name, held_by in leases.items()
+        if name.isdigit() and held_by and identity(int(name)) == held_by
+    ]
 
 
 @dataclass
@@ -277,7 +296,7 @@ class Engine:
     def start(self) -> None:
         with _locked(self.shared_dir / "lock"):
             self._lease.parent.mkdir(parents=True, exist_ok=True)
-            self._lease.touch()
+            self._lease.write_text(process_identity(os.getpid()) or "")
             if self.docker.engine_answers():
                 return
             self._start_dockerd()
@@ -341,7 +360,8 @@ class Engine:
         with _locked(self.shared_dir / "lock"):
             self._lease.unlink(missing_ok=True)
             leases = self.shared_dir / "leases"
-            if live_leases(leases.iterdir() if leases.is_dir() else []):
+            held = {lease.name: lease.read_text() for lease in leases.glob("*")}
+            if live_leases(held):
                 return
             if not self._marker.is_file():
                 return  # an engine nobody here started: not ours to stop

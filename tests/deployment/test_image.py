@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pytest
 
@@ -14,6 +14,7 @@ from deployment.image import (
     live_leases,
     parse_pip_config,
     pip_build_args,
+    process_identity,
     project_version,
     size_bytes,
 )
@@ -164,16 +165,25 @@ def test_the_project_version_tags_the_image() -> None:
 
 
 @pytest.mark.parametrize(
-    ("names", "alive", "live"),
+    ("leases", "running", "live"),
     [
-        ([], set(), []),
-        (["101", "102"], {101}, ["101"]),
-        (["101", "lock", "x1"], {101}, ["101"]),  # only pid-named files are leases
-        (["7"], set(), []),
+        ({}, {}, []),
+        ({"101": "b 5", "102": "b 6"}, {101: "b 5"}, ["101"]),
+        ({"101": "b 5"}, {101: "b 9"}, []),  # the pid was reused by a later process
+        ({"101": "a 5"}, {101: "b 5"}, []),  # left by a session before a reboot
+        ({"101": ""}, {101: "b 5"}, []),  # a lease that says nothing holds nothing
+        ({"101": "b 5", "lock": "b 5", "x1": "b 5"}, {101: "b 5"}, ["101"]),  # pid-named only
     ],
 )
-def test_an_engine_lease_counts_while_its_process_runs(
-    names: list[str], alive: set[int], live: list[str]
+def test_an_engine_lease_counts_while_the_process_that_took_it_runs(
+    leases: dict[str, str], running: dict[int, str], live: list[str]
 ) -> None:
-    found = live_leases((Path("/leases") / n for n in names), alive=lambda pid: pid in alive)
-    assert [p.name for p in found] == live
+    assert live_leases(leases, identity=running.get) == live
+
+
+def test_a_process_identity_is_its_boot_and_start_time() -> None:
+    mine = process_identity(os.getpid())
+    assert mine is not None
+    assert mine == process_identity(os.getpid())
+    assert mine != process_identity(1)
+    assert process_identity(2**22 + 1) is None  # above any pid_max: no such process
