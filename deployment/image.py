@@ -63,20 +63,31 @@ def project_version(pyproject: str) -> str:
     return version
 
 
-def base_images(dockerfile: str) -> list[str]:
-    """The images the Dockerfile's stages start from (not its own stages), in order."""
-    stages: set[str] = set()
-    bases: list[str] = []
+def _stages(dockerfile: str) -> Iterator[tuple[str, str | None]]:
+    """Each stage's `FROM` image and its name (None for an unnamed stage), in order."""
     for line in dockerfile.splitlines():
         words = line.split()
         if len(words) < 2 or words[0].upper() != "FROM":
             continue
         args = [w for w in words[1:] if not w.startswith("--")]
-        if len(args) >= 3 and args[1].upper() == "AS":
-            stages.add(args[2])
-        if args[0] not in stages and args[0] not in bases:
-            bases.append(args[0])
+        yield args[0], args[2] if len(args) >= 3 and args[1].upper() == "AS" else None
+
+
+def base_images(dockerfile: str) -> list[str]:
+    """The images the Dockerfile's stages start from (not its own stages), in order."""
+    stages: set[str] = set()
+    bases: list[str] = []
+    for image, name in _stages(dockerfile):
+        if name is not None:
+            stages.add(name)
+        if image not in stages and image not in bases:
+            bases.append(image)
     return bases
+
+
+def named_stages(dockerfile: str) -> list[str]:
+    """The Dockerfile's named stages, in order."""
+    return [name for _, name in _stages(dockerfile) if name is not None]
 
 
 def debian_mirror(sources: Iterable[str], suite: str = SUITE) -> str:
@@ -512,13 +523,30 @@ class Builder:
             }
         uses_stand_in = any(is_stand_in(self.docker, b) for b in bases)
         args = pip_build_args(self.pip_config, stand_in=uses_stand_in)
-        flags = [f"--build-arg={k}={v}" for k, v in sorted(args.items())]
-        flags += [f"--label={k}={v}" for k, v in sorted(self.labels.items())]
         # The host's network: the build's pip reaches the index as the host does (loopback
         # proxies included), and an engine without a bridge has no other network to give.
-        self.docker("build", "--network=host", "--tag", tag, *flags, str(self.context))
+        build = [
+            "build",
+            "--network=host",
+            *(f"--build-arg={k}={v}" for k, v in sorted(args.items())),
+        ]
+        # Each named stage is tagged on its own, and the image its tag held before is removed:
+        # the engine keeps one copy of the stage as the next build's cache, not an untagged
+        # image per build.
+        for stage in named_stages(dockerfile):
+            cache = f"{IMAGE_NAME}:cache-{stage}"
+            replaced = self._image_id(cache)
+            self.docker(*build, "--target", stage, "--tag", cache, str(self.context))
+            if replaced is not None and replaced != self._image_id(cache):
+                self.docker("rmi", replaced, check=False)  # a parent of another image: kept
+        labels = [f"--label={k}={v}" for k, v in sorted(self.labels.items())]
+        self.docker(*build, *labels, "--tag", tag, str(self.context))
         image_id = self.docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
         return BuildResult(tag, image_id, bases, uses_stand_in, time.monotonic() - started)
+
+    def _image_id(self, ref: str) -> str | None:
+        found = self.docker("image", "inspect", "--format", "{{.Id}}", ref, check=False)
+        return found.stdout.strip() if found.returncode == 0 else None
 
 
 def host_pip_config(python: str = sys.executable) -> dict[str, str]:

@@ -12,6 +12,7 @@ from deployment.image import (
     base_images,
     debian_mirror,
     live_leases,
+    named_stages,
     parse_pip_config,
     pip_build_args,
     process_identity,
@@ -136,6 +137,19 @@ def test_base_images_are_the_external_images_of_the_stages(
     dockerfile: str, bases: list[str]
 ) -> None:
     assert base_images(dockerfile) == bases
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "stages"),
+    [
+        ("FROM a AS builder\nFROM a\nCOPY --from=builder /x /x\n", ["builder"]),
+        ("FROM a AS one\nFROM one AS two\nFROM b\n", ["one", "two"]),
+        ("from --platform=$BUILDPLATFORM a as build\nFROM build\n", ["build"]),
+        ("FROM c\n", []),
+    ],
+)
+def test_named_stages_are_the_ones_a_build_can_target(dockerfile: str, stages: list[str]) -> None:
+    assert named_stages(dockerfile) == stages
 
 
 @pytest.mark.parametrize(
