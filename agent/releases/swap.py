@@ -732,19 +732,12 @@ class ModelManager:
             service = self._services[name] = self._service_factory(name)
         previous = service.activate(model)
         if previous is not None:
-            task = asyncio.get_running_loop().create_task(self._retire(service, previous))
+            # Requests in flight finish on the old session; then it is closed.
+            release = service.release(previous, self._settings.drain_timeout_s)
+            task = asyncio.get_running_loop().create_task(release)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return previous
-
-    async def _retire(self, service: InferenceService, model: LoadedModel) -> None:
-        """Requests in flight finish on the old session; then it is released."""
-        try:
-            async with asyncio.timeout(self._settings.drain_timeout_s):
-                await service.drained(model)
-        except TimeoutError:
-            log.warning("drain_timed_out", model=model.name, version=model.version)
-        model.close()
 
     async def _probation(self, name: str, model: LoadedModel, previous: ServingStats) -> None:
         ref = ModelRef(version=model.version, sha256=model.sha256)
@@ -814,7 +807,10 @@ class ModelManager:
     def _save(self, change: Callable[[StoreState], StoreState]) -> None:
         # On the loop, not a thread: writes stay ordered even when an install is cancelled
         # mid-write, and the file is a few hundred bytes (a few ms with its fsyncs).
-        self._store.save(change(self._store.state))
+        state = self._store.state
+        changed = change(state)
+        if changed is not state:  # a transition that changes nothing returns the state itself
+            self._store.save(changed)
 
     def _collect_garbage(self) -> None:
         try:

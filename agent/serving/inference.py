@@ -158,20 +158,24 @@ class InferenceService:
             event = self._drained.setdefault(id(model), asyncio.Event())
             await event.wait()
 
+    async def release(self, model: LoadedModel, drain_timeout_s: float) -> None:
+        """Close `model` once no request holds it (a replaced or retired model); a request
+        still running after the timeout does not keep it open."""
+        try:
+            async with asyncio.timeout(drain_timeout_s):
+                await self.drained(model)
+        except TimeoutError:
+            log.warning("drain_timed_out", model=self.name, version=model.version)
+        model.close()
+
     async def retire(self, drain_timeout_s: float) -> None:
         """Serve no more (the model is no longer wanted): new requests are refused as not
         ready, those in flight finish on the model, then its threads stop and its series go."""
         model, self._model, self._validator = self._model, None, None
         if model is not None:
-            try:
-                async with asyncio.timeout(drain_timeout_s):
-                    await self.drained(model)
-            except TimeoutError:
-                log.warning("drain_timed_out", model=self.name, version=model.version)
+            await self.release(model, drain_timeout_s)
         await self.close()
         self._metrics.forget_model(self.name)
-        if model is not None:
-            model.close()
 
     def metadata(self) -> ModelMetadata:
         model = self._model
