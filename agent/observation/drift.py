@@ -307,12 +307,13 @@ def profile_message(
         "ended": round(wall_clock, 3),
         "seconds": round(result.ended - result.started, 3),
         "rows": result.score.rows,
-        "score": _finite(result.score.score),
+        "score": rounded(result.score.score),
         "state": result.detector.state.value,
         "features": {features[i].name: sparse[i] for i in kept},
         "truncated": len(features) - len(kept),
     }
 
 
-def _finite(value: float) -> float | None:
+def rounded(value: float) -> float | None:
+    """A score for JSON: four decimals, or None where it is not finite."""
     return round(value, 4) if math.isfinite(value) else None

@@ -111,20 +111,17 @@ def window_profile(
     batches = sum(a - b for a, b in zip(after.batch_counts, before.batch_counts, strict=True))
     answered = sum(latency)
 
-    def ms(value: float | None) -> float | None:
-        return None if value is None else round(value * 1000, 3)
-
     return {
         "window_s": round(seconds, 3),
         "requests_ok": after.ok - before.ok,
         "requests_rejected": after.rejected - before.rejected,
         "requests_failed": after.failed - before.failed,
         "requests_per_s": round(answered / seconds, 2),
-        "latency_mean_ms": ms((after.latency_sum - before.latency_sum) / answered)
+        "latency_mean_ms": _ms((after.latency_sum - before.latency_sum) / answered)
         if answered
         else None,
-        "latency_p50_ms": ms(quantile(latency_bounds, latency, 0.5)),
-        "latency_p99_ms": ms(quantile(latency_bounds, latency, 0.99)),
+        "latency_p50_ms": _ms(quantile(latency_bounds, latency, 0.5)),
+        "latency_p99_ms": _ms(quantile(latency_bounds, latency, 0.99)),
         "batch_rows_mean": round((after.batch_sum - before.batch_sum) / batches, 2)
         if batches
         else None,
@@ -283,13 +280,10 @@ def model_health(
     failed = after.failed - before.failed
     latency = [a - b for a, b in zip(after.latency_counts, before.latency_counts, strict=True)]
 
-    def ms(value: float | None) -> float | None:
-        return None if value is None else round(value * 1000, 3)
-
     return {
         "requests": requests,
         "error_rate": round(failed / requests, 4) if requests else 0.0,
-        "p50_ms": ms(quantile(latency_bounds, latency, 0.5)),
-        "p99_ms": ms(quantile(latency_bounds, latency, 0.99)),
+        "p50_ms": _ms(quantile(latency_bounds, latency, 0.5)),
+        "p99_ms": _ms(quantile(latency_bounds, latency, 0.99)),
         "window_s": round(window_s, 1),
     }

@@ -22,7 +22,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from agent.observation.baseline import BaselinePack
 from agent.observation.detector import DriftState
-from agent.observation.drift import DriftMonitor, DriftSettings, WindowResult, profile_message
+from agent.observation.drift import (
+    DriftMonitor,
+    DriftSettings,
+    WindowResult,
+    profile_message,
+    rounded,
+)
 from agent.observation.quality import (
     FeedbackOutcome,
     Label,
@@ -246,7 +252,7 @@ class Observer:
             "version": watch.version,
             "from": window.previous.value,
             "to": window.detector.state.value,
-            "score": _round(window.score.score),
+            "score": rounded(window.score.score),
             "feature": top.name if top else None,
             "window": window.seq,
             "at": wall.isoformat(),
@@ -275,7 +281,7 @@ class Observer:
             "version": watch.version,
             "from": _QUALITY_STATE[window.previous],
             "to": _QUALITY_STATE[window.detector.state],
-            window.metric: _round(window.value),
+            window.metric: rounded(window.value),
             "window": window.seq,
             "at": wall.isoformat(),
         }
@@ -319,7 +325,7 @@ class Observer:
         }
         if monitor is not None:
             drift |= {
-                "score": _round(window.score.score) if window else None,
+                "score": rounded(window.score.score) if window else None,
                 "level": round(monitor.detector.level, 3),
                 "threshold": monitor.cusum.h,
                 "window_rows": monitor.window_rows,
@@ -335,7 +341,7 @@ class Observer:
             "state": _QUALITY_STATE[quality_monitor.detector.state],
             "since": watch.quality_since.isoformat(),
             "metric": quality_monitor.metric,
-            "value": _round(last.value) if last else None,
+            "value": rounded(last.value) if last else None,
             "windows": quality_monitor.seq,
             "reference": quality_monitor.reference is not None,
         }
@@ -362,10 +368,6 @@ class ObserverTicks:
 
     async def stop(self, grace_s: float) -> None:
         return None
-
-
-def _round(value: float) -> float | None:
-    return round(value, 4) if np.isfinite(value) else None
 
 
 def _top_features(window: WindowResult | None, count: int) -> list[dict[str, Any]]:
