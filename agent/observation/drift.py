@@ -117,7 +117,6 @@ class DriftMonitor:
         self.detector = Cusum()
         self.seq = 0
         self.window_started = clock()
-        self.requests_seen = 0
         self.requests_sampled = 0
         self.rows_dropped = 0
 

@@ -330,7 +330,6 @@ class _AppServer:
         self._credentials = credentials
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
-        self.guard: ConnectionGuard | None = None
         self._log = log or structlog.get_logger(__name__)
 
     @property
@@ -374,7 +373,6 @@ class _AppServer:
             await runner.cleanup()
             raise
         self._runner = runner
-        self.guard = guard
         self._log.info(
             "http_listening",
             service=self.name,
