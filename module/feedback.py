@@ -60,6 +60,8 @@ def parse_feedback(body: bytes) -> list[FeedbackItem]:
 class LabelSink(Protocol):
     """Joins labels with remembered predictions (`agent.observation.watch.Observer`)."""
 
+    keeps_predictions: bool
+
     def feedback(self, request_id: str, labels: Sequence[Scalar]) -> object: ...
 
 
@@ -69,6 +71,7 @@ class FeedbackRoute:
     def __init__(self, sink: LabelSink, metrics: RouteMetrics) -> None:
         self._sink = sink
         self._counts = metrics.messages
+        sink.keeps_predictions = True  # now something can label them
 
     def handle(self, message: Message) -> None:
         body = message.data if isinstance(message.data, bytes) else str(message.data).encode()

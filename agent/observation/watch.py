@@ -115,6 +115,9 @@ class Observer:
             self.quality_settings.remembered, self.quality_settings.max_age_s, clock
         )
         self.feedback_outcomes = dict.fromkeys(FeedbackOutcome, 0)
+        # Off until something can label them (a feedback input): remembering costs a dict
+        # entry per answered request.
+        self.keeps_predictions = False
         registry.register(_Collector(self, namespace))
 
     # --- releases ---------------------------------------------------------------------
@@ -192,7 +195,8 @@ class Observer:
         self, request_id: str, name: str, version: int, outputs: Tensors, rows: int
     ) -> None:
         """Keep a prediction that feedback may later label (by its correlation id)."""
-        self.predictions.remember(request_id, name, str(version), outputs, rows)
+        if self.keeps_predictions:
+            self.predictions.remember(request_id, name, str(version), outputs, rows)
 
     # --- feedback -----------------------------------------------------------------------
 

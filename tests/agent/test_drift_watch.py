@@ -44,6 +44,7 @@ def setup() -> tuple[Observer, Recorder, CollectorRegistry, Clock]:
         clock=clock,
         wall_clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
     )
+    observer.keeps_predictions = True  # as once a feedback input exists
     return observer, sinks, registry, clock
 
 
@@ -167,6 +168,14 @@ def test_feedback_is_joined_counted_and_scored(setup: Any) -> None:
         "windows": 1,
         "reference": False,  # the pack was built without labels
     }
+
+
+def test_without_a_feedback_input_no_prediction_is_kept() -> None:
+    observer = Observer(CollectorRegistry())
+    observer.attach("m", 1, None, None)
+    observer.remember("r", "m", 1, {"y": np.array([[1.0]])}, 1)
+    assert len(observer.predictions) == 0
+    assert observer.feedback("r", [1.0]) is FeedbackOutcome.UNKNOWN
 
 
 def test_feedback_for_a_replaced_release_or_of_the_wrong_length(setup: Any) -> None:
