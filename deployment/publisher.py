@@ -254,7 +254,6 @@ class Publisher:
                     )
                     blobs.upload(local, baseline_blob, entry.tags["baseline_sha256"])
                     registry.tag(entry, "baseline_blob", baseline_blob)
-                    registry.tag(entry, "baseline_size", str(local.stat().st_size))
         except PublisherError as e:
             self._s.audit.append("upload", entry.ref, "failed", reason=str(e.reason))
             raise
