@@ -402,11 +402,7 @@ class Rollout:
         refreshed = []
         for ring in rings:
             if ring.name in carrying:
-                deployment = layered_deployment(
-                    model, ring, version, manifest, self._module, ring_variable=self._ring_variable
-                )
-                self._hub.create_configuration(deployment)
-                self._replace_older(model, ring.name, deployment.id)
+                self._put_layer(model, ring, version, manifest)
                 refreshed.append(ring.name)
         return refreshed
 
@@ -418,11 +414,7 @@ class Rollout:
         ring: Ring,
         previous: int | None,
     ) -> None:
-        deployment = layered_deployment(
-            model, ring, version, manifest, self._module, ring_variable=self._ring_variable
-        )
-        self._hub.create_configuration(deployment)
-        replaced = self._replace_older(model, ring.name, deployment.id)
+        deployment, replaced = self._put_layer(model, ring, version, manifest)
         self._audit.append(
             "release.ring",
             f"{model}:{version}",
@@ -435,6 +427,17 @@ class Rollout:
             replaced=replaced,
         )
         log.info("ring_applied", model=model, version=version, ring=ring.name, config=deployment.id)
+
+    def _put_layer(
+        self, model: str, ring: Ring, version: int, manifest: Mapping[str, Any]
+    ) -> tuple[LayeredDeployment, list[str]]:
+        """The ring's layer of ``model`` now carries ``manifest``: the new layer first, then the
+        older ones go (never a moment without one); returns it and the ids it replaced."""
+        deployment = layered_deployment(
+            model, ring, version, manifest, self._module, ring_variable=self._ring_variable
+        )
+        self._hub.create_configuration(deployment)
+        return deployment, self._replace_older(model, ring.name, deployment.id)
 
     def _replace_older(self, model: str, ring: str, keep: str) -> list[str]:
         """Delete this ring's older layers of the model: one writer per path and ring."""
@@ -513,6 +516,9 @@ class Rollout:
             self._audit.append(
                 "release.rollback_method", subject, outcome, device=device, ring=ring.name
             )
+        # Rings that ran the same previous version get the same re-release: one registry
+        # version and one signature for those bytes, not one per ring.
+        rereleased: dict[int, tuple[int, Mapping[str, Any]]] = {}
         for touched in reached:
             previous = progress.previous.get(touched.name)
             if previous is None:
@@ -521,17 +527,10 @@ class Rollout:
                     "release.rollback", subject, "removed", ring=touched.name, removed=removed
                 )
                 continue
-            new_version, manifest = self._rerelease(model, version, previous)
-            deployment = layered_deployment(
-                model,
-                touched,
-                new_version,
-                manifest,
-                self._module,
-                ring_variable=self._ring_variable,
-            )
-            self._hub.create_configuration(deployment)
-            self._replace_older(model, touched.name, deployment.id)
+            if previous not in rereleased:
+                rereleased[previous] = self._rerelease(model, version, previous)
+            new_version, manifest = rereleased[previous]
+            deployment, _ = self._put_layer(model, touched, new_version, manifest)
             self._set_alias(model, touched.name, new_version)
             self._audit.append(
                 "release.rollback",

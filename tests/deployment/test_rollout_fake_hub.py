@@ -181,3 +181,18 @@ def test_hub_calls_do_not_grow_with_the_fleet(tmp_path: Path) -> None:
         runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
         counts.append(hub.calls)
     assert counts[0] == counts[1]
+
+
+def test_a_halt_at_a_later_ring_re_releases_the_previous_version_once(tmp_path: Path) -> None:
+    hub, clock = _fleet(), Clock()
+    runner, _, rereleased = _rollout(hub, tmp_path, {"canary": 1, "all": 1}, clock)
+    hub.reports = {
+        "a": _passed(),
+        "b": {"version": 2, "state": "rolled_back", "reason": "probation"},
+    }
+    with pytest.raises(PublisherError) as caught:
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    assert caught.value.reason == Reason.GATE_FAILED
+    assert rereleased == [1]  # canary and all both ran version 1
+    layers = sorted(hub.layers.values(), key=lambda layer: layer.labels[rollout.LABEL_RING])
+    assert [layer.labels[rollout.LABEL_VERSION] for layer in layers] == ["3", "3"]
