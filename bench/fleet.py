@@ -122,7 +122,6 @@ class RunningSimulator:
                 raise RuntimeError("the simulator did not start")
             time.sleep(0.02)
         self.start_s = time.monotonic() - started
-        time.sleep(0.2)  # the file is written in one go, but give the reader a settled file
         self.info: dict[str, Any] = json.loads(info_file.read_text())
         os.environ["REQUESTS_CA_BUNDLE"] = self.info["ca_cert"]
 

@@ -147,9 +147,8 @@ class Events:
 
 
 class Demo:
-    def __init__(self, world: World, args: argparse.Namespace) -> None:
+    def __init__(self, world: World) -> None:
         self.world = world
-        self.args = args
         self.started = time.monotonic()
         self.events = Events(self.started)
         self.traffic = Traffic()
@@ -400,8 +399,8 @@ class Demo:
                 f"{g['champion_holdout']:.3f}"
             )
         print(
-            f"  MLflow: {run / 'mlflow.db'}  (mlflow ui --backend-store-uri "
-            f"sqlite:///{run / 'mlflow.db'})"
+            f"  MLflow: {self.world.mlflow_db}  (mlflow ui --backend-store-uri "
+            f"sqlite:///{self.world.mlflow_db})"
         )
         print(f"  publisher: PUBLISHER_CONFIG={run / 'edgeml.toml'}, audit {run / 'audit.jsonl'}")
         for device, agent in self.world.agents.items():
@@ -504,7 +503,7 @@ async def _run(args: argparse.Namespace) -> int:
     world = await asyncio.to_thread(start_world, args.run_dir)
     demo: Demo | None = None
     try:
-        demo = Demo(world, args)
+        demo = Demo(world)
         return await _loop(demo, args)
     except DemoError as error:
         print(f"demo: {error} (logs in {args.run_dir})", file=sys.stderr)

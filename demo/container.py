@@ -3,9 +3,9 @@
 The module gets what iotedgehubdev gives a module container when debugging locally: the
 hub's `EdgeHubConnectionString`, its CA certificate mounted at `EdgeModuleCACertificateFile`,
 the deployment's `env`, and a named volume for the model store. The container shares the
-host's network (the engine here has no bridge), so it reaches the simulator and the artifact
-server on their loopback addresses and serves on the demo's ports. Its logs follow into
-run/demo/module.log as they would for the process.
+host's network (the engine here has no bridge), so it reaches the simulator and Azurite on
+their loopback addresses and serves on the demo's ports. Its logs follow into the device's
+module.log as they would for the process.
 """
 
 from __future__ import annotations

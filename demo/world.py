@@ -86,14 +86,10 @@ class Agent:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def exited(self) -> int | None:
-        return self.process.poll() if self.process is not None else None
-
 
 @dataclass
 class World:
     run_dir: Path
-    host: str
     azurite: Azurite
     sim: Simulator
     config_path: Path
@@ -249,7 +245,6 @@ hub_ca_file = "{sim.ca_cert_path.resolve()}"
     }
     return World(
         run_dir=run_dir,
-        host=host,
         azurite=azurite,
         sim=sim,
         config_path=config_path,

@@ -343,10 +343,11 @@ class Hub:
                     )
                     self.upstream.append(upstream)
                     self._event("upstream", device_id, module_id, upstream.to_json())
-                    twin = self.fleet.device_document(device_id, copied=False)
-                    for writer in self.storage:
-                        if writer.add(message, twin):
-                            self._spawn(writer.flush(full_only=True))
+                    if self.storage:  # the twin document is only for storage routes
+                        twin = self.fleet.device_document(device_id, copied=False)
+                        for writer in self.storage:
+                            if writer.add(message, twin):
+                                self._spawn(writer.flush(full_only=True))
                 case routing.ModuleInput(target, input_name):
                     self.deliver_to_input(
                         device_id, target, input_name, message, ttl_seconds=route.ttl_seconds

@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 
 from simulator import mqtt_codec as mqtt
+from simulator.twins import merge_patch
 
 log = structlog.get_logger(__name__)
 
@@ -39,19 +40,6 @@ Check = Callable[[Mapping[str, Any]], None]
 TokenFor = Callable[[str, str, int], str]  # (device, module, expiry) -> SAS token
 _API = "api-version=2019-10-01"
 KEEP_ALIVE_S = 240  # the MQTT keep-alive: a ping every half of it keeps an idle stand-in on
-
-
-def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """RFC 7386: objects merge, ``null`` deletes, anything else replaces (pure)."""
-    merged = dict(target)
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge_patch(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _now() -> str:
@@ -77,7 +65,6 @@ class StandIn:
     models: dict[str, _Model] = field(default_factory=dict)
     entries: set[str] = field(default_factory=set)  # names with a reported entry
     desired: dict[str, Any] = field(default_factory=dict)
-    desired_version: int = 0
     _writer: asyncio.StreamWriter | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -232,11 +219,9 @@ class StandIn:
         if topic.startswith("$iothub/twin/res/200/"):
             document = json.loads(publish.payload)
             self.desired = dict(document.get("desired", {}))
-            self.desired_version = int(self.desired.get("$version", 0))
             self.on_desired(self.desired)
         elif topic.startswith("$iothub/twin/PATCH/properties/desired/"):
             patch = json.loads(publish.payload)
-            self.desired_version = int(patch.get("$version", self.desired_version))
             # Desired patches are JSON merge patches (RFC 7386): a field that did not change
             # (the sha256 of a re-released artifact) is not in the patch.
             self.desired = merge_patch(self.desired, patch)

@@ -1,4 +1,4 @@
-"""The agent stand-ins apply desired patches as JSON merge patches, like the agent."""
+"""The agent stand-ins merge desired patches with the hub's own merge patch, like the agent."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from simulator.standins import StandIn, merge_patch
+from simulator.standins import StandIn
+from simulator.twins import merge_patch
 
 
 @pytest.mark.parametrize(
