@@ -9,20 +9,13 @@ import pytest
 
 from agent.app import App
 from agent.ticks import ticks
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 class Recorded:
     """A service that records its calls and takes `stop_cost_s` of the fake clock to stop."""
 
-    def __init__(self, name: str, log: list[str], clock: Clock, stop_cost_s: float) -> None:
+    def __init__(self, name: str, log: list[str], clock: FakeClock, stop_cost_s: float) -> None:
         self.name = name
         self._log = log
         self._clock = clock
@@ -53,7 +46,7 @@ class Recorded:
 async def test_services_stop_in_reverse_within_one_shared_grace(
     grace_s: float, costs: Sequence[float], graces: Sequence[float]
 ) -> None:
-    clock, log = Clock(), list[str]()
+    clock, log = FakeClock(), list[str]()
     services = [Recorded(f"s{i}", log, clock, cost) for i, cost in enumerate(costs)]
     app = App(services, grace_s=grace_s, clock=clock, handle_signals=False)
     running = asyncio.ensure_future(app.run())
@@ -67,7 +60,7 @@ async def test_services_stop_in_reverse_within_one_shared_grace(
 
 
 async def test_a_failing_service_stops_the_others_and_is_raised() -> None:
-    clock, log = Clock(), list[str]()
+    clock, log = FakeClock(), list[str]()
 
     class Failing(Recorded):
         async def run(self) -> None:
@@ -84,7 +77,7 @@ async def test_a_failing_service_stops_the_others_and_is_raised() -> None:
 class Sleeps:
     """`sleep` for `ticks`: records what it is asked and advances the clock by it."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: FakeClock) -> None:
         self._clock = clock
         self.asked: list[float] = []
 
@@ -105,7 +98,7 @@ class Sleeps:
 async def test_ticks(
     interval_s: float, body_costs: Sequence[float], numbers: list[int], sleeps: list[float]
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     sleep = Sleeps(clock)
     got: list[int] = []
     async for number in ticks(interval_s, clock=clock, sleep=sleep):

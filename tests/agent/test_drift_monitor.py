@@ -11,19 +11,12 @@ import pytest
 from agent.observation.detector import DriftState
 from agent.observation.drift import PROFILE_SCHEMA, DriftMonitor, DriftSettings, profile_message
 from tests.agent.drift_packs import tabular_pack, tabular_rows
+from tests.support.clock import FakeClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _monitor(clock: Clock | None = None, **settings: object) -> DriftMonitor:
+def _monitor(clock: FakeClock | None = None, **settings: object) -> DriftMonitor:
     return DriftMonitor(
-        tabular_pack(), DriftSettings.model_validate(settings), clock=clock or Clock()
+        tabular_pack(), DriftSettings.model_validate(settings), clock=clock or FakeClock(100.0)
     )
 
 
@@ -48,7 +41,7 @@ def test_full_windows_close_and_the_rest_waits() -> None:
 
 
 def test_an_old_partial_window_closes_on_time() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     monitor = _monitor(clock, window_rows=50, window_seconds=10.0)
     _feed(monitor, 30)
     assert monitor.close_windows() == []
@@ -60,7 +53,7 @@ def test_an_old_partial_window_closes_on_time() -> None:
 
 
 def test_an_idle_window_restarts_its_clock_without_closing() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     monitor = _monitor(clock, window_rows=50, window_seconds=10.0)
     clock.now += 30.0
     assert monitor.close_windows() == []
@@ -85,7 +78,7 @@ def test_one_request_in_k_is_sampled() -> None:
     ("requests", "seconds", "every"), [(50, 1.0, 1), (100, 1.0, 1), (101, 1.0, 2), (5000, 2.0, 25)]
 )
 def test_sampling_adapts_to_the_request_rate(requests: int, seconds: float, every: int) -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     monitor = _monitor(clock, max_sampled_per_second=100.0)
     clock.now += seconds
     assert monitor.adapt_sampling(requests) == every

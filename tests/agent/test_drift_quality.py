@@ -15,15 +15,7 @@ from agent.observation.quality import (
     Remembered,
     predicted_rows,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.support.clock import FakeClock
 
 PROBS = {"p": np.array([[0.1, 0.9], [0.8, 0.2]], dtype=np.float32)}
 
@@ -45,7 +37,7 @@ def test_predicted_rows(
 
 
 def test_feedback_joins_once_whatever_the_order() -> None:
-    cache = PredictionCache(10, 60.0, Clock())
+    cache = PredictionCache(10, 60.0, FakeClock())
     for request_id in ("a", "b", "c"):
         cache.remember(request_id, "m", "1", PROBS, 2)
     outcomes = [cache.take(i)[0] for i in ("c", "a", "c", "zzz", "b")]
@@ -60,7 +52,7 @@ def test_feedback_joins_once_whatever_the_order() -> None:
 
 
 def test_the_cache_is_bounded_and_forgets_the_oldest() -> None:
-    cache = PredictionCache(2, 60.0, Clock())
+    cache = PredictionCache(2, 60.0, FakeClock())
     for request_id in ("a", "b", "c"):
         cache.remember(request_id, "m", "1", PROBS, 2)
     assert len(cache) == 2
@@ -69,7 +61,7 @@ def test_the_cache_is_bounded_and_forgets_the_oldest() -> None:
 
 
 def test_feedback_older_than_the_age_limit_is_late() -> None:
-    clock = Clock()
+    clock = FakeClock()
     cache = PredictionCache(10, 60.0, clock)
     cache.remember("a", "m", "1", PROBS, 2)
     clock.now = 61.0
@@ -123,7 +115,7 @@ def test_big_outputs_are_kept_as_their_predictions(
     outputs: dict[str, np.ndarray], expected: tuple[str, list[float]] | None
 ) -> None:
     rows = next(iter(outputs.values())).shape[0]
-    cache = PredictionCache(10, 60.0, Clock())
+    cache = PredictionCache(10, 60.0, FakeClock())
     cache.remember("a", "m", "1", outputs, rows)
     _, remembered = cache.take("a")
     assert remembered is not None

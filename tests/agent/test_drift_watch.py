@@ -14,16 +14,9 @@ from agent.observation.drift import DriftSettings
 from agent.observation.quality import FeedbackOutcome, QualitySettings
 from agent.observation.watch import Observer, Sinks
 from tests.agent.drift_packs import tabular_pack, tabular_rows
+from tests.support.clock import FakeClock
 
 SHA = "ab" * 32
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Recorder(Sinks):
@@ -34,8 +27,8 @@ class Recorder(Sinks):
 
 
 @pytest.fixture
-def setup() -> tuple[Observer, Recorder, CollectorRegistry, Clock]:
-    registry, sinks, clock = CollectorRegistry(), Recorder(), Clock()
+def setup() -> tuple[Observer, Recorder, CollectorRegistry, FakeClock]:
+    registry, sinks, clock = CollectorRegistry(), Recorder(), FakeClock()
     observer = Observer(
         registry,
         settings=DriftSettings(window_rows=50),

@@ -32,6 +32,7 @@ from simulator.hub import wait_until
 from simulator.standins import StandInFleet
 from tests.deployment.conftest import REPO, Workspace
 from tests.deployment.test_retraining import SmallTrainer
+from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.e2e
 
@@ -90,15 +91,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             yield Fleet(sim, standins)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _controller(ws: Workspace, trainer: SmallTrainer, clock: Clock) -> tuple[Controller, Services]:
+def _controller(
+    ws: Workspace, trainer: SmallTrainer, clock: FakeClock
+) -> tuple[Controller, Services]:
     services = Services(load(ws.config, "test", ws.environ), environ=ws.environ)
     console = Console(file=io.StringIO())
     releaser = PublisherReleaser(
@@ -139,7 +134,7 @@ def test_drift_on_enough_devices_retrains_once_and_promotes_through_the_rings(
     ws.environ["IOTHUB_CONNECTION_STRING"] = fleet.sim.service_connection_string
     ws.environ["AZURE_STORAGE_CONNECTION_STRING"] = azurite.connection_string
     trainer = SmallTrainer()
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     controller, services = _controller(ws, trainer, clock)
 
     # The champion: the first job (new data, clean readings) has nothing to beat.

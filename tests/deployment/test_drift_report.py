@@ -25,6 +25,7 @@ from deployment.drift_report import (
 )
 from simulator.azurite import Azurite
 from tests.agent.drift_packs import tabular_pack, tabular_rows
+from tests.support.clock import FakeClock
 
 START = 1_760_000_000.0
 
@@ -34,13 +35,6 @@ def _cli(argv: list[str], environ: dict[str, str] | None = None) -> tuple[int, s
     out, err = io.StringIO(), io.StringIO()
     code = run(argv, environ=environ or {}, stdout=out, stderr=err, logs=False)
     return code, err.getvalue()
-
-
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, i
     routed.mkdir()
     rows = 0
     for device in ("cam-1", "cam-2"):
-        clock = Clock()
+        clock = FakeClock()
         monitor = DriftMonitor(
             pack, DriftSettings(window_rows=50, max_rows_per_request=50), clock=clock
         )

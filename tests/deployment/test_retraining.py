@@ -31,6 +31,7 @@ from deployment.retraining import (
     Job,
     split_window,
 )
+from tests.support.clock import FakeClock
 
 MODULE, MODEL = "mlagent", "sensor_classifier"
 FAST_BASELINE = BaselineOptions(window_sizes=(50,), resamples=100, simulated_windows=5_000)
@@ -101,14 +102,6 @@ def clean_champion(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return (out / MODEL_FILE).read_bytes()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class World:
     """The controller's outside world: all fakes but the pipeline code and the files."""
@@ -117,7 +110,7 @@ class World:
     releaser: FakeReleaser
     trainer: Any = field(default_factory=SmallTrainer)
     audit: FakeAudit = field(default_factory=FakeAudit)
-    clock: Clock = field(default_factory=Clock)
+    clock: FakeClock = field(default_factory=lambda: FakeClock(10_000.0))
 
     def controller(self, tmp_path: Path) -> Controller:
         config = ControllerConfig(

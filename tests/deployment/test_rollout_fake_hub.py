@@ -13,6 +13,7 @@ from deployment import rollout
 from deployment.audit import AuditLog
 from deployment.errors import PublisherError, Reason
 from deployment.hub import LayeredDeployment
+from tests.support.clock import FakeClock
 
 MANIFEST = {"name": "m", "version": 2, "signature": {"key_id": "k", "value": "c2ln"}}
 RINGS = rollout.rings_from_config({"canary": "tags.ring = 'canary'", "all": "tags.all = 1"})
@@ -72,19 +73,8 @@ class FakeHub:
         return 200, {}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def _rollout(
-    hub: FakeHub, tmp_path: Path, aliases: dict[str, int], clock: Clock
+    hub: FakeHub, tmp_path: Path, aliases: dict[str, int], clock: FakeClock
 ) -> tuple[rollout.Rollout, AuditLog, list[int]]:
     audit = AuditLog(
         tmp_path / "audit.jsonl", actor="t", clock=lambda: datetime(2026, 1, 1, tzinfo=UTC)
@@ -119,7 +109,7 @@ def _passed() -> dict[str, Any]:
 
 
 def test_a_gate_that_never_passes_times_out_and_removes_a_first_release(tmp_path: Path) -> None:
-    hub, clock = _fleet(), Clock()
+    hub, clock = _fleet(), FakeClock()
     runner, audit, rereleased = _rollout(hub, tmp_path, {}, clock)
     hub.reports = {"a": {"version": 2, "state": "downloading"}}
     with pytest.raises(PublisherError) as caught:
@@ -134,7 +124,7 @@ def test_a_gate_that_never_passes_times_out_and_removes_a_first_release(tmp_path
 
 
 def test_an_offline_device_does_not_stop_the_rollback(tmp_path: Path) -> None:
-    hub, clock = _fleet(), Clock()
+    hub, clock = _fleet(), FakeClock()
     runner, audit, rereleased = _rollout(hub, tmp_path, {"canary": 1, "all": 1}, clock)
     hub.reports = {"a": {"version": 2, "state": "rolled_back", "reason": "probation"}}
     hub.offline = {"a"}
@@ -150,7 +140,7 @@ def test_an_offline_device_does_not_stop_the_rollback(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_hub_mid_gate_is_audited_and_a_rerun_resumes(tmp_path: Path) -> None:
-    hub, clock = _fleet(), Clock()
+    hub, clock = _fleet(), FakeClock()
     aliases: dict[str, int] = {}
     runner, audit, _ = _rollout(hub, tmp_path, aliases, clock)
     hub.reports = {"a": _passed()}
@@ -173,7 +163,7 @@ def test_an_unreachable_hub_mid_gate_is_audited_and_a_rerun_resumes(tmp_path: Pa
 def test_hub_calls_do_not_grow_with_the_fleet(tmp_path: Path) -> None:
     counts = []
     for size in (10, 1000):
-        hub, clock = FakeHub(), Clock()
+        hub, clock = FakeHub(), FakeClock()
         devices = [f"d{i}" for i in range(size)]
         hub.devices = {"tags.ring = 'canary'": devices[:1], "tags.all = 1": devices}
         hub.reports = {d: _passed() for d in devices}
@@ -184,7 +174,7 @@ def test_hub_calls_do_not_grow_with_the_fleet(tmp_path: Path) -> None:
 
 
 def test_a_halt_at_a_later_ring_re_releases_the_previous_version_once(tmp_path: Path) -> None:
-    hub, clock = _fleet(), Clock()
+    hub, clock = _fleet(), FakeClock()
     runner, _, rereleased = _rollout(hub, tmp_path, {"canary": 1, "all": 1}, clock)
     hub.reports = {
         "a": _passed(),
