@@ -141,7 +141,8 @@ def test_a_window_profile_is_sparse_capped_and_small() -> None:
         1,
         50,
     )
-    assert list(message["features"]) == ["x[0]", "p:confidence"] or "x[0]" in message["features"]
+    assert len(message["features"]) == 2
+    assert "x[0]" in message["features"]  # the shifted feature has the most evidence
     assert message["truncated"] == len(monitor.features) - 2
     x0 = message["features"]["x[0]"]
     assert sum(x0["c"]) == 50
