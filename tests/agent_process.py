@@ -19,6 +19,20 @@ import pytest
 LogLine = dict[str, object]
 
 
+def model_status(state: str, version: int, reason: str | None = None) -> Callable[[LogLine], bool]:
+    """Matches the agent's `model_status` log line for `version` in `state` (and `reason`)."""
+
+    def matches(line: LogLine) -> bool:
+        return (
+            line.get("event") == "model_status"
+            and line.get("state") == state
+            and line.get("version") == version
+            and (reason is None or line.get("reason") == reason)
+        )
+
+    return matches
+
+
 @dataclass
 class AgentProcess:
     process: subprocess.Popen[str]

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from agent.releases.manifest import public_key_to_b64
 from agent.releases.store import StoreState
 from deployment.release import build_manifest
 from tests.agent.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
-from tests.agent_process import AgentProcess, LogLine, running_agent
+from tests.agent_process import AgentProcess, LogLine, model_status, running_agent
 
 pytestmark = pytest.mark.e2e
 
@@ -117,19 +117,8 @@ def managed_agent(releases: Releases, state: Path, watch: Path) -> Iterator[Agen
         yield agent
 
 
-def _status(state: str, version: int) -> Callable[[LogLine], bool]:
-    def matches(line: LogLine) -> bool:
-        return (
-            line.get("event") == "model_status"
-            and line.get("state") == state
-            and line.get("version") == version
-        )
-
-    return matches
-
-
 def _wait_active(agent: AgentProcess, version: int) -> None:
-    agent.wait_for(_status("active", version), PROCESS_WAIT_S, what=f"v{version} active")
+    agent.wait_for(model_status("active", version), PROCESS_WAIT_S, what=f"v{version} active")
 
 
 def _wait_restored(agent: AgentProcess) -> int:
@@ -270,7 +259,7 @@ def killed_swap(
     with managed_agent(releases, state, watch) as agent:
         assert _wait_restored(agent) == 1
         if point.logged is not None:
-            agent.signal_on(_status(point.logged, releases.v2.version), signal.SIGKILL)
+            agent.signal_on(model_status(point.logged, releases.v2.version), signal.SIGKILL)
         releases.v2.drop(watch)
         if point.part_file:
             _wait_for_file(part)
@@ -318,7 +307,9 @@ def test_a_restart_after_a_sigkill_mid_swap_ends_on_the_release_still_in_the_fol
             _wait_active(agent, releases.v2.version)
         else:
             agent.wait_for(
-                _failed_again(releases.v2.version), PROCESS_WAIT_S, what="v2 blamed at start"
+                model_status("failed", releases.v2.version, "crashed_during_install"),
+                PROCESS_WAIT_S,
+                what="v2 blamed at start",
             )
             assert _wait_restored(agent) == releases.v1.version
             time.sleep(1.0)  # the folder offers v2 again meanwhile: it must not be loaded
@@ -326,18 +317,6 @@ def test_a_restart_after_a_sigkill_mid_swap_ends_on_the_release_still_in_the_fol
         assert _http(f"{agent.http_url}/v2/health/ready")[0] == 200
         assert _served(agent, releases) == final
         _assert_store_whole(state, final)
-
-
-def _failed_again(version: int) -> Callable[[LogLine], bool]:
-    def matches(line: LogLine) -> bool:
-        return (
-            line.get("event") == "model_status"
-            and line.get("state") == "failed"
-            and line.get("version") == version
-            and line.get("reason") == "crashed_during_install"
-        )
-
-    return matches
 
 
 @dataclass(frozen=True)
@@ -401,7 +380,7 @@ def sigterm_run(
         ]
         for client in clients:
             client.start()
-        agent.signal_on(_status("loading", releases.v2.version), signal.SIGTERM)
+        agent.signal_on(model_status("loading", releases.v2.version), signal.SIGTERM)
         releases.v2.drop(watch)
         exit_code = agent.process.wait(PROCESS_WAIT_S)
         exited_at = time.monotonic()
@@ -428,7 +407,7 @@ def test_sigterm_mid_swap_answers_the_requests_in_flight_and_exits_zero(
 def test_sigterm_mid_swap_abandons_the_load_and_leaves_the_old_model_active_on_disk(
     sigterm_run: SigtermRun, releases: Releases
 ) -> None:
-    assert not any(_status("active", releases.v2.version)(line) for line in sigterm_run.log)
+    assert not any(model_status("active", releases.v2.version)(line) for line in sigterm_run.log)
     record = StoreState.from_json_bytes((sigterm_run.state / "state.json").read_bytes())
     active = record.record("m").active
     assert active is not None

@@ -24,7 +24,7 @@ from agent.releases.store import StoreState
 from deployment.release import build_manifest
 from tests.agent import bombs
 from tests.agent.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
-from tests.agent_process import AgentProcess, LogLine, running_agent
+from tests.agent_process import AgentProcess, LogLine, model_status, running_agent
 
 pytestmark = pytest.mark.e2e
 
@@ -88,18 +88,6 @@ def agent_on(root: Path) -> Iterator[AgentProcess]:
         yield agent
 
 
-def status(state: str, version: int, reason: str | None = None) -> Callable[[LogLine], bool]:
-    def matches(line: LogLine) -> bool:
-        return (
-            line.get("event") == "model_status"
-            and line.get("state") == state
-            and line.get("version") == version
-            and (reason is None or line.get("reason") == reason)
-        )
-
-    return matches
-
-
 def infer(agent: AgentProcess, features: int) -> tuple[int, dict[str, Any]]:
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, features],
                         "data": [0.5] * features}]}  # fmt: skip
@@ -140,7 +128,7 @@ def v1_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("v1")
     with agent_on(root) as agent:
         V1.drop(root / "watch")
-        agent.wait_for(status("active", 1), WAIT_S, what="v1 active")
+        agent.wait_for(model_status("active", 1), WAIT_S, what="v1 active")
     return root
 
 
@@ -155,10 +143,10 @@ def test_bombs_from_the_folder_fail_in_quarantine_and_are_not_retried_after_a_re
 ) -> None:
     root = copy_of(v1_store, tmp_path)
     with agent_on(root) as agent:
-        agent.wait_for(status("active", 1, "restored"), WAIT_S, what="v1 restored")
+        agent.wait_for(model_status("active", 1, "restored"), WAIT_S, what="v1 restored")
         for version, (bomb, reason) in enumerate(BOMBS, start=2):
             release(bombs.BOMBS[bomb](), version, bombs.FEATURES, golden=False).drop(root / "watch")
-            agent.wait_for(status("failed", version, reason), WAIT_S, what=f"{bomb} failed")
+            agent.wait_for(model_status("failed", version, reason), WAIT_S, what=f"{bomb} failed")
             assert agent.process.poll() is None, "the agent died"
             assert infer(agent, TINY_FEATURES)[0] == 200
             assert served_version(agent) == 1
@@ -170,7 +158,7 @@ def test_bombs_from_the_folder_fail_in_quarantine_and_are_not_retried_after_a_re
     assert record(root).rolled_back.version == last
     # The last bomb's manifest is still in the folder: a restart must not run it again.
     with agent_on(root) as agent:
-        agent.wait_for(status("failed", last, "load_timeout"), WAIT_S, what="blocked again")
+        agent.wait_for(model_status("failed", last, "load_timeout"), WAIT_S, what="blocked again")
         assert served_version(agent) == 1
         time.sleep(1.0)
         assert not agent.events("quarantine_done"), "a blocked release was tried again"
@@ -192,10 +180,10 @@ class KillPoint:
 
 KILL_POINTS = [
     # Still in quarantine: the serving process never held v2; it is simply installed again.
-    KillPoint("in-quarantine", status("loading", 2), blamed=False),
+    KillPoint("in-quarantine", model_status("loading", 2), blamed=False),
     KillPoint("loading-in-process", lambda line: line.get("event") == "installing_in_process"),
-    KillPoint("right-after-the-switch", status("active", 2)),
-    KillPoint("during-the-first-requests", status("active", 2), requests_first=2),
+    KillPoint("right-after-the-switch", model_status("active", 2)),
+    KillPoint("during-the-first-requests", model_status("active", 2), requests_first=2),
 ]
 
 
@@ -211,7 +199,7 @@ def test_a_sigkill_while_installing_rolls_the_release_back_and_never_loads_it_ag
 ) -> None:
     root = copy_of(v1_store, tmp_path)
     with agent_on(root) as agent:
-        agent.wait_for(status("active", 1, "restored"), WAIT_S, what="v1 restored")
+        agent.wait_for(model_status("active", 1, "restored"), WAIT_S, what="v1 restored")
         if point.requests_first:
             V2.drop(root / "watch")
             agent.wait_for(point.event, WAIT_S, what=point.label)
@@ -224,8 +212,10 @@ def test_a_sigkill_while_installing_rolls_the_release_back_and_never_loads_it_ag
         assert record(root).installing is not None
     with agent_on(root) as agent:
         if point.blamed:
-            agent.wait_for(status("failed", 2, "crashed_during_install"), WAIT_S, what="v2 blamed")
-            agent.wait_for(status("active", 1, "restored"), WAIT_S, what="v1 restored")
+            agent.wait_for(
+                model_status("failed", 2, "crashed_during_install"), WAIT_S, what="v2 blamed"
+            )
+            agent.wait_for(model_status("active", 1, "restored"), WAIT_S, what="v1 restored")
             assert served_version(agent) == 1
             assert infer(agent, TINY_FEATURES)[0] == 200
             time.sleep(1.0)  # the folder still offers v2: it must not be loaded again
@@ -234,7 +224,7 @@ def test_a_sigkill_while_installing_rolls_the_release_back_and_never_loads_it_ag
             assert record(root).active.version == 1
             assert record(root).rolled_back.reason == "crashed_during_install"
         else:
-            agent.wait_for(status("active", 2), WAIT_S, what="v2 installed after the restart")
+            agent.wait_for(model_status("active", 2), WAIT_S, what="v2 installed after the restart")
             assert infer(agent, MID_FEATURES)[0] == 200
 
 
@@ -243,9 +233,9 @@ def test_a_sigkill_after_the_trial_requests_keeps_the_new_release(
 ) -> None:
     root = copy_of(v1_store, tmp_path)
     with agent_on(root) as agent:
-        agent.wait_for(status("active", 1, "restored"), WAIT_S, what="v1 restored")
+        agent.wait_for(model_status("active", 1, "restored"), WAIT_S, what="v1 restored")
         V2.drop(root / "watch")
-        agent.wait_for(status("active", 2), WAIT_S, what="v2 active")
+        agent.wait_for(model_status("active", 2), WAIT_S, what="v2 active")
         for _ in range(CRASH_GUARD_REQUESTS + 1):
             assert infer(agent, MID_FEATURES)[0] == 200
         deadline = time.monotonic() + WAIT_S
@@ -255,6 +245,6 @@ def test_a_sigkill_after_the_trial_requests_keeps_the_new_release(
         agent.process.kill()
         agent.process.wait(WAIT_S)
     with agent_on(root) as agent:
-        agent.wait_for(status("active", 2, "restored"), WAIT_S, what="v2 restored")
+        agent.wait_for(model_status("active", 2, "restored"), WAIT_S, what="v2 restored")
         assert not agent.events("crashed_during_install")
         assert infer(agent, MID_FEATURES)[0] == 200

@@ -35,7 +35,7 @@ from deployment.release import build_manifest
 from simulator import Simulator, pick_loopback_host
 from tests.agent.artifact_server import make_pki
 from tests.agent.models import tiny_bytes
-from tests.agent_process import LogLine, running_agent
+from tests.agent_process import LogLine, model_status, running_agent
 from tests.module import harness
 from tests.monitoring.files import DASHBOARD, MONITORING
 from tests.monitoring.stack import (
@@ -85,17 +85,6 @@ def _drop(folder: Path, model: bytes, manifest: dict[str, Any]) -> None:
     """The artifact first, the manifest last, as the release folder asks."""
     (folder / f"{manifest['sha256']}.onnx").write_bytes(model)
     (folder / f"m-v{manifest['version']}.manifest.json").write_text(json.dumps(manifest))
-
-
-def _status(state: str, version: int) -> Callable[[LogLine], bool]:
-    def matches(line: LogLine) -> bool:
-        return (
-            line.get("event") == "model_status"
-            and line.get("state") == state
-            and line.get("version") == version
-        )
-
-    return matches
 
 
 GOOD = {"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": [0.5] * 32}]}
@@ -169,7 +158,7 @@ def _folder_device(stack: ExitStack, root: Path, central: str) -> Device:
         return build_manifest(model, name="m", version=version, url=url, key=key, key_id=KEY_ID)
 
     _drop(watch, tiny_bytes(0), manifest(tiny_bytes(0), 1))
-    agent.wait_for(_status("active", 1), WAIT_S, what="v1 active")
+    agent.wait_for(model_status("active", 1), WAIT_S, what="v1 active")
     _traffic(agent.http_url)
     return Device(
         DEVICES[0],
@@ -210,7 +199,7 @@ def _module_device(stack: ExitStack, root: Path, central: str) -> Device:
     stack.callback(module.close)
     module.wait_ready()
     service.publish(releases.release("m-1.onnx", tiny_bytes(0), 1))
-    module.wait_for(_status("active", 1), WAIT_S, "v1 active")
+    module.wait_for(model_status("active", 1), WAIT_S, "v1 active")
     _traffic(f"http://127.0.0.1:{module.ports['http']}")
 
     def release_bad() -> None:
@@ -253,10 +242,10 @@ def notification(fleet: Fleet) -> dict[str, Any]:
     # release when the module loads, so both alerts reach Alertmanager within its group_wait.
     folder, module = fleet.devices
     module.release_bad()
-    module.wait_for(_status("loading", 2), "v2 loading")
+    module.wait_for(model_status("loading", 2), "v2 loading")
     folder.release_bad()
     for device in fleet.devices:
-        failed = device.wait_for(_status("failed", 2), "v2 failed")
+        failed = device.wait_for(model_status("failed", 2), "v2 failed")
         assert failed["reason"] == "golden_mismatch", failed
     deadline = time.monotonic() + WAIT_S
     while not fleet.webhook.notifications():
