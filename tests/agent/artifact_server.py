@@ -107,13 +107,15 @@ class TestPki:
         return ssl.create_default_context(cafile=str(self.ca_pem))
 
 
-def _name(common_name: str) -> x509.Name:
+def cert_name(common_name: str) -> x509.Name:
+    """A subject or issuer of just a common name."""
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write_pair(
+def write_pem_pair(
     directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
 ) -> tuple[Path, Path]:
+    """`<stem>.crt` and `<stem>.key` (PEM, the key unencrypted PKCS8), as servers load them."""
     cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
@@ -135,7 +137,7 @@ def _server_cert(
 ) -> x509.Certificate:
     return (
         x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
+        .subject_name(cert_name("localhost"))
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -166,7 +168,7 @@ def make_pki(directory: Path) -> TestPki:
     now = datetime.now(UTC)
     day = timedelta(days=1)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("edge-mlops test CA")
+    ca_name = cert_name("edge-mlops test CA")
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -203,12 +205,12 @@ def make_pki(directory: Path) -> TestPki:
     expired_key = ec.generate_private_key(ec.SECP256R1())
     expired = _server_cert(expired_key, ca_name, ca_key, now - 10 * day, now - day)
     own_key = ec.generate_private_key(ec.SECP256R1())
-    self_signed = _server_cert(own_key, _name("localhost"), own_key, now - day, now + 7 * day)
+    self_signed = _server_cert(own_key, cert_name("localhost"), own_key, now - day, now + 7 * day)
     return TestPki(
         ca_pem=ca_pem,
-        good=_write_pair(directory, "good", good, good_key),
-        expired=_write_pair(directory, "expired", expired, expired_key),
-        self_signed=_write_pair(directory, "self-signed", self_signed, own_key),
+        good=write_pem_pair(directory, "good", good, good_key),
+        expired=write_pem_pair(directory, "expired", expired, expired_key),
+        self_signed=write_pem_pair(directory, "self-signed", self_signed, own_key),
     )
 
 

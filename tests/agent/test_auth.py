@@ -24,10 +24,11 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import ValidationError
 
 from agent.serving.auth import AuthSettings, SecretError, bearer_token, parse_tokens
+from tests.agent.artifact_server import cert_name, write_pem_pair
 from tests.agent.models import TINY_FEATURES, tiny_bytes
 from tests.agent_process import AgentProcess, running_agent
 
@@ -93,10 +94,6 @@ class Pki:
         return _issue(directory, stem, self.ca_key, server=server)
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 def _issue(
     directory: Path, stem: str, ca_key: ec.EllipticCurvePrivateKey, *, server: bool
 ) -> tuple[Path, Path]:
@@ -104,8 +101,8 @@ def _issue(
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name("localhost" if server else "sensor-module"))
-        .issuer_name(_name("auth test CA"))
+        .subject_name(cert_name("localhost" if server else "sensor-module"))
+        .issuer_name(cert_name("auth test CA"))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(days=1))
@@ -124,17 +121,7 @@ def _issue(
             ),
             critical=False,
         )
-    cert = builder.sign(ca_key, hashes.SHA256())
-    cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return write_pem_pair(directory, stem, builder.sign(ca_key, hashes.SHA256()), key)
 
 
 def make_pki(directory: Path) -> Pki:
@@ -142,8 +129,8 @@ def make_pki(directory: Path) -> Pki:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()
-        .subject_name(_name("auth test CA"))
-        .issuer_name(_name("auth test CA"))
+        .subject_name(cert_name("auth test CA"))
+        .issuer_name(cert_name("auth test CA"))
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(days=1))
