@@ -76,6 +76,7 @@ class Watch:
 
     name: str
     version: int
+    pack: BaselinePack | None
     baseline_sha256: str | None
     drift: DriftMonitor | None
     quality: QualityMonitor
@@ -110,7 +111,6 @@ class Observer:
         self._clock = clock
         self._wall_clock = wall_clock
         self.watches: dict[str, Watch] = {}
-        self._packs: dict[str, tuple[int, BaselinePack | None, str | None]] = {}
         self.predictions = PredictionCache(
             self.quality_settings.remembered, self.quality_settings.max_age_s, clock
         )
@@ -126,7 +126,6 @@ class Observer:
         self, name: str, version: int, pack: BaselinePack | None, baseline_sha256: str | None
     ) -> None:
         """A release of ``name`` now serves: watch it from scratch."""
-        self._packs[name] = (version, pack, baseline_sha256)
         previous = self.watches.get(name)
         drift = (
             DriftMonitor(pack, self.settings, clock=self._clock)
@@ -137,6 +136,7 @@ class Observer:
         watch = Watch(
             name=name,
             version=version,
+            pack=pack,
             baseline_sha256=baseline_sha256,
             drift=drift,
             quality=QualityMonitor(self.quality_settings, pack.quality if pack else None),
@@ -157,7 +157,6 @@ class Observer:
 
     def detach(self, name: str) -> None:
         """``name`` serves no more: it is not watched, and its series go."""
-        self._packs.pop(name, None)
         if self.watches.pop(name, None) is not None:
             log.info("drift_watch_stopped", model=name)
 
@@ -166,8 +165,8 @@ class Observer:
         if settings == self.settings:
             return
         self.settings = settings
-        for name, (version, pack, sha) in list(self._packs.items()):
-            self.attach(name, version, pack, sha)
+        for watch in list(self.watches.values()):
+            self.attach(watch.name, watch.version, watch.pack, watch.baseline_sha256)
 
     @staticmethod
     def _fold(watch: Watch) -> None:
@@ -309,19 +308,22 @@ class Observer:
 
     def drift_entry(self, name: str) -> dict[str, Any] | None:
         """The `drift` section of the reported entry of `name` (None: not served)."""
-        reported = self.reported(name)
-        return reported["drift"] if reported else None
+        watch = self.watches.get(name)
+        return self._drift_report(watch) if watch is not None else None
 
     def quality_entry(self, name: str) -> dict[str, Any] | None:
         """The `quality` section of the reported entry of `name` (None: not served)."""
-        reported = self.reported(name)
-        return reported["quality"] if reported else None
+        watch = self.watches.get(name)
+        return _quality_report(watch) if watch is not None else None
 
     def reported(self, name: str) -> dict[str, Any] | None:
         """``{"drift": {...}, "quality": {...}}`` of the release serving ``name``."""
         watch = self.watches.get(name)
         if watch is None:
             return None
+        return {"drift": self._drift_report(watch), "quality": _quality_report(watch)}
+
+    def _drift_report(self, watch: Watch) -> dict[str, Any]:
         monitor, window = watch.drift, watch.last_window
         drift: dict[str, Any] = {
             "state": self._drift_state(watch),
@@ -339,17 +341,20 @@ class Observer:
             }
             if monitor.window_rows != self.settings.window_rows:
                 drift["requested_window_rows"] = self.settings.window_rows
-        quality_monitor = watch.quality
-        last = quality_monitor.last
-        quality = {
-            "state": _QUALITY_STATE[quality_monitor.detector.state],
-            "since": watch.quality_since.isoformat(),
-            "metric": quality_monitor.metric,
-            "value": rounded(last.value) if last else None,
-            "windows": quality_monitor.seq,
-            "reference": quality_monitor.reference is not None,
-        }
-        return {"drift": drift, "quality": quality}
+        return drift
+
+
+def _quality_report(watch: Watch) -> dict[str, Any]:
+    monitor = watch.quality
+    last = monitor.last
+    return {
+        "state": _QUALITY_STATE[monitor.detector.state],
+        "since": watch.quality_since.isoformat(),
+        "metric": monitor.metric,
+        "value": rounded(last.value) if last else None,
+        "windows": monitor.seq,
+        "reference": monitor.reference is not None,
+    }
 
 
 class ObserverTicks:
