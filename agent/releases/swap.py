@@ -663,9 +663,12 @@ class ModelManager:
         return result.cost
 
     def _load_release(self, manifest: ReleaseManifest, cost: CostModel | None) -> LoadedModel:
-        """Worker thread: hostile-file check, load + warm-up, manifest contract, golden sample."""
+        """Worker thread: hostile-file check, load + warm-up, manifest contract, golden sample.
+        A candidate that passed quarantine (`cost` measured there) was inspected and verified
+        on these very bytes (the digest is checked again): only the load remains."""
         model = self._load_bytes(manifest.name, manifest.version, manifest.sha256, cost)
-        verify_candidate(model, manifest)
+        if cost is None:
+            verify_candidate(model, manifest)
         return model
 
     def _load_stored(self, name: str, ref: ModelRef) -> LoadedModel:
@@ -680,7 +683,7 @@ class ModelManager:
     def _load_bytes(
         self, name: str, version: int, sha256: str, cost: CostModel | None = None
     ) -> LoadedModel:
-        data = self._checked_bytes(sha256)
+        data = self._checked_bytes(sha256, inspect=cost is None)
         try:
             return load_model(
                 data,
@@ -694,7 +697,7 @@ class ModelManager:
         except ModelLoadError as error:
             raise SwapError(error.reason, error.message) from None
 
-    def _checked_bytes(self, sha256: str) -> bytes:
+    def _checked_bytes(self, sha256: str, *, inspect: bool = True) -> bytes:
         """Worker thread: the artifact's bytes, their size, digest and hostile-file check."""
         path: Path = self._store.artifact_path(sha256)
         limit = self._settings.max_model_bytes
@@ -703,10 +706,11 @@ class ModelManager:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != sha256:  # the file changed under us
             raise SwapError(Reason.HASH_MISMATCH, "artifact changed on disk")
-        try:
-            inspect_model(data, max_bytes=limit)
-        except HostileModel as hostile:
-            raise SwapError(hostile.reason, hostile.message) from None
+        if inspect:
+            try:
+                inspect_model(data, max_bytes=limit)
+            except HostileModel as hostile:
+                raise SwapError(hostile.reason, hostile.message) from None
         return data
 
     def _check_against_active(
