@@ -45,6 +45,7 @@ from deployment.retrain_policy import (
     decide,
     promotion_gate,
 )
+from deployment.rollout import module_models
 
 log = structlog.get_logger(__name__)
 
@@ -132,17 +133,13 @@ def fleet_signal(fleet: Fleet, module: str, model: str) -> FleetSignal:
     )
     states: dict[str, str] = {}
     for row in rows:
-        entry = _mapping(_mapping(row.get("models") or _reported_models(row)).get(model))
+        entry = module_models(row, model)
         if not entry:
             continue
         drift = str(_mapping(entry.get("drift")).get("state", "ok"))
         quality = str(_mapping(entry.get("quality")).get("state", "ok"))
         states[str(row.get("deviceId"))] = "drift" if "drift" in (drift, quality) else drift
     return FleetSignal.from_states(states)
-
-
-def _reported_models(row: Mapping[str, Any]) -> object:
-    return _mapping(_mapping(row.get("properties")).get("reported")).get("models")
 
 
 def _mapping(value: object) -> Mapping[str, Any]:

@@ -39,7 +39,7 @@ FAST_BASELINE = BaselineOptions(window_sizes=(50,), resamples=100, simulated_win
 
 @dataclass
 class FakeFleet:
-    """Twin query rows as IoT Hub answers a projection of reported models."""
+    """Twin query rows as IoT Hub answers `SELECT *` on module twins."""
 
     states: dict[str, str] = field(default_factory=dict)
     queries: list[str] = field(default_factory=list)
@@ -47,7 +47,12 @@ class FakeFleet:
     def query(self, text: str) -> list[dict[str, Any]]:
         self.queries.append(text)
         return [
-            {"deviceId": device, "models": {MODEL: {"version": 1, "drift": {"state": state}}}}
+            {
+                "deviceId": device,
+                "properties": {
+                    "reported": {"models": {MODEL: {"version": 1, "drift": {"state": state}}}}
+                },
+            }
             for device, state in self.states.items()
         ]
 
