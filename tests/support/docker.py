@@ -248,8 +248,8 @@ def agent_image(
     result = build_default(docker_engine, tag, tmp_path_factory.mktemp("image"), {key: value})
     yield AgentImage(tag, result.image_id, result.stand_in)
     remove_labelled(docker_engine, session_label)
-    # The runtime stage's layers go with the tag; the builder stage's stay in the engine as
-    # the next session's cache (the dependency layer above all).
+    # The runtime stage's layers go with the tag; the builder stage stays tagged as the next
+    # session's cache (the dependency layer above all).
     docker_engine("rmi", tag, check=False)
 
 
