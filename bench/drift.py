@@ -203,7 +203,8 @@ def _stream(source: Source, change: str | None, rng: np.random.Generator) -> dic
 
 def _evaluate(
     source: Source, seeds: int, quiet_seeds: int, settings: DriftSettings, options: BaselineOptions
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], BaselinePack]:
+    """The detectors on `source`'s streams, and the baseline pack they were scored against."""
     started = time.perf_counter()
     pack = BaselinePack.model_validate(build_baseline(source.train, {}, options), strict=False)
     built = time.perf_counter() - started
@@ -233,7 +234,7 @@ def _evaluate(
                 c: round(sum(x is None for x in d) / len(d), 3) for c, d in delays.items()
             },
         }
-    return out
+    return out, pack
 
 
 def _median(delays: list[int | None]) -> float | None:
@@ -311,13 +312,18 @@ def main() -> None:
         for name in args.sources.split(",")
     }
     options = BaselineOptions(clip=args.clip) if args.clip else BaselineOptions()
-    per_source = {
+    evaluated = {
         name: _evaluate(source, args.seeds, args.quiet_seeds, settings, options)
         for name, source in sources.items()
     }
+    per_source = {name: result for name, (result, _) in evaluated.items()}
     elapsed = time.perf_counter() - wall
-    synthetic_pack = BaselinePack.model_validate(
-        build_baseline(synthetic().train, {}, options), strict=False
+    synthetic_pack = (
+        evaluated["synthetic"][1]
+        if "synthetic" in evaluated
+        else BaselinePack.model_validate(
+            build_baseline(synthetic().train, {}, options), strict=False
+        )
     )
     cost = {f"{rate}_rps": overhead_us(synthetic_pack, rate, 50_000) for rate in (100, 1000, 5000)}
     summary: dict[str, Any] = {}
