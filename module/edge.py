@@ -309,9 +309,10 @@ class EdgeModule:
         for name in sorted(self._manager.names - wanted):
             if await self._manager.remove(name):
                 self.reported.update({"models": {name: None}})
-        if self._desired_refusals.keys() - wanted:
-            for key in self._desired_refusals.keys() - wanted:
-                del self._desired_refusals[key]
+        no_longer_desired = self._desired_refusals.keys() - wanted
+        for key in no_longer_desired:
+            del self._desired_refusals[key]
+        if no_longer_desired:
             self._report_rejected()
 
     def _submit(self, key: str, manifest: Mapping[str, Any]) -> None:
