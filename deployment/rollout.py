@@ -163,7 +163,7 @@ def judge_device(
     """One agent's reported ``models.<name>`` against the release (pure)."""
     if not isinstance(reported, Mapping) or reported.get("version") != version:
         return DeviceVerdict(device_id, "pending", "not reporting this version yet")
-    problem = _problem(reported, bounds)
+    problem = _problem(reported, version, bounds)
     if problem:
         return DeviceVerdict(device_id, "failed", problem)
     state = reported.get("state")
@@ -181,10 +181,11 @@ def _over(value: object, bound: float) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > bound
 
 
-def _problem(reported: Mapping[str, Any], bounds: GateBounds) -> str:
+def _problem(reported: Mapping[str, Any], version: int, bounds: GateBounds) -> str:
     """Why a device that reports the release fails the gate ('' when it does not)."""
     state = reported.get("state")
     probation = _mapping(reported.get("probation"))
+    drift = _mapping(reported.get("drift"))
     checks = (
         (state in FAILED_STATES, f"{state}: {reported.get('reason', '')}"),
         (probation.get("state") == "failed", "probation failed"),
@@ -197,10 +198,7 @@ def _problem(reported: Mapping[str, Any], bounds: GateBounds) -> str:
             f"p99 ratio {probation.get('p99_ratio')}",
         ),
         # Until the release serves, the drift section is the previous release's watch.
-        (
-            state == "active" and _mapping(reported.get("drift")).get("state") == DRIFT_ALARM,
-            "drift alarm",
-        ),
+        (drift.get("version") == version and drift.get("state") == DRIFT_ALARM, "drift alarm"),
     )
     return next((why for failed, why in checks if failed), "")
 

@@ -135,7 +135,10 @@ class StandIn:
                 "reason": "",
                 "message": "",
                 # As the agent does, a release that starts serving gets a fresh drift watch.
-                "drift": {"state": "ok" if manifest.get("baseline") else "no_baseline"},
+                "drift": {
+                    "version": version,
+                    "state": "ok" if manifest.get("baseline") else "no_baseline",
+                },
                 "probation": {
                     "state": "watching",
                     "requests": 0,

@@ -316,16 +316,12 @@ class Observer:
         watch = self.watches.get(name)
         return _quality_report(watch) if watch is not None else None
 
-    def reported(self, name: str) -> dict[str, Any] | None:
-        """``{"drift": {...}, "quality": {...}}`` of the release serving ``name``."""
-        watch = self.watches.get(name)
-        if watch is None:
-            return None
-        return {"drift": self._drift_report(watch), "quality": _quality_report(watch)}
-
     def _drift_report(self, watch: Watch) -> dict[str, Any]:
         monitor, window = watch.drift, watch.last_window
+        # The version says whose watch this is: during a release the entry's `version` is the
+        # incoming one while the serving release's watch goes on.
         drift: dict[str, Any] = {
+            "version": watch.version,
             "state": self._drift_state(watch),
             "since": watch.drift_since.isoformat(),
         }
@@ -348,6 +344,7 @@ def _quality_report(watch: Watch) -> dict[str, Any]:
     monitor = watch.quality
     last = monitor.last
     return {
+        "version": watch.version,
         "state": _QUALITY_STATE[monitor.detector.state],
         "since": watch.quality_since.isoformat(),
         "metric": monitor.metric,

@@ -117,9 +117,9 @@ async def test_a_release_without_baseline_serves_and_reports_no_baseline(
     device = make_device(tmp_path / "store", publisher, artifact_pki, observer=observer)
     try:
         assert await _install(device, publisher.release(MODEL, 1)) is ModelState.ACTIVE
-        reported = observer.reported("m")
-        assert reported is not None
-        assert reported["drift"]["state"] == "no_baseline"
+        drift = observer.drift_entry("m")
+        assert drift is not None
+        assert drift["state"] == "no_baseline"
     finally:
         await device.manager.close()
 

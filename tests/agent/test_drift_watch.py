@@ -53,9 +53,9 @@ def test_a_release_without_baseline_reports_no_baseline(setup: Any) -> None:
     observer.attach("m", 1, None, None)
     _serve(observer, 1, 60)
     assert observer.tick() == []
-    reported = observer.reported("m")
-    assert reported is not None
-    assert reported["drift"]["state"] == "no_baseline"
+    drift = observer.drift_entry("m")
+    assert drift is not None
+    assert drift["state"] == "no_baseline"
     assert registry.get_sample_value("agent_drift_state", {"model": "m"}) == -1
 
 
@@ -72,10 +72,10 @@ def test_windows_go_out_as_profiles_and_a_drift_as_one_alert(setup: Any) -> None
     assert [(a["event"], a["to"]) for a in sinks.alerts][-1] == ("drift_state", "drift")
     # the shifted input, or the model's outputs it moves, leads
     assert sinks.alerts[-1]["feature"] in {"x[0]", "p:class", "p:confidence"}
-    reported = observer.reported("m")
-    assert reported is not None
-    assert reported["drift"]["state"] == "drift"
-    assert "x[0]" in [top["feature"] for top in reported["drift"]["top"]]
+    drift = observer.drift_entry("m")
+    assert drift is not None
+    assert (drift["version"], drift["state"]) == (3, "drift")
+    assert "x[0]" in [top["feature"] for top in drift["top"]]
     assert registry.get_sample_value("agent_drift_state", {"model": "m"}) == 2
     assert registry.get_sample_value("agent_drift_score", {"model": "m"}) > 3
     assert registry.get_sample_value("agent_drift_windows_total", {"model": "m"}) == 6
@@ -103,9 +103,9 @@ def test_a_requested_window_size_not_calibrated_is_reported(setup: Any) -> None:
     observer, _, _, _ = setup
     observer.configure(DriftSettings(window_rows=35))
     observer.attach("m", 1, tabular_pack(), SHA)
-    reported = observer.reported("m")
-    assert reported is not None
-    assert (reported["drift"]["window_rows"], reported["drift"]["requested_window_rows"]) == (
+    drift = observer.drift_entry("m")
+    assert drift is not None
+    assert (drift["window_rows"], drift["requested_window_rows"]) == (
         50,
         35,
     )
@@ -120,7 +120,8 @@ def test_a_detached_model_is_not_watched_its_series_go_and_new_settings_leave_it
     observer.detach("m")
     _serve(observer, 1, 60)  # requests still in flight when it went
     assert observer.tick() == []
-    assert observer.reported("m") is None
+    assert observer.drift_entry("m") is None
+    assert observer.quality_entry("m") is None
     assert registry.get_sample_value("agent_drift_state", {"model": "m"}) is None
     observer.configure(DriftSettings(window_rows=20))
     assert "m" not in observer.watches
@@ -134,9 +135,9 @@ def test_new_settings_restart_the_watch(setup: Any) -> None:
     assert watch.drift is not None
     assert watch.drift.window_rows == 20
     observer.configure(DriftSettings(enabled=False))
-    reported = observer.reported("m")
-    assert reported is not None
-    assert reported["drift"]["state"] == "disabled"
+    drift = observer.drift_entry("m")
+    assert drift is not None
+    assert drift["state"] == "disabled"
 
 
 def test_feedback_is_joined_counted_and_scored(setup: Any) -> None:
@@ -151,9 +152,10 @@ def test_feedback_is_joined_counted_and_scored(setup: Any) -> None:
     assert registry.get_sample_value("agent_model_accuracy", {"model": "m"}) == 0.8
     assert registry.get_sample_value("agent_feedback_total", {"outcome": "joined"}) == 10
     assert registry.get_sample_value("agent_feedback_total", {"outcome": "duplicate"}) == 1
-    reported = observer.reported("m")
-    assert reported is not None
-    assert reported["quality"] | {"since": None} == {
+    quality = observer.quality_entry("m")
+    assert quality is not None
+    assert quality | {"since": None} == {
+        "version": 1,
         "state": "ok",
         "since": None,
         "metric": "accuracy",

@@ -49,10 +49,21 @@ def _report(**fields: Any) -> dict[str, Any]:
             "failed",
             "p99 ratio 4.5",
         ),
-        (_report(drift={"state": "drift"}), "failed", "drift alarm"),
+        (_report(drift={"version": 3, "state": "drift"}), "failed", "drift alarm"),
+        (
+            _report(probation={"state": "watching"}, drift={"version": 3, "state": "drift"}),
+            "failed",
+            "drift alarm",
+        ),
         # The release still downloads: the drift is the previous release's, not its own.
-        (_report(state="downloading", probation=None, drift={"state": "drift"}), "pending", ""),
-        (_report(drift={"state": "warning"}), "passed", ""),
+        (
+            _report(state="downloading", probation=None, drift={"version": 2, "state": "drift"}),
+            "pending",
+            "",
+        ),
+        # A section that does not say whose watch it is counts against no release.
+        (_report(drift={"state": "drift"}), "passed", ""),
+        (_report(drift={"version": 3, "state": "warning"}), "passed", ""),
         (_report(probation={"state": "passed", "error_rate": True}), "passed", ""),
     ],
 )

@@ -125,7 +125,7 @@ def test_drifted_inputs_change_the_state_everywhere_and_feedback_scores_the_mode
     )
     drift = reported["models"]["m"]["drift"]
     assert reported["models"]["m"]["quality"]["metric"] == "accuracy"
-    assert drift["window_rows"] == 50
+    assert (drift["version"], drift["window_rows"]) == (1, 50)
     assert drift["top"]
     alerts = poll(
         lambda: (
