@@ -63,6 +63,7 @@ from agent.observation.resources import PeakMemory
 from agent.releases.lifecycle import ModelState
 from agent.releases.manifest import public_key_to_b64, sign_manifest
 from agent.serving.engine import ModelLoadError, RuntimeOptions, create_session, read_contract
+from agent.settings import AgentSettings
 
 SCHEMA = "agent-profile/1"
 MODEL_NAME = "profiled"
@@ -685,9 +686,11 @@ class RecommendationDocument(_Strict):
     @field_validator("settings")
     @classmethod
     def _agent_settings(cls, settings: dict[str, str]) -> dict[str, str]:
-        strangers = sorted(name for name in settings if not name.startswith("EDGEML_"))
+        # They become the module's environment, where an unknown EDGEML_* name stops the agent.
+        known = AgentSettings.environment_names()
+        strangers = sorted(name for name in settings if name not in known)
         if strangers:
-            raise ValueError(f"settings must be EDGEML_* variables, not {strangers[0]}")
+            raise ValueError(f"settings must be the agent's EDGEML_* variables, not {strangers[0]}")
         return settings
 
 

@@ -24,8 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from agent.profiler import ProfileDocument, read_profile
 from deployment.errors import PublisherError, Reason
 
 TEMPLATE = Path(__file__).with_name("deployment.template.json")
@@ -33,47 +32,16 @@ AGENT_MODULE = "mlagent"
 # IoT Hub caps one deployment's content; the agent's desired part shares the 32 KB twin cap.
 MAX_DEPLOYMENT_BYTES = 512 * 1024
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
-_SETTING = re.compile(r"^EDGEML_[A-Z0-9_]+$")
 
 
-class _HostConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    Memory: int = Field(gt=0)
-    NanoCpus: int = Field(gt=0)
-
-
-class _CreateOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    HostConfig: _HostConfig
-
-
-class _Recommendation(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    settings: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    createOptions: _CreateOptions  # noqa: N815 -- the profile's field name
-
-
-class Profile(BaseModel):
-    """The part of the profiler's ``profile.json`` (schema ``agent-profile/1``) used here."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-    schema_: str = Field(alias="schema", pattern=r"^agent-profile/1$")
-    recommendation: _Recommendation
-
-
-def load_profile(path: Path) -> Profile:
+def load_profile(path: Path) -> ProfileDocument:
+    """The profiler's ``profile.json``, read with the profiler's own reader."""
     try:
-        profile = Profile.model_validate_json(path.read_bytes())
+        return read_profile(path.read_bytes())
     except FileNotFoundError as e:
         raise PublisherError(Reason.MANIFEST_INVALID, f"no profile file {str(path)!r}") from e
-    except (OSError, ValidationError) as e:
-        raise PublisherError(Reason.MANIFEST_INVALID, f"profile {str(path)!r}: {e}") from e
-    bad = [name for name in profile.recommendation.settings if not _SETTING.fullmatch(name)]
-    if bad:
-        raise PublisherError(
-            Reason.MANIFEST_INVALID, f"profile {str(path)!r}: not agent settings: {bad}"
-        )
-    return profile
+    except (OSError, ValueError) as e:
+        raise PublisherError(Reason.MANIFEST_INVALID, f"{e} (in {str(path)!r})") from e
 
 
 # Placeholders whose values are credentials: only from the environment (secret precedence),
@@ -112,7 +80,7 @@ def render(
     images: Mapping[str, str],
     trusted_keys: str,
     settings: Mapping[str, str] | None = None,
-    profile: Profile | None = None,
+    profile: ProfileDocument | None = None,
     agent: str = AGENT_MODULE,
 ) -> dict[str, Any]:
     """The deployment manifest (pure): placeholders filled, the profile's limits applied."""
@@ -145,7 +113,7 @@ def render(
         host.update(profile.recommendation.createOptions.HostConfig.model_dump())
         env = module.setdefault("env", {})
         for name, value in profile.recommendation.settings.items():
-            env[name] = {"value": str(value).lower() if isinstance(value, bool) else str(value)}
+            env[name] = {"value": value}
     validate(rendered, agent=agent)
     return rendered
 

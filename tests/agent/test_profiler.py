@@ -178,6 +178,7 @@ def test_a_profile_document_reads_back_what_a_deployment_needs() -> None:
     ("text", "message"),
     [
         (_document(settings={"PATH": "/bin"}), "EDGEML_"),
+        (_document(settings={"EDGEML_NO_SUCH_SETTING": "1"}), "EDGEML_NO_SUCH_SETTING"),
         (_document(createOptions={"HostConfig": {"Memory": 0, "NanoCpus": 1}}), "Memory"),
         (_document(createOptions={"HostConfig": {"Memory": "1g", "NanoCpus": 1}}), "Memory"),
         (json.dumps({"schema": "agent-profile/0", "recommendation": {}}), "schema"),

@@ -25,7 +25,8 @@ PROFILE = {
     "model": {"file": "m.onnx"},
     "recommendation": {
         "met": True,
-        "settings": {"EDGEML_MAX_BATCH": 16, "EDGEML_INTRA_OP_THREADS": 2},
+        "why": "least CPU",
+        "settings": {"EDGEML_MAX_BATCH": "16", "EDGEML_INTRA_OP_THREADS": "2"},
         "createOptions": {"HostConfig": {"Memory": 268435456, "NanoCpus": 1500000000}},
     },
 }
@@ -70,7 +71,9 @@ def test_the_profile_sets_limits_and_settings(tmp_path: Path) -> None:
     ("change", "words"),
     [
         (lambda p: p.update(schema="other/2"), "schema"),
-        (lambda p: p["recommendation"]["settings"].update(PATH="/bin"), "not agent settings"),
+        (lambda p: p["recommendation"]["settings"].update(PATH="/bin"), "not PATH"),
+        (lambda p: p["recommendation"]["settings"].update(EDGEML_MAX_BACH="8"), "MAX_BACH"),
+        (lambda p: p["recommendation"]["settings"].update(EDGEML_MAX_BATCH=16), "MAX_BATCH"),
         (
             lambda p: p["recommendation"]["createOptions"]["HostConfig"].update(Memory="1g"),
             "Memory",
