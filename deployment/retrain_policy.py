@@ -2,8 +2,9 @@
 
 Three triggers: a schedule, labelled data arriving, and drift or a quality drop across the
 fleet. The fleet signal must hold on enough devices (a count and a share) for several polls in
-a row, so one noisy device or one noisy window starts nothing; a cooldown spaces retrainings;
-a job in progress blocks a second one, so a schedule that overlaps a running job waits.
+a row, so one noisy device or one noisy window starts nothing; a cooldown spaces retrainings.
+No second job can start over a running one: the controller decides only when no job is stored,
+and resumes a stored one (after a crash) instead.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ class Hold(enum.StrEnum):
     """Why no retraining starts this poll."""
 
     NOTHING = "nothing_to_do"
-    BUSY = "job_in_progress"
     COOLDOWN = "cooldown"
     FEW_DEVICES = "too_few_devices_drifting"
     NOT_SUSTAINED = "drift_not_sustained"
@@ -84,7 +84,6 @@ class ControllerState:
     last_started: float | None = None
     last_scheduled: float | None = None
     drift_streak: int = 0
-    busy: bool = False
     seen_data: frozenset[str] = frozenset()
 
 
@@ -124,8 +123,6 @@ def decide(
             Hold.NOT_SUSTAINED if streak else Hold.FEW_DEVICES if signal.drifting else Hold.NOTHING
         )
         return Decision(None, hold, state)
-    if state.busy:
-        return Decision(None, Hold.BUSY, state)
     if state.last_started is not None and now - state.last_started < policy.cooldown_s:
         return Decision(None, Hold.COOLDOWN, state)
     started = replace(
@@ -133,7 +130,6 @@ def decide(
         last_started=now,
         last_scheduled=now if trigger is Trigger.SCHEDULE else state.last_scheduled,
         drift_streak=0,
-        busy=True,
         seen_data=state.seen_data | new_data,
     )
     return Decision(trigger, None, started, new_data)

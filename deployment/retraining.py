@@ -189,7 +189,6 @@ class StateFile:
             last_started=raw.get("last_started"),
             last_scheduled=raw.get("last_scheduled"),
             drift_streak=int(raw.get("drift_streak", 0)),
-            busy=bool(raw.get("busy", False)),
             seen_data=frozenset(raw.get("seen_data", ())),
         )
         job = Job(**raw["job"]) if raw.get("job") else None
@@ -297,7 +296,7 @@ class Controller:
                 error=error.message,
             )
             job = replace(job, stage="failed")
-        self._store.save(replace(state, busy=False), None)
+        self._store.save(state, None)
         return job
 
     def _advance(self, state: ControllerState, job: Job) -> Job:

@@ -43,8 +43,6 @@ DRIFTING = FleetSignal(devices=10, drifting=4)
         (90_000.0, IDLE, QUIET, {"a.csv"}, (Trigger.SCHEDULE, None)),
         # A first start with no history and a schedule.
         (5.0, ControllerState(), QUIET, set(), (Trigger.SCHEDULE, None)),
-        # A schedule that overlaps a running job waits for it.
-        (90_000.0, ControllerState(0.0, 0.0, busy=True), QUIET, set(), (None, Hold.BUSY)),
         # Drift outranks the other triggers when several hold at once.
         (90_000.0, ControllerState(0.0, 0.0, 1), DRIFTING, {"z.csv"}, (Trigger.DRIFT, None)),
     ],
@@ -90,17 +88,9 @@ def test_new_data_waits_for_drift_when_it_is_no_trigger(
 def test_a_started_job_marks_its_data_seen_and_resets_the_streak() -> None:
     decision = decide(1_000.0, ControllerState(0.0, 0.0, 5), DRIFTING, frozenset({"b.csv"}), POLICY)
     assert decision.trigger is Trigger.DRIFT
-    assert decision.state.busy
     assert decision.state.drift_streak == 0
     assert decision.state.seen_data == {"b.csv"}
     assert decision.state.last_started == 1_000.0
-
-
-def test_data_seen_during_a_busy_job_stays_new_for_the_next_poll() -> None:
-    busy = ControllerState(0.0, 0.0, busy=True)
-    decision = decide(1_000.0, busy, QUIET, frozenset({"b.csv"}), POLICY)
-    assert decision.hold is Hold.BUSY
-    assert decision.state.seen_data == frozenset()
 
 
 @pytest.mark.parametrize(
