@@ -28,7 +28,7 @@ from agent.releases.folder import FolderSource
 from agent.releases.quarantine import Quarantine
 from agent.releases.store import ModelStore, StoreError
 from agent.releases.swap import HttpsArtifacts, ModelManager
-from agent.serving.auth import Credentials
+from agent.serving.auth import Credentials, SecretsReloader
 from agent.serving.engine import LoadedModel, ModelLoadError, load_model
 from agent.serving.http import HttpService, MetricsService
 from agent.serving.inference import InferenceService
@@ -203,9 +203,11 @@ class Agent:
     def services_in_start_order(self, *extra: Service) -> list[Service]:
         """Model sources first, then `extra` (adapters), then the servers: HTTP stops first."""
         settings = self.settings
+        reloader = [SecretsReloader(self.credentials)] if self.credentials is not None else []
         return [
             *self._sources,
             *extra,
+            *reloader,
             MetricsService(self.registry, settings.http, credentials=self.credentials),
             HttpService(self.services, self.metrics, settings.http, credentials=self.credentials),
         ]

@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from agent.config import Section
 from agent.serving import protocol
+from agent.ticks import ticks
 
 log = structlog.get_logger(__name__)
 
@@ -177,6 +178,24 @@ class Credentials:
                 return True
         presented = bearer_token(request.headers.get("Authorization"))
         return presented is not None and token_matches(presented, self.tokens)
+
+
+class SecretsReloader:
+    """Service: re-reads the secret files on change, once for every server that uses them."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self.name = "secrets"
+        self._credentials = credentials
+
+    async def start(self) -> None:
+        return None
+
+    async def run(self) -> None:
+        async for _ in ticks(self._credentials.settings.secrets_reload_s):
+            self._credentials.reload_if_changed()
+
+    async def stop(self, grace_s: float) -> None:
+        return None
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -39,7 +39,6 @@ from agent.serving.connections import (
 )
 from agent.serving.contract import RequestError
 from agent.serving.v2 import InferenceError, ServedModel, infer_v2
-from agent.ticks import ticks
 
 SERVER_NAME: Final = "edge-mlops-agent"
 LINGERING_S: Final = 1.0
@@ -382,11 +381,8 @@ class _AppServer:
         )
 
     async def run(self) -> None:
-        """Requests are served by callbacks; secrets, if any, are re-read when they change."""
-        if self._credentials is None:
-            return
-        async for _ in ticks(self._credentials.settings.secrets_reload_s):
-            self._credentials.reload_if_changed()
+        """Requests are served by callbacks (`SecretsReloader` re-reads the secrets)."""
+        return None
 
     async def stop(self, grace_s: float) -> None:
         """Close the listening socket and idle connections, let requests in flight finish within
