@@ -233,12 +233,10 @@ class Publisher:
         blobs = self._s.blobs()
         try:
             with tempfile.TemporaryDirectory() as folder:
-                data = registry.model_bytes(entry, Path(folder))
-                path = Path(folder) / "model.onnx"
-                path.write_bytes(data)
+                path = registry.model_file(entry, Path(folder))
                 blob = artifacts.blob_name(name, version, entry.sha256)
                 with self._progress() as progress:
-                    task = progress.add_task(f"upload {entry.ref}", total=len(data))
+                    task = progress.add_task(f"upload {entry.ref}", total=path.stat().st_size)
                     uploaded = blobs.upload(
                         path,
                         blob,
@@ -421,9 +419,7 @@ class Publisher:
         registry = self._s.registry()
         old = registry.entry(model, previous)
         with tempfile.TemporaryDirectory() as folder:
-            data = registry.model_bytes(old, Path(folder))
-            path = Path(folder) / old.tags.get("model_file", "model.onnx")
-            path.write_bytes(data)
+            path = registry.model_file(old, Path(folder))
             described = registry.described(old, Path(folder) / "described")
             entry = registry.register(
                 model,

@@ -281,15 +281,17 @@ class Registry:
                 Reason.NOT_FOUND, f"{entry.ref}: artifact {path!r} cannot be read ({e})"
             ) from e
 
-    def model_bytes(self, entry: ModelEntry, destination: Path) -> bytes:
-        """The artifact bytes, checked against the sha256 recorded at registration."""
+    def model_file(self, entry: ModelEntry, destination: Path) -> Path:
+        """The artifact downloaded under `destination`, checked against the registered sha256."""
         model_file = entry.tags.get("model_file", "")
-        data = self.artifact(entry, f"{MODEL_ARTIFACT_DIR}/{model_file}", destination).read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
+        path = self.artifact(entry, f"{MODEL_ARTIFACT_DIR}/{model_file}", destination)
+        with path.open("rb") as stream:
+            digest = hashlib.file_digest(stream, "sha256").hexdigest()
+        if digest != entry.sha256:
             raise PublisherError(
                 Reason.MODEL_INVALID, f"{entry.ref}: the stored artifact no longer matches sha256"
             )
-        return data
+        return path
 
     def described(self, entry: ModelEntry, destination: Path) -> dict[str, Any]:
         described: dict[str, Any] = json.loads(

@@ -350,15 +350,29 @@ class Controller:
         if champion is None:
             # The first release has nothing to beat: its own pipeline gate decided.
             return GateResult(True, "no_champion", 0.0, 0.0, 0.0, 0.0)
-        window_x, window_y = load_labelled(window) if window.exists() else load_labelled(holdout)
-        holdout_x, holdout_y = load_labelled(holdout)
-        return promotion_gate(
-            candidate_window=evaluate(candidate, window_x, window_y)["accuracy"],
-            champion_window=evaluate(champion, window_x, window_y)["accuracy"],
-            candidate_holdout=evaluate(candidate, holdout_x, holdout_y)["accuracy"],
-            champion_holdout=evaluate(champion, holdout_x, holdout_y)["accuracy"],
-            policy=self._config.policy,
-        )
+        holdout_rows = load_labelled(holdout)
+        window_rows = load_labelled(window) if window.exists() else holdout_rows
+        return judge_candidate(candidate, champion, window_rows, holdout_rows, self._config.policy)
+
+
+Labelled = tuple[np.ndarray, np.ndarray]
+
+
+def judge_candidate(
+    candidate: bytes, champion: bytes, window: Labelled, holdout: Labelled, policy: RetrainPolicy
+) -> GateResult:
+    """The promotion gate on the accuracy each exported model has on the window and holdout."""
+
+    def accuracy(model: bytes, rows: Labelled) -> float:
+        return evaluate(model, *rows)["accuracy"]
+
+    return promotion_gate(
+        candidate_window=accuracy(candidate, window),
+        champion_window=accuracy(champion, window),
+        candidate_holdout=accuracy(candidate, holdout),
+        champion_holdout=accuracy(champion, holdout),
+        policy=policy,
+    )
 
 
 def _sha256(data: bytes) -> str:

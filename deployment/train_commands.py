@@ -27,20 +27,20 @@ from deployment.pipeline import (
     MODEL_FILE,
     PipelineConfig,
     Tracker,
-    evaluate,
     load_labelled,
     read_outputs,
     run_pipeline,
 )
 from deployment.publisher import Publisher, Services
 from deployment.registry import CHAMPION
-from deployment.retrain_policy import Decision, RetrainPolicy, promotion_gate
+from deployment.retrain_policy import Decision, RetrainPolicy
 from deployment.retraining import (
     CommandTrainer,
     Controller,
     ControllerConfig,
     PipelineTrainer,
     Trainer,
+    judge_candidate,
 )
 
 log = structlog.get_logger(__name__)
@@ -130,7 +130,7 @@ def _champion(services: Services, name: str) -> bytes | None:
     if version is None:
         return None
     with tempfile.TemporaryDirectory() as folder:
-        return registry.model_bytes(registry.entry(name, version), Path(folder))
+        return registry.model_file(registry.entry(name, version), Path(folder)).read_bytes()
 
 
 def _gate(args: argparse.Namespace, services: Services, out: Console) -> None:
@@ -140,16 +140,10 @@ def _gate(args: argparse.Namespace, services: Services, out: Console) -> None:
     if champion is None:
         out.print(f"no champion of {args.name} yet: the candidate passes on its own metrics")
         return
-    holdout_x, holdout_y = load_labelled(args.candidate / HOLDOUT_FILE)
-    window_x, window_y = load_labelled(args.window) if args.window else (holdout_x, holdout_y)
+    holdout = load_labelled(args.candidate / HOLDOUT_FILE)
+    window = load_labelled(args.window) if args.window else holdout
     policy = RetrainPolicy(min_gain=args.min_gain, max_holdout_loss=args.max_holdout_loss)
-    result = promotion_gate(
-        candidate_window=evaluate(candidate, window_x, window_y)["accuracy"],
-        champion_window=evaluate(champion, window_x, window_y)["accuracy"],
-        candidate_holdout=evaluate(candidate, holdout_x, holdout_y)["accuracy"],
-        champion_holdout=evaluate(champion, holdout_x, holdout_y)["accuracy"],
-        policy=policy,
-    )
+    result = judge_candidate(candidate, champion, window, holdout, policy)
     services.audit.append("gate", args.name, result.reason, **vars(result))
     out.print(
         f"gate {result.reason}: recent data {result.candidate_window:.3f} against"
