@@ -382,7 +382,6 @@ class _AppServer:
 
     async def run(self) -> None:
         """Requests are served by callbacks (`SecretsReloader` re-reads the secrets)."""
-        return None
 
     async def stop(self, grace_s: float) -> None:
         """Close the listening socket and idle connections, let requests in flight finish within
