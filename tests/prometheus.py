@@ -1,7 +1,7 @@
-"""A real Prometheus server for tests: Debian's `prometheus` on loopback, scraping given targets.
+"""Real Prometheus-family servers for tests: Debian's binaries started on loopback.
 
-The config is written as JSON (YAML is a superset of it), the TSDB lives in the test's tmp dir,
-and both the API and the binary's own log are reachable for assertions and failure messages.
+Configs are written as JSON (YAML is a superset of it), data lives in the test's tmp dir, and
+both a server's API and its own log are reachable for assertions and failure messages.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +34,12 @@ def free_port() -> int:
         return port
 
 
-def prometheus_binary() -> str:
-    """The `prometheus` on PATH; in CI its absence is a setup error, not a reason to skip."""
-    found = shutil.which("prometheus")
+def debian_binary(name: str, package: str) -> str:
+    """A Debian binary on PATH; in CI its absence is a setup error, not a reason to skip."""
+    found = shutil.which(name)
     if found is not None:
         return found
-    message = "the prometheus binary is missing: run `make system-deps` (Debian package prometheus)"
+    message = f"{name} is missing: run `make system-deps` (Debian package {package})"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
@@ -61,12 +61,69 @@ def scrape_config(job: str, targets: list[str], interval_s: float) -> dict[str, 
 
 
 @dataclass(frozen=True)
-class Prometheus:
-    """A running server's HTTP API."""
+class Service:
+    """A running server: its URL, its process and the log it writes."""
 
+    name: str
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
+            body: bytes = response.read()
+            return body
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+@contextmanager
+def running_service(
+    name: str,
+    argv: list[str],
+    workdir: Path,
+    port: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 60.0,
+) -> Iterator[Service]:
+    """Start `argv` (listening on `port`), wait for /-/ready, stop it with SIGTERM on exit."""
+    log = workdir / f"{name}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            argv, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    service = Service(name, f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _ready(service.url):
+            if process.poll() is not None:
+                pytest.fail(f"{name} exited {process.returncode}:\n{service.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} not ready after {timeout_s} s:\n{service.log_tail()}")
+            time.sleep(0.2)
+        yield service
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass(frozen=True)
+class Prometheus(Service):
+    """A running Prometheus server's HTTP API."""
 
     def api(self, path: str, **params: str) -> Any:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
@@ -99,23 +156,21 @@ class Prometheus:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                pytest.fail(f"prometheus exited {self.process.returncode}:\n{self._log_tail()}")
+                pytest.fail(f"{self.name} exited {self.process.returncode}:\n{self.log_tail()}")
             found = probe()
             if found is not None:
                 return found
             time.sleep(0.2)
-        pytest.fail(f"timed out after {timeout_s} s waiting for {what}:\n{self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
+        pytest.fail(f"timed out after {timeout_s} s waiting for {what}:\n{self.log_tail()}")
 
 
-def _ready(url: str) -> bool | None:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
-            return True if response.status == 200 else None
-    except (urllib.error.URLError, ConnectionError):
-        return None
+@contextmanager
+def running_prometheus_server(
+    name: str, argv: list[str], workdir: Path, port: int, *, env: Mapping[str, str] | None = None
+) -> Iterator[Prometheus]:
+    """`running_service` for a `prometheus` command line, with the query API."""
+    with running_service(name, argv, workdir, port, env=env) as service:
+        yield Prometheus(service.name, service.url, service.process, service.log)
 
 
 @contextmanager
@@ -123,32 +178,16 @@ def running_prometheus(
     workdir: Path, *, job: str, targets: list[str], scrape_interval_s: float = 1.0
 ) -> Iterator[Prometheus]:
     """Start Prometheus on 127.0.0.1 scraping `targets`; stop it (SIGTERM, wait) on exit."""
-    binary = prometheus_binary()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
     config.write_text(json.dumps(scrape_config(job, targets, scrape_interval_s), indent=2))
     port = free_port()
-    log = workdir / "prometheus.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    server = Prometheus(f"http://127.0.0.1:{port}", process, log)
-    try:
-        server.wait_for(lambda: _ready(server.url), "prometheus /-/ready")
+    argv = [
+        debian_binary("prometheus", "prometheus"),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={workdir / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    with running_prometheus_server("prometheus", argv, workdir, port) as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

@@ -41,6 +41,10 @@ class Workspace:
         return self.root / "edgeml.toml"
 
     @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
     def audit(self) -> Path:
         return self.root / "audit.jsonl"
 
@@ -89,6 +93,22 @@ class Workspace:
         )
         return Result(done.returncode, done.stdout, done.stderr)
 
+    def register(self, model: Path, name: str, *extra: str) -> int:
+        """`register` with the workspace's metrics file; the version it registered."""
+        result = self.cli(
+            "register", str(model), "--name", name, "--metrics", str(self.metrics), *extra
+        )
+        assert result.code == 0, result.err
+        return int(result.out.split(f"registered {name}:")[1].split()[0])
+
+    def publish(self, model: Path, name: str) -> int:
+        """register, upload, sign: the version, ready to release."""
+        version = self.register(model, name)
+        for command in ("upload", "sign"):
+            result = self.cli(command, f"{name}:{version}")
+            assert result.code == 0, result.err
+        return version
+
     def keygen(self) -> Path:
         result = self.cli("keygen", "--out", str(self.root / "keys"))
         assert result.code == 0, result.err
@@ -108,7 +128,7 @@ def workspace(tmp_path: Path, mlflow_db: Path) -> Workspace:
     key = ws.keygen()
     ws.environ["PUBLISHER_SIGNING_KEY_FILE"] = str(key)
     ws.environ["PUBLISHER_ACTOR"] = "tester"
-    (tmp_path / "metrics.json").write_text('{"accuracy": 0.91, "loss": 0.2}')
+    ws.metrics.write_text('{"accuracy": 0.91, "loss": 0.2}')
     return ws
 
 

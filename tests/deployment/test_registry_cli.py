@@ -27,14 +27,6 @@ def _entries(ws: Workspace) -> list[tuple[str, str, str]]:
     return [(e.action, e.subject, e.outcome) for e in AuditLog(ws.audit).entries()]
 
 
-def _register(ws: Workspace, model: Path, name: str, *extra: str) -> int:
-    result = ws.cli(
-        "register", str(model), "--name", name, "--metrics", str(ws.root / "metrics.json"), *extra
-    )
-    assert result.code == 0, result.err
-    return int(result.out.split(f"registered {name}:")[1].split()[0])
-
-
 def test_keygen_writes_a_private_file_only_the_owner_reads(
     tmp_path: Path, workspace: Workspace
 ) -> None:
@@ -53,8 +45,8 @@ def test_keygen_writes_a_private_file_only_the_owner_reads(
 
 
 def test_register_list_show_history(workspace: Workspace, tiny_file: Path) -> None:
-    first = _register(workspace, tiny_file, "reg_a")
-    second = _register(workspace, save(tiny_mlp(seed=2), workspace.root / "v2.onnx"), "reg_a")
+    first = workspace.register(tiny_file, "reg_a")
+    second = workspace.register(save(tiny_mlp(seed=2), workspace.root / "v2.onnx"), "reg_a")
     assert second == first + 1
     listed = workspace.cli("list")
     assert listed.code == 0
@@ -76,7 +68,7 @@ def test_register_list_show_history(workspace: Workspace, tiny_file: Path) -> No
 
 
 def test_a_version_that_is_not_next_is_refused(workspace: Workspace, tiny_file: Path) -> None:
-    latest = _register(workspace, tiny_file, "reg_b")
+    latest = workspace.register(tiny_file, "reg_b")
     for asked in (latest, latest + 2):
         result = workspace.cli(
             "register",
@@ -84,13 +76,13 @@ def test_a_version_that_is_not_next_is_refused(workspace: Workspace, tiny_file: 
             "--name",
             "reg_b",
             "--metrics",
-            str(workspace.root / "metrics.json"),
+            str(workspace.metrics),
             "--version",
             str(asked),
         )
         assert result.code == 1
         assert "version_not_newer" in result.err
-    assert _register(workspace, tiny_file, "reg_b", "--version", str(latest + 1)) == latest + 1
+    assert workspace.register(tiny_file, "reg_b", "--version", str(latest + 1)) == latest + 1
 
 
 def _nan_model(path: Path) -> Path:
@@ -122,7 +114,7 @@ def test_bad_input_registers_nothing(
     workspace: Workspace, tiny_file: Path, case: str, reason: str, words: str
 ) -> None:
     name = f"bad_{case}"
-    model, metrics, extra = tiny_file, workspace.root / "metrics.json", []
+    model, metrics, extra = tiny_file, workspace.metrics, []
     if case == "missing_model":
         model = workspace.root / "absent.onnx"
     elif case == "not_onnx":
@@ -150,7 +142,7 @@ def test_bad_input_registers_nothing(
 
 
 def test_sign_makes_a_manifest_devices_accept(workspace: Workspace, tiny_file: Path) -> None:
-    version = _register(workspace, tiny_file, "signed_a")
+    version = workspace.register(tiny_file, "signed_a")
     result = workspace.cli("sign", f"signed_a:{version}", "--url", URL, "--valid-hours", "2")
     assert result.code == 0, result.err
     manifest_file = workspace.root / "releases" / "signed_a" / f"{version}.manifest.json"
@@ -171,13 +163,13 @@ def test_key_rotation_two_trusted_keys_during_the_change_over(
     """Devices trust old and new keys while rings move to releases signed by the new one;
     once the old key is dropped, a release it signed is refused."""
     old_key = Path(workspace.environ["PUBLISHER_SIGNING_KEY_FILE"])
-    first = _register(workspace, tiny_file, "rotated")
+    first = workspace.register(tiny_file, "rotated")
     assert workspace.cli("sign", f"rotated:{first}", "--url", URL).code == 0
     old_manifest = json.loads(
         (workspace.root / "releases" / "rotated" / f"{first}.manifest.json").read_text()
     )
     workspace.environ["PUBLISHER_SIGNING_KEY_FILE"] = str(workspace.keygen())
-    second = _register(workspace, tiny_file, "rotated")
+    second = workspace.register(tiny_file, "rotated")
     assert workspace.cli("sign", f"rotated:{second}", "--url", URL).code == 0
     new_manifest = json.loads(
         (workspace.root / "releases" / "rotated" / f"{second}.manifest.json").read_text()
@@ -196,7 +188,7 @@ def test_key_rotation_two_trusted_keys_during_the_change_over(
 def test_a_missing_signing_key_names_itself_and_signs_nothing(
     workspace: Workspace, tiny_file: Path
 ) -> None:
-    version = _register(workspace, tiny_file, "unsigned")
+    version = workspace.register(tiny_file, "unsigned")
     del workspace.environ["PUBLISHER_SIGNING_KEY_FILE"]
     result = workspace.cli("sign", f"unsigned:{version}", "--url", URL)
     assert result.code == 1

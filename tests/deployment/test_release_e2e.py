@@ -118,13 +118,7 @@ def _ok(result: Result) -> Result:
 def _publish(ws: Workspace, name: str, seed: int) -> tuple[int, str]:
     """register, upload, sign: (version, sha256)."""
     model = save(tiny_mlp(seed=seed), ws.root / f"{name}-{seed}.onnx")
-    registered = _ok(
-        ws.cli("register", str(model), "--name", name, "--metrics", str(ws.root / "metrics.json"))
-    )
-    version = int(registered.out.split(f"registered {name}:")[1].split()[0])
-    _ok(ws.cli("upload", f"{name}:{version}"))
-    _ok(ws.cli("sign", f"{name}:{version}"))
-    return version, hashlib.sha256(model.read_bytes()).hexdigest()
+    return ws.publish(model, name), hashlib.sha256(model.read_bytes()).hexdigest()
 
 
 def _layers(fleet: Fleet, model: str) -> list[str]:
@@ -341,7 +335,7 @@ def _secret_values(ws: Workspace) -> dict[str, str]:
 def test_no_secret_reaches_any_output(ws: Workspace, fleet: Fleet) -> None:
     """Every command as its own process with debug logs; then every file it wrote."""
     model = save(tiny_mlp(seed=9), ws.root / "secretive.onnx")
-    metrics = str(ws.root / "metrics.json")
+    metrics = str(ws.metrics)
     results = [
         ws.process(
             "--log-level",

@@ -92,19 +92,7 @@ def test_real_agents_converge_through_two_rings_and_a_bad_canary_converges_back(
             modules.append(ModuleProcess.start(env, tmp_path / f"{device}.log"))
 
         model = save(tiny_mlp(seed=11), tmp_path / "real.onnx")
-        registered = workspace.cli(
-            "register",
-            str(model),
-            "--name",
-            "real",
-            "--metrics",
-            str(workspace.root / "metrics.json"),
-        )
-        assert registered.code == 0, registered.err
-        version = int(registered.out.split("registered real:")[1].split()[0])
-        for argv in (["upload", f"real:{version}"], ["sign", f"real:{version}"]):
-            result = workspace.cli(*argv)
-            assert result.code == 0, result.err
+        version = workspace.publish(model, "real")
 
         released = workspace.cli(
             "release",
@@ -135,18 +123,7 @@ def test_real_agents_converge_through_two_rings_and_a_bad_canary_converges_back(
         # A release that fails on two-row requests: its golden (one row) passes, so only
         # probation under traffic catches it, on the canary, before any other device sees it.
         bad = save(_breaks_above_one_row(), tmp_path / "bad.onnx")
-        registered = workspace.cli(
-            "register",
-            str(bad),
-            "--name",
-            "real",
-            "--metrics",
-            str(workspace.root / "metrics.json"),
-        )
-        assert registered.code == 0, registered.err
-        bad_version = int(registered.out.split("registered real:")[1].split()[0])
-        for argv in (["upload", f"real:{bad_version}"], ["sign", f"real:{bad_version}"]):
-            assert workspace.cli(*argv).code == 0
+        bad_version = workspace.publish(bad, "real")
         stop = threading.Event()
         canary = modules[0]
         rows = {

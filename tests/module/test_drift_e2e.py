@@ -25,6 +25,7 @@ from tests.module.harness import (
     Releases,
     Service,
     infer_request,
+    model_entry,
     poll,
     reference,
     send_infer,
@@ -119,7 +120,7 @@ def test_drifted_inputs_change_the_state_everywhere_and_feedback_scores_the_mode
     assert score is not None
     assert score > 3
     reported = service.wait_reported(
-        lambda r: r.get("models", {}).get("m", {}).get("drift", {}).get("state") == "drift",
+        lambda r: model_entry(r).get("drift", {}).get("state") == "drift",
         30,
         "drift reported",
     )

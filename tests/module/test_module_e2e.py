@@ -384,7 +384,7 @@ def test_a_storm_of_500_patches_keeps_one_download_in_flight_and_ends_on_the_new
         problems.append(f"active versions went backwards: {_first_inversion(active)}")
     # As the hub saw it: reported patches arrive in order, so the model version
     # the twin shows never goes back, and the desired version neither.
-    entries = [p.get("models", {}).get("m") or {} for p in patches]
+    entries = [model_entry(p) for p in patches]
     shown = [entry["version"] for entry in entries if "version" in entry]
     if shown != sorted(shown):
         problems.append(f"the reported model version went backwards: {_first_inversion(shown)}")

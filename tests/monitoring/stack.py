@@ -8,12 +8,7 @@ URLs, ports, and intervals shortened so a test takes seconds); every replacement
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,17 +16,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.monitoring.files import (
     AGENT_PROMETHEUS,
     ALERTMANAGER,
     CENTRAL_PROMETHEUS,
     RULES,
-    binary,
     load_yaml,
 )
-from tests.prometheus import Prometheus, free_port
+from tests.prometheus import (
+    Prometheus,
+    Service,
+    debian_binary,
+    free_port,
+    running_prometheus_server,
+    running_service,
+)
 
 HUB = "hub-test.azure-devices.net"
 SCRAPE_INTERVAL = "2s"
@@ -41,65 +40,6 @@ BATCH_SEND_DEADLINE = "1s"
 # and under the committed 30 s so the test stays short.
 GROUP_WAIT_S = 15
 GROUP_WAIT = f"{GROUP_WAIT_S}s"
-
-
-@dataclass(frozen=True)
-class Service:
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
-            body: bytes = response.read()
-            return body
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, ConnectionError):
-        return False
-
-
-@contextmanager
-def running_service(
-    name: str,
-    argv: list[str],
-    workdir: Path,
-    port: int,
-    *,
-    env: Mapping[str, str] | None = None,
-    timeout_s: float = 60.0,
-) -> Iterator[Service]:
-    """Start `argv` (listening on `port`), wait for /-/ready, stop it with SIGTERM on exit."""
-    log = workdir / f"{name}.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            argv, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-    service = Service(name, f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _ready(service.url):
-            if process.poll() is not None:
-                pytest.fail(f"{name} exited {process.returncode}:\n{service.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{name} not ready after {timeout_s} s:\n{service.log_tail()}")
-            time.sleep(0.2)
-        yield service
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
@@ -190,7 +130,7 @@ def running_alertmanager(workdir: Path, webhook: str) -> Iterator[Service]:
     port = free_port()
     config = write_config(workdir, "alertmanager.yml", alertmanager_config(webhook))
     argv = [
-        binary("prometheus-alertmanager", "prometheus-alertmanager"),
+        debian_binary("prometheus-alertmanager", "prometheus-alertmanager"),
         f"--config.file={config}",
         f"--storage.path={workdir / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
@@ -207,15 +147,15 @@ def running_central(workdir: Path, alertmanager: str) -> Iterator[Prometheus]:
     port = free_port()
     config = write_config(workdir, "prometheus.yml", central_config(alertmanager))
     argv = [
-        binary("prometheus", "prometheus"),
+        debian_binary("prometheus", "prometheus"),
         f"--config.file={config}",
         f"--storage.tsdb.path={workdir / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{port}",
         "--web.enable-remote-write-receiver",
         "--log.level=warn",
     ]
-    with running_service("central", argv, workdir, port) as service:
-        yield Prometheus(service.url, service.process, service.log)
+    with running_prometheus_server("central", argv, workdir, port) as server:
+        yield server
 
 
 @contextmanager
@@ -229,7 +169,7 @@ def running_device_prometheus(
     token.write_text("test-token\n")
     config = write_config(workdir, "agent.yml", agent_config(target, remote_write_url, token))
     argv = [
-        binary("prometheus", "prometheus"),
+        debian_binary("prometheus", "prometheus"),
         "--enable-feature=agent,expand-external-labels",
         f"--config.file={config}",
         f"--storage.agent.path={workdir / 'wal'}",

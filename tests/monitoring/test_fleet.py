@@ -41,14 +41,13 @@ from tests.monitoring.files import DASHBOARD, MONITORING
 from tests.monitoring.stack import (
     GROUP_WAIT_S,
     HUB,
-    Service,
     Webhook,
     running_alertmanager,
     running_central,
     running_device_prometheus,
     running_webhook,
 )
-from tests.prometheus import Prometheus
+from tests.prometheus import Prometheus, Service
 from tests.simulator.conftest import collect_sdk_garbage
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

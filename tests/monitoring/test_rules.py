@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.monitoring.files import ALERTMANAGER, RULE_TESTS, RULES, binary, load_yaml
+from tests.monitoring.files import ALERTMANAGER, RULE_TESTS, RULES, load_yaml
+from tests.prometheus import debian_binary
 
 
 def _alerts() -> list[dict[str, Any]]:
@@ -21,13 +22,13 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.e2e  # runs a Debian binary
 def test_promtool_check_rules_accepts_the_rules() -> None:
-    result = _run(binary("promtool", "prometheus"), "check", "rules", str(RULES))
+    result = _run(debian_binary("promtool", "prometheus"), "check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.e2e  # runs a Debian binary
 def test_promtool_unit_tests_pass() -> None:
-    result = _run(binary("promtool", "prometheus"), "test", "rules", str(RULE_TESTS))
+    result = _run(debian_binary("promtool", "prometheus"), "test", "rules", str(RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
 
@@ -53,7 +54,9 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
 
 @pytest.mark.e2e  # runs a Debian binary
 def test_amtool_accepts_the_alertmanager_config() -> None:
-    result = _run(binary("amtool", "prometheus-alertmanager"), "check-config", str(ALERTMANAGER))
+    result = _run(
+        debian_binary("amtool", "prometheus-alertmanager"), "check-config", str(ALERTMANAGER)
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -71,7 +74,7 @@ def test_amtool_accepts_the_alertmanager_config() -> None:
 )
 def test_alerts_are_routed_by_severity_and_ring(labels: dict[str, str], receiver: str) -> None:
     result = _run(
-        binary("amtool", "prometheus-alertmanager"),
+        debian_binary("amtool", "prometheus-alertmanager"),
         "config",
         "routes",
         "test",

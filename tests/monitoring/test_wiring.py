@@ -13,9 +13,9 @@ from tests.monitoring.files import (
     CENTRAL_PROMETHEUS,
     MONITORING,
     RULES,
-    binary,
     load_yaml,
 )
+from tests.prometheus import debian_binary
 
 TEMPLATE = MONITORING.parent / "deployment.template.json"
 
@@ -71,7 +71,7 @@ def test_the_metrics_collector_alternative_collects_the_agent_endpoint() -> None
 )
 def test_promtool_accepts_the_prometheus_configs(config: object, flags: tuple[str, ...]) -> None:
     result = subprocess.run(
-        [binary("promtool", "prometheus"), "check", "config", *flags, str(config)],
+        [debian_binary("promtool", "prometheus"), "check", "config", *flags, str(config)],
         capture_output=True,
         text=True,
         timeout=60,
