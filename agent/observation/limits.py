@@ -183,6 +183,27 @@ def _read_v1(root: Path, paths: dict[str, PurePosixPath]) -> tuple[int | None, f
     return (None if lowest_memory is None else int(lowest_memory)), _lowest(cpu)
 
 
+def read_memory_free(root: Path = Path("/")) -> int | None:
+    """Bytes left now under the memory limits on the way up from this process's cgroup: the
+    least of limit - usage (page cache included, as the kernel counts it); None if unlimited."""
+    paths = parse_proc_cgroup(_read(root / "proc/self", "cgroup") or "")
+    if (root / "sys/fs/cgroup/cgroup.controllers").is_file():
+        chain = _chain(root / "sys/fs/cgroup", paths.get("", PurePosixPath("/")))
+        limit_file, usage_file, parse = "memory.max", "memory.current", parse_memory_max
+    else:
+        chain = _chain(_v1_mount(root, "memory"), paths.get("memory", PurePosixPath("/")))
+        limit_file, usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
+        parse = parse_v1_memory
+    free = [
+        limit - _non_negative_int(usage.strip(), usage_file)
+        for folder in chain
+        if (text := _read(folder, limit_file)) is not None
+        and (limit := parse(text)) is not None
+        and (usage := _read(folder, usage_file)) is not None
+    ]
+    return max(min(free), 0) if free else None
+
+
 def read_limits(root: Path = Path("/"), cpus_allowed: int | None = None) -> Limits:
     """The limits of this process's cgroup, read under `root`.
 

@@ -36,6 +36,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.config import Section
+from agent.observation.limits import read_memory_free
 from agent.reasons import AgentError, Reason
 from agent.releases.lifecycle import (
     SwapError,
@@ -84,14 +85,6 @@ class QuarantineSettings(Section):
 
 
 @dataclass(frozen=True, slots=True)
-class CgroupMemory:
-    """The container's memory limit and current usage, in bytes."""
-
-    limit: int
-    usage: int
-
-
-@dataclass(frozen=True, slots=True)
 class Passed:
     """The candidate loaded, met its contract and golden sample and ran at every batch size."""
 
@@ -111,42 +104,14 @@ class Refused:
 QuarantineResult = Passed | Refused
 
 
-def memory_budget(cgroup: CgroupMemory | None, configured: int | None) -> int:
+def memory_budget(memory_free: int | None, configured: int | None) -> int:
     """The child's memory budget: the setting if given, else a share of what the container
     has free, else `DEFAULT_MEMORY_BYTES`; never below `MIN_MEMORY_BYTES`."""
     if configured is not None:
         return max(configured, MIN_MEMORY_BYTES)
-    if cgroup is None:
+    if memory_free is None:
         return DEFAULT_MEMORY_BYTES
-    free = max(cgroup.limit - cgroup.usage, 0)
-    return max(int(free * CGROUP_FREE_SHARE), MIN_MEMORY_BYTES)
-
-
-def parse_cgroup_memory(limit_text: str, usage_text: str) -> CgroupMemory | None:
-    """cgroup v2 `memory.max` / `memory.current` (or v1's files); None when unlimited."""
-    limit_text, usage_text = limit_text.strip(), usage_text.strip()
-    if limit_text == "max" or not limit_text.isdigit() or not usage_text.isdigit():
-        return None
-    limit = int(limit_text)
-    # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1.
-    if limit >= 1 << 62:
-        return None
-    return CgroupMemory(limit=limit, usage=int(usage_text))
-
-
-def read_cgroup_memory(root: Path = Path("/sys/fs/cgroup")) -> CgroupMemory | None:
-    """This container's memory limit, from cgroup v2 or v1 under `root`; None if none."""
-    for limit_file, usage_file in (
-        ("memory.max", "memory.current"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
-    ):
-        try:
-            return parse_cgroup_memory(
-                (root / limit_file).read_text(), (root / usage_file).read_text()
-            )
-        except OSError:
-            continue
-    return None
+    return max(int(memory_free * CGROUP_FREE_SHARE), MIN_MEMORY_BYTES)
 
 
 def classify_exit(
@@ -325,13 +290,13 @@ class Quarantine:
         self,
         settings: QuarantineSettings,
         *,
-        cgroup: Callable[[], CgroupMemory | None] = read_cgroup_memory,
+        memory_free: Callable[[], int | None] = read_memory_free,
         command: Sequence[str] = (sys.executable, "-m", CHILD_MODULE),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self._keep_spare = settings.spare
-        self._cgroup = cgroup
+        self._memory_free = memory_free
         self._command = tuple(command)
         self._clock = clock
         self._spare: asyncio.Task[asyncio.subprocess.Process] | None = None
@@ -384,7 +349,7 @@ class Quarantine:
             optimization=runtime.optimization,
             max_rows=max_rows,
             # At each check: what the container has free changes with the models it holds.
-            memory_bytes=memory_budget(self._cgroup(), self.settings.memory_bytes),
+            memory_bytes=memory_budget(self._memory_free(), self.settings.memory_bytes),
             cpu_seconds=self.settings.cpu_s,
         )
         started = self._clock()

@@ -16,6 +16,7 @@ from agent.observation.limits import (
     parse_v1_cpu,
     parse_v1_memory,
     read_limits,
+    read_memory_free,
 )
 from agent.settings import AgentSettings
 from agent.standalone import Agent
@@ -188,3 +189,30 @@ def test_the_agent_takes_its_thread_count_from_the_cpu_limit_unless_set(
     assert settings.runtime.for_limits(limits).intra_op_threads == threads
     agent = Agent(settings.model_copy(update={"model_path": Path("m.onnx")}), limits=limits)
     assert agent.settings.runtime.intra_op_threads == threads  # what every load then uses
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({**V2_CONTAINER, "sys/fs/cgroup/memory.current": f"{100 << 20}\n"}, 412 << 20),
+        (  # the slice has less left than the scope's own limit
+            {
+                **V2_PARENT_BINDS,
+                "sys/fs/cgroup/edge.slice/memory.current": f"{GIB - (50 << 20)}\n",
+                "sys/fs/cgroup/edge.slice/agent.scope/memory.current": f"{300 << 20}\n",
+            },
+            50 << 20,
+        ),
+        ({**V2_CONTAINER, "sys/fs/cgroup/memory.current": f"{GIB}\n"}, 0),  # past it: none
+        (
+            {**V1_CONTAINER, "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{56 << 20}\n"},
+            200 << 20,
+        ),
+        (V2_HOST_UNLIMITED, None),
+        ({"proc/self/cgroup": "0::/\n"}, None),  # no cgroup filesystem
+    ],
+)
+def test_memory_free_is_the_least_left_under_any_limit_on_the_way_up(
+    tmp_path: Path, files: Mapping[str, str], expected: int | None
+) -> None:
+    assert read_memory_free(_tree(tmp_path, files)) == expected

@@ -20,15 +20,12 @@ from agent.releases.manifest import ReleaseManifest, sign_manifest, verify_manif
 from agent.releases.quarantine import (
     DEFAULT_MEMORY_BYTES,
     MIN_MEMORY_BYTES,
-    CgroupMemory,
     Passed,
     Quarantine,
     QuarantineSettings,
     Refused,
     classify_exit,
     memory_budget,
-    parse_cgroup_memory,
-    read_cgroup_memory,
 )
 from agent.serving.engine import RuntimeOptions
 from deployment.release import build_manifest
@@ -42,52 +39,18 @@ GIB = 1 << 30
 
 
 @pytest.mark.parametrize(
-    ("cgroup", "configured", "expected"),
+    ("memory_free", "configured", "expected"),
     [
         (None, None, DEFAULT_MEMORY_BYTES),
         (None, 300 * MIB, 300 * MIB),
-        (CgroupMemory(limit=2 * GIB, usage=0), 300 * MIB, 300 * MIB),  # the setting wins
-        (CgroupMemory(limit=2 * GIB, usage=512 * MIB), None, 768 * MIB),  # half of what is free
-        (CgroupMemory(limit=2 * GIB, usage=2 * GIB), None, MIN_MEMORY_BYTES),  # never below
+        (2 * GIB, 300 * MIB, 300 * MIB),  # the setting wins
+        (1536 * MIB, None, 768 * MIB),  # half of what is free
+        (0, None, MIN_MEMORY_BYTES),  # never below
         (None, 1, MIN_MEMORY_BYTES),
     ],
 )
-def test_memory_budget(cgroup: CgroupMemory | None, configured: int | None, expected: int) -> None:
-    assert memory_budget(cgroup, configured) == expected
-
-
-@pytest.mark.parametrize(
-    ("limit", "usage", "expected"),
-    [
-        ("2147483648\n", "536870912\n", CgroupMemory(2 * GIB, 512 * MIB)),
-        ("max\n", "536870912\n", None),  # cgroup v2 without a limit
-        ("9223372036854771712\n", "1\n", None),  # cgroup v1's "no limit"
-        ("garbage", "1", None),
-        ("1024", "", None),
-    ],
-)
-def test_parse_cgroup_memory(limit: str, usage: str, expected: CgroupMemory | None) -> None:
-    assert parse_cgroup_memory(limit, usage) == expected
-
-
-@pytest.mark.parametrize(
-    ("files", "expected"),
-    [
-        ({"memory.max": "1073741824", "memory.current": "1048576"}, CgroupMemory(GIB, MIB)),
-        (
-            {"memory/memory.limit_in_bytes": "1073741824", "memory/memory.usage_in_bytes": "0"},
-            CgroupMemory(GIB, 0),
-        ),
-        ({}, None),
-    ],
-)
-def test_read_cgroup_memory(
-    tmp_path: Path, files: dict[str, str], expected: CgroupMemory | None
-) -> None:
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert read_cgroup_memory(tmp_path) == expected
+def test_memory_budget(memory_free: int | None, configured: int | None, expected: int) -> None:
+    assert memory_budget(memory_free, configured) == expected
 
 
 _PASSED = b'{"passed":true,"cost":{"fixed_s":0.001,"per_row_s":0.0001}}\n'
@@ -147,7 +110,7 @@ async def _check(
 ) -> tuple[Passed | Refused, float]:
     path = tmp_path / "candidate.onnx"
     path.write_bytes(model)
-    quarantine = Quarantine(settings, cgroup=lambda: None)
+    quarantine = Quarantine(settings, memory_free=lambda: None)
     started = time.monotonic()
     try:
         result = await quarantine.check(path, _manifest(model, golden=golden), RuntimeOptions(), 8)
@@ -207,7 +170,7 @@ async def test_a_golden_sample_that_does_not_match_fails_in_the_child(tmp_path: 
     manifest = _manifest(tiny_bytes(0))
     path = tmp_path / "other.onnx"
     path.write_bytes(tiny_bytes(1))  # same contract, other weights: the golden output differs
-    quarantine = Quarantine(SOUND, cgroup=lambda: None)
+    quarantine = Quarantine(SOUND, memory_free=lambda: None)
     result = await quarantine.check(path, manifest, RuntimeOptions(), 8)
     assert isinstance(result, Refused)
     assert result.reason is Reason.GOLDEN_MISMATCH
@@ -217,7 +180,7 @@ async def test_a_golden_sample_that_does_not_match_fails_in_the_child(tmp_path: 
 async def test_a_spare_child_takes_the_next_check_and_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "tiny.onnx"
     path.write_bytes(tiny_bytes(0))
-    quarantine = Quarantine(SOUND.model_copy(update={"spare": True}), cgroup=lambda: None)
+    quarantine = Quarantine(SOUND.model_copy(update={"spare": True}), memory_free=lambda: None)
     quarantine.prepare()
     try:
         for _ in range(2):
@@ -233,7 +196,7 @@ async def test_a_spare_child_takes_the_next_check_and_is_replaced(tmp_path: Path
 async def test_a_cancelled_check_leaves_no_child_behind(tmp_path: Path) -> None:
     path = tmp_path / "forever.onnx"
     path.write_bytes(bombs.loop_forever())
-    quarantine = Quarantine(LIMITED, cgroup=lambda: None)
+    quarantine = Quarantine(LIMITED, memory_free=lambda: None)
     check = asyncio.create_task(
         quarantine.check(path, _manifest(bombs.loop_forever(), golden=False), RuntimeOptions(), 8)
     )
@@ -267,7 +230,7 @@ def _is_quarantine_child_of_us(proc: Path) -> bool:
 async def guarded(
     tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
 ) -> AsyncIterator[Device]:
-    quarantine = Quarantine(SOUND.model_copy(update={"cpu_s": 8}), cgroup=lambda: None)
+    quarantine = Quarantine(SOUND.model_copy(update={"cpu_s": 8}), memory_free=lambda: None)
     device = make_device(tmp_path / "store", publisher, artifact_pki, quarantine=quarantine)
     yield device
     await device.manager.close()
