@@ -169,6 +169,11 @@ class _SwapMetrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
         )
 
+    def ended(self, model: str, state: ModelState, reason: Reason) -> None:
+        """A release of `model` ended in `state` (rejected, failed, rolled back) for `reason`."""
+        self.failures.labels(model, reason.value).inc()
+        self.outcomes.labels(model, state.value).inc()
+
 
 class ModelManager:
     """Owns the models being served: installs releases, rolls back, restores after restart."""
@@ -387,8 +392,7 @@ class ModelManager:
             raise SwapError(Reason.NO_LAST_KNOWN_GOOD, str(error)) from None
         self._switch(name, model)
         await self._attach_stored(name, target)
-        self._metrics.failures.labels(name, reason.value).inc()
-        self._metrics.outcomes.labels(name, ModelState.ROLLED_BACK.value).inc()
+        self._metrics.ended(name, ModelState.ROLLED_BACK, reason)
         return self._publish(
             name,
             ModelState.ROLLED_BACK,
@@ -451,8 +455,7 @@ class ModelManager:
                 version=bad.version,
                 serving_version=back.version if back is not None else None,
             )
-            self._metrics.failures.labels(name, Reason.CRASHED_DURING_INSTALL.value).inc()
-            self._metrics.outcomes.labels(name, ModelState.FAILED.value).inc()
+            self._metrics.ended(name, ModelState.FAILED, Reason.CRASHED_DURING_INSTALL)
             self._publish(
                 name,
                 ModelState.FAILED,
@@ -842,8 +845,7 @@ class ModelManager:
     def _publish_rejection(
         self, name: str, reason: Reason, message: str, manifest: ReleaseManifest | None
     ) -> ModelStatus:
-        self._metrics.failures.labels(name, reason.value).inc()
-        self._metrics.outcomes.labels(name, ModelState.REJECTED.value).inc()
+        self._metrics.ended(name, ModelState.REJECTED, reason)
         status = ModelStatus(
             name=name,
             version=manifest.version if manifest is not None else None,
@@ -874,8 +876,7 @@ class ModelManager:
             reason=reason,
             error=message,
         )
-        self._metrics.failures.labels(manifest.name, reason.value).inc()
-        self._metrics.outcomes.labels(manifest.name, state.value).inc()
+        self._metrics.ended(manifest.name, state, reason)
         self._publish(manifest.name, state, reason, message, manifest=manifest)
 
     def _publish(
