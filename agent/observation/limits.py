@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -150,12 +151,42 @@ def _read(folder: Path, name: str) -> str | None:
         return None
 
 
-def _read_v2(root: Path, path: PurePosixPath) -> tuple[int | None, float | None]:
+def _is_v2(root: Path) -> bool:
+    return (root / "sys/fs/cgroup/cgroup.controllers").is_file()
+
+
+@dataclass(frozen=True, slots=True)
+class _MemoryFiles:
+    """The cgroup folders whose memory limits bind this process, and the version's files."""
+
+    chain: list[Path]
+    limit: str
+    usage: str
+    parse: Callable[[str], int | None]
+
+    def limits(self) -> list[tuple[Path, int]]:
+        """Each folder of the chain that sets a limit, with that limit."""
+        return [
+            (folder, limit)
+            for folder in self.chain
+            if (text := _read(folder, self.limit)) is not None
+            and (limit := self.parse(text)) is not None
+        ]
+
+
+def _memory_files(root: Path, paths: dict[str, PurePosixPath]) -> _MemoryFiles:
+    if _is_v2(root):
+        chain = _chain(root / "sys/fs/cgroup", paths.get("", PurePosixPath("/")))
+        return _MemoryFiles(chain, "memory.max", "memory.current", parse_memory_max)
+    chain = _chain(_v1_mount(root, "memory"), paths.get("memory", PurePosixPath("/")))
+    return _MemoryFiles(chain, "memory.limit_in_bytes", "memory.usage_in_bytes", parse_v1_memory)
+
+
+def _v2_cpu(root: Path, path: PurePosixPath) -> float | None:
     chain = _chain(root / "sys/fs/cgroup", path)
-    memory = [parse_memory_max(text) for f in chain if (text := _read(f, "memory.max")) is not None]
-    cpu = [parse_cpu_max(text) for f in chain if (text := _read(f, "cpu.max")) is not None]
-    lowest_memory = _lowest([float(m) if m is not None else None for m in memory])
-    return (None if lowest_memory is None else int(lowest_memory)), _lowest(cpu)
+    return _lowest(
+        [parse_cpu_max(text) for f in chain if (text := _read(f, "cpu.max")) is not None]
+    )
 
 
 def _v1_mount(root: Path, controller: str) -> Path:
@@ -167,39 +198,23 @@ def _v1_mount(root: Path, controller: str) -> Path:
     return base / controller
 
 
-def _read_v1(root: Path, paths: dict[str, PurePosixPath]) -> tuple[int | None, float | None]:
-    memory_chain = _chain(_v1_mount(root, "memory"), paths.get("memory", PurePosixPath("/")))
-    memory = [
-        parse_v1_memory(text)
-        for f in memory_chain
-        if (text := _read(f, "memory.limit_in_bytes")) is not None
-    ]
+def _v1_cpu(root: Path, path: PurePosixPath) -> float | None:
     cpu: list[float | None] = []
-    for folder in _chain(_v1_mount(root, "cpu"), paths.get("cpu", PurePosixPath("/"))):
+    for folder in _chain(_v1_mount(root, "cpu"), path):
         quota, period = _read(folder, "cpu.cfs_quota_us"), _read(folder, "cpu.cfs_period_us")
         if quota is not None and period is not None:
             cpu.append(parse_v1_cpu(quota, period))
-    lowest_memory = _lowest([float(m) if m is not None else None for m in memory])
-    return (None if lowest_memory is None else int(lowest_memory)), _lowest(cpu)
+    return _lowest(cpu)
 
 
 def read_memory_free(root: Path = Path("/")) -> int | None:
     """Bytes left now under the memory limits on the way up from this process's cgroup: the
     least of limit - usage (page cache included, as the kernel counts it); None if unlimited."""
-    paths = parse_proc_cgroup(_read(root / "proc/self", "cgroup") or "")
-    if (root / "sys/fs/cgroup/cgroup.controllers").is_file():
-        chain = _chain(root / "sys/fs/cgroup", paths.get("", PurePosixPath("/")))
-        limit_file, usage_file, parse = "memory.max", "memory.current", parse_memory_max
-    else:
-        chain = _chain(_v1_mount(root, "memory"), paths.get("memory", PurePosixPath("/")))
-        limit_file, usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
-        parse = parse_v1_memory
+    files = _memory_files(root, parse_proc_cgroup(_read(root / "proc/self", "cgroup") or ""))
     free = [
-        limit - _non_negative_int(usage.strip(), usage_file)
-        for folder in chain
-        if (text := _read(folder, limit_file)) is not None
-        and (limit := parse(text)) is not None
-        and (usage := _read(folder, usage_file)) is not None
+        limit - _non_negative_int(usage.strip(), files.usage)
+        for folder, limit in files.limits()
+        if (usage := _read(folder, files.usage)) is not None
     ]
     return max(min(free), 0) if free else None
 
@@ -211,12 +226,12 @@ def read_limits(root: Path = Path("/"), cpus_allowed: int | None = None) -> Limi
     """
     if cpus_allowed is None:
         cpus_allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    proc = _read(root / "proc/self", "cgroup")
-    paths = parse_proc_cgroup(proc or "")
-    if (root / "sys/fs/cgroup/cgroup.controllers").is_file():
-        memory, cpu = _read_v2(root, paths.get("", PurePosixPath("/")))
-        return Limits("v2", memory, cpu, cpus_allowed)
+    paths = parse_proc_cgroup(_read(root / "proc/self", "cgroup") or "")
+    limits = [limit for _, limit in _memory_files(root, paths).limits()]
+    memory = min(limits) if limits else None
+    if _is_v2(root):
+        return Limits("v2", memory, _v2_cpu(root, paths.get("", PurePosixPath("/"))), cpus_allowed)
     if (root / "sys/fs/cgroup/memory").is_dir() or (root / "sys/fs/cgroup/cpu").exists():
-        memory, cpu = _read_v1(root, paths)
+        cpu = _v1_cpu(root, paths.get("cpu", PurePosixPath("/")))
         return Limits("v1", memory, cpu, cpus_allowed)
     return Limits("none", None, None, cpus_allowed)
