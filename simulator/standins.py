@@ -80,16 +80,15 @@ class StandIn:
         self._send(mqtt.Publish(topic, payload, qos=0))
 
     def report(self, name: str, fields: Mapping[str, Any]) -> None:
-        rid = next(self._ids)
-        patch = {"models": {name: {**fields, "since": _now()}}}
-        self._publish(f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", patch)
+        self._patch_reported({"models": {name: {**fields, "since": _now()}}})
         self.entries.add(name)
 
     def remove(self, name: str) -> None:
-        rid = next(self._ids)
-        patch = {"models": {name: None}}
-        self._publish(f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", patch)
+        self._patch_reported({"models": {name: None}})
         self.entries.discard(name)
+
+    def _patch_reported(self, patch: Mapping[str, Any]) -> None:
+        self._publish(f"$iothub/twin/PATCH/properties/reported/?$rid={next(self._ids)}", patch)
 
     # ------------------------------------------------------------ protocol
 
