@@ -40,14 +40,13 @@ from typing import Any
 import psutil
 
 from bench._machine import stop, wait_for_quiet_machine
+from deployment.engine import Docker, running_engine
 from deployment.example_models import tiny_mlp
 from deployment.image import (
     IMAGE_NAME,
     REPO,
-    Docker,
     build_default,
     default_tag,
-    running_engine,
     size_bytes,
 )
 

@@ -61,8 +61,9 @@ from demo.world import (
 from deployment import cli, rollout, sensor_data
 from deployment.baseline import BaselineOptions
 from deployment.config import load as load_config
+from deployment.engine import Docker, Engine, ImageError
 from deployment.errors import PublisherError
-from deployment.image import Docker, Engine, ImageError, build_default, default_tag
+from deployment.image import build_default, default_tag
 from deployment.pipeline import BASELINE_FILE, PipelineConfig, run_pipeline
 from deployment.publisher import Publisher, Services
 from deployment.registry import ring_alias

@@ -25,7 +25,7 @@ from typing import Any
 from demo.container import ModuleContainer, start_module_container
 from deployment import config as publisher_config
 from deployment import signing
-from deployment.image import Docker
+from deployment.engine import Docker
 from simulator import certs
 from simulator.azurite import Azurite
 from simulator.hub import Simulator, pick_loopback_host

@@ -6,16 +6,14 @@ import os
 
 import pytest
 
+from deployment.engine import ImageError, live_leases, process_identity
 from deployment.image import (
     IMAGE_CA_BUNDLE,
-    ImageError,
     base_images,
     debian_mirror,
-    live_leases,
     named_stages,
     parse_pip_config,
     pip_build_args,
-    process_identity,
     project_version,
     size_bytes,
 )
