@@ -1,10 +1,10 @@
 # Device image of the edge agent: OIP v2 over HTTP on 8000, Prometheus /metrics on 9600.
-# `make image` builds it (deployment/image.py); tests/container runs it in a real engine.
+# `make image` builds it (deployment/image/build.py); tests/container runs it in a real engine.
 
 # --- builder: compile nothing, just resolve wheels into a self-contained venv ---------------
 FROM python:3.11-slim AS builder
 # Where pip finds packages, for builds behind a mirror or a TLS-inspecting proxy
-# (deployment/image.py passes the host pip's settings). A build argument given no value is not
+# (deployment/image/build.py passes the host pip's settings). A build argument given no value is not
 # set at all, so by default pip uses PyPI. They exist in this stage only, not in the image.
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
@@ -24,6 +24,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # Only the device packages: deployment/, simulator/ and bench/ are cloud or test code, and the
 # wheel packages whatever of them is present (setuptools find with include patterns).
 COPY README.md ./
+COPY wire ./wire
 COPY agent ./agent
 COPY module ./module
 # What the runtime never runs goes (the README states the size budget): pip and setuptools

@@ -57,7 +57,7 @@ $(AZURITE): | npm
 # The device image from the Dockerfile, tagged edge-mlops-agent:<version>. Starts dockerd when
 # none runs (and stops it after); says whether the base was pulled or made with debootstrap.
 image: setup system-deps
-	$(PY) -m deployment.image build $(ARGS)
+	$(PY) -m deployment.image.build build $(ARGS)
 
 # The demo runs Azurite (npm); --container also needs the Docker engine.
 demo: setup azurite $(if $(findstring --container,$(ARGS)),system-deps)

@@ -39,7 +39,7 @@ from agent.observation.detector import DriftState
 from agent.observation.drift import DriftMonitor, DriftSettings
 from agent.observation.watch import Observer
 from bench._machine import machine_busy
-from deployment.baseline import BaselineOptions, build_baseline
+from deployment.drift.baseline_pack import BaselineOptions, build_baseline
 
 RESULTS = Path(__file__).parent / "results" / "drift.json"
 PRE = 1000

@@ -56,7 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench._loadgen import LoadSpec, run_load
 from bench._machine import machine_busy, stop, wait_for_quiet_machine
-from deployment.example_models import mid_mlp, save, tiny_mlp
+from deployment.examples.onnx_models import mid_mlp, save, tiny_mlp
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "http.json"

@@ -40,15 +40,15 @@ from typing import Any
 import psutil
 
 from bench._machine import stop, wait_for_quiet_machine
-from deployment.engine import Docker, running_engine
-from deployment.example_models import tiny_mlp
-from deployment.image import (
+from deployment.examples.onnx_models import tiny_mlp
+from deployment.image.build import (
     IMAGE_NAME,
     REPO,
     build_default,
     default_tag,
     size_bytes,
 )
+from deployment.image.docker import Docker, running_engine
 
 RESULTS = Path(__file__).parent / "results" / "image.json"
 LABEL = "org.edge-mlops.bench=image"

@@ -34,8 +34,8 @@ from agent.observation.metrics import InferenceMetrics
 from agent.observation.watch import Observer
 from agent.serving.engine import LoadedModel, RuntimeOptions, load_model
 from agent.serving.inference import BatchingPolicy, InferenceService
-from deployment.baseline import BaselineOptions, build_baseline
-from deployment.example_models import mid_mlp, tiny_mlp
+from deployment.drift.baseline_pack import BaselineOptions, build_baseline
+from deployment.examples.onnx_models import mid_mlp, tiny_mlp
 
 RESULTS = Path(__file__).parent / "results" / "overhead.json"
 DRIFT_RESULTS = Path(__file__).parent / "results" / "overhead-drift.json"

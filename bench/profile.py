@@ -53,7 +53,7 @@ from agent.profiler import (
     sweep,
 )
 from bench._machine import machine_busy, wait_for_quiet_machine
-from deployment.example_models import mid_mlp
+from deployment.examples.onnx_models import mid_mlp
 
 RESULTS = Path(__file__).parent / "results" / "profile.json"
 MIB = 1 << 20

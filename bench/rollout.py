@@ -6,7 +6,7 @@ agent's reported-state protocol, probation included, without loading models). Pe
 new signed release goes through the three rings, each ring gated on every targeted device
 reporting the release active with probation passed:
 
-* **publisher**: `deployment.rollout.Rollout`, one layered deployment per ring (the hub fans
+* **publisher**: `deployment.publish.rollout.Rollout`, one layered deployment per ring (the hub fans
   out to the devices), gate read by one twin query per poll;
 * **naive**: the same rings and gate, but the publisher patches every module twin itself
   (`update_module_twin`, one call per device).
@@ -37,11 +37,11 @@ from azure.iot.hub.models import Twin, TwinProperties
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench._machine import machine_busy, wait_for_quiet_machine
-from deployment import rollout
-from deployment.audit import AuditLog
-from deployment.example_models import tiny_mlp
-from deployment.hub import AzureHub
-from deployment.release import build_manifest
+from deployment.examples.onnx_models import tiny_mlp
+from deployment.publish import rollout
+from deployment.publish.audit import AuditLog
+from deployment.publish.hub_client import AzureHub
+from deployment.publish.release import build_manifest
 from simulator import Simulator, pick_loopback_host
 from simulator.standins import StandInFleet
 

@@ -83,8 +83,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.releases.manifest import public_key_to_b64
 from bench._machine import machine_busy, stop, wait_for_quiet_machine
-from deployment.example_models import tiny_mlp
-from deployment.release import build_manifest
+from deployment.examples.onnx_models import tiny_mlp
+from deployment.publish.release import build_manifest
 from simulator import certs
 from simulator.core import UpstreamMessage
 from simulator.hub import Simulator, pick_loopback_host, wait_until

@@ -73,8 +73,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.releases.manifest import public_key_to_b64, sign_manifest
 from bench._loadgen import check_answer
-from deployment.example_models import mid_mlp
-from deployment.release import build_manifest
+from deployment.examples.onnx_models import mid_mlp
+from deployment.publish.release import build_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "swap.json"

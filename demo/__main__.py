@@ -6,18 +6,19 @@
    of three devices in two rings (canary: plant-1; all: every device), and a real agent process
    (`python -m module`) per device (with --container, the canary's agent runs from the device
    image built from the Dockerfile, demo/container.py);
-2. trains v1 with the example pipeline (`deployment/pipeline.py`, tracked in MLflow on SQLite),
-   then the publisher registers it with its drift baseline pack, uploads both to Azurite, signs
-   the manifest and releases it ring by ring (canary, then all, each gated on probation);
+2. trains v1 with the example pipeline (`deployment/retrain/pipeline.py`, tracked in MLflow on
+   SQLite), then the publisher registers it with its drift baseline pack, uploads both to
+   Azurite, signs the manifest and releases it ring by ring (canary, then all, each gated on
+   probation);
 3. a sensor module per device sends readings through the `infer` route and, a few readings
    later, their true class through the `feedback` route;
 4. trains and releases v2 under that traffic: every agent hot-swaps without losing a message;
 5. the plant's sensors are recalibrated wrongly (`sensor_data.RECALIBRATED`): the agents detect
    the drift against v2's baseline and report it; the maintenance log's labelled readings land
    in the folder the retraining controller reads;
-6. the controller (`deployment/retraining.py`) sees drift on enough devices, retrains, gates the
-   candidate against the champion on the drifted window and the holdout, and hands it to the
-   publisher, which rolls v3 out ring by ring;
+6. the controller (`deployment/retrain/controller.py`) sees drift on enough devices, retrains,
+   gates the candidate against the champion on the drifted window and the holdout, and hands it
+   to the publisher, which rolls v3 out ring by ring;
 7. prints a summary (and a JSON line the tests check) and stops everything, or keeps it up
    with --keep-running. Exit status 0 only when the whole loop closed.
 """
@@ -58,18 +59,20 @@ from demo.world import (
     World,
     start_world,
 )
-from deployment import cli, rollout, sensor_data
-from deployment.baseline import BaselineOptions
+from deployment import cli
 from deployment.config import load as load_config
-from deployment.engine import Docker, Engine, ImageError
+from deployment.drift.baseline_pack import BaselineOptions
 from deployment.errors import PublisherError
-from deployment.image import build_default, default_tag
-from deployment.pipeline import BASELINE_FILE, PipelineConfig, run_pipeline
-from deployment.publisher import Publisher, Services
-from deployment.registry import ring_alias
-from deployment.retrain_policy import Decision, RetrainPolicy
-from deployment.retraining import Controller, ControllerConfig, Job, PipelineTrainer
-from deployment.train_commands import PublisherReleaser, tracker_for
+from deployment.examples import sensor_data
+from deployment.image.build import build_default, default_tag
+from deployment.image.docker import Docker, Engine, ImageError
+from deployment.publish import rollout
+from deployment.publish.publisher import Publisher, Services
+from deployment.publish.registry import ring_alias
+from deployment.retrain.commands import PublisherReleaser, tracker_for
+from deployment.retrain.controller import Controller, ControllerConfig, Job, PipelineTrainer
+from deployment.retrain.pipeline import BASELINE_FILE, PipelineConfig, run_pipeline
+from deployment.retrain.policy import Decision, RetrainPolicy
 from simulator.core import UpstreamMessage
 
 RUN_DIR = Path("run/demo")  # the default; --run-dir moves it (tests use a temporary one)

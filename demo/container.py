@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployment.engine import Docker
+from deployment.image.docker import Docker
 
 CERTS_DIR = "/run/edge"  # where the container finds the mounted CA certificates
 STATE_DIR = "/var/lib/edge-agent"  # the image's VOLUME

@@ -18,8 +18,8 @@ import numpy as np
 from azure.iot.device import Message
 from azure.iot.device.aio import IoTHubModuleClient
 
-from deployment import sensor_data
-from deployment.pipeline import INPUT_NAME
+from deployment.examples import sensor_data
+from deployment.retrain.pipeline import INPUT_NAME
 
 FEEDBACK_DELAY = 5  # readings between a reading and its label
 # The deployment routes sensor output carrying this schema property to the agent's `feedback`

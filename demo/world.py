@@ -24,8 +24,8 @@ from typing import Any
 
 from demo.container import ModuleContainer, start_module_container
 from deployment import config as publisher_config
-from deployment import signing
-from deployment.engine import Docker
+from deployment.image.docker import Docker
+from deployment.publish import signing
 from simulator import certs
 from simulator.azurite import Azurite
 from simulator.hub import Simulator, pick_loopback_host

@@ -21,9 +21,12 @@ from rich.console import Console
 
 from agent.logs import configure_logging
 from agent.releases.manifest import KeyConfigError, parse_trusted_keys
-from deployment import config, drift_cli, rollout, signing, template, train_commands
+from deployment import config
+from deployment.drift import commands as drift_commands
 from deployment.errors import PublisherError, Reason
-from deployment.publisher import HubFactory, Publisher, Services, _azure_hub
+from deployment.publish import rollout, signing, template
+from deployment.publish.publisher import HubFactory, Publisher, Services, _azure_hub
+from deployment.retrain import commands as retrain_commands
 
 log = structlog.get_logger(__name__)
 
@@ -69,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     _registry_commands(commands)
     _rollout_commands(commands)
     _other_commands(commands)
-    train_commands.add_parsers(commands, _positive, _fraction, _rings)
-    drift_cli.add_commands(commands)
+    retrain_commands.add_parsers(commands, _positive, _fraction, _rings)
+    drift_commands.add_commands(commands)
     return parser
 
 
@@ -223,8 +226,8 @@ def _dispatch(
     err: Console,
     hub_factory: HubFactory,
 ) -> int:
-    if args.command in drift_cli.COMMANDS:
-        return drift_cli.run(args, environ, err.file)
+    if args.command in drift_commands.COMMANDS:
+        return drift_commands.run(args, environ, err.file)
     if args.command == "keygen":
         generated = signing.generate(args.out)
         out.print(f"key id: {generated.key_id}", markup=False)
@@ -251,8 +254,8 @@ def _dispatch(
     resolved = config.load(args.config, args.env, environ)
     services = Services(resolved, environ=environ, hub_factory=hub_factory)
     publisher = Publisher(services, out, err)
-    if args.command in train_commands.COMMANDS:
-        train_commands.dispatch(args, services, publisher, out)
+    if args.command in retrain_commands.COMMANDS:
+        retrain_commands.dispatch(args, services, publisher, out)
     else:
         _COMMANDS[args.command](publisher, args)
     return 0

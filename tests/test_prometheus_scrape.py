@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from deployment.example_models import save, tiny_mlp
+from deployment.examples.onnx_models import save, tiny_mlp
 from tests.prometheus import Prometheus, free_port, running_prometheus
 
 pytestmark = pytest.mark.e2e

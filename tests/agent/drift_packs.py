@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.observation.baseline import BaselinePack
-from deployment.baseline import BaselineOptions, build_baseline
+from deployment.drift.baseline_pack import BaselineOptions, build_baseline
 
 FAST = BaselineOptions(window_sizes=(20, 50), resamples=200, simulated_windows=20_000)
 

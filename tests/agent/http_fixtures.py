@@ -20,7 +20,7 @@ from agent.serving.engine import LoadedModel, RuntimeOptions, load_model
 from agent.serving.http import HttpService, HttpSettings, MetricsService
 from agent.serving.inference import InferenceService, ModelMetadata
 from agent.serving.v2 import ServedModel
-from deployment.example_models import tiny_mlp
+from deployment.examples.onnx_models import tiny_mlp
 
 TINY_FEATURES = 32
 TINY_OUTPUTS = 8

@@ -1,4 +1,5 @@
-"""Real ONNX models for agent tests, built once per session from `deployment.example_models`."""
+"""Real ONNX models for agent tests, built once per session from
+`deployment.examples.onnx_models`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import functools
 import hashlib
 
 from agent.serving.engine import LoadedModel, RuntimeOptions, load_model
-from deployment.example_models import mid_mlp, tiny_mlp
+from deployment.examples.onnx_models import mid_mlp, tiny_mlp
 
 TINY_FEATURES = 32
 MID_FEATURES = 1024

@@ -19,7 +19,7 @@ from agent.releases.quarantine import Quarantine
 from agent.releases.store import ModelStore
 from agent.releases.swap import HttpsArtifacts, ModelManager, ReleaseObserver
 from agent.serving.inference import InferenceService
-from deployment.release import build_manifest
+from deployment.publish.release import build_manifest
 from tests.agent.artifact_server import Artifact, ArtifactServer, TestPki
 
 KEY_ID = "test-key"

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 from agent.observation.baseline import BaselinePack
 from agent.observation.watch import Observer
 from agent.releases.lifecycle import ModelState
-from deployment.baseline import build_baseline
-from deployment.example_models import mlp
+from deployment.drift.baseline_pack import build_baseline
+from deployment.examples.onnx_models import mlp
 from tests.agent.artifact_server import Artifact, TestPki
 from tests.agent.drift_packs import FAST
 from tests.agent.releases import Device, Publisher, make_device

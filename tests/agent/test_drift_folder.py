@@ -13,7 +13,7 @@ from agent.releases.download import DeliveryError
 from agent.releases.folder import FolderArtifacts
 from agent.releases.manifest import ReleaseManifest, verify_manifest
 from agent.releases.store import ModelStore
-from deployment.release import build_manifest
+from deployment.publish.release import build_manifest
 from tests.agent.models import tiny_bytes
 
 PACK = b'{"a pack": "bytes"}'

@@ -27,7 +27,7 @@ from agent.releases.manifest import MAX_MANIFEST_BYTES
 from agent.releases.store import ModelStore
 from agent.releases.swap import ModelManager
 from agent.serving.inference import InferenceService
-from deployment.release import build_manifest
+from deployment.publish.release import build_manifest
 from tests.agent.models import TINY_FEATURES, tiny_bytes
 from tests.agent.releases import update_failures
 

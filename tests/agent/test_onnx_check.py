@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.releases.onnx_check import HostileModel, ModelFacts, inspect_model
-from deployment.example_models import IR_VERSION, OPSET
+from deployment.examples.onnx_models import IR_VERSION, OPSET
 from tests.agent.models import mid_bytes, tiny_bytes
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from agent.profiler import (
 )
 from agent.serving.engine import RuntimeOptions, create_session
 from agent.settings import AgentSettings
-from deployment.example_models import save, tiny_mlp
-from deployment.template import load_profile
+from deployment.examples.onnx_models import save, tiny_mlp
+from deployment.publish.template import load_profile
 from tests.agent.models import TINY_FEATURES, tiny_bytes
 
 

@@ -28,7 +28,7 @@ from agent.releases.quarantine import (
     memory_budget,
 )
 from agent.serving.engine import RuntimeOptions
-from deployment.release import build_manifest
+from deployment.publish.release import build_manifest
 from tests.agent import bombs
 from tests.agent.artifact_server import Artifact, TestPki
 from tests.agent.models import mid_bytes, tiny_bytes

@@ -15,7 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from deployment.example_models import mid_mlp, save, tiny_mlp
+from deployment.examples.onnx_models import mid_mlp, save, tiny_mlp
 from tests.agent_process import running_agent
 
 pytestmark = pytest.mark.e2e

@@ -21,7 +21,7 @@ from agent.releases.lifecycle import ModelState, ProbationPolicy, SwapError
 from agent.releases.manifest import sign_manifest
 from agent.releases.store import ModelStore
 from agent.releases.swap import LOADER_NICENESS
-from deployment.example_models import mlp
+from deployment.examples.onnx_models import mlp
 from tests.agent.artifact_server import Artifact, FullDisk, TestPki
 from tests.agent.models import TINY_FEATURES, mid_bytes, tiny_bytes
 from tests.agent.releases import Device, Publisher, make_device

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.profiler import read_profile
-from deployment.example_models import save, tiny_mlp
+from deployment.examples.onnx_models import save, tiny_mlp
 from tests.support.docker import BUILD_TIMEOUT_S, Containers, readable_copy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(BUILD_TIMEOUT_S)]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from deployment import cli
-from deployment.example_models import save, tiny_mlp
-from deployment.publisher import HubFactory, _azure_hub
+from deployment.examples.onnx_models import save, tiny_mlp
+from deployment.publish.publisher import HubFactory, _azure_hub
 from tests.azurite import azurite  # noqa: F401  (a fixture: pytest finds it by name)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.releases.manifest import canonical_json
-from deployment.audit import AuditLog, check_no_secret
 from deployment.errors import PublisherError, Reason
+from deployment.publish.audit import AuditLog, check_no_secret
 
 
 def _log(path: Path) -> AuditLog:

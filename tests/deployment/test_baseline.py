@@ -12,9 +12,15 @@ import pytest
 
 from agent.observation.baseline import parse_baseline
 from agent.observation.divergence import jensen_shannon
-from deployment.baseline import BaselineOptions, build_baseline, js_rows, load_table, model_outputs
 from deployment.cli import run
-from deployment.example_models import mlp
+from deployment.drift.baseline_pack import (
+    BaselineOptions,
+    build_baseline,
+    js_rows,
+    load_table,
+    model_outputs,
+)
+from deployment.examples.onnx_models import mlp
 
 FAST = BaselineOptions(window_sizes=(20, 50), resamples=50, simulated_windows=5_000)
 RNG = np.random.default_rng(0)

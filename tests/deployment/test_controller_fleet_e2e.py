@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from deployment import rollout, sensor_data
-from deployment.audit import AuditLog
 from deployment.config import load
-from deployment.publisher import Publisher, Services
-from deployment.retrain_policy import Decision, Hold, RetrainPolicy
-from deployment.retraining import Controller, ControllerConfig, Job
-from deployment.train_commands import PublisherReleaser
+from deployment.examples import sensor_data
+from deployment.publish import rollout
+from deployment.publish.audit import AuditLog
+from deployment.publish.publisher import Publisher, Services
+from deployment.retrain.commands import PublisherReleaser
+from deployment.retrain.controller import Controller, ControllerConfig, Job
+from deployment.retrain.policy import Decision, Hold, RetrainPolicy
 from simulator import Simulator, pick_loopback_host
 from simulator.azurite import Azurite
 from simulator.hub import wait_until

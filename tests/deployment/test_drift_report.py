@@ -17,7 +17,7 @@ from PIL import Image
 
 from agent.observation.drift import DriftMonitor, DriftSettings, profile_message
 from deployment.cli import run
-from deployment.drift_report import (
+from deployment.drift.report import (
     load_baselines,
     merge_profiles,
     read_blob_profiles,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deployment.engine import Docker, Engine, ImageError
+from deployment.image.docker import Docker, Engine, ImageError
 
 # Fails as dockerd does when its containerd misses the start timeout, `failures` times, then
 # runs until stopped; `docker info` answers while the stand-in runs.

@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from deployment.engine import ImageError, live_leases, process_identity
-from deployment.image import (
+from deployment.image.build import (
     IMAGE_CA_BUNDLE,
     base_images,
     debian_mirror,
@@ -17,6 +16,7 @@ from deployment.image import (
     project_version,
     size_bytes,
 )
+from deployment.image.docker import ImageError, live_leases, process_identity
 
 DEB822 = """\
 Types: deb

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from deployment import sensor_data
 from deployment.errors import PublisherError
-from deployment.pipeline import load_labelled, read_outputs
-from deployment.registry import CHAMPION, Registry
+from deployment.examples import sensor_data
+from deployment.publish.registry import CHAMPION, Registry
+from deployment.retrain.pipeline import load_labelled, read_outputs
 from tests.deployment.conftest import Workspace
 
 STEPS = {"prepare", "features", "search", "evaluate", "export"}

@@ -16,8 +16,8 @@ from agent.releases.manifest import (
     parse_trusted_keys,
     verify_manifest,
 )
-from deployment.audit import AuditLog
-from deployment.example_models import IR_VERSION, OPSET, save, tiny_mlp
+from deployment.examples.onnx_models import IR_VERSION, OPSET, save, tiny_mlp
+from deployment.publish.audit import AuditLog
 from tests.deployment.conftest import Workspace
 
 URL = "https://fleet.blob.core.windows.net/models/tiny.onnx"

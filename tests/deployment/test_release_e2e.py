@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 
 from agent.releases.manifest import load_trusted_keys, verify_manifest
-from deployment.audit import AuditLog
-from deployment.example_models import save, tiny_mlp
-from deployment.hub import AzureHub
+from deployment.examples.onnx_models import save, tiny_mlp
+from deployment.publish.audit import AuditLog
+from deployment.publish.hub_client import AzureHub
 from simulator import Simulator, pick_loopback_host
 from simulator.azurite import Azurite
 from simulator.hub import wait_until

@@ -14,8 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deployment.example_models import IR_VERSION, OPSET, save, tiny_mlp
-from deployment.signing import trusted_keys_entries
+from deployment.examples.onnx_models import IR_VERSION, OPSET, save, tiny_mlp
+from deployment.publish.signing import trusted_keys_entries
 from simulator import Simulator, pick_loopback_host
 from simulator.azurite import Azurite
 from simulator.hub import wait_until

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployment.retrain_policy import (
+from deployment.retrain.policy import (
     ControllerState,
     FleetSignal,
     Hold,

@@ -10,9 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deployment import sensor_data
-from deployment.baseline import BaselineOptions
-from deployment.pipeline import (
+from deployment.drift.baseline_pack import BaselineOptions
+from deployment.examples import sensor_data
+from deployment.retrain.controller import (
+    CommandTrainer,
+    Controller,
+    ControllerConfig,
+    Job,
+    split_window,
+)
+from deployment.retrain.pipeline import (
     MODEL_FILE,
     PipelineConfig,
     _write_outputs,
@@ -23,14 +30,7 @@ from deployment.pipeline import (
     search,
     write_baseline,
 )
-from deployment.retrain_policy import Decision, RetrainPolicy
-from deployment.retraining import (
-    CommandTrainer,
-    Controller,
-    ControllerConfig,
-    Job,
-    split_window,
-)
+from deployment.retrain.policy import Decision, RetrainPolicy
 from tests.support.clock import FakeClock
 
 MODULE, MODEL = "mlagent", "sensor_classifier"

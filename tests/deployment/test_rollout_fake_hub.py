@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from deployment import rollout
-from deployment.audit import AuditLog
 from deployment.errors import PublisherError, Reason
-from deployment.hub import LayeredDeployment
+from deployment.publish import rollout
+from deployment.publish.audit import AuditLog
+from deployment.publish.hub_client import LayeredDeployment
 from tests.support.clock import FakeClock
 
 MANIFEST = {"name": "m", "version": 2, "signature": {"key_id": "k", "value": "c2ln"}}

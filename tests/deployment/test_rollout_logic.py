@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from deployment import rollout
-from deployment.audit import AuditLog
 from deployment.errors import PublisherError, Reason
+from deployment.publish import rollout
+from deployment.publish.audit import AuditLog
 
 BOUNDS = rollout.GateBounds(max_error_rate=0.05, max_p99_ratio=3.0)
 MANIFEST = {"name": "tiny", "version": 3, "signature": {"key_id": "k", "value": "c2ln"}}

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from deployment import template
 from deployment.errors import PublisherError
+from deployment.publish import template
 
 KEYS = "edgeml-abc=" + "A" * 43 + "="
 IMAGES = {"mlagent": "registry.example/agent:1.2", "sensor": "registry.example/sensor:1"}

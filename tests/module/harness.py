@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msrest.exceptions import HttpOperationError
 
 from agent.releases.manifest import public_key_to_b64, sign_manifest
-from deployment.release import build_manifest
+from deployment.publish.release import build_manifest
 from tests.agent.artifact_server import Artifact, ArtifactServer, SeenRequest, TestPki
 
 T = TypeVar("T")

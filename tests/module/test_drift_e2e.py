@@ -13,8 +13,8 @@ import pytest
 from azure.iot.device import Message
 
 from agent.releases.manifest import sign_manifest
-from deployment.baseline import BaselineOptions, build_baseline, model_outputs
-from deployment.release import build_manifest
+from deployment.drift.baseline_pack import BaselineOptions, build_baseline, model_outputs
+from deployment.publish.release import build_manifest
 from simulator import Simulator
 from tests.agent.artifact_server import Artifact
 from tests.agent.models import TINY_FEATURES, tiny_bytes

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.releases.manifest import public_key_to_b64, sign_manifest
-from deployment.release import build_manifest
+from deployment.publish.release import build_manifest
 from simulator import Simulator, pick_loopback_host
 from tests.agent.artifact_server import make_pki
 from tests.agent.models import tiny_bytes

@@ -3,8 +3,9 @@
 A pytest plugin (loaded by tests/conftest.py). Fixtures:
 
 * `docker_engine` (session): a `Docker` CLI whose engine answers, held through a lease
-  (deployment/engine.py `Engine`): `dockerd` is started when none runs, and stopped when the last
-  lease holder (this session, another one, `make image`...) finishes, if one of them started it.
+  (deployment/image/docker.py `Engine`): `dockerd` is started when none runs, and stopped when
+  the last lease holder (this session, another one, `make image`...) finishes, if one of them
+  started it.
 * `agent_image` (session): `AgentImage`, the repository's Dockerfile built once per session
   under a tag of its own, removed at the end; the builder stage's layers stay cached.
 * `containers` (function): `Containers`, whose `run(*docker_run_args, env=...)` starts the image
@@ -30,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from deployment.engine import Docker, Engine
-from deployment.image import IMAGE_NAME, build_default
+from deployment.image.build import IMAGE_NAME, build_default
+from deployment.image.docker import Docker, Engine
 
 # The first build of a session on a fresh machine: debootstrap (~3 min on a shared 2-core
 # machine) plus pip installing the device dependencies; cached builds take seconds.

@@ -5,7 +5,7 @@ artifacts; the pipeline run carries the lineage (data hash, code version, packag
 The same inputs give a byte-identical ONNX file: data is drawn from seeds, cross-validation and
 models take the seed, the search runs on one core, and the ONNX opset is pinned.
 
-Users bring their own pipeline through `PipelineCommand` (deployment/retraining.py): any
+Users bring their own pipeline through `PipelineCommand` (deployment/retrain/controller.py): any
 command that writes the three files `export` writes here (`model.onnx`, `metrics.json`,
 `train_sample.npy`).
 """
@@ -37,9 +37,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 from threadpoolctl import threadpool_limits
 
-from deployment import sensor_data
-from deployment.baseline import BaselineOptions, build_baseline, model_outputs
+from deployment.drift.baseline_pack import BaselineOptions, build_baseline, model_outputs
 from deployment.errors import PublisherError, Reason
+from deployment.examples import sensor_data
 
 # Files every pipeline writes into its output folder; the retraining controller reads them.
 MODEL_FILE = "model.onnx"
@@ -280,7 +280,7 @@ def lineage(config: PipelineConfig, prepared: Prepared, family: str) -> dict[str
 
 def code_version() -> str:
     """The git commit of the code that trained, with `+dirty` when it has local changes."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]
     git = shutil.which("git")
     if git is None:
         return "unknown"

@@ -28,9 +28,9 @@ from typing import Any
 
 import structlog
 
-from deployment.audit import AuditLog, Entry
 from deployment.errors import PublisherError, Reason
-from deployment.hub import Hub, LayeredDeployment
+from deployment.publish.audit import AuditLog, Entry
+from deployment.publish.hub_client import Hub, LayeredDeployment
 
 log = structlog.get_logger(__name__)
 

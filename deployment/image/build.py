@@ -1,6 +1,6 @@
 """The device image, built from the repository's Dockerfile by a real Docker engine.
 
-    python -m deployment.image build [--tag TAG]     # what `make image` runs
+    python -m deployment.image.build build [--tag TAG]     # what `make image` runs
 
 Where no engine runs, `dockerd` is started (no bridge, no iptables: containers use the host's
 network) and stopped again afterwards. The Dockerfile's base (`python:3.11-slim`) is pulled where
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from deployment.engine import SHARED_DIR, Docker, ImageError, locked, running_engine
+from deployment.image.docker import SHARED_DIR, Docker, ImageError, locked, running_engine
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IMAGE_NAME = "edge-mlops-agent"
 # The Debian release of python:3.11-slim, whose python3 is 3.11 too.
 SUITE = "bookworm"
@@ -338,7 +338,7 @@ def build_default(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployment.image", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m deployment.image.build", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build the device image from the Dockerfile")
     build.add_argument("--tag", default=None, help=f"default {IMAGE_NAME}:<project version>")

@@ -23,11 +23,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from agent.releases.manifest import ManifestRejected, verify_manifest
-from deployment import artifacts, config, rollout, signing
-from deployment.audit import AuditLog, default_actor
+from deployment import config
 from deployment.errors import PublisherError, Reason
-from deployment.hub import AzureHub, Hub
-from deployment.registry import (
+from deployment.publish import artifacts, rollout, signing
+from deployment.publish.audit import AuditLog, default_actor
+from deployment.publish.hub_client import AzureHub, Hub
+from deployment.publish.registry import (
     CHAMPION,
     ModelEntry,
     Registry,
@@ -35,7 +36,7 @@ from deployment.registry import (
     read_metrics,
     ring_alias,
 )
-from deployment.release import ModelCheckError, describe_model, unsigned_manifest
+from deployment.publish.release import ModelCheckError, describe_model, unsigned_manifest
 
 log = structlog.get_logger(__name__)
 

@@ -18,9 +18,19 @@ from pathlib import Path
 import structlog
 from rich.console import Console
 
-from deployment import rollout
 from deployment.errors import PublisherError, Reason
-from deployment.pipeline import (
+from deployment.publish import rollout
+from deployment.publish.publisher import Publisher, Services
+from deployment.publish.registry import CHAMPION
+from deployment.retrain.controller import (
+    CommandTrainer,
+    Controller,
+    ControllerConfig,
+    PipelineTrainer,
+    Trainer,
+    judge_candidate,
+)
+from deployment.retrain.pipeline import (
     BASELINE_FILE,
     HOLDOUT_FILE,
     METRICS_FILE,
@@ -31,17 +41,7 @@ from deployment.pipeline import (
     read_outputs,
     run_pipeline,
 )
-from deployment.publisher import Publisher, Services
-from deployment.registry import CHAMPION
-from deployment.retrain_policy import Decision, RetrainPolicy
-from deployment.retraining import (
-    CommandTrainer,
-    Controller,
-    ControllerConfig,
-    PipelineTrainer,
-    Trainer,
-    judge_candidate,
-)
+from deployment.retrain.policy import Decision, RetrainPolicy
 
 log = structlog.get_logger(__name__)
 

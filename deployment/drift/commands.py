@@ -12,14 +12,14 @@ from typing import IO
 import structlog
 from azure.storage.blob import ContainerClient
 
-from deployment.baseline import (
+from deployment.drift.baseline_pack import (
     BaselineOptions,
     build_baseline,
     load_table,
     model_outputs,
     window_sizes_arg,
 )
-from deployment.drift_report import (
+from deployment.drift.report import (
     load_baselines,
     merge_profiles,
     read_blob_profiles,

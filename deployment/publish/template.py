@@ -27,7 +27,7 @@ from typing import Any
 from agent.profiler import ProfileDocument, read_profile
 from deployment.errors import PublisherError, Reason
 
-TEMPLATE = Path(__file__).with_name("deployment.template.json")
+TEMPLATE = Path(__file__).resolve().parents[1] / "deployment.template.json"
 AGENT_MODULE = "mlagent"
 # IoT Hub caps one deployment's content; the agent's desired part shares the 32 KB twin cap.
 MAX_DEPLOYMENT_BYTES = 512 * 1024

@@ -25,9 +25,10 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from deployment.baseline import BaselineOptions
+from deployment.drift.baseline_pack import BaselineOptions
 from deployment.errors import PublisherError, Reason
-from deployment.pipeline import (
+from deployment.publish.rollout import module_models
+from deployment.retrain.pipeline import (
     HOLDOUT_FILE,
     PipelineConfig,
     Tracker,
@@ -36,7 +37,7 @@ from deployment.pipeline import (
     read_outputs,
     run_pipeline,
 )
-from deployment.retrain_policy import (
+from deployment.retrain.policy import (
     ControllerState,
     Decision,
     FleetSignal,
@@ -45,7 +46,6 @@ from deployment.retrain_policy import (
     decide,
     promotion_gate,
 )
-from deployment.rollout import module_models
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,1 @@
+"""The device image and the Docker engine that builds and runs it."""

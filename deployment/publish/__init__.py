@@ -1,0 +1,1 @@
+"""Publishing a model: registry, signing, artifacts, release manifests, ring rollout, audit."""

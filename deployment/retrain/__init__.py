@@ -1,0 +1,1 @@
+"""Retraining: the example training pipeline, the trigger policy and the controller."""
