@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.azurite import azurite_binary_or_skip
+from tests.support.azurite import azurite_binary_or_skip
 
 pytestmark = pytest.mark.e2e
 

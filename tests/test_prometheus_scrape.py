@@ -1,8 +1,8 @@
 """A real Prometheus scrapes the real agent: the exposition is what a server ingests, not text.
 
 `python -m agent serve` runs as a subprocess on loopback with a tiny model and serves a few
-requests; then Debian's `prometheus` (tests/prometheus.py) scrapes its metrics port every second
-and the test reads the counters back through Prometheus's own query API.
+requests; then Debian's `prometheus` (tests/support/prometheus.py) scrapes its metrics port
+every second and the test reads the counters back through Prometheus's own query API.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from deployment.examples.onnx_models import save, tiny_mlp
-from tests.prometheus import Prometheus, free_port, running_prometheus
+from tests.support.polling import poll
+from tests.support.prometheus import Prometheus, free_port, running_prometheus
 
 pytestmark = pytest.mark.e2e
 
@@ -47,18 +47,19 @@ def _infer_body() -> bytes:
 
 
 def _wait_ready(agent: Agent, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if agent.process.poll() is not None:
-            pytest.fail(f"agent exited {agent.process.returncode}:\n{agent.log_tail()}")
+    def ready() -> bool:
         try:
             with urllib.request.urlopen(f"{agent.http}/v2/health/ready", timeout=2) as response:
-                if response.status == 200:
-                    return
+                return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"agent not ready after {timeout_s} s:\n{agent.log_tail()}")
+            return False
+
+    def exited() -> str | None:
+        if agent.process.poll() is None:
+            return None
+        return f"agent exited {agent.process.returncode}:\n{agent.log_tail()}"
+
+    poll(ready, timeout_s, "the agent is ready", alive=exited)
 
 
 @pytest.fixture(scope="module")

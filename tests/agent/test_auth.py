@@ -28,9 +28,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import ValidationError
 
 from agent.serving.auth import AuthSettings, SecretError, bearer_token, parse_tokens
-from tests.agent.artifact_server import cert_name, write_pem_pair
-from tests.agent.models import TINY_FEATURES, tiny_bytes
-from tests.agent_process import AgentProcess, running_agent
+from tests.support.agent_process import AgentProcess, running_agent
+from tests.support.artifact_server import cert_name, write_pem_pair
+from tests.support.models import TINY_FEATURES, tiny_bytes
 
 TOKEN = "t0ken-" + "a" * 20
 NEW_TOKEN = "t0ken-" + "b" * 20

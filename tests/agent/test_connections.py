@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 
 from agent.serving.connections import FD_RESERVE, MAX_CAP, ConnectionGuard, connection_cap
-from tests.agent.models import TINY_FEATURES, tiny_bytes
-from tests.agent_process import AgentProcess, running_agent
+from tests.support.agent_process import AgentProcess, running_agent
+from tests.support.models import TINY_FEATURES, tiny_bytes
 
 CAP = 200
 KEEPALIVE_S = 3.0

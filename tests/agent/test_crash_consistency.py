@@ -31,8 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.releases.manifest import public_key_to_b64
 from agent.releases.store import StoreState
 from deployment.publish.release import build_manifest
-from tests.agent.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
-from tests.agent_process import AgentProcess, LogLine, model_status, running_agent
+from tests.support.agent_process import AgentProcess, LogLine, model_status, running_agent
+from tests.support.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
+from tests.support.polling import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -237,10 +238,8 @@ KILL_POINTS = [
 
 
 def _wait_for_file(path: Path) -> None:
-    deadline = time.monotonic() + PROCESS_WAIT_S
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.001)  # the copy lasts tens of milliseconds
+    # Asked every millisecond: the copy lasts tens of milliseconds.
+    poll(path.exists, PROCESS_WAIT_S, f"{path.name} appears", interval=0.001)
 
 
 @pytest.fixture(scope="module", params=KILL_POINTS, ids=[point.label for point in KILL_POINTS])

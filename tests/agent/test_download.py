@@ -34,7 +34,7 @@ from agent.releases.download import (
     redact_url,
 )
 from agent.releases.store import ModelRef, ModelStore, StoreState
-from tests.agent.artifact_server import (
+from tests.support.artifact_server import (
     Artifact,
     ArtifactServer,
     FullDisk,

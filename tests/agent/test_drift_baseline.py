@@ -17,7 +17,7 @@ from agent.observation.baseline import (
     score_window,
 )
 from agent.observation.counts import FeatureCounts
-from tests.agent.drift_packs import tabular_pack, tabular_rows
+from tests.support.drift_packs import tabular_pack, tabular_rows
 
 NAN = float("nan")
 

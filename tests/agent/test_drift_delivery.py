@@ -18,9 +18,9 @@ from agent.observation.watch import Observer
 from agent.releases.lifecycle import ModelState
 from deployment.drift.baseline_pack import build_baseline
 from deployment.examples.onnx_models import mlp
-from tests.agent.artifact_server import Artifact, TestPki
-from tests.agent.drift_packs import FAST
-from tests.agent.releases import Device, Publisher, make_device
+from tests.support.artifact_server import Artifact, TestPki
+from tests.support.drift_packs import FAST
+from tests.support.releases import Device, Publisher, make_device
 
 MODEL = mlp([4, 8, 3], seed=5).SerializeToString()
 

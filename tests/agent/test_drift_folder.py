@@ -14,7 +14,7 @@ from agent.releases.folder import FolderArtifacts
 from agent.releases.manifest import ReleaseManifest, verify_manifest
 from agent.releases.store import ModelStore
 from deployment.publish.release import build_manifest
-from tests.agent.models import tiny_bytes
+from tests.support.models import tiny_bytes
 
 PACK = b'{"a pack": "bytes"}'
 SHA = hashlib.sha256(PACK).hexdigest()

@@ -10,8 +10,8 @@ import pytest
 
 from agent.observation.detector import DriftState
 from agent.observation.drift import PROFILE_SCHEMA, DriftMonitor, DriftSettings, profile_message
-from tests.agent.drift_packs import tabular_pack, tabular_rows
 from tests.support.clock import FakeClock
+from tests.support.drift_packs import tabular_pack, tabular_rows
 
 
 def _monitor(clock: FakeClock | None = None, **settings: object) -> DriftMonitor:

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 from agent.observation.drift import DriftSettings
 from agent.observation.quality import FeedbackOutcome, QualitySettings
 from agent.observation.watch import Observer, Sinks
-from tests.agent.drift_packs import tabular_pack, tabular_rows
 from tests.support.clock import FakeClock
+from tests.support.drift_packs import tabular_pack, tabular_rows
 
 SHA = "ab" * 32
 

@@ -28,8 +28,8 @@ from agent.releases.store import ModelStore
 from agent.releases.swap import ModelManager
 from agent.serving.inference import InferenceService
 from deployment.publish.release import build_manifest
-from tests.agent.models import TINY_FEATURES, tiny_bytes
-from tests.agent.releases import update_failures
+from tests.support.models import TINY_FEATURES, tiny_bytes
+from tests.support.releases import update_failures
 
 KEY_ID = "folder-key"
 DEBOUNCE_S = 0.05

@@ -22,7 +22,7 @@ from agent.observation.metrics import InferenceMetrics
 from agent.reasons import Reason
 from agent.serving.inference import InferenceService
 from agent.serving.protocol import HEADER_LENGTH
-from tests.agent.http_fixtures import (
+from tests.support.http_fixtures import (
     TINY_FEATURES,
     TINY_OUTPUTS,
     SlowModel,

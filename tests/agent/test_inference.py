@@ -13,7 +13,7 @@ from agent.observation.metrics import InferenceMetrics
 from agent.serving.contract import ModelContract, RequestError, TensorSpec
 from agent.serving.engine import CostModel, LoadedModel
 from agent.serving.inference import BatchingPolicy, InferenceService
-from tests.agent.models import MID_FEATURES, TINY_FEATURES, loaded, mid_bytes, tiny_bytes
+from tests.support.models import MID_FEATURES, TINY_FEATURES, loaded, mid_bytes, tiny_bytes
 
 RNG = np.random.default_rng(7)
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.releases.onnx_check import HostileModel, ModelFacts, inspect_model
 from deployment.examples.onnx_models import IR_VERSION, OPSET
-from tests.agent.models import mid_bytes, tiny_bytes
+from tests.support.models import mid_bytes, tiny_bytes
 
 # ---------------------------------------------------------------------------------------------
 # Builders

@@ -25,7 +25,7 @@ from agent.serving.engine import RuntimeOptions, create_session
 from agent.settings import AgentSettings
 from deployment.examples.onnx_models import save, tiny_mlp
 from deployment.publish.template import load_profile
-from tests.agent.models import TINY_FEATURES, tiny_bytes
+from tests.support.models import TINY_FEATURES, tiny_bytes
 
 
 def test_the_grid_measures_max_batch_only_where_requests_coalesce() -> None:

@@ -29,10 +29,10 @@ from agent.releases.quarantine import (
 )
 from agent.serving.engine import RuntimeOptions
 from deployment.publish.release import build_manifest
-from tests.agent import bombs
-from tests.agent.artifact_server import Artifact, TestPki
-from tests.agent.models import mid_bytes, tiny_bytes
-from tests.agent.releases import KEY_ID, Device, Publisher, make_device
+from tests.support import bombs
+from tests.support.artifact_server import Artifact, TestPki
+from tests.support.models import mid_bytes, tiny_bytes
+from tests.support.releases import KEY_ID, Device, Publisher, make_device
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -28,7 +28,7 @@ from agent.observation.profile import (
 from agent.observation.resources import ResourceCollector, Resources, headroom_low
 from agent.serving.engine import RuntimeOptions, load_model
 from agent.serving.inference import InferenceService
-from tests.agent.models import TINY_FEATURES, loaded, tiny_bytes
+from tests.support.models import TINY_FEATURES, loaded, tiny_bytes
 
 MIB = 1 << 20
 GIB = 1 << 30

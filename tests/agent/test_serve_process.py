@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from deployment.examples.onnx_models import mid_mlp, save, tiny_mlp
-from tests.agent_process import running_agent
+from tests.support.agent_process import running_agent
 
 pytestmark = pytest.mark.e2e
 

@@ -25,7 +25,7 @@ from agent.releases.store import (
     WritableFile,
     select_garbage,
 )
-from tests.agent.artifact_server import FullDisk
+from tests.support.artifact_server import FullDisk
 
 A, B, C, D, E = (c * 64 for c in "abcde")
 V1, V2, V3 = ModelRef(1, A), ModelRef(2, B, baseline_sha256=E), ModelRef(3, C)

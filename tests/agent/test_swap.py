@@ -22,9 +22,9 @@ from agent.releases.manifest import sign_manifest
 from agent.releases.store import ModelStore
 from agent.releases.swap import LOADER_NICENESS
 from deployment.examples.onnx_models import mlp
-from tests.agent.artifact_server import Artifact, FullDisk, TestPki
-from tests.agent.models import TINY_FEATURES, mid_bytes, tiny_bytes
-from tests.agent.releases import Device, Publisher, make_device
+from tests.support.artifact_server import Artifact, FullDisk, TestPki
+from tests.support.models import TINY_FEATURES, mid_bytes, tiny_bytes
+from tests.support.releases import Device, Publisher, make_device
 
 X = np.random.default_rng(3).standard_normal((1, TINY_FEATURES)).astype(np.float32)
 

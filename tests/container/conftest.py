@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from simulator import Simulator
-from tests.agent.artifact_server import TestPki
 from tests.module import conftest as module_fixtures
-from tests.module.harness import MODULE, Releases
+from tests.support.artifact_server import TestPki
 from tests.support.docker import Container, Containers, free_port, readable_copy
+from tests.support.module_harness import MODULE, Releases
 
 # The module tests' hub, service SDK and artifact server, shared as they are.
 sim = module_fixtures.sim

@@ -24,14 +24,15 @@ import pytest
 
 from agent.releases.manifest import sign_manifest
 from simulator import Simulator
-from tests.agent.models import TINY_FEATURES, tiny_bytes
 from tests.container.conftest import (
     STATE_DIR,
     AgentContainer,
     StartAgent,
     template_memory_bytes,
 )
-from tests.module.harness import (
+from tests.support.docker import BUILD_TIMEOUT_S, AgentImage, Containers, http_status
+from tests.support.models import TINY_FEATURES, tiny_bytes
+from tests.support.module_harness import (
     KEY_ID,
     SENSOR,
     Releases,
@@ -41,7 +42,7 @@ from tests.module.harness import (
     send_infer,
     sensor_client,
 )
-from tests.support.docker import BUILD_TIMEOUT_S, AgentImage, Containers, http_status, wait
+from tests.support.polling import poll
 
 # The first test of a session may pay for building the image (and its base).
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(BUILD_TIMEOUT_S)]
@@ -173,7 +174,7 @@ def test_the_model_store_volume_survives_rm_and_serves_without_a_download(
         except (urllib.error.URLError, ConnectionError):
             return None
 
-    assert wait(served, 60, "the new container serves v1")["model_version"] == "1"
+    assert poll(served, 60, "the new container serves v1")["model_version"] == "1"
     assert len(releases.artifacts.requests_for("v1.onnx")) == downloads
     events = {line.get("event") for line in second.container.log_lines()}
     assert "download_started" not in events
@@ -241,7 +242,7 @@ def test_docker_stop_under_load_finishes_requests_exits_0_and_leaves_a_whole_sto
     for client in clients:
         client.start()
     try:
-        wait(lambda: outcomes.count("ok") >= 200, 60, "200 requests served before the stop")
+        poll(lambda: outcomes.count("ok") >= 200, 60, "200 requests served before the stop")
         took = agent.container.stop(STOP_GRACE_S)
     finally:
         stop.set()

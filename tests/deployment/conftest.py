@@ -16,7 +16,7 @@ import pytest
 from deployment import cli
 from deployment.examples.onnx_models import save, tiny_mlp
 from deployment.publish.publisher import HubFactory, _azure_hub
-from tests.azurite import azurite  # noqa: F401  (a fixture: pytest finds it by name)
+from tests.support.azurite import azurite  # noqa: F401  (a fixture: pytest finds it by name)
 
 REPO = Path(__file__).resolve().parents[2]
 

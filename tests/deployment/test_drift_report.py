@@ -24,8 +24,8 @@ from deployment.drift.report import (
     read_profiles,
 )
 from simulator.azurite import Azurite
-from tests.agent.drift_packs import tabular_pack, tabular_rows
 from tests.support.clock import FakeClock
+from tests.support.drift_packs import tabular_pack, tabular_rows
 
 START = 1_760_000_000.0
 

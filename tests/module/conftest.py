@@ -9,8 +9,9 @@ import pytest
 from azure.iot.hub import IoTHubRegistryManager
 
 from simulator import Simulator, pick_loopback_host
-from tests.agent.artifact_server import TestPki, make_pki
-from tests.module.harness import (
+from tests.simulator.conftest import collect_sdk_garbage
+from tests.support.artifact_server import TestPki, make_pki
+from tests.support.module_harness import (
     MODULE,
     ModuleProcess,
     Releases,
@@ -18,7 +19,6 @@ from tests.module.harness import (
     ThreadedArtifacts,
     module_environment,
 )
-from tests.simulator.conftest import collect_sdk_garbage
 
 DEPLOYMENT = Path(__file__).resolve().parents[2] / "deployment" / "deployment.template.json"
 

@@ -16,21 +16,21 @@ from agent.releases.manifest import sign_manifest
 from deployment.drift.baseline_pack import BaselineOptions, build_baseline, model_outputs
 from deployment.publish.release import build_manifest
 from simulator import Simulator
-from tests.agent.artifact_server import Artifact
-from tests.agent.models import TINY_FEATURES, tiny_bytes
 from tests.module.conftest import StartModule
-from tests.module.harness import (
+from tests.support.artifact_server import Artifact
+from tests.support.models import TINY_FEATURES, tiny_bytes
+from tests.support.module_harness import (
     KEY_ID,
     SENSOR,
     Releases,
     Service,
     infer_request,
     model_entry,
-    poll,
     reference,
     send_infer,
     sensor_client,
 )
+from tests.support.polling import poll
 
 pytestmark = pytest.mark.e2e
 

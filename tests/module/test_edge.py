@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from module.edge import EdgeModule
 from module.reported import ModelEntries
 from module.settings import ModuleSettings
 from tests.support.fake_hub import FakeModuleClient
+from tests.support.polling import poll_async
 
 SHA = "a" * 64
 
@@ -46,15 +46,7 @@ class Running:
 
     async def until(self, condition: Callable[[], Any], what: str) -> Any:
         """`condition()`'s first truthy value, within 10 s (a loaded machine is slow)."""
-        try:
-            async with asyncio.timeout(10):
-                while not (value := condition()):
-                    self.client.changed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.client.changed.wait(), 0.1)
-        except TimeoutError:
-            raise AssertionError(f"not within 10 s: {what}") from None
-        return value
+        return await poll_async(condition, 10, what, changed=self.client.changed)
 
 
 def _manifest(name: str, version: int = 1) -> dict[str, Any]:

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from simulator import Simulator
-from tests.agent import bombs
-from tests.agent.models import TINY_FEATURES, tiny_bytes
 from tests.module.conftest import StartModule
-from tests.module.harness import Releases, Service, infer_request, poll
+from tests.support import bombs
+from tests.support.models import TINY_FEATURES, tiny_bytes
+from tests.support.module_harness import Releases, Service, infer_request
+from tests.support.polling import poll
 
 pytestmark = pytest.mark.e2e
 

@@ -20,9 +20,9 @@ import pytest
 from agent.releases.manifest import sign_manifest
 from simulator import Simulator
 from simulator.core import UpstreamMessage
-from tests.agent.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
 from tests.module.conftest import StartModule
-from tests.module.harness import (
+from tests.support.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
+from tests.support.module_harness import (
     KEY_ID,
     MODULE,
     SENSOR,
@@ -31,11 +31,11 @@ from tests.module.harness import (
     Service,
     infer_request,
     model_entry,
-    poll,
     reference,
     send_infer,
     sensor_client,
 )
+from tests.support.polling import poll
 
 pytestmark = pytest.mark.e2e
 

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from module.outbox import OutboundMessage, Outbox
+from tests.support.polling import poll_async
 
 
 class FakeHub:
@@ -46,10 +47,7 @@ class FakeHub:
 
     async def wait_for(self, condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
         """Until `condition` holds, re-checked after every attempt and every delivery."""
-        async with asyncio.timeout(timeout_s):
-            while not condition():
-                self._changed.clear()
-                await self._changed.wait()
+        await poll_async(condition, timeout_s, "the fake hub's condition", changed=self._changed)
 
     @property
     def numbers(self) -> list[object]:

@@ -20,9 +20,9 @@ from azure.iot.device import IoTHubModuleClient, Message
 from agent.reasons import REQUEST_REASONS
 from simulator import Simulator
 from simulator.core import UpstreamMessage
-from tests.agent.models import TINY_FEATURES, tiny_bytes
 from tests.module.conftest import StartModule
-from tests.module.harness import (
+from tests.support.models import TINY_FEATURES, tiny_bytes
+from tests.support.module_harness import (
     SENSOR,
     ModuleProcess,
     Releases,

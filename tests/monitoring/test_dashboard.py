@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from deployment.monitoring import dashboard
-from tests.monitoring.files import DASHBOARD
+from tests.support.monitoring_files import DASHBOARD
 
 
 def test_the_committed_dashboard_is_the_generated_one() -> None:

@@ -33,12 +33,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.releases.manifest import public_key_to_b64, sign_manifest
 from deployment.publish.release import build_manifest
 from simulator import Simulator, pick_loopback_host
-from tests.agent.artifact_server import make_pki
-from tests.agent.models import tiny_bytes
-from tests.agent_process import LogLine, model_status, running_agent
-from tests.module import harness
-from tests.monitoring.files import DASHBOARD, MONITORING
-from tests.monitoring.stack import (
+from tests.simulator.conftest import collect_sdk_garbage
+from tests.support import module_harness as harness
+from tests.support.agent_process import LogLine, model_status, running_agent
+from tests.support.artifact_server import make_pki
+from tests.support.models import tiny_bytes
+from tests.support.monitoring_files import DASHBOARD, MONITORING
+from tests.support.monitoring_stack import (
     GROUP_WAIT_S,
     HUB,
     Webhook,
@@ -47,8 +48,7 @@ from tests.monitoring.stack import (
     running_device_prometheus,
     running_webhook,
 )
-from tests.prometheus import Prometheus, Service
-from tests.simulator.conftest import collect_sdk_garbage
+from tests.support.prometheus import Prometheus, Service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.monitoring.files import ALERTMANAGER, RULE_TESTS, RULES, load_yaml
-from tests.prometheus import debian_binary
+from tests.support.monitoring_files import ALERTMANAGER, RULE_TESTS, RULES, load_yaml
+from tests.support.prometheus import debian_binary
 
 
 def _alerts() -> list[dict[str, Any]]:

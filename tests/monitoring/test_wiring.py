@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from tests.monitoring.files import (
+from tests.support.monitoring_files import (
     AGENT_PROMETHEUS,
     CENTRAL_PROMETHEUS,
     MONITORING,
     RULES,
     load_yaml,
 )
-from tests.prometheus import debian_binary
+from tests.support.prometheus import debian_binary
 
 TEMPLATE = MONITORING.parent / "deployment.template.json"
 

@@ -14,7 +14,7 @@ from azure.iot.device.aio import IoTHubModuleClient
 from azure.iot.hub import IoTHubRegistryManager
 
 from simulator import Simulator, pick_loopback_host
-from tests.azurite import azurite  # noqa: F401  # the session fixture, for the tests here
+from tests.support.azurite import azurite  # noqa: F401  # the session fixture, for the tests here
 
 DEVICE = "edge-device"
 

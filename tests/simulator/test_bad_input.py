@@ -13,7 +13,7 @@ import pytest
 from simulator import Simulator, sas
 from simulator import mqtt_codec as mqtt
 from tests.simulator.conftest import DEVICE, ClientFactory
-from tests.simulator.raw_mqtt import RawClient
+from tests.support.raw_mqtt import RawClient
 
 EVENTS = f"devices/{DEVICE}/modules/producer/messages/events/"
 

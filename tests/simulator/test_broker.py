@@ -8,7 +8,7 @@ from simulator import Simulator
 from simulator import mqtt_codec as mqtt
 from simulator.broker import ClientIdentity, Session
 from tests.simulator.conftest import DEVICE
-from tests.simulator.raw_mqtt import RawClient
+from tests.support.raw_mqtt import RawClient
 
 INPUTS = f"devices/{DEVICE}/modules/consumer/inputs/#"
 

@@ -18,7 +18,7 @@ from azure.iot.device.aio import IoTHubModuleClient
 
 from simulator import pick_loopback_host
 from tests.simulator.conftest import DEVICE, MANIFEST, collect_sdk_garbage
-from tests.simulator.inbox import Inbox, sdk_message
+from tests.support.inbox import Inbox, sdk_message
 
 pytestmark = pytest.mark.e2e
 

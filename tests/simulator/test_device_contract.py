@@ -13,7 +13,7 @@ from azure.iot.device.exceptions import ClientError, CredentialError
 
 from simulator import Simulator, UpstreamMessage
 from tests.simulator.conftest import DEVICE, PAHO_RECONNECT_LEAK, ClientFactory
-from tests.simulator.inbox import Inbox, sdk_message
+from tests.support.inbox import Inbox, sdk_message
 
 
 async def test_edge_environment_client_reads_the_manifest_desired_twin(

@@ -12,7 +12,7 @@ from azure.iot.device.exceptions import ClientError, ServiceError
 from simulator import HubEvent, Simulator
 from simulator import ServiceError as HubServiceError
 from tests.simulator.conftest import DEVICE, PAHO_RECONNECT_LEAK, ClientFactory
-from tests.simulator.inbox import sdk_message
+from tests.support.inbox import sdk_message
 
 
 def _connected(module: str) -> Callable[[HubEvent], bool]:

@@ -15,8 +15,8 @@ import pytest
 from simulator import HubEvent, pick_loopback_host
 from simulator.__main__ import load_fleet
 from simulator.rest import event_selected
-from tests.azurite import azurite_binary_or_skip
 from tests.simulator.conftest import MANIFEST
+from tests.support.azurite import azurite_binary_or_skip
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from msrest.exceptions import HttpOperationError
 
 from simulator import Simulator, pick_loopback_host
 from tests.simulator.conftest import collect_sdk_garbage
-from tests.simulator.inbox import Inbox, sdk_message
+from tests.support.inbox import Inbox, sdk_message
 
 pytestmark = pytest.mark.e2e
 

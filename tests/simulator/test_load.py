@@ -10,7 +10,7 @@ from azure.iot.device import Message
 
 from simulator import Simulator
 from tests.simulator.conftest import ClientFactory
-from tests.simulator.inbox import sdk_message
+from tests.support.inbox import sdk_message
 
 MESSAGES = 5_000
 CONCURRENT_SENDS = 100

@@ -13,7 +13,7 @@ from msrest.exceptions import HttpOperationError
 
 from simulator import Simulator
 from tests.simulator.conftest import DEVICE, ClientFactory
-from tests.simulator.inbox import Inbox
+from tests.support.inbox import Inbox
 
 
 def _status(error: pytest.ExceptionInfo[HttpOperationError]) -> int:

@@ -28,7 +28,7 @@ from simulator.storage import (
 )
 from simulator.topics import Message
 from tests.simulator.conftest import collect_sdk_garbage
-from tests.simulator.inbox import sdk_message
+from tests.support.inbox import sdk_message
 
 JSON_SYSTEM = {
     "contentType": "application/json",

@@ -24,7 +24,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import pytest
 
 from deployment.image.build import IMAGE_NAME, build_default
 from deployment.image.docker import Docker, Engine
+from tests.support.polling import poll
 
 # The first build of a session on a fresh machine: debootstrap (~3 min on a shared 2-core
 # machine) plus pip installing the device dependencies; cached builds take seconds.
@@ -45,17 +46,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def wait(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s} s: {what}")
-        time.sleep(interval_s)
 
 
 @dataclass(frozen=True)
@@ -114,7 +104,7 @@ class Container:
                 pytest.fail(f"{self.name} exited before logging {event}:\n{self.logs()[-3000:]}")
             return None
 
-        return dict(wait(found, timeout_s, f"{self.name} logs {event}", 0.3))
+        return dict(poll(found, timeout_s, f"{self.name} logs {event}", interval=0.3))
 
     def wait_health(self, status: str = "healthy", timeout_s: float = 90.0) -> None:
         def reached() -> bool:
@@ -122,10 +112,10 @@ class Container:
                 pytest.fail(f"{self.name} exited:\n{self.logs()[-3000:]}")
             return self.health() == status
 
-        wait(reached, timeout_s, f"{self.name} health {status}", 0.5)
+        poll(reached, timeout_s, f"{self.name} health {status}", interval=0.5)
 
     def wait_exit(self, timeout_s: float = 60.0) -> int:
-        wait(lambda: not self.running(), timeout_s, f"{self.name} exits", 0.3)
+        poll(lambda: not self.running(), timeout_s, f"{self.name} exits", interval=0.3)
         return int(self.state()["ExitCode"])
 
     def exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
@@ -37,7 +36,8 @@ from msrest.exceptions import HttpOperationError
 
 from agent.releases.manifest import public_key_to_b64, sign_manifest
 from deployment.publish.release import build_manifest
-from tests.agent.artifact_server import Artifact, ArtifactServer, SeenRequest, TestPki
+from tests.support.artifact_server import Artifact, ArtifactServer, SeenRequest, TestPki
+from tests.support.polling import poll
 
 T = TypeVar("T")
 LogLine = dict[str, Any]
@@ -45,18 +45,6 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE = "mlagent"
 SENSOR = "sensor"
 KEY_ID = "release-key"
-
-
-def poll(condition: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
-    """`condition()`'s first truthy value, asked every `interval` s for at most `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(interval)
 
 
 # --- the artifact server on its own thread --------------------------------------------------

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.support.polling import poll
+
 T = TypeVar("T")
 
 
@@ -153,15 +155,20 @@ class Prometheus(Service):
 
     def wait_for(self, probe: Callable[[], T | None], what: str, timeout_s: float = 30.0) -> T:
         """Poll `probe` until it returns something other than None; fail with the server log."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"{self.name} exited {self.process.returncode}:\n{self.log_tail()}")
-            found = probe()
-            if found is not None:
-                return found
-            time.sleep(0.2)
-        pytest.fail(f"timed out after {timeout_s} s waiting for {what}:\n{self.log_tail()}")
+        # A probe's answer may be falsy (a counter at 0): wrap it so only None means "not yet".
+        found = poll(
+            lambda: (answer,) if (answer := probe()) is not None else None,
+            timeout_s,
+            f"{what}; {self.name} log:\n{self.log_tail()}",
+            interval=0.2,
+            alive=self._exited,
+        )
+        return found[0]
+
+    def _exited(self) -> str | None:
+        if self.process.poll() is None:
+            return None
+        return f"{self.name} exited {self.process.returncode}:\n{self.log_tail()}"
 
 
 @contextmanager

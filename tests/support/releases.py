@@ -20,7 +20,7 @@ from agent.releases.store import ModelStore
 from agent.releases.swap import HttpsArtifacts, ModelManager, ReleaseObserver
 from agent.serving.inference import InferenceService
 from deployment.publish.release import build_manifest
-from tests.agent.artifact_server import Artifact, ArtifactServer, TestPki
+from tests.support.artifact_server import Artifact, ArtifactServer, TestPki
 
 KEY_ID = "test-key"
 

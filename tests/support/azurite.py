@@ -2,7 +2,7 @@
 
 Use it from any test package by re-exporting the fixture in that package's `conftest.py`:
 
-    from tests.azurite import azurite  # noqa: F401  (a fixture: pytest finds it by name)
+    from tests.support.azurite import azurite  # noqa: F401  (a fixture: pytest finds it by name)
 
     def test_upload(azurite: Azurite) -> None:
         BlobServiceClient.from_connection_string(azurite.connection_string)

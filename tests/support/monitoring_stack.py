@@ -16,14 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.monitoring.files import (
+from tests.support.monitoring_files import (
     AGENT_PROMETHEUS,
     ALERTMANAGER,
     CENTRAL_PROMETHEUS,
     RULES,
     load_yaml,
 )
-from tests.prometheus import (
+from tests.support.prometheus import (
     Prometheus,
     Service,
     debian_binary,
