@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +38,7 @@ from msrest.exceptions import HttpOperationError
 from agent.releases.manifest import public_key_to_b64, sign_manifest
 from deployment.publish.release import build_manifest
 from tests.support.artifact_server import Artifact, ArtifactServer, SeenRequest, TestPki
+from tests.support.models import TINY_FEATURES, tiny_bytes
 from tests.support.polling import poll
 
 T = TypeVar("T")
@@ -436,3 +438,26 @@ def reference(model: bytes, rows: np.ndarray) -> np.ndarray:
     session = _session(model)
     output = session.run(None, {session.get_inputs()[0].name: rows})[0]
     return np.asarray(output)
+
+
+# --- what the end-to-end tests share ---------------------------------------------------------
+
+V1, V2 = tiny_bytes(0), tiny_bytes(1)
+
+
+def tiny_rows(seed: int) -> np.ndarray:
+    """One seeded row for the tiny model."""
+    return np.random.default_rng(seed).standard_normal((1, TINY_FEATURES)).astype(np.float32)
+
+
+def publish_v1(service: Service, releases: Releases) -> dict[str, Any]:
+    """Release v1 of the tiny model and wait until the module serves it."""
+    manifest = releases.release("v1.onnx", V1, 1)
+    service.publish(manifest)
+    service.wait_model(1)
+    return manifest
+
+
+def log_time(line: Mapping[str, Any]) -> float:
+    """A JSON log line's timestamp, in seconds since the epoch."""
+    return datetime.fromisoformat(str(line["timestamp"])).timestamp()
