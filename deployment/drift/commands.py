@@ -68,9 +68,11 @@ def _drift_report(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         with container:
             profiles += read_blob_profiles(container, args.prefix)
     fleet = merge_profiles(profiles, load_baselines(args.baseline), args.bucket_seconds)
-    written = write_reports(fleet, args.output)
+    written = write_reports(fleet, args.output, args.bucket_seconds)
     log.info("drift_report_written", profiles=len(profiles), pages=[str(p) for p in written])
-    return 0 if written else 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0 if fleet else 1
 
 
 COMMANDS = frozenset({"baseline", "drift-report"})

@@ -36,9 +36,11 @@ __all__ = [
     "FleetModel",
     "load_baselines",
     "merge_profiles",
+    "page_name",
     "read_blob_profiles",
     "read_profiles",
     "render_html",
+    "verdict",
     "write_reports",
 ]
 
@@ -167,6 +169,7 @@ class Bucket:
     counts: dict[int, FeatureCounts] = field(default_factory=dict)
     score: float = float("nan")
     divergence: dict[str, float] = field(default_factory=dict)
+    evidence: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -204,6 +207,11 @@ def _score(bucket: Bucket, pack: BaselinePack) -> None:
     present = [i for i in range(len(counts)) if i in bucket.counts]
     bucket.score = max((score.features[i].evidence for i in present), default=float("nan"))
     bucket.divergence = {score.features[i].name: score.features[i].divergence for i in present}
+    bucket.evidence = {
+        score.features[i].name: score.features[i].evidence
+        for i in present
+        if math.isfinite(score.features[i].evidence)
+    }
 
 
 def merge_profiles(
@@ -248,6 +256,7 @@ h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 .card h3{font-size:14px;margin:0 0 4px}.muted{color:#5c6b7a;font-size:12px}
 table{border-collapse:collapse}
 td,th{padding:3px 10px;border-bottom:1px solid #e3e8ee;text-align:left}
+.verdict{font-size:18px;font-weight:600;margin:8px 0}
 .ok{color:#1a7f37}.warning{color:#b35900}.drift{color:#c62828;font-weight:600}
 """
 _REFERENCE, _CURRENT = "#8aa4c8", "#e4572e"
@@ -255,6 +264,75 @@ _REFERENCE, _CURRENT = "#8aa4c8", "#e4572e"
 
 def _time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _tick_format(span_s: float, bucket_s: float) -> str:
+    """A time format fine enough that neighbouring buckets get different labels."""
+    if bucket_s < 60:
+        return "%H:%M:%S"
+    if span_s < 86_400:
+        return "%H:%M"
+    return "%m-%d %H:%M"
+
+
+def _threshold(fleet: FleetModel) -> tuple[float, str] | None:
+    """Where one window's evidence alone crosses the device's alarm, from the pack's calibration
+    for the smallest window (CUSUM: a window adds at most `clip` - `k`, and alarms at `h`)."""
+    window = fleet.pack.calibration.windows[0]
+    alone = window.h + window.k
+    if alone <= window.clip:
+        return alone, f"one window above {alone:.2f} alarms on its own (h + k)"
+    return window.clip, (
+        f"one window adds at most {window.clip:.1f} (clip) toward the alarm level {window.h:.1f}"
+    )
+
+
+_STATE_COLOURS = {"drift": "#c62828", "warning": "#b35900", "ok": "#1a7f37"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a reader of the page must learn first: who is in drift, since when, and why."""
+
+    drifting: dict[str, float]  # device -> when it last entered drift
+    warning: list[str]
+    features: list[str]  # the features that drove the latest scored bucket, strongest first
+
+    @property
+    def headline(self) -> str:
+        if self.drifting:
+            return f"In drift on {len(self.drifting)} device(s)"
+        if self.warning:
+            return f"Warning on {len(self.warning)} device(s)"
+        return "No drift"
+
+
+def verdict(fleet: FleetModel) -> Verdict:
+    """Each device's last reported state (the profiles' own), and the features with the most
+    evidence in the last scored bucket."""
+    state: dict[str, tuple[str, float]] = {}
+    for t, device, _, _, new in fleet.changes:
+        state[device] = (new, t)
+    drifting = {d: since for d, (s, since) in sorted(state.items()) if s == "drift"}
+    warning = sorted(d for d, (s, _) in state.items() if s == "warning")
+    scored = [b for b in fleet.buckets if b.evidence]
+    latest = scored[-1].evidence if scored else {}
+    strongest = sorted(latest, key=lambda name: -latest[name])
+    return Verdict(drifting, warning, [n for n in strongest if latest[n] > 0][:3])
+
+
+def _verdict_html(fleet: FleetModel, found: Verdict) -> str:
+    css = "drift" if found.drifting else "warning" if found.warning else "ok"
+    parts = [f'<p class="verdict {css}">{html.escape(found.headline)}</p><ul>']
+    for device, since in found.drifting.items():
+        parts.append(f"<li>{html.escape(device)}: drift since {_time(since)} UTC</li>")
+    if found.warning:
+        parts.append(f"<li>warning: {html.escape(', '.join(found.warning))}</li>")
+    if found.features:
+        names = ", ".join(html.escape(n) for n in found.features)
+        parts.append(f"<li>driven by {names} (most evidence in the latest bucket)</li>")
+    parts.append("</ul>")
+    return "".join(parts)
 
 
 def _histogram(reference: Sequence[float], current: Sequence[float], labels: Sequence[str]) -> str:
@@ -282,22 +360,63 @@ def _histogram(reference: Sequence[float], current: Sequence[float], labels: Seq
     return f'<svg width="{width}" height="{height}" role="img">{"".join(bars)}{axis}</svg>'
 
 
-def _timeline(fleet: FleetModel) -> str:
-    width, height, pad = 900, 220, 36
+def _timeline(fleet: FleetModel, bucket_s: float) -> str:
+    width, height = 900, 260
+    left, right, top_pad, bottom = 56, 20, 24, 44
     points = [(b.start, b.score) for b in fleet.buckets if math.isfinite(b.score)]
     if not points:
         return '<p class="muted">no scored bucket</p>'
+    line = _threshold(fleet)
     t0 = min(p[0] for p in points)
     t1 = max(t0 + 1, *(p[0] for p in points))
-    top = max(4.0, *(p[1] for p in points))
+    top = max(4.0, *(p[1] for p in points), (line[0] if line else 0.0) * 1.1)
     low = min(0.0, *(p[1] for p in points))
 
     def x(t: float) -> float:
-        return pad + (width - 2 * pad) * (t - t0) / (t1 - t0)
+        return left + (width - left - right) * (t - t0) / (t1 - t0)
 
     def y(v: float) -> float:
-        return height - pad - (height - 2 * pad) * (v - low) / (top - low)
+        return height - bottom - (height - top_pad - bottom) * (v - low) / (top - low)
 
+    grey = 'fill="#5c6b7a" font-size="11"'
+    y_axis = [
+        f'<line x1="{left}" y1="{top_pad}" x2="{left}" y2="{height - bottom}" stroke="#5c6b7a"/>'
+    ]
+    step = max(1, math.ceil((top - low) / 5))
+    for v in range(math.floor(low), math.ceil(top) + 1, step):
+        y_axis.append(
+            f'<line x1="{left - 4}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}" '
+            f'stroke="#eef1f5"/><text x="{left - 8}" y="{y(v) + 4:.1f}" {grey} '
+            f'text-anchor="end">{v}</text>'
+        )
+    y_axis.append(
+        f'<text x="14" y="{(height - bottom + top_pad) / 2:.1f}" {grey} text-anchor="middle" '
+        f'transform="rotate(-90 14 {(height - bottom + top_pad) / 2:.1f})">evidence (sd)</text>'
+    )
+    fmt = _tick_format(t1 - t0, bucket_s)
+    stride = max(1, math.ceil(len(points) / 8))
+    x_axis = [
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" '
+        'stroke="#5c6b7a"/>'
+    ]
+    for t, _ in points[::stride]:
+        label = datetime.fromtimestamp(t, UTC).strftime(fmt)
+        x_axis.append(
+            f'<text x="{x(t):.1f}" y="{height - bottom + 16}" {grey} text-anchor="middle">'
+            f"{label}</text>"
+        )
+    x_axis.append(
+        f'<text x="{(left + width - right) / 2:.1f}" y="{height - 6}" {grey} '
+        f'text-anchor="middle">bucket start (UTC), {_time(t0)[:10]}</text>'
+    )
+    threshold = ""
+    if line is not None:
+        threshold = (
+            f'<line x1="{left}" y1="{y(line[0]):.1f}" x2="{width - right}" y2="{y(line[0]):.1f}" '
+            'stroke="#c62828" stroke-width="1.5"/>'
+            f'<text x="{width - right}" y="{y(line[0]) - 5:.1f}" font-size="11" fill="#c62828" '
+            f'text-anchor="end">{html.escape(line[1])}</text>'
+        )
     path = " ".join(
         f"{'M' if i == 0 else 'L'}{x(t):.1f},{y(v):.1f}" for i, (t, v) in enumerate(points)
     )
@@ -305,25 +424,24 @@ def _timeline(fleet: FleetModel) -> str:
         f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="3" fill="{_CURRENT}"/>' for t, v in points
     )
     marks = "".join(
-        f'<line x1="{x(t):.1f}" y1="{pad}" x2="{x(t):.1f}" y2="{height - pad}" '
-        f'stroke="{"#c62828" if new == "drift" else "#b35900" if new == "warning" else "#1a7f37"}" '
-        'stroke-dasharray="4 3"/>'
+        f'<line x1="{x(t):.1f}" y1="{top_pad}" x2="{x(t):.1f}" y2="{height - bottom}" '
+        f'stroke="{_STATE_COLOURS.get(new, "#5c6b7a")}" stroke-dasharray="4 3"/>'
         for t, _, _, _, new in fleet.changes
         if t0 <= t <= t1 + 1
     )
-    guide = (
-        f'<line x1="{pad}" y1="{y(0):.1f}" x2="{width - pad}" y2="{y(0):.1f}" stroke="#d5dbe3"/>'
+    svg = (
+        f'<svg width="{width}" height="{height}" role="img">{"".join(y_axis)}{"".join(x_axis)}'
+        f'{threshold}{marks}<path d="{path}" fill="none" stroke="{_CURRENT}" stroke-width="2"/>'
+        f"{dots}</svg>"
     )
-    labels = (
-        f'<text x="{pad}" y="{height - 10}" font-size="11" fill="#5c6b7a">{_time(t0)}</text>'
-        f'<text x="{width - pad}" y="{height - 10}" font-size="11" fill="#5c6b7a" '
-        f'text-anchor="end">{_time(t1)}</text>'
-        f'<text x="4" y="{pad - 10}" font-size="11" fill="#5c6b7a">'
-        "largest feature evidence (standard deviations above training windows)</text>"
+    legend = " ".join(
+        f'<span style="color:{colour}">┆</span> a device entered {state}'
+        for state, colour in _STATE_COLOURS.items()
     )
     return (
-        f'<svg width="{width}" height="{height}" role="img">{guide}{marks}'
-        f'<path d="{path}" fill="none" stroke="{_CURRENT}" stroke-width="2"/>{dots}{labels}</svg>'
+        f'{svg}<p class="muted"><span style="color:{_CURRENT}">●</span> largest feature '
+        "evidence in the bucket (standard deviations above what training windows score) · "
+        f'<span style="color:#c62828">—</span> alarm threshold · {legend}</p>'
     )
 
 
@@ -335,7 +453,7 @@ def _bin_labels(pack: BaselinePack, index: int) -> list[str]:
     return [f"< {cuts[0]}" if cuts else "all", *cuts, "missing"][: feature.binning.size]
 
 
-def render_html(fleet: FleetModel) -> str:
+def render_html(fleet: FleetModel, bucket_s: float = 3600.0) -> str:
     pack = fleet.pack
     total = fleet.total
     order = sorted(total.counts, key=lambda i: -total.divergence.get(pack.features[i].name, 0.0))
@@ -359,15 +477,17 @@ def render_html(fleet: FleetModel) -> str:
     )
     title = f"Drift of {fleet.model}"
     versions = ", ".join(map(str, sorted(fleet.versions)))
+    found = verdict(fleet)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style></head><body>
 <h1>{html.escape(title)}</h1>
+{_verdict_html(fleet, found)}
 <p class="muted">baseline {fleet.baseline[:12]} · versions {versions}
  · {total.profiles} windows · {total.rows} rows · {len(total.devices)} devices ·
  <span style="color:{_REFERENCE}">■</span> training reference
  <span style="color:{_CURRENT}">■</span> merged current</p>
-<h2>Score over time</h2>{_timeline(fleet)}
+<h2>Score over time</h2>{_timeline(fleet, bucket_s)}
 <h2>Features, most divergent first</h2><div class="grid">{"".join(cards)}</div>
 <h2>State changes</h2>
 <table><tr><th>time (UTC)</th><th>device</th><th>version</th><th>from</th><th>to</th></tr>
@@ -376,11 +496,45 @@ def render_html(fleet: FleetModel) -> str:
 """
 
 
-def write_reports(fleet: Sequence[FleetModel], out: Path) -> list[Path]:
+def page_name(model: FleetModel) -> str:
+    """`<model>-v<versions>-<baseline>.html`: the name says which model and releases it shows."""
+    versions = "-".join(f"v{v}" for v in sorted(model.versions))
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.model)
+    return f"{safe}-{versions}-{model.baseline[:12]}.html"
+
+
+def _index_html(fleet: Sequence[FleetModel], names: Sequence[str]) -> str:
+    rows = []
+    for model, name in zip(fleet, names, strict=True):
+        found = verdict(model)
+        css = "drift" if found.drifting else "warning" if found.warning else "ok"
+        rows.append(
+            f'<tr><td><a href="{html.escape(name)}">{html.escape(model.model)}</a></td>'
+            f"<td>{', '.join(map(str, sorted(model.versions)))}</td>"
+            f'<td class="{css}">{html.escape(found.headline)}</td>'
+            f"<td>{html.escape(', '.join(found.features)) or '-'}</td>"
+            f"<td>{len(model.total.devices)}</td><td>{model.total.rows}</td></tr>"
+        )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Fleet drift</title>
+<style>{_CSS}</style></head><body>
+<h1>Fleet drift</h1>
+<table><tr><th>model</th><th>versions</th><th>verdict</th><th>driven by</th><th>devices</th>
+<th>rows</th></tr>
+{"".join(rows) or '<tr><td colspan="6" class="muted">no drift profile</td></tr>'}</table>
+</body></html>
+"""
+
+
+def write_reports(fleet: Sequence[FleetModel], out: Path, bucket_s: float = 3600.0) -> list[Path]:
+    """One page per model and baseline, and `index.html` linking them; the pages first."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for model in fleet:
-        path = out / f"{model.model}-{model.baseline[:12]}.html"
-        path.write_text(render_html(model), encoding="utf-8")
+    names = [page_name(model) for model in fleet]
+    for model, name in zip(fleet, names, strict=True):
+        path = out / name
+        path.write_text(render_html(model, bucket_s), encoding="utf-8")
         written.append(path)
-    return written
+    index = out / "index.html"
+    index.write_text(_index_html(fleet, names), encoding="utf-8")
+    return [*written, index]

@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,14 @@ from PIL import Image
 from agent.observation.drift import DriftMonitor, DriftSettings, profile_message
 from deployment.cli import run
 from deployment.drift.report import (
+    _tick_format,
     load_baselines,
     merge_profiles,
+    page_name,
     read_blob_profiles,
     read_profiles,
+    render_html,
+    verdict,
 )
 from simulator.azurite import Azurite
 from tests.support.clock import FakeClock
@@ -101,6 +106,50 @@ def test_merged_profiles_add_up_and_later_buckets_score_higher(
     assert {("cam-1", "drift"), ("cam-2", "drift")} <= drifted
 
 
+def test_the_verdict_names_the_drifting_devices_since_when_and_the_features_behind_it(
+    fleet_files: tuple[Path, Path, int],
+) -> None:
+    routed, baseline, _ = fleet_files
+    (fleet,) = merge_profiles(read_profiles([routed]), load_baselines([baseline]), 3600.0)
+    found = verdict(fleet)
+    assert found.headline == "In drift on 2 device(s)"
+    assert set(found.drifting) == {"cam-1", "cam-2"}
+    # Each device drifted in the shifted second half of its windows (from window 6 on).
+    assert all(since >= START + 6 * 600 for since in found.drifting.values())
+    assert found.features[0] == "x[0]"  # tabular_rows shifts the first feature most
+    page = render_html(fleet)
+    assert page.index("In drift on 2 device(s)") < page.index("Score over time")
+
+
+@pytest.mark.parametrize(
+    ("span_s", "bucket_s", "labels_differ_at"),
+    [
+        (3 * 3600, 1800, "%H:%M"),
+        (120, 10, "%H:%M:%S"),
+        (5 * 86_400, 3600, "%m-%d %H:%M"),
+    ],
+)
+def test_time_labels_tell_neighbouring_buckets_apart(
+    span_s: float, bucket_s: float, labels_differ_at: str
+) -> None:
+    fmt = _tick_format(span_s, bucket_s)
+    assert fmt == labels_differ_at
+    first, second = (
+        datetime.fromtimestamp(START + i * bucket_s, UTC).strftime(fmt) for i in (0, 1)
+    )
+    assert first != second
+
+
+def test_a_page_name_carries_the_model_and_its_versions(
+    fleet_files: tuple[Path, Path, int],
+) -> None:
+    routed, baseline, _ = fleet_files
+    (fleet,) = merge_profiles(read_profiles([routed]), load_baselines([baseline]), 3600.0)
+    fleet.versions.add(8)
+    fleet.model = "a/b model"
+    assert page_name(fleet) == f"a_b_model-v7-v8-{fleet.baseline[:12]}.html"
+
+
 def test_profiles_of_an_unknown_baseline_are_refused(fleet_files: tuple[Path, Path, int]) -> None:
     routed, _, _ = fleet_files
     with pytest.raises(ValueError, match="no baseline given"):
@@ -148,8 +197,14 @@ def test_the_report_renders_in_chromium_with_charts(
     out = tmp_path / "report"
     argv = ["drift-report", "--profiles", str(routed), "--baseline", str(baseline), "-o", str(out)]
     assert _cli([*argv, "--bucket-seconds", "1800"])[0] == 0
-    (page,) = out.glob("*.html")
-    assert "Drift of anomaly" in page.read_text()
+    (page,) = (p for p in out.glob("*.html") if p.name != "index.html")
+    assert page.name.startswith("anomaly-v7-")
+    text = page.read_text()
+    assert "Drift of anomaly" in text
+    assert "alarm threshold" in text
+    assert "evidence (sd)" in text
+    index = (out / "index.html").read_text()
+    assert f'href="{page.name}"' in index
     png = tmp_path / "report.png"
     _screenshot(page, png, tmp_path / "chromium-profile")
     image = np.asarray(Image.open(png).convert("RGB"), dtype=np.int32)
@@ -182,7 +237,9 @@ def test_the_report_reads_profiles_from_blob_storage_as_routing_leaves_them(
         out = tmp_path / "report"
         argv = ["drift-report", "--container", "telemetry", "--prefix", "hub/"]
         assert _cli([*argv, "--baseline", str(baseline), "-o", str(out)], environ)[0] == 0
-        assert len(list(out.glob("*.html"))) == 1
+        page, index = sorted(p.name for p in out.glob("*.html"))
+        assert page.startswith("anomaly-v7-")
+        assert index == "index.html"
         service.close()
 
 
