@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from grafana_foundation_sdk.builders import common, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.builders import dashboard as db
-from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as common_model
 from grafana_foundation_sdk.models import dashboard as model
 
 OUTPUT: Final = Path(__file__).with_name("dashboards") / "edge-fleet.json"
@@ -26,7 +27,11 @@ UID: Final = "edge-mlops-fleet"
 DATASOURCE: Final = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RING: Final = 'ring=~"$ring"'
 DEVICE: Final = 'device_id="$device"'
+MODEL: Final = 'model="$model"'
 RATE: Final = "[$__rate_interval]"  # Grafana sizes it to at least four scrapes
+# A device's drift evidence (its CUSUM level) over the level at which it declares drift: the
+# threshold differs per baseline, so the ratio puts every device's alarm at 1.
+_EVIDENCE: Final = "(agent_drift_cusum{{{0}}} / agent_drift_threshold{{{0}}})"
 
 Kind = Literal["timeseries", "stat", "table"]
 
@@ -42,9 +47,10 @@ class PanelSpec:
     title: str
     kind: Kind
     queries: tuple[Query, ...]
+    description: str
     unit: str = "short"
-    description: str = ""
     width: int = 8
+    threshold: float | None = None  # drawn as a line: the value at which an alert or state fires
 
 
 def _q(expr: str, legend: str = "") -> tuple[Query, ...]:
@@ -57,6 +63,10 @@ FLEET: Final[tuple[PanelSpec, ...]] = (
         "stat",
         _q(f'count(group by (hub, device_id) (up{{job="edge-agent", {RING}}})) or vector(0)'),
         width=4,
+        description=(
+            "Devices whose agent answers its on-device Prometheus (`up` of job edge-agent) in the "
+            "selected rings."
+        ),
     ),
     PanelSpec(
         "Devices silent (seen in the last hour)",
@@ -69,24 +79,40 @@ FLEET: Final[tuple[PanelSpec, ...]] = (
             ) or vector(0)"""
         ),
         width=4,
+        description=(
+            "Devices that reported in the last hour but not now: off, offline, or their Prometheus "
+            "module is down (alert EdgeDeviceSilent)."
+        ),
     ),
     PanelSpec(
         "Devices off the hub",
         "stat",
         _q(f"count(agent_hub_connected{{{RING}}} == 0) or vector(0)"),
         width=4,
+        description=(
+            "Agents that have lost IoT Hub: inference serves on, while twin updates, telemetry and "
+            "alerts wait in the outbox (alert AgentHubDisconnected)."
+        ),
     ),
     PanelSpec(
         "Alerts firing",
         "table",
         _q(f'sum by (alertname, severity) (ALERTS{{alertstate="firing", {RING}}})'),
         width=12,
+        description=(
+            "Alerts firing now in the selected rings, by name and severity; each rule's runbook is "
+            "in the README."
+        ),
     ),
     PanelSpec(
         "Model versions per ring (devices)",
         "table",
         _q(f"count by (ring, model, version) (agent_model_info{{{RING}}})"),
         width=12,
+        description=(
+            "How many devices serve each version of each model, per ring: a rollout in progress "
+            "shows two versions in a ring."
+        ),
     ),
     PanelSpec(
         "Release outcomes, last 15 minutes (devices)",
@@ -96,6 +122,10 @@ FLEET: Final[tuple[PanelSpec, ...]] = (
             "{{state}}",
         ),
         width=12,
+        description=(
+            "Devices whose release ended in each state in the last 15 minutes (active, failed, "
+            "rejected, rolled_back)."
+        ),
     ),
     PanelSpec(
         "Release failures, last 15 minutes, by reason",
@@ -105,6 +135,10 @@ FLEET: Final[tuple[PanelSpec, ...]] = (
             "{{reason}}",
         ),
         width=12,
+        description=(
+            "Failed or rejected releases by reason (the reported `models.<name>.reason`): many "
+            "devices with one reason point at the release, not the devices."
+        ),
     ),
     PanelSpec(
         "Requests per second by outcome",
@@ -114,6 +148,10 @@ FLEET: Final[tuple[PanelSpec, ...]] = (
             "{{outcome}}",
         ),
         unit="reqps",
+        description=(
+            "Inference requests per second: ok, failed (inside ONNX Runtime) and rejected (the "
+            "client's mistake)."
+        ),
     ),
     PanelSpec(
         "p99 latency per ring",
@@ -124,29 +162,47 @@ FLEET: Final[tuple[PanelSpec, ...]] = (
             "{{ring}}",
         ),
         unit="s",
+        description=("99th percentile of request duration per ring, from the agents' histograms."),
     ),
     PanelSpec(
         "Devices with the most failed inferences",
         "timeseries",
         _q(f"topk(10, device:agent_inference_error_ratio:rate5m{{{RING}}})", "{{device_id}}"),
         unit="percentunit",
+        description=(
+            "The ten devices with the highest share of accepted requests that failed inside ONNX "
+            "Runtime (alert AgentInferenceErrors above 5 %)."
+        ),
     ),
     PanelSpec(
         "Devices in drift, per model",
         "timeseries",
         _q(f"sum by (model) (agent_drift_state{{{RING}}} == bool 2)", "{{model}}"),
-        description="agent_drift_state: 0 ok, 1 warning, 2 drift.",
+        threshold=1,
+        description=(
+            "Devices whose drift detector is in the drift state (agent_drift_state 2: 0 ok, 1 "
+            "warning, 2 drift); the line marks the first drifting device."
+        ),
     ),
     PanelSpec(
-        "Drift score, 90th percentile of the fleet",
+        "Drift evidence over its threshold, 90th percentile of the fleet",
         "timeseries",
-        _q(f"quantile by (model) (0.9, agent_drift_score{{{RING}}})", "{{model}}"),
+        _q(f"quantile by (model) (0.9, {_EVIDENCE.format(RING)})", "{{model}}"),
+        threshold=1,
+        description=(
+            "Accumulated drift evidence over its alarm threshold (CUSUM level / threshold), 90th "
+            "percentile of the devices per model; a device declares drift at 1, the line."
+        ),
     ),
     PanelSpec(
         "Accuracy, worst device per model",
         "timeseries",
         _q(f"min by (model) (agent_model_accuracy{{{RING}}})", "{{model}}"),
         unit="percentunit",
+        description=(
+            "Accuracy of the last labelled window on the worst device per model, from ground truth "
+            "sent to the `feedback` route (alert AgentModelQualityDrop)."
+        ),
     ),
     PanelSpec(
         "Resident memory, largest devices",
@@ -156,17 +212,26 @@ FLEET: Final[tuple[PanelSpec, ...]] = (
             "{{device_id}}",
         ),
         unit="bytes",
+        description=("Resident memory of the ten largest agent processes."),
     ),
     PanelSpec(
         "Memory headroom, tightest devices",
         "timeseries",
         _q(f"bottomk(10, agent_memory_headroom_bytes{{{RING}}})", "{{device_id}}"),
         unit="bytes",
+        description=(
+            "Memory left under the container's limit on the ten tightest devices: a hot swap loads "
+            "the candidate beside the active model (alert AgentMemoryHeadroomLow)."
+        ),
     ),
     PanelSpec(
         "Telemetry dropped by the outbox, last hour",
         "timeseries",
         _q(f"sum by (reason) (increase(agent_outbox_dropped_total{{{RING}}}[1h]))", "{{reason}}"),
+        description=(
+            "Messages to the hub given up in the last hour, by reason (spool_full, too_large, "
+            "corrupt): telemetry lost for good (alert AgentOutboxDropping)."
+        ),
     ),
 )
 
@@ -176,12 +241,16 @@ DEVICE_PANELS: Final[tuple[PanelSpec, ...]] = (
         "table",
         _q(f"agent_model_info{{{DEVICE}}}"),
         width=12,
+        description=(
+            "The models this device serves, with their version and sha256 (agent_model_info)."
+        ),
     ),
     PanelSpec(
         "Hub connected",
         "stat",
         _q(f"agent_hub_connected{{{DEVICE}}}"),
         width=4,
+        description=("1 while this device's agent is connected to IoT Hub."),
     ),
     PanelSpec(
         "Outbox: queued and spooled",
@@ -191,6 +260,10 @@ DEVICE_PANELS: Final[tuple[PanelSpec, ...]] = (
             Query(f"agent_outbox_spooled{{{DEVICE}}}", "spooled"),
         ),
         width=8,
+        description=(
+            "Messages waiting for the hub in memory (queued) and on disk (spooled): they grow while"
+            " the hub is unreachable."
+        ),
     ),
     PanelSpec(
         "Requests per second by outcome",
@@ -200,6 +273,10 @@ DEVICE_PANELS: Final[tuple[PanelSpec, ...]] = (
             "{{outcome}}",
         ),
         unit="reqps",
+        description=(
+            "Inference requests per second: ok, failed (inside ONNX Runtime) and rejected (the "
+            "client's mistake)."
+        ),
     ),
     PanelSpec(
         "Latency p50 / p99",
@@ -213,6 +290,7 @@ DEVICE_PANELS: Final[tuple[PanelSpec, ...]] = (
             for q in (0.5, 0.99)
         ),
         unit="s",
+        description=("Median and 99th percentile of this device's request duration."),
     ),
     PanelSpec(
         "Rejected requests by reason",
@@ -222,6 +300,10 @@ DEVICE_PANELS: Final[tuple[PanelSpec, ...]] = (
             "{{reason}}",
         ),
         unit="reqps",
+        description=(
+            "Requests refused before inference, by reason (bad input, unknown model, too large, not"
+            " ready): the clients' mistakes."
+        ),
     ),
     PanelSpec(
         "ONNX Runtime calls by dispatch, and rows per call",
@@ -237,11 +319,16 @@ DEVICE_PANELS: Final[tuple[PanelSpec, ...]] = (
                 "rows per call",
             ),
         ),
+        description=(
+            "Calls into ONNX Runtime, inline on the loop or in the worker pool, and the rows micro-"
+            "batching puts in each."
+        ),
     ),
     PanelSpec(
         "CPU (cores)",
         "timeseries",
         _q(f'rate(process_cpu_seconds_total{{job="edge-agent", {DEVICE}}}{RATE})'),
+        description=("CPU the agent process uses, in cores."),
     ),
     PanelSpec(
         "Memory: resident and headroom",
@@ -251,6 +338,7 @@ DEVICE_PANELS: Final[tuple[PanelSpec, ...]] = (
             Query(f"agent_memory_headroom_bytes{{{DEVICE}}}", "headroom"),
         ),
         unit="bytes",
+        description=("This agent's resident memory and what is left under its container's limit."),
     ),
     PanelSpec(
         "Release outcomes and swap time",
@@ -263,11 +351,22 @@ DEVICE_PANELS: Final[tuple[PanelSpec, ...]] = (
                 "swap p90 (s)",
             ),
         ),
+        description=(
+            "Releases by outcome on this device, and the 90th percentile of the swap's duration "
+            "over the last hour."
+        ),
     ),
     PanelSpec(
-        "Drift score per model",
+        "Drift evidence and threshold per model",
         "timeseries",
-        _q(f"agent_drift_score{{{DEVICE}}}", "{{model}}"),
+        (
+            Query(f"agent_drift_cusum{{{DEVICE}}}", "{{model}} evidence"),
+            Query(f"agent_drift_threshold{{{DEVICE}}}", "{{model}} threshold"),
+        ),
+        description=(
+            "Each model's accumulated drift evidence (CUSUM level) and the level at which it "
+            "declares drift (its threshold), on this device."
+        ),
     ),
 )
 
@@ -276,20 +375,35 @@ MODEL_PANELS: Final[tuple[PanelSpec, ...]] = (
         "Versions of $model across the fleet (devices)",
         "timeseries",
         _q(f'count by (version) (agent_model_info{{model="$model", {RING}}})', "v{{version}}"),
+        description=(
+            "Devices serving each version of the selected model: a rollout moves devices from one "
+            "line to the next."
+        ),
     ),
     PanelSpec(
         "Devices in drift on $model, per ring",
         "timeseries",
         _q(f'sum by (ring) (agent_drift_state{{model="$model", {RING}}} == bool 2)', "{{ring}}"),
+        threshold=1,
+        description=(
+            "Devices whose detector holds the selected model in drift, per ring; the line marks the"
+            " first drifting device."
+        ),
     ),
     PanelSpec(
-        "Drift score of $model: median and 90th percentile",
+        "Drift evidence of $model over its threshold: median and 90th percentile",
         "timeseries",
         tuple(
             Query(
-                f'quantile({q}, agent_drift_score{{model="$model", {RING}}})', f"p{round(q * 100)}"
+                f"quantile({q}, {_EVIDENCE.format(MODEL + ', ' + RING)})",
+                f"p{round(q * 100)}",
             )
             for q in (0.5, 0.9)
+        ),
+        threshold=1,
+        description=(
+            "Accumulated drift evidence over the alarm threshold (CUSUM level / threshold) across "
+            "the devices serving the selected model; a device declares drift at 1, the line."
         ),
     ),
     PanelSpec(
@@ -297,6 +411,10 @@ MODEL_PANELS: Final[tuple[PanelSpec, ...]] = (
         "timeseries",
         _q(f'avg by (ring) (agent_model_accuracy{{model="$model", {RING}}})', "{{ring}}"),
         unit="percentunit",
+        description=(
+            "Mean accuracy of the last labelled window per ring for the selected model, from "
+            "`feedback` ground truth."
+        ),
     ),
     PanelSpec(
         "p99 latency of $model per ring",
@@ -308,6 +426,7 @@ MODEL_PANELS: Final[tuple[PanelSpec, ...]] = (
             "{{ring}}",
         ),
         unit="s",
+        description=("99th percentile of the selected model's request duration per ring."),
     ),
 )
 
@@ -323,17 +442,28 @@ def _target(query: Query, ref_id: str) -> prometheus.Dataquery:
     return target.legend_format(query.legend) if query.legend else target
 
 
-def _panel(spec: PanelSpec) -> timeseries.Panel | stat.Panel | table.Panel:
+def _panel(spec: PanelSpec, panel_id: int) -> timeseries.Panel | stat.Panel | table.Panel:
     builder: timeseries.Panel | stat.Panel | table.Panel
     if spec.kind == "timeseries":
         builder = timeseries.Panel()
+        if spec.threshold is not None:
+            steps = [
+                model.Threshold(value=None, color="green"),
+                model.Threshold(value=spec.threshold, color="red"),
+            ]
+            builder.thresholds(
+                db.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE).steps(steps)
+            ).thresholds_style(
+                common.GraphThresholdsStyleConfig().mode(
+                    common_model.GraphThresholdsStyleMode.DASHED
+                )
+            )
     elif spec.kind == "stat":
         builder = stat.Panel()
     else:
         builder = table.Panel()
-    builder.title(spec.title).unit(spec.unit).span(spec.width).height(8).datasource(DATASOURCE)
-    if spec.description:
-        builder.description(spec.description)
+    builder.id(panel_id).title(spec.title).description(spec.description)
+    builder.unit(spec.unit).span(spec.width).height(8).datasource(DATASOURCE)
     for index, query in enumerate(spec.queries):
         builder.with_target(_target(query, chr(ord("A") + index)))
     return builder
@@ -375,10 +505,26 @@ def build() -> model.Dashboard:
         )
     )
     for title, panels in ROWS:
-        dashboard.with_row(db.Row(title))
+        dashboard.with_row(db.Row(title).id(panel_id(title)))
         for spec in panels:
-            dashboard.with_panel(_panel(spec))
+            dashboard.with_panel(_panel(spec, panel_id(title, spec.title)))
     return dashboard.build()
+
+
+def panel_id(row: str, title: str | None = None) -> int:
+    """The id of a row (`title` None) or of a panel in it: its place in the dashboard, from 1.
+    Alert rules link their panel by it (Grafana's `viewPanel=`), so it must stay unique."""
+    ids: dict[tuple[str, str | None], int] = {}
+    for row_title, specs in ROWS:
+        ids[(row_title, None)] = len(ids) + 1
+        for spec in specs:
+            ids[(row_title, spec.title)] = len(ids) + 1
+    return ids[(row, title)]
+
+
+def panel_url(title: str, row: str = "Fleet overview") -> str:
+    """One panel alone, relative to the Grafana server."""
+    return f"/d/{UID}/edge-mlops-fleet?viewPanel={panel_id(row, title)}"
 
 
 def render() -> str:

@@ -64,7 +64,8 @@ SERIES_BUDGET = 200
 # their panels must be valid PromQL now, and return data once the metric exists.
 NOT_EXPORTED_HERE = {
     "agent_drift_state",
-    "agent_drift_score",
+    "agent_drift_cusum",
+    "agent_drift_threshold",
     "agent_model_accuracy",
     "agent_memory_headroom_bytes",
     "agent_model_request_duration_seconds_bucket",

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.support.monitoring_files import ALERTMANAGER, RULE_TESTS, RULES, load_yaml
+from tests.support.monitoring_files import (
+    ALERTMANAGER,
+    DASHBOARD,
+    README,
+    RULE_TESTS,
+    RULES,
+    load_yaml,
+)
 from tests.support.prometheus import debian_binary
 
 
@@ -40,6 +50,33 @@ def test_every_alert_has_severity_summary_and_a_description_of_what_to_do(
     assert rule["labels"]["severity"] in {"critical", "warning"}
     assert rule["annotations"]["summary"].strip()
     assert len(rule["annotations"]["description"].split()) >= 15, "say what to do"
+
+
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("rule", _alerts(), ids=lambda rule: str(rule["alert"]))
+def test_every_alert_links_its_runbook_section_and_its_dashboard_panel(
+    rule: dict[str, Any],
+) -> None:
+    readme = README.read_text(encoding="utf-8")
+    anchors = {_github_anchor(h) for h in re.findall(r"^#+ (.+)$", readme, re.MULTILINE)}
+    runbook = urlsplit(rule["annotations"]["runbook_url"])
+    assert runbook.path == "README.md"
+    assert runbook.fragment == rule["alert"].lower()
+    assert runbook.fragment in anchors, f"no README section for {rule['alert']}"
+    section = readme.split(f"### {rule['alert']}\n", 1)[1].split("\n#", 1)[0]
+    assert len(section.split()) >= 30, "a runbook says what to check and what to do"
+
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    link = urlsplit(rule["annotations"]["dashboard_url"])
+    assert link.path == f"/d/{dashboard['uid']}/edge-mlops-fleet"
+    (panel_id,) = parse_qs(link.query)["viewPanel"]
+    (panel,) = (p for p in dashboard["panels"] if p["id"] == int(panel_id))
+    assert panel["type"] != "row"
+    assert f"*{panel['title']}*" in " ".join(section.split()), "the runbook names its panel"
 
 
 def test_every_alert_has_a_unit_test_that_fires_it() -> None:

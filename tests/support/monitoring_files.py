@@ -7,7 +7,9 @@ from typing import Any, Final
 
 import yaml
 
-MONITORING: Final = Path(__file__).resolve().parents[2] / "deployment" / "monitoring"
+REPO: Final = Path(__file__).resolve().parents[2]
+README: Final = REPO / "README.md"
+MONITORING: Final = REPO / "deployment" / "monitoring"
 RULES: Final = MONITORING / "rules" / "edge-agent.rules.yml"
 RULE_TESTS: Final = MONITORING / "rules" / "edge-agent.rules.test.yml"
 ALERTMANAGER: Final = MONITORING / "alertmanager.yml"
