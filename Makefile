@@ -84,6 +84,7 @@ bench: setup system-deps
 	$(PY) -m bench.fleet
 	$(PY) -m bench.drift
 	$(PY) -m bench.image
+	$(PY) -m bench.readme_table  # the README's table from the results just written
 
 clean:
 	rm -rf $(VENV) .venv-kserve .tools .mypy_cache .ruff_cache .pytest_cache
