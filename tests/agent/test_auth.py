@@ -21,6 +21,7 @@ import aiohttp
 import numpy as np
 import pytest
 import requests
+import tritonclient.http as httpclient
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -268,7 +269,6 @@ def test_requests_with_a_token_and_the_metrics_port_behind_the_same_door(
 
 
 def test_tritonclient_with_a_token_header(secured: Secured) -> None:
-    httpclient = pytest.importorskip("tritonclient.http")
     client = httpclient.InferenceServerClient(
         secured.url.removeprefix("https://"),
         ssl=True,

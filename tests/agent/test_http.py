@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import gevent
 import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from prometheus_client import CollectorRegistry
+from tritonclient.utils import InferenceServerException
 
 from agent.observation.metrics import InferenceMetrics
 from agent.reasons import Reason
@@ -376,11 +379,6 @@ async def test_metrics_endpoint_serves_the_injected_registry() -> None:
 # -- standard v2 clients work unchanged ----------------------------------------------------------
 
 
-def _tritonclient() -> Any:
-    """NVIDIA's v2 client (`tritonclient[http]`, a dev extra): the tests using it skip without."""
-    return pytest.importorskip("tritonclient.http")
-
-
 Call = Callable[..., Awaitable[Any]]
 
 
@@ -392,8 +390,6 @@ async def _triton(url: str) -> AsyncIterator[tuple[Any, Call]]:
     thread that opened it, so every call of one client runs on one dedicated thread, while the
     server answers on the test's loop.
     """
-    httpclient = _tritonclient()
-    gevent = pytest.importorskip("gevent")
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tritonclient")
 
@@ -424,7 +420,6 @@ async def test_health_and_metadata_through_tritonclient() -> None:
 
 @pytest.mark.parametrize("binary_data", [True, False], ids=["binary", "json"])
 async def test_inference_through_tritonclient(binary_data: bool) -> None:
-    httpclient = _tritonclient()
     x = _rows(5)
     tensor = httpclient.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x, binary_data=binary_data)
@@ -444,7 +439,6 @@ async def test_inference_through_tritonclient(binary_data: bool) -> None:
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
 async def test_compressed_requests_through_tritonclient(algorithm: str) -> None:
-    httpclient = _tritonclient()
     x = _rows(2)
     tensor = httpclient.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
@@ -460,11 +454,10 @@ async def test_compressed_requests_through_tritonclient(algorithm: str) -> None:
 
 
 async def test_tritonclient_sees_the_v2_error_message() -> None:
-    httpclient = _tritonclient()
-    server_error = pytest.importorskip("tritonclient.utils").InferenceServerException
+
     tensor = httpclient.InferInput("input", [1, TINY_FEATURES], "FP32")
     tensor.set_data_from_numpy(np.zeros((1, TINY_FEATURES), np.float32))
     async with serving() as api, _triton(api.url) as (client, call):
-        with pytest.raises(server_error) as caught:
+        with pytest.raises(InferenceServerException) as caught:
             await call(client.infer, "missing", [tensor])
     assert "unknown model 'missing'" in caught.value.message()

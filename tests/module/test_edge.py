@@ -22,7 +22,13 @@ from agent.app import App
 from agent.observation.limits import Limits
 from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus, ProbationReport, ProbationState
-from agent.releases.manifest import KeySettings, public_key_to_b64, sign_manifest
+from agent.releases.manifest import (
+    KeySettings,
+    ManifestRejected,
+    public_key_to_b64,
+    sign_manifest,
+    verify_manifest,
+)
 from agent.releases.store import StoreSettings
 from agent.serving.http import HttpSettings
 from agent.settings import AgentSettings
@@ -252,8 +258,14 @@ def test_a_section_is_added_once() -> None:
 
 
 def test_the_fake_signature_is_really_refused() -> None:
+    """The tests' forged manifests carry a well-formed signature under the trusted key id "k",
+    made by another key: the agent's own check refuses it as `signature_invalid`."""
     manifest = _manifest("m")
-    assert base64.b64decode(manifest["signature"]["value"])  # signed, by an unknown key
+    assert base64.b64decode(manifest["signature"]["value"])  # a real Ed25519 signature
+    trusted = {"k": Ed25519PrivateKey.generate().public_key()}
+    with pytest.raises(ManifestRejected) as refused:
+        verify_manifest(manifest, trusted, datetime.now(UTC))
+    assert refused.value.reason is Reason.SIGNATURE_INVALID
 
 
 async def test_memory_headroom_under_the_threshold_raises_one_alert_and_is_reported(
