@@ -337,10 +337,9 @@ def check_newer_than_released(model: str, version: int, released: Mapping[int, s
         return
     raise PublisherError(
         Reason.VERSION_NOT_NEWER,
-        f"{model}:{version} is below {model}:{higher}, already sent to ring "
-        f"{released[higher]!r}: devices refuse it as version_not_monotonic; register "
-        f"{model}:{version}'s model file again as a new version (edgeml register FILE "
-        f"--name {model} ..., then upload, sign) and release that",
+        f"{model}:{version} is below {model}:{higher}, already sent to ring {released[higher]!r} "
+        "(devices refuse it as version_not_monotonic): register its model file again as a new "
+        f"version (edgeml register FILE --name {model}), then upload, sign and release that",
     )
 
 

@@ -44,10 +44,11 @@ class FakeHub:
             for part in condition.split(" OR "):
                 ids.update(self.devices.get(part.strip("()"), []))
             return [{"deviceId": d} for d in sorted(ids)]
+        version = int(text.rsplit("= ", 1)[1]) if ".version = " in text else None
         return [
             {"deviceId": d, "properties": {"reported": {"models": {self.model: r}}}}
             for d, r in self.reports.items()
-            if r.get("version") == int(text.rsplit("= ", 1)[1])
+            if version is None or r.get("version") == version
         ]
 
     def configuration(self, config_id: str) -> LayeredDeployment | None:

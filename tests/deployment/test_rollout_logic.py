@@ -191,7 +191,7 @@ def test_a_release_below_what_the_fleet_was_sent_is_refused(
     highest = max(released)
     assert f"tiny:{version} is below tiny:{highest}" in caught.value.message
     assert "version_not_monotonic" in caught.value.message
-    assert "edgeml register FILE --name tiny" in caught.value.message
+    assert "edgeml register FILE --name tiny)" in caught.value.message
 
 
 def test_released_versions_and_unfinished_halts_replay_the_audit_log(tmp_path: Path) -> None:
