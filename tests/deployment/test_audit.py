@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from agent.releases.manifest import canonical_json
 from deployment.errors import PublisherError, Reason
 from deployment.publish.audit import AuditLog, AuditNotWrittenError, Entry, check_no_secret
-from tests.deployment.conftest import REPO
+from tests.deployment.conftest import REPO, Workspace
 
 
 def _log(path: Path) -> AuditLog:
@@ -254,3 +254,19 @@ def test_any_interleaving_of_two_appenders_keeps_every_acknowledged_entry(
         stored = {(e.seq, e.hash) for e in log.entries()}
         assert count == len(first) + len(second)
         assert {(e.seq, e.hash) for e in acknowledged} == stored
+
+
+def test_a_command_whose_entry_is_refused_says_it_was_done_but_not_audited(
+    workspace: Workspace, tiny_file: Path
+) -> None:
+    first = workspace.cli(
+        "register", str(tiny_file), "--name", "unaudited", "--metrics", str(workspace.metrics)
+    )
+    assert first.code == 0, first.err
+    workspace.audit.with_name("audit.jsonl.head").write_text('{"seq": 7, "hash": "0"}\n')
+    result = workspace.cli(
+        "register", str(tiny_file), "--name", "unaudited", "--metrics", str(workspace.metrics)
+    )
+    assert result.code == 1
+    assert result.err.startswith("edgeml: error [not_audited]: register unaudited:")
+    assert ": registered, but not audited (the audit log does not end at its head" in result.err
