@@ -498,8 +498,6 @@ class Publisher:
         rollout.check_model_name(name)
         chosen = rollout.select_rings(self._rings(), rings)
         entry = self._s.registry().entry(name, version)
-        released = rollout.released_versions(self._s.audit.entries(), name)
-        rollout.check_newer_than_released(name, version, released)
         manifest = self._signed_manifest(entry)
         runner = self._rollout()
         if dry_run:

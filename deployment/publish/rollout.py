@@ -395,7 +395,9 @@ class Rollout:
     def plan(
         self, model: str, version: int, manifest: Mapping[str, Any], rings: Sequence[Ring]
     ) -> list[PlannedRing]:
-        progress = progress_of(self._audit.entries(), f"{model}:{version}")
+        entries = list(self._audit.entries())
+        check_newer_than_released(model, version, released_versions(entries, model))
+        progress = progress_of(entries, f"{model}:{version}")
         return [
             PlannedRing(
                 ring,
@@ -417,7 +419,8 @@ class Rollout:
         """Roll ``model:version`` through ``rings``; returns ``released`` or ``unchanged``."""
         check_model_name(model)
         subject = f"{model}:{version}"
-        progress = progress_of(self._audit.entries(), subject)
+        entries = list(self._audit.entries())
+        progress = progress_of(entries, subject)
         if progress.halting:
             self._finish_halt(model, version, progress, resumed=True)
             assert progress.halt is not None
@@ -433,6 +436,8 @@ class Rollout:
                 f"{subject} was halted at ring {progress.halted.details.get('ring')!r} "
                 f"({progress.halted.details.get('why', '')}); release a newer version",
             )
+        # After the halts: a halted release is refused by name, and its own re-release is above it.
+        check_newer_than_released(model, version, released_versions(entries, model))
         if progress.finished and all(r.name in progress.gated for r in rings):
             return "unchanged"
         for ring in rings:  # a condition that matches nothing is a typo, not a ring

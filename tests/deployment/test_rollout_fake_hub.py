@@ -376,3 +376,30 @@ def test_a_finished_halt_refuses_a_rerun_and_changes_nothing(tmp_path: Path) -> 
     assert "finished now" not in caught.value.message
     assert (len(list(audit.entries())), hub.calls, rereleased) == (count, calls, [1])
     assert runner.repair() == []
+
+
+def test_after_a_halt_the_version_it_restored_is_refused_by_name(tmp_path: Path) -> None:
+    """v1 released, v2 halted (canary now runs v1's bytes as v3): releasing v1 again would
+    write a layer every device refuses, so it is refused before anything is written."""
+    hub, clock = _fleet(), FakeClock()
+    aliases: dict[str, int] = {}
+    runner, audit, _ = _rollout(hub, tmp_path, aliases, clock)
+    first = {**MANIFEST, "version": 1}
+    hub.reports = {"a": {**_passed(), "version": 1}}
+    assert runner.release("m", 1, first, RINGS[:1], BOUNDS) == "released"
+    hub.reports = {"a": {"version": 2, "state": "rolled_back", "reason": "probation"}}
+    with pytest.raises(PublisherError):
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    layers, count = dict(hub.layers), len(list(audit.entries()))
+    for attempt in (
+        lambda: runner.release("m", 1, first, RINGS[:1], BOUNDS),
+        lambda: runner.plan("m", 1, first, RINGS[:1]),
+    ):
+        with pytest.raises(PublisherError) as caught:
+            attempt()
+        assert caught.value.reason == Reason.VERSION_NOT_NEWER
+        assert "m:1 is below m:3, already sent to ring 'canary'" in caught.value.message
+    assert (hub.layers, len(list(audit.entries()))) == (layers, count)
+    with pytest.raises(PublisherError) as halted:
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)  # its own re-release is above it
+    assert halted.value.reason == Reason.HALTED
