@@ -298,11 +298,8 @@ class Publisher:
         url: str | None,
         valid_hours: float | None,
         action: str,
-        carried: Mapping[str, Any] | None = None,
         contract_change: bool = False,
     ) -> dict[str, Any]:
-        """Sign ``entry``'s manifest; ``carried`` (a manifest this one restores) lends its
-        baseline when ``entry`` has no uploaded one to sign a fresh URL for."""
         key = self._s.signing_key()
         now = self._s.now()
         hours = valid_hours if valid_hours is not None else self._s.resolved.env.sas_hours
@@ -324,8 +321,6 @@ class Publisher:
                     "size": int(entry.tags["baseline_size"]),
                     "url": blobs.read_url(baseline_blob, now + valid_for, now),
                 }
-        if baseline is None and carried is not None and carried.get("baseline"):
-            baseline = dict(carried["baseline"])
         with tempfile.TemporaryDirectory() as folder:
             described = self._s.registry().described(entry, Path(folder))
         unsigned = unsigned_manifest(
@@ -459,7 +454,6 @@ class Publisher:
             url=None if entry.tags.get("blob") else _unsigned_url(self._manifest_file(old)),
             valid_hours=None,
             action="sign",
-            carried=restored,
             contract_change=bool(restored.get("contract_change")) or changed,
         )
         return entry.version, manifest

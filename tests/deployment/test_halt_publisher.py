@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from deployment.examples.onnx_models import save, tiny_mlp
+from deployment.examples.onnx_models import mlp, save, tiny_mlp
 from deployment.publish import rollout
 from deployment.publish.audit import AuditLog
 from deployment.publish.hub_client import Hub, LayeredDeployment
@@ -155,3 +155,26 @@ def test_status_repair_finishes_a_halt_that_a_killed_run_left(ws: Workspace) -> 
     assert f"finished the halt of {name}:{bad}" in repaired.out
     assert [c.labels[rollout.LABEL_VERSION] for c in hub.configurations()] == [str(bad + 1)]
     assert "finished the halt" not in cli("status", "--repair").out
+
+
+def test_a_re_release_after_a_contract_change_says_so(ws: Workspace) -> None:
+    """Devices that installed the bad release check the restore against its contract."""
+    name = "reshaped"
+    hub = FakeHub(model=name)
+    hub.devices = {"tags.ring = 'canary'": ["dev-a"]}
+    cli = _cli(ws, hub)
+    versions = []
+    for outputs in (2, 3):
+        model = save(mlp([4, 8, outputs], seed=outputs), ws.root / f"{name}-{outputs}.onnx")
+        versions.append(ws.register(model, name))
+        for command in ("upload", "sign"):
+            assert ws.cli(command, f"{name}:{versions[-1]}").code == 0
+    good, bad = versions
+    hub.reports = {"dev-a": _passed(good)}
+    assert cli("release", f"{name}:{good}", "--rings", "canary", *GATE).code == 0
+    hub.reports = {"dev-a": {"version": bad, "state": "failed", "reason": "warmup"}}
+    assert "[gate_failed]" in cli("release", f"{name}:{bad}", "--rings", "canary", *GATE).err
+    old, new = _manifest(ws, name, good), _manifest(ws, name, bad + 1)
+    assert "contract_change" not in old
+    assert new["contract_change"] is True
+    assert new["contract"] == old["contract"]
