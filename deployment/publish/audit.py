@@ -222,6 +222,8 @@ class AuditLog:
 
     def entries(self) -> Iterator[Entry]:
         """Every entry, checking the chain as it goes; raises at the first broken link."""
+        if not self.path.exists():
+            return  # nothing to read, and no lock file or folder made for reading nothing
         with self._locked(fcntl.LOCK_SH):
             data = self.path.read_bytes() if self.path.exists() else b""
         yield from _chain(data.splitlines(keepends=True))
