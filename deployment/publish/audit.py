@@ -127,8 +127,8 @@ class AuditLog:
 
     @contextlib.contextmanager
     def _locked(self, operation: int) -> Iterator[None]:
-        """``flock`` on a lock file beside the log: the log itself is replaced by nobody, but
-        locking a separate file leaves the log's own descriptors free of lock semantics."""
+        """``flock`` on a file beside the log, never on the log or its head: the head is
+        replaced by rename, and a lock on a replaced file would guard nothing."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
