@@ -124,6 +124,9 @@ def _rollout_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 def _other_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser("status", help="the fleet, from twin queries")
     status.add_argument("name", nargs="?")
+    status.add_argument(
+        "--repair", action="store_true", help="first finish halts a killed run left unfinished"
+    )
 
     audit = commands.add_parser("audit", help="the hash-chained audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -215,7 +218,13 @@ def run(
     try:
         return _dispatch(args, environ, out, err, hub_factory)
     except PublisherError as e:
-        err.print(f"edgeml: error [{e.reason}]: {e.message}", markup=False, highlight=False)
+        # One line whatever its length: scripts read the reason off the first line.
+        err.print(
+            f"edgeml: error [{e.reason}]: {e.message}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         return 1
 
 
@@ -295,7 +304,7 @@ _COMMANDS: dict[str, Callable[[Publisher, argparse.Namespace], object]] = {
     "sign": lambda p, a: p.sign(a.ref, url=a.url, valid_hours=a.valid_hours),
     "refresh-url": lambda p, a: p.refresh_url(a.ref, valid_hours=a.valid_hours),
     "release": _release,
-    "status": lambda p, a: p.status(a.name),
+    "status": lambda p, a: p.status(a.name, repair=a.repair),
     "audit": _audit,
 }
 

@@ -24,6 +24,7 @@ class Reason(enum.StrEnum):
     GATE_TIMEOUT = "gate_timeout"
     HALTED = "halted"
     AUDIT_BROKEN = "audit_broken"
+    NOT_AUDITED = "not_audited"  # the action was done; its audit entry could not be written
     MANIFEST_INVALID = "manifest_invalid"
     PIPELINE_FAILED = "pipeline_failed"
 

@@ -29,6 +29,7 @@ from deployment.publish import artifacts, rollout, signing
 from deployment.publish.audit import AuditLog, default_actor
 from deployment.publish.hub_client import AzureHub, Hub
 from deployment.publish.registry import (
+    BASELINE_ARTIFACT_DIR,
     CHAMPION,
     ModelEntry,
     Registry,
@@ -41,6 +42,8 @@ from deployment.publish.release import ModelCheckError, describe_model, unsigned
 log = structlog.get_logger(__name__)
 
 HubFactory = Callable[[str, str | None], Hub]
+# Tags a version gets for itself; a rollback version copies every other tag of the one it restores.
+_OWN_TAGS = frozenset({"lineage", "signed_by"})
 # A release whose SAS runs out during the rollout would strand devices mid-download.
 MIN_URL_VALIDITY = timedelta(hours=1)
 
@@ -289,7 +292,13 @@ class Publisher:
         return manifest
 
     def _sign(
-        self, entry: ModelEntry, *, url: str | None, valid_hours: float | None, action: str
+        self,
+        entry: ModelEntry,
+        *,
+        url: str | None,
+        valid_hours: float | None,
+        action: str,
+        contract_change: bool = False,
     ) -> dict[str, Any]:
         key = self._s.signing_key()
         now = self._s.now()
@@ -321,6 +330,7 @@ class Publisher:
             url=url,
             created=now,
             valid_for=valid_for,
+            contract_change=contract_change,
             baseline=baseline,
         )
         manifest = key.sign(unsigned)
@@ -416,29 +426,63 @@ class Publisher:
             registry.set_alias(model, CHAMPION, version)
 
     def _rerelease(self, model: str, bad: int, previous: int) -> tuple[int, Mapping[str, Any]]:
-        """The previous artifact as a new, higher version: restarted devices converge too."""
+        """The previous artifact as a new, higher version: restarted devices converge too.
+
+        It carries all the restored release carried (baseline, golden, contract, tags, the
+        manifest's ``contract_change``). Run again for the same halt (a rerun finishing it), it
+        finds the version it registered by its lineage instead of registering another.
+        """
         registry = self._s.registry()
         old = registry.entry(model, previous)
+        lineage = f"rollback of {model}:{bad} to {model}:{previous}"
+        entry = registry.with_lineage(model, lineage)
+        if entry is None:
+            entry = self._register_rollback(old, bad, lineage)
+        for key, value in old.tags.items():  # blob, baseline_blob: the same bytes, uploaded
+            if key not in _OWN_TAGS and entry.tags.get(key) != value:
+                registry.tag(entry, key, value)
+        entry = registry.entry(model, entry.version)
+        try:
+            return entry.version, self._signed_manifest(entry)  # signed before the cut-off
+        except PublisherError:
+            pass  # not signed yet, or no longer valid: sign it now
+        restored = _read_manifest(self._manifest_file(old))
+        # Devices that ran the bad release check the restore against its contract.
+        changed = dict(registry.entry(model, bad).contract) != dict(old.contract)
+        manifest = self._sign(
+            entry,
+            url=None if entry.tags.get("blob") else _unsigned_url(self._manifest_file(old)),
+            valid_hours=None,
+            action="sign",
+            contract_change=bool(restored.get("contract_change")) or changed,
+        )
+        return entry.version, manifest
+
+    def _register_rollback(self, old: ModelEntry, bad: int, lineage: str) -> ModelEntry:
+        registry = self._s.registry()
         with tempfile.TemporaryDirectory() as folder:
             path = registry.model_file(old, Path(folder))
             described = registry.described(old, Path(folder) / "described")
+            baseline_file = old.tags.get("baseline_file")
+            baseline = (
+                registry.artifact(
+                    old, f"{BASELINE_ARTIFACT_DIR}/{baseline_file}", Path(folder) / "baseline"
+                )
+                if baseline_file
+                else None
+            )
             entry = registry.register(
-                model,
+                old.name,
                 path,
                 described,
                 metrics=registry.metrics(old),
-                lineage=f"rollback of {model}:{bad} to {model}:{previous}",
+                baseline=baseline,
+                lineage=lineage,
             )
         self._s.audit.append(
             "register", entry.ref, "registered", sha256=entry.sha256, rollback_of=bad
         )
-        blob = old.tags.get("blob")
-        if blob:
-            registry.tag(entry, "blob", blob)
-            entry = registry.entry(model, entry.version)
-        url = None if blob else _unsigned_url(self._manifest_file(old))
-        manifest = self._sign(entry, url=url, valid_hours=None, action="sign")
-        return entry.version, manifest
+        return entry
 
     def release(
         self, ref: str, rings: Sequence[str], bounds: rollout.GateBounds, *, dry_run: bool
@@ -475,7 +519,10 @@ class Publisher:
         else:
             self._out.print(f"released {entry.ref} to {', '.join(rings)}")
 
-    def status(self, name: str | None) -> None:
+    def status(self, name: str | None, *, repair: bool = False) -> None:
+        if repair:
+            for subject in self._rollout().repair():
+                self._out.print(f"finished the halt of {subject} that a previous run left")
         hub = self._s.hub()
         module = self._s.resolved.env.module
         rings = self._rings()
@@ -568,6 +615,17 @@ def _check_json_file(path: Path, what: str) -> None:
         raise PublisherError(Reason.MODEL_INVALID, f"no {what} file {str(path)!r}") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PublisherError(Reason.MODEL_INVALID, f"{what} file {str(path)!r}: {e}") from e
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A signed manifest file as written by ``sign``; {} when there is none."""
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise PublisherError(Reason.MANIFEST_INVALID, f"{path} is unreadable ({e})") from e
+    return manifest
 
 
 def _unsigned_url(previous_manifest: Path) -> str:

@@ -232,6 +232,15 @@ class Registry:
         versions = self._search(f"name = '{name}'")
         return max((int(v.version) for v in versions), default=0)
 
+    def with_lineage(self, name: str, lineage: str) -> ModelEntry | None:
+        """The newest version of ``name`` registered with exactly this lineage, if any."""
+        found = [
+            v for v in self._search(f"name = '{name}'") if (v.tags or {}).get("lineage") == lineage
+        ]
+        if not found:
+            return None
+        return self.entry(name, max(int(v.version) for v in found))
+
     def _search(self, filter_string: str) -> list[ModelVersion]:
         try:
             return list(self._client.search_model_versions(filter_string))

@@ -14,6 +14,13 @@ runs the canary's release while it is newer.
 
 Everything a step does is in the audit log before the next step starts, so a second run after
 a crash continues from there, and a finished release run again changes nothing.
+
+A halt is journalled the same way: ``release.halt started`` (the decision, with every ring the
+release reached and what each ran before), then each device's ``release.rollback_method``, the
+``release.rerelease`` of each previous version, each ring's ``release.rollback`` (its layer
+restored or removed), and ``release.halted`` only once all of it is done. A run killed or cut off
+from the hub in between leaves a halt started and not finished; ``release`` run again (or
+``status --repair``) finishes it from the journal instead of refusing the halted release.
 """
 
 from __future__ import annotations
@@ -252,8 +259,17 @@ class Progress:
     applied: set[str] = field(default_factory=set)
     gated: set[str] = field(default_factory=set)
     previous: dict[str, int | None] = field(default_factory=dict)
-    halted: Entry | None = None
+    halt: Entry | None = None  # the halt decided (``release.halt started``)
+    methods: set[str] = field(default_factory=set)  # devices asked to roll back
+    reregistered: dict[int, int] = field(default_factory=dict)  # previous -> its new version
+    restored: set[str] = field(default_factory=set)  # rings whose layer was put back
+    halted: Entry | None = None  # the halt finished
     finished: bool = False
+
+    @property
+    def halting(self) -> bool:
+        """A halt was decided and not finished: a crash or an outage cut it off."""
+        return self.halt is not None and self.halted is None
 
 
 def progress_of(entries: Iterable[Entry], subject: str) -> Progress:
@@ -269,11 +285,62 @@ def progress_of(entries: Iterable[Entry], subject: str) -> Progress:
             progress.previous[ring] = int(previous) if previous is not None else None
         elif entry.action == "release.gate" and entry.outcome == "passed":
             progress.gated.add(ring)
+        elif entry.action == "release.halt" and entry.outcome == "started":
+            progress.halt = entry
+        elif entry.action == "release.rollback_method":
+            progress.methods.add(str(entry.details.get("device", "")))
+        elif entry.action == "release.rerelease":
+            restored = int(entry.details["restored_version"])
+            progress.reregistered[restored] = int(entry.details["as_version"])
+        elif entry.action == "release.rollback":
+            progress.restored.add(ring)
         elif entry.action == "release.halted":
             progress.halted = entry
         elif entry.action == "release.finished":
             progress.finished = True
     return progress
+
+
+def halting_subjects(entries: Iterable[Entry]) -> list[str]:
+    """Releases whose halt was decided and not finished, in the order they were decided (pure)."""
+    started: dict[str, None] = {}
+    for entry in entries:
+        if entry.action == "release.halt" and entry.outcome == "started":
+            started[entry.subject] = None
+        elif entry.action == "release.halted":
+            started.pop(entry.subject, None)
+    return list(started)
+
+
+def released_versions(entries: Iterable[Entry], model: str) -> dict[int, str]:
+    """Every version of ``model`` written to a ring's layer, with the first ring (pure)."""
+    released: dict[int, str] = {}
+    for entry in entries:
+        name, _, version = entry.subject.rpartition(":")
+        if name != model or not version.isdigit():
+            continue
+        ring = str(entry.details.get("ring", ""))
+        if entry.action == "release.ring" and entry.outcome == "applied":
+            released.setdefault(int(version), ring)
+        elif entry.action == "release.rollback" and entry.outcome == "rereleased":
+            released.setdefault(int(entry.details["as_version"]), ring)
+    return released
+
+
+def check_newer_than_released(model: str, version: int, released: Mapping[int, str]) -> None:
+    """Devices refuse a version that is not above the highest they were sent: so does this.
+
+    The version itself may be in ``released``: a rerun resumes it or changes nothing.
+    """
+    higher = max(released, default=0)
+    if version >= higher:
+        return
+    raise PublisherError(
+        Reason.VERSION_NOT_NEWER,
+        f"{model}:{version} is below {model}:{higher}, already sent to ring {released[higher]!r} "
+        "(devices refuse it as version_not_monotonic): register its model file again as a new "
+        f"version (edgeml register FILE --name {model}), then upload, sign and release that",
+    )
 
 
 # ------------------------------------------------------------------------------ the rollout
@@ -288,7 +355,8 @@ class PlannedRing:
 
 
 Rerelease = Callable[[str, int, int], tuple[int, Mapping[str, Any]]]
-"""(model, bad version, previous version) -> (new version, its signed manifest)."""
+"""(model, bad version, previous version) -> (new version, its signed manifest); called again
+for the same three (a halt resumed), it returns the version it registered the first time."""
 SetAlias = Callable[[str, str, int], None]
 AliasOf = Callable[[str, str], int | None]
 
@@ -327,7 +395,9 @@ class Rollout:
     def plan(
         self, model: str, version: int, manifest: Mapping[str, Any], rings: Sequence[Ring]
     ) -> list[PlannedRing]:
-        progress = progress_of(self._audit.entries(), f"{model}:{version}")
+        entries = list(self._audit.entries())
+        check_newer_than_released(model, version, released_versions(entries, model))
+        progress = progress_of(entries, f"{model}:{version}")
         return [
             PlannedRing(
                 ring,
@@ -349,13 +419,25 @@ class Rollout:
         """Roll ``model:version`` through ``rings``; returns ``released`` or ``unchanged``."""
         check_model_name(model)
         subject = f"{model}:{version}"
-        progress = progress_of(self._audit.entries(), subject)
+        entries = list(self._audit.entries())
+        progress = progress_of(entries, subject)
+        if progress.halting:
+            self._finish_halt(model, version, progress, resumed=True)
+            assert progress.halt is not None
+            raise PublisherError(
+                Reason.HALTED,
+                f"{subject} was halted at ring {progress.halt.details.get('ring')!r} "
+                f"({progress.halt.details.get('why', '')}); the halt a previous run left "
+                "unfinished is finished now; release a newer version",
+            )
         if progress.halted is not None:
             raise PublisherError(
                 Reason.HALTED,
                 f"{subject} was halted at ring {progress.halted.details.get('ring')!r} "
                 f"({progress.halted.details.get('why', '')}); release a newer version",
             )
+        # After the halts: a halted release is refused by name, and its own re-release is above it.
+        check_newer_than_released(model, version, released_versions(entries, model))
         if progress.finished and all(r.name in progress.gated for r in rings):
             return "unchanged"
         for ring in rings:  # a condition that matches nothing is a typo, not a ring
@@ -387,6 +469,16 @@ class Rollout:
             self._set_alias(model, ring.name, version)
         self._audit.append("release.finished", subject, "released", rings=[r.name for r in rings])
         return "released"
+
+    def repair(self) -> list[str]:
+        """Finish every halt that a killed or cut-off run left unfinished; the subjects."""
+        entries = list(self._audit.entries())
+        finished = []
+        for subject in halting_subjects(entries):
+            model, _, version = subject.rpartition(":")
+            self._finish_halt(model, int(version), progress_of(entries, subject), resumed=True)
+            finished.append(subject)
+        return finished
 
     def refresh(
         self, model: str, version: int, manifest: Mapping[str, Any], rings: Sequence[Ring]
@@ -494,17 +586,75 @@ class Rollout:
         progress: Progress,
         result: GateResult,
     ) -> None:
-        """Restore the previous release on every ring this release reached, then stop."""
+        """Decide the halt (journalled first), restore every ring the release reached, stop."""
         subject = f"{model}:{version}"
         why = (
             "gate timed out"
             if result.outcome == "timeout"
             else "; ".join(f"{v.device_id}: {v.reason}" for v in result.failed[:5])
         )
-        self._audit.append("release.halted", subject, "halted", ring=ring.name, why=why)
+        # Everything a rerun needs to finish the halt without the config or the first run.
+        progress.halt = self._audit.append(
+            "release.halt",
+            subject,
+            "started",
+            ring=ring.name,
+            why=why,
+            gate=result.outcome,
+            reached=[
+                {
+                    "ring": r.name,
+                    "condition": r.condition,
+                    "priority": r.priority,
+                    "previous_version": progress.previous.get(r.name),
+                }
+                for r in reached
+            ],
+        )
+        self._finish_halt(model, version, progress, resumed=False)
+        reason = Reason.GATE_TIMEOUT if result.outcome == "timeout" else Reason.GATE_FAILED
+        raise PublisherError(reason, f"{subject} halted at ring {ring.name!r}: {why}")
+
+    def _finish_halt(self, model: str, version: int, progress: Progress, *, resumed: bool) -> None:
+        """Every step of the decided halt that the journal does not show done, then
+        ``release.halted``; a hub or registry error is ``release.interrupted`` like a ring's."""
+        halt = progress.halt
+        assert halt is not None
+        subject = f"{model}:{version}"
+        ring = str(halt.details.get("ring"))
+        if resumed:
+            self._audit.append("release.halt", subject, "resumed", ring=ring)
+        try:
+            self._rollback_methods(model, version, ring, progress)
+            self._restore_rings(model, version, halt, progress)
+        except PublisherError as e:
+            self._audit.append(
+                "release.interrupted",
+                subject,
+                str(e.reason),
+                ring=ring,
+                step="halt",
+                why=e.message,
+            )
+            raise
+        progress.halted = self._audit.append(
+            "release.halted",
+            subject,
+            "halted",
+            ring=ring,
+            why=str(halt.details.get("why", "")),
+            resumed=resumed,
+        )
+        log.info("halted", model=model, version=version, ring=ring, resumed=resumed)
+
+    def _rollback_methods(self, model: str, version: int, ring: str, progress: Progress) -> None:
+        """The ``rollback`` method on each device still reporting the release, once each."""
+        subject = f"{model}:{version}"
         twins = self._hub.query(_reported_query(self._module, model, version))
         for twin in twins:
             device = str(twin["deviceId"])
+            if device in progress.methods:
+                continue  # asked by the run that was cut off: twice would go back further
             try:
                 status, _ = self._hub.invoke(device, self._module, "rollback", {"model": model})
                 outcome = str(status)
@@ -512,21 +662,40 @@ class Rollout:
                 # An offline device converges through the re-released layer when it is back.
                 outcome = str(e.reason)
             self._audit.append(
-                "release.rollback_method", subject, outcome, device=device, ring=ring.name
+                "release.rollback_method", subject, outcome, device=device, ring=ring
             )
+            progress.methods.add(device)
+
+    def _restore_rings(self, model: str, version: int, halt: Entry, progress: Progress) -> None:
+        subject = f"{model}:{version}"
         # Rings that ran the same previous version get the same re-release: one registry
         # version and one signature for those bytes, not one per ring.
         rereleased: dict[int, tuple[int, Mapping[str, Any]]] = {}
-        for touched in reached:
-            previous = progress.previous.get(touched.name)
+        for reached in halt.details.get("reached", []):
+            touched = Ring(str(reached["ring"]), str(reached["condition"]), reached["priority"])
+            if touched.name in progress.restored:
+                continue
+            previous = reached.get("previous_version")
             if previous is None:
                 removed = self._replace_older(model, touched.name, keep="")
                 self._audit.append(
                     "release.rollback", subject, "removed", ring=touched.name, removed=removed
                 )
+                progress.restored.add(touched.name)
                 continue
             if previous not in rereleased:
+                # Idempotent: a rerun gets the version the cut-off run registered, if any.
                 rereleased[previous] = self._rerelease(model, version, previous)
+                as_version = rereleased[previous][0]
+                if progress.reregistered.get(previous) != as_version:
+                    self._audit.append(
+                        "release.rerelease",
+                        subject,
+                        "registered",
+                        restored_version=previous,
+                        as_version=as_version,
+                    )
+                    progress.reregistered[previous] = as_version
             new_version, manifest = rereleased[previous]
             deployment, _ = self._put_layer(model, touched, new_version, manifest)
             self._set_alias(model, touched.name, new_version)
@@ -539,8 +708,7 @@ class Rollout:
                 as_version=new_version,
                 configuration=deployment.id,
             )
-        reason = Reason.GATE_TIMEOUT if result.outcome == "timeout" else Reason.GATE_FAILED
-        raise PublisherError(reason, f"{subject} halted at ring {ring.name!r}: {why}")
+            progress.restored.add(touched.name)
 
 
 def _devices_query(condition: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from deployment.errors import PublisherError, Reason
 from deployment.publish import rollout
-from deployment.publish.audit import AuditLog
+from deployment.publish.audit import AuditLog, Entry
 from deployment.publish.hub_client import LayeredDeployment
 from tests.support.clock import FakeClock
 
@@ -23,7 +23,8 @@ BOUNDS = rollout.GateBounds(timeout_s=10, poll_s=1)
 class FakeHub:
     """Configurations kept in a dict; queries answered from tables the test sets."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "m") -> None:
+        self.model = model
         self.calls = 0
         self.layers: dict[str, LayeredDeployment] = {}
         self.devices: dict[str, list[str]] = {}  # condition -> device ids
@@ -31,6 +32,7 @@ class FakeHub:
         self.methods: list[tuple[str, str]] = []
         self.reports_unreachable = False  # the gate's query fails, as a hub outage would
         self.offline: set[str] = set()
+        self.creates_unreachable = False  # writing a layer fails, as a hub outage would
 
     def query(self, text: str) -> list[dict[str, Any]]:
         self.calls += 1
@@ -42,10 +44,11 @@ class FakeHub:
             for part in condition.split(" OR "):
                 ids.update(self.devices.get(part.strip("()"), []))
             return [{"deviceId": d} for d in sorted(ids)]
+        version = int(text.rsplit("= ", 1)[1]) if ".version = " in text else None
         return [
-            {"deviceId": d, "properties": {"reported": {"models": {"m": r}}}}
+            {"deviceId": d, "properties": {"reported": {"models": {self.model: r}}}}
             for d, r in self.reports.items()
-            if r.get("version") == int(text.rsplit("= ", 1)[1])
+            if version is None or r.get("version") == version
         ]
 
     def configuration(self, config_id: str) -> LayeredDeployment | None:
@@ -57,6 +60,8 @@ class FakeHub:
 
     def create_configuration(self, deployment: LayeredDeployment) -> None:
         self.calls += 1
+        if self.creates_unreachable:
+            raise PublisherError(Reason.UNREACHABLE, "IoT Hub h: create configuration failed")
         self.layers.setdefault(deployment.id, deployment)
 
     def delete_configuration(self, config_id: str) -> None:
@@ -73,17 +78,67 @@ class FakeHub:
         return 200, {}
 
 
+class Killed(BaseException):
+    """The publisher process dies here: no handler runs, nothing more is written."""
+
+
+class KillingAudit(AuditLog):
+    """An audit log whose process is killed right after it writes the ``nth`` entry that
+    matches ``action`` (and ``outcome``, unless None): a journal point of a halt."""
+
+    def __init__(self, path: Path, action: str, outcome: str | None, nth: int = 1) -> None:
+        super().__init__(path, actor="t", clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))
+        self._kill = (action, outcome)
+        self._left = nth
+
+    def append(self, action: str, subject: str, outcome: str, **details: Any) -> Entry:
+        entry = super().append(action, subject, outcome, **details)
+        if self._kill in ((action, outcome), (action, None)):
+            self._left -= 1
+            if self._left == 0:
+                raise Killed(f"killed after {action} {outcome}")
+        return entry
+
+
+class FakeRegistry:
+    """Re-releases as the publisher makes them: one new version per halt, found again by its
+    lineage when a rerun asks for the same one (``kill_after_register``: die right after)."""
+
+    def __init__(self) -> None:
+        self.registered: list[tuple[int, int]] = []  # (previous, as version)
+        self.kill_after_register = False
+
+    def rerelease(self, model: str, bad: int, previous: int) -> tuple[int, Mapping[str, Any]]:
+        found = [new for old, new in self.registered if old == previous]
+        if not found:
+            self.registered.append((previous, bad + 1 + len(self.registered)))
+            if self.kill_after_register:
+                raise Killed("killed after registering, before the journal says so")
+        version = found[0] if found else self.registered[-1][1]
+        return version, {**MANIFEST, "version": version}
+
+
 def _rollout(
-    hub: FakeHub, tmp_path: Path, aliases: dict[str, int], clock: FakeClock
+    hub: FakeHub,
+    tmp_path: Path,
+    aliases: dict[str, int],
+    clock: FakeClock,
+    *,
+    audit: AuditLog | None = None,
+    registry: FakeRegistry | None = None,
 ) -> tuple[rollout.Rollout, AuditLog, list[int]]:
-    audit = AuditLog(
+    audit = audit or AuditLog(
         tmp_path / "audit.jsonl", actor="t", clock=lambda: datetime(2026, 1, 1, tzinfo=UTC)
     )
+    registry = registry or FakeRegistry()
     rereleased: list[int] = []
 
     def rerelease(model: str, bad: int, previous: int) -> tuple[int, Mapping[str, Any]]:
-        rereleased.append(previous)
-        return bad + 1, {**MANIFEST, "version": bad + 1}
+        before = len(registry.registered)
+        try:
+            return registry.rerelease(model, bad, previous)
+        finally:
+            rereleased.extend(p for p, _ in registry.registered[before:])
 
     runner = rollout.Rollout(
         hub,
@@ -186,3 +241,165 @@ def test_a_halt_at_a_later_ring_re_releases_the_previous_version_once(tmp_path: 
     assert rereleased == [1]  # canary and all both ran version 1
     layers = sorted(hub.layers.values(), key=lambda layer: layer.labels[rollout.LABEL_RING])
     assert [layer.labels[rollout.LABEL_VERSION] for layer in layers] == ["3", "3"]
+
+
+# ------------------------------------------------------------------------------ halts resumed
+
+
+def _halting_fleet() -> FakeHub:
+    """The canary passes, the broad ring fails: the halt restores both rings from v1."""
+    hub = _fleet()
+    hub.reports = {
+        "a": _passed(),
+        "b": {"version": 2, "state": "rolled_back", "reason": "probation"},
+    }
+    return hub
+
+
+def _halt_steps(audit: AuditLog) -> list[tuple[str, str]]:
+    return [
+        (e.action, e.outcome)
+        for e in audit.entries()
+        if e.action in ("release.halt", "release.halted", "release.interrupted")
+    ]
+
+
+def _assert_restored(
+    hub: FakeHub, audit: AuditLog, aliases: dict[str, int], registry: FakeRegistry
+) -> None:
+    """Both rings run the one re-release of v1, each device was asked to roll back once,
+    and the journal shows the halt decided once and finished once."""
+    assert registry.registered == [(1, 3)]
+    layers = sorted(hub.layers.values(), key=lambda layer: layer.labels[rollout.LABEL_RING])
+    assert [(x.labels[rollout.LABEL_RING], x.labels[rollout.LABEL_VERSION]) for x in layers] == [
+        ("all", "3"),
+        ("canary", "3"),
+    ]
+    assert aliases == {"canary": 3, "all": 3}
+    assert sorted(hub.methods) == [("a", "rollback"), ("b", "rollback")]
+    steps = _halt_steps(audit)
+    assert steps.count(("release.halt", "started")) == 1
+    assert steps[-1] == ("release.halted", "halted")
+    assert steps.count(("release.halted", "halted")) == 1
+    rollbacks = [e.details["ring"] for e in audit.entries() if e.action == "release.rollback"]
+    assert sorted(rollbacks) == ["all", "canary"]
+    audit.verify()
+
+
+JOURNAL_POINTS = [
+    ("release.halt", "started", 1),
+    ("release.rollback_method", None, 1),
+    ("release.rollback_method", None, 2),
+    ("release.rerelease", "registered", 1),
+    ("release.rollback", "rereleased", 1),
+    ("release.rollback", "rereleased", 2),
+]
+
+
+@pytest.mark.parametrize(("action", "outcome", "nth"), JOURNAL_POINTS)
+@pytest.mark.parametrize("rerun", ["release", "repair"])
+def test_a_halt_killed_at_any_journal_point_is_finished_by_a_rerun(
+    tmp_path: Path, action: str, outcome: str | None, nth: int, rerun: str
+) -> None:
+    hub, clock, registry = _halting_fleet(), FakeClock(), FakeRegistry()
+    aliases = {"canary": 1, "all": 1}
+    killing = KillingAudit(tmp_path / "audit.jsonl", action, outcome, nth)
+    runner, _, _ = _rollout(hub, tmp_path, aliases, clock, audit=killing, registry=registry)
+    with pytest.raises(Killed):
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    runner, audit, _ = _rollout(hub, tmp_path, aliases, clock, registry=registry)
+    assert ("release.halted", "halted") not in _halt_steps(audit)
+    if rerun == "release":
+        with pytest.raises(PublisherError) as caught:
+            runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+        assert caught.value.reason == Reason.HALTED
+        assert "finished now" in caught.value.message
+    else:
+        assert runner.repair() == ["m:2"]
+        assert runner.repair() == []
+    _assert_restored(hub, audit, aliases, registry)
+    assert ("release.halt", "resumed") in _halt_steps(audit)
+
+
+def test_a_halt_killed_between_registering_and_journalling_registers_once(
+    tmp_path: Path,
+) -> None:
+    hub, clock, registry = _halting_fleet(), FakeClock(), FakeRegistry()
+    aliases = {"canary": 1, "all": 1}
+    runner, audit, _ = _rollout(hub, tmp_path, aliases, clock, registry=registry)
+    registry.kill_after_register = True
+    with pytest.raises(Killed):
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    registry.kill_after_register = False
+    with pytest.raises(PublisherError, match="finished now"):
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    _assert_restored(hub, audit, aliases, registry)
+
+
+def test_a_hub_outage_during_a_halt_is_interrupted_and_a_rerun_finishes_it(
+    tmp_path: Path,
+) -> None:
+    hub, clock, registry = _halting_fleet(), FakeClock(), FakeRegistry()
+    aliases = {"canary": 1, "all": 1}
+    runner, audit, _ = _rollout(hub, tmp_path, aliases, clock, registry=registry)
+    real_create = hub.create_configuration
+
+    def create_then_fail(deployment: LayeredDeployment) -> None:
+        if deployment.labels[rollout.LABEL_VERSION] == "3":  # the re-release's layer
+            hub.creates_unreachable = True
+        real_create(deployment)
+
+    hub.create_configuration = create_then_fail  # type: ignore[method-assign]
+    with pytest.raises(PublisherError) as caught:
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    assert caught.value.reason == Reason.UNREACHABLE
+    interrupted = [e for e in audit.entries() if e.action == "release.interrupted"]
+    assert [(e.outcome, e.details["step"]) for e in interrupted] == [("unreachable", "halt")]
+    assert ("release.halted", "halted") not in _halt_steps(audit)
+    hub.create_configuration = real_create  # type: ignore[method-assign]
+    hub.creates_unreachable = False
+    with pytest.raises(PublisherError, match="finished now"):
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    _assert_restored(hub, audit, aliases, registry)
+
+
+def test_a_finished_halt_refuses_a_rerun_and_changes_nothing(tmp_path: Path) -> None:
+    hub, clock = _halting_fleet(), FakeClock()
+    aliases = {"canary": 1, "all": 1}
+    runner, audit, rereleased = _rollout(hub, tmp_path, aliases, clock)
+    with pytest.raises(PublisherError):
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    count, calls = len(list(audit.entries())), hub.calls
+    with pytest.raises(PublisherError) as caught:
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    assert caught.value.reason == Reason.HALTED
+    assert "finished now" not in caught.value.message
+    assert (len(list(audit.entries())), hub.calls, rereleased) == (count, calls, [1])
+    assert runner.repair() == []
+
+
+def test_after_a_halt_the_version_it_restored_is_refused_by_name(tmp_path: Path) -> None:
+    """v1 released, v2 halted (canary now runs v1's bytes as v3): releasing v1 again would
+    write a layer every device refuses, so it is refused before anything is written."""
+    hub, clock = _fleet(), FakeClock()
+    aliases: dict[str, int] = {}
+    runner, audit, _ = _rollout(hub, tmp_path, aliases, clock)
+    first = {**MANIFEST, "version": 1}
+    hub.reports = {"a": {**_passed(), "version": 1}}
+    assert runner.release("m", 1, first, RINGS[:1], BOUNDS) == "released"
+    hub.reports = {"a": {"version": 2, "state": "rolled_back", "reason": "probation"}}
+    with pytest.raises(PublisherError):
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    layers, count = dict(hub.layers), len(list(audit.entries()))
+    for attempt in (
+        lambda: runner.release("m", 1, first, RINGS[:1], BOUNDS),
+        lambda: runner.plan("m", 1, first, RINGS[:1]),
+    ):
+        with pytest.raises(PublisherError) as caught:
+            attempt()
+        assert caught.value.reason == Reason.VERSION_NOT_NEWER
+        assert "m:1 is below m:3, already sent to ring 'canary'" in caught.value.message
+    assert (hub.layers, len(list(audit.entries()))) == (layers, count)
+    with pytest.raises(PublisherError) as halted:
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)  # its own re-release is above it
+    assert halted.value.reason == Reason.HALTED

@@ -167,3 +167,53 @@ def test_a_ring_variable_names_the_ring_in_one_module() -> None:
     assert layer.modules_content["$edgeAgent"] == {
         "properties.desired.modules.prometheus.env.EDGE_RING": {"value": "canary"}
     }
+
+
+@pytest.mark.parametrize(
+    ("version", "released", "refused"),
+    [
+        (1, {}, False),  # nothing sent yet
+        (3, {1: "canary", 2: "canary"}, False),
+        (2, {1: "canary", 2: "canary"}, False),  # the same release: a rerun resumes it
+        (1, {1: "canary", 3: "canary"}, True),  # v2 halted, v3 its rollback: v1 is behind
+        (2, {3: "all"}, True),
+    ],
+)
+def test_a_release_below_what_the_fleet_was_sent_is_refused(
+    version: int, released: dict[int, str], refused: bool
+) -> None:
+    if not refused:
+        rollout.check_newer_than_released("tiny", version, released)
+        return
+    with pytest.raises(PublisherError) as caught:
+        rollout.check_newer_than_released("tiny", version, released)
+    assert caught.value.reason == Reason.VERSION_NOT_NEWER
+    highest = max(released)
+    assert f"tiny:{version} is below tiny:{highest}" in caught.value.message
+    assert "version_not_monotonic" in caught.value.message
+    assert "edgeml register FILE --name tiny)" in caught.value.message
+
+
+def test_released_versions_and_unfinished_halts_replay_the_audit_log(tmp_path: Path) -> None:
+    audit = AuditLog(
+        tmp_path / "audit.jsonl", actor="t", clock=lambda: datetime(2026, 1, 1, tzinfo=UTC)
+    )
+    audit.append("release.ring", "tiny:1", "applied", ring="canary", previous_version=None)
+    audit.append("release.ring", "tiny:2", "applied", ring="canary", previous_version=1)
+    audit.append("release.ring", "other:9", "applied", ring="canary", previous_version=None)
+    audit.append("release.halt", "tiny:2", "started", ring="canary", reached=[])
+    audit.append("release.halt", "other:9", "started", ring="canary", reached=[])
+    audit.append(
+        "release.rollback", "tiny:2", "rereleased", ring="canary", restored_version=1, as_version=3
+    )
+    audit.append("release.halted", "tiny:2", "halted", ring="canary")
+    assert rollout.released_versions(audit.entries(), "tiny") == {
+        1: "canary",
+        2: "canary",
+        3: "canary",
+    }
+    assert rollout.halting_subjects(audit.entries()) == ["other:9"]
+    progress = rollout.progress_of(audit.entries(), "tiny:2")
+    assert progress.restored == {"canary"}
+    assert not progress.halting
+    assert rollout.progress_of(audit.entries(), "other:9").halting
