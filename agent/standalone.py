@@ -130,7 +130,9 @@ class Agent:
         )
         # Read once here, so a missing or malformed secret stops the start with its reason.
         self.credentials = (
-            Credentials(settings.auth) if settings.auth.tls_cert_file is not None else None
+            Credentials(settings.auth, registry=self.registry)
+            if settings.auth.tls_cert_file is not None
+            else None
         )
         self.services: dict[str, InferenceService] = {}
         self.manager: ModelManager | None = None
