@@ -4,6 +4,8 @@ throughout, stderr stays JSON, and inference works afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 import socket
@@ -16,9 +18,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
-from agent.serving.connections import FD_RESERVE_MIN, MAX_CAP, fd_budget
+from agent.serving.connections import (
+    ACCEPT_LOG_EVERY_S,
+    FD_RESERVE_MIN,
+    MAX_CAP,
+    AcceptErrors,
+    ConnectionGuard,
+    Listener,
+    fd_budget,
+)
 from tests.support.agent_process import AgentProcess, running_agent
+from tests.support.clock import FakeClock
 from tests.support.models import TINY_FEATURES, tiny_bytes
 
 BURST_FACTOR = 1.2
@@ -34,6 +47,51 @@ def test_the_budget_never_exceeds_the_limit(limit: int, configured: int | None) 
     assert budget.reserve >= max(FD_RESERVE_MIN, limit // 8)
     assert budget.health >= 1
     assert 1 <= budget.api <= (configured or MAX_CAP)
+
+
+class _FullTable(socket.socket):
+    """A listening socket whose accept fails as a full descriptor table makes it fail."""
+
+    def accept(self) -> tuple[socket.socket, object]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def test_accept_errors_are_counted_and_logged_as_one_rate_limited_event() -> None:
+    registry = CollectorRegistry()
+    clock = FakeClock()
+    errors = AcceptErrors(registry, clock=clock)
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: loop_errors.append(context))
+    sock = _FullTable(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    listener = Listener(
+        "http",
+        sock,
+        asyncio.Protocol,
+        ConnectionGuard(10),
+        ssl_context=None,
+        idle_s=1.0,
+        accept_errors=errors,
+    )
+    with capture_logs() as logs:
+        listener.start()
+        with socket.create_connection(sock.getsockname(), timeout=1):
+            await asyncio.sleep(0.3)  # a few retries, ACCEPT_RETRY_S apart
+            clock.sleep(ACCEPT_LOG_EVERY_S)
+            await asyncio.sleep(0.1)
+        await listener.close()
+    count = registry.get_sample_value(
+        "agent_http_accept_errors_total", {"service": "http", "error": "EMFILE"}
+    )
+    assert count is not None
+    assert count >= 3
+    events = [e for e in logs if e["event"] == "http_accept_failed"]
+    assert len(events) == 2  # one at once, one after the quiet period, standing for the rest
+    assert events[0]["count"] == 1
+    assert sum(e["count"] for e in events) <= count
+    assert events[1]["error"] == "EMFILE"
+    assert not loop_errors  # nothing reached asyncio's handler (its traceback on stderr)
 
 
 class Sampler(threading.Thread):
