@@ -182,6 +182,8 @@ class ConnectionGuard:
         self.on_malformed = on_malformed
         # Reserve slots still waiting for a request line, oldest first: the first to evict.
         self.waiting: OrderedDict[_Guarded, None] = OrderedDict()
+        # Every connection not handed to aiohttp yet: aiohttp's shutdown does not know them.
+        self.silent: set[_Guarded] = set()
 
     def admit(self) -> Admission | None:
         if self.open < self.cap:
@@ -303,11 +305,12 @@ class _Guarded(asyncio.Protocol):
         connection silent for `idle_s` is closed (aiohttp's own idle timeout starts only
         when it is handed the connection)."""
         loop = asyncio.get_running_loop()
+        self._guard.silent.add(self)
         if self._slot.admission is Admission.HEALTH:
             self._guard.waiting[self] = None
             self._timer = loop.call_later(RESERVE_HOLD_S, self.evict)
         else:
-            self._timer = loop.call_later(idle_s, self._close_now)
+            self._timer = loop.call_later(idle_s, self.close_now)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # a stream server's
@@ -315,16 +318,20 @@ class _Guarded(asyncio.Protocol):
         if self.closing:  # evicted before its transport existed
             transport.close()
 
+    def _forget(self) -> None:
+        self._guard.waiting.pop(self, None)
+        self._guard.silent.discard(self)
+
     def evict(self) -> None:
         """Close a health-reserve connection now (held too long, or its slot is wanted)."""
         self._guard.on_busy()
-        self._guard.waiting.pop(self, None)
+        self._forget()
         self._slot.release()
-        self._close_now()
+        self.close_now()
 
     def abandon(self) -> None:
         """Its transport could not be made (a failed handshake, the server stopping)."""
-        self._guard.waiting.pop(self, None)
+        self._forget()
         if self._timer is not None:
             self._timer.cancel()
         self._slot.release()
@@ -347,9 +354,14 @@ class _Guarded(asyncio.Protocol):
         if refusal is not None:
             self._refuse(refusal)
             return
-        self._guard.waiting.pop(self, None)
-        if self._timer is not None and self._slot.admission is Admission.FULL:
-            self._timer.cancel()  # aiohttp's keep-alive timeout takes over
+        self._forget()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._slot.admission is Admission.HEALTH:
+            # Answered within the hold, then closed: a reserve slot is not kept alive.
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(RESERVE_HOLD_S, self.close_now)
+        # (A full connection: aiohttp's keep-alive timeout takes over.)
         head, self._head = self._head, b""
         assert self._transport is not None  # set by connection_made
         self._inner = self._factory()
@@ -357,7 +369,7 @@ class _Guarded(asyncio.Protocol):
         self._inner.data_received(head)
 
     def _refuse(self, refusal: Refusal) -> None:
-        self._guard.waiting.pop(self, None)
+        self._forget()
         (self._guard.on_malformed if refusal.malformed else self._guard.on_busy)()
         if self._transport is not None:
             self._transport.write(encode_refusal(refusal))
@@ -382,7 +394,8 @@ class _Guarded(asyncio.Protocol):
             transport.resume_reading()
         self._timer = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
-    def _close_now(self) -> None:
+    def close_now(self) -> None:
+        self._forget()
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
@@ -401,7 +414,7 @@ class _Guarded(asyncio.Protocol):
             return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._guard.waiting.pop(self, None)
+        self._forget()
         if self._timer is not None:
             self._timer.cancel()
         self._slot.release()
@@ -547,6 +560,8 @@ class Listener:
         self.sock.close()
         for task in list(self._connecting):
             task.cancel()
+        for silent in list(self.guard.silent):
+            silent.close_now()
         if self._connecting:
             await asyncio.wait(list(self._connecting))
 
