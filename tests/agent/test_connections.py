@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -41,6 +42,35 @@ def test_the_guard_admits_up_to_its_cap_then_its_health_reserve_and_counts_refus
     guard.release(Admission.HEALTH)
     assert guard.admit() is Admission.HEALTH
     assert (guard.open, guard.in_reserve, guard.refused, len(busy)) == (2, 1, 1, 1)
+
+
+class _Waiting:
+    """A reserve connection as the guard sees it: evictable unless its bytes are in."""
+
+    def __init__(self, guard: ConnectionGuard, *, unread: bool) -> None:
+        self.guard, self._unread, self.evicted = guard, unread, False
+
+    def unread(self) -> bool:
+        return self._unread
+
+    def evict(self) -> None:
+        self.evicted = True
+        self.guard.waiting.pop(cast(Any, self), None)
+        self.guard.release(Admission.HEALTH)
+
+
+@pytest.mark.parametrize(("unread", "admitted"), [(False, Admission.HEALTH), (True, None)])
+def test_a_full_reserve_gives_the_slot_of_a_silent_connection_to_the_next(
+    unread: bool, admitted: Admission | None
+) -> None:
+    guard = ConnectionGuard(1, 1)
+    assert [guard.admit(), guard.admit()] == [Admission.FULL, Admission.HEALTH]
+    waiting = _Waiting(guard, unread=unread)
+    guard.waiting[cast(Any, waiting)] = None
+    # A silent one makes room; one whose request line has arrived (a probe) is kept.
+    assert guard.admit() is admitted
+    assert waiting.evicted is not unread
+    assert guard.in_reserve == 1
 
 
 _MALFORMED = Refusal(400, "malformed request line: expected METHOD TARGET HTTP/1.1", True)
