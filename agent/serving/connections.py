@@ -53,7 +53,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from prometheus_client import CollectorRegistry, Counter
 
 # Descriptors kept beyond all connections: at least this many, or an eighth of the limit.
-# Measured: `python -m agent serve` with one model holds 13 at rest.
+# Measured: `python -m agent serve` with one model holds 11 at rest.
 FD_RESERVE_MIN: Final = 48
 MAX_CAP: Final = 4096
 MAX_HEALTH_RESERVE: Final = 32
