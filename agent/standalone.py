@@ -29,6 +29,7 @@ from agent.releases.quarantine import Quarantine
 from agent.releases.store import ModelStore, StoreError
 from agent.releases.swap import HttpsArtifacts, ModelManager
 from agent.serving.auth import Credentials, SecretsReloader
+from agent.serving.connections import AcceptErrors
 from agent.serving.engine import LoadedModel, ModelLoadError, load_model
 from agent.serving.http import HttpService, MetricsService
 from agent.serving.inference import InferenceService
@@ -130,7 +131,9 @@ class Agent:
         )
         # Read once here, so a missing or malformed secret stops the start with its reason.
         self.credentials = (
-            Credentials(settings.auth) if settings.auth.tls_cert_file is not None else None
+            Credentials(settings.auth, registry=self.registry)
+            if settings.auth.tls_cert_file is not None
+            else None
         )
         self.services: dict[str, InferenceService] = {}
         self.manager: ModelManager | None = None
@@ -204,12 +207,24 @@ class Agent:
         """Model sources first, then `extra` (adapters), then the servers: HTTP stops first."""
         settings = self.settings
         reloader = [SecretsReloader(self.credentials)] if self.credentials is not None else []
+        accept_errors = AcceptErrors(self.registry)
         return [
             *self._sources,
             *extra,
             *reloader,
-            MetricsService(self.registry, settings.http, credentials=self.credentials),
-            HttpService(self.services, self.metrics, settings.http, credentials=self.credentials),
+            MetricsService(
+                self.registry,
+                settings.http,
+                credentials=self.credentials,
+                accept_errors=accept_errors,
+            ),
+            HttpService(
+                self.services,
+                self.metrics,
+                settings.http,
+                credentials=self.credentials,
+                accept_errors=accept_errors,
+            ),
         ]
 
 

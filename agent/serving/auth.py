@@ -10,6 +10,10 @@ Secrets live in files (mounted secrets) and are re-read when they change, every
 `secrets_reload_s`: a rotated token or certificate takes effect without a restart. New TLS
 handshakes use the new certificate; connections already open keep theirs. A client CA file is
 re-read too, but OpenSSL only adds to its trust store: removing a CA needs a restart.
+
+The token file fails closed: emptied (or only comments) it lists no token, so none is valid;
+missing, unreadable or malformed, no token is valid either and the secrets are reported failed
+(`secrets_reload_failed`, `agent_secrets_failed` 1) until the file is usable again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Final
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from prometheus_client import CollectorRegistry, Gauge
 from pydantic import Field, model_validator
 
 from agent.config import Section
@@ -67,12 +72,11 @@ class SecretError(ValueError):
 
 
 def parse_tokens(text: str) -> frozenset[str]:
-    """Tokens from a token file: one per line; blank lines and `#` comments skipped."""
+    """Tokens from a token file: one per line; blank lines and `#` comments skipped. None at
+    all is valid: that is how every token is revoked at once."""
     tokens = frozenset(
         line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
     )
-    if not tokens:
-        raise SecretError("the token file holds no token")
     if len(tokens) > MAX_TOKENS:
         raise SecretError(f"the token file holds over {MAX_TOKENS} tokens")
     short = [t for t in tokens if len(t) < MIN_TOKEN_CHARS or not t.isprintable()]
@@ -106,19 +110,46 @@ class _Stamp:
     size: int
 
 
-def _stamp(path: Path) -> _Stamp:
-    stat = path.stat()
+def _stamp(path: Path) -> _Stamp | None:
+    """The file's stamp; None while it cannot be stat'ed (missing), itself a state to notice."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
     return _Stamp(stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-class Credentials:
-    """The server's TLS context and the accepted tokens, re-read from their files on change."""
+def _file_error(error: OSError) -> SecretError:
+    return SecretError(f"secret file {error.filename}: {error.strerror}")
 
-    def __init__(self, settings: AuthSettings) -> None:
+
+class Credentials:
+    """The server's TLS context and the accepted tokens, re-read from their files on change.
+
+    The token file fails closed: when it cannot be used, no token is valid. The TLS files keep
+    their last good version instead: a certificate grants no access (the token and the client
+    CA do), and dropping it would take the whole API down, health probes included, for a
+    rotation that replaced the files non-atomically. Either failure is reported.
+    """
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        namespace: str = "agent",
+    ) -> None:
         self.settings = settings
         self.tokens: frozenset[str] = frozenset()
         self.ssl_context: ssl.SSLContext | None = None
-        self._stamps: dict[Path, _Stamp] = {}
+        self.failed: dict[Path, str] = {}  # file -> why it is unusable now
+        self._stamps: dict[Path, _Stamp | None] = {}
+        self._failed_gauge = Gauge(
+            "secrets_failed",
+            "1 while a secret file is missing or unusable (tokens then fail closed), else 0",
+            namespace=namespace,
+            registry=registry,
+        )
         self.load()
 
     def _files(self) -> list[Path]:
@@ -126,47 +157,84 @@ class Credentials:
         files = [s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file, s.api_token_file]
         return [f for f in files if f is not None]
 
-    def load(self) -> None:
-        """Read every secret file now; raises `SecretError` if one is unusable."""
-        try:
-            self._load()
-        except OSError as error:
-            raise SecretError(f"secret file {error.filename}: {error.strerror}") from error
+    def _tls_files(self) -> list[Path]:
+        return [f for f in self._files() if f != self.settings.api_token_file]
 
-    def _load(self) -> None:
-        s = self.settings
+    def load(self) -> None:
+        """Read every secret file now (at start); raises `SecretError` if one is unusable."""
         stamps = {path: _stamp(path) for path in self._files()}
-        if s.api_token_file is not None:
-            self.tokens = parse_tokens(s.api_token_file.read_text())
-        if s.tls_cert_file is not None and s.tls_key_file is not None:
-            context = self.ssl_context or ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            try:
-                context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
-                if s.tls_client_ca_file is not None:
-                    context.load_verify_locations(cafile=str(s.tls_client_ca_file))
-                    # Optional: a client may present a certificate or a token instead.
-                    context.verify_mode = ssl.CERT_OPTIONAL
-            except ssl.SSLError as error:
-                raise SecretError(f"TLS files unusable: {error.reason or error}") from error
-            self.ssl_context = context
+        self._load_tls()
+        self._load_tokens()
         self._stamps = stamps
 
-    def reload_if_changed(self) -> bool:
-        """Re-read the secrets if a file changed; keep the current ones if the new are bad."""
+    def _load_tokens(self) -> None:
+        path = self.settings.api_token_file
+        if path is None:
+            return
         try:
-            changed = any(_stamp(path) != stamp for path, stamp in self._stamps.items())
-        except OSError as error:  # mid-rotation: a file briefly missing
-            log.warning("secrets_unreadable", error=str(error))
-            return False
+            text = path.read_text()
+        except OSError as error:
+            raise _file_error(error) from error
+        except UnicodeDecodeError as error:
+            raise SecretError(f"secret file {path}: not text") from error
+        self.tokens = parse_tokens(text)
+
+    def _load_tls(self) -> None:
+        s = self.settings
+        if s.tls_cert_file is None or s.tls_key_file is None:
+            return
+        context = self.ssl_context or ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+            if s.tls_client_ca_file is not None:
+                context.load_verify_locations(cafile=str(s.tls_client_ca_file))
+                # Optional: a client may present a certificate or a token instead.
+                context.verify_mode = ssl.CERT_OPTIONAL
+        except ssl.SSLError as error:
+            raise SecretError(f"TLS files unusable: {error.reason or error}") from error
+        except OSError as error:
+            raise _file_error(error) from error
+        self.ssl_context = context
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the secret files that changed (a missing file is a change); True if they
+        all loaded. A token file that fails revokes every token; TLS files that fail keep the
+        last good certificate."""
+        stamps = {path: _stamp(path) for path in self._files()}
+        changed = {path for path, stamp in stamps.items() if self._stamps.get(path) != stamp}
         if not changed:
             return False
-        try:
-            self.load()
-        except SecretError as error:
-            log.error("secrets_reload_failed", error=str(error))  # noqa: TRY400 -- expected
+        self._stamps = stamps
+        token_file = self.settings.api_token_file
+        if token_file is not None and token_file in changed:
+            self._reload(token_file, self._load_tokens, fail_closed=True)
+        tls_changed = changed & set(self._tls_files())
+        if tls_changed:
+            self._reload(min(tls_changed), self._load_tls, fail_closed=False)
+        self._failed_gauge.set(1 if self.failed else 0)
+        if self.failed:
             return False
         log.info("secrets_reloaded", tokens=len(self.tokens))
         return True
+
+    def _reload(self, key: Path, load: Callable[[], None], *, fail_closed: bool) -> None:
+        try:
+            load()
+        except SecretError as error:
+            self.failed[key] = str(error)
+            if fail_closed:
+                self.tokens = frozenset()
+            log.error(  # noqa: TRY400 -- an expected state, reported without a traceback
+                "secrets_reload_failed",
+                file=str(key),
+                error=str(error),
+                consequence="no token is valid" if fail_closed else "last good certificate kept",
+            )
+            return
+        self.failed.pop(key, None)
+        if not fail_closed:  # a TLS reload covers every TLS file
+            for path in self._tls_files():
+                self.failed.pop(path, None)
 
     def authenticated(self, request: web.Request) -> bool:
         if self.settings.tls_client_ca_file is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
@@ -32,9 +33,14 @@ from agent.reasons import Reason
 from agent.serving import protocol
 from agent.serving.auth import Credentials, auth_middleware
 from agent.serving.connections import (
+    BACKLOG,
+    MAX_LINE,
+    AcceptErrors,
     ConnectionGuard,
+    Listener,
     RefusalLogger,
-    connection_cap,
+    RefusingHandler,
+    fd_budget,
     raise_open_file_limit,
 )
 from agent.serving.contract import RequestError
@@ -56,8 +62,8 @@ class HttpSettings(Section):
     keepalive_timeout_s: float = Field(15.0, gt=0.0, le=3600.0)
     # A request body must have arrived this long after its headers, else 408 and close.
     body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
-    # Open connections per port; beyond, 503 and close. Unset: as many as the open-file
-    # limit allows (raised to its hard limit at start) minus a reserve.
+    # Open connections per port; beyond, health only or dropped. Unset: as many as the
+    # open-file limit allows (raised to its hard limit at start) minus a reserve.
     max_connections: int | None = Field(None, ge=1)
 
 
@@ -68,7 +74,7 @@ class HttpReason(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     MALFORMED = "malformed_http"  # refused by aiohttp's parser, before routing
     BODY_TIMEOUT = "body_timeout"  # 408: the body did not arrive in time
-    TOO_MANY_CONNECTIONS = "too_many_connections"  # 503 at connect, beyond the cap
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # beyond the cap: dropped, or 503
     UNAUTHORIZED = "unauthorized"  # 401: no valid bearer token or client certificate
 
 
@@ -84,6 +90,36 @@ _HTTP_REASONS: Final[Mapping[int, HttpReason | Reason]] = {
     413: Reason.TOO_LARGE,
 }
 _JSON: Final = "application/json"
+# Methods no endpoint serves, whatever the target (CONNECT's is not even a path): 405, not 404.
+_NEVER_ALLOWED: Final = frozenset({"CONNECT", "TRACE"})
+_ALLOWED: Final = "GET, HEAD, POST"
+
+
+def refuse_foreign_methods(on_refused: Callable[[enum.StrEnum], None]) -> Middleware:
+    """405 with `Allow` for CONNECT and TRACE, before authentication and routing; an HTTP
+    version other than 1.0 or 1.1 on a kept-alive connection gets 505 (the first request of a
+    connection is checked before aiohttp parses it)."""
+
+    @web.middleware
+    async def refuse(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.version not in ((1, 0), (1, 1)):
+            on_refused(HttpReason.MALFORMED)
+            response = _error(505, "HTTP version not supported: use HTTP/1.1")
+            response.force_close()
+            return response
+        if request.method in _NEVER_ALLOWED:
+            on_refused(HttpReason.METHOD_NOT_ALLOWED)
+            return web.Response(
+                status=405,
+                body=protocol.encode_error(f"method {request.method} is not allowed"),
+                content_type=_JSON,
+                headers={"Allow": _ALLOWED},
+            )
+        return await handler(request)
+
+    return refuse
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -138,7 +174,10 @@ class _V2Handlers:
                 raise
             reason = _HTTP_REASONS.get(exc.status, Reason.BAD_REQUEST)
             self._metrics.reject(reason)
-            return _error(exc.status, _describe(request, exc, reason))
+            response = _error(exc.status, _describe(request, exc, reason))
+            if "Allow" in exc.headers:  # a 405 says what is allowed (RFC 9110)
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
 
     # -- health and metadata -------------------------------------------------------------
 
@@ -273,7 +312,10 @@ def create_app(
         log=log or structlog.get_logger(__name__),
     )
     # aiohttp refuses bodies over client_max_size on read, with a 413 the middleware rewrites.
-    app = web.Application(middlewares=[*outer, handlers.v2_errors], client_max_size=max_body_bytes)
+    app = web.Application(
+        middlewares=[refuse_foreign_methods(metrics.reject), *outer, handlers.v2_errors],
+        client_max_size=max_body_bytes,
+    )
     router = app.router
     router.add_get("/v2/health/live", handlers.live)
     router.add_get("/v2/health/ready", handlers.ready)
@@ -299,7 +341,7 @@ def create_metrics_app(
     registry: CollectorRegistry, outer: Sequence[Middleware] = ()
 ) -> web.Application:
     """Prometheus exposition of `registry` at `/metrics`."""
-    app = web.Application(middlewares=list(outer))
+    app = web.Application(middlewares=[refuse_foreign_methods(lambda reason: None), *outer])
     app[_REGISTRY] = registry
     app.router.add_get("/metrics", _metrics_handler)
     return app
@@ -307,7 +349,8 @@ def create_metrics_app(
 
 class _AppServer:
     """Runs one aiohttp application on host:port with the agent's start -> run -> stop shape:
-    idle connections time out, open ones are capped, refusals are counted (`connections`)."""
+    idle connections time out, open ones are kept within the descriptor budget
+    (`connections`), refusals are counted."""
 
     def __init__(
         self,
@@ -319,6 +362,8 @@ class _AppServer:
         log: structlog.typing.FilteringBoundLogger | None,
         on_refused: Callable[[enum.StrEnum], None] = lambda reason: None,
         credentials: Credentials | None = None,
+        health_reserve: bool = False,
+        accept_errors: AcceptErrors | None = None,
     ) -> None:
         self.name = name
         self.app = app
@@ -327,47 +372,59 @@ class _AppServer:
         self._settings = settings
         self._on_refused = on_refused
         self._credentials = credentials
+        self._health_reserve = health_reserve
+        self._accept_errors = accept_errors or AcceptErrors()
         self._runner: web.AppRunner | None = None
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self._log = log or structlog.get_logger(__name__)
 
     @property
     def port(self) -> int:
         """The bound port (the real one when constructed with port 0); valid after `start`."""
-        if self._server is None:
+        if self._listener is None:
             raise RuntimeError(f"{self.name} is not started")
-        port: int = self._server.sockets[0].getsockname()[1]
+        port: int = self._listener.sock.getsockname()[1]
         return port
 
     async def start(self) -> None:
-        cap = connection_cap(raise_open_file_limit(), self._settings.max_connections)
-        guard = ConnectionGuard(cap, lambda: self._on_refused(HttpReason.TOO_MANY_CONNECTIONS))
-        logger = RefusalLogger(
-            logging.getLogger("aiohttp.server"), lambda: self._on_refused(HttpReason.MALFORMED)
+        budget = fd_budget(raise_open_file_limit(), self._settings.max_connections)
+        cap, reserve = (budget.api, budget.health) if self._health_reserve else (budget.metrics, 0)
+        guard = ConnectionGuard(
+            cap,
+            reserve,
+            on_busy=lambda: self._on_refused(HttpReason.TOO_MANY_CONNECTIONS),
+            on_malformed=lambda: self._on_refused(HttpReason.MALFORMED),
         )
-        # No access log: a logging call per request costs more than the tiny model it serves.
-        runner = web.AppRunner(
-            self.app,
-            access_log=None,
-            keepalive_timeout=self._settings.keepalive_timeout_s,
+        handler_options: dict[str, object] = {
+            # No access log: a logging call per request costs more than the tiny model.
+            "access_log": None,
+            "keepalive_timeout": self._settings.keepalive_timeout_s,
             # After a refusal, the unread rest of a body is drained for at most this long (so
             # the client reads the answer rather than a reset), not aiohttp's 10 s.
-            lingering_time=LINGERING_S,
-            logger=logger,
-        )
+            "lingering_time": LINGERING_S,
+            "logger": RefusalLogger(logging.getLogger("aiohttp.server"), guard.on_malformed),
+            "max_line_size": MAX_LINE,
+        }
+        runner = web.AppRunner(self.app, **handler_options)  # type: ignore[arg-type]
         await runner.setup()
         server = runner.server
         if server is None:
             raise RuntimeError("aiohttp runner has no server after setup")
+        loop = asyncio.get_running_loop()
         try:
-            # The server is made here rather than by a TCPSite: its protocol factory is wrapped.
-            self._server = await asyncio.get_running_loop().create_server(
-                guard.wrap(server),
-                self._host,
-                self._port,
-                reuse_address=True,
-                ssl=self._credentials.ssl_context if self._credentials is not None else None,
+            # Our own accept loop over aiohttp's protocol (see `connections`), not a TCPSite.
+            sock = await self._bind(loop)
+            self._listener = Listener(
+                self.name,
+                sock,
+                lambda: RefusingHandler(server, loop=loop, **handler_options),  # type: ignore[arg-type]
+                guard,
+                ssl_context=self._credentials.ssl_context if self._credentials else None,
+                # A TLS handshake, or a first request line, within the idle timeout.
+                idle_s=self._settings.keepalive_timeout_s,
+                accept_errors=self._accept_errors,
             )
+            self._listener.start()
         except BaseException:
             await runner.cleanup()
             raise
@@ -378,7 +435,15 @@ class _AppServer:
             host=self._host,
             port=self.port,
             max_connections=cap,
+            health_reserve=reserve,
+            open_file_limit=budget.limit,
         )
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        [(family, _, _, _, address), *_] = await loop.getaddrinfo(
+            self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        return socket.create_server(address, family=family, backlog=BACKLOG)
 
     async def run(self) -> None:
         """Requests are served by callbacks (`SecretsReloader` re-reads the secrets)."""
@@ -387,10 +452,10 @@ class _AppServer:
         """Close the listening socket and idle connections, let requests in flight finish within
         `grace_s`, then cancel the ones still running and close their connections."""
         runner, self._runner = self._runner, None
-        server, self._server = self._server, None
-        if runner is None or server is None:
+        listener, self._listener = self._listener, None
+        if runner is None or listener is None:
             return
-        server.close()
+        await listener.close()
         # aiohttp reads its drain timeout from the runner, set at construction; the grace is
         # only known now. (BaseSite sets this same attribute for its deprecated argument.)
         runner._shutdown_timeout = grace_s
@@ -411,6 +476,7 @@ class HttpService(_AppServer):
         server_version: str = __version__,
         log: structlog.typing.FilteringBoundLogger | None = None,
         credentials: Credentials | None = None,
+        accept_errors: AcceptErrors | None = None,
     ) -> None:
         outer = (
             [auth_middleware(credentials, lambda: metrics.reject(HttpReason.UNAUTHORIZED))]
@@ -435,6 +501,8 @@ class HttpService(_AppServer):
             log=log,
             on_refused=metrics.reject,
             credentials=credentials,
+            health_reserve=True,
+            accept_errors=accept_errors,
         )
 
 
@@ -448,6 +516,7 @@ class MetricsService(_AppServer):
         *,
         log: structlog.typing.FilteringBoundLogger | None = None,
         credentials: Credentials | None = None,
+        accept_errors: AcceptErrors | None = None,
     ) -> None:
         outer = (
             [auth_middleware(credentials, lambda: None)]
@@ -456,5 +525,11 @@ class MetricsService(_AppServer):
         )
         app = create_metrics_app(registry, outer)
         super().__init__(
-            "metrics", app, settings.metrics_port, settings, log=log, credentials=credentials
+            "metrics",
+            app,
+            settings.metrics_port,
+            settings,
+            log=log,
+            credentials=credentials,
+            accept_errors=accept_errors,
         )

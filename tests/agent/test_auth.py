@@ -11,7 +11,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,9 +26,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
-from agent.serving.auth import AuthSettings, SecretError, bearer_token, parse_tokens
+from agent.serving.auth import (
+    AuthSettings,
+    Credentials,
+    SecretError,
+    bearer_token,
+    parse_tokens,
+)
 from tests.support.agent_process import AgentProcess, running_agent
 from tests.support.artifact_server import cert_name, write_pem_pair
 from tests.support.models import TINY_FEATURES, tiny_bytes
@@ -48,7 +56,13 @@ def test_parse_tokens(text: str, expected: set[str]) -> None:
     assert parse_tokens(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n", "short\n", "x" * 20 + "\x00\n"])
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n\n"])
+def test_a_token_file_without_tokens_lists_none(text: str) -> None:
+    """How every token is revoked at once."""
+    assert parse_tokens(text) == frozenset()
+
+
+@pytest.mark.parametrize("text", ["short\n", "x" * 20 + "\x00\n"])
 def test_unusable_token_files_are_refused(text: str) -> None:
     with pytest.raises(SecretError):
         parse_tokens(text)
@@ -147,6 +161,103 @@ def make_pki(directory: Path) -> Pki:
         _issue(directory, "client", ca_key, server=False),
         ca_key,
     )
+
+
+# --- the reload rule, on real files ----------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    credentials: Credentials
+    registry: CollectorRegistry
+    token_file: Path
+    cert: Path
+
+    @property
+    def failed(self) -> float | None:
+        return self.registry.get_sample_value("agent_secrets_failed")
+
+    def reload(self) -> list[MutableMapping[str, Any]]:
+        with capture_logs() as logs:
+            self.credentials.reload_if_changed()
+        return logs
+
+
+@pytest.fixture
+def loaded(tmp_path: Path) -> Loaded:
+    pki = make_pki(tmp_path)
+    token_file = tmp_path / "tokens"
+    token_file.write_text(TOKEN + "\n")
+    settings = AuthSettings(
+        tls_cert_file=pki.server[0],
+        tls_key_file=pki.server[1],
+        api_token_file=token_file,
+    )
+    registry = CollectorRegistry()
+    return Loaded(Credentials(settings, registry=registry), registry, token_file, pki.server[0])
+
+
+def _replace(path: Path, text: str) -> None:
+    """As a secret mount does: a new file (a new inode) renamed over the old one."""
+    fresh = path.with_suffix(".new")
+    fresh.write_text(text)
+    fresh.replace(path)
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# revoked 2026-12-08\n"])
+def test_an_emptied_token_file_revokes_every_token_without_a_failure(
+    loaded: Loaded, text: str
+) -> None:
+    loaded.token_file.write_text(text)
+    logs = loaded.reload()
+    assert loaded.credentials.tokens == frozenset()
+    assert loaded.failed == 0
+    assert [e["event"] for e in logs] == ["secrets_reloaded"]
+
+
+def test_a_deleted_token_file_fails_closed_is_reported_and_recreating_it_restores(
+    loaded: Loaded,
+) -> None:
+    loaded.token_file.unlink()
+    logs = loaded.reload()
+    assert loaded.credentials.tokens == frozenset()
+    assert loaded.failed == 1
+    [event] = logs
+    assert event["event"] == "secrets_reload_failed"
+    assert event["file"] == str(loaded.token_file)
+    assert "No such file" in event["error"]
+    assert loaded.reload() == []  # still missing: reported once, not on every tick
+    _replace(loaded.token_file, NEW_TOKEN + "\n")
+    assert [e["event"] for e in loaded.reload()] == ["secrets_reloaded"]
+    assert loaded.credentials.tokens == {NEW_TOKEN}
+    assert loaded.failed == 0
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        pytest.param(lambda p: (p.unlink(), p.mkdir()), id="a-directory"),  # unreadable as root
+        pytest.param(lambda p: p.write_bytes(b"\xff\xfe" * 20), id="not-text"),
+        pytest.param(lambda p: p.write_text("short\n"), id="malformed"),
+    ],
+)
+def test_an_unreadable_or_malformed_token_file_fails_closed(loaded: Loaded, break_it: Any) -> None:
+    break_it(loaded.token_file)
+    [event] = loaded.reload()
+    assert event["event"] == "secrets_reload_failed"
+    assert loaded.credentials.tokens == frozenset()
+    assert loaded.failed == 1
+
+
+def test_a_missing_certificate_keeps_the_last_good_one_and_is_reported(loaded: Loaded) -> None:
+    context = loaded.credentials.ssl_context
+    loaded.cert.unlink()
+    [event] = loaded.reload()
+    assert event["event"] == "secrets_reload_failed"
+    assert event["consequence"] == "last good certificate kept"
+    assert loaded.credentials.ssl_context is context
+    assert loaded.credentials.tokens == {TOKEN}  # the token file did not change
+    assert loaded.failed == 1
 
 
 # --- against the real process --------------------------------------------------------------
@@ -336,3 +447,47 @@ def test_json_error_body(secured: Secured) -> None:
     answer = requests.get(f"{secured.url}/v2", verify=str(secured.pki.ca), timeout=10)
     assert answer.status_code == 401
     assert set(json.loads(answer.text)) == {"error"}
+
+
+def test_emptying_or_deleting_the_token_file_revokes_every_token_until_it_is_back(
+    secured: Secured,
+) -> None:
+    verify = str(secured.pki.ca)
+    url = f"{secured.url}/v2/models/m/infer"
+
+    def status(token: str = TOKEN) -> int:
+        return requests.post(
+            url, json=_body(), headers=_auth(token), verify=verify, timeout=10
+        ).status_code
+
+    def health() -> int:
+        return requests.get(f"{secured.url}/v2/health/live", verify=verify, timeout=10).status_code
+
+    def secrets_failed() -> float:
+        # The token is revoked: the metrics port is read with the client certificate.
+        text = requests.get(
+            secured.metrics_url,
+            verify=verify,
+            cert=(str(secured.pki.client[0]), str(secured.pki.client[1])),
+            timeout=10,
+        ).text
+        found = re.search(r"^agent_secrets_failed (\S+)$", text, re.MULTILINE)
+        assert found is not None, "agent_secrets_failed is not exported"
+        return float(found.group(1))
+
+    assert status() == 200
+    secured.token_file.write_text("# all revoked\n")
+    _eventually(lambda: status() == 401)
+    assert health() == 200
+    assert secrets_failed() == 0
+    secured.token_file.write_text(TOKEN + "\n")
+    _eventually(lambda: status() == 200)
+    secured.token_file.unlink()
+    _eventually(lambda: status() == 401)
+    assert health() == 200
+    assert secrets_failed() == 1
+    assert secured.agent.events("secrets_reload_failed")
+    secured.token_file.write_text(TOKEN + "\n")  # recreated: access is back, no restart
+    _eventually(lambda: status() == 200)
+    assert secrets_failed() == 0
+    assert secured.agent.process.poll() is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -99,13 +100,23 @@ def _read_logs(agent: AgentProcess) -> None:
 
 @contextmanager
 def running_agent(
-    model: Path | None, *args: str, env: Mapping[str, str] | None = None, ready: bool = True
+    model: Path | None,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    ready: bool = True,
+    open_file_limit: int | None = None,
 ) -> Iterator[AgentProcess]:
     """Run the agent on loopback with OS-chosen ports (read back from its JSON log).
 
     `model=None` runs the managed mode (pass `--state-dir` / `--watch-dir` in `args`); `ready`
-    then waits for the HTTP port only, as no model has to be active.
+    then waits for the HTTP port only, as no model has to be active. `open_file_limit` sets
+    the child's RLIMIT_NOFILE (soft and hard), as a device's would be.
     """
+
+    def limit_files() -> None:
+        if open_file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_file_limit, open_file_limit))
+
     environment = {k: v for k, v in os.environ.items() if not k.startswith("EDGEML_")}
     environment |= {"EDGEML_LOG_FORMAT": "json", **(env or {})}
     model_args = ["--model", str(model)] if model is not None else []
@@ -119,6 +130,7 @@ def running_agent(
         stderr=subprocess.PIPE,
         text=True,
         env=environment,
+        preexec_fn=limit_files if open_file_limit is not None else None,  # noqa: PLW1509 -- only setrlimit, before exec
     )  # fmt: skip
     agent = AgentProcess(process)
     reader = threading.Thread(target=_read_logs, args=(agent,), daemon=True)
