@@ -24,7 +24,6 @@ from azure.iot.device.aio import IoTHubModuleClient
 from prometheus_client import Counter
 
 import agent
-from agent.observation.drift import PROFILE_SCHEMA
 from agent.observation.profile import HeadroomAlarm
 from agent.observation.watch import Sinks
 from agent.reasons import Reason
@@ -36,15 +35,25 @@ from module.desired import Apply, Ignore, Reconciler, Reject
 from module.feedback import FeedbackRoute
 from module.methods import DirectMethods
 from module.outbox import OutboundMessage, Outbox
-from module.reported import ModelEntries, ReportedProperties
+from module.reported import EntrySections, ModelEntries, ReportedProperties
 from module.routes import InferRoute, RouteMetrics, json_message
 from module.settings import ModuleSettings
 from module.telemetry import TELEMETRY, Health, Telemetry
+from wire.reported import (
+    AgentEntry,
+    DesiredEntry,
+    ModelHealth,
+    ProbationEntry,
+    RejectedEntry,
+    to_twin,
+)
+from wire.states import FAILED_STATES, DesiredOutcome
+from wire.telemetry import PROFILE_SCHEMA
 
 log = structlog.get_logger(__name__)
 
 ALERTS = "alerts"
-ALERT_STATES = frozenset({ModelState.REJECTED, ModelState.FAILED, ModelState.ROLLED_BACK})
+ALERT_STATES = FAILED_STATES
 RESYNC_RETRY_S = (1.0, 30.0)  # first and longest delay before reading the twin again
 
 
@@ -105,7 +114,7 @@ class EdgeModule:
         self._reconciler = Reconciler(max_models=settings.max_models)
         self._resync_retry: asyncio.TimerHandle | None = None
         self._resync_delay = RESYNC_RETRY_S[0]
-        self._started = datetime.now(UTC).isoformat()
+        self._started = datetime.now(UTC)
         self._tasks: list[asyncio.Task[None]] = []
         self._senders: list[asyncio.Task[None]] = []
         self.reported = ReportedProperties(self._send_reported, timeout_s=settings.call_timeout_s)
@@ -125,18 +134,22 @@ class EdgeModule:
             on_profile=self._on_profile,
         )
         self._headroom = HeadroomAlarm(settings.memory_headroom_alert_fraction)
-        self.entries = ModelEntries(manager.statuses)
-        self.entries.add_section("probation", self._probation_of)
-        self.entries.add_section("health", self._health_of)
         observer = agent_.observer
-        self.entries.add_section("drift", observer.drift_entry)
-        self.entries.add_section("quality", observer.quality_entry)
+        self.entries = ModelEntries(
+            manager.statuses,
+            EntrySections(
+                probation=self._probation_of,
+                health=self._health_of,
+                drift=observer.drift_entry,
+                quality=observer.quality_entry,
+            ),
+        )
         # Window profiles leave as telemetry; drift and quality state changes as alerts and
         # in the model's reported entry.
         observer.sinks = Sinks(profile=self._drift_profile, alert=self._drift_alert)
         # Names in the reported `rejected` section: entries leave it as they leave the manager.
         self._rejected_shown: set[str] = set()
-        self._desired_refusals: dict[str, dict[str, Any]] = {}
+        self._desired_refusals: dict[str, RejectedEntry] = {}
         manager.add_listener(self._on_model_status)
         manager.add_rejection_listener(self._on_rejection)
 
@@ -146,12 +159,8 @@ class EdgeModule:
         await self.connection.open()
         # `stopped: null` removes what the previous run reported when it stopped; `model:
         # null` the single-model section of versions before `models`.
-        self.reported.update(
-            {
-                "agent": {"version": agent.__version__, "started": self._started, "stopped": None},
-                "model": None,
-            }
-        )
+        started = AgentEntry(version=agent.__version__, started=self._started, stopped=None)
+        self.reported.update({"agent": to_twin(started), "model": None})
 
     async def run(self) -> None:
         """Until cancelled; raises `HubUnreachable` past the offline budget (the app fails)."""
@@ -180,7 +189,7 @@ class EdgeModule:
         if self._senders:
             await asyncio.wait(self._senders, timeout=max(grace_s / 4, 0.1))
         await self.route.drain(grace_s / 2)
-        self.reported.update({"agent": {"stopped": datetime.now(UTC).isoformat()}})
+        self.reported.update({"agent": to_twin(AgentEntry(stopped=datetime.now(UTC)))})
         remaining = max(deadline - self._clock(), 0.1)
         if self.connection.connected:
             await self.reported.flush(remaining / 2)
@@ -267,31 +276,22 @@ class EdgeModule:
         if isinstance(action, Reject):
             self._desired_updates.labels("rejected").inc()
             log.warning("desired_rejected", version=action.version, error=action.message)
-            self.reported.update(
-                {
-                    "desired": {
-                        "version": action.version,
-                        "state": "rejected",
-                        "reason": action.reason.value,
-                        "message": action.message,
-                    }
-                }
+            refused = DesiredEntry(
+                version=action.version,
+                state=DesiredOutcome.REJECTED,
+                reason=action.reason.value,
+                message=action.message,
             )
+            self.reported.update({"desired": to_twin(refused)})
             self._alert("desired_rejected", {"version": action.version, "message": action.message})
             return
         self._desired_updates.labels("applied").inc()
         self.telemetry.retune(action.state.telemetry)
         self._agent.observer.configure(action.state.drift)
-        self.reported.update(
-            {
-                "desired": {
-                    "version": action.version,
-                    "state": "applied",
-                    "reason": None,
-                    "message": None,
-                }
-            }
+        applied = DesiredEntry(
+            version=action.version, state=DesiredOutcome.APPLIED, reason=None, message=None
         )
+        self.reported.update({"desired": to_twin(applied)})
         releases = action.state.releases()
         # A release must not race the restoring of the model it would replace (a rolled-back
         # release is only recognised once the store's models are restored), nor a removal the
@@ -343,35 +343,31 @@ class EdgeModule:
 
     def _refuse_desired(self, key: str, reason: Reason, message: str) -> None:
         log.warning("desired_model_refused", model=key, reason=reason, error=message)
-        self._desired_refusals[key] = {
-            "version": None,
-            "sha256": None,
-            "state": ModelState.REJECTED.value,
-            "reason": reason.value,
-            "message": message,
-            "since": datetime.now(UTC).isoformat(),
-        }
-        self._alert("manifest_rejected", {"name": key, **self._desired_refusals[key]})
+        self._desired_refusals[key] = RejectedEntry(
+            version=None,
+            sha256=None,
+            state=ModelState.REJECTED,
+            reason=reason.value,
+            message=message,
+            since=datetime.now(UTC),
+        )
+        self._alert("manifest_rejected", {"name": key, **to_twin(self._desired_refusals[key])})
         self._report_rejected()
 
     def _report_rejected(self) -> None:
-        shown: dict[str, Any] = {}
-        for name, status in self._manager.rejections.items():
-            entry = status.to_json()
-            del entry["name"]
-            del entry["active_version"]
-            shown[name] = entry
-        shown.update(self._desired_refusals)
+        shown = {name: to_twin(s.rejected()) for name, s in self._manager.rejections.items()}
+        shown.update({name: to_twin(e) for name, e in self._desired_refusals.items()})
         gone = {name: None for name in self._rejected_shown - set(shown)}
         self._rejected_shown = set(shown)
         self.reported.update({"rejected": {**gone, **shown}})
 
-    def _probation_of(self, name: str) -> dict[str, object] | None:
+    def _probation_of(self, name: str) -> ProbationEntry | None:
         report = self._manager.probation.get(name)
-        return report.to_json() if report is not None else None
+        return report.entry() if report is not None else None
 
-    def _health_of(self, name: str) -> Health | None:
-        return self.telemetry.health.get(name)  # replaced each window: looked up each time
+    def _health_of(self, name: str) -> ModelHealth | None:
+        health = self.telemetry.health.get(name)  # replaced each window: looked up each time
+        return ModelHealth.model_validate(health) if health is not None else None
 
     def _on_health(self, health: Mapping[str, Health]) -> None:
         # Health and probation counters change with every request: sent at telemetry
@@ -432,10 +428,10 @@ class EdgeModule:
     def status(self) -> dict[str, Any]:
         services = self._agent.services
         return {
-            "agent": {"version": agent.__version__, "started": self._started},
+            "agent": to_twin(AgentEntry(version=agent.__version__, started=self._started)),
             "hub_connected": self.connection.connected,
             "ready": bool(services) and all(s.ready for s in services.values()),
-            "models": {name: self.entries.entry(name) for name in self._manager.statuses},
+            "models": {name: to_twin(self.entries.entry(name)) for name in self._manager.statuses},
             "rejected": {name: s.to_json() for name, s in self._manager.rejections.items()},
             "desired_version": self._reconciler.version,
             "outbox": {"queued": self.outbox.queued, "spooled": self.outbox.spooled},

@@ -24,8 +24,8 @@ from agent.observation.resources import Resources
 from agent.releases.swap import ModelManager
 from agent.serving.inference import InferenceService
 from agent.ticks import ticks
-from module.desired import TelemetrySettings
 from module.outbox import Outbox
+from wire.desired import TelemetrySettings
 
 TELEMETRY = "telemetry"
 

@@ -30,9 +30,10 @@ from agent.settings import AgentSettings
 from agent.standalone import Agent
 from module.connection import HubUnreachable
 from module.edge import EdgeModule
-from module.reported import ModelEntries
+from module.reported import EntrySections, ModelEntries
 from module.settings import ModuleSettings
 from tests.support.fake_hub import FakeModuleClient
+from wire.reported import ModelHealth, to_twin
 
 SHA = "a" * 64
 
@@ -242,21 +243,25 @@ def test_eight_models_report_far_under_the_twin_limit() -> None:
         "p99_ms": 2500.0,
         "window_s": 86400.0,
     }
-    entries = ModelEntries(statuses)
-    entries.add_section("probation", lambda name: probation.to_json())
-    entries.add_section("health", lambda name: health)
+    entries = ModelEntries(
+        statuses,
+        EntrySections(
+            probation=lambda name: probation.entry(),
+            health=lambda name: ModelHealth.model_validate(health),
+        ),
+    )
     size = len(json.dumps(entries.patch(statuses)).encode())
     assert size < 12 * 1024, size  # the twin takes 32 KB: room for drift and quality
 
 
-def test_a_section_is_added_once() -> None:
-    entries = ModelEntries({})
-    entries.add_section("drift", lambda name: None)
-    with pytest.raises(ValueError, match="exists"):
-        entries.add_section("drift", lambda name: None)
-    with pytest.raises(ValueError, match="exists"):
-        entries.add_section("state", lambda name: None)
-    assert entries.entry("m") == {"drift": None}
+def test_an_entry_without_a_status_holds_its_sections_only() -> None:
+    entries = ModelEntries({}, EntrySections(drift=lambda name: None))
+    assert to_twin(entries.entry("m")) == {
+        "probation": None,
+        "health": None,
+        "drift": None,
+        "quality": None,
+    }
 
 
 def test_the_fake_signature_is_really_refused() -> None:
