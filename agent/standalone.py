@@ -143,14 +143,13 @@ class Agent:
             self._sources += self._managed()
 
     def _new_service(self, name: str) -> InferenceService:
-        service = InferenceService(
+        return InferenceService(
             name,
             self.metrics,
             policy=self.settings.batching,
             limits=self.settings.limits,
+            observer=self.observer,
         )
-        service.observer = self.observer
-        return service
 
     def _managed(self) -> list[Service]:
         settings = self.settings
