@@ -67,6 +67,7 @@ class EdgeModule:
         *,
         client_factory: ClientFactory = IoTHubModuleClient.create_from_edge_environment,
         clock: Callable[[], float] = time.monotonic,
+        namespace: str = "agent",
     ) -> None:
         if agent_.manager is None:
             raise ValueError("the IoT Edge module needs the managed mode (no --model file)")
@@ -76,7 +77,7 @@ class EdgeModule:
         self._settings = settings
         self._clock = clock
         registry = agent_.registry
-        route_metrics = RouteMetrics(registry)
+        route_metrics = RouteMetrics(registry, namespace)
         self.connection = HubConnection(
             client_factory,
             registry,
@@ -106,9 +107,10 @@ class EdgeModule:
             limits=agent_.limits,
         )
         self._desired_updates = Counter(
-            "agent_desired_updates",
+            "desired_updates",
             "Desired-property documents, by what was done with them.",
             ["action"],
+            namespace=namespace,
             registry=registry,
         )
         self._reconciler = Reconciler(max_models=settings.max_models)

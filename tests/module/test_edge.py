@@ -18,6 +18,7 @@ import pytest
 from azure.iot.device import Message
 from azure.iot.device.aio import IoTHubModuleClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry
 
 from agent.app import App
 from agent.observation.limits import Limits
@@ -31,6 +32,7 @@ from agent.standalone import Agent
 from module.connection import HubUnreachable
 from module.edge import EdgeModule
 from module.reported import EntrySections, ModelEntries
+from module.routes import RouteMetrics
 from module.settings import ModuleSettings
 from tests.support.fake_hub import FakeModuleClient
 from wire.reported import ModelHealth, to_twin
@@ -288,3 +290,16 @@ async def test_memory_headroom_under_the_threshold_raises_one_alert_and_is_repor
     await asyncio.sleep(0.3)  # several more checks: still low, no second alert
     assert [a["kind"] for a in alerts()] == ["memory_headroom_low"]
     assert alerts()[0]["details"]["memory_limit_mb"] == profile["memory_limit_mb"]
+
+
+@pytest.mark.parametrize(
+    ("namespace", "exported"),
+    [(None, "agent_route_messages_total"), ("edge", "edge_route_messages_total")],
+)
+def test_route_metrics_are_exported_under_their_namespace(
+    namespace: str | None, exported: str
+) -> None:
+    registry = CollectorRegistry()
+    metrics = RouteMetrics(registry) if namespace is None else RouteMetrics(registry, namespace)
+    metrics.messages.labels("answered").inc()
+    assert registry.get_sample_value(exported, {"outcome": "answered"}) == 1
