@@ -30,7 +30,8 @@ from agent.observation.baseline import (
 from agent.observation.counts import FeatureCounts
 from agent.observation.detector import Cusum, CusumParams, DriftState
 from wire.desired import DriftSettings
-from wire.telemetry import PROFILE_SCHEMA
+from wire.states import DriftState as ReportedDrift
+from wire.telemetry import PROFILE_SCHEMA, DriftProfile, to_message
 
 __all__ = [
     "PROFILE_SCHEMA",
@@ -277,20 +278,20 @@ def profile_message(
         budget -= cost
         kept.append(i)
     kept.sort()
-    return {
-        "schema": PROFILE_SCHEMA,
-        "model": model,
-        "version": version,
-        "baseline": baseline_sha256,
-        "seq": result.seq,
-        "ended": round(wall_clock, 3),
-        "seconds": round(result.ended - result.started, 3),
-        "rows": result.score.rows,
-        "score": rounded(result.score.score),
-        "state": result.detector.state.value,
-        "features": {features[i].name: sparse[i] for i in kept},
-        "truncated": len(features) - len(kept),
-    }
+    profile = DriftProfile(
+        model=model,
+        version=version,
+        baseline=baseline_sha256,
+        seq=result.seq,
+        ended=round(wall_clock, 3),
+        seconds=round(result.ended - result.started, 3),
+        rows=result.score.rows,
+        score=rounded(result.score.score),
+        state=ReportedDrift(result.detector.state.value),
+        features={features[i].name: sparse[i] for i in kept},
+        truncated=len(features) - len(kept),
+    )
+    return to_message(profile)
 
 
 def rounded(value: float) -> float | None:

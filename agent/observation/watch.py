@@ -41,7 +41,7 @@ from agent.ticks import ticks
 from wire.reported import DriftEntry, DriftFeature, QualityEntry
 from wire.states import DriftState as ReportedDrift
 from wire.states import QualityState
-from wire.telemetry import ALERT_SCHEMA
+from wire.telemetry import ALERT_SCHEMA, DriftAlert, QualityAlert, to_message
 
 __all__ = ["ALERT_SCHEMA", "NO_BASELINE", "Observer", "ObserverTicks", "Sinks", "Watch"]
 
@@ -251,28 +251,26 @@ class Observer:
             return False
         watch.drift_since = wall
         top = window.score.top
-        alert = {
-            "schema": ALERT_SCHEMA,
-            "event": "drift_state",
-            "model": watch.name,
-            "version": watch.version,
-            "from": window.previous.value,
-            "to": window.detector.state.value,
-            "score": rounded(window.score.score),
-            "feature": top.name if top else None,
-            "window": window.seq,
-            "at": wall.isoformat(),
-        }
+        alert = DriftAlert(
+            model=watch.name,
+            version=watch.version,
+            from_=ReportedDrift(window.previous.value),
+            to=ReportedDrift(window.detector.state.value),
+            score=rounded(window.score.score),
+            feature=top.name if top else None,
+            window=window.seq,
+            at=wall,
+        )
         log.warning(
             "drift_state_changed",
             model=watch.name,
             version=watch.version,
             old=window.previous.value,
             new=window.detector.state.value,
-            score=alert["score"],
-            feature=alert["feature"],
+            score=alert.score,
+            feature=alert.feature,
         )
-        self.sinks.alert(alert)
+        self.sinks.alert(to_message(alert))
         return True
 
     def _quality_window(self, watch: Watch, window: QualityWindow) -> None:
@@ -280,17 +278,18 @@ class Observer:
             return
         wall = self._wall_clock()
         watch.quality_since = wall
-        alert = {
-            "schema": ALERT_SCHEMA,
-            "event": "quality_state",
-            "model": watch.name,
-            "version": watch.version,
-            "from": _QUALITY_STATE[window.previous],
-            "to": _QUALITY_STATE[window.detector.state],
-            window.metric: rounded(window.value),
-            "window": window.seq,
-            "at": wall.isoformat(),
-        }
+        value = rounded(window.value)
+        alert = QualityAlert.model_validate(
+            {
+                "model": watch.name,
+                "version": watch.version,
+                "from_": _QUALITY_STATE[window.previous],
+                "to": _QUALITY_STATE[window.detector.state],
+                window.metric: value,  # accuracy or mae: an unknown metric is refused
+                "window": window.seq,
+                "at": wall,
+            }
+        )
         log.warning(
             "quality_state_changed",
             model=watch.name,
@@ -298,9 +297,9 @@ class Observer:
             old=_QUALITY_STATE[window.previous],
             new=_QUALITY_STATE[window.detector.state],
             metric=window.metric,
-            value=alert[window.metric],
+            value=value,
         )
-        self.sinks.alert(alert)
+        self.sinks.alert(to_message(alert))
 
     # --- reported state -----------------------------------------------------------------
 
