@@ -21,13 +21,15 @@ from typing import Any
 
 import structlog
 from azure.iot.device.aio import IoTHubModuleClient
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 import agent
+from agent.observation.limits import Limits
 from agent.observation.profile import HeadroomAlarm
 from agent.observation.watch import Sinks
 from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
+from agent.settings import AgentSettings
 from agent.standalone import Agent
 from agent.ticks import ticks
 from module.connection import ClientFactory, HubConnection
@@ -62,17 +64,28 @@ class EdgeModule:
 
     def __init__(
         self,
-        agent_: Agent,
+        agent_settings: AgentSettings,
         settings: ModuleSettings,
         *,
+        limits: Limits | None = None,
+        registry: CollectorRegistry | None = None,
         client_factory: ClientFactory = IoTHubModuleClient.create_from_edge_environment,
         clock: Callable[[], float] = time.monotonic,
         namespace: str = "agent",
     ) -> None:
+        self.name = "edge-module"
+        # The module builds its agent, so the observer gets its sinks at construction: window
+        # profiles leave as telemetry, drift and quality state changes as alerts and in the
+        # model's reported entry. They run on the observer's ticks, once this is built.
+        self.agent = agent_ = Agent(
+            agent_settings,
+            registry,
+            limits,
+            sinks=Sinks(profile=self._drift_profile, alert=self._drift_alert),
+            labelled=True,  # the feedback input labels predictions
+        )
         if agent_.manager is None:
             raise ValueError("the IoT Edge module needs the managed mode (no --model file)")
-        self.name = "edge-module"
-        self._agent = agent_
         self._manager = manager = agent_.manager
         self._settings = settings
         self._clock = clock
@@ -146,9 +159,6 @@ class EdgeModule:
                 quality=observer.quality_entry,
             ),
         )
-        # Window profiles leave as telemetry; drift and quality state changes as alerts and
-        # in the model's reported entry.
-        observer.sinks = Sinks(profile=self._drift_profile, alert=self._drift_alert)
         # Names in the reported `rejected` section: entries leave it as they leave the manager.
         self._rejected_shown: set[str] = set()
         self._desired_refusals: dict[str, RejectedEntry] = {}
@@ -289,7 +299,7 @@ class EdgeModule:
             return
         self._desired_updates.labels("applied").inc()
         self.telemetry.retune(action.state.telemetry)
-        self._agent.observer.configure(action.state.drift)
+        self.agent.observer.configure(action.state.drift)
         applied = DesiredEntry(
             version=action.version, state=DesiredOutcome.APPLIED, reason=None, message=None
         )
@@ -391,7 +401,7 @@ class EdgeModule:
     async def _watch_headroom(self) -> None:
         # Its own tick, not telemetry's: telemetry may be off or hourly, memory pressure not.
         async for _ in ticks(self._settings.memory_check_interval_s):
-            resources = self._agent.resources.read()
+            resources = self.agent.resources.read()
             kind = self._headroom.update(resources)
             if kind is not None:
                 log.warning(kind, **resources.as_json())
@@ -419,7 +429,7 @@ class EdgeModule:
         """The model a route message or `rollback` without a name means: the one desired model
         that serves, else the only one that serves. A refused manifest never serves, so it
         never becomes the default."""
-        services = self._agent.services
+        services = self.agent.services
         desired = self._reconciler.applied.releases() if self._reconciler.applied else {}
         serving = [name for name in desired if name in services]
         if len(serving) == 1:
@@ -428,7 +438,7 @@ class EdgeModule:
         return names[0] if len(names) == 1 else None
 
     def status(self) -> dict[str, Any]:
-        services = self._agent.services
+        services = self.agent.services
         return {
             "agent": to_twin(AgentEntry(version=agent.__version__, started=self._started)),
             "hub_connected": self.connection.connected,

@@ -104,6 +104,7 @@ class Observer:
         settings: DriftSettings | None = None,
         quality: QualitySettings | None = None,
         sinks: Sinks | None = None,
+        keeps_predictions: bool = False,
         namespace: str = "agent",
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = _now,
@@ -118,9 +119,9 @@ class Observer:
             self.quality_settings.remembered, self.quality_settings.max_age_s, clock
         )
         self.feedback_outcomes = dict.fromkeys(FeedbackOutcome, 0)
-        # Off until something can label them (a feedback input): remembering costs a dict
+        # Only where something can label them (a feedback input): remembering costs a dict
         # entry per answered request.
-        self.keeps_predictions = False
+        self.keeps_predictions = keeps_predictions
         registry.register(_Collector(self, namespace))
 
     # --- releases ---------------------------------------------------------------------

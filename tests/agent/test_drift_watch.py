@@ -35,10 +35,10 @@ def setup() -> tuple[Observer, Recorder, CollectorRegistry, FakeClock]:
         settings=DriftSettings(window_rows=50),
         quality=QualitySettings(window_rows=10),
         sinks=sinks,
+        keeps_predictions=True,  # as where a feedback input exists
         clock=clock,
         wall_clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
     )
-    observer.keeps_predictions = True  # as once a feedback input exists
     return observer, sinks, registry, clock
 
 

@@ -28,7 +28,6 @@ from agent.releases.manifest import KeySettings, public_key_to_b64, sign_manifes
 from agent.releases.store import StoreSettings
 from agent.serving.http import HttpSettings
 from agent.settings import AgentSettings
-from agent.standalone import Agent
 from module.connection import HubUnreachable
 from module.edge import EdgeModule
 from module.reported import EntrySections, ModelEntries
@@ -89,14 +88,14 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             keys=KeySettings(trusted_keys=f"k={key}"),
             http=HttpSettings(host="127.0.0.1", http_port=0, metrics_port=0),
         )
-        agent = Agent(settings, limits=limits)
         edge = EdgeModule(
-            agent,
+            settings,
             ModuleSettings(spool_dir=tmp_path / "spool", **module),
+            limits=limits,
             # The fake stands in for the SDK class where the module can tell.
             client_factory=lambda: cast(IoTHubModuleClient, client),
         )
-        app = App(agent.services_in_start_order(edge), grace_s=2.0, handle_signals=False)
+        app = App(edge.agent.services_in_start_order(edge), grace_s=2.0, handle_signals=False)
         running = Running(client, edge, app, asyncio.ensure_future(app.run()))
         runs.append(running)
         return running
