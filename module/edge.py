@@ -50,7 +50,7 @@ from wire.reported import (
     to_twin,
 )
 from wire.states import FAILED_STATES, DesiredOutcome
-from wire.telemetry import PROFILE_SCHEMA
+from wire.telemetry import ALERT_SCHEMA, PROFILE_SCHEMA, Alert, to_message
 
 log = structlog.get_logger(__name__)
 
@@ -408,11 +408,8 @@ class EdgeModule:
                 self._alert(kind, resources.as_json())
 
     def _alert(self, kind: str, details: dict[str, Any]) -> None:
-        self.outbox.put(
-            ALERTS,
-            {"kind": kind, "at": datetime.now(UTC).isoformat(), "details": details},
-            "agent-alert/1",
-        )
+        alert = Alert(kind=kind, at=datetime.now(UTC), details=details)
+        self.outbox.put(ALERTS, to_message(alert), ALERT_SCHEMA)
 
     async def _send_reported(self, patch: dict[str, Any]) -> None:
         client = self.connection.require()

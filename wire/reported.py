@@ -11,12 +11,13 @@ deletes the key, so a reader sees no key where the agent wrote None, and a stand
 only what changed.
 
 Producers are strict and readers lenient, on purpose. The device builds these models from its
-own values (strict: an unknown, missing or mistyped field is our bug, refused before it
-leaves). A reader (:func:`read_entry`) drops the fields it does not know, then the known fields
-whose values it cannot read, and keeps the rest: a publisher one release older than the fleet
-keeps gating on what it knows when a newer agent adds a field, and one odd value costs that
-field, not the device's whole entry. Values are read as JSON (strict JSON mode: an ISO string
-is a timestamp, a boolean is never a number).
+own values (strict: an unknown or mistyped field, a string for a state, is our bug, refused
+before it leaves). A reader (:func:`read_entry`) drops the fields it does not know, then the
+known fields whose values it cannot read (a list of features with one odd item goes whole),
+and keeps the rest: a publisher one release older than the fleet keeps gating on what it knows
+when a newer agent adds a field, and one odd value costs that field, not the device's whole
+entry. Values are read as JSON (strict JSON mode: an ISO string is a timestamp, a boolean is
+never a number).
 """
 
 from __future__ import annotations

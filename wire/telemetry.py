@@ -19,6 +19,7 @@ __all__ = [
     "ALERT_SCHEMA",
     "PROFILE_SCHEMA",
     "TELEMETRY_SCHEMA",
+    "Alert",
     "DriftAlert",
     "DriftProfile",
     "QualityAlert",
@@ -35,8 +36,8 @@ PROFILE_SCHEMA: Final = "agent-drift-profile/1"
 """On `telemetry`, each closed drift window: sparse feature counts, mergeable by baseline."""
 
 ALERT_SCHEMA: Final = "agent-alert/1"
-"""A drift or quality state change (event `drift_state`, `quality_state`) before it becomes
-an alert on `alerts`."""
+"""On `alerts`: an :class:`Alert`; a drift or quality state change (a :class:`DriftAlert`,
+:class:`QualityAlert`) is one's details."""
 
 # The window figures are plain JSON numbers (or None where nothing was measured).
 Figures = dict[str, float | int | None]
@@ -90,6 +91,15 @@ class QualityAlert(WireModel):
     mae: float | None = None
     window: int
     at: Timestamp
+
+
+class Alert(WireModel):
+    """What the module sends on `alerts` (`agent-alert/1`): what happened (`model_failed`,
+    `manifest_rejected`, `drift_state`...), when, and its details."""
+
+    kind: str
+    at: Timestamp
+    details: dict[str, Any]
 
 
 class TelemetryModel(WireModel):
