@@ -22,7 +22,7 @@ from agent.app import App, Service, idle_forever
 from agent.observation.limits import Limits, read_limits
 from agent.observation.metrics import InferenceMetrics, register_process_metrics
 from agent.observation.resources import ResourceCollector
-from agent.observation.watch import Observer, ObserverTicks
+from agent.observation.watch import Observer, ObserverTicks, Sinks
 from agent.releases.download import Downloader
 from agent.releases.folder import FolderSource
 from agent.releases.quarantine import Quarantine
@@ -113,7 +113,12 @@ class Agent:
         settings: AgentSettings,
         registry: CollectorRegistry | None = None,
         limits: Limits | None = None,
+        *,
+        sinks: Sinks | None = None,
+        labelled: bool = False,
     ) -> None:
+        """`sinks` take window profiles and drift and quality alerts (an adapter's outbox);
+        `labelled`: feedback can label predictions, so they are remembered for it."""
         self.limits = limits or read_limits()
         # Thread counts left unset follow the container's CPU limit, read once here.
         runtime = settings.runtime.for_limits(self.limits)
@@ -122,8 +127,8 @@ class Agent:
         register_process_metrics(self.registry)
         self.resources = ResourceCollector(self.registry, limits=self.limits)
         self.metrics = InferenceMetrics(self.registry)
-        # Drift and quality of what is served; adapters set its sinks and drift settings.
-        self.observer = Observer(self.registry)
+        # Drift and quality of what is served; the adapter tunes it from its desired state.
+        self.observer = Observer(self.registry, sinks=sinks, keeps_predictions=labelled)
         log.info(
             "runtime_limits",
             **self.limits.as_json(),
@@ -146,14 +151,13 @@ class Agent:
             self._sources += self._managed()
 
     def _new_service(self, name: str) -> InferenceService:
-        service = InferenceService(
+        return InferenceService(
             name,
             self.metrics,
             policy=self.settings.batching,
             limits=self.settings.limits,
+            observer=self.observer,
         )
-        service.observer = self.observer
-        return service
 
     def _managed(self) -> list[Service]:
         settings = self.settings

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from agent.app import App
 from agent.logs import configure_logging
-from agent.standalone import Agent, run_process
+from agent.standalone import run_process
 from module.connection import HubUnreachable
 from module.edge import EdgeModule
 from module.settings import ModuleProcessSettings
@@ -38,8 +38,8 @@ def main() -> int:
     configure_logging(settings.log.log_level, settings.log.log_format)
 
     def build() -> App:
-        agent = Agent(settings)
-        return agent.make_app(EdgeModule(agent, module_settings))
+        edge = EdgeModule(settings, module_settings)
+        return edge.agent.make_app(edge)
 
     # A hub unreachable past the offline budget ends the process non-zero, without a
     # traceback: the IoT Edge runtime restarts the module.

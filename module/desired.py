@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from agent.observation.drift import DriftSettings
 from agent.reasons import Reason
+from wire.desired import DesiredState
 
 # IoT Hub caps desired properties at 32 KB, strings at 4 KB and depth at 10 levels; a document
 # over those is not from a real hub and is refused before it is parsed into settings.
@@ -29,48 +29,6 @@ NULL_MODEL = (
     "model: null is not a release; the served model is kept "
     "(publish a newer release, or call the rollback method)"
 )
-
-
-class TelemetrySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    interval_s: float = Field(60.0, ge=1.0, le=86400.0)
-    enabled: bool = True
-
-
-class DesiredState(BaseModel):
-    """The agent's section of the module twin's desired properties.
-
-    `models` maps a model name to its signed release manifest; `model` is the shorthand for
-    one release (`{"model": m}` means `{"models": {m.name: m}}`); a document uses one or the
-    other. Manifests stay plain documents: their own signatures cover them, and the model
-    manager verifies them (a typed copy could not be checked against the signature).
-    `drift` tunes drift watching (window, sampling, features, threshold), strictly typed.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    models: dict[str, dict[str, Any]] | None = None
-    model: dict[str, Any] | None = None
-    drift: DriftSettings = DriftSettings()  # frozen: one shared default is safe
-    telemetry: TelemetrySettings = TelemetrySettings()  # frozen: one shared default is safe
-
-    def releases(self) -> dict[str, dict[str, Any]]:
-        """Desired manifests by the name they are desired under (the map key, or for the
-        shorthand the manifest's own `name`); an entry whose manifest names another model
-        is the adapter's to refuse."""
-        if self.model is not None:
-            name = self.model.get("name")
-            return {name if isinstance(name, str) else "?": self.model}
-        return dict(self.models or {})
-
-    def names(self) -> frozenset[str] | None:
-        """The model names this document wants served; None when it cannot say (a `model`
-        shorthand whose manifest names no model), and then no model may be removed for it."""
-        if self.model is not None:
-            name = self.model.get("name")
-            return frozenset({name}) if isinstance(name, str) else None
-        return frozenset(self.models or {})
 
 
 @dataclass(frozen=True, slots=True)

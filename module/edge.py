@@ -21,14 +21,15 @@ from typing import Any
 
 import structlog
 from azure.iot.device.aio import IoTHubModuleClient
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 import agent
-from agent.observation.drift import PROFILE_SCHEMA
+from agent.observation.limits import Limits
 from agent.observation.profile import HeadroomAlarm
 from agent.observation.watch import Sinks
 from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
+from agent.settings import AgentSettings
 from agent.standalone import Agent
 from agent.ticks import ticks
 from module.connection import ClientFactory, HubConnection
@@ -36,15 +37,25 @@ from module.desired import Apply, Ignore, Reconciler, Reject
 from module.feedback import FeedbackRoute
 from module.methods import DirectMethods
 from module.outbox import OutboundMessage, Outbox
-from module.reported import ModelEntries, ReportedProperties
+from module.reported import EntrySections, ModelEntries, ReportedProperties
 from module.routes import InferRoute, RouteMetrics, json_message
 from module.settings import ModuleSettings
 from module.telemetry import TELEMETRY, Health, Telemetry
+from wire.reported import (
+    AgentEntry,
+    DesiredEntry,
+    ModelHealth,
+    ProbationEntry,
+    RejectedEntry,
+    to_twin,
+)
+from wire.states import FAILED_STATES, DesiredOutcome
+from wire.telemetry import ALERT_SCHEMA, PROFILE_SCHEMA, Alert, to_message
 
 log = structlog.get_logger(__name__)
 
 ALERTS = "alerts"
-ALERT_STATES = frozenset({ModelState.REJECTED, ModelState.FAILED, ModelState.ROLLED_BACK})
+ALERT_STATES = FAILED_STATES
 RESYNC_RETRY_S = (1.0, 30.0)  # first and longest delay before reading the twin again
 
 
@@ -53,21 +64,33 @@ class EdgeModule:
 
     def __init__(
         self,
-        agent_: Agent,
+        agent_settings: AgentSettings,
         settings: ModuleSettings,
         *,
+        limits: Limits | None = None,
+        registry: CollectorRegistry | None = None,
         client_factory: ClientFactory = IoTHubModuleClient.create_from_edge_environment,
         clock: Callable[[], float] = time.monotonic,
+        namespace: str = "agent",
     ) -> None:
+        self.name = "edge-module"
+        # The module builds its agent, so the observer gets its sinks at construction: window
+        # profiles leave as telemetry, drift and quality state changes as alerts and in the
+        # model's reported entry. They run on the observer's ticks, once this is built.
+        self.agent = agent_ = Agent(
+            agent_settings,
+            registry,
+            limits,
+            sinks=Sinks(profile=self._drift_profile, alert=self._drift_alert),
+            labelled=True,  # the feedback input labels predictions
+        )
         if agent_.manager is None:
             raise ValueError("the IoT Edge module needs the managed mode (no --model file)")
-        self.name = "edge-module"
-        self._agent = agent_
         self._manager = manager = agent_.manager
         self._settings = settings
         self._clock = clock
         registry = agent_.registry
-        route_metrics = RouteMetrics(registry)
+        route_metrics = RouteMetrics(registry, namespace)
         self.connection = HubConnection(
             client_factory,
             registry,
@@ -97,15 +120,16 @@ class EdgeModule:
             limits=agent_.limits,
         )
         self._desired_updates = Counter(
-            "agent_desired_updates",
+            "desired_updates",
             "Desired-property documents, by what was done with them.",
             ["action"],
+            namespace=namespace,
             registry=registry,
         )
         self._reconciler = Reconciler(max_models=settings.max_models)
         self._resync_retry: asyncio.TimerHandle | None = None
         self._resync_delay = RESYNC_RETRY_S[0]
-        self._started = datetime.now(UTC).isoformat()
+        self._started = datetime.now(UTC)
         self._tasks: list[asyncio.Task[None]] = []
         self._senders: list[asyncio.Task[None]] = []
         self.reported = ReportedProperties(self._send_reported, timeout_s=settings.call_timeout_s)
@@ -125,18 +149,19 @@ class EdgeModule:
             on_profile=self._on_profile,
         )
         self._headroom = HeadroomAlarm(settings.memory_headroom_alert_fraction)
-        self.entries = ModelEntries(manager.statuses)
-        self.entries.add_section("probation", self._probation_of)
-        self.entries.add_section("health", self._health_of)
         observer = agent_.observer
-        self.entries.add_section("drift", observer.drift_entry)
-        self.entries.add_section("quality", observer.quality_entry)
-        # Window profiles leave as telemetry; drift and quality state changes as alerts and
-        # in the model's reported entry.
-        observer.sinks = Sinks(profile=self._drift_profile, alert=self._drift_alert)
+        self.entries = ModelEntries(
+            manager.statuses,
+            EntrySections(
+                probation=self._probation_of,
+                health=self._health_of,
+                drift=observer.drift_entry,
+                quality=observer.quality_entry,
+            ),
+        )
         # Names in the reported `rejected` section: entries leave it as they leave the manager.
         self._rejected_shown: set[str] = set()
-        self._desired_refusals: dict[str, dict[str, Any]] = {}
+        self._desired_refusals: dict[str, RejectedEntry] = {}
         manager.add_listener(self._on_model_status)
         manager.add_rejection_listener(self._on_rejection)
 
@@ -146,12 +171,8 @@ class EdgeModule:
         await self.connection.open()
         # `stopped: null` removes what the previous run reported when it stopped; `model:
         # null` the single-model section of versions before `models`.
-        self.reported.update(
-            {
-                "agent": {"version": agent.__version__, "started": self._started, "stopped": None},
-                "model": None,
-            }
-        )
+        started = AgentEntry(version=agent.__version__, started=self._started, stopped=None)
+        self.reported.update({"agent": to_twin(started), "model": None})
 
     async def run(self) -> None:
         """Until cancelled; raises `HubUnreachable` past the offline budget (the app fails)."""
@@ -180,7 +201,7 @@ class EdgeModule:
         if self._senders:
             await asyncio.wait(self._senders, timeout=max(grace_s / 4, 0.1))
         await self.route.drain(grace_s / 2)
-        self.reported.update({"agent": {"stopped": datetime.now(UTC).isoformat()}})
+        self.reported.update({"agent": to_twin(AgentEntry(stopped=datetime.now(UTC)))})
         remaining = max(deadline - self._clock(), 0.1)
         if self.connection.connected:
             await self.reported.flush(remaining / 2)
@@ -267,31 +288,22 @@ class EdgeModule:
         if isinstance(action, Reject):
             self._desired_updates.labels("rejected").inc()
             log.warning("desired_rejected", version=action.version, error=action.message)
-            self.reported.update(
-                {
-                    "desired": {
-                        "version": action.version,
-                        "state": "rejected",
-                        "reason": action.reason.value,
-                        "message": action.message,
-                    }
-                }
+            refused = DesiredEntry(
+                version=action.version,
+                state=DesiredOutcome.REJECTED,
+                reason=action.reason.value,
+                message=action.message,
             )
+            self.reported.update({"desired": to_twin(refused)})
             self._alert("desired_rejected", {"version": action.version, "message": action.message})
             return
         self._desired_updates.labels("applied").inc()
         self.telemetry.retune(action.state.telemetry)
-        self._agent.observer.configure(action.state.drift)
-        self.reported.update(
-            {
-                "desired": {
-                    "version": action.version,
-                    "state": "applied",
-                    "reason": None,
-                    "message": None,
-                }
-            }
+        self.agent.observer.configure(action.state.drift)
+        applied = DesiredEntry(
+            version=action.version, state=DesiredOutcome.APPLIED, reason=None, message=None
         )
+        self.reported.update({"desired": to_twin(applied)})
         releases = action.state.releases()
         # A release must not race the restoring of the model it would replace (a rolled-back
         # release is only recognised once the store's models are restored), nor a removal the
@@ -343,35 +355,31 @@ class EdgeModule:
 
     def _refuse_desired(self, key: str, reason: Reason, message: str) -> None:
         log.warning("desired_model_refused", model=key, reason=reason, error=message)
-        self._desired_refusals[key] = {
-            "version": None,
-            "sha256": None,
-            "state": ModelState.REJECTED.value,
-            "reason": reason.value,
-            "message": message,
-            "since": datetime.now(UTC).isoformat(),
-        }
-        self._alert("manifest_rejected", {"name": key, **self._desired_refusals[key]})
+        self._desired_refusals[key] = RejectedEntry(
+            version=None,
+            sha256=None,
+            state=ModelState.REJECTED,
+            reason=reason.value,
+            message=message,
+            since=datetime.now(UTC),
+        )
+        self._alert("manifest_rejected", {"name": key, **to_twin(self._desired_refusals[key])})
         self._report_rejected()
 
     def _report_rejected(self) -> None:
-        shown: dict[str, Any] = {}
-        for name, status in self._manager.rejections.items():
-            entry = status.to_json()
-            del entry["name"]
-            del entry["active_version"]
-            shown[name] = entry
-        shown.update(self._desired_refusals)
+        shown = {name: to_twin(s.rejected()) for name, s in self._manager.rejections.items()}
+        shown.update({name: to_twin(e) for name, e in self._desired_refusals.items()})
         gone = {name: None for name in self._rejected_shown - set(shown)}
         self._rejected_shown = set(shown)
         self.reported.update({"rejected": {**gone, **shown}})
 
-    def _probation_of(self, name: str) -> dict[str, object] | None:
+    def _probation_of(self, name: str) -> ProbationEntry | None:
         report = self._manager.probation.get(name)
-        return report.to_json() if report is not None else None
+        return report.entry() if report is not None else None
 
-    def _health_of(self, name: str) -> Health | None:
-        return self.telemetry.health.get(name)  # replaced each window: looked up each time
+    def _health_of(self, name: str) -> ModelHealth | None:
+        health = self.telemetry.health.get(name)  # replaced each window: looked up each time
+        return ModelHealth.model_validate(health) if health is not None else None
 
     def _on_health(self, health: Mapping[str, Health]) -> None:
         # Health and probation counters change with every request: sent at telemetry
@@ -393,18 +401,15 @@ class EdgeModule:
     async def _watch_headroom(self) -> None:
         # Its own tick, not telemetry's: telemetry may be off or hourly, memory pressure not.
         async for _ in ticks(self._settings.memory_check_interval_s):
-            resources = self._agent.resources.read()
+            resources = self.agent.resources.read()
             kind = self._headroom.update(resources)
             if kind is not None:
                 log.warning(kind, **resources.as_json())
                 self._alert(kind, resources.as_json())
 
     def _alert(self, kind: str, details: dict[str, Any]) -> None:
-        self.outbox.put(
-            ALERTS,
-            {"kind": kind, "at": datetime.now(UTC).isoformat(), "details": details},
-            "agent-alert/1",
-        )
+        alert = Alert(kind=kind, at=datetime.now(UTC), details=details)
+        self.outbox.put(ALERTS, to_message(alert), ALERT_SCHEMA)
 
     async def _send_reported(self, patch: dict[str, Any]) -> None:
         client = self.connection.require()
@@ -421,7 +426,7 @@ class EdgeModule:
         """The model a route message or `rollback` without a name means: the one desired model
         that serves, else the only one that serves. A refused manifest never serves, so it
         never becomes the default."""
-        services = self._agent.services
+        services = self.agent.services
         desired = self._reconciler.applied.releases() if self._reconciler.applied else {}
         serving = [name for name in desired if name in services]
         if len(serving) == 1:
@@ -430,12 +435,12 @@ class EdgeModule:
         return names[0] if len(names) == 1 else None
 
     def status(self) -> dict[str, Any]:
-        services = self._agent.services
+        services = self.agent.services
         return {
-            "agent": {"version": agent.__version__, "started": self._started},
+            "agent": to_twin(AgentEntry(version=agent.__version__, started=self._started)),
             "hub_connected": self.connection.connected,
             "ready": bool(services) and all(s.ready for s in services.values()),
-            "models": {name: self.entries.entry(name) for name in self._manager.statuses},
+            "models": {name: to_twin(self.entries.entry(name)) for name in self._manager.statuses},
             "rejected": {name: s.to_json() for name, s in self._manager.rejections.items()},
             "desired_version": self._reconciler.version,
             "outbox": {"queued": self.outbox.queued, "spooled": self.outbox.spooled},

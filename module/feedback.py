@@ -69,9 +69,11 @@ class FeedbackRoute:
     """Messages on the `feedback` input: parsed, handed to the observer, counted."""
 
     def __init__(self, sink: LabelSink, metrics: RouteMetrics) -> None:
+        if not sink.keeps_predictions:
+            # Labels would find nothing to join with: every one would count as unknown.
+            raise ValueError("a feedback route needs an observer that keeps predictions")
         self._sink = sink
         self._counts = metrics.messages
-        sink.keeps_predictions = True  # now something can label them
 
     def handle(self, message: Message) -> None:
         body = message.data if isinstance(message.data, bytes) else str(message.data).encode()

@@ -11,12 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from agent.releases.lifecycle import ModelStatus
 from module.desired import merge_patch
+from wire.reported import (
+    DriftEntry,
+    ModelEntry,
+    ModelHealth,
+    ProbationEntry,
+    QualityEntry,
+    to_twin,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -110,40 +119,42 @@ def _merge_keep_nulls(target: Mapping[str, Any], patch: Mapping[str, Any]) -> di
     return merged
 
 
-EntrySection = Callable[[str], Mapping[str, Any] | None]
+def _none(name: str) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class EntrySections:
+    """Where each section of a model's reported entry comes from, by model name (None: the
+    section does not apply, and its null removes it from the twin)."""
+
+    probation: Callable[[str], ProbationEntry | None] = _none
+    health: Callable[[str], ModelHealth | None] = _none
+    drift: Callable[[str], DriftEntry | None] = _none
+    quality: Callable[[str], QualityEntry | None] = _none
 
 
 class ModelEntries:
-    """The one place a model's reported entry (`models.<name>`) is built.
+    """The one place a model's reported entry (`models.<name>`, `wire.reported.ModelEntry`)
+    is built: the model's status plus its sections."""
 
-    An entry is the model's status (version, sha256, state, reason, message, since,
-    active_version) plus one key per section; a feature adds its own with `add_section`
-    (probation and health here; drift and quality add theirs the same way).
-    """
-
-    def __init__(self, statuses: Mapping[str, ModelStatus]) -> None:
+    def __init__(
+        self, statuses: Mapping[str, ModelStatus], sections: EntrySections = EntrySections()
+    ) -> None:
         self._statuses = statuses
-        self._sections: dict[str, EntrySection] = {}
+        self._sections = sections
 
-    def add_section(self, key: str, section: EntrySection) -> None:
-        if key in self._sections or key in _STATUS_KEYS:
-            raise ValueError(f"reported entry section {key!r} exists already")
-        self._sections[key] = section
-
-    def entry(self, name: str) -> dict[str, Any]:
+    def entry(self, name: str) -> ModelEntry:
         status = self._statuses.get(name)
-        body: dict[str, Any] = {}
-        if status is not None:
-            body = status.to_json()
-            del body["name"]  # the key says it
-        for key, section in self._sections.items():
-            body[key] = section(name)
-        return body
+        head = status.entry() if status is not None else ModelEntry()
+        found = self._sections
+        sections = ModelEntry(
+            probation=found.probation(name),
+            health=found.health(name),
+            drift=found.drift(name),
+            quality=found.quality(name),
+        )
+        return head.model_copy(update={k: getattr(sections, k) for k in sections.model_fields_set})
 
     def patch(self, names: Iterable[str]) -> dict[str, Any]:
-        return {"models": {name: self.entry(name) for name in names}}
-
-
-_STATUS_KEYS = frozenset(
-    {"version", "sha256", "state", "reason", "message", "since", "active_version"}
-)
+        return {"models": {name: to_twin(self.entry(name)) for name in names}}

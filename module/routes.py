@@ -37,11 +37,14 @@ class FeedbackHandler(Protocol):
 
 
 class RouteMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """`<namespace>_route_messages_total`, by outcome."""
+
+    def __init__(self, registry: CollectorRegistry, namespace: str = "agent") -> None:
         self.messages = Counter(
-            "agent_route_messages",
+            "route_messages",
             "Messages on the infer and feedback inputs, by outcome.",
             ["outcome"],
+            namespace=namespace,
             registry=registry,
         )
 

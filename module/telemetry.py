@@ -24,8 +24,10 @@ from agent.observation.resources import Resources
 from agent.releases.swap import ModelManager
 from agent.serving.inference import InferenceService
 from agent.ticks import ticks
-from module.desired import TelemetrySettings
 from module.outbox import Outbox
+from wire.desired import TelemetrySettings
+from wire.reported import ModelHealth
+from wire.telemetry import TELEMETRY_SCHEMA, TelemetryModel, TelemetryRecord, to_message
 
 TELEMETRY = "telemetry"
 
@@ -37,6 +39,10 @@ def counters(service: InferenceService) -> ModelCounters | None:
     if model is None:
         return None
     return ModelCounters(id(model), model.served, model.failed, tuple(model.latency.counts))
+
+
+def _health(health: Health | None) -> ModelHealth | None:
+    return None if health is None else ModelHealth.model_validate(health)
 
 
 class Telemetry:
@@ -103,28 +109,26 @@ class Telemetry:
                 name: model_health(models_before.get(name), now, window_s, LATENCY_BUCKETS)
                 for name, now in models_after.items()
             }
-            at = datetime.now(UTC).isoformat()
+            now = datetime.now(UTC)
+            at = now.isoformat()
             window = window_profile(before, after, metrics.total.bounds)
             profiles = model_profiles(before, after, metrics.total.bounds)
             resources = self._resources()
-            self._outbox.put(
-                TELEMETRY,
-                {
-                    "at": at,
-                    "models": {
-                        name: {
-                            "version": s.version,
-                            "state": s.state.value,
-                            "health": self.health.get(name),
-                            "profile": profiles.get(name),
-                        }
-                        for name, s in self._manager.statuses.items()
-                    },
-                    "inference": window,
-                    "resources": resources.as_json(),
+            record = TelemetryRecord(
+                at=now,
+                models={
+                    name: TelemetryModel(
+                        version=s.version,
+                        state=s.state,
+                        health=_health(self.health.get(name)),
+                        profile=profiles.get(name),
+                    )
+                    for name, s in self._manager.statuses.items()
                 },
-                "agent-telemetry/1",
+                inference=window,
+                resources=resources.as_json(),
             )
+            self._outbox.put(TELEMETRY, to_message(record), TELEMETRY_SCHEMA)
             self._on_health(self.health)
             gone = self._profiled - profiles.keys()
             self._on_profile(reported_profile(window, profiles, resources, at=at, gone=gone))

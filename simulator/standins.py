@@ -1,14 +1,14 @@
 """Agent stand-ins: many light MQTT clients that follow the agent's reported-state protocol.
 
 A stand-in connects as a module of one device, reads its twin, and for every manifest under
-``properties.desired.models`` newer than what it runs reports what the agent reports
-(``models.<name>: {version, sha256, state, probation: {...}}``): ``active`` with probation
-``watching``, then ``passed`` after ``probation_s`` -- or, for a sha256 listed in
-``failing``, probation ``failed`` and ``rolled_back`` to the previous release. A model that
-leaves the desired ``models`` loses its reported entry (the agent stops serving it). It answers the
-``rollback`` direct method like the agent. It does not load models: a fleet of a thousand fits
-in one thread. ``check`` (optional) runs on each manifest first, e.g. a signature check or a
-download; an exception there is reported as ``failed``.
+``properties.desired.models`` newer than what it runs reports what the agent reports, built
+with the agent's own wire models (``models.<name>``, a ``wire.reported.ModelEntry``):
+``active`` with probation ``watching``, then ``passed`` after ``probation_s`` -- or, for a
+sha256 listed in ``failing``, probation ``failed`` and ``rolled_back`` to the previous
+release. A model that leaves the desired ``models`` loses its reported entry (the agent stops
+serving it). It answers the ``rollback`` direct method like the agent. It does not load
+models: a fleet of a thousand fits in one thread. ``check`` (optional) runs on each manifest
+first, e.g. a signature check or a download; an exception there is reported as ``failed``.
 
 For fleet-scale tests and benchmarks of cloud-side code; it never replaces the agent's own tests.
 """
@@ -25,14 +25,16 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from simulator import mqtt_codec as mqtt
 from simulator.twins import merge_patch
+from wire.reported import DriftEntry, ModelEntry, ProbationEntry, to_twin
+from wire.states import DriftState, ModelState, ProbationState
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +44,29 @@ _API = "api-version=2019-10-01"
 KEEP_ALIVE_S = 240  # the MQTT keep-alive: a ping every half of it keeps an idle stand-in on
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
+# The agent's reasons (`agent.reasons.Reason`) for what a stand-in plays; the simulator names
+# them by value, as it imports nothing of ours but `wire`.
+CHECK_FAILED: Final = "fetch_failed"  # a failed check stands for any install that failed
+PROBATION_FAILED: Final = "probation_errors"
+ROLLBACK_REQUESTED: Final = "requested"
+REASONS: Final = frozenset({CHECK_FAILED, PROBATION_FAILED, ROLLBACK_REQUESTED})
+
+
+def _probation(
+    state: ProbationState,
+    requests: int,
+    error_rate: float,
+    p99_ratio: float | None,
+    left_s: float = 0.0,
+) -> ProbationEntry:
+    """A probation section; `until` is when it ends (or ended)."""
+    return ProbationEntry(
+        state=state,
+        requests=requests,
+        error_rate=error_rate,
+        p99_ratio=p99_ratio,
+        until=datetime.now(UTC) + timedelta(seconds=left_s),
+    )
 
 
 @dataclass
@@ -79,9 +102,12 @@ class StandIn:
         payload = b"" if body is None else json.dumps(body).encode()
         self._send(mqtt.Publish(topic, payload, qos=0))
 
-    def report(self, name: str, fields: Mapping[str, Any]) -> None:
-        self._patch_reported({"models": {name: {**fields, "since": _now()}}})
+    def report(self, name: str, entry: ModelEntry) -> ModelEntry:
+        """Report what changed of `name`'s entry: the fields `entry` sets, and `since`."""
+        stamped = entry.model_copy(update={"since": datetime.now(UTC)})
+        self._patch_reported({"models": {name: to_twin(stamped)}})
         self.entries.add(name)
+        return stamped
 
     def remove(self, name: str) -> None:
         self._patch_reported({"models": {name: None}})
@@ -115,37 +141,31 @@ class StandIn:
                 model.version = version
                 self.report(
                     name,
-                    {
-                        "version": version,
-                        "sha256": sha256,
-                        "state": "failed",
-                        "reason": "check_failed",
-                        "message": str(error)[:200],
-                    },
+                    ModelEntry(
+                        version=version,
+                        sha256=sha256,
+                        state=ModelState.FAILED,
+                        reason=CHECK_FAILED,
+                        message=str(error)[:200],
+                    ),
                 )
                 return
         model.version, model.sha256 = version, sha256
         self.report(
             name,
-            {
-                "version": version,
-                "sha256": sha256,
-                "state": "active",
-                "reason": "",
-                "message": "",
+            ModelEntry(
+                version=version,
+                sha256=sha256,
+                state=ModelState.ACTIVE,
+                reason=None,
+                message="",
                 # As the agent does, a release that starts serving gets a fresh drift watch.
-                "drift": {
-                    "version": version,
-                    "state": "ok" if manifest.get("baseline") else "no_baseline",
-                },
-                "probation": {
-                    "state": "watching",
-                    "requests": 0,
-                    "error_rate": 0.0,
-                    "p99_ratio": None,
-                    "until": None,
-                },
-            },
+                drift=DriftEntry(
+                    version=version,
+                    state=DriftState.OK if manifest.get("baseline") else DriftState.NO_BASELINE,
+                ),
+                probation=_probation(ProbationState.WATCHING, 0, 0.0, None, self.probation_s),
+            ),
         )
         task = asyncio.get_running_loop().create_task(self._judge(name, version, sha256))
         self._tasks.add(task)
@@ -159,37 +179,25 @@ class StandIn:
         if sha256 in self.failing:
             self.report(
                 name,
-                {
-                    "version": version,
-                    "sha256": sha256,
-                    "state": "rolled_back",
-                    "reason": "probation",
-                    "message": "error rate 0.5 > 0.05",
-                    "probation": {
-                        "state": "failed",
-                        "requests": 200,
-                        "error_rate": 0.5,
-                        "p99_ratio": 1.0,
-                        "until": None,
-                    },
-                },
+                ModelEntry(
+                    version=version,
+                    sha256=sha256,
+                    state=ModelState.ROLLED_BACK,
+                    reason=PROBATION_FAILED,
+                    message="error rate 0.5 > 0.05",
+                    probation=_probation(ProbationState.FAILED, 200, 0.5, 1.0),
+                ),
             )
             return
         model.previous = (version, sha256)
         self.report(
             name,
-            {
-                "version": version,
-                "sha256": sha256,
-                "state": "active",
-                "probation": {
-                    "state": "passed",
-                    "requests": 200,
-                    "error_rate": 0.0,
-                    "p99_ratio": 1.0,
-                    "until": None,
-                },
-            },
+            ModelEntry(
+                version=version,
+                sha256=sha256,
+                state=ModelState.ACTIVE,
+                probation=_probation(ProbationState.PASSED, 200, 0.0, 1.0),
+            ),
         )
 
     def on_method(self, method: str, rid: str, payload: Any) -> None:
@@ -201,17 +209,19 @@ class StandIn:
             if model is None or model.previous is None or model.previous[0] == model.version:
                 status, answer = 409, {"error": "no last-known-good release"}
             else:
-                status, answer = 200, {"model": name, "active_version": model.previous[0]}
-                self.report(
+                entry = self.report(
                     str(name),
-                    {
-                        "version": model.version,
-                        "sha256": model.sha256,
-                        "state": "rolled_back",
-                        "reason": "rollback_requested",
-                        "message": "rollback method",
-                    },
+                    ModelEntry(
+                        version=model.version,
+                        sha256=model.sha256,
+                        state=ModelState.ROLLED_BACK,
+                        reason=ROLLBACK_REQUESTED,
+                        message="rollback method",
+                        active_version=model.previous[0],
+                    ),
                 )
+                # As the agent answers: the model's status, by name.
+                status, answer = 200, {"name": str(name), **to_twin(entry)}
         self._publish(f"$iothub/methods/res/{status}/?$rid={rid}", answer)
 
     def on_publish(self, publish: mqtt.Publish) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
 
 from agent.observation.baseline import (
     BaselinePack,
@@ -30,6 +29,9 @@ from agent.observation.baseline import (
 )
 from agent.observation.counts import FeatureCounts
 from agent.observation.detector import Cusum, CusumParams, DriftState
+from wire.desired import DriftSettings
+from wire.states import DriftState as ReportedDrift
+from wire.telemetry import PROFILE_SCHEMA, DriftProfile, to_message
 
 __all__ = [
     "PROFILE_SCHEMA",
@@ -39,29 +41,8 @@ __all__ = [
     "profile_message",
 ]
 
-PROFILE_SCHEMA = "agent-drift-profile/1"
 
 Floats = npt.NDArray[np.float64]
-
-
-class DriftSettings(BaseModel):
-    """The twin's ``drift`` section (every field optional; these are the defaults)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    enabled: bool = True
-    window_rows: int = Field(100, ge=2, le=100_000)
-    window_seconds: float = Field(300.0, gt=0, le=86_400)
-    sample_every: int = Field(1, ge=1, le=1_000_000)  # the smallest k of 1-in-k sampling
-    max_sampled_per_second: float = Field(100.0, gt=0, le=1_000_000)
-    # Rows kept from one sampled request, evenly spread: a big batch costs no more than this.
-    max_rows_per_request: int = Field(8, ge=1, le=4096)
-    features: tuple[str, ...] | None = Field(None, max_length=256)  # None: every feature
-    threshold: float | None = Field(None, gt=0, le=1_000)  # overrides the calibrated CUSUM h
-    max_feature_gauges: int = Field(8, ge=0, le=64)
-    max_profile_features: int = Field(32, ge=1, le=256)
-    # IoT Hub bills device-to-cloud messages per 4 KB: a profile stays within one unit.
-    max_profile_bytes: int = Field(4000, ge=512, le=250_000)
 
 
 @dataclass(frozen=True)
@@ -297,20 +278,20 @@ def profile_message(
         budget -= cost
         kept.append(i)
     kept.sort()
-    return {
-        "schema": PROFILE_SCHEMA,
-        "model": model,
-        "version": version,
-        "baseline": baseline_sha256,
-        "seq": result.seq,
-        "ended": round(wall_clock, 3),
-        "seconds": round(result.ended - result.started, 3),
-        "rows": result.score.rows,
-        "score": rounded(result.score.score),
-        "state": result.detector.state.value,
-        "features": {features[i].name: sparse[i] for i in kept},
-        "truncated": len(features) - len(kept),
-    }
+    profile = DriftProfile(
+        model=model,
+        version=version,
+        baseline=baseline_sha256,
+        seq=result.seq,
+        ended=round(wall_clock, 3),
+        seconds=round(result.ended - result.started, 3),
+        rows=result.score.rows,
+        score=rounded(result.score.score),
+        state=ReportedDrift(result.detector.state.value),
+        features={features[i].name: sparse[i] for i in kept},
+        truncated=len(features) - len(kept),
+    )
+    return to_message(profile)
 
 
 def rounded(value: float) -> float | None:

@@ -38,21 +38,24 @@ from agent.observation.quality import (
     QualityWindow,
 )
 from agent.ticks import ticks
+from wire.reported import DriftEntry, DriftFeature, QualityEntry
+from wire.states import DriftState as ReportedDrift
+from wire.states import QualityState
+from wire.telemetry import ALERT_SCHEMA, DriftAlert, QualityAlert, to_message
 
 __all__ = ["ALERT_SCHEMA", "NO_BASELINE", "Observer", "ObserverTicks", "Sinks", "Watch"]
 
 log = structlog.get_logger(__name__)
 
-ALERT_SCHEMA = "agent-alert/1"
 # Reported in place of a drift state when a release cannot be watched.
-NO_BASELINE: Final = "no_baseline"
-DISABLED: Final = "disabled"
+NO_BASELINE: Final = ReportedDrift.NO_BASELINE
+DISABLED: Final = ReportedDrift.DISABLED
 _STATE_VALUE: Final = {DriftState.OK: 0, DriftState.WARNING: 1, DriftState.DRIFT: 2}
 # Quality runs the same state machine; its top state reads better as what it means.
 _QUALITY_STATE: Final = {
-    DriftState.OK: "ok",
-    DriftState.WARNING: "warning",
-    DriftState.DRIFT: "degraded",
+    DriftState.OK: QualityState.OK,
+    DriftState.WARNING: QualityState.WARNING,
+    DriftState.DRIFT: QualityState.DEGRADED,
 }
 
 Tensors = Mapping[str, npt.NDArray[Any]]
@@ -101,6 +104,7 @@ class Observer:
         settings: DriftSettings | None = None,
         quality: QualitySettings | None = None,
         sinks: Sinks | None = None,
+        keeps_predictions: bool = False,
         namespace: str = "agent",
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = _now,
@@ -115,9 +119,9 @@ class Observer:
             self.quality_settings.remembered, self.quality_settings.max_age_s, clock
         )
         self.feedback_outcomes = dict.fromkeys(FeedbackOutcome, 0)
-        # Off until something can label them (a feedback input): remembering costs a dict
+        # Only where something can label them (a feedback input): remembering costs a dict
         # entry per answered request.
-        self.keeps_predictions = False
+        self.keeps_predictions = keeps_predictions
         registry.register(_Collector(self, namespace))
 
     # --- releases ---------------------------------------------------------------------
@@ -248,28 +252,26 @@ class Observer:
             return False
         watch.drift_since = wall
         top = window.score.top
-        alert = {
-            "schema": ALERT_SCHEMA,
-            "event": "drift_state",
-            "model": watch.name,
-            "version": watch.version,
-            "from": window.previous.value,
-            "to": window.detector.state.value,
-            "score": rounded(window.score.score),
-            "feature": top.name if top else None,
-            "window": window.seq,
-            "at": wall.isoformat(),
-        }
+        alert = DriftAlert(
+            model=watch.name,
+            version=watch.version,
+            from_=ReportedDrift(window.previous.value),
+            to=ReportedDrift(window.detector.state.value),
+            score=rounded(window.score.score),
+            feature=top.name if top else None,
+            window=window.seq,
+            at=wall,
+        )
         log.warning(
             "drift_state_changed",
             model=watch.name,
             version=watch.version,
             old=window.previous.value,
             new=window.detector.state.value,
-            score=alert["score"],
-            feature=alert["feature"],
+            score=alert.score,
+            feature=alert.feature,
         )
-        self.sinks.alert(alert)
+        self.sinks.alert(to_message(alert))
         return True
 
     def _quality_window(self, watch: Watch, window: QualityWindow) -> None:
@@ -277,17 +279,18 @@ class Observer:
             return
         wall = self._wall_clock()
         watch.quality_since = wall
-        alert = {
-            "schema": ALERT_SCHEMA,
-            "event": "quality_state",
-            "model": watch.name,
-            "version": watch.version,
-            "from": _QUALITY_STATE[window.previous],
-            "to": _QUALITY_STATE[window.detector.state],
-            window.metric: rounded(window.value),
-            "window": window.seq,
-            "at": wall.isoformat(),
-        }
+        value = rounded(window.value)
+        alert = QualityAlert.model_validate(
+            {
+                "model": watch.name,
+                "version": watch.version,
+                "from_": _QUALITY_STATE[window.previous],
+                "to": _QUALITY_STATE[window.detector.state],
+                window.metric: value,  # accuracy or mae: an unknown metric is refused
+                "window": window.seq,
+                "at": wall,
+            }
+        )
         log.warning(
             "quality_state_changed",
             model=watch.name,
@@ -295,63 +298,65 @@ class Observer:
             old=_QUALITY_STATE[window.previous],
             new=_QUALITY_STATE[window.detector.state],
             metric=window.metric,
-            value=alert[window.metric],
+            value=value,
         )
-        self.sinks.alert(alert)
+        self.sinks.alert(to_message(alert))
 
     # --- reported state -----------------------------------------------------------------
 
-    def _drift_state(self, watch: Watch) -> str:
+    def _drift_state(self, watch: Watch) -> ReportedDrift:
         if watch.drift is not None:
-            return watch.drift.detector.state.value
-        return NO_BASELINE if self.settings.enabled else DISABLED
+            return ReportedDrift(watch.drift.detector.state.value)
+        return ReportedDrift.NO_BASELINE if self.settings.enabled else ReportedDrift.DISABLED
 
-    def drift_entry(self, name: str) -> dict[str, Any] | None:
+    def drift_entry(self, name: str) -> DriftEntry | None:
         """The `drift` section of the reported entry of `name` (None: not served)."""
         watch = self.watches.get(name)
         return self._drift_report(watch) if watch is not None else None
 
-    def quality_entry(self, name: str) -> dict[str, Any] | None:
+    def quality_entry(self, name: str) -> QualityEntry | None:
         """The `quality` section of the reported entry of `name` (None: not served)."""
         watch = self.watches.get(name)
         return _quality_report(watch) if watch is not None else None
 
-    def _drift_report(self, watch: Watch) -> dict[str, Any]:
+    def _drift_report(self, watch: Watch) -> DriftEntry:
         monitor, window = watch.drift, watch.last_window
         # The version says whose watch this is: during a release the entry's `version` is the
         # incoming one while the serving release's watch goes on.
-        drift: dict[str, Any] = {
-            "version": watch.version,
-            "state": self._drift_state(watch),
-            "since": watch.drift_since.isoformat(),
-        }
-        if monitor is not None:
-            drift |= {
-                "score": rounded(window.score.score) if window else None,
-                "level": round(monitor.detector.level, 3),
-                "threshold": monitor.cusum.h,
-                "window_rows": monitor.window_rows,
-                "windows": monitor.seq,
-                "sample_every": monitor.sample_every,
-                "top": _top_features(window, 3),
-            }
-            if monitor.window_rows != self.settings.window_rows:
-                drift["requested_window_rows"] = self.settings.window_rows
-        return drift
+        head = DriftEntry(
+            version=watch.version, state=self._drift_state(watch), since=watch.drift_since
+        )
+        if monitor is None:
+            return head
+        figures = DriftEntry(
+            version=watch.version,
+            state=head.state,
+            since=watch.drift_since,
+            score=rounded(window.score.score) if window else None,
+            level=round(monitor.detector.level, 3),
+            threshold=monitor.cusum.h,
+            window_rows=monitor.window_rows,
+            windows=monitor.seq,
+            sample_every=monitor.sample_every,
+            top=_top_features(window, 3),
+        )
+        if monitor.window_rows == self.settings.window_rows:
+            return figures
+        return figures.model_copy(update={"requested_window_rows": self.settings.window_rows})
 
 
-def _quality_report(watch: Watch) -> dict[str, Any]:
+def _quality_report(watch: Watch) -> QualityEntry:
     monitor = watch.quality
     last = monitor.last
-    return {
-        "version": watch.version,
-        "state": _QUALITY_STATE[monitor.detector.state],
-        "since": watch.quality_since.isoformat(),
-        "metric": monitor.metric,
-        "value": rounded(last.value) if last else None,
-        "windows": monitor.seq,
-        "reference": monitor.reference is not None,
-    }
+    return QualityEntry(
+        version=watch.version,
+        state=_QUALITY_STATE[monitor.detector.state],
+        since=watch.quality_since,
+        metric=monitor.metric,
+        value=rounded(last.value) if last else None,
+        windows=monitor.seq,
+        reference=monitor.reference is not None,
+    )
 
 
 class ObserverTicks:
@@ -376,17 +381,17 @@ class ObserverTicks:
         return None
 
 
-def _top_features(window: WindowResult | None, count: int) -> list[dict[str, Any]]:
+def _top_features(window: WindowResult | None, count: int) -> tuple[DriftFeature, ...]:
     if window is None:
-        return []
+        return ()
     ranked = sorted(
         (f for f in window.score.features if np.isfinite(f.evidence)),
         key=lambda f: -f.evidence,
     )
-    return [
-        {"feature": f.name, "divergence": round(f.divergence, 4), "psi": round(f.psi, 4)}
+    return tuple(
+        DriftFeature(feature=f.name, divergence=round(f.divergence, 4), psi=round(f.psi, 4))
         for f in ranked[:count]
-    ]
+    )
 
 
 class _Collector:

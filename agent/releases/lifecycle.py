@@ -23,16 +23,11 @@ from agent.reasons import REJECTING, AgentError, Reason
 from agent.releases.manifest import Contract, Tensor
 from agent.releases.manifest import TensorSpec as ManifestTensorSpec
 from agent.serving.contract import V2_TO_NUMPY, ModelContract, TensorSpec
+from wire.reported import ModelEntry, ProbationEntry, RejectedEntry, to_twin
 
-
-class ModelState(enum.StrEnum):
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    LOADING = "loading"
-    ACTIVE = "active"
-    REJECTED = "rejected"  # the release itself is unacceptable: nothing was fetched or loaded
-    FAILED = "failed"  # the release was acceptable but could not be installed
-    ROLLED_BACK = "rolled_back"
+# Re-exported: the agent's code (and agent/profiler.py) names the states from here.
+from wire.states import ModelState as ModelState  # noqa: PLC0414 - an explicit re-export
+from wire.states import ProbationState as ProbationState  # noqa: PLC0414 - likewise
 
 
 class SwapError(AgentError):
@@ -57,17 +52,25 @@ class ModelStatus:
     since: datetime
     active_version: int | None = None
 
+    def entry(self) -> ModelEntry:
+        """The head of the model's reported entry (`models.<name>`), its sections unset."""
+        return ModelEntry(
+            version=self.version,
+            sha256=self.sha256,
+            state=self.state,
+            reason=self.reason.value if self.reason else None,
+            message=self.message,
+            since=self.since,
+            active_version=self.active_version,
+        )
+
+    def rejected(self) -> RejectedEntry:
+        """The status as `rejected.<name>` shows it: no serving version there."""
+        return RejectedEntry(**self.entry().model_dump(include=set(RejectedEntry.model_fields)))
+
     def to_json(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "sha256": self.sha256,
-            "state": self.state.value,
-            "reason": self.reason.value if self.reason else None,
-            "message": self.message,
-            "since": self.since.isoformat(),
-            "active_version": self.active_version,
-        }
+        """The status with its name (metadata, alerts, the rollback method's answer)."""
+        return {"name": self.name, **to_twin(self.entry())}
 
 
 def contract_from_manifest(contract: Contract) -> ModelContract:
@@ -171,12 +174,6 @@ class Verdict(enum.Enum):
 NO_BASELINE: Final = ServingStats(0, 0, 0.0)
 
 
-class ProbationState(enum.StrEnum):
-    WATCHING = "watching"
-    PASSED = "passed"
-    FAILED = "failed"
-
-
 _PROBATION_STATES: Final = {
     Verdict.WATCHING: ProbationState.WATCHING,
     Verdict.PASSED: ProbationState.PASSED,
@@ -200,15 +197,19 @@ class ProbationReport:
     p99_ratio: float | None
     until: datetime
 
+    def entry(self) -> ProbationEntry:
+        """`models.<name>.probation`, rounded for the twin."""
+        return ProbationEntry(
+            state=self.state,
+            requests=self.requests,
+            error_rate=round(self.error_rate, 4),
+            latency_ratio=_rounded(self.latency_ratio),
+            p99_ratio=_rounded(self.p99_ratio),
+            until=self.until,
+        )
+
     def to_json(self) -> dict[str, object]:
-        return {
-            "state": self.state.value,
-            "requests": self.requests,
-            "error_rate": round(self.error_rate, 4),
-            "latency_ratio": _rounded(self.latency_ratio),
-            "p99_ratio": _rounded(self.p99_ratio),
-            "until": self.until.isoformat(),
-        }
+        return to_twin(self.entry())
 
 
 def probation_report(

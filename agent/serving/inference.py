@@ -104,6 +104,7 @@ class InferenceService:
         *,
         policy: BatchingPolicy | None = None,
         limits: RequestLimits | None = None,
+        observer: RequestObserver | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.name = name
@@ -121,7 +122,7 @@ class InferenceService:
         # The lifecycle state of this name (downloading, active, rolled_back...), shown in
         # the v2 model metadata; set by the model manager.
         self.status: Mapping[str, object] = {}
-        self.observer: RequestObserver | None = None
+        self.observer = observer  # drift and quality watching; None: not watched
         self._validator: InputValidator | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=self.policy.worker_threads, thread_name_prefix=f"infer-{name}"

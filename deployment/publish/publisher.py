@@ -38,6 +38,8 @@ from deployment.publish.registry import (
     ring_alias,
 )
 from deployment.publish.release import ModelCheckError, describe_model, unsigned_manifest
+from wire.reported import ModelEntry as ReportedEntry
+from wire.reported import read_entry
 
 log = structlog.get_logger(__name__)
 
@@ -542,10 +544,9 @@ class Publisher:
             reported = twin.get("properties", {}).get("reported", {})
             models = reported.get("models") if isinstance(reported, dict) else None
             for model, report in sorted((models or {}).items()):
-                if (name is not None and model != name) or not isinstance(report, dict):
+                entry = read_entry(report, ReportedEntry)
+                if (name is not None and model != name) or entry is None:
                     continue
-                probation = report.get("probation") or {}
-                drift = report.get("drift") or {}
                 ring_name = ring_of.get(device, "-")
                 rows.append(
                     (
@@ -553,10 +554,10 @@ class Publisher:
                         ring_name,
                         device,
                         model,
-                        str(report.get("version", "-")),
-                        str(report.get("state", "-")),
-                        str(probation.get("state", "-")),
-                        str(drift.get("state", "-")),
+                        _shown(entry.version),
+                        _shown(entry.state),
+                        _shown(entry.probation.state if entry.probation else None),
+                        _shown(entry.drift.state if entry.drift else None),
                         _last_seen(twin),
                     )
                 )
@@ -649,3 +650,8 @@ def _last_seen(twin: Mapping[str, Any]) -> str:
         if isinstance(candidate, str) and not candidate.startswith("0001-"):
             return candidate
     return "-"
+
+
+def _shown(value: object) -> str:
+    """A reported value in a table cell; '-' where the device reports none."""
+    return "-" if value is None else str(value)

@@ -38,6 +38,8 @@ import structlog
 from deployment.errors import PublisherError, Reason
 from deployment.publish.audit import AuditLog, Entry
 from deployment.publish.hub_client import Hub, LayeredDeployment
+from wire.reported import ModelEntry, ProbationEntry, read_entry
+from wire.states import FAILED_STATES, DriftState, ModelState, ProbationState
 
 log = structlog.get_logger(__name__)
 
@@ -46,8 +48,6 @@ LABEL_RING = "edgeml-ring"
 LABEL_VERSION = "edgeml-version"
 BASE_PRIORITY = 10
 RING_PRIORITY_STEP = 10
-FAILED_STATES = frozenset({"failed", "rejected", "rolled_back"})
-DRIFT_ALARM = "drift"
 # Query paths cannot quote every character a model name may hold; these need no quoting.
 _QUERYABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 
@@ -168,44 +168,36 @@ def judge_device(
     device_id: str, reported: Mapping[str, Any] | None, version: int, bounds: GateBounds
 ) -> DeviceVerdict:
     """One agent's reported ``models.<name>`` against the release (pure)."""
-    if not isinstance(reported, Mapping) or reported.get("version") != version:
+    entry = read_entry(reported, ModelEntry)
+    if entry is None or entry.version != version:
         return DeviceVerdict(device_id, "pending", "not reporting this version yet")
-    problem = _problem(reported, version, bounds)
+    problem = _problem(entry, version, bounds)
     if problem:
         return DeviceVerdict(device_id, "failed", problem)
-    state = reported.get("state")
-    probation = _mapping(reported.get("probation"))
-    if state == "active" and probation.get("state") == "passed":
+    probation = entry.probation.state if entry.probation else None
+    if entry.state is ModelState.ACTIVE and probation is ProbationState.PASSED:
         return DeviceVerdict(device_id, "passed")
-    return DeviceVerdict(device_id, "pending", f"{state}, probation {probation.get('state')}")
+    return DeviceVerdict(device_id, "pending", f"{entry.state}, probation {probation}")
 
 
-def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+def _over(value: float | None, bound: float) -> bool:
+    return value is not None and value > bound
 
 
-def _over(value: object, bound: float) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > bound
-
-
-def _problem(reported: Mapping[str, Any], version: int, bounds: GateBounds) -> str:
+def _problem(entry: ModelEntry, version: int, bounds: GateBounds) -> str:
     """Why a device that reports the release fails the gate ('' when it does not)."""
-    state = reported.get("state")
-    probation = _mapping(reported.get("probation"))
-    drift = _mapping(reported.get("drift"))
+    probation = entry.probation or ProbationEntry(state=ProbationState.WATCHING)
+    drift = entry.drift
     checks = (
-        (state in FAILED_STATES, f"{state}: {reported.get('reason', '')}"),
-        (probation.get("state") == "failed", "probation failed"),
-        (
-            _over(probation.get("error_rate"), bounds.max_error_rate),
-            f"error rate {probation.get('error_rate')}",
-        ),
-        (
-            _over(probation.get("p99_ratio"), bounds.max_p99_ratio),
-            f"p99 ratio {probation.get('p99_ratio')}",
-        ),
+        (entry.state in FAILED_STATES, f"{entry.state}: {entry.reason or ''}"),
+        (probation.state is ProbationState.FAILED, "probation failed"),
+        (_over(probation.error_rate, bounds.max_error_rate), f"error rate {probation.error_rate}"),
+        (_over(probation.p99_ratio, bounds.max_p99_ratio), f"p99 ratio {probation.p99_ratio}"),
         # Until the release serves, the drift section is the previous release's watch.
-        (drift.get("version") == version and drift.get("state") == DRIFT_ALARM, "drift alarm"),
+        (
+            drift is not None and drift.version == version and drift.state is DriftState.DRIFT,
+            "drift alarm",
+        ),
     )
     return next((why for failed, why in checks if failed), "")
 

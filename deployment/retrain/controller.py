@@ -17,7 +17,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +46,8 @@ from deployment.retrain.policy import (
     decide,
     promotion_gate,
 )
+from wire.reported import ModelEntry, read_entry
+from wire.states import DriftState
 
 log = structlog.get_logger(__name__)
 
@@ -133,17 +135,15 @@ def fleet_signal(fleet: Fleet, module: str, model: str) -> FleetSignal:
     )
     states: dict[str, str] = {}
     for row in rows:
-        entry = module_models(row, model)
-        if not entry:
+        reported = module_models(row, model)
+        entry = read_entry(reported, ModelEntry) if reported else None
+        if entry is None:
             continue
-        drift = str(_mapping(entry.get("drift")).get("state", "ok"))
-        quality = str(_mapping(entry.get("quality")).get("state", "ok"))
-        states[str(row.get("deviceId"))] = "drift" if "drift" in (drift, quality) else drift
+        # A degraded quality is not counted: the signal has only ever compared both states
+        # with "drift", which a quality state never is.
+        drift = entry.drift.state if entry.drift is not None else DriftState.OK
+        states[str(row.get("deviceId"))] = drift.value
     return FleetSignal.from_states(states)
-
-
-def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
 
 
 def data_files(folder: Path) -> dict[str, Path]:

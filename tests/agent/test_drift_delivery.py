@@ -21,6 +21,7 @@ from deployment.examples.onnx_models import mlp
 from tests.support.artifact_server import Artifact, TestPki
 from tests.support.drift_packs import FAST
 from tests.support.releases import Device, Publisher, make_device
+from tests.support.twin import twin
 
 MODEL = mlp([4, 8, 3], seed=5).SerializeToString()
 
@@ -117,7 +118,7 @@ async def test_a_release_without_baseline_serves_and_reports_no_baseline(
     device = make_device(tmp_path / "store", publisher, artifact_pki, observer=observer)
     try:
         assert await _install(device, publisher.release(MODEL, 1)) is ModelState.ACTIVE
-        drift = observer.drift_entry("m")
+        drift = twin(observer.drift_entry("m"))
         assert drift is not None
         assert drift["state"] == "no_baseline"
     finally:

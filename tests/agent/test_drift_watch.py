@@ -15,6 +15,7 @@ from agent.observation.quality import FeedbackOutcome, QualitySettings
 from agent.observation.watch import Observer, Sinks
 from tests.support.clock import FakeClock
 from tests.support.drift_packs import tabular_pack, tabular_rows
+from tests.support.twin import twin
 
 SHA = "ab" * 32
 
@@ -34,10 +35,10 @@ def setup() -> tuple[Observer, Recorder, CollectorRegistry, FakeClock]:
         settings=DriftSettings(window_rows=50),
         quality=QualitySettings(window_rows=10),
         sinks=sinks,
+        keeps_predictions=True,  # as where a feedback input exists
         clock=clock,
         wall_clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
     )
-    observer.keeps_predictions = True  # as once a feedback input exists
     return observer, sinks, registry, clock
 
 
@@ -53,7 +54,7 @@ def test_a_release_without_baseline_reports_no_baseline(setup: Any) -> None:
     observer.attach("m", 1, None, None)
     _serve(observer, 1, 60)
     assert observer.tick() == []
-    drift = observer.drift_entry("m")
+    drift = twin(observer.drift_entry("m"))
     assert drift is not None
     assert drift["state"] == "no_baseline"
     assert registry.get_sample_value("agent_drift_state", {"model": "m"}) == -1
@@ -72,7 +73,7 @@ def test_windows_go_out_as_profiles_and_a_drift_as_one_alert(setup: Any) -> None
     assert [(a["event"], a["to"]) for a in sinks.alerts][-1] == ("drift_state", "drift")
     # the shifted input, or the model's outputs it moves, leads
     assert sinks.alerts[-1]["feature"] in {"x[0]", "p:class", "p:confidence"}
-    drift = observer.drift_entry("m")
+    drift = twin(observer.drift_entry("m"))
     assert drift is not None
     assert (drift["version"], drift["state"]) == (3, "drift")
     assert "x[0]" in [top["feature"] for top in drift["top"]]
@@ -103,7 +104,7 @@ def test_a_requested_window_size_not_calibrated_is_reported(setup: Any) -> None:
     observer, _, _, _ = setup
     observer.configure(DriftSettings(window_rows=35))
     observer.attach("m", 1, tabular_pack(), SHA)
-    drift = observer.drift_entry("m")
+    drift = twin(observer.drift_entry("m"))
     assert drift is not None
     assert (drift["window_rows"], drift["requested_window_rows"]) == (
         50,
@@ -135,7 +136,7 @@ def test_new_settings_restart_the_watch(setup: Any) -> None:
     assert watch.drift is not None
     assert watch.drift.window_rows == 20
     observer.configure(DriftSettings(enabled=False))
-    drift = observer.drift_entry("m")
+    drift = twin(observer.drift_entry("m"))
     assert drift is not None
     assert drift["state"] == "disabled"
 
@@ -152,7 +153,7 @@ def test_feedback_is_joined_counted_and_scored(setup: Any) -> None:
     assert registry.get_sample_value("agent_model_accuracy", {"model": "m"}) == 0.8
     assert registry.get_sample_value("agent_feedback_total", {"outcome": "joined"}) == 10
     assert registry.get_sample_value("agent_feedback_total", {"outcome": "duplicate"}) == 1
-    quality = observer.quality_entry("m")
+    quality = twin(observer.quality_entry("m"))
     assert quality is not None
     assert quality | {"since": None} == {
         "version": 1,

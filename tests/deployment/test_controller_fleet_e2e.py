@@ -34,6 +34,8 @@ from simulator.standins import StandInFleet
 from tests.deployment.conftest import REPO, Workspace
 from tests.deployment.test_retraining import SmallTrainer
 from tests.support.clock import FakeClock
+from wire.reported import DriftEntry, ModelEntry
+from wire.states import DriftState
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +61,7 @@ class Fleet:
         """What an agent reports when its drift state changes (a merge patch of its entry)."""
         standin = next(s for s in self.standins.standins if s.device_id == device)
         self.standins._loop.call_soon_threadsafe(
-            standin.report, MODEL, {"drift": {"state": state, "score": 5.0}}
+            standin.report, MODEL, ModelEntry(drift=DriftEntry(state=DriftState(state), score=5.0))
         )
         wait_until(lambda: self.drift(device) == state, timeout=30)
 

@@ -9,8 +9,11 @@ from typing import Any
 
 import pytest
 
+from agent.reasons import Reason
+from simulator import standins
 from simulator.standins import StandIn
 from simulator.twins import merge_patch
+from wire.reported import ModelEntry, read_entry, to_twin
 
 
 @pytest.mark.parametrize(
@@ -59,3 +62,30 @@ async def test_a_model_leaving_the_desired_state_loses_its_entry_and_may_come_ba
     before = len(sent)
     stand_in.on_desired({"models": {"m": manifest, "n": {"version": 1, "sha256": "b" * 64}}})
     assert sent[before:] == []  # older than what was seen: nothing to report
+
+
+def test_the_stand_ins_report_only_reasons_the_agent_has() -> None:
+    assert {Reason(reason) for reason in standins.REASONS} <= set(Reason)
+
+
+async def test_a_stand_in_reports_what_the_wire_reads_back() -> None:
+    """Every entry a stand-in sends reads back through the wire's reader, nothing dropped."""
+    stand_in = RecordingStandIn("d", "mlagent", probation_s=0.01, failing=("b" * 64,), check=None)
+    stand_in.on_desired({"models": {"m": {"version": 1, "sha256": "a" * 64}}})
+    await asyncio.sleep(0.05)
+    stand_in.on_desired({"models": {"m": {"version": 2, "sha256": "b" * 64}}})
+    await asyncio.sleep(0.05)
+    stand_in.on_method("rollback", "1", {"model": "m"})
+    entries = [patch["models"]["m"] for patch in stand_in.sent if "models" in patch]
+    states = [(e["state"], (e.get("probation") or {}).get("state")) for e in entries]
+    assert states == [
+        ("active", "watching"),
+        ("active", "passed"),
+        ("active", "watching"),
+        ("rolled_back", "failed"),
+        ("rolled_back", None),
+    ]
+    for entry in entries:
+        read = read_entry(entry, ModelEntry)
+        assert read is not None
+        assert to_twin(read) == entry

@@ -17,6 +17,7 @@ import pytest
 from azure.iot.device import Message
 from azure.iot.device.aio import IoTHubModuleClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry
 
 from agent.app import App
 from agent.observation.limits import Limits
@@ -32,13 +33,14 @@ from agent.releases.manifest import (
 from agent.releases.store import StoreSettings
 from agent.serving.http import HttpSettings
 from agent.settings import AgentSettings
-from agent.standalone import Agent
 from module.connection import HubUnreachable
 from module.edge import EdgeModule
-from module.reported import ModelEntries
+from module.reported import EntrySections, ModelEntries
+from module.routes import RouteMetrics
 from module.settings import ModuleSettings
 from tests.support.fake_hub import FakeModuleClient
 from tests.support.polling import poll_async
+from wire.reported import ModelHealth, to_twin
 
 SHA = "a" * 64
 
@@ -84,14 +86,14 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             keys=KeySettings(trusted_keys=f"k={key}"),
             http=HttpSettings(host="127.0.0.1", http_port=0, metrics_port=0),
         )
-        agent = Agent(settings, limits=limits)
         edge = EdgeModule(
-            agent,
+            settings,
             ModuleSettings(spool_dir=tmp_path / "spool", **module),
+            limits=limits,
             # The fake stands in for the SDK class where the module can tell.
             client_factory=lambda: cast(IoTHubModuleClient, client),
         )
-        app = App(agent.services_in_start_order(edge), grace_s=2.0, handle_signals=False)
+        app = App(edge.agent.services_in_start_order(edge), grace_s=2.0, handle_signals=False)
         running = Running(client, edge, app, asyncio.ensure_future(app.run()))
         runs.append(running)
         return running
@@ -240,21 +242,25 @@ def test_eight_models_report_far_under_the_twin_limit() -> None:
         "p99_ms": 2500.0,
         "window_s": 86400.0,
     }
-    entries = ModelEntries(statuses)
-    entries.add_section("probation", lambda name: probation.to_json())
-    entries.add_section("health", lambda name: health)
+    entries = ModelEntries(
+        statuses,
+        EntrySections(
+            probation=lambda name: probation.entry(),
+            health=lambda name: ModelHealth.model_validate(health),
+        ),
+    )
     size = len(json.dumps(entries.patch(statuses)).encode())
     assert size < 12 * 1024, size  # the twin takes 32 KB: room for drift and quality
 
 
-def test_a_section_is_added_once() -> None:
-    entries = ModelEntries({})
-    entries.add_section("drift", lambda name: None)
-    with pytest.raises(ValueError, match="exists"):
-        entries.add_section("drift", lambda name: None)
-    with pytest.raises(ValueError, match="exists"):
-        entries.add_section("state", lambda name: None)
-    assert entries.entry("m") == {"drift": None}
+def test_an_entry_without_a_status_holds_its_sections_only() -> None:
+    entries = ModelEntries({}, EntrySections(drift=lambda name: None))
+    assert to_twin(entries.entry("m")) == {
+        "probation": None,
+        "health": None,
+        "drift": None,
+        "quality": None,
+    }
 
 
 def test_the_fake_signature_is_really_refused() -> None:
@@ -287,3 +293,16 @@ async def test_memory_headroom_under_the_threshold_raises_one_alert_and_is_repor
     await asyncio.sleep(0.3)  # several more checks: still low, no second alert
     assert [a["kind"] for a in alerts()] == ["memory_headroom_low"]
     assert alerts()[0]["details"]["memory_limit_mb"] == profile["memory_limit_mb"]
+
+
+@pytest.mark.parametrize(
+    ("namespace", "exported"),
+    [(None, "agent_route_messages_total"), ("edge", "edge_route_messages_total")],
+)
+def test_route_metrics_are_exported_under_their_namespace(
+    namespace: str | None, exported: str
+) -> None:
+    registry = CollectorRegistry()
+    metrics = RouteMetrics(registry) if namespace is None else RouteMetrics(registry, namespace)
+    metrics.messages.labels("answered").inc()
+    assert registry.get_sample_value(exported, {"outcome": "answered"}) == 1

@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from agent.observation.drift import DriftSettings
+from agent.observation.watch import Observer
 from module.desired import Apply, Reconciler, Reject
-from module.feedback import parse_feedback
+from module.feedback import FeedbackRoute, parse_feedback
+from module.routes import RouteMetrics
 
 
 @pytest.mark.parametrize(
@@ -47,3 +50,14 @@ def test_the_drift_section_is_typed() -> None:
     _, rejected = Reconciler().full({"$version": 1, "drift": {"window_rows": "200"}})
     assert isinstance(rejected, Reject)
     assert "drift.window_rows" in rejected.message
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_a_feedback_route_needs_an_observer_that_keeps_predictions(keeps: bool) -> None:
+    observer = Observer(CollectorRegistry(), keeps_predictions=keeps)
+    metrics = RouteMetrics(CollectorRegistry())
+    if keeps:
+        FeedbackRoute(observer, metrics)
+    else:
+        with pytest.raises(ValueError, match="keeps predictions"):
+            FeedbackRoute(observer, metrics)
