@@ -71,9 +71,10 @@ class Services:
     def releases_dir(self) -> Path:
         return self.resolved.audit_log.parent / "releases"
 
-    def registry(self) -> Registry:
+    def registry(self, *, create: bool = False) -> Registry:
+        """``create``: a command that registers may start a new SQLite registry; reads may not."""
         if self._registry is None:
-            self._registry = Registry.connect(self.resolved.mlflow_tracking_uri)
+            self._registry = Registry.connect(self.resolved.mlflow_tracking_uri, create=create)
         return self._registry
 
     def hub(self) -> Hub:
@@ -168,7 +169,14 @@ class Publisher:
                 Reason.GOLDEN_MISMATCH if e.reason == "golden_mismatch" else Reason.MODEL_INVALID
             )
             raise PublisherError(reason, f"{model_path.name}: {e.message}") from e
-        return self._s.registry().register(
+        registry = self._s.registry(create=True)
+        if registry.created:
+            self._err.print(
+                f"edgeml: notice: created a new MLflow database {registry.uri}",
+                markup=False,
+                highlight=False,
+            )
+        return registry.register(
             name,
             model_path,
             described,

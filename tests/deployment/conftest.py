@@ -16,6 +16,7 @@ import pytest
 from deployment import cli
 from deployment.examples.onnx_models import save, tiny_mlp
 from deployment.publish.publisher import HubFactory, _azure_hub
+from deployment.publish.registry import Registry
 from tests.support.azurite import azurite  # noqa: F401  (a fixture: pytest finds it by name)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,7 +119,10 @@ class Workspace:
 
 @pytest.fixture(scope="session")
 def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    """Created up front: reads refuse a missing database, and any test may read first."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    Registry.connect(f"sqlite:///{path}", create=True)
+    return path
 
 
 @pytest.fixture
