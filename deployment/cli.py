@@ -216,7 +216,13 @@ def run(
     try:
         return _dispatch(args, environ, out, err, hub_factory)
     except PublisherError as e:
-        err.print(f"edgeml: error [{e.reason}]: {e.message}", markup=False, highlight=False)
+        # One line however long: scripts and log collectors read it as one record.
+        err.print(
+            f"edgeml: error [{e.reason}]: {e.message}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         return 1
 
 

@@ -18,6 +18,7 @@ class Reason(enum.StrEnum):
     UNREACHABLE = "unreachable"
     LOCKED = "locked"  # another process holds it: a controller's work folder, a database
     READ_ONLY = "read_only"
+    INSECURE_URL = "insecure_url"
     UPLOAD_FAILED = "upload_failed"
     SAS_EXPIRED = "sas_expired"
     KEY_INVALID = "key_invalid"

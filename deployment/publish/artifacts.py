@@ -57,6 +57,11 @@ class BlobArtifacts:
         self._service = service
         self._container = container
 
+    @property
+    def endpoint(self) -> str:
+        """The account's blob endpoint: every artifact URL starts with it."""
+        return str(self._service.url)
+
     @classmethod
     def from_connection_string(cls, connection_string: str, container: str) -> BlobArtifacts:
         try:

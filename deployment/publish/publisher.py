@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -175,6 +176,7 @@ class Publisher:
                 f"edgeml: notice: created a new MLflow database {registry.uri}",
                 markup=False,
                 highlight=False,
+                soft_wrap=True,
             )
         return registry.register(
             name,
@@ -240,6 +242,7 @@ class Publisher:
         registry = self._s.registry()
         entry = registry.entry(name, version)
         blobs = self._s.blobs()
+        self._plain_http(blobs.endpoint, "upload")
         try:
             with tempfile.TemporaryDirectory() as folder:
                 path = registry.model_file(entry, Path(folder))
@@ -320,6 +323,7 @@ class Publisher:
                     "size": int(entry.tags["baseline_size"]),
                     "url": blobs.read_url(baseline_blob, now + valid_for, now),
                 }
+        self._plain_http(url, action)
         with tempfile.TemporaryDirectory() as folder:
             described = self._s.registry().described(entry, Path(folder))
         unsigned = unsigned_manifest(
@@ -349,6 +353,28 @@ class Publisher:
             expires=str(manifest.get("expires")),
         )
         return manifest
+
+    def _plain_http(self, url: str, action: str) -> None:
+        """Devices fetch artifacts over https only (http only from hosts they allow-list): a
+        lab environment is warned, any other refused before anything is signed or sent."""
+        if urllib.parse.urlsplit(url).scheme != "http":
+            return
+        shown = url.split("?", 1)[0]  # never the SAS token
+        resolved = self._s.resolved
+        if not resolved.env.lab:
+            raise PublisherError(
+                Reason.INSECURE_URL,
+                f"{action}: the artifact URL {shown} is plain http, which devices refuse unless "
+                f"its host is in their allow_http_hosts: serve it over https, or mark the "
+                f"environment {resolved.name!r} as a lab (lab = true)",
+            )
+        self._err.print(
+            f"edgeml: warning: {action}: the artifact URL {shown} is plain http; devices fetch "
+            "it only from hosts in their allow_http_hosts",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def _manifest_file(self, entry: ModelEntry) -> Path:
         return self._s.releases_dir / entry.name / f"{entry.version}.manifest.json"
@@ -457,6 +483,7 @@ class Publisher:
         chosen = rollout.select_rings(self._rings(), rings)
         entry = self._s.registry().entry(name, version)
         manifest = self._signed_manifest(entry)
+        self._plain_http(str(manifest.get("url", "")), "release")
         runner = self._rollout()
         if dry_run:
             table = Table("ring", "condition", "layer", "priority", "devices", "done")

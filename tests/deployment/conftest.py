@@ -36,6 +36,7 @@ class Workspace:
     environ: dict[str, str] = field(default_factory=dict)
     rings: Mapping[str, str] = field(default_factory=dict)
     extra: str = ""
+    lab: bool = True  # Azurite serves plain http: only a lab signs such URLs
 
     @property
     def config(self) -> Path:
@@ -56,6 +57,7 @@ class Workspace:
             f'mlflow_tracking_uri = "sqlite:///{self.mlflow_db}"\n'
             'audit_log = "audit.jsonl"\n'
             'storage_container = "models"\n'
+            f"lab = {str(self.lab).lower()}\n"
             f"{self.extra}"
             "[environments.test.rings]\n"
             f"{rings}"

@@ -176,3 +176,25 @@ def test_a_second_watch_on_a_held_work_folder_exits_with_one_line_naming_the_hol
     assert result.err.count("\n") == 1
     assert result.err.startswith("edgeml: error [locked]: work folder ")
     assert f"in use by another controller (pid {os.getpid()}" in result.err
+
+
+def test_outside_a_lab_azurite_s_plain_http_is_refused_at_upload_and_release(
+    world: World,
+) -> None:
+    ws = world.ws
+    ws.lab = False
+    ws.write_config()
+    try:
+        upload = ws.cli("upload", world.ref)
+        release = ws.cli("release", world.ref, "--rings", "canary", "--dry-run")
+    finally:
+        ws.lab = True
+        ws.write_config()
+    for result, action in ((upload, "upload"), (release, "release")):
+        assert result.code == 1
+        assert result.err.startswith(f"edgeml: error [insecure_url]: {action}: the artifact URL")
+        assert "is plain http" in result.err
+    assert "nothing was changed" not in release.out
+    warned = ws.cli("upload", world.ref)
+    assert warned.code == 0, warned.err
+    assert "edgeml: warning: upload: the artifact URL http://" in warned.err
