@@ -67,6 +67,8 @@ class Environment(BaseModel):
     # A lab (the simulator, a test bench): plain-http artifact URLs are signed with a warning.
     # Elsewhere they are refused, since devices fetch only https unless a host is allow-listed.
     lab: bool = False
+    # How long a command keeps retrying a failing Blob storage endpoint (a line per retry).
+    storage_retry_seconds: float = Field(20.0, gt=0, le=600)
     # "MODULE:VARIABLE": ring layers also set that module's variable to the ring's name (a
     # `$edgeAgent` path in each layer; the simulator takes any `$edgeAgent` content for a base
     # deployment, so this is off by default and not exercised against it).

@@ -91,7 +91,9 @@ class Services:
         if self._blobs is None:
             secret = config.secret(config.STORAGE_SECRET, self.resolved, self.environ)
             self._blobs = artifacts.BlobArtifacts.from_connection_string(
-                secret, self.resolved.env.storage_container
+                secret,
+                self.resolved.env.storage_container,
+                retry_budget_s=self.resolved.env.storage_retry_seconds,
             )
         return self._blobs
 
