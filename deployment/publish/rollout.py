@@ -335,15 +335,14 @@ class Rollout:
         self, model: str, version: int, manifest: Mapping[str, Any], rings: Sequence[Ring]
     ) -> list[PlannedRing]:
         progress = progress_of(self._audit.entries(), f"{model}:{version}")
-        return [
-            PlannedRing(
-                ring,
-                config_id(model, ring.name, version, manifest),
-                tuple(self.devices(ring.condition)),
-                ring.name in progress.gated,
-            )
-            for ring in rings
-        ]
+        # Done means the hub still carries this very layer: a re-signed manifest is a new id.
+        present = {c.id for c in self._hub.configurations()}
+        planned = []
+        for ring in rings:
+            layer = config_id(model, ring.name, version, manifest)
+            done = ring.name in progress.gated and layer in present
+            planned.append(PlannedRing(ring, layer, tuple(self.devices(ring.condition)), done))
+        return planned
 
     def release(
         self,

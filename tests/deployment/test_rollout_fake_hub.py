@@ -231,3 +231,15 @@ def test_a_rollback_leaves_a_newer_release_s_layer_on_the_ring(tmp_path: Path) -
     assert [layer.labels[rollout.LABEL_VERSION] for layer in hub.layers.values()] == ["3"]
     removed = [e for e in audit.entries() if e.action == "release.rollback"]
     assert [e.details["removed"] for e in removed] == [[]]
+
+
+def test_the_plan_is_done_only_where_the_hub_carries_the_planned_layer(tmp_path: Path) -> None:
+    hub, clock = _fleet(), FakeClock()
+    runner, _, _ = _rollout(hub, tmp_path, {}, clock)
+    hub.reports = {"a": _passed(), "b": _passed()}
+    assert runner.release("m", 2, MANIFEST, RINGS, BOUNDS) == "released"
+    assert [p.done for p in runner.plan("m", 2, MANIFEST, RINGS)] == [True, True]
+    resigned = {**MANIFEST, "signature": {"key_id": "k", "value": "bmV3"}}
+    planned = runner.plan("m", 2, resigned, RINGS)
+    assert [p.done for p in planned] == [False, False]
+    assert all(p.config_id not in hub.layers for p in planned)
