@@ -189,7 +189,8 @@ class Demo:
 
     async def release(self, out: Path, why: str) -> int:
         self.say(f"publisher: register, upload, sign and release ({why}) through canary, all")
-        version = await asyncio.to_thread(self.releaser.release, MODEL, out, why)
+        version = await asyncio.to_thread(self.releaser.register, MODEL, out)
+        await asyncio.to_thread(self.releaser.release, MODEL, version, why)
         versions = {d: self.world.reported(d).get("version") for d in FLEET}
         self.say(f"{MODEL} v{version} released to every ring; reported versions {versions}")
         return version

@@ -230,6 +230,7 @@ audit_log = "audit.jsonl"
 module = "{AGENT}"
 sas_hours = 24
 secrets_dir = "secrets"
+lab = true
 hub_ca_file = "{sim.ca_cert_path.resolve()}"
 
 [environments.simulator.rings]

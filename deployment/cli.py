@@ -21,7 +21,7 @@ from rich.console import Console
 
 from agent.logs import configure_logging
 from agent.releases.manifest import KeyConfigError, parse_trusted_keys
-from deployment import config
+from deployment import config, library_logs
 from deployment.drift import commands as drift_commands
 from deployment.errors import PublisherError, Reason
 from deployment.publish import rollout, signing, template
@@ -213,6 +213,7 @@ def run(
         return int(e.code or 0)
     if logs:
         configure_logging(args.log_level, stream=stderr)
+        library_logs.route(args.log_level)
     out = Console(file=stdout, width=200, soft_wrap=True)
     err = Console(file=stderr, width=200)
     try:

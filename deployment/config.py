@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,6 +64,11 @@ class Environment(BaseModel):
     sas_hours: float = Field(48.0, gt=0, le=24 * 365)
     secrets_dir: Path | None = None
     hub_ca_file: Path | None = None  # a private CA the hub's TLS certificate chains to
+    # A lab (the simulator, a test bench): plain-http artifact URLs are signed with a warning.
+    # Elsewhere they are refused, since devices fetch only https unless a host is allow-listed.
+    lab: bool = False
+    # How long a command keeps retrying a failing Blob storage endpoint (a line per retry).
+    storage_retry_seconds: float = Field(20.0, gt=0, le=600)
     # "MODULE:VARIABLE": ring layers also set that module's variable to the ring's name (a
     # `$edgeAgent` path in each layer; the simulator takes any `$edgeAgent` content for a base
     # deployment, so this is off by default and not exercised against it).
@@ -152,9 +159,17 @@ _VARIABLE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 def secret(
-    variable: str, resolved: Resolved | None, environ: Mapping[str, str] = os.environ
+    variable: str,
+    resolved: Resolved | None,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    owner_only: bool = False,
 ) -> str:
-    """A secret by the documented precedence; its value is never part of an error."""
+    """A secret by the documented precedence; its value is never part of an error.
+
+    ``owner_only``: a file holding it must not be readable or writable by group or others
+    (a private key, as ssh demands of its own).
+    """
     if not _VARIABLE.fullmatch(variable):
         raise ValueError(f"not a variable name: {variable!r}")
     direct = environ.get(variable)
@@ -164,12 +179,12 @@ def secret(
     file_variable = f"{variable}_FILE"
     from_file = environ.get(file_variable)
     if from_file:
-        return _read_secret_file(Path(from_file), file_variable)
+        return _read_secret_file(Path(from_file), file_variable, owner_only=owner_only)
     places.append(f"set {file_variable} to a file holding it")
     if resolved is not None and resolved.env.secrets_dir is not None:
         candidate = resolved.path(resolved.env.secrets_dir) / variable.lower()
         if candidate.is_file():
-            return _read_secret_file(candidate, "secrets_dir")
+            return _read_secret_file(candidate, "secrets_dir", owner_only=owner_only)
         places.append(f"create {candidate}")
     where = f" for environment {resolved.name!r}" if resolved is not None else ""
     raise PublisherError(
@@ -177,8 +192,20 @@ def secret(
     )
 
 
-def _read_secret_file(path: Path, source: str) -> str:
+def exposed_mode(mode: int) -> bool:
+    """Whether a file mode lets group or others at the file (pure)."""
+    return bool(mode & 0o077)
+
+
+def _read_secret_file(path: Path, source: str, *, owner_only: bool = False) -> str:
     try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if owner_only and exposed_mode(mode):
+            raise PublisherError(
+                Reason.KEY_INVALID,
+                f"the secret file {str(path)!r} ({source}) is accessible by others "
+                f"(mode {mode:04o}): run chmod 600 {shlex.quote(str(path))}",
+            )
         value = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise PublisherError(

@@ -16,6 +16,9 @@ class Reason(enum.StrEnum):
     VERSION_NOT_NEWER = "version_not_newer"
     NOT_FOUND = "not_found"
     UNREACHABLE = "unreachable"
+    LOCKED = "locked"  # another process holds it: a controller's work folder, a database
+    READ_ONLY = "read_only"
+    INSECURE_URL = "insecure_url"
     UPLOAD_FAILED = "upload_failed"
     SAS_EXPIRED = "sas_expired"
     KEY_INVALID = "key_invalid"

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import structlog
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import (
     BlobSasPermissions,
     BlobServiceClient,
     ContentSettings,
+    ExponentialRetry,
     generate_blob_sas,
 )
 
 from deployment.errors import PublisherError, Reason
+
+log = structlog.get_logger(__name__)
 
 # Devices may start the download a little before the storage clock says the SAS is valid.
 SAS_CLOCK_SKEW = timedelta(minutes=5)
@@ -37,6 +43,65 @@ class Uploaded:
     blob_name: str
     url: str  # without any query: safe to log and to keep in the registry
     uploaded: bool  # False: the blob already held these bytes
+
+
+# The storage SDK's default waits 15 s before its first retry: ~22 s of silence before a dead
+# endpoint is reported. Short backoffs, a line per retry, and a total bound instead.
+DEFAULT_RETRY_BUDGET_S = 20.0
+MAX_ATTEMPT_TIMEOUT_S = 10.0
+
+
+class BudgetRetry(ExponentialRetry):
+    """Exponential backoff (1 s, 2 s, 4 s, at most 8 s) that gives a request up once
+    ``budget_s`` has passed since it was first sent, and logs each retry it makes."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        budget_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        retry_total: int = 5,
+    ) -> None:
+        super().__init__(retry_total=retry_total)
+        self._endpoint = endpoint
+        self._budget_s = budget_s
+        self._clock = clock
+
+    def configure_retries(self, request: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = super().configure_retries(request)
+        settings["deadline"] = self._clock() + self._budget_s
+        return settings
+
+    def get_backoff_time(self, settings: dict[str, Any]) -> float:
+        return float(min(2 ** max(0, int(settings["count"]) - 1), 8))
+
+    def _remaining(self, settings: dict[str, Any]) -> float:
+        return float(settings["deadline"]) - self._clock()
+
+    def increment(self, settings: dict[str, Any], *args: Any, **kwargs: Any) -> bool:
+        if self._remaining(settings) <= 0:
+            return False  # the budget is spent: the caller reports the failure now
+        return bool(super().increment(settings, *args, **kwargs))
+
+    def sleep(self, settings: dict[str, Any], transport: Any) -> None:
+        remaining = self._remaining(settings)
+        wait = max(0.0, min(self.get_backoff_time(settings), remaining))
+        history = settings.get("history") or []
+        last = history[-1] if history else None
+        error = getattr(last, "error", None)
+        status = getattr(getattr(last, "http_response", None), "status_code", None)
+        log.warning(
+            "blob_storage_retry",
+            endpoint=self._endpoint,
+            retry=int(settings["count"]),
+            of=self.total_retries,
+            wait_s=round(wait, 1),
+            cause=type(error).__name__ if error is not None else f"HTTP {status}",
+            gives_up_in_s=round(max(0.0, remaining), 1),
+        )
+        if wait > 0:
+            transport.sleep(wait)
 
 
 def blob_name(model: str, version: int, sha256: str, suffix: str = "onnx") -> str:
@@ -57,11 +122,30 @@ class BlobArtifacts:
         self._service = service
         self._container = container
 
+    @property
+    def endpoint(self) -> str:
+        """The account's blob endpoint: every artifact URL starts with it."""
+        return str(self._service.url)
+
     @classmethod
-    def from_connection_string(cls, connection_string: str, container: str) -> BlobArtifacts:
+    def from_connection_string(
+        cls,
+        connection_string: str,
+        container: str,
+        *,
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> BlobArtifacts:
+        """``retry_budget_s``: how long the command keeps retrying a failing storage endpoint."""
         try:
+            service = BlobServiceClient.from_connection_string(connection_string)
+            endpoint = str(service.url).split("?", 1)[0].rstrip("/")
+            retry = BudgetRetry(endpoint, retry_budget_s, clock=clock)
             service = BlobServiceClient.from_connection_string(
-                connection_string, retry_total=1, connection_timeout=10, read_timeout=60
+                connection_string,
+                retry_policy=retry,
+                connection_timeout=min(MAX_ATTEMPT_TIMEOUT_S, retry_budget_s),
+                read_timeout=60,
             )
         except ValueError as e:
             raise PublisherError(Reason.CONFIG, "the storage connection string is malformed") from e

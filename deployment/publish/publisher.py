@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -76,9 +77,10 @@ class Services:
     def releases_dir(self) -> Path:
         return self.resolved.audit_log.parent / "releases"
 
-    def registry(self) -> Registry:
+    def registry(self, *, create: bool = False) -> Registry:
+        """``create``: a command that registers may start a new SQLite registry; reads may not."""
         if self._registry is None:
-            self._registry = Registry.connect(self.resolved.mlflow_tracking_uri)
+            self._registry = Registry.connect(self.resolved.mlflow_tracking_uri, create=create)
         return self._registry
 
     def hub(self) -> Hub:
@@ -94,7 +96,9 @@ class Services:
         if self._blobs is None:
             secret = config.secret(config.STORAGE_SECRET, self.resolved, self.environ)
             self._blobs = artifacts.BlobArtifacts.from_connection_string(
-                secret, self.resolved.env.storage_container
+                secret,
+                self.resolved.env.storage_container,
+                retry_budget_s=self.resolved.env.storage_retry_seconds,
             )
         return self._blobs
 
@@ -173,7 +177,15 @@ class Publisher:
                 Reason.GOLDEN_MISMATCH if e.reason == "golden_mismatch" else Reason.MODEL_INVALID
             )
             raise PublisherError(reason, f"{model_path.name}: {e.message}") from e
-        return self._s.registry().register(
+        registry = self._s.registry(create=True)
+        if registry.created:
+            self._err.print(
+                f"edgeml: notice: created a new MLflow database {registry.uri}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        return registry.register(
             name,
             model_path,
             described,
@@ -237,6 +249,7 @@ class Publisher:
         registry = self._s.registry()
         entry = registry.entry(name, version)
         blobs = self._s.blobs()
+        self._plain_http(blobs.endpoint, "upload")
         try:
             with tempfile.TemporaryDirectory() as folder:
                 path = registry.model_file(entry, Path(folder))
@@ -323,6 +336,7 @@ class Publisher:
                     "size": int(entry.tags["baseline_size"]),
                     "url": blobs.read_url(baseline_blob, now + valid_for, now),
                 }
+        self._plain_http(url, action)
         with tempfile.TemporaryDirectory() as folder:
             described = self._s.registry().described(entry, Path(folder))
         unsigned = unsigned_manifest(
@@ -353,6 +367,28 @@ class Publisher:
             expires=str(manifest.get("expires")),
         )
         return manifest
+
+    def _plain_http(self, url: str, action: str) -> None:
+        """Devices fetch artifacts over https only (http only from hosts they allow-list): a
+        lab environment is warned, any other refused before anything is signed or sent."""
+        if urllib.parse.urlsplit(url).scheme != "http":
+            return
+        shown = url.split("?", 1)[0]  # never the SAS token
+        resolved = self._s.resolved
+        if not resolved.env.lab:
+            raise PublisherError(
+                Reason.INSECURE_URL,
+                f"{action}: the artifact URL {shown} is plain http, which devices refuse unless "
+                f"its host is in their allow_http_hosts: serve it over https, or mark the "
+                f"environment {resolved.name!r} as a lab (lab = true)",
+            )
+        self._err.print(
+            f"edgeml: warning: {action}: the artifact URL {shown} is plain http; devices fetch "
+            "it only from hosts in their allow_http_hosts",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def _manifest_file(self, entry: ModelEntry) -> Path:
         return self._s.releases_dir / entry.name / f"{entry.version}.manifest.json"
@@ -495,6 +531,7 @@ class Publisher:
         chosen = rollout.select_rings(self._rings(), rings)
         entry = self._s.registry().entry(name, version)
         manifest = self._signed_manifest(entry)
+        self._plain_http(str(manifest.get("url", "")), "release")
         runner = self._rollout()
         if dry_run:
             table = Table("ring", "condition", "layer", "priority", "devices", "done")

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from deployment.errors import PublisherError, Reason
 
@@ -94,8 +95,57 @@ def read_metrics(path: Path) -> dict[str, float]:
     return metrics
 
 
+# MLflow wraps most database errors in MlflowException, but not those of opening the store.
+_FAILURES = (MlflowException, SQLAlchemyError)
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for other stores)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    return Path(uri.removeprefix(SQLITE_PREFIX).split("?", 1)[0])
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def failure_reason(text: str) -> Reason:
+    """What a database error's text says went wrong (pure)."""
+    if "database is locked" in text or "database table is locked" in text:
+        return Reason.LOCKED
+    if "readonly database" in text or "read-only file system" in text.lower():
+        return Reason.READ_ONLY
+    return Reason.UNREACHABLE
+
+
 def _unreachable(uri: str, error: Exception) -> PublisherError:
-    return PublisherError(Reason.UNREACHABLE, f"MLflow at {uri} failed: {type(error).__name__}")
+    database = sqlite_file(uri)
+    if database is None:
+        # A server's error text may quote its URL with credentials: the kind of error only.
+        return PublisherError(Reason.UNREACHABLE, f"MLflow at {uri} failed: {type(error).__name__}")
+    causes = _causes(error)
+    text = " ".join(str(cause) for cause in causes)
+    reason = failure_reason(text)
+    if reason == Reason.LOCKED:
+        why = "is locked by another process's transaction: try again when it ends"
+    elif reason == Reason.READ_ONLY:
+        why = "is read-only: this command writes, and needs write access to it and its folder"
+    else:
+        root = causes[-1]
+        first = str(root).strip().splitlines()[:1] or [""]
+        why = f"failed: {type(root).__name__}: {first[0][:200]}"
+    return PublisherError(reason, f"MLflow database {database} {why}")
+
+
+def _code(error: Exception) -> str:
+    return str(getattr(error, "error_code", ""))
 
 
 class Registry:
@@ -105,24 +155,40 @@ class Registry:
         self._client = client
         self._artifact_root = artifact_root
         self.uri = client.tracking_uri
+        self.created = False  # connect made a new SQLite database
 
     @classmethod
-    def connect(cls, tracking_uri: str) -> Registry:
-        """A client on ``tracking_uri``; a SQLite store keeps its artifacts beside its file."""
+    def connect(cls, tracking_uri: str, *, create: bool = False) -> Registry:
+        """A client on ``tracking_uri``; a SQLite store keeps its artifacts beside its file.
+
+        A missing SQLite file is created only when ``create`` says so (``created`` tells):
+        otherwise a typo in the path would silently open a new, empty registry.
+        """
         artifact_root = None
-        if tracking_uri.startswith("sqlite:///"):
-            database = Path(tracking_uri.removeprefix("sqlite:///"))
+        database = sqlite_file(tracking_uri)
+        created = False
+        if database is not None:
             if not database.parent.is_dir():
                 raise PublisherError(
                     Reason.UNREACHABLE, f"MLflow database folder {database.parent} does not exist"
                 )
+            if not database.exists():
+                if not create:
+                    raise PublisherError(
+                        Reason.NOT_FOUND,
+                        f"no MLflow database {database} (is mlflow_tracking_uri right? "
+                        "`register` creates a new one)",
+                    )
+                created = True
             artifact_root = (database.parent / "mlflow-artifacts").as_uri()
         try:
             client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             registry = cls(client, artifact_root=artifact_root)
-            registry._experiment_id()
-        except MlflowException as e:
+            # A read: a store that is read-only still lists and shows.
+            client.get_experiment_by_name(EXPERIMENT)
+        except _FAILURES as e:
             raise _unreachable(tracking_uri, e) from e
+        registry.created = created
         return registry
 
     def _experiment_id(self) -> str:
@@ -191,8 +257,8 @@ class Registry:
             created = self._client.create_model_version(
                 name, f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}", run_id=run_id, tags=tags
             )
-        except MlflowException as e:
-            if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
+        except _FAILURES as e:
+            if "RESOURCE_DOES_NOT_EXIST" in _code(e):
                 raise PublisherError(Reason.NOT_FOUND, f"no MLflow run {run_id!r}") from e
             raise _unreachable(self.uri, e) from e
         version = int(created.version)
@@ -207,22 +273,20 @@ class Registry:
     def tag(self, entry: ModelEntry, key: str, value: str) -> None:
         try:
             self._client.set_model_version_tag(entry.name, str(entry.version), key, value)
-        except MlflowException as e:
+        except _FAILURES as e:
             raise _unreachable(self.uri, e) from e
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         try:
             self._client.set_registered_model_alias(name, alias, str(version))
-        except MlflowException as e:
+        except _FAILURES as e:
             raise _unreachable(self.uri, e) from e
 
     def alias_version(self, name: str, alias: str) -> int | None:
         try:
             return int(self._client.get_model_version_by_alias(name, alias).version)
-        except MlflowException as e:
-            if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "INVALID_PARAMETER" in str(
-                e.error_code
-            ):
+        except _FAILURES as e:
+            if "RESOURCE_DOES_NOT_EXIST" in _code(e) or "INVALID_PARAMETER" in _code(e):
                 return None
             raise _unreachable(self.uri, e) from e
 
@@ -244,7 +308,7 @@ class Registry:
     def _search(self, filter_string: str) -> list[ModelVersion]:
         try:
             return list(self._client.search_model_versions(filter_string))
-        except MlflowException as e:
+        except _FAILURES as e:
             raise _unreachable(self.uri, e) from e
 
     def entry(self, name: str, version: int | None = None) -> ModelEntry:
@@ -255,8 +319,8 @@ class Registry:
                 raise PublisherError(Reason.NOT_FOUND, f"no registered model {name!r}")
         try:
             found = self._client.get_model_version(name, str(version))
-        except MlflowException as e:
-            if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
+        except _FAILURES as e:
+            if "RESOURCE_DOES_NOT_EXIST" in _code(e):
                 raise PublisherError(Reason.NOT_FOUND, f"no version {name}:{version}") from e
             raise _unreachable(self.uri, e) from e
         return _entry(found)
@@ -272,20 +336,20 @@ class Registry:
         """The newest version of every registered model."""
         try:
             registered = list(self._client.search_registered_models())
-        except MlflowException as e:
+        except _FAILURES as e:
             raise _unreachable(self.uri, e) from e
         return [self.entry(m.name) for m in sorted(registered, key=lambda m: m.name)]
 
     def metrics(self, entry: ModelEntry) -> dict[str, float]:
         try:
             return dict(self._client.get_run(entry.run_id).data.metrics)
-        except MlflowException as e:
+        except _FAILURES as e:
             raise _unreachable(self.uri, e) from e
 
     def artifact(self, entry: ModelEntry, path: str, destination: Path) -> Path:
         try:
             return Path(self._client.download_artifacts(entry.run_id, path, str(destination)))
-        except (MlflowException, OSError) as e:
+        except (*_FAILURES, OSError) as e:
             raise PublisherError(
                 Reason.NOT_FOUND, f"{entry.ref}: artifact {path!r} cannot be read ({e})"
             ) from e

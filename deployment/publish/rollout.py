@@ -230,6 +230,13 @@ def required_devices(targeted: int, min_fraction: float) -> int:
     return max(1, math.ceil(targeted * min_fraction - 1e-9)) if targeted else 0
 
 
+def may_remove(label: str | None, version: int, *, own_only: bool) -> bool:
+    """Whether a release of ``version`` may delete a layer labelled ``label`` (pure)."""
+    if label is None or not label.isdigit():
+        return False  # not a layer this publisher wrote
+    return int(label) == version if own_only else int(label) <= version
+
+
 def union(conditions: Iterable[str]) -> str:
     return " OR ".join(f"({c})" for c in conditions)
 
@@ -390,15 +397,14 @@ class Rollout:
         entries = list(self._audit.entries())
         check_newer_than_released(model, version, released_versions(entries, model))
         progress = progress_of(entries, f"{model}:{version}")
-        return [
-            PlannedRing(
-                ring,
-                config_id(model, ring.name, version, manifest),
-                tuple(self.devices(ring.condition)),
-                ring.name in progress.gated,
-            )
-            for ring in rings
-        ]
+        # Done means the hub still carries this very layer: a re-signed manifest is a new id.
+        present = {c.id for c in self._hub.configurations()}
+        planned = []
+        for ring in rings:
+            layer = config_id(model, ring.name, version, manifest)
+            done = ring.name in progress.gated and layer in present
+            planned.append(PlannedRing(ring, layer, tuple(self.devices(ring.condition)), done))
+        return planned
 
     def release(
         self,
@@ -519,19 +525,27 @@ class Rollout:
             model, ring, version, manifest, self._module, ring_variable=self._ring_variable
         )
         self._hub.create_configuration(deployment)
-        return deployment, self._replace_older(model, ring.name, deployment.id)
+        return deployment, self._replace_older(model, ring.name, deployment.id, version=version)
 
-    def _replace_older(self, model: str, ring: str, keep: str) -> list[str]:
-        """Delete this ring's older layers of the model: one writer per path and ring."""
-        replaced = [
-            c.id
-            for c in self._hub.configurations()
-            if c.labels.get(LABEL_MODEL) == model
-            and c.labels.get(LABEL_RING) == ring
-            and c.id != keep
-        ]
-        for old in replaced:
-            self._hub.delete_configuration(old)
+    def _replace_older(
+        self, model: str, ring: str, keep: str, *, version: int, own_only: bool = False
+    ) -> list[str]:
+        """Delete this ring's older layers of the model: one writer per path and ring.
+
+        Never a layer another release owns: a newer version's layer stays, and a rollback
+        (``own_only``) removes only layers labelled with its own version.
+        """
+        replaced = []
+        for c in self._hub.configurations():
+            if c.labels.get(LABEL_MODEL) != model or c.labels.get(LABEL_RING) != ring:
+                continue
+            if c.id == keep:
+                continue
+            if not may_remove(c.labels.get(LABEL_VERSION), version, own_only=own_only):
+                log.warning("layer_kept", model=model, ring=ring, config=c.id, version=version)
+                continue
+            self._hub.delete_configuration(c.id)
+            replaced.append(c.id)
         return replaced
 
     def _gate(
@@ -669,7 +683,9 @@ class Rollout:
                 continue
             previous = reached.get("previous_version")
             if previous is None:
-                removed = self._replace_older(model, touched.name, keep="")
+                removed = self._replace_older(
+                    model, touched.name, keep="", version=version, own_only=True
+                )
                 self._audit.append(
                     "release.rollback", subject, "removed", ring=touched.name, removed=removed
                 )

@@ -82,7 +82,7 @@ def generate(directory: Path) -> GeneratedKey:
 
 def load(resolved: config.Resolved | None, environ: Mapping[str, str] = os.environ) -> SigningKey:
     """The signing key from its secret (the PEM, or the 0600 file that holds it)."""
-    pem = config.secret(config.SIGNING_KEY_SECRET, resolved, environ)
+    pem = config.secret(config.SIGNING_KEY_SECRET, resolved, environ, owner_only=True)
     try:
         private = private_key_from_pem(pem.encode("ascii"))
     except (KeyConfigError, UnicodeEncodeError) as e:

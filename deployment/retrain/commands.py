@@ -29,6 +29,7 @@ from deployment.retrain.controller import (
     PipelineTrainer,
     Trainer,
     judge_candidate,
+    work_dir_lock,
 )
 from deployment.retrain.pipeline import (
     BASELINE_FILE,
@@ -86,7 +87,10 @@ def add_parsers(
         help="data arriving waits for drift or the schedule instead of starting a retraining",
     )
     watch.add_argument(
-        "--command", help="your own pipeline: a command line with {out} for its output folder"
+        "--command",
+        # Not `command`: that destination names the subcommand the CLI dispatches on.
+        dest="pipeline_command",
+        help="your own pipeline: a command line with {out} for its output folder",
     )
     watch.add_argument("--gate-timeout", type=positive(float), default=900.0)
 
@@ -166,7 +170,7 @@ class PublisherReleaser:
     def champion(self, model: str) -> bytes | None:
         return _champion(self.services, model)
 
-    def release(self, model: str, out_dir: Path, reason: str) -> int:
+    def register(self, model: str, out_dir: Path) -> int:
         baseline = out_dir / BASELINE_FILE
         entry = self.publisher.register(
             out_dir / MODEL_FILE,
@@ -176,11 +180,16 @@ class PublisherReleaser:
             run_id=None,
             version=None,
         )
-        self.publisher.upload(entry.ref)
-        self.publisher.sign(entry.ref, url=None, valid_hours=None)
-        self.publisher.release(entry.ref, self.rings, self.bounds, dry_run=False)
-        log.info("retrain_released", model=model, version=entry.version, trigger=reason)
         return entry.version
+
+    def release(self, model: str, version: int, reason: str) -> None:
+        # Each step is repeatable: an upload already done is recognised, a rollout resumes
+        # from the audit log, so a restarted controller can run them all again.
+        ref = f"{model}:{version}"
+        self.publisher.upload(ref)
+        self.publisher.sign(ref, url=None, valid_hours=None)
+        self.publisher.release(ref, self.rings, self.bounds, dry_run=False)
+        log.info("retrain_released", model=model, version=version, trigger=reason)
 
 
 def _watch(
@@ -195,8 +204,8 @@ def _watch(
         retrain_on_new_data=args.on_new_data,
     )
     trainer: Trainer = (
-        CommandTrainer(tuple(shlex.split(args.command)))
-        if args.command
+        CommandTrainer(tuple(shlex.split(args.pipeline_command)))
+        if args.pipeline_command
         else PipelineTrainer(tracker_for(services))
     )
     releaser = PublisherReleaser(
@@ -215,12 +224,13 @@ def _watch(
         releaser=releaser,
         audit=services.audit,
     )
-    while True:
-        outcome = controller.poll()
-        if isinstance(outcome, Decision):
-            out.print(f"watch: {outcome.hold}", markup=False)
-        else:
-            out.print(f"watch: job {outcome.trigger} ended at {outcome.stage}", markup=False)
-        if args.once:
-            return
-        time.sleep(args.interval)
+    with work_dir_lock(args.work_dir):
+        while True:
+            outcome = controller.poll()
+            if isinstance(outcome, Decision):
+                out.print(f"watch: {outcome.hold}", markup=False)
+            else:
+                out.print(f"watch: job {outcome.trigger} ended at {outcome.stage}", markup=False)
+            if args.once:
+                return
+            time.sleep(args.interval)

@@ -10,6 +10,8 @@ stopped instead of training twice; every decision goes to the audit log.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -17,7 +19,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,8 +125,11 @@ class Releaser(Protocol):
     def champion(self, model: str) -> bytes | None:
         """The model bytes the fleet's last ring runs, or None before any release."""
 
-    def release(self, model: str, out_dir: Path, reason: str) -> int:
-        """Register, sign, upload and roll out the candidate in `out_dir`; its version."""
+    def register(self, model: str, out_dir: Path) -> int:
+        """Register the candidate in `out_dir`; its version."""
+
+    def release(self, model: str, version: int, reason: str) -> None:
+        """Upload, sign and roll out a registered version (repeatable: each step resumes)."""
 
 
 def fleet_signal(fleet: Fleet, module: str, model: str) -> FleetSignal:
@@ -168,7 +173,7 @@ class Job:
 
     trigger: str
     started: float
-    stage: str = "started"  # started → trained → gated → released
+    stage: str = "started"  # started → trained → gated → registered → released
     sha256: str | None = None
     promote: bool | None = None
     gate: dict[str, Any] | None = None
@@ -207,6 +212,37 @@ class StateFile:
             handle.flush()
             os.fsync(handle.fileno())
         Path(temp).replace(self.path)
+
+
+LOCK_FILE = "controller.lock"
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: Path) -> Iterator[None]:
+    """One controller per work folder, for as long as the block runs.
+
+    An flock, not a pid file: the kernel drops it when the holder dies, so a crashed
+    controller never keeps the folder. The holder writes its pid into the file so a second
+    controller can say who has it.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise PublisherError(
+                Reason.LOCKED,
+                f"work folder {work_dir} is in use by another controller (pid {holder}, "
+                f"holding {path})",
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 @dataclass(frozen=True)
@@ -322,9 +358,16 @@ class Controller:
             )
             self._store.save(state, job)
         if job.stage == "gated" and job.promote:
-            version = self._releaser.release(self._config.model, out_dir, job.trigger)
-            job = replace(job, stage="released", version=version)
-            self._audit.append("retrain", self._config.model, "released", version=version)
+            version = self._releaser.register(self._config.model, out_dir)
+            # Saved before the rollout starts: a restart releases this version, it does not
+            # register the same bytes again as the next one.
+            job = replace(job, stage="registered", version=version)
+            self._audit.append("retrain", self._config.model, "registered", version=version)
+            self._store.save(state, job)
+        if job.stage == "registered" and job.version is not None:
+            self._releaser.release(self._config.model, job.version, job.trigger)
+            job = replace(job, stage="released")
+            self._audit.append("retrain", self._config.model, "released", version=job.version)
             self._store.save(state, job)
         return job
 

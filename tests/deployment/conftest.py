@@ -16,6 +16,7 @@ import pytest
 from deployment import cli
 from deployment.examples.onnx_models import save, tiny_mlp
 from deployment.publish.publisher import HubFactory, _azure_hub
+from deployment.publish.registry import Registry
 from tests.support.azurite import azurite  # noqa: F401  (a fixture: pytest finds it by name)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +36,7 @@ class Workspace:
     environ: dict[str, str] = field(default_factory=dict)
     rings: Mapping[str, str] = field(default_factory=dict)
     extra: str = ""
+    lab: bool = True  # Azurite serves plain http: only a lab signs such URLs
 
     @property
     def config(self) -> Path:
@@ -55,6 +57,7 @@ class Workspace:
             f'mlflow_tracking_uri = "sqlite:///{self.mlflow_db}"\n'
             'audit_log = "audit.jsonl"\n'
             'storage_container = "models"\n'
+            f"lab = {str(self.lab).lower()}\n"
             f"{self.extra}"
             "[environments.test.rings]\n"
             f"{rings}"
@@ -118,7 +121,10 @@ class Workspace:
 
 @pytest.fixture(scope="session")
 def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    """Created up front: reads refuse a missing database, and any test may read first."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    Registry.connect(f"sqlite:///{path}", create=True)
+    return path
 
 
 @pytest.fixture

@@ -285,3 +285,50 @@ def test_an_unreachable_mlflow_server_is_named_by_the_cli_process(workspace: Wor
     assert result.code == 1
     assert "[unreachable]: MLflow at http://127.0.0.1:9 failed" in result.err
     assert "Traceback" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("mode", "refused"),
+    [(0o600, False), (0o400, False), (0o640, True), (0o644, True), (0o666, True), (0o604, True)],
+)
+def test_a_signing_key_file_others_can_read_is_refused_as_ssh_does(
+    workspace: Workspace, tiny_file: Path, mode: int, refused: bool
+) -> None:
+    key = Path(workspace.environ["PUBLISHER_SIGNING_KEY_FILE"])
+    key.chmod(mode)
+    version = workspace.register(tiny_file, "keymode")
+    result = workspace.cli("sign", f"keymode:{version}", "--url", URL)
+    if not refused:
+        assert result.code == 0, result.err
+        return
+    assert result.code == 1
+    assert result.err.strip() == (
+        f"edgeml: error [key_invalid]: the secret file '{key}' (PUBLISHER_SIGNING_KEY_FILE) is "
+        f"accessible by others (mode {mode:04o}): run chmod 600 {key}"
+    )
+    assert not (workspace.root / "releases" / "keymode").exists()
+
+
+@pytest.mark.parametrize("lab", [True, False])
+def test_a_plain_http_url_is_signed_with_a_warning_in_a_lab_and_refused_elsewhere(
+    workspace: Workspace, tiny_file: Path, lab: bool
+) -> None:
+    workspace.lab = lab
+    workspace.write_config()
+    version = workspace.register(tiny_file, "plain")
+    url = "http://10.0.0.5:8080/models/tiny.onnx?sig=secret"
+    result = workspace.cli("sign", f"plain:{version}", "--url", url)
+    manifest = workspace.root / "releases" / "plain" / f"{version}.manifest.json"
+    shown = "http://10.0.0.5:8080/models/tiny.onnx"
+    assert "sig=secret" not in result.err
+    if lab:
+        assert result.code == 0, result.err
+        assert f"edgeml: warning: sign: the artifact URL {shown} is plain http" in result.err
+        assert manifest.exists()
+        return
+    assert result.code == 1
+    assert result.err.startswith(
+        f"edgeml: error [insecure_url]: sign: the artifact URL {shown} is plain http"
+    )
+    assert "mark the environment 'test' as a lab (lab = true)" in result.err
+    assert not manifest.exists()

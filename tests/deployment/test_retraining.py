@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from deployment.drift.baseline_pack import BaselineOptions
+from deployment.errors import PublisherError, Reason
 from deployment.examples import sensor_data
 from deployment.retrain.controller import (
     CommandTrainer,
@@ -18,6 +21,7 @@ from deployment.retrain.controller import (
     ControllerConfig,
     Job,
     split_window,
+    work_dir_lock,
 )
 from deployment.retrain.pipeline import (
     MODEL_FILE,
@@ -59,16 +63,24 @@ class FakeFleet:
 
 @dataclass
 class FakeReleaser:
+    """A registry of versions (their bytes) and the releases asked for."""
+
     champion_bytes: bytes | None = None
+    registered: list[bytes] = field(default_factory=list)
     released: list[tuple[str, str]] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
 
     def champion(self, model: str) -> bytes | None:
         return self.champion_bytes
 
-    def release(self, model: str, out_dir: Path, reason: str) -> int:
-        self.champion_bytes = (out_dir / MODEL_FILE).read_bytes()
+    def register(self, model: str, out_dir: Path) -> int:
+        self.registered.append((out_dir / MODEL_FILE).read_bytes())
+        return len(self.registered)
+
+    def release(self, model: str, version: int, reason: str) -> None:
+        self.champion_bytes = self.registered[version - 1]
         self.released.append((model, reason))
-        return len(self.released) + 1
+        self.versions.append(version)
 
 
 @dataclass
@@ -162,7 +174,7 @@ def test_sustained_fleet_drift_retrains_once_and_releases_a_better_candidate(
     ctl.poll()
     ctl.poll()
     assert world.trainer.calls == 1
-    assert world.audit.outcomes() == ["started", "trained", "promote", "released"]
+    assert world.audit.outcomes() == ["started", "trained", "promote", "registered", "released"]
 
 
 def test_a_candidate_no_better_than_the_champion_is_refused(
@@ -210,6 +222,78 @@ def test_a_restart_after_training_resumes_at_the_gate(
     assert job.stage == "released"
     # Training ran again (its outputs were never recorded), but the job started once.
     assert restarted.audit.outcomes().count("started") == 1
+
+
+def test_a_restart_during_the_release_rolls_out_the_version_it_registered(
+    tmp_path: Path, clean_champion: bytes
+) -> None:
+    drifted_field_data(tmp_path / "data")
+
+    @dataclass
+    class KilledDuringRelease(FakeReleaser):
+        def release(self, model: str, version: int, reason: str) -> None:
+            raise SystemExit("killed during the rollout")
+
+    fleet = FakeFleet({"d0": "drift", "d1": "drift"})
+    killed = KilledDuringRelease(clean_champion)
+    crashing = World(fleet, killed)
+    with pytest.raises(SystemExit):
+        crashing.controller(tmp_path).poll()
+    _, pending = crashing.controller(tmp_path).state_file.load()
+    assert pending is not None
+    assert (pending.stage, pending.version) == ("registered", 1)
+    # The restarted controller shares the registry: the bytes are there once, as version 1.
+    releaser = FakeReleaser(clean_champion, registered=killed.registered)
+    restarted = World(fleet, releaser, audit=crashing.audit)
+    job = restarted.controller(tmp_path).poll()
+    assert isinstance(job, Job)
+    assert (job.stage, job.version) == ("released", 1)
+    assert len(releaser.registered) == 1
+    assert releaser.versions == [1]
+    assert restarted.trainer.calls == 0  # resumed after training, not from the start
+    assert restarted.audit.outcomes().count("registered") == 1
+
+
+def test_a_second_controller_on_the_same_work_folder_is_refused(tmp_path: Path) -> None:
+    with work_dir_lock(tmp_path / "work"):
+        with pytest.raises(PublisherError) as caught, work_dir_lock(tmp_path / "work"):
+            pass
+        assert caught.value.reason == Reason.LOCKED
+        assert f"pid {os.getpid()}" in caught.value.message
+        assert str(tmp_path / "work") in caught.value.message
+    with work_dir_lock(tmp_path / "work"):  # released when the holder let go
+        pass
+
+
+def test_a_killed_controller_does_not_keep_the_work_folder(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path;"
+            "from deployment.retrain.controller import work_dir_lock\n"
+            "with work_dir_lock(Path(sys.argv[1])):\n"
+            "    print('held', flush=True); time.sleep(60)",
+            str(tmp_path / "work"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(PublisherError, match=f"pid {holder.pid}"),
+            work_dir_lock(tmp_path / "work"),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    with work_dir_lock(tmp_path / "work"):  # the kernel dropped the dead holder's lock
+        pass
 
 
 def test_a_failing_pipeline_command_is_audited_and_the_controller_goes_on(

@@ -403,3 +403,60 @@ def test_after_a_halt_the_version_it_restored_is_refused_by_name(tmp_path: Path)
     with pytest.raises(PublisherError) as halted:
         runner.release("m", 2, MANIFEST, RINGS, BOUNDS)  # its own re-release is above it
     assert halted.value.reason == Reason.HALTED
+
+
+@pytest.mark.parametrize(
+    ("label", "version", "own_only", "removable"),
+    [
+        ("1", 2, False, True),  # an older release's layer is replaced
+        ("2", 2, False, True),  # this release's own, re-signed
+        ("3", 2, False, False),  # a newer release's layer: not ours to replace
+        ("2", 2, True, True),  # a rollback removes its own layer
+        ("3", 2, True, False),  # … and nobody else's
+        ("1", 2, True, False),
+        (None, 2, False, False),  # not written by this publisher
+        ("x", 2, False, False),
+    ],
+)
+def test_a_step_removes_only_layers_it_may(
+    label: str | None, version: int, own_only: bool, removable: bool
+) -> None:
+    assert rollout.may_remove(label, version, own_only=own_only) is removable
+
+
+def test_a_rollback_leaves_a_newer_release_s_layer_on_the_ring(tmp_path: Path) -> None:
+    """Two controllers released v2 and v3 together: v3 replaced v2's canary layer while v2's
+    gate waited; v2's rollback then must not delete v3's layer."""
+    manifest3 = {**MANIFEST, "version": 3, "signature": {"key_id": "k", "value": "djM="}}
+
+    class RacingHub(FakeHub):
+        def query(self, text: str) -> list[dict[str, Any]]:
+            if text.startswith("SELECT * FROM devices.modules") and not other_done:
+                other_done.append(True)
+                other._put_layer("m", RINGS[0], 3, manifest3)  # the other controller's step
+            return super().query(text)
+
+    other_done: list[bool] = []
+    hub, clock = RacingHub(), FakeClock()
+    hub.devices = _fleet().devices
+    runner, audit, _ = _rollout(hub, tmp_path, {}, clock)
+    other, _, _ = _rollout(hub, tmp_path / "other", {}, clock)
+    hub.reports = {"a": {"version": 2, "state": "downloading"}}
+    with pytest.raises(PublisherError):
+        runner.release("m", 2, MANIFEST, RINGS, BOUNDS)
+    assert other_done
+    assert [layer.labels[rollout.LABEL_VERSION] for layer in hub.layers.values()] == ["3"]
+    removed = [e for e in audit.entries() if e.action == "release.rollback"]
+    assert [e.details["removed"] for e in removed] == [[]]
+
+
+def test_the_plan_is_done_only_where_the_hub_carries_the_planned_layer(tmp_path: Path) -> None:
+    hub, clock = _fleet(), FakeClock()
+    runner, _, _ = _rollout(hub, tmp_path, {}, clock)
+    hub.reports = {"a": _passed(), "b": _passed()}
+    assert runner.release("m", 2, MANIFEST, RINGS, BOUNDS) == "released"
+    assert [p.done for p in runner.plan("m", 2, MANIFEST, RINGS)] == [True, True]
+    resigned = {**MANIFEST, "signature": {"key_id": "k", "value": "bmV3"}}
+    planned = runner.plan("m", 2, resigned, RINGS)
+    assert [p.done for p in planned] == [False, False]
+    assert all(p.config_id not in hub.layers for p in planned)
