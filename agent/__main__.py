@@ -18,9 +18,9 @@ from agent.logs import configure_logging
 from agent.observation.limits import read_limits
 from agent.observation.recommend import Target
 from agent.profiler import SweepPlan, knob_grid, run_profile, summary_lines
-from agent.reasons import AgentError
 from agent.settings import AgentSettings
 from agent.standalone import build_app, run_process
+from wire.reasons import AgentError
 
 EXIT_USAGE = 2
 

@@ -27,7 +27,6 @@ import agent
 from agent.observation.drift import PROFILE_SCHEMA
 from agent.observation.profile import HeadroomAlarm
 from agent.observation.watch import Sinks
-from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
 from agent.standalone import Agent
 from agent.ticks import ticks
@@ -40,6 +39,7 @@ from module.reported import ModelEntries, ReportedProperties
 from module.routes import InferRoute, RouteMetrics, json_message
 from module.settings import ModuleSettings
 from module.telemetry import TELEMETRY, Health, Telemetry
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 

@@ -19,10 +19,10 @@ from pydantic import Field
 from agent.config import Section
 from agent.observation.metrics import LATENCY_BUCKETS
 from agent.observation.profile import quantile
-from agent.reasons import REJECTING, AgentError, Reason
 from agent.releases.manifest import Contract, Tensor
 from agent.releases.manifest import TensorSpec as ManifestTensorSpec
 from agent.serving.contract import V2_TO_NUMPY, ModelContract, TensorSpec
+from wire.reasons import REJECTING, AgentError, Reason
 
 
 class ModelState(enum.StrEnum):

@@ -69,7 +69,7 @@ from pydantic import (
 
 from agent.config import Section
 from agent.observation.baseline import MAX_BASELINE_BYTES
-from agent.reasons import AgentError, Reason
+from wire.reasons import AgentError, Reason
 
 __all__ = [
     "MAX_MANIFEST_BYTES",

@@ -37,7 +37,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.config import Section
 from agent.observation.limits import read_memory_free
-from agent.reasons import AgentError, Reason
 from agent.releases.lifecycle import (
     SwapError,
     contract_from_manifest,
@@ -52,6 +51,7 @@ from agent.serving.engine import (
     RuntimeOptions,
     load_model,
 )
+from wire.reasons import AgentError, Reason
 
 log = structlog.get_logger(__name__)
 

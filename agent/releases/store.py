@@ -52,7 +52,7 @@ import structlog
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from agent.config import Section
-from agent.reasons import AgentError, Reason
+from wire.reasons import AgentError, Reason
 
 __all__ = [
     "DEFAULT_FREE_SPACE_MARGIN_BYTES",

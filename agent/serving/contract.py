@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import Field
 
 from agent.config import Section
-from agent.reasons import AgentError, Reason
+from wire.reasons import AgentError, Reason
 
 # v2 datatype -> numpy dtype. BYTES travels as numpy object arrays of `bytes`.
 V2_TO_NUMPY: Final[Mapping[str, np.dtype[np.generic]]] = {

@@ -24,8 +24,8 @@ from pydantic import Field
 from agent.config import Section
 from agent.observation.limits import Limits, default_intra_op_threads, read_limits
 from agent.observation.metrics import LATENCY_BUCKETS, Distribution
-from agent.reasons import AgentError, Reason
 from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
+from wire.reasons import AgentError, Reason
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 

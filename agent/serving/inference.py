@@ -34,10 +34,10 @@ from pydantic import Field
 
 from agent.config import Section
 from agent.observation.metrics import InferenceMetrics
-from agent.reasons import Reason
 from agent.serving.batching import batch_key, split, stack, take_batch
 from agent.serving.contract import InputValidator, ModelContract, RequestError, RequestLimits
 from agent.serving.engine import LoadedModel
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 

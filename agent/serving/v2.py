@@ -17,7 +17,6 @@ import numpy as np
 import structlog
 
 from agent.observation.metrics import InferenceMetrics
-from agent.reasons import AgentError, Reason
 from agent.serving.contract import ModelContract, RequestError
 from agent.serving.protocol import (
     EncodedResponse,
@@ -25,6 +24,7 @@ from agent.serving.protocol import (
     decode_infer_request,
     encode_infer_response,
 )
+from wire.reasons import AgentError, Reason
 
 log = structlog.get_logger(__name__)
 

@@ -20,6 +20,7 @@ from agent.releases.manifest import Golden, sign_manifest
 from agent.releases.onnx_check import HostileModel, inspect_model
 from agent.serving.contract import NUMPY_TO_V2, ModelContract, TensorSpec
 from agent.serving.engine import read_contract
+from wire.reasons import Reason, ReasonedError
 
 
 def _spec_json(spec: TensorSpec) -> dict[str, Any]:
@@ -51,13 +52,8 @@ def golden_sample(
     return inputs, dict(zip(contract.output_names, outputs, strict=True))
 
 
-class ModelCheckError(ValueError):
+class ModelCheckError(ReasonedError, ValueError):
     """Model bytes a device would refuse: ``reason`` is ``model_invalid`` or ``golden_mismatch``."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 def describe_model(model: bytes, *, golden_atol: float | None = 1e-4) -> dict[str, Any]:
@@ -70,11 +66,11 @@ def describe_model(model: bytes, *, golden_atol: float | None = 1e-4) -> dict[st
     try:
         inspect_model(model)
     except HostileModel as e:
-        raise ModelCheckError("model_invalid", str(e)) from e
+        raise ModelCheckError(Reason.MODEL_INVALID, str(e)) from e
     try:
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own untyped errors for unloadable graphs
-        raise ModelCheckError("model_invalid", f"ONNX Runtime cannot load it: {e}") from e
+        raise ModelCheckError(Reason.MODEL_INVALID, f"ONNX Runtime cannot load it: {e}") from e
     described = _fields(model, session, golden_atol)
     if "golden" in described:
         _replay_golden(model, described["golden"])
@@ -107,13 +103,13 @@ def _replay_golden(model: bytes, golden: dict[str, Any]) -> None:
     try:
         parsed = Golden.model_validate_json(json.dumps(golden, allow_nan=True))
     except ValueError as e:
-        raise ModelCheckError("golden_mismatch", f"golden sample is not valid: {e}") from e
+        raise ModelCheckError(Reason.GOLDEN_MISMATCH, f"golden sample is not valid: {e}") from e
     replay = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     expected = golden_arrays(parsed.outputs)
     produced = replay.run(list(expected), golden_arrays(parsed.inputs))
     problems = golden_mismatches(expected, dict(zip(expected, produced, strict=True)), parsed.atol)
     if problems:
-        raise ModelCheckError("golden_mismatch", "; ".join(problems))
+        raise ModelCheckError(Reason.GOLDEN_MISMATCH, "; ".join(problems))
 
 
 def unsigned_manifest(

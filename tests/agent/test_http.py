@@ -19,7 +19,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.observation.metrics import InferenceMetrics
-from agent.reasons import Reason
 from agent.serving.inference import InferenceService
 from agent.serving.protocol import HEADER_LENGTH
 from tests.agent.http_fixtures import (
@@ -30,6 +29,7 @@ from tests.agent.http_fixtures import (
     metrics_serving,
     serving,
 )
+from wire.reasons import Reason
 
 RNG = np.random.default_rng(11)
 

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.app import App
 from agent.observation.limits import Limits
-from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus, ProbationReport, ProbationState
 from agent.releases.manifest import KeySettings, public_key_to_b64, sign_manifest
 from agent.releases.store import StoreSettings
@@ -33,6 +32,7 @@ from module.edge import EdgeModule
 from module.reported import ModelEntries
 from module.settings import ModuleSettings
 from tests.support.fake_hub import FakeModuleClient
+from wire.reasons import Reason
 
 SHA = "a" * 64
 
