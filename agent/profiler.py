@@ -62,8 +62,11 @@ from agent.observation.recommend import (
 from agent.observation.resources import PeakMemory
 from agent.releases.lifecycle import ModelState
 from agent.releases.manifest import public_key_to_b64, sign_manifest
+from agent.serving.contract import numpy_dtype
 from agent.serving.engine import ModelLoadError, RuntimeOptions, create_session, read_contract
 from agent.settings import AgentSettings
+from wire.contract import ModelContract
+from wire.manifest import Contract, UnsignedManifest
 
 SCHEMA = "agent-profile/1"
 MODEL_NAME = "profiled"
@@ -117,19 +120,19 @@ def knob_grid(
 
 
 def _release_document(
-    model: bytes, version: int, key: Ed25519PrivateKey, contract: Mapping[str, Any]
+    model: bytes, version: int, key: Ed25519PrivateKey, contract: ModelContract
 ) -> bytes:
     # No golden sample: the profiler measures the agent, the publisher vouches for outputs.
     sha = hashlib.sha256(model).hexdigest()
-    unsigned = {
-        "name": MODEL_NAME,
-        "version": version,
-        "sha256": sha,
-        "size": len(model),
-        "url": f"https://profile.invalid/{sha}.onnx",
-        "created": datetime.now(UTC).isoformat(),
-        "contract": contract,
-    }
+    unsigned = UnsignedManifest(
+        name=MODEL_NAME,
+        version=version,
+        sha256=sha,
+        size=len(model),
+        url=f"https://profile.invalid/{sha}.onnx",
+        created=datetime.now(UTC),
+        contract=Contract(inputs=contract.inputs, outputs=contract.outputs),
+    )
     return json.dumps(sign_manifest(unsigned, key, KEY_ID)).encode()
 
 
@@ -144,8 +147,8 @@ def _with_doc_string(model: bytes, text: bytes) -> bytes:
     return model + bytes([6 << 3 | 2, len(text)]) + text
 
 
-def _contract_json(model: bytes) -> tuple[dict[str, Any], bytes]:
-    """The model's contract as a manifest carries it, and a batch-1 v2 request body for it."""
+def _contract_and_request(model: bytes) -> tuple[ModelContract, bytes]:
+    """The model's contract, and a batch-1 v2 request body for it."""
     session = create_session(model, RuntimeOptions())
     contract = read_contract(session)
     rng = np.random.default_rng(0)
@@ -153,21 +156,13 @@ def _contract_json(model: bytes) -> tuple[dict[str, Any], bytes]:
     for spec in contract.inputs:
         if spec.datatype == "BYTES":
             raise ModelLoadError(f"input {spec.name!r} takes strings; the profiler sends numbers")
-        shape = [1 if dim is None else dim for dim in spec.shape]
-        data = rng.standard_normal(shape).astype(spec.numpy_dtype)
+        shape = list(spec.concrete_shape(1))
+        data = rng.standard_normal(shape).astype(numpy_dtype(spec))
         tensors.append(
             {"name": spec.name, "shape": shape, "datatype": spec.datatype, "data": data.tolist()}
         )
-    document = {
-        "inputs": [
-            {"name": s.name, "datatype": s.datatype, "shape": s.v2_shape} for s in contract.inputs
-        ],
-        "outputs": [
-            {"name": s.name, "datatype": s.datatype, "shape": s.v2_shape} for s in contract.outputs
-        ],
-    }
     body = json.dumps({"inputs": [_flat(t) for t in tensors]}).encode()
-    return document, body
+    return contract, body
 
 
 def _flat(tensor: dict[str, Any]) -> dict[str, Any]:
@@ -378,7 +373,7 @@ class Release:
     models: tuple[bytes, ...]
     folder: Path
     key: Ed25519PrivateKey
-    contract: dict[str, Any]
+    contract: ModelContract
     body: bytes
 
     @classmethod
@@ -391,7 +386,7 @@ class Release:
         """
         if len(models) == 1:
             models = [models[0], _with_doc_string(models[0], b"agent profile: swap candidate")]
-        contract, body = _contract_json(models[0])
+        contract, body = _contract_and_request(models[0])
         folder.mkdir(parents=True, exist_ok=True)
         for model in models:
             (folder / f"{hashlib.sha256(model).hexdigest()}.onnx").write_bytes(model)

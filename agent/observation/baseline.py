@@ -37,6 +37,10 @@ from agent.observation.detector import CusumParams
 from agent.observation.divergence import PSI_FLOOR
 from agent.observation.quality import QualityReference
 
+# The download cap, part of the manifest's shape: far above a pack of 64 features x 32 bins x
+# 5 window sizes (~100 KB).
+from wire.manifest import MAX_BASELINE_BYTES
+
 __all__ = [
     "BASELINE_SCHEMA",
     "MAX_BASELINE_BYTES",
@@ -56,9 +60,6 @@ __all__ = [
 ]
 
 BASELINE_SCHEMA = "agent-drift-baseline/1"
-# Far above a pack of 64 features x 32 bins x 5 window sizes (~100 KB); the download cap.
-MAX_BASELINE_BYTES = 4 * 1024 * 1024
-
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]

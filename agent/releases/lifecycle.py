@@ -19,9 +19,8 @@ from pydantic import Field
 from agent.config import Section
 from agent.observation.metrics import LATENCY_BUCKETS
 from agent.observation.profile import quantile
-from agent.releases.manifest import Contract, Tensor
-from agent.releases.manifest import TensorSpec as ManifestTensorSpec
-from agent.serving.contract import V2_TO_NUMPY, ModelContract, TensorSpec
+from agent.releases.manifest import Tensor
+from agent.serving.contract import V2_TO_NUMPY
 from wire.reasons import REJECTING, AgentError, Reason
 
 
@@ -68,22 +67,6 @@ class ModelStatus:
             "since": self.since.isoformat(),
             "active_version": self.active_version,
         }
-
-
-def contract_from_manifest(contract: Contract) -> ModelContract:
-    """The manifest's `{name, datatype, shape}` lists (-1 symbolic) as a `ModelContract`."""
-
-    def specs(items: Iterable[ManifestTensorSpec]) -> tuple[TensorSpec, ...]:
-        return tuple(
-            TensorSpec(
-                name=item.name,
-                datatype=item.datatype,
-                shape=tuple(None if dim < 0 else dim for dim in item.shape),
-            )
-            for item in items
-        )
-
-    return ModelContract(inputs=specs(contract.inputs), outputs=specs(contract.outputs))
 
 
 def golden_arrays(tensors: Iterable[Tensor]) -> dict[str, np.ndarray]:

@@ -39,7 +39,6 @@ from agent.config import Section
 from agent.observation.limits import read_memory_free
 from agent.releases.lifecycle import (
     SwapError,
-    contract_from_manifest,
     golden_arrays,
     golden_mismatches,
 )
@@ -188,7 +187,7 @@ class _ChildReport(BaseModel):
 
 def verify_candidate(model: LoadedModel, manifest: ReleaseManifest) -> None:
     """The manifest's contract and golden sample against a loaded model; raises `SwapError`."""
-    differences = contract_from_manifest(manifest.contract).differences(model.contract)
+    differences = manifest.contract.differences(model.contract)
     if differences:
         raise SwapError(
             Reason.CONTRACT_MISMATCH,

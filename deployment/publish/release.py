@@ -14,17 +14,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
 from agent.releases.lifecycle import golden_arrays, golden_mismatches
-from agent.releases.manifest import Golden, sign_manifest
+from agent.releases.manifest import ManifestRejected, schema_message, sign_manifest
 from agent.releases.onnx_check import HostileModel, inspect_model
-from agent.serving.contract import NUMPY_TO_V2, ModelContract, TensorSpec
+from agent.serving.contract import NUMPY_TO_V2, numpy_dtype
 from agent.serving.engine import read_contract
+from wire.contract import ModelContract
+from wire.manifest import Golden, UnsignedManifest
 from wire.reasons import Reason, ReasonedError
-
-
-def _spec_json(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": spec.v2_shape}
 
 
 def _tensor_json(name: str, array: np.ndarray) -> dict[str, Any]:
@@ -43,11 +42,8 @@ def golden_sample(
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
     for spec in contract.inputs:
-        shape = tuple(
-            (rows if axis == 0 else 1) if dim is None else dim
-            for axis, dim in enumerate(spec.shape)
-        )
-        inputs[spec.name] = rng.standard_normal(shape).astype(spec.numpy_dtype)
+        shape = spec.concrete_shape(rows)
+        inputs[spec.name] = rng.standard_normal(shape).astype(numpy_dtype(spec))
     outputs = session.run(list(contract.output_names), inputs)
     return inputs, dict(zip(contract.output_names, outputs, strict=True))
 
@@ -84,10 +80,7 @@ def _fields(
     described: dict[str, Any] = {
         "sha256": hashlib.sha256(model).hexdigest(),
         "size": len(model),
-        "contract": {
-            "inputs": [_spec_json(s) for s in contract.inputs],
-            "outputs": [_spec_json(s) for s in contract.outputs],
-        },
+        "contract": contract.model_dump(mode="json"),
     }
     if golden_atol is not None:
         inputs, outputs = golden_sample(session, contract)
@@ -122,8 +115,11 @@ def unsigned_manifest(
     valid_for: timedelta | None = None,
     contract_change: bool = False,
     baseline: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are."""
+) -> UnsignedManifest:
+    """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are.
+
+    Raises :class:`ManifestRejected` (``schema_invalid``) naming the field a device would refuse.
+    """
     unsigned: dict[str, Any] = {
         "name": name,
         "version": version,
@@ -138,7 +134,15 @@ def unsigned_manifest(
     if baseline is not None:
         unsigned["schema"] = 2  # the first manifest schema with a baseline (sha256, size, url)
         unsigned["baseline"] = baseline
-    return unsigned
+    try:
+        # Through JSON text, as a device reads it: strict JSON types, NaN refused.
+        text = json.dumps(unsigned, allow_nan=False)
+    except ValueError as e:
+        raise ManifestRejected(Reason.SCHEMA_INVALID, f"not JSON: {e}") from e
+    try:
+        return UnsignedManifest.model_validate_json(text)
+    except ValidationError as e:
+        raise ManifestRejected(Reason.SCHEMA_INVALID, schema_message(e)) from e
 
 
 def build_manifest(
