@@ -24,8 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.profiler import ProfileDocument, read_profile
+from agent.profiler import read_profile
 from deployment.errors import PublisherError, Reason
+from wire.profile import ProfileDocument
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "deployment.template.json"
 AGENT_MODULE = "mlagent"
