@@ -159,8 +159,13 @@ class UnsignedManifest(WireModel):
         return None if at is None else at.isoformat()
 
     def document(self) -> dict[str, object]:
-        """The JSON document: defaults left out, so a schema-1 manifest stays schema-1 shaped."""
-        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        """The JSON document: defaults left out, so a schema-1 manifest stays schema-1 shaped.
+
+        Absent optional fields are left out, never written as null: a null in a desired twin
+        patch deletes the key, so the device would verify a document other than the signed one.
+        (`exclude_none` too, because `exclude_defaults` does not see through the serializer.)
+        """
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude_none=True)
 
 
 class ReleaseManifest(UnsignedManifest):

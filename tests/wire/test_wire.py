@@ -12,7 +12,7 @@ from agent.profiler import read_profile
 from deployment.errors import PublisherError
 from deployment.publish.release import ModelCheckError
 from wire.contract import ModelContract, TensorSpec
-from wire.manifest import Contract
+from wire.manifest import Contract, UnsignedManifest
 from wire.profile import SCHEMA, Profile, ProfileDocument
 from wire.reasons import AgentError, Reason, ReasonedError
 
@@ -78,6 +78,34 @@ def test_a_manifest_contract_is_the_serving_contract_without_conversion() -> Non
 def test_a_manifest_contract_keeps_its_own_bounds(contract: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Contract.model_validate_json(json.dumps(contract))
+
+
+UNSIGNED = {
+    "name": "m",
+    "version": 3,
+    "sha256": "a" * 64,
+    "size": 10,
+    "url": "https://models.example/m.onnx",
+    "created": "2026-12-08T00:00:00+00:00",
+    "contract": MANIFEST_CONTRACT,
+}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"expires": "2026-12-09T00:00:00+00:00", "contract_change": True},
+        {"schema": 2, "baseline": {"sha256": "b" * 64, "size": 5, "url": "https://b/p.json"}},
+    ],
+)
+def test_an_unsigned_manifest_is_written_back_exactly_as_it_was_given(
+    extra: dict[str, Any],
+) -> None:
+    # Exactly: no null for an absent field (a twin patch would delete it and break the
+    # signature), no default spelt out, timestamps as written.
+    given = UNSIGNED | extra
+    assert UnsignedManifest.model_validate_json(json.dumps(given)).document() == given
 
 
 def _profile() -> dict[str, Any]:
