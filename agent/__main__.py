@@ -18,9 +18,9 @@ from agent.logs import configure_logging
 from agent.observation.limits import read_limits
 from agent.observation.recommend import Target
 from agent.profiler import SweepPlan, knob_grid, run_profile, summary_lines
-from agent.reasons import AgentError
 from agent.settings import AgentSettings
 from agent.standalone import build_app, run_process
+from wire.reasons import AgentError
 
 EXIT_USAGE = 2
 
@@ -131,9 +131,10 @@ def _profile(args: argparse.Namespace) -> int:
     except (AgentError, ValueError) as error:  # a model it cannot serve, nothing measured
         print(f"agent profile: {error}", file=sys.stderr)
         return 1
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    written = document.document()
+    args.out.write_text(json.dumps(written, indent=2) + "\n")
     if args.json:
-        print(json.dumps(document))
+        print(json.dumps(written))
     else:
         print("\n".join(summary_lines(document)))
     print(f"agent profile: wrote {args.out}", file=sys.stderr)

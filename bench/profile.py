@@ -137,7 +137,7 @@ async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         target,
         limits=read_limits(),
         plan=plan,
-    )
+    ).document()
     # Cores busy machine-wide while profiling: the agent, the load generator, and everyone else.
     profile_busy = (machine_busy() - busy_before) / (time.monotonic() - started)
     best = document["recommendation"]

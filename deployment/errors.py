@@ -1,41 +1,15 @@
-"""One error type for the publisher: a bounded reason for scripts, a message for people."""
+"""One error type for the publisher: a bounded reason for scripts, a message for people.
+
+The reasons are the one vocabulary of `wire.reasons` (the cloud-only ones in their own group);
+`Reason` is re-exported here so the cloud side names one place for both.
+"""
 
 from __future__ import annotations
 
-import enum
+from wire.reasons import Reason, ReasonedError
+
+__all__ = ["PublisherError", "Reason"]
 
 
-class Reason(enum.StrEnum):
-    """Why a publisher command failed (the CLI prints it; the audit log records it)."""
-
-    USAGE = "usage"
-    CONFIG = "config"
-    SECRET_MISSING = "secret_missing"  # noqa: S105 -- a reason, not a secret
-    MODEL_INVALID = "model_invalid"
-    GOLDEN_MISMATCH = "golden_mismatch"
-    VERSION_NOT_NEWER = "version_not_newer"
-    NOT_FOUND = "not_found"
-    UNREACHABLE = "unreachable"
-    LOCKED = "locked"  # another process holds it: a controller's work folder, a database
-    READ_ONLY = "read_only"
-    INSECURE_URL = "insecure_url"
-    UPLOAD_FAILED = "upload_failed"
-    SAS_EXPIRED = "sas_expired"
-    KEY_INVALID = "key_invalid"
-    NO_DEVICES = "no_devices"
-    GATE_FAILED = "gate_failed"
-    GATE_TIMEOUT = "gate_timeout"
-    HALTED = "halted"
-    AUDIT_BROKEN = "audit_broken"
-    NOT_AUDITED = "not_audited"  # the action was done; its audit entry could not be written
-    MANIFEST_INVALID = "manifest_invalid"
-    PIPELINE_FAILED = "pipeline_failed"
-
-
-class PublisherError(Exception):
+class PublisherError(ReasonedError):
     """A command that cannot go on; ``message`` names exactly what was wrong."""
-
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message

@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.reasons import Reason
 from wire.desired import DesiredState
+from wire.reasons import Reason
 
 # IoT Hub caps desired properties at 32 KB, strings at 4 KB and depth at 10 levels; a document
 # over those is not from a real hub and is refused before it is parsed into settings.

@@ -27,7 +27,6 @@ import agent
 from agent.observation.limits import Limits
 from agent.observation.profile import HeadroomAlarm
 from agent.observation.watch import Sinks
-from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
 from agent.settings import AgentSettings
 from agent.standalone import Agent
@@ -41,6 +40,7 @@ from module.reported import EntrySections, ModelEntries, ReportedProperties
 from module.routes import InferRoute, RouteMetrics, json_message
 from module.settings import ModuleSettings
 from module.telemetry import TELEMETRY, Health, Telemetry
+from wire.reasons import Reason
 from wire.reported import (
     AgentEntry,
     DesiredEntry,
@@ -291,7 +291,7 @@ class EdgeModule:
             refused = DesiredEntry(
                 version=action.version,
                 state=DesiredOutcome.REJECTED,
-                reason=action.reason.value,
+                reason=action.reason,
                 message=action.message,
             )
             self.reported.update({"desired": to_twin(refused)})
@@ -359,7 +359,7 @@ class EdgeModule:
             version=None,
             sha256=None,
             state=ModelState.REJECTED,
-            reason=reason.value,
+            reason=reason,
             message=message,
             since=datetime.now(UTC),
         )

@@ -13,9 +13,10 @@ from typing import Annotated, Protocol
 
 import structlog
 from azure.iot.device import Message
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 
 from module.routes import RouteMetrics
+from wire.base import WireModel
 
 log = structlog.get_logger(__name__)
 
@@ -24,9 +25,7 @@ MAX_ITEMS = 1000
 Scalar = int | float | bool
 
 
-class FeedbackItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
+class FeedbackItem(WireModel):
     id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     label: Scalar | Annotated[list[Scalar], Field(min_length=1, max_length=4096)]
 

@@ -8,7 +8,7 @@ from typing import Any
 import structlog
 from azure.iot.device import MethodRequest, MethodResponse
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from agent.observation.limits import Limits
 from agent.observation.metrics import InferenceMetrics
@@ -17,26 +17,23 @@ from agent.releases.lifecycle import SwapError
 from agent.releases.swap import ModelManager
 from module.connection import HubConnection
 from module.desired import describe
+from wire.base import WireModel
 
 log = structlog.get_logger(__name__)
 
 MethodResult = tuple[int, Any]
 
 
-class RollbackPayload(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class RollbackPayload(WireModel):
     model: str | None = Field(None, min_length=1, max_length=63)
 
 
-class ProfilePayload(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ProfilePayload(WireModel):
     seconds: float = Field(5.0, gt=0.0, le=30.0)
 
 
-class StatusPayload(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class StatusPayload(WireModel):
+    """No arguments."""
 
 
 class DirectMethods:

@@ -19,10 +19,10 @@ from azure.iot.device import Message
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.observation.metrics import InferenceMetrics
-from agent.reasons import Reason
 from agent.serving.contract import RequestError
 from agent.serving.v2 import InferenceError, ServedModel, infer_v2
 from module.connection import HubConnection
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 

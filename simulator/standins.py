@@ -33,6 +33,7 @@ import structlog
 
 from simulator import mqtt_codec as mqtt
 from simulator.twins import merge_patch
+from wire.reasons import Reason
 from wire.reported import DriftEntry, ModelEntry, ProbationEntry, to_twin
 from wire.states import DriftState, ModelState, ProbationState
 
@@ -44,11 +45,10 @@ _API = "api-version=2019-10-01"
 KEEP_ALIVE_S = 240  # the MQTT keep-alive: a ping every half of it keeps an idle stand-in on
 
 
-# The agent's reasons (`agent.reasons.Reason`) for what a stand-in plays; the simulator names
-# them by value, as it imports nothing of ours but `wire`.
-CHECK_FAILED: Final = "fetch_failed"  # a failed check stands for any install that failed
-PROBATION_FAILED: Final = "probation_errors"
-ROLLBACK_REQUESTED: Final = "requested"
+# The agent's reasons for what a stand-in plays.
+CHECK_FAILED: Final = Reason.FETCH_FAILED  # a failed check stands for any install that failed
+PROBATION_FAILED: Final = Reason.PROBATION_ERRORS
+ROLLBACK_REQUESTED: Final = Reason.REQUESTED
 REASONS: Final = frozenset({CHECK_FAILED, PROBATION_FAILED, ROLLBACK_REQUESTED})
 
 

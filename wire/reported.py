@@ -32,6 +32,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import PlainSerializer, ValidationError
 
 from wire.base import WireModel
+from wire.reasons import Reason
 from wire.states import DesiredOutcome, DriftState, ModelState, ProbationState, QualityState
 
 __all__ = [
@@ -125,14 +126,13 @@ class QualityEntry(TwinModel):
 class StatusEntry(TwinModel):
     """A model name's lifecycle status: the first fields of its entry.
 
-    `reason` is one of the agent's bounded reasons (`agent.reasons.Reason`); it is spelled as
-    its value here until that vocabulary lives in this package.
+    `reason` is one of the bounded reasons of `wire.reasons`.
     """
 
     version: int | None = None
     sha256: str | None = None
     state: ModelState | None = None
-    reason: str | None = None
+    reason: Reason | None = None
     message: str | None = None
     since: Timestamp | None = None
 
@@ -159,7 +159,7 @@ class DesiredEntry(TwinModel):
 
     version: int | None = None
     state: DesiredOutcome | None = None
-    reason: str | None = None
+    reason: Reason | None = None
     message: str | None = None
 
 

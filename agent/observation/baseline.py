@@ -24,8 +24,6 @@ from typing import Annotated, Any, Literal, Self
 import numpy as np
 import numpy.typing as npt
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
@@ -36,6 +34,11 @@ from agent.observation.counts import Binning, FeatureCounts
 from agent.observation.detector import CusumParams
 from agent.observation.divergence import PSI_FLOOR
 from agent.observation.quality import QualityReference
+from wire.base import WireModel
+
+# The download cap, part of the manifest's shape: far above a pack of 64 features x 32 bins x
+# 5 window sizes (~100 KB).
+from wire.manifest import MAX_BASELINE_BYTES
 
 __all__ = [
     "BASELINE_SCHEMA",
@@ -56,10 +59,6 @@ __all__ = [
 ]
 
 BASELINE_SCHEMA = "agent-drift-baseline/1"
-# Far above a pack of 64 features x 32 bins x 5 window sizes (~100 KB); the download cap.
-MAX_BASELINE_BYTES = 4 * 1024 * 1024
-
-_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Spread = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -71,7 +70,7 @@ class BaselineInvalidError(ValueError):
     """The baseline pack is not one this agent can use; the message says what is wrong."""
 
 
-class Source(BaseModel):
+class Source(WireModel):
     """Where a feature comes from in a request or its response, per row of the batch.
 
     ``position``: element ``index`` of the row flattened; ``channel_mean``: mean of channel
@@ -79,17 +78,13 @@ class Source(BaseModel):
     confidence); ``row_argmax``: the position of that value (the predicted class).
     """
 
-    model_config = _STRICT
-
     tensor: Name
     role: Literal["input", "output"]
     reduce: Literal["position", "channel_mean", "row_max", "row_argmax"]
     index: int = Field(ge=0, le=2**31)
 
 
-class Feature(BaseModel):
-    model_config = _STRICT
-
+class Feature(WireModel):
     name: Name
     source: Source
     kind: Literal["numeric", "categorical"]
@@ -127,10 +122,8 @@ class Feature(BaseModel):
         return np.asarray(self.reference, dtype=np.float64)
 
 
-class WindowCalibration(BaseModel):
+class WindowCalibration(WireModel):
     """What windows of ``rows`` training rows score (null mean and spread), and the threshold."""
-
-    model_config = _STRICT
 
     rows: int = Field(ge=2, le=1_000_000)
     divergence_mean: tuple[Finite, ...]
@@ -158,9 +151,7 @@ class WindowCalibration(BaseModel):
         return np.stack([self.divergence_std, self.shift_std, self.spread_std], axis=1)
 
 
-class Calibration(BaseModel):
-    model_config = _STRICT
-
+class Calibration(WireModel):
     false_alarms_per_10k: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     resamples: int = Field(ge=10)
     windows: tuple[WindowCalibration, ...] = Field(min_length=1, max_length=32)
@@ -173,16 +164,12 @@ class Calibration(BaseModel):
         return self
 
 
-class Skipped(BaseModel):
-    model_config = _STRICT
-
+class Skipped(WireModel):
     tensor: Name
     reason: Literal["bytes", "constant", "feature_cap", "unsupported_shape"]
 
 
-class BaselinePack(BaseModel):
-    model_config = _STRICT
-
+class BaselinePack(WireModel):
     schema_: Literal["agent-drift-baseline/1"] = Field(alias="schema")
     rows: int = Field(ge=1)
     features: tuple[Feature, ...] = Field(min_length=1, max_length=256)

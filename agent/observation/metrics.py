@@ -27,7 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
-from agent.reasons import REQUEST_REASONS
+from wire.reasons import REQUEST_REASONS
 
 # Sub-millisecond resolution: tiny models answer in tens of microseconds.
 LATENCY_BUCKETS: Final = (

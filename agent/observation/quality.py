@@ -24,6 +24,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.observation.detector import Cusum, CusumParams, DriftState
+from wire.base import WireModel
 
 __all__ = [
     "FeedbackOutcome",
@@ -57,11 +58,9 @@ class QualitySettings(BaseModel):
     k: float = Field(0.5, ge=0, le=100)
 
 
-class QualityReference(BaseModel):
+class QualityReference(WireModel):
     """What the model achieved on held-out data: accuracy or MAE, and the spread of the
     per-row loss (0/1 error or absolute error) that standardises a window's loss."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     metric: Literal["accuracy", "mae"]
     value: float = Field(ge=0, allow_inf_nan=False)

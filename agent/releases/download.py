@@ -56,8 +56,8 @@ from pydantic import BeforeValidator, Field, model_validator
 from yarl import URL
 
 from agent.config import Section
-from agent.reasons import AgentError, Reason
 from agent.releases.store import WritableFile, is_disk_full
+from wire.reasons import AgentError, Reason
 
 __all__ = [
     "ContentRange",

@@ -38,12 +38,12 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from agent.config import Section
-from agent.reasons import Reason
 from agent.releases.download import DeliveryError
 from agent.releases.lifecycle import ModelState
 from agent.releases.manifest import MAX_MANIFEST_BYTES, ReleaseManifest
 from agent.releases.store import PartFile, is_disk_full
 from agent.releases.swap import ModelManager
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 

@@ -19,10 +19,9 @@ from pydantic import Field
 from agent.config import Section
 from agent.observation.metrics import LATENCY_BUCKETS
 from agent.observation.profile import quantile
-from agent.reasons import REJECTING, AgentError, Reason
-from agent.releases.manifest import Contract, Tensor
-from agent.releases.manifest import TensorSpec as ManifestTensorSpec
-from agent.serving.contract import V2_TO_NUMPY, ModelContract, TensorSpec
+from agent.releases.manifest import Tensor
+from agent.serving.contract import V2_TO_NUMPY
+from wire.reasons import REJECTING, AgentError, Reason
 from wire.reported import ModelEntry, ProbationEntry, RejectedEntry, to_twin
 
 # Re-exported: the agent's code (and agent/profiler.py) names the states from here.
@@ -58,7 +57,7 @@ class ModelStatus:
             version=self.version,
             sha256=self.sha256,
             state=self.state,
-            reason=self.reason.value if self.reason else None,
+            reason=self.reason,
             message=self.message,
             since=self.since,
             active_version=self.active_version,
@@ -71,22 +70,6 @@ class ModelStatus:
     def to_json(self) -> dict[str, object]:
         """The status with its name (metadata, alerts, the rollback method's answer)."""
         return {"name": self.name, **to_twin(self.entry())}
-
-
-def contract_from_manifest(contract: Contract) -> ModelContract:
-    """The manifest's `{name, datatype, shape}` lists (-1 symbolic) as a `ModelContract`."""
-
-    def specs(items: Iterable[ManifestTensorSpec]) -> tuple[TensorSpec, ...]:
-        return tuple(
-            TensorSpec(
-                name=item.name,
-                datatype=item.datatype,
-                shape=tuple(None if dim < 0 else dim for dim in item.shape),
-            )
-            for item in items
-        )
-
-    return ModelContract(inputs=specs(contract.inputs), outputs=specs(contract.outputs))
 
 
 def golden_arrays(tensors: Iterable[Tensor]) -> dict[str, np.ndarray]:

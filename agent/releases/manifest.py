@@ -1,36 +1,8 @@
-"""The signed release manifest: schema, canonical JSON, Ed25519 signing and verification.
+"""The signed release manifest: canonical JSON, Ed25519 signing and verification, keys.
 
-A release manifest tells a device which model to fetch and how to check it. It travels inside
-the desired twin (at most 32 KB), so artifacts are referenced by URL, never inlined. The exact
-schema (unknown fields are rejected at every level; JSON types are strict: ``1`` is not
-``1.0``, ``"1"`` is not ``1``)::
-
-    {
-      "schema":   1 or 2, default 1; 2 is required by "baseline"                (optional)
-      "name":     str,  1-63 chars of [A-Za-z0-9._-], starting with a letter or digit
-      "version":  int >= 1, strictly increasing per name
-      "sha256":   64 lowercase hex chars, digest of the artifact bytes
-      "size":     int > 0, artifact length in bytes (the download cap)
-      "url":      str, where to fetch it (checked against the device's URL policy later)
-      "created":  RFC 3339 timestamp with a UTC offset
-      "expires":  RFC 3339 timestamp with a UTC offset, later than "created"   (optional)
-      "contract": {"inputs":  [TensorSpec, ...],  "outputs": [TensorSpec, ...]}
-      "contract_change": bool, default false: allow a contract that differs from the active
-                         model's (otherwise the swap refuses it)               (optional)
-      "baseline": {"sha256": hex64, "size": int > 0, "url": str}
-                  the drift baseline pack (JSON), verified like the model  (optional, schema 2)
-      "golden":   {"inputs": [Tensor, ...], "outputs": [Tensor, ...], "atol": float >= 0}
-                                                                               (optional)
-      "signature": {"key_id": str, "value": base64 of the 64-byte Ed25519 signature}
-    }
-
-    TensorSpec = {"name": str, "datatype": OIP v2 datatype, "shape": [int >= -1, ...]}
-                 (-1 marks a symbolic dimension such as the batch)
-    Tensor     = {"name": str, "datatype": OIP v2 datatype, "shape": [int >= 0, ...],
-                  "data": [number | bool | str, ...] flat, row-major, len == prod(shape)}
-
-Tensor field names follow the Open Inference Protocol v2 (KServe / Triton): ``datatype`` is one
-of ``BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES``.
+The document's shape is `wire.manifest` (re-exported here); this module decides whether a
+document may be acted on. It travels inside the desired twin (at most 32 KB), so artifacts
+are referenced by URL, never inlined.
 
 The signature covers the canonical JSON of every field except ``signature``: keys sorted, no
 whitespace, UTF-8, NaN and infinities refused (they are not JSON). The device verifies the
@@ -47,29 +19,29 @@ import base64
 import binascii
 import enum
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, Self
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import (
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationError,
-    model_validator,
-)
+from pydantic import ValidationError
 
 from agent.config import Section
-from agent.observation.baseline import MAX_BASELINE_BYTES
-from agent.reasons import AgentError, Reason
+from wire.manifest import (
+    MAX_MANIFEST_BYTES,
+    Baseline,
+    Contract,
+    Golden,
+    ReleaseManifest,
+    Signature,
+    Tensor,
+    UnsignedManifest,
+)
+from wire.reasons import AgentError, Reason
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
@@ -83,7 +55,7 @@ __all__ = [
     "SeenRelease",
     "Signature",
     "Tensor",
-    "TensorSpec",
+    "UnsignedManifest",
     "canonical_json",
     "check_version",
     "load_private_key",
@@ -93,14 +65,10 @@ __all__ = [
     "public_key_from_b64",
     "public_key_from_pem",
     "public_key_to_b64",
+    "schema_message",
     "sign_manifest",
     "verify_manifest",
 ]
-
-# A desired twin is at most 32 KB, so a bigger manifest cannot be genuine; refusing it early
-# bounds the work done on untrusted input. The release folder reads manifest files up to this
-# size too (publishers write them compact, as signed).
-MAX_MANIFEST_BYTES = 32 * 1024
 
 _SIGNATURE_BYTES = 64
 _PUBLIC_KEY_BYTES = 32
@@ -121,146 +89,6 @@ class ReleaseStatus(enum.Enum):
     SAME_RELEASE = "same_release"
 
 
-# --- schema -------------------------------------------------------------------------------
-
-Datatype = Literal[
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BYTES",
-]
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
-TensorName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-Url = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
-KeyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-
-_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class TensorSpec(BaseModel):
-    """One input or output of the model contract."""
-
-    model_config = _STRICT
-
-    name: TensorName
-    datatype: Datatype
-    shape: tuple[Annotated[int, Field(ge=-1)], ...] = Field(max_length=16)
-
-
-def _unique_names(specs: Iterable[TensorSpec | Tensor], where: str) -> None:
-    names = [s.name for s in specs]
-    if len(names) != len(set(names)):
-        raise ValueError(f"duplicate tensor names in {where}")
-
-
-class Contract(BaseModel):
-    """The tensors the model must take and give; a swap checks the loaded model against it."""
-
-    model_config = _STRICT
-
-    inputs: tuple[TensorSpec, ...] = Field(min_length=1, max_length=64)
-    outputs: tuple[TensorSpec, ...] = Field(min_length=1, max_length=64)
-
-    @model_validator(mode="after")
-    def _names_unique(self) -> Self:
-        _unique_names(self.inputs, "inputs")
-        _unique_names(self.outputs, "outputs")
-        return self
-
-
-class Tensor(BaseModel):
-    """A concrete v2 tensor (golden sample): flat row-major ``data`` of ``prod(shape)`` items."""
-
-    model_config = _STRICT
-
-    name: TensorName
-    datatype: Datatype
-    shape: tuple[Annotated[int, Field(ge=0)], ...] = Field(max_length=16)
-    data: tuple[bool | int | float | str, ...] = Field(max_length=8192)
-
-    @model_validator(mode="after")
-    def _data_fills_shape(self) -> Self:
-        if len(self.data) != math.prod(self.shape):
-            raise ValueError(
-                f"data has {len(self.data)} items, shape needs {math.prod(self.shape)}"
-            )
-        return self
-
-
-class Golden(BaseModel):
-    """A known input and its expected output, checked at warm-up within ``atol``."""
-
-    model_config = _STRICT
-
-    inputs: tuple[Tensor, ...] = Field(min_length=1, max_length=64)
-    outputs: tuple[Tensor, ...] = Field(min_length=1, max_length=64)
-    atol: float = Field(ge=0, allow_inf_nan=False)
-
-    @model_validator(mode="after")
-    def _names_unique(self) -> Self:
-        _unique_names(self.inputs, "golden inputs")
-        _unique_names(self.outputs, "golden outputs")
-        return self
-
-
-class Baseline(BaseModel):
-    """The drift baseline (training-data profile) shipped beside the model."""
-
-    model_config = _STRICT
-
-    sha256: Sha256Hex
-    size: int = Field(gt=0, le=MAX_BASELINE_BYTES)
-    url: Url
-
-
-class Signature(BaseModel):
-    """Ed25519 signature over the canonical JSON of the other fields."""
-
-    model_config = _STRICT
-
-    key_id: KeyId
-    value: Annotated[str, StringConstraints(min_length=1, max_length=128)]
-
-
-class ReleaseManifest(BaseModel):
-    """A verified release manifest; obtain one from :func:`verify_manifest`."""
-
-    model_config = _STRICT
-
-    # Schema 2 added the baseline (with its size); a schema-1 document cannot carry one.
-    schema_: Literal[1, 2] = Field(1, alias="schema")
-    name: ModelName
-    version: int = Field(ge=1, le=2**53)  # 2**53: still exact in any JSON parser
-    sha256: Sha256Hex
-    size: int = Field(gt=0, le=2**40)
-    url: Url
-    created: AwareDatetime
-    expires: AwareDatetime | None = None
-    contract: Contract
-    contract_change: bool = False
-    baseline: Baseline | None = None
-    golden: Golden | None = None
-    signature: Signature
-
-    @model_validator(mode="after")
-    def _expires_after_created(self) -> Self:
-        if self.expires is not None and self.expires <= self.created:
-            raise ValueError("expires must be later than created")
-        if self.baseline is not None and self.schema_ < 2:
-            raise ValueError("a baseline needs schema 2")
-        return self
-
-
 # --- canonical form and signatures ---------------------------------------------------------
 
 
@@ -274,7 +102,8 @@ def canonical_json(obj: object) -> bytes:
     ).encode("utf-8")
 
 
-def _schema_message(err: ValidationError) -> str:
+def schema_message(err: ValidationError) -> str:
+    """The first few problems of a manifest, by field path."""
     # Input values are left out on purpose: they are untrusted and may be huge.
     parts = [
         f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()[:3]
@@ -292,17 +121,22 @@ def _parse(document: Mapping[str, Any]) -> ReleaseManifest:
         # Strict JSON-mode validation: the twin arrives as JSON, so types must be JSON-exact.
         return ReleaseManifest.model_validate_json(text)
     except ValidationError as e:
-        raise ManifestRejected(Reason.SCHEMA_INVALID, _schema_message(e)) from e
+        raise ManifestRejected(Reason.SCHEMA_INVALID, schema_message(e)) from e
 
 
 def sign_manifest(
-    unsigned: Mapping[str, Any], private_key: Ed25519PrivateKey, key_id: str
+    unsigned: Mapping[str, Any] | UnsignedManifest, private_key: Ed25519PrivateKey, key_id: str
 ) -> dict[str, Any]:
     """Return a signed copy of ``unsigned``; the result is checked against the schema.
+
+    ``unsigned`` is the publisher's typed :class:`UnsignedManifest`, or a raw document (tests
+    sign malformed ones on purpose).
 
     Raises ``ValueError`` if ``unsigned`` already has a signature, :class:`ManifestRejected`
     (``schema_invalid``) if the signed document would not pass :func:`verify_manifest`.
     """
+    if isinstance(unsigned, UnsignedManifest):
+        unsigned = unsigned.document()
     if "signature" in unsigned:
         raise ValueError("manifest already carries a signature")
     try:

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from agent.reasons import AgentError, Reason
+from wire.reasons import AgentError, Reason
 
 # The largest model the device takes (`EDGEML_MAX_MODEL_BYTES` changes it).
 MAX_MODEL_BYTES: Final = 512 << 20

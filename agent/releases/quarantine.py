@@ -33,14 +33,12 @@ from pathlib import Path
 from typing import IO, Final
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from agent.config import Section
 from agent.observation.limits import read_memory_free
-from agent.reasons import AgentError, Reason
 from agent.releases.lifecycle import (
     SwapError,
-    contract_from_manifest,
     golden_arrays,
     golden_mismatches,
 )
@@ -52,6 +50,8 @@ from agent.serving.engine import (
     RuntimeOptions,
     load_model,
 )
+from wire.base import LaxWireModel
+from wire.reasons import AgentError, Reason
 
 log = structlog.get_logger(__name__)
 
@@ -164,9 +164,7 @@ def is_out_of_memory(message: str) -> bool:
 # --- the job, both sides -------------------------------------------------------------------
 
 
-class _Job(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Job(LaxWireModel):
     model_path: str
     manifest: str  # ReleaseManifest as JSON (verified by the parent; re-parsed, not re-verified)
     intra_op_threads: int | None = Field(ge=1)  # None: from the container's CPU limit
@@ -177,9 +175,7 @@ class _Job(BaseModel):
     cpu_seconds: int = Field(ge=1)
 
 
-class _ChildReport(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _ChildReport(LaxWireModel):
     passed: bool
     cost: dict[str, float] | None = None
     reason: str | None = None
@@ -188,7 +184,7 @@ class _ChildReport(BaseModel):
 
 def verify_candidate(model: LoadedModel, manifest: ReleaseManifest) -> None:
     """The manifest's contract and golden sample against a loaded model; raises `SwapError`."""
-    differences = contract_from_manifest(manifest.contract).differences(model.contract)
+    differences = manifest.contract.differences(model.contract)
     if differences:
         raise SwapError(
             Reason.CONTRACT_MISMATCH,

@@ -49,10 +49,11 @@ from types import MappingProxyType
 from typing import Annotated, Literal, Protocol
 
 import structlog
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints
 
 from agent.config import Section
-from agent.reasons import AgentError, Reason
+from wire.base import LaxWireModel, WireModel
+from wire.reasons import AgentError, Reason
 
 __all__ = [
     "DEFAULT_FREE_SPACE_MARGIN_BYTES",
@@ -333,26 +334,22 @@ def _check_sha(sha256: str) -> str:
 # --- state.json wire form ------------------------------------------------------------------
 
 _Sha = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-_FILE_MODEL = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class _RefFile(BaseModel):
-    model_config = _FILE_MODEL
+class _RefFile(WireModel):
     version: int = Field(ge=1)
     sha256: _Sha
     baseline_sha256: _Sha | None = None
 
 
-class _RolledBackFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)  # lax: `at` is an ISO string
+class _RolledBackFile(LaxWireModel):  # lax: `at` is an ISO string
     version: int = Field(ge=1)
     sha256: _Sha
     reason: Reason
     at: AwareDatetime
 
 
-class _RecordFile(BaseModel):
-    model_config = _FILE_MODEL
+class _RecordFile(WireModel):
     active: _RefFile | None = None
     last_known_good: _RefFile | None = None
     highest_seen: _RefFile | None = None
@@ -361,8 +358,8 @@ class _RecordFile(BaseModel):
     installing: _RefFile | None = None  # absent unless set
 
 
-class _StateFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+class _StateFile(WireModel):
+    model_config = ConfigDict(populate_by_name=True)  # merged into WireModel's
     schema_: Literal[1] = Field(alias="schema")
     models: dict[Annotated[str, StringConstraints(min_length=1, max_length=63)], _RecordFile]
 

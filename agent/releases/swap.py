@@ -36,7 +36,6 @@ from pydantic import Field
 
 from agent.config import Section
 from agent.observation.baseline import BaselineInvalidError, BaselinePack, parse_baseline
-from agent.reasons import AgentError, Reason
 from agent.releases.download import Downloader
 from agent.releases.lifecycle import (
     NO_BASELINE,
@@ -79,6 +78,7 @@ from agent.serving.engine import (
 )
 from agent.serving.inference import BatchingPolicy, InferenceService
 from agent.ticks import ticks
+from wire.reasons import AgentError, Reason
 
 log = structlog.get_logger(__name__)
 P = ParamSpec("P")

@@ -1,4 +1,4 @@
-"""Tensor contracts: what a model accepts and returns, and checking requests against it.
+"""Checking requests against a model's tensor contract (`wire.contract.ModelContract`).
 
 Pure: values in, values or `RequestError` out. Datatype names are the Open Inference
 Protocol v2 ones (``FP32``, ``INT64``, ``BYTES``...), the same on the wire and in manifests.
@@ -7,14 +7,14 @@ Protocol v2 ones (``FP32``, ``INT64``, ``BYTES``...), the same on the wire and i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 from pydantic import Field
 
 from agent.config import Section
-from agent.reasons import AgentError, Reason
+from wire.contract import Datatype, ModelContract, TensorSpec
+from wire.reasons import AgentError, Reason
 
 # v2 datatype -> numpy dtype. BYTES travels as numpy object arrays of `bytes`.
 V2_TO_NUMPY: Final[Mapping[str, np.dtype[np.generic]]] = {
@@ -35,7 +35,7 @@ V2_TO_NUMPY: Final[Mapping[str, np.dtype[np.generic]]] = {
 NUMPY_TO_V2: Final[Mapping[np.dtype[np.generic], str]] = {v: k for k, v in V2_TO_NUMPY.items()}
 
 # ONNX Runtime's type strings (`NodeArg.type`) -> v2 datatype.
-ONNX_TO_V2: Final[Mapping[str, str]] = {
+ONNX_TO_V2: Final[Mapping[str, Datatype]] = {
     "tensor(bool)": "BOOL",
     "tensor(uint8)": "UINT8",
     "tensor(uint16)": "UINT16",
@@ -56,57 +56,9 @@ class RequestError(AgentError):
     """A request the model cannot take."""
 
 
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """One named tensor. A `None` dimension is symbolic (any size); v2 metadata shows it as -1."""
-
-    name: str
-    datatype: str
-    shape: tuple[int | None, ...]
-
-    @property
-    def v2_shape(self) -> list[int]:
-        return [-1 if dim is None else dim for dim in self.shape]
-
-    @property
-    def numpy_dtype(self) -> np.dtype[np.generic]:
-        return V2_TO_NUMPY[self.datatype]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelContract:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    @property
-    def batchable(self) -> bool:
-        """Requests can be stacked along axis 0 only if every tensor has a symbolic first dim."""
-        tensors = self.inputs + self.outputs
-        return bool(tensors) and all(t.shape and t.shape[0] is None for t in tensors)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
-
-    def differences(self, other: ModelContract) -> list[str]:
-        """What a caller of `self` would see change if it were replaced by `other`."""
-        found: list[str] = []
-        for kind, mine, theirs in (
-            ("input", self.inputs, other.inputs),
-            ("output", self.outputs, other.outputs),
-        ):
-            a = {t.name: t for t in mine}
-            b = {t.name: t for t in theirs}
-            found += [f"{kind} {n!r} removed" for n in sorted(a.keys() - b.keys())]
-            found += [f"{kind} {n!r} added" for n in sorted(b.keys() - a.keys())]
-            for name in sorted(a.keys() & b.keys()):
-                if a[name].datatype != b[name].datatype:
-                    found.append(
-                        f"{kind} {name!r} datatype {a[name].datatype} -> {b[name].datatype}"
-                    )
-                if a[name].v2_shape != b[name].v2_shape:
-                    found.append(f"{kind} {name!r} shape {a[name].v2_shape} -> {b[name].v2_shape}")
-        return found
+def numpy_dtype(spec: TensorSpec) -> np.dtype[np.generic]:
+    """The numpy dtype a tensor of `spec` is held in (BYTES: object arrays of `bytes`)."""
+    return V2_TO_NUMPY[spec.datatype]
 
 
 class RequestLimits(Section):
@@ -132,10 +84,10 @@ class InputValidator:
         self._checks = tuple(
             (
                 spec,
-                spec.numpy_dtype,
+                numpy_dtype(spec),
                 len(spec.shape),
-                tuple((axis, dim) for axis, dim in enumerate(spec.shape) if dim is not None),
-                not limits.allow_non_finite and spec.numpy_dtype.kind == "f",
+                spec.fixed_dims(),
+                not limits.allow_non_finite and numpy_dtype(spec).kind == "f",
             )
             for spec in contract.inputs
         )

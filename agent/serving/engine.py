@@ -24,8 +24,9 @@ from pydantic import Field
 from agent.config import Section
 from agent.observation.limits import Limits, default_intra_op_threads, read_limits
 from agent.observation.metrics import LATENCY_BUCKETS, Distribution
-from agent.reasons import AgentError, Reason
-from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY, ModelContract, TensorSpec
+from agent.serving.contract import ONNX_TO_V2, V2_TO_NUMPY
+from wire.contract import SYMBOLIC, ModelContract, TensorSpec
+from wire.reasons import AgentError, Reason
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
@@ -123,7 +124,7 @@ def read_contract(session: ort.InferenceSession) -> ModelContract:
         datatype = ONNX_TO_V2.get(arg.type)
         if datatype is None:
             raise ModelLoadError(f"tensor {arg.name!r} has unsupported type {arg.type}")
-        dims = tuple(dim if isinstance(dim, int) and dim >= 0 else None for dim in arg.shape)
+        dims = tuple(dim if isinstance(dim, int) and dim >= 0 else SYMBOLIC for dim in arg.shape)
         return TensorSpec(name=arg.name, datatype=datatype, shape=dims)
 
     return ModelContract(
@@ -136,10 +137,7 @@ def sample_inputs(contract: ModelContract, rows: int) -> dict[str, np.ndarray]:
     """Zeros of the contract's shapes, symbolic dims set to `rows` (first) or 1 (others)."""
     samples: dict[str, np.ndarray] = {}
     for spec in contract.inputs:
-        shape = tuple(
-            dim if dim is not None else (rows if axis == 0 else 1)
-            for axis, dim in enumerate(spec.shape)
-        )
+        shape = spec.concrete_shape(rows)
         if spec.datatype == "BYTES":
             samples[spec.name] = np.full(shape, b"", dtype=np.object_)
         else:

@@ -29,7 +29,6 @@ from pydantic import Field
 from agent import __version__
 from agent.config import Section
 from agent.observation.metrics import InferenceMetrics
-from agent.reasons import Reason
 from agent.serving import protocol
 from agent.serving.auth import Credentials, auth_middleware
 from agent.serving.connections import (
@@ -45,6 +44,7 @@ from agent.serving.connections import (
 )
 from agent.serving.contract import RequestError
 from agent.serving.v2 import InferenceError, ServedModel, infer_v2
+from wire.reasons import Reason
 
 SERVER_NAME: Final = "edge-mlops-agent"
 LINGERING_S: Final = 1.0
@@ -68,7 +68,7 @@ class HttpSettings(Section):
 
 
 class HttpReason(enum.StrEnum):
-    """Refusals only HTTP routing makes (the rest are `agent.reasons.Reason`)."""
+    """Refusals only HTTP routing makes (the rest are `wire.reasons.Reason`)."""
 
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"

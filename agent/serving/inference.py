@@ -34,10 +34,11 @@ from pydantic import Field
 
 from agent.config import Section
 from agent.observation.metrics import InferenceMetrics
-from agent.reasons import Reason
 from agent.serving.batching import batch_key, split, stack, take_batch
-from agent.serving.contract import InputValidator, ModelContract, RequestError, RequestLimits
+from agent.serving.contract import InputValidator, RequestError, RequestLimits
 from agent.serving.engine import LoadedModel
+from wire.contract import ModelContract
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 
@@ -187,7 +188,11 @@ class InferenceService:
         }
         if model is None:
             return ModelMetadata(
-                self.name, (), PLATFORM, ModelContract((), ()), {"ready": False, **lifecycle}
+                self.name,
+                (),
+                PLATFORM,
+                ModelContract(inputs=(), outputs=()),
+                {"ready": False, **lifecycle},
             )
         return ModelMetadata(
             name=self.name,

@@ -27,8 +27,9 @@ from typing import Any, Final, TypeGuard
 import numpy as np
 import orjson
 
-from agent.reasons import Reason
-from agent.serving.contract import NUMPY_TO_V2, V2_TO_NUMPY, ModelContract, RequestError, TensorSpec
+from agent.serving.contract import NUMPY_TO_V2, V2_TO_NUMPY, RequestError
+from wire.contract import ModelContract, TensorSpec
+from wire.reasons import Reason
 
 # The header that splits a body into a JSON part and a raw tensor part (both directions).
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"

@@ -17,14 +17,15 @@ import numpy as np
 import structlog
 
 from agent.observation.metrics import InferenceMetrics
-from agent.reasons import AgentError, Reason
-from agent.serving.contract import ModelContract, RequestError
+from agent.serving.contract import RequestError
 from agent.serving.protocol import (
     EncodedResponse,
     InferRequest,
     decode_infer_request,
     encode_infer_response,
 )
+from wire.contract import ModelContract
+from wire.reasons import AgentError, Reason
 
 log = structlog.get_logger(__name__)
 

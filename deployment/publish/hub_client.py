@@ -150,7 +150,7 @@ class AzureHub:
                 return
             if _status(e) == 400:
                 raise PublisherError(
-                    Reason.MANIFEST_INVALID, f"IoT Hub refused configuration {deployment.id}"
+                    Reason.SCHEMA_INVALID, f"IoT Hub refused configuration {deployment.id}"
                 ) from e
             raise _unreachable(self.host, "create configuration", e) from e
 

@@ -173,10 +173,7 @@ class Publisher:
         try:
             described = describe_model(data)
         except ModelCheckError as e:
-            reason = (
-                Reason.GOLDEN_MISMATCH if e.reason == "golden_mismatch" else Reason.MODEL_INVALID
-            )
-            raise PublisherError(reason, f"{model_path.name}: {e.message}") from e
+            raise PublisherError(e.reason, f"{model_path.name}: {e.message}") from e
         registry = self._s.registry(create=True)
         if registry.created:
             self._err.print(
@@ -414,10 +411,10 @@ class Publisher:
                     Reason.KEY_INVALID,
                     f"{entry.ref} was signed with another key: run refresh-url to re-sign",
                 ) from e
-            raise PublisherError(Reason.MANIFEST_INVALID, f"{entry.ref}: {e.message}") from e
+            raise PublisherError(Reason.SCHEMA_INVALID, f"{entry.ref}: {e.message}") from e
         if manifest.get("sha256") != entry.sha256 or manifest.get("version") != entry.version:
             raise PublisherError(
-                Reason.MANIFEST_INVALID, f"{path} does not describe {entry.ref} any more"
+                Reason.SCHEMA_INVALID, f"{path} does not describe {entry.ref} any more"
             )
         expires = manifest.get("expires")
         if expires and datetime.fromisoformat(expires) - self._s.now() < MIN_URL_VALIDITY:
@@ -662,7 +659,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, json.JSONDecodeError) as e:
-        raise PublisherError(Reason.MANIFEST_INVALID, f"{path} is unreadable ({e})") from e
+        raise PublisherError(Reason.SCHEMA_INVALID, f"{path} is unreadable ({e})") from e
     return manifest
 
 

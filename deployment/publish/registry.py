@@ -217,12 +217,12 @@ class Registry:
         latest = self.latest_version(name)
         if expected_version is not None and expected_version <= latest:
             raise PublisherError(
-                Reason.VERSION_NOT_NEWER,
+                Reason.VERSION_NOT_MONOTONIC,
                 f"{name}: version {expected_version} is not newer than {latest}",
             )
         if expected_version is not None and expected_version != latest + 1:
             raise PublisherError(
-                Reason.VERSION_NOT_NEWER,
+                Reason.VERSION_NOT_MONOTONIC,
                 f"{name}: the next version is {latest + 1}, not {expected_version}",
             )
         try:
@@ -265,7 +265,7 @@ class Registry:
         if expected_version is not None and version != expected_version:
             # Another publisher registered in between: say so rather than mislabel.
             raise PublisherError(
-                Reason.VERSION_NOT_NEWER,
+                Reason.VERSION_NOT_MONOTONIC,
                 f"{name}: MLflow assigned version {version}, expected {expected_version}",
             )
         return self.entry(name, version)

@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
 from agent.releases.lifecycle import golden_arrays, golden_mismatches
-from agent.releases.manifest import Golden, sign_manifest
+from agent.releases.manifest import ManifestRejected, schema_message, sign_manifest
 from agent.releases.onnx_check import HostileModel, inspect_model
-from agent.serving.contract import NUMPY_TO_V2, ModelContract, TensorSpec
+from agent.serving.contract import NUMPY_TO_V2, numpy_dtype
 from agent.serving.engine import read_contract
-
-
-def _spec_json(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": spec.v2_shape}
+from wire.contract import ModelContract
+from wire.manifest import Golden, UnsignedManifest
+from wire.reasons import Reason, ReasonedError
 
 
 def _tensor_json(name: str, array: np.ndarray) -> dict[str, Any]:
@@ -42,22 +42,14 @@ def golden_sample(
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
     for spec in contract.inputs:
-        shape = tuple(
-            (rows if axis == 0 else 1) if dim is None else dim
-            for axis, dim in enumerate(spec.shape)
-        )
-        inputs[spec.name] = rng.standard_normal(shape).astype(spec.numpy_dtype)
+        shape = spec.concrete_shape(rows)
+        inputs[spec.name] = rng.standard_normal(shape).astype(numpy_dtype(spec))
     outputs = session.run(list(contract.output_names), inputs)
     return inputs, dict(zip(contract.output_names, outputs, strict=True))
 
 
-class ModelCheckError(ValueError):
+class ModelCheckError(ReasonedError, ValueError):
     """Model bytes a device would refuse: ``reason`` is ``model_invalid`` or ``golden_mismatch``."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 def describe_model(model: bytes, *, golden_atol: float | None = 1e-4) -> dict[str, Any]:
@@ -70,11 +62,11 @@ def describe_model(model: bytes, *, golden_atol: float | None = 1e-4) -> dict[st
     try:
         inspect_model(model)
     except HostileModel as e:
-        raise ModelCheckError("model_invalid", str(e)) from e
+        raise ModelCheckError(Reason.MODEL_INVALID, str(e)) from e
     try:
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own untyped errors for unloadable graphs
-        raise ModelCheckError("model_invalid", f"ONNX Runtime cannot load it: {e}") from e
+        raise ModelCheckError(Reason.MODEL_INVALID, f"ONNX Runtime cannot load it: {e}") from e
     described = _fields(model, session, golden_atol)
     if "golden" in described:
         _replay_golden(model, described["golden"])
@@ -88,10 +80,7 @@ def _fields(
     described: dict[str, Any] = {
         "sha256": hashlib.sha256(model).hexdigest(),
         "size": len(model),
-        "contract": {
-            "inputs": [_spec_json(s) for s in contract.inputs],
-            "outputs": [_spec_json(s) for s in contract.outputs],
-        },
+        "contract": contract.model_dump(mode="json"),
     }
     if golden_atol is not None:
         inputs, outputs = golden_sample(session, contract)
@@ -107,13 +96,13 @@ def _replay_golden(model: bytes, golden: dict[str, Any]) -> None:
     try:
         parsed = Golden.model_validate_json(json.dumps(golden, allow_nan=True))
     except ValueError as e:
-        raise ModelCheckError("golden_mismatch", f"golden sample is not valid: {e}") from e
+        raise ModelCheckError(Reason.GOLDEN_MISMATCH, f"golden sample is not valid: {e}") from e
     replay = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     expected = golden_arrays(parsed.outputs)
     produced = replay.run(list(expected), golden_arrays(parsed.inputs))
     problems = golden_mismatches(expected, dict(zip(expected, produced, strict=True)), parsed.atol)
     if problems:
-        raise ModelCheckError("golden_mismatch", "; ".join(problems))
+        raise ModelCheckError(Reason.GOLDEN_MISMATCH, "; ".join(problems))
 
 
 def unsigned_manifest(
@@ -126,8 +115,11 @@ def unsigned_manifest(
     valid_for: timedelta | None = None,
     contract_change: bool = False,
     baseline: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are."""
+) -> UnsignedManifest:
+    """The manifest to sign, from :func:`describe_model`'s fields and where the bytes are.
+
+    Raises :class:`ManifestRejected` (``schema_invalid``) naming the field a device would refuse.
+    """
     unsigned: dict[str, Any] = {
         "name": name,
         "version": version,
@@ -142,7 +134,15 @@ def unsigned_manifest(
     if baseline is not None:
         unsigned["schema"] = 2  # the first manifest schema with a baseline (sha256, size, url)
         unsigned["baseline"] = baseline
-    return unsigned
+    try:
+        # Through JSON text, as a device reads it: strict JSON types, NaN refused.
+        text = json.dumps(unsigned, allow_nan=False)
+    except ValueError as e:
+        raise ManifestRejected(Reason.SCHEMA_INVALID, f"not JSON: {e}") from e
+    try:
+        return UnsignedManifest.model_validate_json(text)
+    except ValidationError as e:
+        raise ManifestRejected(Reason.SCHEMA_INVALID, schema_message(e)) from e
 
 
 def build_manifest(

@@ -335,7 +335,7 @@ def check_newer_than_released(model: str, version: int, released: Mapping[int, s
     if version >= higher:
         return
     raise PublisherError(
-        Reason.VERSION_NOT_NEWER,
+        Reason.VERSION_NOT_MONOTONIC,
         f"{model}:{version} is below {model}:{higher}, already sent to ring {released[higher]!r} "
         "(devices refuse it as version_not_monotonic): register its model file again as a new "
         f"version (edgeml register FILE --name {model}), then upload, sign and release that",

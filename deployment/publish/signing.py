@@ -28,6 +28,7 @@ from agent.releases.manifest import (
 )
 from deployment import config
 from deployment.errors import PublisherError, Reason
+from wire.manifest import UnsignedManifest
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -40,7 +41,7 @@ class SigningKey:
     private: Ed25519PrivateKey
     key_id: str
 
-    def sign(self, unsigned: Mapping[str, Any]) -> dict[str, Any]:
+    def sign(self, unsigned: Mapping[str, Any] | UnsignedManifest) -> dict[str, Any]:
         return sign_manifest(unsigned, self.private, self.key_id)
 
 

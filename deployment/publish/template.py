@@ -24,8 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.profiler import ProfileDocument, read_profile
+from agent.profiler import read_profile
 from deployment.errors import PublisherError, Reason
+from wire.profile import ProfileDocument
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "deployment.template.json"
 AGENT_MODULE = "mlagent"
@@ -39,9 +40,9 @@ def load_profile(path: Path) -> ProfileDocument:
     try:
         return read_profile(path.read_bytes())
     except FileNotFoundError as e:
-        raise PublisherError(Reason.MANIFEST_INVALID, f"no profile file {str(path)!r}") from e
+        raise PublisherError(Reason.SCHEMA_INVALID, f"no profile file {str(path)!r}") from e
     except (OSError, ValueError) as e:
-        raise PublisherError(Reason.MANIFEST_INVALID, f"{e} (in {str(path)!r})") from e
+        raise PublisherError(Reason.SCHEMA_INVALID, f"{e} (in {str(path)!r})") from e
 
 
 # Placeholders whose values are credentials: only from the environment (secret precedence),
@@ -90,7 +91,7 @@ def render(
     missing = sorted(placeholders(template) - set(values))
     if missing:
         raise PublisherError(
-            Reason.MANIFEST_INVALID,
+            Reason.SCHEMA_INVALID,
             "template placeholders without a value: "
             + ", ".join(
                 f"${{{n}}} ("
@@ -122,10 +123,10 @@ def validate(manifest: Mapping[str, Any], *, agent: str = AGENT_MODULE) -> None:
     """What IoT Hub and the agent need of a base deployment; raises naming the problem."""
     text = json.dumps(manifest)
     if len(text.encode()) > MAX_DEPLOYMENT_BYTES:
-        raise PublisherError(Reason.MANIFEST_INVALID, "deployment larger than 512 KB")
+        raise PublisherError(Reason.SCHEMA_INVALID, "deployment larger than 512 KB")
     leftover = _PLACEHOLDER.search(text)
     if leftover:
-        raise PublisherError(Reason.MANIFEST_INVALID, f"unfilled placeholder {leftover[0]}")
+        raise PublisherError(Reason.SCHEMA_INVALID, f"unfilled placeholder {leftover[0]}")
     try:
         content = manifest["modulesContent"]
         edge_agent = content["$edgeAgent"]["properties.desired"]
@@ -133,21 +134,21 @@ def validate(manifest: Mapping[str, Any], *, agent: str = AGENT_MODULE) -> None:
         routes = content["$edgeHub"]["properties.desired"]["routes"]
     except (KeyError, TypeError) as e:
         raise PublisherError(
-            Reason.MANIFEST_INVALID, f"deployment lacks modulesContent entry {e}"
+            Reason.SCHEMA_INVALID, f"deployment lacks modulesContent entry {e}"
         ) from e
     if agent not in modules:
-        raise PublisherError(Reason.MANIFEST_INVALID, f"deployment has no module {agent!r}")
+        raise PublisherError(Reason.SCHEMA_INVALID, f"deployment has no module {agent!r}")
     for name, module in modules.items():
         image = module.get("settings", {}).get("image", "")
         if not isinstance(image, str) or not image or any(c.isspace() for c in image):
-            raise PublisherError(Reason.MANIFEST_INVALID, f"module {name!r}: bad image {image!r}")
+            raise PublisherError(Reason.SCHEMA_INVALID, f"module {name!r}: bad image {image!r}")
     for name, route in routes.items():
         if not isinstance(route, str) or not route.upper().startswith("FROM "):
-            raise PublisherError(Reason.MANIFEST_INVALID, f"route {name!r} is not FROM ... INTO")
+            raise PublisherError(Reason.SCHEMA_INVALID, f"route {name!r} is not FROM ... INTO")
     desired = content.get(agent, {}).get("properties.desired", {})
     if "models" in desired or "model" in desired:
         raise PublisherError(
-            Reason.MANIFEST_INVALID,
+            Reason.SCHEMA_INVALID,
             f"the base deployment sets {agent}'s models: that path belongs to the ring layers",
         )
 
@@ -156,5 +157,5 @@ def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
     try:
         loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise PublisherError(Reason.MANIFEST_INVALID, f"template {str(path)!r}: {e}") from e
+        raise PublisherError(Reason.SCHEMA_INVALID, f"template {str(path)!r}: {e}") from e
     return loaded

@@ -5,20 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.serving.contract import (
-    ModelContract,
-    RequestError,
-    RequestLimits,
-    TensorSpec,
-    validate_inputs,
-)
+from agent.serving.contract import RequestError, RequestLimits, validate_inputs
+from wire.contract import ModelContract, TensorSpec
 
 CONTRACT = ModelContract(
     inputs=(
-        TensorSpec("x", "FP32", (None, 4)),
-        TensorSpec("mask", "BOOL", (None, 4)),
+        TensorSpec(name="x", datatype="FP32", shape=(-1, 4)),
+        TensorSpec(name="mask", datatype="BOOL", shape=(-1, 4)),
     ),
-    outputs=(TensorSpec("y", "FP32", (None, 2)),),
+    outputs=(TensorSpec(name="y", datatype="FP32", shape=(-1, 2)),),
 )
 LIMITS = RequestLimits(max_elements=1000)
 
@@ -66,7 +61,9 @@ def test_invalid_requests_are_refused_with_a_precise_reason(
 
 
 def test_large_finite_halves_are_not_mistaken_for_infinity() -> None:
-    contract = ModelContract((TensorSpec("h", "FP16", (None, 8)),), ())
+    contract = ModelContract(
+        inputs=(TensorSpec(name="h", datatype="FP16", shape=(-1, 8)),), outputs=()
+    )
     big = np.full((64, 8), 60000, np.float16)
     assert validate_inputs(contract, {"h": big}, RequestLimits()) == 64
 
@@ -81,17 +78,21 @@ def test_non_finite_values_pass_when_allowed() -> None:
     [
         (CONTRACT, []),
         (
-            ModelContract(CONTRACT.inputs[:1], CONTRACT.outputs),
+            ModelContract(inputs=CONTRACT.inputs[:1], outputs=CONTRACT.outputs),
             ["input 'mask' removed"],
         ),
         (
             ModelContract(
-                (TensorSpec("x", "FP16", (None, 4)), CONTRACT.inputs[1]), CONTRACT.outputs
+                inputs=(TensorSpec(name="x", datatype="FP16", shape=(-1, 4)), CONTRACT.inputs[1]),
+                outputs=CONTRACT.outputs,
             ),
             ["input 'x' datatype FP32 -> FP16"],
         ),
         (
-            ModelContract(CONTRACT.inputs, (TensorSpec("y", "FP32", (None, 3)),)),
+            ModelContract(
+                inputs=CONTRACT.inputs,
+                outputs=(TensorSpec(name="y", datatype="FP32", shape=(-1, 3)),),
+            ),
             ["output 'y' shape [-1, 2] -> [-1, 3]"],
         ),
     ],
@@ -104,8 +105,20 @@ def test_contract_differences_name_each_change(other: ModelContract, expected: l
     ("contract", "batchable"),
     [
         (CONTRACT, True),
-        (ModelContract((TensorSpec("x", "FP32", (1, 4)),), CONTRACT.outputs), False),
-        (ModelContract(CONTRACT.inputs, (TensorSpec("s", "FP32", ()),)), False),
+        (
+            ModelContract(
+                inputs=(TensorSpec(name="x", datatype="FP32", shape=(1, 4)),),
+                outputs=CONTRACT.outputs,
+            ),
+            False,
+        ),
+        (
+            ModelContract(
+                inputs=CONTRACT.inputs,
+                outputs=(TensorSpec(name="s", datatype="FP32", shape=()),),
+            ),
+            False,
+        ),
     ],
 )
 def test_only_contracts_with_a_symbolic_first_dim_batch(

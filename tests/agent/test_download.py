@@ -19,7 +19,6 @@ from aiohttp.resolver import DefaultResolver
 from structlog.testing import capture_logs
 from yarl import URL
 
-from agent.reasons import Reason
 from agent.releases.download import (
     ContentRange,
     DeliveryError,
@@ -41,6 +40,7 @@ from tests.support.artifact_server import (
     RecordingSleep,
     TestPki,
 )
+from wire.reasons import Reason
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 BODY = bytes(random.Random(7).randbytes(200_000))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -78,7 +78,10 @@ def test_an_oversized_pack_is_refused_before_parsing() -> None:
         parse_baseline(b" " * (MAX_BASELINE_BYTES + 1))
 
 
-def _source(tensor: str, reduce: str, index: int = 0) -> Source:
+Reduce = Literal["position", "channel_mean", "row_max", "row_argmax"]
+
+
+def _source(tensor: str, reduce: Reduce, index: int = 0) -> Source:
     return Source(tensor=tensor, role="input", reduce=reduce, index=index)
 
 

@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry
 from tritonclient.utils import InferenceServerException
 
 from agent.observation.metrics import InferenceMetrics
-from agent.reasons import Reason
 from agent.serving.inference import InferenceService
 from agent.serving.protocol import HEADER_LENGTH
 from tests.support.http_fixtures import (
@@ -33,6 +32,7 @@ from tests.support.http_fixtures import (
     metrics_serving,
     serving,
 )
+from wire.reasons import Reason
 
 RNG = np.random.default_rng(11)
 

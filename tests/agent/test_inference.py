@@ -10,10 +10,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.observation.metrics import InferenceMetrics
-from agent.serving.contract import ModelContract, RequestError, TensorSpec
+from agent.serving.contract import RequestError
 from agent.serving.engine import CostModel, LoadedModel
 from agent.serving.inference import BatchingPolicy, InferenceService
 from tests.support.models import MID_FEATURES, TINY_FEATURES, loaded, mid_bytes, tiny_bytes
+from wire.contract import ModelContract, TensorSpec
 
 RNG = np.random.default_rng(7)
 
@@ -115,7 +116,8 @@ async def test_requests_of_other_shapes_are_not_mixed() -> None:
     model = _costed(loaded(tiny_bytes()), fixed_s=0.0002)
     # Widen the contract's feature dim to symbolic so two shapes are valid; ORT rejects one.
     model.contract = ModelContract(
-        (TensorSpec("input", "FP32", (None, None)),), model.contract.outputs
+        inputs=(TensorSpec(name="input", datatype="FP32", shape=(-1, -1)),),
+        outputs=model.contract.outputs,
     )
     service = _service(registry, model)
     good = service.infer({"input": _rows(1)})

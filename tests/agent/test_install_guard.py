@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent.reasons import Reason
 from agent.releases.store import ModelRecord, ModelRef, RolledBack, StoreState
+from wire.reasons import Reason
 
 AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 V1 = ModelRef(1, "1" * 64)

@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from agent.reasons import Reason
 from agent.releases.lifecycle import (
     NO_BASELINE,
     ModelState,
@@ -20,6 +19,7 @@ from agent.releases.lifecycle import (
     judge_probation,
     probation_report,
 )
+from wire.reasons import Reason
 
 POLICY = ProbationPolicy(requests=100, seconds=60, min_requests=20, max_latency_ratio=2.0)
 OLD = ServingStats(served=50, failed=0, latency_total_s=50 * 0.001)

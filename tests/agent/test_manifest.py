@@ -13,7 +13,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.reasons import Reason
 from agent.releases.manifest import (
     KeyConfigError,
     ManifestRejected,
@@ -29,6 +28,7 @@ from agent.releases.manifest import (
     sign_manifest,
     verify_manifest,
 )
+from wire.reasons import Reason
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 SHA_A = "a" * 64

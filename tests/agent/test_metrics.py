@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.observation.metrics import Distribution, InferenceMetrics
-from agent.reasons import Reason
+from wire.reasons import Reason
 
 
 @pytest.mark.parametrize(

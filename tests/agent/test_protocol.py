@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.serving.contract import V2_TO_NUMPY, ModelContract, RequestError, TensorSpec
+from agent.serving.contract import V2_TO_NUMPY, RequestError
 from agent.serving.protocol import (
     EXTENSIONS,
     InferRequest,
@@ -22,6 +22,7 @@ from agent.serving.protocol import (
     encode_server_metadata,
     parse_header_length,
 )
+from wire.contract import ModelContract, TensorSpec
 
 CAP = 1 << 20
 
@@ -452,8 +453,8 @@ def test_decoded_request_encodes_back_to_its_own_tensors() -> None:
 
 def test_model_metadata_shows_symbolic_dims_as_minus_one() -> None:
     contract = ModelContract(
-        inputs=(TensorSpec("input", "FP32", (None, 32)),),
-        outputs=(TensorSpec("output", "FP32", (None, 8)),),
+        inputs=(TensorSpec(name="input", datatype="FP32", shape=(-1, 32)),),
+        outputs=(TensorSpec(name="output", datatype="FP32", shape=(-1, 8)),),
     )
     body = encode_model_metadata(
         name="tiny",

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.reasons import Reason
 from agent.releases.manifest import ReleaseManifest, sign_manifest, verify_manifest
 from agent.releases.quarantine import (
     DEFAULT_MEMORY_BYTES,
@@ -33,6 +32,7 @@ from tests.support import bombs
 from tests.support.artifact_server import Artifact, TestPki
 from tests.support.models import mid_bytes, tiny_bytes
 from tests.support.releases import KEY_ID, Device, Publisher, make_device
+from wire.reasons import Reason
 
 MIB = 1 << 20
 GIB = 1 << 30

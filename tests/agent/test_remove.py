@@ -12,12 +12,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.observation.watch import Observer
-from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState
 from agent.serving.contract import RequestError
 from tests.support.artifact_server import Artifact, TestPki
 from tests.support.models import TINY_FEATURES, tiny_bytes
 from tests.support.releases import Device, Publisher, make_device
+from wire.reasons import Reason
 
 X = np.random.default_rng(4).standard_normal((1, TINY_FEATURES)).astype(np.float32)
 

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.reasons import Reason
 from agent.releases.store import (
     ModelRecord,
     ModelRef,
@@ -26,6 +25,7 @@ from agent.releases.store import (
     select_garbage,
 )
 from tests.support.artifact_server import FullDisk
+from wire.reasons import Reason
 
 A, B, C, D, E = (c * 64 for c in "abcde")
 V1, V2, V3 = ModelRef(1, A), ModelRef(2, B, baseline_sha256=E), ModelRef(3, C)

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ProbationPolicy, SwapError
 from agent.releases.manifest import sign_manifest
 from agent.releases.store import ModelStore
@@ -25,6 +24,7 @@ from deployment.examples.onnx_models import mlp
 from tests.support.artifact_server import Artifact, FullDisk, TestPki
 from tests.support.models import TINY_FEATURES, mid_bytes, tiny_bytes
 from tests.support.releases import Device, Publisher, make_device
+from wire.reasons import Reason
 
 X = np.random.default_rng(3).standard_normal((1, TINY_FEATURES)).astype(np.float32)
 

@@ -81,7 +81,7 @@ def test_a_version_that_is_not_next_is_refused(workspace: Workspace, tiny_file: 
             str(asked),
         )
         assert result.code == 1
-        assert "version_not_newer" in result.err
+        assert "version_not_monotonic" in result.err
     assert workspace.register(tiny_file, "reg_b", "--version", str(latest + 1)) == latest + 1
 
 

@@ -397,7 +397,7 @@ def test_after_a_halt_the_version_it_restored_is_refused_by_name(tmp_path: Path)
     ):
         with pytest.raises(PublisherError) as caught:
             attempt()
-        assert caught.value.reason == Reason.VERSION_NOT_NEWER
+        assert caught.value.reason == Reason.VERSION_NOT_MONOTONIC
         assert "m:1 is below m:3, already sent to ring 'canary'" in caught.value.message
     assert (hub.layers, len(list(audit.entries()))) == (layers, count)
     with pytest.raises(PublisherError) as halted:

@@ -187,7 +187,7 @@ def test_a_release_below_what_the_fleet_was_sent_is_refused(
         return
     with pytest.raises(PublisherError) as caught:
         rollout.check_newer_than_released("tiny", version, released)
-    assert caught.value.reason == Reason.VERSION_NOT_NEWER
+    assert caught.value.reason == Reason.VERSION_NOT_MONOTONIC
     highest = max(released)
     assert f"tiny:{version} is below tiny:{highest}" in caught.value.message
     assert "version_not_monotonic" in caught.value.message

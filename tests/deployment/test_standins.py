@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from agent.reasons import Reason
 from simulator import standins
 from simulator.standins import StandIn
 from simulator.twins import merge_patch
+from wire.reasons import Reason
 from wire.reported import ModelEntry, read_entry, to_twin
 
 

@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry
 
 from agent.app import App
 from agent.observation.limits import Limits
-from agent.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus, ProbationReport, ProbationState
 from agent.releases.manifest import (
     KeySettings,
@@ -40,6 +39,7 @@ from module.routes import RouteMetrics
 from module.settings import ModuleSettings
 from tests.support.fake_hub import FakeModuleClient
 from tests.support.polling import poll_async
+from wire.reasons import Reason
 from wire.reported import ModelHealth, to_twin
 
 SHA = "a" * 64

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from azure.iot.device import IoTHubModuleClient, Message
 
-from agent.reasons import REQUEST_REASONS
 from simulator import Simulator
 from simulator.core import UpstreamMessage
 from tests.module.conftest import StartModule
@@ -30,6 +29,7 @@ from tests.support.module_harness import (
     infer_request,
     sensor_client,
 )
+from wire.reasons import REQUEST_REASONS
 
 pytestmark = pytest.mark.e2e
 

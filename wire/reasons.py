@@ -1,8 +1,10 @@
-"""The agent's one vocabulary of failure reasons, and the error that carries one. Pure.
+"""The one vocabulary of failure reasons, device and cloud, and the errors that carry one. Pure.
 
-A reason is bounded: it is a metric label, a reported twin value and an alert field, so a
-hostile input can never mint a new one. `message` is for people and may name the input.
-Reasons only HTTP can produce (routing) live with HTTP (`agent.serving.http.HttpReason`).
+A reason is bounded: it is a metric label, a reported twin value, an alert field and a
+publisher's exit reason, so a hostile input can never mint a new one. `message` is for people
+and may name the input. Where the device and the cloud mean the same thing they share one
+value, spelt as the device reports it (fielded twins carry those spellings). Reasons only HTTP
+can produce (routing) live with HTTP (`agent.serving.http.HttpReason`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from typing import Final
 
 class Reason(enum.StrEnum):
     # -- a release refused before anything is fetched (state `rejected`) ----------------
+    # A document that does not have its schema's shape: on the device a release manifest; on
+    # the cloud also a deployment template or a manifest IoT Hub refuses.
     SCHEMA_INVALID = "schema_invalid"
     SIGNATURE_MISSING = "signature_missing"
     SIGNATURE_INVALID = "signature_invalid"
     UNKNOWN_KEY = "unknown_key"
     EXPIRED = "expired"
+    # Also the registry's refusal of a version that is not above the highest registered.
     VERSION_NOT_MONOTONIC = "version_not_monotonic"
     URL_REJECTED = "url_rejected"
     NAME_MISMATCH = "name_mismatch"
@@ -36,7 +41,7 @@ class Reason(enum.StrEnum):
     MODEL_TOO_DEEP = "model_too_deep"
     LOAD_FAILED = "load_failed"
     CONTRACT_MISMATCH = "contract_mismatch"
-    GOLDEN_MISMATCH = "golden_mismatch"
+    GOLDEN_MISMATCH = "golden_mismatch"  # also the publisher's check of the golden sample
     RESOURCE_LIMIT = "resource_limit"  # killed or out of memory in quarantine
     LOAD_TIMEOUT = "load_timeout"  # out of CPU or wall time in quarantine
     CRASHED_DURING_INSTALL = "crashed_during_install"  # the agent died loading or trying it
@@ -66,6 +71,27 @@ class Reason(enum.StrEnum):
     NOT_READY = "not_ready"
     # -- a request the model accepted but failed on (ours to fix) ------------------------
     INFERENCE_FAILED = "inference_failed"
+    # -- the cloud side only: why a publisher command cannot go on ------------------------
+    # (the CLI prints it, the audit log records it; no device ever reports one of these)
+    USAGE = "usage"
+    CONFIG = "config"
+    SECRET_MISSING = "secret_missing"  # noqa: S105 -- a reason, not a secret
+    MODEL_INVALID = "model_invalid"
+    NOT_FOUND = "not_found"
+    UNREACHABLE = "unreachable"
+    LOCKED = "locked"  # another process holds it: a controller's work folder, a database
+    READ_ONLY = "read_only"
+    INSECURE_URL = "insecure_url"
+    UPLOAD_FAILED = "upload_failed"
+    SAS_EXPIRED = "sas_expired"
+    KEY_INVALID = "key_invalid"
+    NO_DEVICES = "no_devices"
+    GATE_FAILED = "gate_failed"
+    GATE_TIMEOUT = "gate_timeout"
+    HALTED = "halted"
+    AUDIT_BROKEN = "audit_broken"
+    NOT_AUDITED = "not_audited"  # the action was done; its audit entry could not be written
+    PIPELINE_FAILED = "pipeline_failed"
 
 
 # A release ending for one of these was never acceptable (`rejected`); any other install
@@ -104,14 +130,21 @@ REQUEST_REASONS: Final = (
 )
 
 
-class AgentError(Exception):
+class ReasonedError(Exception):
     """An expected failure: a bounded `reason` to branch on and report, a `message` for people.
 
-    Subclasses say where it happened (a request, a manifest, a download, the store...); what
-    the agent does about it depends on the reason alone.
+    The one base of the device's `AgentError` and the cloud's `PublisherError`.
     """
 
     def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+
+class AgentError(ReasonedError):
+    """A failure on the device.
+
+    Subclasses say where it happened (a request, a manifest, a download, the store...); what
+    the agent does about it depends on the reason alone.
+    """
