@@ -35,7 +35,11 @@ def _report(**fields: Any) -> dict[str, Any]:
         (_report(), "passed", ""),
         (_report(state="downloading", probation=None), "pending", "downloading"),
         (_report(probation={"state": "watching", "requests": 3}), "pending", "watching"),
-        (_report(state="rolled_back", reason="probation"), "failed", "rolled_back: probation"),
+        (
+            _report(state="rolled_back", reason="probation_errors"),
+            "failed",
+            "rolled_back: probation_errors",
+        ),
         (_report(state="rejected", reason="signature_invalid"), "failed", "signature_invalid"),
         (_report(state="failed", reason="golden_mismatch"), "failed", "golden_mismatch"),
         (_report(probation={"state": "failed"}), "failed", "probation failed"),
