@@ -88,6 +88,8 @@ LOADER_NICENESS = 10
 # exhaust the same limits, or kill the process again.
 _BLOCKING = frozenset({Reason.RESOURCE_LIMIT, Reason.LOAD_TIMEOUT, Reason.CRASHED_DURING_INSTALL})
 MAX_REJECTIONS_KEPT = 8
+# A crash is blamed on a release only at its second one (see the store).
+_TWICE = {Reason.CRASHED_DURING_INSTALL: " (two crashes)"}
 
 
 class ArtifactSource(Protocol):
@@ -264,7 +266,13 @@ class ModelManager:
                 by_version=manifest.version,
             )
         self._stop_probation(name)
-        status = self._publish(name, ModelState.DOWNLOADING, None, "accepted", manifest=manifest)
+        status = self._publish(
+            name,
+            ModelState.DOWNLOADING,
+            None,
+            "accepted" + self._retry_note(manifest),
+            manifest=manifest,
+        )
         task = asyncio.get_running_loop().create_task(
             self._install(manifest, artifacts or self._artifacts), name=f"install-{name}"
         )
@@ -366,8 +374,9 @@ class ModelManager:
             name,
             ModelState.FAILED,
             refused.reason,
-            f"version {refused.version} failed with {refused.reason} at "
-            f"{refused.at.isoformat()}; it is not installed again: publish a higher version",
+            f"version {refused.version} failed with {refused.reason}"
+            f"{_TWICE.get(refused.reason, '')} at {refused.at.isoformat()}; "
+            "it is not installed again: publish a higher version",
             version=refused.version,
             sha256=refused.sha256,
         )
@@ -448,20 +457,29 @@ class ModelManager:
             if bad is None:
                 continue
             self._save(operator.methodcaller("crash_recovered", name, self._wall_clock()))
-            back = self._store.state.record(name).active
+            after = self._store.state.record(name)
+            back = after.active
+            serving = f"serving version {back.version}" if back is not None else "nothing to serve"
+            retry = after.crashed_once is not None
             log.error(
                 "crashed_during_install",
                 model=name,
                 version=bad.version,
+                crashes=1 if retry else 2,
+                action="retry" if retry else "blocked",
                 serving_version=back.version if back is not None else None,
             )
+            if retry:
+                # One crash is not evidence against the release: it is installed again, under
+                # the same guard, when next offered. Nothing is reported failed meanwhile.
+                continue
             self._metrics.ended(name, ModelState.FAILED, Reason.CRASHED_DURING_INSTALL)
             self._publish(
                 name,
                 ModelState.FAILED,
                 Reason.CRASHED_DURING_INSTALL,
-                f"the agent died while installing version {bad.version}; "
-                + (f"serving version {back.version}" if back is not None else "nothing to serve"),
+                f"the agent died twice while installing version {bad.version}; "
+                f"it is not installed again; {serving}",
                 version=bad.version,
                 sha256=bad.sha256,
             )
@@ -574,7 +592,12 @@ class ModelManager:
             cost = await self._quarantined(manifest)
             # From here a death of the process is blamed on this release (see the store).
             self._save(lambda state: state.installing(name, ref))
-            log.info("installing_in_process", model=name, version=manifest.version)
+            log.info(
+                "installing_in_process",
+                model=name,
+                version=manifest.version,
+                retry_after_crash=self._is_retry(manifest),
+            )
             try:
                 model = await self._in_loader(self._load_release, manifest, cost)
                 self._check_against_active(name, manifest, model)
@@ -591,7 +614,11 @@ class ModelManager:
         self._metrics.swap_seconds.observe(seconds)
         self._metrics.outcomes.labels(name, ModelState.ACTIVE.value).inc()
         self._publish(
-            name, ModelState.ACTIVE, None, f"swapped in {seconds:.2f} s", manifest=manifest
+            name,
+            ModelState.ACTIVE,
+            None,
+            f"swapped in {seconds:.2f} s" + self._retry_note(manifest),
+            manifest=manifest,
         )
         self._collect_garbage()
         baseline = _stats(previous) if previous is not None else NO_BASELINE
@@ -827,6 +854,18 @@ class ModelManager:
             return
         if removed:
             log.info("artifacts_removed", files=list(removed))
+
+    def _is_retry(self, manifest: ReleaseManifest) -> bool:
+        """Whether this release crashed the agent once already (a second crash blocks it)."""
+        crashed = self._store.state.record(manifest.name).crashed_once
+        return (
+            crashed is not None
+            and crashed.version == manifest.version
+            and (crashed.sha256 == manifest.sha256)
+        )
+
+    def _retry_note(self, manifest: ReleaseManifest) -> str:
+        return " (retry after one crash during install)" if self._is_retry(manifest) else ""
 
     def _serving_sha(self, name: str) -> str | None:
         service = self._services.get(name)
