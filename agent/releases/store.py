@@ -170,6 +170,13 @@ class ModelRecord:
     installing: ModelRef | None = None  # loading or on trial in the serving process
     crashed_once: ModelRef | None = None  # died once installing it: the next crash refuses it
 
+    @property
+    def fallback(self) -> ModelRef | None:
+        """What a rollback would serve: the last-known-good, unless it is what serves now
+        (after a rollback the release serving is the last known good one, with none older)."""
+        lkg = self.last_known_good
+        return lkg if lkg is not None and not _same_release(self.active, lkg) else None
+
 
 _EMPTY_RECORD = ModelRecord()
 
@@ -207,12 +214,14 @@ class StoreState:
         return self._with(name, replace(rec, active=ref, last_known_good=lkg)).seen(name, ref)
 
     def rolled_back(self, name: str, reason: Reason, at: datetime) -> StoreState:
-        """The last-known-good serves again. The release rolled back from is recorded (it is
-        refused until a higher version is seen) and not kept as a fallback; the highest version
-        seen stays (a fix is published as a higher version).
+        """The last-known-good serves again and stays the last-known-good (it is known good:
+        it served before, and nothing older is kept to fall back to). The release rolled back
+        from is recorded (it is refused until a higher version is seen) and not kept as a
+        fallback; the highest version seen stays (a fix is published as a higher version).
         """
         rec = self.record(name)
-        if rec.last_known_good is None:
+        target = rec.fallback
+        if target is None:
             raise NoLastKnownGoodError(f"model {name!r} has no last-known-good release")
         bad = rec.active
         rolled = (
@@ -222,8 +231,8 @@ class StoreState:
             name,
             replace(
                 rec,
-                active=rec.last_known_good,
-                last_known_good=None,
+                active=target,
+                last_known_good=target,
                 rolled_back=rolled,
                 installing=None,
                 crashed_once=None,
@@ -249,16 +258,16 @@ class StoreState:
 
     def crash_recovered(self, name: str, at: datetime) -> StoreState:
         """At start, with ``installing`` left behind: that release crashed the process. If it
-        had become active, the last-known-good serves again. A first crash is remembered
-        (``crashed_once``) and the release may be installed again; a second one refuses it from
-        now on (``crashed_during_install``)."""
+        had become active, the last-known-good serves again (and stays the last-known-good, as
+        after any rollback). A first crash is remembered (``crashed_once``) and the release may
+        be installed again; a second one refuses it from now on (``crashed_during_install``)."""
         rec = self.record(name)
         bad = rec.installing
         if bad is None:
             return self
         active, lkg = rec.active, rec.last_known_good
-        if active == bad:
-            active, lkg = lkg, None
+        if active is not None and _same_release(active, bad):
+            active = lkg
         if not _same_release(rec.crashed_once, bad):
             return self._with(
                 name,

@@ -346,16 +346,14 @@ class ModelManager:
             return self._still_failed(name, rolled, current)
         if current is not None and current.state is ModelState.ROLLED_BACK:
             return current
-        service = self._services.get(name)
-        model = service.model if service is not None else None
         return self._publish(
             name,
             ModelState.ROLLED_BACK,
             rolled.reason,
             f"version {rolled.version} was rolled back at {rolled.at.isoformat()} "
             f"({rolled.reason}); publish a higher version",
-            version=model.version if model is not None else None,
-            sha256=model.sha256 if model is not None else None,
+            version=rolled.version,
+            sha256=rolled.sha256,
         )
 
     def _still_failed(
@@ -384,7 +382,8 @@ class ModelManager:
     async def rollback(self, name: str, reason: Reason = Reason.REQUESTED) -> ModelStatus:
         """Serve the last-known-good release of `name` again (`rolled_back`)."""
         record = self._store.state.record(name)
-        if record.last_known_good is None:
+        target = record.fallback
+        if target is None:
             raise SwapError(
                 Reason.NO_LAST_KNOWN_GOOD,
                 f"model {name!r} has no last-known-good release to roll back to",
@@ -393,7 +392,8 @@ class ModelManager:
         if install is not None and not install.task.done():
             install.task.cancel("rollback requested")
         self._stop_probation(name)
-        target = record.last_known_good
+        # The status describes the release rolled back from; `active_version` the one serving.
+        bad = record.active or target
         model = await self._in_loader(self._load_stored, name, target)
         try:
             self._save(lambda state: state.rolled_back(name, reason, self._wall_clock()))
@@ -402,13 +402,21 @@ class ModelManager:
         self._switch(name, model)
         await self._attach_stored(name, target)
         self._metrics.ended(name, ModelState.ROLLED_BACK, reason)
+        log.warning(
+            "model_rolled_back",
+            model=name,
+            version=bad.version,
+            reason=reason,
+            serving_version=target.version,
+        )
         return self._publish(
             name,
             ModelState.ROLLED_BACK,
             reason,
+            f"version {bad.version} rolled back ({reason}); "
             f"serving last-known-good version {target.version}",
-            version=target.version,
-            sha256=target.sha256,
+            version=bad.version,
+            sha256=bad.sha256,
         )
 
     @property
@@ -493,7 +501,7 @@ class ModelManager:
             except SwapError as error:
                 # An expected outcome with its reason: no traceback.
                 log.error("restore_failed", model=name, reason=error.reason, error=error.message)  # noqa: TRY400
-                if record.last_known_good is None:
+                if record.fallback is None:
                     self._publish(
                         name,
                         ModelState.FAILED,
@@ -951,6 +959,7 @@ class ModelManager:
             state=state,
             reason=reason,
             message=status.message,
+            active_version=status.active_version,
         )
         for listener in self._listeners:
             listener(status)

@@ -34,10 +34,10 @@ V2_OTHER_BASELINE = ModelRef(2, V2.sha256, "b" * 64)
             {"active": V1, "highest_seen": V2, "installing": V2},
             {"active": V1, "highest_seen": V2, "crashed_once": V2},
         ),
-        # First crash while v2 was on trial: back to v1 (no fallback left), v2 retried once.
+        # First crash while v2 was on trial: back to v1 (still known good), v2 retried once.
         (
             {"active": V2, "last_known_good": V1, "highest_seen": V2, "installing": V2},
-            {"active": V1, "highest_seen": V2, "crashed_once": V2},
+            {"active": V1, "last_known_good": V1, "highest_seen": V2, "crashed_once": V2},
         ),
         # The first release ever crashed once: nothing to serve, retried when offered.
         (
@@ -53,7 +53,7 @@ V2_OTHER_BASELINE = ModelRef(2, V2.sha256, "b" * 64)
         (
             {"active": V2, "last_known_good": V1, "highest_seen": V2, "installing": V2,
              "crashed_once": V2},
-            {"active": V1, "highest_seen": V2, "rolled_back": CRASHED_V2},
+            {"active": V1, "last_known_good": V1, "highest_seen": V2, "rolled_back": CRASHED_V2},
         ),
         # Second crash of the first release ever: nothing to serve, refused.
         (

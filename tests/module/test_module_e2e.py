@@ -510,8 +510,10 @@ def test_direct_methods_through_the_service_sdk(
     service.wait_model(2)
     status, body = service.invoke("rollback", {})
     assert status == 200, body
-    assert (body["state"], body["version"], body["reason"]) == ("rolled_back", 1, "requested")
-    service.wait_model(1, "rolled_back")
+    # One entry, one release: v2 was rolled back; v1 serves (`active_version`).
+    assert (body["state"], body["version"], body["reason"]) == ("rolled_back", 2, "requested")
+    assert body["active_version"] == 1
+    service.wait_model(2, "rolled_back")
     code, answer = module.infer_http("m", infer_request("after-rollback", _rows(1)))
     assert code == 200, answer
     assert answer["model_version"] == "1"
@@ -674,8 +676,8 @@ def test_forged_manifests_touch_nothing_and_a_rollback_survives_a_restart_and_a_
     service.publish(genuine)  # re-published genuine: the rejection no longer stands in its way
     service.wait_model(2)
     status, body = service.invoke("rollback", {})
-    assert (status, body["state"], body["version"]) == (200, "rolled_back", 1), body
-    service.wait_model(1, "rolled_back")
+    assert (status, body["state"], body["version"]) == (200, "rolled_back", 2), body
+    service.wait_model(2, "rolled_back")
     module.terminate()
 
     restarted = start_module()  # same state dir: the twin still desires v2
@@ -686,7 +688,8 @@ def test_forged_manifests_touch_nothing_and_a_rollback_survives_a_restart_and_a_
         "v2 answered rolled_back after the restart",
     )
     entry = model_entry(reported)
-    assert (entry["state"], entry["reason"], entry["version"]) == ("rolled_back", "requested", 1)
+    assert (entry["state"], entry["reason"], entry["version"]) == ("rolled_back", "requested", 2)
+    assert entry["active_version"] == 1
     connected = len(restarted.events("twin_read"))
     assert sim.faults.drop_connection(sim.device_id, MODULE)  # a full twin resync
     poll(lambda: len(restarted.events("twin_read")) > connected, 30, "the twin read again")
