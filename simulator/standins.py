@@ -4,7 +4,8 @@ A stand-in connects as a module of one device, reads its twin, and for every man
 ``properties.desired.models`` newer than what it runs reports what the agent reports
 (``models.<name>: {version, sha256, state, probation: {...}}``): ``active`` with probation
 ``watching``, then ``passed`` after ``probation_s`` -- or, for a sha256 listed in
-``failing``, probation ``failed`` and ``rolled_back`` to the previous release. A model that
+``failing``, probation ``failed`` and ``rolled_back`` to the previous release, or, for one listed
+in ``quiet`` (a device that sees no traffic), ``passed_without_traffic``. A model that
 leaves the desired ``models`` loses its reported entry (the agent stops serving it). It answers the
 ``rollback`` direct method like the agent. It does not load models: a fleet of a thousand fits
 in one thread. ``check`` (optional) runs on each manifest first, e.g. a signature check or a
@@ -62,6 +63,7 @@ class StandIn:
     probation_s: float
     failing: Collection[str]
     check: Check | None
+    quiet: Collection[str] = ()  # sha256s whose probation sees no traffic
     models: dict[str, _Model] = field(default_factory=dict)
     entries: set[str] = field(default_factory=set)  # names with a reported entry
     desired: dict[str, Any] = field(default_factory=dict)
@@ -176,6 +178,7 @@ class StandIn:
             )
             return
         model.previous = (version, sha256)
+        quiet = sha256 in self.quiet
         self.report(
             name,
             {
@@ -183,8 +186,8 @@ class StandIn:
                 "sha256": sha256,
                 "state": "active",
                 "probation": {
-                    "state": "passed",
-                    "requests": 200,
+                    "state": "passed_without_traffic" if quiet else "passed",
+                    "requests": 0 if quiet else 200,
                     "error_rate": 0.0,
                     "p99_ratio": 1.0,
                     "until": None,
@@ -296,9 +299,11 @@ class StandInFleet:
         probation_s: float = 0.5,
         failing: Collection[str] = (),
         check: Check | None = None,
+        quiet: Collection[str] = (),
     ) -> None:
         self.standins = [
-            StandIn(device, module, probation_s, failing, check) for device, module in modules
+            StandIn(device, module, probation_s, failing, check, quiet)
+            for device, module in modules
         ]
         self._host, self._port = host, port
         self._ca_file = ca_file

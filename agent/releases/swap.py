@@ -823,6 +823,26 @@ class ModelManager:
                     sha256=model.sha256,
                 )
                 return
+            if verdict is Verdict.NO_TRAFFIC:
+                # Nothing went wrong, but nothing was shown either: it keeps serving, and a
+                # ring gate sees `passed_without_traffic`, not `passed`.
+                log.warning(
+                    "probation_passed_without_traffic",
+                    model=name,
+                    version=model.version,
+                    served=stats.served,
+                    min_requests=policy.min_requests,
+                )
+                self._publish(
+                    name,
+                    ModelState.ACTIVE,
+                    None,
+                    f"probation ended after {stats.served} requests, fewer than its minimum of "
+                    f"{policy.min_requests}: passed without traffic",
+                    version=model.version,
+                    sha256=model.sha256,
+                )
+                return
             reason = (
                 Reason.PROBATION_ERRORS if verdict is Verdict.ERRORS else Reason.PROBATION_LATENCY
             )

@@ -40,6 +40,7 @@ LABEL_VERSION = "edgeml-version"
 BASE_PRIORITY = 10
 RING_PRIORITY_STEP = 10
 FAILED_STATES = frozenset({"failed", "rejected", "rolled_back"})
+NO_TRAFFIC = "passed_without_traffic"  # the agent's probation state for a window with no traffic
 DRIFT_ALARM = "drift"
 # Query paths cannot quote every character a model name may hold; these need no quoting.
 _QUERYABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
@@ -59,6 +60,9 @@ class GateBounds:
     max_p99_ratio: float = 3.0
     timeout_s: float = 900.0
     poll_s: float = 5.0
+    # A probation that ended without its minimum of requests (`passed_without_traffic`) shows
+    # nothing about the release: refused unless the operator accepts it (`--allow-no-traffic`).
+    allow_no_traffic: bool = False
 
 
 def rings_from_config(conditions: Mapping[str, str]) -> list[Ring]:
@@ -155,6 +159,7 @@ class DeviceVerdict:
     device_id: str
     outcome: str  # passed | failed | pending
     reason: str = ""
+    without_traffic: bool = False  # passed on a probation that saw no traffic (allowed)
 
 
 def judge_device(
@@ -170,6 +175,15 @@ def judge_device(
     probation = _mapping(reported.get("probation"))
     if state == "active" and probation.get("state") == "passed":
         return DeviceVerdict(device_id, "passed")
+    if state == "active" and probation.get("state") == NO_TRAFFIC:
+        if bounds.allow_no_traffic:
+            return DeviceVerdict(device_id, "passed", "saw no traffic", without_traffic=True)
+        return DeviceVerdict(
+            device_id,
+            "failed",
+            f"saw no traffic during probation ({probation.get('requests')} requests, "
+            f"{NO_TRAFFIC}); release with --allow-no-traffic to accept that",
+        )
     return DeviceVerdict(device_id, "pending", f"{state}, probation {probation.get('state')}")
 
 
@@ -210,6 +224,7 @@ class GateResult:
     passed: int
     failed: tuple[DeviceVerdict, ...] = ()
     pending: int = 0
+    without_traffic: int = 0  # of `passed`: devices whose probation saw no traffic
 
 
 def judge_gate(verdicts: Iterable[DeviceVerdict], required: int) -> GateResult:
@@ -218,13 +233,14 @@ def judge_gate(verdicts: Iterable[DeviceVerdict], required: int) -> GateResult:
     failed = tuple(v for v in items if v.outcome == "failed")
     passed = sum(1 for v in items if v.outcome == "passed")
     pending = sum(1 for v in items if v.outcome == "pending")
+    quiet = sum(1 for v in items if v.outcome == "passed" and v.without_traffic)
     if failed:
         outcome = "failed"
     elif passed >= required:
         outcome = "passed"
     else:
         outcome = "waiting"
-    return GateResult(outcome, required, passed, failed, pending)
+    return GateResult(outcome, required, passed, failed, pending, quiet)
 
 
 def required_devices(targeted: int, min_fraction: float) -> int:
@@ -254,6 +270,7 @@ class Progress:
     previous: dict[str, int | None] = field(default_factory=dict)
     halted: Entry | None = None
     finished: bool = False
+    without_traffic: dict[str, int] = field(default_factory=dict)  # ring -> devices accepted
 
 
 def progress_of(entries: Iterable[Entry], subject: str) -> Progress:
@@ -269,6 +286,9 @@ def progress_of(entries: Iterable[Entry], subject: str) -> Progress:
             progress.previous[ring] = int(previous) if previous is not None else None
         elif entry.action == "release.gate" and entry.outcome == "passed":
             progress.gated.add(ring)
+            quiet = entry.details.get("without_traffic")
+            if isinstance(quiet, int) and quiet > 0:
+                progress.without_traffic[ring] = quiet
         elif entry.action == "release.halted":
             progress.halted = entry
         elif entry.action == "release.finished":
@@ -337,6 +357,10 @@ class Rollout:
             )
             for ring in rings
         ]
+
+    def progress(self, model: str, version: int) -> Progress:
+        """What the audit log says ``model:version`` has done so far."""
+        return progress_of(self._audit.entries(), f"{model}:{version}")
 
     def release(
         self,
@@ -479,6 +503,7 @@ class Rollout:
             ring=ring.name,
             required=result.required,
             passed=result.passed,
+            without_traffic=result.without_traffic,
             failed={v.device_id: v.reason for v in result.failed},
         )
         log.info("gate", model=model, version=version, ring=ring.name, outcome=result.outcome)

@@ -409,3 +409,31 @@ async def test_probation_is_reported_until_it_passes(
     assert passed.p99_ratio is None  # a first install has nothing to compare with
     assert device.manager.statuses["m"].message.startswith("probation passed")
     await device.manager.close()
+
+
+async def test_a_probation_without_traffic_ends_passed_without_traffic_not_passed(
+    tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
+) -> None:
+    device = make_device(
+        tmp_path / "store",
+        publisher,
+        artifact_pki,
+        probation=ProbationPolicy(requests=5, seconds=0.3, min_requests=3),
+    )
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    await _answer(device)  # one request: fewer than the minimum of 3
+    with capture_logs() as logs:
+        for _ in range(100):
+            if device.manager.probation["m"].state != "watching":
+                break
+            await asyncio.sleep(0.05)
+    ended = device.manager.probation["m"]
+    assert (ended.state, ended.requests) == ("passed_without_traffic", 1)
+    status = device.manager.statuses["m"]
+    assert (status.state, status.version) == (ModelState.ACTIVE, 1)  # it keeps serving
+    assert "passed without traffic" in status.message
+    assert [e["event"] for e in logs if e["event"].startswith("probation_")] == [
+        "probation_passed_without_traffic"
+    ]
+    assert device.store.state.record("m").installing is None  # off trial all the same
+    await device.manager.close()
