@@ -119,6 +119,12 @@ def _rollout_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     release.add_argument("--max-p99-ratio", type=_positive(float), default=defaults.max_p99_ratio)
     release.add_argument("--timeout", type=_positive(float), default=defaults.timeout_s)
     release.add_argument("--poll", type=_positive(float), default=defaults.poll_s)
+    release.add_argument(
+        "--allow-no-traffic",
+        action="store_true",
+        help="accept devices whose probation ended without its minimum of requests "
+        "(passed_without_traffic); by default such a ring fails its gate",
+    )
 
 
 def _other_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -278,6 +284,7 @@ def _release(publisher: Publisher, args: argparse.Namespace) -> None:
         max_p99_ratio=args.max_p99_ratio,
         timeout_s=args.timeout,
         poll_s=args.poll,
+        allow_no_traffic=args.allow_no_traffic,
     )
     publisher.release(args.ref, args.rings, bounds, dry_run=args.dry_run)
 

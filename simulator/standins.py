@@ -5,7 +5,8 @@ A stand-in connects as a module of one device, reads its twin, and for every man
 with the agent's own wire models (``models.<name>``, a ``wire.reported.ModelEntry``):
 ``active`` with probation ``watching``, then ``passed`` after ``probation_s`` -- or, for a
 sha256 listed in ``failing``, probation ``failed`` and ``rolled_back`` to the previous
-release. A model that leaves the desired ``models`` loses its reported entry (the agent stops
+release, or, for one listed in ``quiet`` (a device that sees no traffic),
+``passed_without_traffic``. A model that leaves the desired ``models`` loses its reported entry (the agent stops
 serving it). It answers the ``rollback`` direct method like the agent. It does not load
 models: a fleet of a thousand fits in one thread. ``check`` (optional) runs on each manifest
 first, e.g. a signature check or a download; an exception there is reported as ``failed``.
@@ -85,6 +86,7 @@ class StandIn:
     probation_s: float
     failing: Collection[str]
     check: Check | None
+    quiet: Collection[str] = ()  # sha256s whose probation sees no traffic
     models: dict[str, _Model] = field(default_factory=dict)
     entries: set[str] = field(default_factory=set)  # names with a reported entry
     desired: dict[str, Any] = field(default_factory=dict)
@@ -190,13 +192,19 @@ class StandIn:
             )
             return
         model.previous = (version, sha256)
+        quiet = sha256 in self.quiet
         self.report(
             name,
             ModelEntry(
                 version=version,
                 sha256=sha256,
                 state=ModelState.ACTIVE,
-                probation=_probation(ProbationState.PASSED, 200, 0.0, 1.0),
+                probation=_probation(
+                    ProbationState.PASSED_WITHOUT_TRAFFIC if quiet else ProbationState.PASSED,
+                    0 if quiet else 200,
+                    0.0,
+                    1.0,
+                ),
             ),
         )
 
@@ -306,9 +314,11 @@ class StandInFleet:
         probation_s: float = 0.5,
         failing: Collection[str] = (),
         check: Check | None = None,
+        quiet: Collection[str] = (),
     ) -> None:
         self.standins = [
-            StandIn(device, module, probation_s, failing, check) for device, module in modules
+            StandIn(device, module, probation_s, failing, check, quiet)
+            for device, module in modules
         ]
         self._host, self._port = host, port
         self._ca_file = ca_file

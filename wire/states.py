@@ -28,6 +28,9 @@ class ProbationState(enum.StrEnum):
 
     WATCHING = "watching"
     PASSED = "passed"
+    # Kept serving (nothing went wrong) but not evidence of health: a ring gate refuses it
+    # unless told to accept releases on devices that saw no traffic.
+    PASSED_WITHOUT_TRAFFIC = "passed_without_traffic"
     FAILED = "failed"
 
 

@@ -150,6 +150,7 @@ class ServingStats:
 class Verdict(enum.Enum):
     WATCHING = "watching"
     PASSED = "passed"
+    NO_TRAFFIC = "no_traffic"  # the window ended before `min_requests`: nothing was judged
     ERRORS = "errors"
     LATENCY = "latency"
 
@@ -160,6 +161,7 @@ NO_BASELINE: Final = ServingStats(0, 0, 0.0)
 _PROBATION_STATES: Final = {
     Verdict.WATCHING: ProbationState.WATCHING,
     Verdict.PASSED: ProbationState.PASSED,
+    Verdict.NO_TRAFFIC: ProbationState.PASSED_WITHOUT_TRAFFIC,
     Verdict.ERRORS: ProbationState.FAILED,
     Verdict.LATENCY: ProbationState.FAILED,
 }
@@ -238,13 +240,18 @@ def judge_probation(
 
     Errors are judged as soon as `min_requests` were served, so a broken model is caught
     early; latency only at the end, over the whole window, and only against an old model that
-    itself served `min_requests` (a first install has nothing to regress from).
+    itself served `min_requests` (a first install has nothing to regress from). A probation
+    passes only on evidence: the window ends early only once `min_requests` were served too,
+    and a window that runs out of time with fewer ends `NO_TRAFFIC`, not `PASSED`.
     """
     served = candidate.served
     if served >= policy.min_requests and candidate.failed / served > policy.max_error_rate:
         return Verdict.ERRORS
-    if served < policy.requests and elapsed_s < policy.seconds:
+    enough = served >= max(policy.requests, policy.min_requests)
+    if not enough and elapsed_s < policy.seconds:
         return Verdict.WATCHING
+    if served < policy.min_requests:
+        return Verdict.NO_TRAFFIC
     if (
         served >= policy.min_requests
         and previous.served >= policy.min_requests

@@ -8,7 +8,8 @@ Layout under the store root::
     baselines/<sha256>.part
     state.json                 {"schema": 1, "models": {<name>: {"active": ref|null,
                                  "last_known_good": ref|null, "highest_seen": ref|null,
-                                 "rolled_back": rolled|null, ["installing": ref]}}}
+                                 "rolled_back": rolled|null, ["installing": ref],
+                                 ["crashed_once": ref]}}}
         ref = {"version": int, "sha256": hex64, "baseline_sha256": hex64|null}
         rolled = {"version": int, "sha256": hex64, "reason": str, "at": ISO 8601}
 
@@ -20,8 +21,11 @@ the process (``crashed_during_install``) or exhausted its quarantine's limits
 
 ``installing`` is written before a release is loaded into the serving process and cleared once
 it has served its first requests (or failed cleanly): found at start, it means the process died
-loading or trying that release (`crash_recovered`). It is written only when set, so a file
-without it reads as before it existed.
+loading or trying that release (`crash_recovered`). One crash is not evidence against a release
+(a power cut or an OOM kill of a neighbour looks the same): the first one is remembered as
+``crashed_once`` and the release is installed again, under the same guard, when it is next
+offered; a second crash of the same release refuses it (``crashed_during_install``). Both are
+written only when set, so a file without them reads as before they existed.
 
 ``state.json`` is replaced atomically (temp file in the same directory, fsync, ``os.replace``,
 fsync of the directory), so a crash at any instant leaves either the old or the new state, and
@@ -165,6 +169,14 @@ class ModelRecord:
     highest_seen: ModelRef | None = None
     rolled_back: RolledBack | None = None
     installing: ModelRef | None = None  # loading or on trial in the serving process
+    crashed_once: ModelRef | None = None  # died once installing it: the next crash refuses it
+
+    @property
+    def fallback(self) -> ModelRef | None:
+        """What a rollback would serve: the last-known-good, unless it is what serves now
+        (after a rollback the release serving is the last known good one, with none older)."""
+        lkg = self.last_known_good
+        return lkg if lkg is not None and not _same_release(self.active, lkg) else None
 
 
 _EMPTY_RECORD = ModelRecord()
@@ -203,12 +215,14 @@ class StoreState:
         return self._with(name, replace(rec, active=ref, last_known_good=lkg)).seen(name, ref)
 
     def rolled_back(self, name: str, reason: Reason, at: datetime) -> StoreState:
-        """The last-known-good serves again. The release rolled back from is recorded (it is
-        refused until a higher version is seen) and not kept as a fallback; the highest version
-        seen stays (a fix is published as a higher version).
+        """The last-known-good serves again and stays the last-known-good (it is known good:
+        it served before, and nothing older is kept to fall back to). The release rolled back
+        from is recorded (it is refused until a higher version is seen) and not kept as a
+        fallback; the highest version seen stays (a fix is published as a higher version).
         """
         rec = self.record(name)
-        if rec.last_known_good is None:
+        target = rec.fallback
+        if target is None:
             raise NoLastKnownGoodError(f"model {name!r} has no last-known-good release")
         bad = rec.active
         rolled = (
@@ -218,41 +232,59 @@ class StoreState:
             name,
             replace(
                 rec,
-                active=rec.last_known_good,
-                last_known_good=None,
+                active=target,
+                last_known_good=target,
                 rolled_back=rolled,
                 installing=None,
+                crashed_once=None,
             ),
         )
 
     def installing(self, name: str, ref: ModelRef) -> StoreState:
-        """``ref`` is about to be loaded in the serving process (see the module docstring)."""
-        return self._with(name, replace(self.record(name), installing=ref))
+        """``ref`` is about to be loaded in the serving process (see the module docstring). A
+        crash remembered of another release no longer matters: it is not the one retried."""
+        rec = self.record(name)
+        crashed = rec.crashed_once if _same_release(rec.crashed_once, ref) else None
+        return self._with(name, replace(rec, installing=ref, crashed_once=crashed))
 
     def installed(self, name: str, ref: ModelRef) -> StoreState:
         """``ref`` failed cleanly or has served its first requests: no longer on trial."""
         rec = self.record(name)
         # The release, whatever drift baseline its ref carries.
-        on_trial = rec.installing
-        if on_trial is None or (on_trial.version, on_trial.sha256) != (ref.version, ref.sha256):
+        if not _same_release(rec.installing, ref):
             return self
-        return self._with(name, replace(rec, installing=None))
+        # Through its trial (or failed for a reason of its own): an earlier crash is forgiven.
+        crashed = None if _same_release(rec.crashed_once, ref) else rec.crashed_once
+        return self._with(name, replace(rec, installing=None, crashed_once=crashed))
 
     def crash_recovered(self, name: str, at: datetime) -> StoreState:
-        """At start, with ``installing`` left behind: that release crashed the process. It is
-        refused from now on (``crashed_during_install``); if it had become active, the
-        last-known-good serves again."""
+        """At start, with ``installing`` left behind: that release crashed the process. If it
+        had become active, the last-known-good serves again (and stays the last-known-good, as
+        after any rollback). A first crash is remembered (``crashed_once``) and the release may
+        be installed again; a second one refuses it from now on (``crashed_during_install``)."""
         rec = self.record(name)
         bad = rec.installing
         if bad is None:
             return self
         active, lkg = rec.active, rec.last_known_good
-        if active == bad:
-            active, lkg = lkg, None
+        if active is not None and _same_release(active, bad):
+            active = lkg
+        if not _same_release(rec.crashed_once, bad):
+            return self._with(
+                name,
+                replace(rec, active=active, last_known_good=lkg, installing=None, crashed_once=bad),
+            )
         refused = RolledBack(bad.version, bad.sha256, Reason.CRASHED_DURING_INSTALL, at)
         return self._with(
             name,
-            replace(rec, active=active, last_known_good=lkg, installing=None, rolled_back=refused),
+            replace(
+                rec,
+                active=active,
+                last_known_good=lkg,
+                installing=None,
+                crashed_once=None,
+                rolled_back=refused,
+            ),
         )
 
     def refused(self, name: str, ref: ModelRef, reason: Reason, at: datetime) -> StoreState:
@@ -265,7 +297,10 @@ class StoreState:
         its files may be collected. What was seen and refused stays: versions never go back,
         and a refused release stays refused if the model is desired again."""
         rec = self.record(name)
-        return self._with(name, replace(rec, active=None, last_known_good=None, installing=None))
+        return self._with(
+            name,
+            replace(rec, active=None, last_known_good=None, installing=None, crashed_once=None),
+        )
 
     def protected_artifacts(self) -> frozenset[str]:
         """Digests that garbage collection must never remove: every active and LKG model."""
@@ -301,6 +336,7 @@ class StoreState:
                     highest_seen=_ref(rec.highest_seen),
                     rolled_back=_rolled(rec.rolled_back),
                     installing=_ref(rec.installing),
+                    crashed_once=_ref(rec.crashed_once),
                 )
                 for name, rec in parsed.models.items()
             }
@@ -322,6 +358,11 @@ def select_garbage(
         reverse=True,
     )
     return set(others[keep:])
+
+
+def _same_release(ref: ModelRef | None, other: ModelRef) -> bool:
+    """The same release, whatever drift baseline either ref carries."""
+    return ref is not None and (ref.version, ref.sha256) == (other.version, other.sha256)
 
 
 def _check_sha(sha256: str) -> str:
@@ -356,6 +397,7 @@ class _RecordFile(WireModel):
     # Absent in files written before rollbacks were recorded.
     rolled_back: _RolledBackFile | None = None
     installing: _RefFile | None = None  # absent unless set
+    crashed_once: _RefFile | None = None  # absent unless set
 
 
 class _StateFile(WireModel):
@@ -396,6 +438,8 @@ def _record_json(rec: ModelRecord) -> dict[str, object]:
     }
     if rec.installing is not None:  # only when set: older agents can still read the file
         document["installing"] = _ref_json(rec.installing)
+    if rec.crashed_once is not None:
+        document["crashed_once"] = _ref_json(rec.crashed_once)
     return document
 
 

@@ -554,6 +554,8 @@ class Publisher:
             self._out.print(f"{entry.ref} is already released to {', '.join(rings)}: no change")
         else:
             self._out.print(f"released {entry.ref} to {', '.join(rings)}")
+        if bounds.allow_no_traffic:
+            self._out.print(_no_traffic_note(runner.progress(name, version).without_traffic))
 
     def status(self, name: str | None, *, repair: bool = False) -> None:
         if repair:
@@ -689,3 +691,14 @@ def _last_seen(twin: Mapping[str, Any]) -> str:
 def _shown(value: object) -> str:
     """A reported value in a table cell; '-' where the device reports none."""
     return "-" if value is None else str(value)
+
+
+def _no_traffic_note(without_traffic: Mapping[str, int]) -> str:
+    """Which of the two a gate with --allow-no-traffic did: accepted quiet devices, or not."""
+    if not without_traffic:
+        return "--allow-no-traffic: not needed, every device passed probation on traffic"
+    rings = ", ".join(f"{ring}: {count}" for ring, count in without_traffic.items())
+    return (
+        "--allow-no-traffic: accepted devices that saw no traffic during probation "
+        f"(passed_without_traffic; devices by ring: {rings})"
+    )

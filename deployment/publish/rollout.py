@@ -66,6 +66,9 @@ class GateBounds:
     max_p99_ratio: float = 3.0
     timeout_s: float = 900.0
     poll_s: float = 5.0
+    # A probation that ended without its minimum of requests (`passed_without_traffic`) shows
+    # nothing about the release: refused unless the operator accepts it (`--allow-no-traffic`).
+    allow_no_traffic: bool = False
 
 
 def rings_from_config(conditions: Mapping[str, str]) -> list[Ring]:
@@ -162,6 +165,7 @@ class DeviceVerdict:
     device_id: str
     outcome: str  # passed | failed | pending
     reason: str = ""
+    without_traffic: bool = False  # passed on a probation that saw no traffic (allowed)
 
 
 def judge_device(
@@ -177,6 +181,17 @@ def judge_device(
     probation = entry.probation.state if entry.probation else None
     if entry.state is ModelState.ACTIVE and probation is ProbationState.PASSED:
         return DeviceVerdict(device_id, "passed")
+    if entry.state is ModelState.ACTIVE and probation is ProbationState.PASSED_WITHOUT_TRAFFIC:
+        if bounds.allow_no_traffic:
+            return DeviceVerdict(device_id, "passed", "saw no traffic", without_traffic=True)
+        requests = entry.probation.requests if entry.probation else None
+        return DeviceVerdict(
+            device_id,
+            "failed",
+            f"saw no traffic during probation ({requests} requests, "
+            f"{ProbationState.PASSED_WITHOUT_TRAFFIC}); release with --allow-no-traffic to "
+            "accept that",
+        )
     return DeviceVerdict(device_id, "pending", f"{entry.state}, probation {probation}")
 
 
@@ -209,6 +224,7 @@ class GateResult:
     passed: int
     failed: tuple[DeviceVerdict, ...] = ()
     pending: int = 0
+    without_traffic: int = 0  # of `passed`: devices whose probation saw no traffic
 
 
 def judge_gate(verdicts: Iterable[DeviceVerdict], required: int) -> GateResult:
@@ -217,13 +233,14 @@ def judge_gate(verdicts: Iterable[DeviceVerdict], required: int) -> GateResult:
     failed = tuple(v for v in items if v.outcome == "failed")
     passed = sum(1 for v in items if v.outcome == "passed")
     pending = sum(1 for v in items if v.outcome == "pending")
+    quiet = sum(1 for v in items if v.outcome == "passed" and v.without_traffic)
     if failed:
         outcome = "failed"
     elif passed >= required:
         outcome = "passed"
     else:
         outcome = "waiting"
-    return GateResult(outcome, required, passed, failed, pending)
+    return GateResult(outcome, required, passed, failed, pending, quiet)
 
 
 def required_devices(targeted: int, min_fraction: float) -> int:
@@ -264,6 +281,7 @@ class Progress:
     restored: set[str] = field(default_factory=set)  # rings whose layer was put back
     halted: Entry | None = None  # the halt finished
     finished: bool = False
+    without_traffic: dict[str, int] = field(default_factory=dict)  # ring -> devices accepted
 
     @property
     def halting(self) -> bool:
@@ -284,6 +302,9 @@ def progress_of(entries: Iterable[Entry], subject: str) -> Progress:
             progress.previous[ring] = int(previous) if previous is not None else None
         elif entry.action == "release.gate" and entry.outcome == "passed":
             progress.gated.add(ring)
+            quiet = entry.details.get("without_traffic")
+            if isinstance(quiet, int) and quiet > 0:
+                progress.without_traffic[ring] = quiet
         elif entry.action == "release.halt" and entry.outcome == "started":
             progress.halt = entry
         elif entry.action == "release.rollback_method":
@@ -405,6 +426,10 @@ class Rollout:
             done = ring.name in progress.gated and layer in present
             planned.append(PlannedRing(ring, layer, tuple(self.devices(ring.condition)), done))
         return planned
+
+    def progress(self, model: str, version: int) -> Progress:
+        """What the audit log says ``model:version`` has done so far."""
+        return progress_of(self._audit.entries(), f"{model}:{version}")
 
     def release(
         self,
@@ -577,6 +602,7 @@ class Rollout:
             ring=ring.name,
             required=result.required,
             passed=result.passed,
+            without_traffic=result.without_traffic,
             failed={v.device_id: v.reason for v in result.failed},
         )
         log.info("gate", model=model, version=version, ring=ring.name, outcome=result.outcome)

@@ -287,9 +287,10 @@ def test_a_restart_after_a_sigkill_mid_swap_serves_the_old_or_the_new_model_whol
         _assert_store_whole(state, serving)
     killed_after = killed_swap.killed_after
     if killed_swap.while_installing:
-        # The crash-loop breaker: a release the process died loading or trying is rolled back.
+        # The crash-loop breaker: a release the process died loading or trying is rolled back
+        # (and retried only when offered again: not here, the manifest is gone).
         assert serving == releases.v1
-        assert agent.events("crashed_during_install")
+        assert [e["action"] for e in agent.events("crashed_during_install")] == ["retry"]
     elif killed_after is not None and killed_after.get("state") == "active":
         # `state.json` names the new model before the switch is reported: it must survive.
         assert serving == releases.v2
@@ -299,23 +300,17 @@ def test_a_restart_after_a_sigkill_mid_swap_ends_on_the_release_still_in_the_fol
     killed_swap: KilledSwap, releases: Releases, tmp_path: Path
 ) -> None:
     state, watch = killed_swap.copy_to(tmp_path, keep_manifest=True)
-    # A release the process died installing stays refused, though the folder still offers it.
-    final = releases.v1 if killed_swap.while_installing else releases.v2
+    # One crash is not evidence against a release: the folder still offers it, it is retried.
     with managed_agent(releases, state, watch) as agent:
-        if final == releases.v2:
-            _wait_active(agent, releases.v2.version)
-        else:
-            agent.wait_for(
-                model_status("failed", releases.v2.version, "crashed_during_install"),
-                PROCESS_WAIT_S,
-                what="v2 blamed at start",
-            )
+        if killed_swap.while_installing:
+            crash = agent.wait_for_event("crashed_during_install", PROCESS_WAIT_S)
+            assert (crash["version"], crash["action"]) == (releases.v2.version, "retry")
             assert _wait_restored(agent) == releases.v1.version
-            time.sleep(1.0)  # the folder offers v2 again meanwhile: it must not be loaded
-            assert not agent.events("installing_in_process")
+        _wait_active(agent, releases.v2.version)
+        assert all(line["state"] != "failed" for line in agent.events("model_status"))
         assert _http(f"{agent.http_url}/v2/health/ready")[0] == 200
-        assert _served(agent, releases) == final
-        _assert_store_whole(state, final)
+        assert _served(agent, releases) == releases.v2
+        _assert_store_whole(state, releases.v2)
 
 
 @dataclass(frozen=True)

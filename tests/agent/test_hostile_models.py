@@ -1,6 +1,7 @@
 """Hostile models against a real `python -m agent serve`: bombs fail in quarantine and are not
 retried after a restart; a release the process dies installing (SIGKILL at each step) is rolled
-back at the next start and never loaded again."""
+back at the next start and installed once more when offered again; a second death installing it
+blocks it for good."""
 
 from __future__ import annotations
 
@@ -187,45 +188,82 @@ KILL_POINTS = [
 ]
 
 
-def _kill_on_trial_requests(agent: AgentProcess, count: int) -> None:
-    for _ in range(count):
-        assert infer(agent, MID_FEATURES)[0] == 200
-    agent.process.kill()
+def _kill_at(agent: AgentProcess, point: KillPoint, drop_into: Path | None) -> None:
+    """SIGKILL the agent at `point` of installing v2 (dropped now, or offered by the folder)."""
+    if point.requests_first:
+        if drop_into is not None:
+            V2.drop(drop_into)
+        agent.wait_for(point.event, WAIT_S, what=point.label)
+        for _ in range(point.requests_first):
+            assert infer(agent, MID_FEATURES)[0] == 200
+        agent.process.kill()
+    else:
+        agent.signal_on(point.event, signal.SIGKILL)
+        if drop_into is not None:
+            V2.drop(drop_into)
+    assert agent.process.wait(WAIT_S) == -signal.SIGKILL
+
+
+def _crash_logged(agent: AgentProcess, action: str) -> LogLine:
+    return agent.wait_for(
+        lambda line: line.get("event") == "crashed_during_install" and line.get("action") == action,
+        WAIT_S,
+        what=f"crashed_during_install ({action})",
+    )
 
 
 @pytest.mark.parametrize("point", KILL_POINTS, ids=[p.label for p in KILL_POINTS])
-def test_a_sigkill_while_installing_rolls_the_release_back_and_never_loads_it_again(
+def test_a_sigkill_while_installing_is_retried_once_after_the_restart_and_serves(
+    v1_store: Path, tmp_path: Path, point: KillPoint
+) -> None:
+    """One crash is not evidence against a release: the restart installs it again."""
+    root = copy_of(v1_store, tmp_path)
+    with agent_on(root) as agent:
+        agent.wait_for(model_status("active", 1, "restored"), WAIT_S, what="v1 restored")
+        _kill_at(agent, point, root / "watch")
+    if point.blamed:
+        assert record(root).installing is not None
+    with agent_on(root) as agent:
+        if point.blamed:
+            crash = _crash_logged(agent, "retry")
+            assert (crash["version"], crash["crashes"]) == (2, 1)
+        active = agent.wait_for(model_status("active", 2), WAIT_S, what="v2 installed again")
+        assert ("retry after one crash" in str(active["message"])) is point.blamed
+        assert not [line for line in agent.events("model_status") if line["state"] == "failed"]
+        assert infer(agent, MID_FEATURES)[0] == 200
+        assert served_version(agent) == 2
+    assert record(root).rolled_back is None
+
+
+@pytest.mark.parametrize(
+    "point", [p for p in KILL_POINTS if p.blamed], ids=[p.label for p in KILL_POINTS if p.blamed]
+)
+def test_a_second_sigkill_installing_the_same_release_blocks_it(
     v1_store: Path, tmp_path: Path, point: KillPoint
 ) -> None:
     root = copy_of(v1_store, tmp_path)
     with agent_on(root) as agent:
         agent.wait_for(model_status("active", 1, "restored"), WAIT_S, what="v1 restored")
-        if point.requests_first:
-            V2.drop(root / "watch")
-            agent.wait_for(point.event, WAIT_S, what=point.label)
-            _kill_on_trial_requests(agent, point.requests_first)
-        else:
-            agent.signal_on(point.event, signal.SIGKILL)
-            V2.drop(root / "watch")
-        assert agent.process.wait(WAIT_S) == -signal.SIGKILL
-    if point.blamed:
-        assert record(root).installing is not None
+        _kill_at(agent, point, root / "watch")
     with agent_on(root) as agent:
-        if point.blamed:
-            agent.wait_for(
-                model_status("failed", 2, "crashed_during_install"), WAIT_S, what="v2 blamed"
-            )
-            agent.wait_for(model_status("active", 1, "restored"), WAIT_S, what="v1 restored")
-            assert served_version(agent) == 1
-            assert infer(agent, TINY_FEATURES)[0] == 200
-            time.sleep(1.0)  # the folder still offers v2: it must not be loaded again
-            assert not agent.events("installing_in_process")
-            assert served_version(agent) == 1
-            assert record(root).active.version == 1
-            assert record(root).rolled_back.reason == "crashed_during_install"
-        else:
-            agent.wait_for(model_status("active", 2), WAIT_S, what="v2 installed after the restart")
-            assert infer(agent, MID_FEATURES)[0] == 200
+        _crash_logged(agent, "retry")
+        _kill_at(agent, point, None)  # the folder offers v2 again: the retry dies too
+    assert record(root).installing is not None
+    with agent_on(root) as agent:
+        crash = _crash_logged(agent, "blocked")
+        assert (crash["version"], crash["crashes"]) == (2, 2)
+        failed = agent.wait_for(
+            model_status("failed", 2, "crashed_during_install"), WAIT_S, what="v2 blamed"
+        )
+        assert "twice" in str(failed["message"])
+        agent.wait_for(model_status("active", 1, "restored"), WAIT_S, what="v1 restored")
+        assert served_version(agent) == 1
+        assert infer(agent, TINY_FEATURES)[0] == 200
+        time.sleep(1.0)  # the folder still offers v2: it must not be loaded again
+        assert not agent.events("installing_in_process")
+        assert served_version(agent) == 1
+        assert record(root).active.version == 1
+        assert record(root).rolled_back.reason == "crashed_during_install"
 
 
 def test_a_sigkill_after_the_trial_requests_keeps_the_new_release(

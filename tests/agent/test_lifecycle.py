@@ -43,13 +43,29 @@ def stats(served: int, failed: int = 0, mean_s: float = 0.001) -> ServingStats:
         (stats(30, mean_s=0.01), OLD, 60.0, Verdict.LATENCY),  # the window ended by time
         (stats(100, mean_s=0.01), NO_BASELINE, 1.0, Verdict.PASSED),  # nothing to regress from
         (stats(100, mean_s=0.01), stats(19), 1.0, Verdict.PASSED),  # old served too little
-        (stats(5), OLD, 60.0, Verdict.PASSED),  # quiet window: nothing against it
+        # A window that ran out of time passes only on its minimum of requests.
+        (stats(0), OLD, 60.0, Verdict.NO_TRAFFIC),
+        (stats(0), NO_BASELINE, 60.0, Verdict.NO_TRAFFIC),
+        (stats(19), OLD, 60.0, Verdict.NO_TRAFFIC),  # one short of the minimum
+        (stats(20), OLD, 60.0, Verdict.PASSED),  # the minimum, and nothing against it
+        (stats(19, failed=19), OLD, 60.0, Verdict.NO_TRAFFIC),  # too few to judge errors, too
     ],
 )
 def test_judge_probation(
     candidate: ServingStats, previous: ServingStats, elapsed_s: float, expected: Verdict
 ) -> None:
     assert judge_probation(candidate, previous, elapsed_s, POLICY) is expected
+
+
+@pytest.mark.parametrize(
+    ("served", "expected"),
+    [(0, Verdict.WATCHING), (19, Verdict.WATCHING), (20, Verdict.PASSED)],
+)
+def test_a_request_target_below_the_minimum_still_waits_for_the_minimum(
+    served: int, expected: Verdict
+) -> None:
+    policy = ProbationPolicy(requests=0, seconds=60, min_requests=20)
+    assert judge_probation(stats(served), OLD, 1.0, policy) is expected
 
 
 def _with_p99(served: int, bucket: int) -> ServingStats:
@@ -67,6 +83,7 @@ def _with_p99(served: int, bucket: int) -> ServingStats:
         (_with_p99(40, 5), NO_BASELINE, Verdict.PASSED, "passed", None, None),
         (stats(40, failed=10), OLD, Verdict.ERRORS, "failed", 1.0, None),
         (stats(100, mean_s=0.01), OLD, Verdict.LATENCY, "failed", 10.0, None),
+        (stats(3), OLD, Verdict.NO_TRAFFIC, "passed_without_traffic", None, None),
     ],
 )
 def test_probation_report(

@@ -45,14 +45,37 @@ def test_reactivating_the_active_release_keeps_the_last_known_good() -> None:
     assert state.record("m").last_known_good == V1
 
 
-def test_rollback_serves_last_known_good_and_keeps_highest_seen() -> None:
+def test_rollback_serves_last_known_good_keeps_it_known_good_and_keeps_highest_seen() -> None:
     state = StoreState().activated("m", V1).activated("m", V2).rolled_back("m", *ROLLBACK)
     assert state.record("m") == ModelRecord(
         active=V1,
-        last_known_good=None,
+        last_known_good=V1,
         highest_seen=V2,
         rolled_back=RolledBack(V2.version, V2.sha256, *ROLLBACK),
     )
+    assert state.record("m").fallback is None  # nothing older to roll back to
+
+
+def test_after_a_rollback_the_next_release_falls_back_to_the_release_rolled_back_to() -> None:
+    state = StoreState().activated("m", V1).activated("m", V2).rolled_back("m", *ROLLBACK)
+    state = state.activated("m", V3)
+    assert (state.record("m").last_known_good, state.record("m").fallback) == (V1, V1)
+
+
+@pytest.mark.parametrize(
+    ("record", "fallback"),
+    [
+        (ModelRecord(), None),
+        (ModelRecord(active=V1), None),
+        (ModelRecord(active=V2, last_known_good=V1), V1),
+        (ModelRecord(active=V1, last_known_good=V1), None),  # after a rollback
+        (ModelRecord(last_known_good=V1), V1),
+    ],
+)
+def test_fallback_is_the_last_known_good_unless_it_serves(
+    record: ModelRecord, fallback: ModelRef | None
+) -> None:
+    assert record.fallback == fallback
 
 
 @pytest.mark.parametrize(
@@ -73,6 +96,12 @@ def test_a_rolled_back_release_stays_recorded_until_a_higher_version_is_seen(
 def test_rollback_without_last_known_good_is_refused() -> None:
     with pytest.raises(NoLastKnownGoodError):
         StoreState().activated("m", V1).rolled_back("m", *ROLLBACK)
+
+
+def test_a_second_rollback_is_refused_rather_than_rolling_back_to_itself() -> None:
+    state = StoreState().activated("m", V1).activated("m", V2).rolled_back("m", *ROLLBACK)
+    with pytest.raises(NoLastKnownGoodError):
+        state.rolled_back("m", *ROLLBACK)
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from agent.releases.lifecycle import ModelState, ProbationPolicy, SwapError
+from agent.releases.loader import LOADER_NICENESS
 from agent.releases.manifest import sign_manifest
-from agent.releases.store import ModelStore
-from agent.releases.swap import LOADER_NICENESS
+from agent.releases.store import ModelStore, StoreState
 from deployment.examples.onnx_models import mlp
 from tests.support.artifact_server import Artifact, FullDisk, TestPki
 from tests.support.models import TINY_FEATURES, mid_bytes, tiny_bytes
@@ -229,9 +230,18 @@ async def test_rollback_serves_the_last_known_good_again(
     await _install(device, publisher.release(tiny_bytes(0), 1))
     first = await _answer(device)
     await _install(device, publisher.release(tiny_bytes(1), 2))
-    status = await device.manager.rollback("m")
-    assert status.state == ModelState.ROLLED_BACK
-    assert status.version == 1
+    with capture_logs() as logs:
+        status = await device.manager.rollback("m")
+    # One status, one release: v2 is the one rolled back; v1 is the one serving.
+    assert (status.state, status.version, status.active_version) == (ModelState.ROLLED_BACK, 2, 1)
+    assert status.sha256 == device.store.state.record("m").rolled_back.sha256  # type: ignore[union-attr]
+    [line] = [e for e in logs if e["event"] == "model_status"]
+    assert (line["state"], line["version"], line["active_version"]) == ("rolled_back", 2, 1)
+    # The release now serving is known good; there is nothing older to roll back to.
+    record = StoreState.from_json_bytes(device.store.state_path.read_bytes()).record("m")
+    assert record.active == record.last_known_good
+    assert record.active is not None
+    assert record.active.version == 1
     np.testing.assert_array_equal(await _answer(device), first)
     with pytest.raises(SwapError) as caught:
         await device.manager.rollback("m")
@@ -362,6 +372,7 @@ async def test_a_rolled_back_release_stays_rolled_back_after_a_restart(
     await second.manager.restore()
     answer = second.manager.submit(bad)  # what a twin resync does after the restart
     assert (answer.state, answer.reason) == (ModelState.ROLLED_BACK, "probation_errors")
+    assert (answer.version, answer.active_version) == (2, 1)  # the release refused; the serving
     assert "version 2 was rolled back" in answer.message
     assert second.manager.submit(bad) is answer  # a second resync: the same answer
     await second.manager.wait_idle()
@@ -397,4 +408,32 @@ async def test_probation_is_reported_until_it_passes(
     assert (passed.state, passed.requests, passed.error_rate) == ("passed", 5, 0.0)
     assert passed.p99_ratio is None  # a first install has nothing to compare with
     assert device.manager.statuses["m"].message.startswith("probation passed")
+    await device.manager.close()
+
+
+async def test_a_probation_without_traffic_ends_passed_without_traffic_not_passed(
+    tmp_path: Path, publisher: Publisher, artifact_pki: TestPki
+) -> None:
+    device = make_device(
+        tmp_path / "store",
+        publisher,
+        artifact_pki,
+        probation=ProbationPolicy(requests=5, seconds=0.3, min_requests=3),
+    )
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    await _answer(device)  # one request: fewer than the minimum of 3
+    with capture_logs() as logs:
+        for _ in range(100):
+            if device.manager.probation["m"].state != "watching":
+                break
+            await asyncio.sleep(0.05)
+    ended = device.manager.probation["m"]
+    assert (ended.state, ended.requests) == ("passed_without_traffic", 1)
+    status = device.manager.statuses["m"]
+    assert (status.state, status.version) == (ModelState.ACTIVE, 1)  # it keeps serving
+    assert "passed without traffic" in status.message
+    assert [e["event"] for e in logs if e["event"].startswith("probation_")] == [
+        "probation_passed_without_traffic"
+    ]
+    assert device.store.state.record("m").installing is None  # off trial all the same
     await device.manager.close()

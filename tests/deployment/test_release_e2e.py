@@ -54,9 +54,10 @@ GATE = ("--poll", "0.2", "--timeout", "60")
 
 
 class Fleet:
-    def __init__(self, sim: Simulator, failing: set[str]) -> None:
+    def __init__(self, sim: Simulator, failing: set[str], quiet: set[str]) -> None:
         self.sim = sim
         self.failing = failing
+        self.quiet = quiet  # sha256s whose probation sees no traffic
         self.trusted_dirs: list[Path] = []
 
     def reported(self, device: str, model: str) -> Mapping[str, Any]:
@@ -79,13 +80,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     run_dir = tmp_path_factory.mktemp("sim")
     host = pick_loopback_host()
     failing: set[str] = set()
+    quiet: set[str] = set()
     with Simulator.start(
         REPO / "deployment" / "deployment.template.json",
         host=host,
         run_dir=run_dir,
         devices={**FLEET, **LATE},
     ) as sim:
-        fleet = Fleet(sim, failing)
+        fleet = Fleet(sim, failing, quiet)
         standins = StandInFleet(
             [(device, "mlagent") for device in FLEET],
             host=host,
@@ -94,6 +96,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             probation_s=0.5,
             failing=failing,
             check=fleet.check,
+            quiet=quiet,
         )
         with standins.start():
             yield fleet
@@ -212,6 +215,35 @@ def test_a_model_failing_probation_on_the_canary_halts_and_the_canary_converges_
     again = ws.cli("release", f"probed:{bad}", "--rings", "canary,all", *GATE)
     assert again.code == 1
     assert "[halted]" in again.err
+
+
+def test_a_probation_without_traffic_fails_the_gate_unless_allowed_and_the_cli_says_which(
+    ws: Workspace, fleet: Fleet
+) -> None:
+    # Seeds of their own: the stand-ins keep quiet per artifact, whatever test releases it.
+    quiet, quiet_sha = _publish(ws, "quiet", seed=21)
+    fleet.quiet.add(quiet_sha)
+    refused = ws.cli("release", f"quiet:{quiet}", "--rings", "canary", *GATE)
+    assert refused.code == 1
+    assert "[gate_failed]" in refused.err
+    assert "dev-a: saw no traffic during probation" in refused.err
+    assert "--allow-no-traffic" in refused.err
+
+    accepted, accepted_sha = _publish(ws, "quiet", seed=22)
+    fleet.quiet.add(accepted_sha)
+    released = _ok(
+        ws.cli("release", f"quiet:{accepted}", "--rings", "canary", "--allow-no-traffic", *GATE)
+    )
+    assert f"released quiet:{accepted}" in released.out
+    assert "accepted devices that saw no traffic during probation" in released.out
+    assert "canary: 1" in released.out
+    assert fleet.reported("dev-a", "quiet")["probation"]["state"] == "passed_without_traffic"
+
+    busy, _ = _publish(ws, "quiet", seed=23)  # its devices see traffic: the flag was not needed
+    allowed = _ok(
+        ws.cli("release", f"quiet:{busy}", "--rings", "canary", "--allow-no-traffic", *GATE)
+    )
+    assert "not needed, every device passed probation on traffic" in allowed.out
 
 
 def test_a_crash_between_ring_steps_resumes_from_the_audit_log(ws: Workspace, fleet: Fleet) -> None:

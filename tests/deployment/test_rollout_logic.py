@@ -77,6 +77,38 @@ def test_judge_device(reported: dict[str, Any] | None, outcome: str, reason: str
     assert reason in verdict.reason
 
 
+QUIET = {"state": "passed_without_traffic", "requests": 0, "error_rate": 0.0, "p99_ratio": None}
+
+
+@pytest.mark.parametrize(
+    ("probation", "allow", "outcome", "reason", "without_traffic"),
+    [
+        (_report()["probation"], False, "passed", "", False),
+        (_report()["probation"], True, "passed", "", False),
+        (QUIET, False, "failed", "saw no traffic during probation", False),
+        (QUIET, True, "passed", "saw no traffic", True),
+    ],
+)
+def test_the_gate_refuses_a_probation_without_traffic_unless_allowed(
+    probation: dict[str, Any], allow: bool, outcome: str, reason: str, without_traffic: bool
+) -> None:
+    bounds = rollout.GateBounds(allow_no_traffic=allow)
+    verdict = rollout.judge_device("d1", _report(probation=probation), 3, bounds)
+    assert (verdict.outcome, verdict.without_traffic) == (outcome, without_traffic)
+    assert reason in verdict.reason
+    if outcome == "failed":
+        assert "--allow-no-traffic" in verdict.reason
+
+
+def test_a_gate_counts_the_devices_it_passed_without_traffic() -> None:
+    verdicts = [
+        rollout.DeviceVerdict("d0", "passed"),
+        rollout.DeviceVerdict("d1", "passed", "saw no traffic", without_traffic=True),
+    ]
+    result = rollout.judge_gate(verdicts, 2)
+    assert (result.outcome, result.passed, result.without_traffic) == ("passed", 2, 1)
+
+
 def _verdicts(*outcomes: str) -> list[rollout.DeviceVerdict]:
     return [rollout.DeviceVerdict(f"d{i}", o, "why") for i, o in enumerate(outcomes)]
 

@@ -89,3 +89,18 @@ async def test_a_stand_in_reports_what_the_wire_reads_back() -> None:
         read = read_entry(entry, ModelEntry)
         assert read is not None
         assert to_twin(read) == entry
+
+
+@pytest.mark.parametrize(
+    ("quiet", "state", "requests"),
+    [((), "passed", 200), (("a" * 64,), "passed_without_traffic", 0)],
+)
+async def test_a_probation_ends_passed_or_without_traffic_as_the_agent_does(
+    quiet: tuple[str, ...], state: str, requests: int
+) -> None:
+    stand_in = RecordingStandIn("d", "m", probation_s=0.01, failing=(), check=None, quiet=quiet)
+    stand_in.on_desired({"models": {"m": {"version": 2, "sha256": "a" * 64}}})
+    await asyncio.sleep(0.05)
+    ended = stand_in.sent[-1]["models"]["m"]
+    assert (ended["state"], ended["probation"]["state"]) == ("active", state)
+    assert ended["probation"]["requests"] == requests

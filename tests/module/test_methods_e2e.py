@@ -40,8 +40,10 @@ def test_direct_methods_through_the_service_sdk(
     service.wait_model(2)
     status, body = service.invoke("rollback", {})
     assert status == 200, body
-    assert (body["state"], body["version"], body["reason"]) == ("rolled_back", 1, "requested")
-    service.wait_model(1, "rolled_back")
+    # One entry, one release: v2 was rolled back; v1 serves (`active_version`).
+    assert (body["state"], body["version"], body["reason"]) == ("rolled_back", 2, "requested")
+    assert body["active_version"] == 1
+    service.wait_model(2, "rolled_back")
     code, answer = module.infer_http("m", infer_request("after-rollback", tiny_rows(1)))
     assert code == 200, answer
     assert answer["model_version"] == "1"

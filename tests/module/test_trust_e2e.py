@@ -66,8 +66,8 @@ def test_forged_manifests_touch_nothing_and_a_rollback_survives_a_restart_and_a_
     service.publish(genuine)  # re-published genuine: the rejection no longer stands in its way
     service.wait_model(2)
     status, body = service.invoke("rollback", {})
-    assert (status, body["state"], body["version"]) == (200, "rolled_back", 1), body
-    service.wait_model(1, "rolled_back")
+    assert (status, body["state"], body["version"]) == (200, "rolled_back", 2), body
+    service.wait_model(2, "rolled_back")
     module.terminate()
 
     restarted = start_module()  # same state dir: the twin still desires v2
@@ -78,7 +78,8 @@ def test_forged_manifests_touch_nothing_and_a_rollback_survives_a_restart_and_a_
         "v2 answered rolled_back after the restart",
     )
     entry = model_entry(reported)
-    assert (entry["state"], entry["reason"], entry["version"]) == ("rolled_back", "requested", 1)
+    assert (entry["state"], entry["reason"], entry["version"]) == ("rolled_back", "requested", 2)
+    assert entry["active_version"] == 1
     connected = len(restarted.events("twin_read"))
     assert sim.faults.drop_connection(sim.device_id, MODULE)  # a full twin resync
     poll(lambda: len(restarted.events("twin_read")) > connected, 30, "the twin read again")
