@@ -1,15 +1,15 @@
 """Agent stand-ins: many light MQTT clients that follow the agent's reported-state protocol.
 
 A stand-in connects as a module of one device, reads its twin, and for every manifest under
-``properties.desired.models`` newer than what it runs reports what the agent reports, built
-with the agent's own wire models (``models.<name>``, a ``wire.reported.ModelEntry``):
-``active`` with probation ``watching``, then ``passed`` after ``probation_s`` -- or, for a
-sha256 listed in ``failing``, probation ``failed`` and ``rolled_back`` to the previous
-release, or, for one listed in ``quiet`` (a device that sees no traffic),
-``passed_without_traffic``. A model that leaves the desired ``models`` loses its reported entry (the agent stops
-serving it). It answers the ``rollback`` direct method like the agent. It does not load
-models: a fleet of a thousand fits in one thread. ``check`` (optional) runs on each manifest
-first, e.g. a signature check or a download; an exception there is reported as ``failed``.
+``properties.desired.models`` newer than what it runs reports what the agent reports, built with
+the agent's own wire models (``models.<name>``, a ``wire.reported.ModelEntry``): ``active`` with
+probation ``watching``, then ``passed`` after ``probation_s`` -- or, for a sha256 listed in
+``failing``, probation ``failed`` and ``rolled_back`` to the previous release, or, for one
+listed in ``quiet`` (a device that sees no traffic), ``passed_without_traffic``. A model that
+leaves the desired ``models`` loses its reported entry (the agent stops serving it). It answers
+the ``rollback`` direct method like the agent. It does not load models: a fleet of a thousand
+fits in one thread. ``check`` (optional) runs on each manifest first, e.g. a signature check or
+a download; an exception there is reported as ``failed``.
 
 For fleet-scale tests and benchmarks of cloud-side code; it never replaces the agent's own tests.
 """

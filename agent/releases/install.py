@@ -21,7 +21,6 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.observation.baseline import BaselinePack
-from wire.reasons import AgentError, Reason
 from agent.releases.context import ReleaseContext
 from agent.releases.download import Downloader
 from agent.releases.lifecycle import (
@@ -43,6 +42,7 @@ from agent.releases.quarantine import Quarantine, Refused
 from agent.releases.rejections import Rejections
 from agent.releases.store import ModelRef, PartFile, RolledBack
 from agent.serving.engine import CostModel, LoadedModel
+from wire.reasons import AgentError, Reason
 
 log = structlog.get_logger(__name__)
 # Releases that fail for these are not installed again after a restart: the same bytes would

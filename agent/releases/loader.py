@@ -18,7 +18,6 @@ from typing import ParamSpec, Protocol, TypeVar
 import structlog
 
 from agent.observation.baseline import BaselineInvalidError, BaselinePack, parse_baseline
-from wire.reasons import Reason
 from agent.releases.lifecycle import SwapError
 from agent.releases.manifest import ReleaseManifest
 from agent.releases.onnx_check import HostileModel, inspect_model
@@ -31,6 +30,7 @@ from agent.serving.engine import (
     RuntimeOptions,
     load_model,
 )
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 P = ParamSpec("P")

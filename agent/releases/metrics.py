@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from wire.reasons import Reason
 from agent.releases.lifecycle import ModelState
+from wire.reasons import Reason
 
 NAMESPACE = "agent"
 

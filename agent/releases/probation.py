@@ -11,7 +11,6 @@ from datetime import timedelta
 
 import structlog
 
-from wire.reasons import Reason
 from agent.releases.context import ReleaseContext
 from agent.releases.lifecycle import (
     ModelState,
@@ -27,6 +26,7 @@ from agent.releases.lifecycle import (
 from agent.releases.store import ModelRef, StoreError
 from agent.serving.engine import LoadedModel
 from agent.ticks import ticks
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 RollBack = Callable[[str, Reason], Awaitable[object]]

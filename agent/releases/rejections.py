@@ -8,10 +8,10 @@ from datetime import datetime
 
 import structlog
 
-from wire.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
 from agent.releases.manifest import ReleaseManifest
 from agent.releases.metrics import SwapMetrics
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 MAX_REJECTIONS_KEPT = 8

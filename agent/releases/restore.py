@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from wire.reasons import Reason
 from agent.releases.context import ReleaseContext
 from agent.releases.lifecycle import ModelState, ModelStatus, SwapError
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 

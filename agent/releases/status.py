@@ -8,11 +8,11 @@ from datetime import datetime
 
 import structlog
 
-from wire.reasons import Reason
 from agent.releases.lifecycle import ModelState, ModelStatus
 from agent.releases.manifest import ReleaseManifest
 from agent.releases.metrics import SwapMetrics
 from agent.serving.inference import InferenceService
+from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from wire.reasons import Reason
 from agent.releases.lifecycle import ModelState
 from agent.releases.metrics import SwapMetrics
+from wire.reasons import Reason
 
 
 @pytest.mark.parametrize(
