@@ -33,16 +33,14 @@ from agent.serving import protocol
 from agent.serving.auth import Credentials, auth_middleware
 from agent.serving.connections import (
     BACKLOG,
-    MAX_LINE,
     AcceptErrors,
     ConnectionGuard,
     Listener,
-    RefusalLogger,
-    RefusingHandler,
     fd_budget,
     raise_open_file_limit,
 )
 from agent.serving.contract import RequestError
+from agent.serving.refusals import MAX_LINE, RefusalLogger, RefusingHandler
 from agent.serving.v2 import InferenceError, ServedModel, infer_v2
 from wire.reasons import Reason
 

@@ -17,13 +17,8 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
-from agent.serving.connections import (
-    Admission,
-    ConnectionGuard,
-    Refusal,
-    check_request_line,
-    encode_refusal,
-)
+from agent.serving.connections import Admission, ConnectionGuard
+from agent.serving.refusals import Refusal, check_request_line, encode_refusal
 from tests.support.agent_process import AgentProcess, running_agent
 from tests.support.models import TINY_FEATURES, tiny_bytes
 
