@@ -12,8 +12,9 @@ import structlog
 
 from agent.releases.loader import Loader
 from agent.releases.metrics import SwapMetrics
+from agent.releases.state import StoreState
 from agent.releases.status import StatusBoard
-from agent.releases.store import ModelStore, StoreError, StoreState
+from agent.releases.store import ModelStore, StoreError
 from agent.serving.engine import LoadedModel
 from agent.serving.inference import InferenceService
 

@@ -40,7 +40,8 @@ from agent.releases.manifest import (
 from agent.releases.probation import Probations, serving_stats
 from agent.releases.quarantine import Quarantine, Refused
 from agent.releases.rejections import Rejections
-from agent.releases.store import ModelRef, PartFile, RolledBack
+from agent.releases.state import ModelRef, RolledBack
+from agent.releases.store import PartFile
 from agent.serving.engine import CostModel, LoadedModel
 from wire.reasons import AgentError, Reason
 

@@ -22,7 +22,8 @@ from agent.releases.lifecycle import SwapError
 from agent.releases.manifest import ReleaseManifest
 from agent.releases.onnx_check import HostileModel, inspect_model
 from agent.releases.quarantine import verify_candidate
-from agent.releases.store import ModelRef, ModelStore
+from agent.releases.state import ModelRef
+from agent.releases.store import ModelStore
 from agent.serving.engine import (
     CostModel,
     LoadedModel,

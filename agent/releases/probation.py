@@ -23,7 +23,8 @@ from agent.releases.lifecycle import (
     judge_probation,
     probation_report,
 )
-from agent.releases.store import ModelRef, StoreError
+from agent.releases.state import ModelRef
+from agent.releases.store import StoreError
 from agent.serving.engine import LoadedModel
 from agent.ticks import ticks
 from wire.reasons import Reason

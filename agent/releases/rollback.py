@@ -9,7 +9,7 @@ from agent.releases.context import ReleaseContext
 from agent.releases.install import Installs
 from agent.releases.lifecycle import ModelState, ModelStatus, SwapError
 from agent.releases.probation import Probations
-from agent.releases.store import NoLastKnownGoodError
+from agent.releases.state import NoLastKnownGoodError
 from wire.reasons import Reason
 
 log = structlog.get_logger(__name__)

@@ -29,7 +29,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.releases.manifest import public_key_to_b64
-from agent.releases.store import StoreState
+from agent.releases.state import StoreState
 from deployment.publish.release import build_manifest
 from tests.support.agent_process import AgentProcess, LogLine, model_status, running_agent
 from tests.support.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes

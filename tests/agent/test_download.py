@@ -32,7 +32,8 @@ from agent.releases.download import (
     parse_retry_after,
     redact_url,
 )
-from agent.releases.store import ModelRef, ModelStore, StoreState
+from agent.releases.state import ModelRef, StoreState
+from agent.releases.store import ModelStore
 from tests.support.artifact_server import (
     Artifact,
     ArtifactServer,

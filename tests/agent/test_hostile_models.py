@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.releases.manifest import public_key_to_b64
-from agent.releases.store import StoreState
+from agent.releases.state import StoreState
 from deployment.publish.release import build_manifest
 from tests.support import bombs
 from tests.support.agent_process import AgentProcess, LogLine, model_status, running_agent

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent.releases.store import ModelRecord, ModelRef, RolledBack, StoreState
+from agent.releases.state import ModelRecord, ModelRef, RolledBack, StoreState
 from wire.reasons import Reason
 
 AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

@@ -13,17 +13,15 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.releases.store import (
+from agent.releases.state import (
     ModelRecord,
     ModelRef,
-    ModelStore,
     NoLastKnownGoodError,
     RolledBack,
-    StoreError,
     StoreState,
-    WritableFile,
     select_garbage,
 )
+from agent.releases.store import ModelStore, StoreError, WritableFile
 from tests.support.artifact_server import FullDisk
 from wire.reasons import Reason
 

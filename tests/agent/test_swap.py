@@ -20,7 +20,8 @@ from structlog.testing import capture_logs
 from agent.releases.lifecycle import ModelState, ProbationPolicy, SwapError
 from agent.releases.loader import LOADER_NICENESS
 from agent.releases.manifest import sign_manifest
-from agent.releases.store import ModelStore, StoreState
+from agent.releases.state import StoreState
+from agent.releases.store import ModelStore
 from deployment.examples.onnx_models import mlp
 from tests.support.artifact_server import Artifact, FullDisk, TestPki
 from tests.support.models import TINY_FEATURES, mid_bytes, tiny_bytes
