@@ -93,6 +93,11 @@ def add_parsers(
         help="your own pipeline: a command line with {out} for its output folder",
     )
     watch.add_argument("--gate-timeout", type=positive(float), default=900.0)
+    watch.add_argument(
+        "--allow-no-traffic",
+        action="store_true",
+        help="a ring's gate accepts devices that saw no traffic during probation",
+    )
 
 
 COMMANDS = frozenset({"train", "gate", "watch"})
@@ -209,7 +214,10 @@ def _watch(
         else PipelineTrainer(tracker_for(services))
     )
     releaser = PublisherReleaser(
-        services, publisher, args.rings, rollout.GateBounds(timeout_s=args.gate_timeout)
+        services,
+        publisher,
+        args.rings,
+        rollout.GateBounds(timeout_s=args.gate_timeout, allow_no_traffic=args.allow_no_traffic),
     )
     controller = Controller(
         ControllerConfig(

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from deployment.cli import _parser as cli_parser
 from deployment.drift.baseline_pack import BaselineOptions
 from deployment.errors import PublisherError, Reason
 from deployment.examples import sensor_data
@@ -332,3 +333,13 @@ def test_split_window_keeps_the_newest_rows_for_the_gate(
     (tx, _), (wx, wy) = split_window(x, y)
     assert (len(tx), len(wx)) == (train, window)
     assert list(wy) == list(range(train, rows))
+
+
+@pytest.mark.parametrize(("flag", "allowed"), [((), False), (("--allow-no-traffic",), True)])
+def test_watch_takes_the_gate_flag_for_devices_without_traffic(
+    flag: tuple[str, ...], allowed: bool
+) -> None:
+    """A retrained release passes the same gate as `release`: quiet devices only when asked."""
+    argv = ["watch", "--name", "m", "--data-dir", "d", "--work-dir", "w", "--rings", "canary"]
+    args = cli_parser().parse_args([*argv, *flag])
+    assert args.allow_no_traffic is allowed
