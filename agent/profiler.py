@@ -64,6 +64,7 @@ from agent.releases.lifecycle import ModelState
 from agent.releases.manifest import public_key_to_b64, sign_manifest
 from agent.serving.engine import ModelLoadError, RuntimeOptions, create_session, read_contract
 from agent.settings import AgentSettings
+from wire.bounded_json import BoundedJsonError, JsonLimits, check_bounds
 
 SCHEMA = "agent-profile/1"
 MODEL_NAME = "profiled"
@@ -703,8 +704,12 @@ class ProfileDocument(_Strict):
 
 def read_profile(text: str | bytes) -> ProfileDocument:
     """`profile.json` parsed and checked; ValueError naming what is wrong."""
+    # A page of numbers for people and the recommendation a deployment reads: small, shallow.
+    limits = JsonLimits(max_bytes=1024 * 1024, max_depth=16)
     try:
-        return ProfileDocument.model_validate_json(text)
+        return ProfileDocument.model_validate_json(check_bounds(text, limits))
+    except BoundedJsonError as error:
+        raise ValueError(f"profile.json: {error.problem}: {error.message}") from None
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])

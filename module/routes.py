@@ -32,6 +32,12 @@ PREDICTIONS = "predictions"
 MAX_ROUTE_MESSAGE_BYTES = 255 * 1024  # IoT Hub's 256 KB, less room for the properties
 
 
+def _input_label(message: Message) -> str:
+    """The input a message came on, as a bounded log field (the name is the sender's)."""
+    name = message.input_name
+    return name if name in (INFER_INPUT, FEEDBACK_INPUT) else "other"
+
+
 class FeedbackHandler(Protocol):
     def handle(self, message: Message) -> None: ...
 
@@ -89,20 +95,27 @@ class InferRoute:
         messages = self._connection.messages
         while True:
             message = await messages.get()
-            if not self.accepting:
-                self._counts.labels("dropped_stopping").inc()
-                continue
-            if message.input_name == FEEDBACK_INPUT and self._feedback is not None:
-                self._feedback.handle(message)  # synchronous and cheap: no slot needed
-                continue
-            if message.input_name != INFER_INPUT:
-                self._counts.labels("unknown_input").inc()
-                log.warning("unknown_input", input=message.input_name)
-                continue
-            await self._slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._answer(message))
-            self.tasks.add(task)
-            task.add_done_callback(self._done)
+            try:
+                await self._take(message)
+            except Exception:  # one message must never end the route: counted, logged, next
+                self._counts.labels("handler_failed").inc()
+                log.exception("route_message_failed", input=_input_label(message))
+
+    async def _take(self, message: Message) -> None:
+        if not self.accepting:
+            self._counts.labels("dropped_stopping").inc()
+            return
+        if message.input_name == FEEDBACK_INPUT and self._feedback is not None:
+            self._feedback.handle(message)  # synchronous and cheap: no slot needed
+            return
+        if message.input_name != INFER_INPUT:
+            self._counts.labels("unknown_input").inc()
+            log.warning("unknown_input", input=str(message.input_name)[:64])
+            return
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._answer(message))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)

@@ -36,6 +36,7 @@ from agent.observation.counts import Binning, FeatureCounts
 from agent.observation.detector import CusumParams
 from agent.observation.divergence import PSI_FLOOR
 from agent.observation.quality import QualityReference
+from wire.bounded_json import BoundedJsonError, JsonLimits, check_bounds
 
 __all__ = [
     "BASELINE_SCHEMA",
@@ -58,6 +59,8 @@ __all__ = [
 BASELINE_SCHEMA = "agent-drift-baseline/1"
 # Far above a pack of 64 features x 32 bins x 5 window sizes (~100 KB); the download cap.
 MAX_BASELINE_BYTES = 4 * 1024 * 1024
+# A pack nests a handful of levels (features, their bins, calibration windows).
+BASELINE_LIMITS = JsonLimits(max_bytes=MAX_BASELINE_BYTES, max_depth=16)
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -236,8 +239,10 @@ class BaselinePack(BaseModel):
 
 def parse_baseline(data: bytes) -> BaselinePack:
     """Parse and check a baseline pack; raises :class:`BaselineInvalidError` naming the problem."""
-    if len(data) > MAX_BASELINE_BYTES:
-        raise BaselineInvalidError(f"baseline is {len(data)} bytes, above {MAX_BASELINE_BYTES}")
+    try:
+        data = check_bounds(data, BASELINE_LIMITS)
+    except BoundedJsonError as e:
+        raise BaselineInvalidError(f"baseline is {e.problem}: {e.message}") from None
     try:
         return BaselinePack.model_validate_json(data)
     except ValidationError as e:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import json
 import os
 import stat
 from dataclasses import dataclass
@@ -41,7 +40,12 @@ from agent.config import Section
 from agent.reasons import Reason
 from agent.releases.download import DeliveryError
 from agent.releases.lifecycle import ModelState
-from agent.releases.manifest import MAX_MANIFEST_BYTES, ReleaseManifest
+from agent.releases.manifest import (
+    MAX_MANIFEST_BYTES,
+    ManifestRejected,
+    ReleaseManifest,
+    load_manifest_json,
+)
 from agent.releases.store import PartFile, is_disk_full
 from agent.releases.swap import ModelManager
 
@@ -243,9 +247,8 @@ def _read_manifest(path: Path) -> tuple[object, str] | None:
         log.warning("folder_manifest_refused", file=path.name, size=len(data))
         return None
     try:
-        return json.loads(data), hashlib.sha256(data).hexdigest()
-    except (ValueError, RecursionError) as error:
+        return load_manifest_json(data), hashlib.sha256(data).hexdigest()
+    except ManifestRejected as error:
         # Most often a manifest still being written: the next change triggers a new scan.
-        # RecursionError: deeply nested JSON; escaping, it would stop the whole agent.
-        log.warning("folder_manifest_unreadable", file=path.name, error=str(error))
+        log.warning("folder_manifest_unreadable", file=path.name, error=error.message)
         return None

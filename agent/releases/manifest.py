@@ -70,6 +70,7 @@ from pydantic import (
 from agent.config import Section
 from agent.observation.baseline import MAX_BASELINE_BYTES
 from agent.reasons import AgentError, Reason
+from wire.bounded_json import BoundedJsonError, JsonLimits, check_value, loads
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
@@ -101,6 +102,9 @@ __all__ = [
 # bounds the work done on untrusted input. The release folder reads manifest files up to this
 # size too (publishers write them compact, as signed).
 MAX_MANIFEST_BYTES = 32 * 1024
+# A manifest's own nesting (contract, tensors, golden data of up to a few dimensions) is far
+# below this; the signature adds one level and a few hundred bytes.
+MANIFEST_LIMITS = JsonLimits(max_bytes=MAX_MANIFEST_BYTES + 1024, max_depth=40)
 
 _SIGNATURE_BYTES = 64
 _PUBLIC_KEY_BYTES = 32
@@ -318,6 +322,15 @@ def sign_manifest(
     return signed
 
 
+def load_manifest_json(data: bytes | str) -> Any:
+    """A manifest file's JSON, size and depth bounded; `ManifestRejected` (`schema_invalid`)
+    naming what was wrong. What it holds is for `verify_manifest` to check."""
+    try:
+        return loads(data, MANIFEST_LIMITS)
+    except BoundedJsonError as e:
+        raise ManifestRejected(Reason.SCHEMA_INVALID, f"manifest {e.problem}: {e.message}") from e
+
+
 def verify_manifest(
     raw: object, trusted_keys: Mapping[str, Ed25519PublicKey], now: datetime
 ) -> ReleaseManifest:
@@ -332,6 +345,10 @@ def verify_manifest(
         raise ValueError("now must be timezone-aware")
     if not isinstance(raw, Mapping):
         raise ManifestRejected(Reason.SCHEMA_INVALID, "manifest is not a JSON object")
+    try:
+        check_value(raw, MANIFEST_LIMITS)  # before anything recursive (the canonical form) runs
+    except BoundedJsonError as e:
+        raise ManifestRejected(Reason.SCHEMA_INVALID, f"manifest {e.problem}: {e.message}") from e
     signature = raw.get("signature")
     if signature is None:
         raise ManifestRejected(Reason.SIGNATURE_MISSING, "manifest is not signed")
