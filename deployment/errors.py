@@ -26,6 +26,8 @@ class Reason(enum.StrEnum):
     AUDIT_BROKEN = "audit_broken"
     MANIFEST_INVALID = "manifest_invalid"
     PIPELINE_FAILED = "pipeline_failed"
+    PROFILE_INVALID = "profile_invalid"  # a drift profile record the report cannot read
+    BASELINE_INVALID = "baseline_invalid"  # a drift baseline pack the report cannot use
 
 
 class PublisherError(Exception):

@@ -521,10 +521,22 @@ def load_trusted_keys(
         key_id = _key_id(path.stem)
         if key_id in keys:
             raise KeyConfigError(f"trusted key {key_id!r} given twice")
-        keys[key_id] = public_key_from_pem(path.read_bytes())
+        keys[key_id] = public_key_from_pem(_read_key_file(path))
     return keys
 
 
 def load_private_key(path: Path, password: bytes | None = None) -> Ed25519PrivateKey:
     """Read a PEM signing key (cloud side)."""
-    return private_key_from_pem(path.read_bytes(), password)
+    return private_key_from_pem(_read_key_file(path), password)
+
+
+# A PEM key is a few hundred bytes: a larger file is not one, and is not read whole.
+MAX_KEY_FILE_BYTES = 16 * 1024
+
+
+def _read_key_file(path: Path) -> bytes:
+    with path.open("rb") as file:
+        data = file.read(MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyConfigError(f"{path.name} is over {MAX_KEY_FILE_BYTES} bytes: not a PEM key")
+    return data
