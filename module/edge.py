@@ -86,6 +86,7 @@ class EdgeModule:
             max_in_flight=settings.max_route_in_flight,
             max_input_bytes=settings.max_input_bytes,
             feedback=FeedbackRoute(agent_.observer, route_metrics),
+            failures=agent_.failures,
         )
         self.methods = DirectMethods(
             self.connection,
@@ -95,6 +96,7 @@ class EdgeModule:
             status=self.status,
             default_model=self.default_model,
             limits=agent_.limits,
+            failures=agent_.failures,
         )
         self._desired_updates = Counter(
             "agent_desired_updates",
@@ -123,6 +125,7 @@ class EdgeModule:
             on_health=self._on_health,
             resources=agent_.resources.read,
             on_profile=self._on_profile,
+            failures=agent_.failures,
         )
         self._headroom = HeadroomAlarm(settings.memory_headroom_alert_fraction)
         self.entries = ModelEntries(manager.statuses)
@@ -207,7 +210,7 @@ class EdgeModule:
                     self.route.tasks.add(task)
                     task.add_done_callback(self.route.tasks.discard)
             except Exception:  # one bad event must not stop the module
-                log.exception("control_event_failed", kind=kind)
+                self._agent.failures.record("control", kind=kind)
 
     async def _on_connection(self, *, connected: bool) -> None:
         if self.connection.changed(connected=connected) and connected:
@@ -393,11 +396,14 @@ class EdgeModule:
     async def _watch_headroom(self) -> None:
         # Its own tick, not telemetry's: telemetry may be off or hourly, memory pressure not.
         async for _ in ticks(self._settings.memory_check_interval_s):
-            resources = self._agent.resources.read()
-            kind = self._headroom.update(resources)
-            if kind is not None:
-                log.warning(kind, **resources.as_json())
-                self._alert(kind, resources.as_json())
+            try:
+                resources = self._agent.resources.read()
+                kind = self._headroom.update(resources)
+                if kind is not None:
+                    log.warning(kind, **resources.as_json())
+                    self._alert(kind, resources.as_json())
+            except Exception:  # the next check reads again
+                self._agent.failures.record("headroom")
 
     def _alert(self, kind: str, details: dict[str, Any]) -> None:
         self.outbox.put(

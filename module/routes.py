@@ -18,7 +18,7 @@ import structlog
 from azure.iot.device import Message
 from prometheus_client import CollectorRegistry, Counter
 
-from agent.observation.metrics import InferenceMetrics
+from agent.observation.metrics import InferenceMetrics, LoopFailures
 from agent.reasons import Reason
 from agent.serving.contract import RequestError
 from agent.serving.v2 import InferenceError, ServedModel, infer_v2
@@ -74,7 +74,9 @@ class InferRoute:
         max_in_flight: int,
         max_input_bytes: int,
         feedback: FeedbackHandler | None = None,
+        failures: LoopFailures | None = None,
     ) -> None:
+        self._failures = failures or LoopFailures()
         self._connection = connection
         self._models = models
         self._metrics = metrics
@@ -98,8 +100,7 @@ class InferRoute:
             try:
                 await self._take(message)
             except Exception:  # one message must never end the route: counted, logged, next
-                self._counts.labels("handler_failed").inc()
-                log.exception("route_message_failed", input=_input_label(message))
+                self._failures.record("route", input=_input_label(message))
 
     async def _take(self, message: Message) -> None:
         if not self.accepting:

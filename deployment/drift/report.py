@@ -72,8 +72,8 @@ FILE_LIMITS = JsonLimits(max_bytes=MAX_FILE_BYTES, max_depth=16)
 RECORD_LIMITS = JsonLimits(max_bytes=1024 * 1024, max_depth=16)
 
 
-def _iter_documents(text: str | bytes, where: str) -> Iterator[Any]:
-    text = text.strip()
+def _iter_documents(data: str | bytes, where: str) -> Iterator[Any]:
+    text = (data.encode() if isinstance(data, str) else data).strip()
     if not text:
         return
     try:
@@ -82,8 +82,7 @@ def _iter_documents(text: str | bytes, where: str) -> Iterator[Any]:
         if error.problem is not Problem.NOT_JSON:
             raise PublisherError(Reason.PROFILE_INVALID, f"{where}: {error}") from None
         # Not one document: one record per line, as message routing writes them.
-        lines = text.splitlines()
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 yield _record(line, f"{where} line {number}")
         return
