@@ -68,15 +68,17 @@ class BoundedJsonError(ValueError):
 def nesting_depth(data: bytes, stop_above: int | None = None) -> int:
     """The deepest bracket nesting outside string literals, without parsing.
 
-    Cheap: a document with at most `stop_above` brackets cannot nest deeper, and is not
-    scanned. Unbalanced brackets (not JSON) still give a number; the parser refuses them.
+    Cheap: a document with at most `stop_above` opening brackets cannot nest deeper, and is
+    not scanned (the count, capped at `stop_above`, is returned). Unbalanced brackets (not
+    JSON) still give a number; the parser refuses them.
     """
     if stop_above is not None and data.count(b"[") + data.count(b"{") <= stop_above:
         return min(data.count(b"[") + data.count(b"{"), stop_above)
     if b'"' in data:
         data = _STRING.sub(b"", data)
     steps = data.translate(_BRACKETS, _NOT_BRACKETS)
-    return max(itertools.accumulate(map(operator.sub, steps, itertools.repeat(1))), default=0)
+    depths = itertools.accumulate(map(operator.sub, steps, itertools.repeat(1)))
+    return max(itertools.chain((0,), depths))
 
 
 def check_bounds(data: bytes | str, limits: JsonLimits) -> bytes:
