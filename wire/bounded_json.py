@@ -17,7 +17,7 @@ import itertools
 import json
 import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,7 @@ def nesting_depth(data: bytes, stop_above: int | None = None) -> int:
     if b'"' in data:
         data = _STRING.sub(b"", data)
     steps = data.translate(_BRACKETS, _NOT_BRACKETS)
-    depths = itertools.accumulate(map(operator.sub, steps, itertools.repeat(1)))
+    depths: Iterable[int] = itertools.accumulate(map(operator.sub, steps, itertools.repeat(1)))
     return max(itertools.chain((0,), depths))
 
 

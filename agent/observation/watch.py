@@ -282,7 +282,7 @@ class Observer:
         try:
             sink(message)
         except Exception:
-            self.failures.record("sink", event=str(message.get("event", "profile")))
+            self.failures.record("sink", message=str(message.get("event", "profile")))
 
     def _quality_window(self, watch: Watch, window: QualityWindow) -> None:
         if not window.changed:
