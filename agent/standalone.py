@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.app import App, Service, idle_forever
 from agent.observation.limits import Limits, read_limits
-from agent.observation.metrics import InferenceMetrics, register_process_metrics
+from agent.observation.metrics import InferenceMetrics, LoopFailures, register_process_metrics
 from agent.observation.resources import ResourceCollector
 from agent.observation.watch import Observer, ObserverTicks, Sinks
 from agent.releases.download import Downloader
@@ -128,7 +128,11 @@ class Agent:
         self.resources = ResourceCollector(self.registry, limits=self.limits)
         self.metrics = InferenceMetrics(self.registry)
         # Drift and quality of what is served; the adapter tunes it from its desired state.
-        self.observer = Observer(self.registry, sinks=sinks, keeps_predictions=labelled)
+        # One count of the items long-running loops failed on and went past.
+        self.failures = LoopFailures(self.registry)
+        self.observer = Observer(
+            self.registry, sinks=sinks, keeps_predictions=labelled, failures=self.failures
+        )
         log.info(
             "runtime_limits",
             **self.limits.as_json(),
@@ -196,7 +200,12 @@ class Agent:
         folder = settings.folder
         if folder.watch_dir is not None:
             sources.append(
-                FolderSource(folder.watch_dir, self.manager, debounce_s=folder.watch_debounce_s)
+                FolderSource(
+                    folder.watch_dir,
+                    self.manager,
+                    debounce_s=folder.watch_debounce_s,
+                    failures=self.failures,
+                )
             )
         return sources
 
@@ -210,7 +219,11 @@ class Agent:
     def services_in_start_order(self, *extra: Service) -> list[Service]:
         """Model sources first, then `extra` (adapters), then the servers: HTTP stops first."""
         settings = self.settings
-        reloader = [SecretsReloader(self.credentials)] if self.credentials is not None else []
+        reloader = (
+            [SecretsReloader(self.credentials, self.failures)]
+            if self.credentials is not None
+            else []
+        )
         accept_errors = AcceptErrors(self.registry)
         return [
             *self._sources,

@@ -111,6 +111,10 @@ class Resolved:
         return uri
 
 
+# A config file is a few environments of a dozen settings each.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def _validation_message(error: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:3]
@@ -123,7 +127,18 @@ def load(
     """The named environment of the config file (flags, then variables, then defaults)."""
     path = config or Path(environ.get(CONFIG_VARIABLE) or DEFAULT_CONFIG_FILE)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise PublisherError(
+                Reason.CONFIG,
+                f"config file {str(path)!r} is over the limit of {MAX_CONFIG_BYTES} bytes",
+            )
+        raw = tomllib.loads(data.decode("utf-8"))
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise PublisherError(
+            Reason.CONFIG, f"config file {str(path)!r}: arrays or tables nested too deep"
+        ) from None
     except FileNotFoundError as e:
         raise PublisherError(
             Reason.CONFIG,

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from wire.bounded_json import BoundedJsonError, JsonLimits, check_value
 from wire.desired import DesiredState
 from wire.reasons import Reason
 
@@ -25,6 +26,10 @@ from wire.reasons import Reason
 MAX_DOCUMENT_BYTES = 32 * 1024
 MAX_DEPTH = 10
 MAX_STRING = 4096
+# What the SDK hands over, checked before anything recursive (the merge) touches it. Looser
+# than the hub's limits, which `check_shape` then applies naming the field: this only keeps a
+# structure no hub would send (1,000 levels, megabytes) from the merge's recursion.
+INCOMING_LIMITS = JsonLimits(max_bytes=8 * MAX_DOCUMENT_BYTES, max_depth=64)
 NULL_MODEL = (
     "model: null is not a release; the served model is kept "
     "(publish a newer release, or call the rollback method)"
@@ -80,12 +85,23 @@ class Reconciler:
         """A desired-properties patch (JSON merge patch with `$version`)."""
         return self._next(patch, replace=False)
 
+    def _refused(self, version: int, problem: str) -> tuple[Reconciler, Action]:
+        return (
+            Reconciler(version, self.document, self.applied, self.max_models),
+            Reject(version, problem),
+        )
+
     def _next(self, incoming: Mapping[str, Any], *, replace: bool) -> tuple[Reconciler, Action]:
         version = incoming.get("$version")
         if not isinstance(version, int) or isinstance(version, bool):
             return self, Reject(self.version, "desired properties carry no integer $version")
         if version <= self.version:
             return self, Ignore(version)
+        try:
+            check_value(incoming, INCOMING_LIMITS)
+        except BoundedJsonError as error:
+            # The version is consumed, as for any refused document; the merged one is kept.
+            return self._refused(version, f"desired properties {error.problem}: {error.message}")
         body = {k: v for k, v in incoming.items() if not k.startswith("$")}
         document = body if replace else merge_patch(self.document, body)
         problem = check_shape(document)

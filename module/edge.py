@@ -109,6 +109,7 @@ class EdgeModule:
             max_in_flight=settings.max_route_in_flight,
             max_input_bytes=settings.max_input_bytes,
             feedback=FeedbackRoute(agent_.observer, route_metrics),
+            failures=agent_.failures,
         )
         self.methods = DirectMethods(
             self.connection,
@@ -118,6 +119,7 @@ class EdgeModule:
             status=self.status,
             default_model=self.default_model,
             limits=agent_.limits,
+            failures=agent_.failures,
         )
         self._desired_updates = Counter(
             "desired_updates",
@@ -147,6 +149,7 @@ class EdgeModule:
             on_health=self._on_health,
             resources=agent_.resources.read,
             on_profile=self._on_profile,
+            failures=agent_.failures,
         )
         self._headroom = HeadroomAlarm(settings.memory_headroom_alert_fraction)
         observer = agent_.observer
@@ -228,7 +231,7 @@ class EdgeModule:
                     self.route.tasks.add(task)
                     task.add_done_callback(self.route.tasks.discard)
             except Exception:  # one bad event must not stop the module
-                log.exception("control_event_failed", kind=kind)
+                self.agent.failures.record("control", kind=kind)
 
     async def _on_connection(self, *, connected: bool) -> None:
         if self.connection.changed(connected=connected) and connected:
@@ -401,11 +404,14 @@ class EdgeModule:
     async def _watch_headroom(self) -> None:
         # Its own tick, not telemetry's: telemetry may be off or hourly, memory pressure not.
         async for _ in ticks(self._settings.memory_check_interval_s):
-            resources = self.agent.resources.read()
-            kind = self._headroom.update(resources)
-            if kind is not None:
-                log.warning(kind, **resources.as_json())
-                self._alert(kind, resources.as_json())
+            try:
+                resources = self.agent.resources.read()
+                kind = self._headroom.update(resources)
+                if kind is not None:
+                    log.warning(kind, **resources.as_json())
+                    self._alert(kind, resources.as_json())
+            except Exception:  # the next check reads again
+                self.agent.failures.record("headroom")
 
     def _alert(self, kind: str, details: dict[str, Any]) -> None:
         alert = Alert(kind=kind, at=datetime.now(UTC), details=details)

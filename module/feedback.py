@@ -7,7 +7,6 @@ Parsing is strict and bounded; what the labels are joined with is the agent's bu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Annotated, Protocol
 
@@ -15,12 +14,16 @@ import structlog
 from azure.iot.device import Message
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 
-from module.routes import RouteMetrics
+from module.routes import MAX_ROUTE_MESSAGE_BYTES, RouteMetrics
 from wire.base import WireModel
+from wire.bounded_json import BoundedJsonError, JsonLimits, check_bounds
 
 log = structlog.get_logger(__name__)
 
 MAX_ITEMS = 1000
+# A list of items holding a label or a list of labels: three levels; a little room for errors
+# to be named by pydantic rather than by depth.
+LIMITS = JsonLimits(max_bytes=MAX_ROUTE_MESSAGE_BYTES, max_depth=8)
 
 Scalar = int | float | bool
 
@@ -43,16 +46,19 @@ _MANY: TypeAdapter[list[FeedbackItem]] = TypeAdapter(
 def parse_feedback(body: bytes) -> list[FeedbackItem]:
     """The items of one feedback message; `ValueError` names what is wrong."""
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"feedback is not JSON: {error}") from None
+        body = check_bounds(body, LIMITS)
+    except BoundedJsonError as error:
+        raise ValueError(f"feedback refused: {error.problem}: {error.message}") from None
     try:
-        if isinstance(document, list):
+        # The first significant byte says one item or a list: no second parse for it.
+        if body.lstrip()[:1] == b"[":
             return _MANY.validate_json(body)
         return [_ONE.validate_json(body)]
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        if first["type"] == "json_invalid":
+            raise ValueError(f"feedback is not JSON: {first['msg']}") from None
         raise ValueError(f"feedback {where}: {first['msg']}") from None
 
 

@@ -11,17 +11,20 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, ValidationError
 
 from agent.observation.limits import Limits
-from agent.observation.metrics import InferenceMetrics
+from agent.observation.metrics import InferenceMetrics, LoopFailures
 from agent.observation.profile import live_profile
 from agent.releases.lifecycle import SwapError
 from agent.releases.swap import ModelManager
 from module.connection import HubConnection
 from module.desired import describe
 from wire.base import WireModel
+from wire.bounded_json import BoundedJsonError, JsonLimits, check_value
 
 log = structlog.get_logger(__name__)
 
 MethodResult = tuple[int, Any]
+# IoT Hub caps a method payload at 128 KB; these methods take a flat object of one field.
+PAYLOAD_LIMITS = JsonLimits(max_bytes=128 * 1024, max_depth=4)
 
 
 class RollbackPayload(WireModel):
@@ -47,7 +50,9 @@ class DirectMethods:
         status: Callable[[], Mapping[str, Any]],
         default_model: Callable[[], str | None],
         limits: Limits | None = None,
+        failures: LoopFailures | None = None,
     ) -> None:
+        self._failures = failures or LoopFailures()
         self._connection = connection
         self._limits = limits
         self._manager = manager
@@ -87,12 +92,20 @@ class DirectMethods:
                 "error": f"unknown method {name!r}; this module has {sorted(self._handlers)}"
             }
         try:
+            # The SDK parsed the payload; its size and depth are ours to bound before pydantic.
+            check_value(raw, PAYLOAD_LIMITS)
+        except BoundedJsonError as error:
+            return 400, {"error": f"bad {name} payload: {error.problem}: {error.message}"}
+        try:
             # azure-iot-hub's invoke_device_module_method sends "" for "no payload".
             return await handler({} if raw is None or raw == "" else raw)
         except ValidationError as error:
             return 400, {"error": f"bad {name} payload: {describe(error, root='payload')}"}
         except SwapError as error:
             return 409, {"error": error.message, "reason": error.reason.value}
+        except Exception:  # a failure of ours: answered, counted and logged, never a lost task
+            self._failures.record("method", method=name)
+            return 500, {"error": f"the {name} method failed; see the agent log"}
 
     async def _method_status(self, payload: Any) -> MethodResult:
         StatusPayload.model_validate(payload)

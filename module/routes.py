@@ -18,7 +18,7 @@ import structlog
 from azure.iot.device import Message
 from prometheus_client import CollectorRegistry, Counter
 
-from agent.observation.metrics import InferenceMetrics
+from agent.observation.metrics import InferenceMetrics, LoopFailures
 from agent.serving.contract import RequestError
 from agent.serving.v2 import InferenceError, ServedModel, infer_v2
 from module.connection import HubConnection
@@ -30,6 +30,12 @@ INFER_INPUT = "infer"
 FEEDBACK_INPUT = "feedback"
 PREDICTIONS = "predictions"
 MAX_ROUTE_MESSAGE_BYTES = 255 * 1024  # IoT Hub's 256 KB, less room for the properties
+
+
+def _input_label(message: Message) -> str:
+    """The input a message came on, as a bounded log field (the name is the sender's)."""
+    name = message.input_name
+    return name if name in (INFER_INPUT, FEEDBACK_INPUT) else "other"
 
 
 class FeedbackHandler(Protocol):
@@ -71,7 +77,9 @@ class InferRoute:
         max_in_flight: int,
         max_input_bytes: int,
         feedback: FeedbackHandler | None = None,
+        failures: LoopFailures | None = None,
     ) -> None:
+        self._failures = failures or LoopFailures()
         self._connection = connection
         self._models = models
         self._metrics = metrics
@@ -92,20 +100,26 @@ class InferRoute:
         messages = self._connection.messages
         while True:
             message = await messages.get()
-            if not self.accepting:
-                self._counts.labels("dropped_stopping").inc()
-                continue
-            if message.input_name == FEEDBACK_INPUT and self._feedback is not None:
-                self._feedback.handle(message)  # synchronous and cheap: no slot needed
-                continue
-            if message.input_name != INFER_INPUT:
-                self._counts.labels("unknown_input").inc()
-                log.warning("unknown_input", input=message.input_name)
-                continue
-            await self._slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._answer(message))
-            self.tasks.add(task)
-            task.add_done_callback(self._done)
+            try:
+                await self._take(message)
+            except Exception:  # one message must never end the route: counted, logged, next
+                self._failures.record("route", input=_input_label(message))
+
+    async def _take(self, message: Message) -> None:
+        if not self.accepting:
+            self._counts.labels("dropped_stopping").inc()
+            return
+        if message.input_name == FEEDBACK_INPUT and self._feedback is not None:
+            self._feedback.handle(message)  # synchronous and cheap: no slot needed
+            return
+        if message.input_name != INFER_INPUT:
+            self._counts.labels("unknown_input").inc()
+            log.warning("unknown_input", input=str(message.input_name)[:64])
+            return
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._answer(message))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)

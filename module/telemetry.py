@@ -11,9 +11,10 @@ from typing import Any
 
 import psutil
 
-from agent.observation.metrics import LATENCY_BUCKETS, InferenceMetrics
+from agent.observation.metrics import LATENCY_BUCKETS, InferenceMetrics, LoopFailures
 from agent.observation.profile import (
     ModelCounters,
+    Snapshot,
     model_health,
     model_profiles,
     reported_profile,
@@ -58,7 +59,9 @@ class Telemetry:
         on_health: Callable[[Mapping[str, Health]], None],
         resources: Callable[[], Resources],
         on_profile: Callable[[dict[str, Any]], None],
+        failures: LoopFailures | None = None,
     ) -> None:
+        self._failures = failures or LoopFailures()
         self._services = services
         self._manager = manager
         self._metrics = metrics
@@ -102,38 +105,47 @@ class Telemetry:
         before = take_snapshot(metrics, process)
         models_before = self._counters()
         async for _ in ticks(interval_s):
-            after = take_snapshot(metrics, process)
-            models_after = self._counters()
-            window_s = after.at - before.at
-            self.health = {
-                name: model_health(models_before.get(name), now, window_s, LATENCY_BUCKETS)
-                for name, now in models_after.items()
-            }
-            now = datetime.now(UTC)
-            at = now.isoformat()
-            window = window_profile(before, after, metrics.total.bounds)
-            profiles = model_profiles(before, after, metrics.total.bounds)
-            resources = self._resources()
-            record = TelemetryRecord(
-                at=now,
-                models={
-                    name: TelemetryModel(
-                        version=s.version,
-                        state=s.state,
-                        health=_health(self.health.get(name)),
-                        profile=profiles.get(name),
-                    )
-                    for name, s in self._manager.statuses.items()
-                },
-                inference=window,
-                resources=resources.as_json(),
-            )
-            self._outbox.put(TELEMETRY, to_message(record), TELEMETRY_SCHEMA)
-            self._on_health(self.health)
-            gone = self._profiled - profiles.keys()
-            self._on_profile(reported_profile(window, profiles, resources, at=at, gone=gone))
-            self._profiled = set(profiles)
-            before, models_before = after, models_after
+            try:
+                before, models_before = self._window(process, before, models_before)
+            except Exception:  # one window lost, not telemetry: the next one covers both
+                self._failures.record("telemetry")
+
+    def _window(
+        self, process: psutil.Process, before: Snapshot, models_before: dict[str, ModelCounters]
+    ) -> tuple[Snapshot, dict[str, ModelCounters]]:
+        metrics = self._metrics
+        after = take_snapshot(metrics, process)
+        models_after = self._counters()
+        window_s = after.at - before.at
+        self.health = {
+            name: model_health(models_before.get(name), now, window_s, LATENCY_BUCKETS)
+            for name, now in models_after.items()
+        }
+        now = datetime.now(UTC)
+        at = now.isoformat()
+        window = window_profile(before, after, metrics.total.bounds)
+        profiles = model_profiles(before, after, metrics.total.bounds)
+        resources = self._resources()
+        record = TelemetryRecord(
+            at=now,
+            models={
+                name: TelemetryModel(
+                    version=s.version,
+                    state=s.state,
+                    health=_health(self.health.get(name)),
+                    profile=profiles.get(name),
+                )
+                for name, s in self._manager.statuses.items()
+            },
+            inference=window,
+            resources=resources.as_json(),
+        )
+        self._outbox.put(TELEMETRY, to_message(record), TELEMETRY_SCHEMA)
+        self._on_health(self.health)
+        gone = self._profiled - profiles.keys()
+        self._on_profile(reported_profile(window, profiles, resources, at=at, gone=gone))
+        self._profiled = set(profiles)
+        return after, models_after
 
     def _counters(self) -> dict[str, ModelCounters]:
         found = {name: counters(service) for name, service in self._services.items()}

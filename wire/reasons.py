@@ -91,6 +91,7 @@ class Reason(enum.StrEnum):
     HALTED = "halted"
     AUDIT_BROKEN = "audit_broken"
     NOT_AUDITED = "not_audited"  # the action was done; its audit entry could not be written
+    PROFILE_INVALID = "profile_invalid"  # a drift profile record the report cannot read
     PIPELINE_FAILED = "pipeline_failed"
 
 

@@ -35,6 +35,7 @@ from agent.observation.detector import CusumParams
 from agent.observation.divergence import PSI_FLOOR
 from agent.observation.quality import QualityReference
 from wire.base import WireModel
+from wire.bounded_json import BoundedJsonError, JsonLimits, check_bounds
 
 # The download cap, part of the manifest's shape: far above a pack of 64 features x 32 bins x
 # 5 window sizes (~100 KB).
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 BASELINE_SCHEMA = "agent-drift-baseline/1"
+# A pack nests a handful of levels (features, their bins, calibration windows).
+BASELINE_LIMITS = JsonLimits(max_bytes=MAX_BASELINE_BYTES, max_depth=16)
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Spread = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -223,8 +226,10 @@ class BaselinePack(WireModel):
 
 def parse_baseline(data: bytes) -> BaselinePack:
     """Parse and check a baseline pack; raises :class:`BaselineInvalidError` naming the problem."""
-    if len(data) > MAX_BASELINE_BYTES:
-        raise BaselineInvalidError(f"baseline is {len(data)} bytes, above {MAX_BASELINE_BYTES}")
+    try:
+        data = check_bounds(data, BASELINE_LIMITS)
+    except BoundedJsonError as e:
+        raise BaselineInvalidError(f"baseline is {e.problem}: {e.message}") from None
     try:
         return BaselinePack.model_validate_json(data)
     except ValidationError as e:

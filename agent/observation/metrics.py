@@ -18,7 +18,8 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Gauge
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -28,6 +29,8 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 
 from wire.reasons import REQUEST_REASONS
+
+_log = structlog.get_logger(__name__)
 
 # Sub-millisecond resolution: tiny models answer in tens of microseconds.
 LATENCY_BUCKETS: Final = (
@@ -259,3 +262,47 @@ class InferenceMetrics:
 def register_process_metrics(registry: CollectorRegistry) -> None:
     """CPU, memory and open files of this process (`process_*`), as client_python defines them."""
     ProcessCollector(registry=registry)
+
+
+class LoopFailures:
+    """Items a long-running loop failed on and went past: counted by loop, logged once each.
+
+    A route, a control loop, a sink or a watcher handles one item at a time, and one item's
+    exception must not end its task (and with it the process). `record` is called from an
+    `except Exception` block: cancellation, `SystemExit` and `KeyboardInterrupt` are not
+    `Exception`s and still propagate. The loop names are a closed set: a metric label.
+    """
+
+    LOOPS: Final = frozenset(
+        {
+            "route",  # module: a message on the infer or feedback input
+            "control",  # module: a desired patch, a connection change, a method call
+            "method",  # module: a direct method's handler
+            "telemetry",  # module: one telemetry window
+            "headroom",  # module: one memory-headroom check
+            "drift_tick",  # agent: one scoring tick of the observer
+            "sink",  # agent: a window profile or an alert handed to the adapter's sink
+            "folder",  # agent: one manifest file of the watched folder
+            "secrets_reload",  # agent: one check of the TLS and token files
+        }
+    )
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # Without a registry (a part built alone, in a test) it still counts, unexported.
+        self._counter = Counter(
+            "agent_loop_failures",
+            "Items a long-running loop failed on and went past, by loop.",
+            ["loop"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+        for loop in self.LOOPS:
+            self._counter.labels(loop)  # every series from the start, at 0
+        self.counts = dict.fromkeys(self.LOOPS, 0)
+
+    def record(self, loop: str, **fields: object) -> None:
+        """Count and log the exception being handled (one `exc_info` event)."""
+        if loop not in self.LOOPS:
+            raise ValueError(f"unknown loop {loop!r}: add it to LoopFailures.LOOPS")
+        self._counter.labels(loop).inc()
+        self.counts[loop] += 1
+        _log.error("loop_item_failed", loop=loop, exc_info=True, **fields)

@@ -29,6 +29,7 @@ from agent.observation.drift import (
     profile_message,
     rounded,
 )
+from agent.observation.metrics import LoopFailures
 from agent.observation.quality import (
     FeedbackOutcome,
     Label,
@@ -108,8 +109,10 @@ class Observer:
         namespace: str = "agent",
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = _now,
+        failures: LoopFailures | None = None,
     ) -> None:
         self.settings = settings or DriftSettings()
+        self.failures = failures or LoopFailures()
         self.quality_settings = quality or QualitySettings()
         self.sinks = sinks or Sinks()
         self._clock = clock
@@ -236,7 +239,8 @@ class Observer:
         watch.last_window = window
         watch.totals["windows"] += 1
         wall = self._wall_clock()
-        self.sinks.profile(
+        self._deliver(
+            self.sinks.profile,
             profile_message(
                 window,
                 model=watch.name,
@@ -246,7 +250,7 @@ class Observer:
                 max_features=self.settings.max_profile_features,
                 max_bytes=self.settings.max_profile_bytes,
                 wall_clock=wall.timestamp(),
-            )
+            ),
         )
         if not window.changed:
             return False
@@ -271,8 +275,16 @@ class Observer:
             score=alert.score,
             feature=alert.feature,
         )
-        self.sinks.alert(to_message(alert))
+        self._deliver(self.sinks.alert, to_message(alert))
         return True
+
+    def _deliver(self, sink: Callable[[dict[str, Any]], None], message: dict[str, Any]) -> None:
+        # The adapter's sink failing on one message must not cost the other models their
+        # windows, nor this model its state change.
+        try:
+            sink(message)
+        except Exception:
+            self.failures.record("sink", message=str(message.get("event", "profile")))
 
     def _quality_window(self, watch: Watch, window: QualityWindow) -> None:
         if not window.changed:
@@ -300,7 +312,7 @@ class Observer:
             metric=window.metric,
             value=value,
         )
-        self.sinks.alert(to_message(alert))
+        self._deliver(self.sinks.alert, to_message(alert))
 
     # --- reported state -----------------------------------------------------------------
 
@@ -375,7 +387,7 @@ class ObserverTicks:
             try:
                 self._observer.tick()
             except Exception:  # a scoring bug must not take serving down with it
-                log.exception("drift_tick_failed")
+                self._observer.failures.record("drift_tick")
 
     async def stop(self, grace_s: float) -> None:
         return None

@@ -17,6 +17,7 @@ from agent.observation.recommend import ConfigRun, Recommendation, Target, recom
 from agent.profiler.plan import SweepPlan
 from agent.settings import AgentSettings
 from wire import profile as doc
+from wire.bounded_json import BoundedJsonError, JsonLimits, check_bounds
 from wire.profile import SCHEMA, ProfileDocument
 
 __all__ = [
@@ -136,8 +137,12 @@ def summary_lines(document: doc.Profile) -> list[str]:
 
 def read_profile(text: str | bytes) -> ProfileDocument:
     """`profile.json` parsed and checked; ValueError naming what is wrong."""
+    # A page of numbers for people and the recommendation a deployment reads: small, shallow.
+    limits = JsonLimits(max_bytes=1024 * 1024, max_depth=16)
     try:
-        document = ProfileDocument.model_validate_json(text)
+        document = ProfileDocument.model_validate_json(check_bounds(text, limits))
+    except BoundedJsonError as error:
+        raise ValueError(f"profile.json: {error.problem}: {error.message}") from None
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import json
 import os
 import stat
 from dataclasses import dataclass
@@ -38,9 +37,15 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from agent.config import Section
+from agent.observation.metrics import LoopFailures
 from agent.releases.download import DeliveryError
 from agent.releases.lifecycle import ModelState
-from agent.releases.manifest import MAX_MANIFEST_BYTES, ReleaseManifest
+from agent.releases.manifest import (
+    MAX_MANIFEST_BYTES,
+    ManifestRejected,
+    ReleaseManifest,
+    load_manifest_json,
+)
 from agent.releases.store import PartFile, is_disk_full
 from agent.releases.swap import ModelManager
 from wire.reasons import Reason
@@ -155,7 +160,15 @@ class FolderSettings(Section):
 class FolderSource:
     """Service: scans the folder at start, then again each time it settles after a change."""
 
-    def __init__(self, folder: Path, manager: ModelManager, *, debounce_s: float) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        manager: ModelManager,
+        *,
+        debounce_s: float,
+        failures: LoopFailures | None = None,
+    ) -> None:
+        self._failures = failures or LoopFailures()
         self.name = "model-folder"
         self._folder = folder
         self._manager = manager
@@ -191,22 +204,28 @@ class FolderSource:
 
     async def scan(self) -> None:
         for path in sorted(self._folder.glob(f"*{MANIFEST_SUFFIX}")):
-            document = await asyncio.to_thread(_read_manifest, path)
-            if document is None:
-                continue
-            raw, digest = document
-            if self._manager.is_superseded(raw):
-                continue  # e.g. the image's initial model after the twin delivered newer ones
-            previous = self._submitted.get(path)
-            # A release already submitted is retried only if it failed: its artifact may
-            # have been incomplete, and the folder has changed since.
-            if previous is not None and previous[0] == digest and previous[1] != ModelState.FAILED:
-                continue
-            status = self._manager.submit(raw, artifacts=self._artifacts)
-            await self._manager.wait_idle()
-            final = self._manager.statuses.get(status.name, status)
-            self._submitted[path] = (digest, final.state)
-            log.info("folder_release", file=path.name, state=final.state, reason=final.reason)
+            try:
+                await self._scan_one(path)
+            except Exception:  # one file must not keep the others, or the next scan, away
+                self._failures.record("folder", file=path.name[:128])
+
+    async def _scan_one(self, path: Path) -> None:
+        document = await asyncio.to_thread(_read_manifest, path)
+        if document is None:
+            return
+        raw, digest = document
+        if self._manager.is_superseded(raw):
+            return  # e.g. the image's initial model after the twin delivered newer ones
+        previous = self._submitted.get(path)
+        # A release already submitted is retried only if it failed: its artifact may
+        # have been incomplete, and the folder has changed since.
+        if previous is not None and previous[0] == digest and previous[1] != ModelState.FAILED:
+            return
+        status = self._manager.submit(raw, artifacts=self._artifacts)
+        await self._manager.wait_idle()
+        final = self._manager.statuses.get(status.name, status)
+        self._submitted[path] = (digest, final.state)
+        log.info("folder_release", file=path.name, state=final.state, reason=final.reason)
 
     async def stop(self, grace_s: float) -> None:
         observer, self._observer = self._observer, None
@@ -243,9 +262,8 @@ def _read_manifest(path: Path) -> tuple[object, str] | None:
         log.warning("folder_manifest_refused", file=path.name, size=len(data))
         return None
     try:
-        return json.loads(data), hashlib.sha256(data).hexdigest()
-    except (ValueError, RecursionError) as error:
+        return load_manifest_json(data), hashlib.sha256(data).hexdigest()
+    except ManifestRejected as error:
         # Most often a manifest still being written: the next change triggers a new scan.
-        # RecursionError: deeply nested JSON; escaping, it would stop the whole agent.
-        log.warning("folder_manifest_unreadable", file=path.name, error=str(error))
+        log.warning("folder_manifest_unreadable", file=path.name, error=error.message)
         return None

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import ValidationError
 
 from agent.config import Section
+from wire.bounded_json import BoundedJsonError, JsonLimits, check_value, loads
 from wire.manifest import (
     MAX_MANIFEST_BYTES,
     Baseline,
@@ -69,6 +70,10 @@ __all__ = [
     "sign_manifest",
     "verify_manifest",
 ]
+
+# A manifest's own nesting (contract, tensors, golden data of up to a few dimensions) is far
+# below this; the signature adds one level and a few hundred bytes.
+MANIFEST_LIMITS = JsonLimits(max_bytes=MAX_MANIFEST_BYTES + 1024, max_depth=40)
 
 _SIGNATURE_BYTES = 64
 _PUBLIC_KEY_BYTES = 32
@@ -152,6 +157,15 @@ def sign_manifest(
     return signed
 
 
+def load_manifest_json(data: bytes | str) -> Any:
+    """A manifest file's JSON, size and depth bounded; `ManifestRejected` (`schema_invalid`)
+    naming what was wrong. What it holds is for `verify_manifest` to check."""
+    try:
+        return loads(data, MANIFEST_LIMITS)
+    except BoundedJsonError as e:
+        raise ManifestRejected(Reason.SCHEMA_INVALID, f"manifest {e.problem}: {e.message}") from e
+
+
 def verify_manifest(
     raw: object, trusted_keys: Mapping[str, Ed25519PublicKey], now: datetime
 ) -> ReleaseManifest:
@@ -166,6 +180,10 @@ def verify_manifest(
         raise ValueError("now must be timezone-aware")
     if not isinstance(raw, Mapping):
         raise ManifestRejected(Reason.SCHEMA_INVALID, "manifest is not a JSON object")
+    try:
+        check_value(raw, MANIFEST_LIMITS)  # before anything recursive (the canonical form) runs
+    except BoundedJsonError as e:
+        raise ManifestRejected(Reason.SCHEMA_INVALID, f"manifest {e.problem}: {e.message}") from e
     signature = raw.get("signature")
     if signature is None:
         raise ManifestRejected(Reason.SIGNATURE_MISSING, "manifest is not signed")
@@ -338,10 +356,22 @@ def load_trusted_keys(
         key_id = _key_id(path.stem)
         if key_id in keys:
             raise KeyConfigError(f"trusted key {key_id!r} given twice")
-        keys[key_id] = public_key_from_pem(path.read_bytes())
+        keys[key_id] = public_key_from_pem(_read_key_file(path))
     return keys
 
 
 def load_private_key(path: Path, password: bytes | None = None) -> Ed25519PrivateKey:
     """Read a PEM signing key (cloud side)."""
-    return private_key_from_pem(path.read_bytes(), password)
+    return private_key_from_pem(_read_key_file(path), password)
+
+
+# A PEM key is a few hundred bytes: a larger file is not one, and is not read whole.
+MAX_KEY_FILE_BYTES = 16 * 1024
+
+
+def _read_key_file(path: Path) -> bytes:
+    with path.open("rb") as file:
+        data = file.read(MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyConfigError(f"{path.name} is over {MAX_KEY_FILE_BYTES} bytes: not a PEM key")
+    return data

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from pydantic import Field, model_validator
 
 from agent.config import Section
+from agent.observation.metrics import LoopFailures
 from agent.serving import protocol
 from agent.ticks import ticks
 
@@ -251,16 +252,20 @@ class Credentials:
 class SecretsReloader:
     """Service: re-reads the secret files on change, once for every server that uses them."""
 
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(self, credentials: Credentials, failures: LoopFailures | None = None) -> None:
         self.name = "secrets"
         self._credentials = credentials
+        self._failures = failures or LoopFailures()
 
     async def start(self) -> None:
         return None
 
     async def run(self) -> None:
         async for _ in ticks(self._credentials.settings.secrets_reload_s):
-            self._credentials.reload_if_changed()
+            try:
+                self._credentials.reload_if_changed()
+            except Exception:  # the files in use stay in use; the next tick tries again
+                self._failures.record("secrets_reload")
 
     async def stop(self, grace_s: float) -> None:
         return None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,9 +26,17 @@ from typing import Any
 import numpy as np
 from azure.storage.blob import ContainerClient
 
-from agent.observation.baseline import BaselinePack, parse_baseline, score_window
+from agent.observation.baseline import (
+    MAX_BASELINE_BYTES,
+    BaselineInvalidError,
+    BaselinePack,
+    parse_baseline,
+    score_window,
+)
 from agent.observation.counts import FeatureCounts
 from agent.observation.drift import PROFILE_SCHEMA
+from deployment.errors import PublisherError, Reason
+from wire.bounded_json import BoundedJsonError, JsonLimits, Problem, loads
 
 __all__ = [
     "Bucket",
@@ -58,16 +65,26 @@ class Profile:
     features: Mapping[str, Mapping[str, Any]]
 
 
-def _iter_documents(text: str) -> Iterator[Any]:
-    text = text.strip()
+# A routed blob or file holds an hour of a fleet's telemetry; one record is one message
+# (IoT Hub's 256 KB, base64 in an envelope) nested a few levels (features, their counts).
+MAX_FILE_BYTES = 512 * 1024 * 1024
+FILE_LIMITS = JsonLimits(max_bytes=MAX_FILE_BYTES, max_depth=16)
+RECORD_LIMITS = JsonLimits(max_bytes=1024 * 1024, max_depth=16)
+
+
+def _iter_documents(data: str | bytes, where: str) -> Iterator[Any]:
+    text = (data.encode() if isinstance(data, str) else data).strip()
     if not text:
         return
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError:
-        for line in text.splitlines():
+        document = loads(text, FILE_LIMITS)
+    except BoundedJsonError as error:
+        if error.problem is not Problem.NOT_JSON:
+            raise PublisherError(Reason.PROFILE_INVALID, f"{where}: {error}") from None
+        # Not one document: one record per line, as message routing writes them.
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                yield json.loads(line)
+                yield _record(line, f"{where} line {number}")
         return
     if isinstance(document, list):
         yield from document
@@ -85,8 +102,8 @@ def _profile(document: Any, where: str) -> Profile | None:
         document = document["Body"]
         if isinstance(document, str):  # routing stores a body not sent as JSON in base64
             try:
-                document = json.loads(base64.b64decode(document, validate=True))
-            except (ValueError, UnicodeDecodeError):
+                document = _record(base64.b64decode(document, validate=True), where)
+            except (ValueError, PublisherError):  # not base64, or not JSON: not a profile
                 return None
         if not isinstance(document, dict):
             return None
@@ -105,12 +122,21 @@ def _profile(document: Any, where: str) -> Profile | None:
             features=dict(document["features"]),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}: malformed drift profile ({e})") from None
+        raise PublisherError(
+            Reason.PROFILE_INVALID, f"{where}: malformed drift profile ({e})"
+        ) from None
 
 
-def _profiles_in(text: str, where: str) -> list[Profile]:
+def _record(line: str | bytes, where: str) -> Any:
+    try:
+        return loads(line, RECORD_LIMITS)
+    except BoundedJsonError as error:
+        raise PublisherError(Reason.PROFILE_INVALID, f"{where}: {error.problem}: {error}") from None
+
+
+def _profiles_in(text: str | bytes, where: str) -> list[Profile]:
     profiles = []
-    for document in _iter_documents(text):
+    for document in _iter_documents(text, where):
         profile = _profile(document, where)
         if profile is not None:
             profiles.append(profile)
@@ -122,8 +148,9 @@ def read_blob_profiles(container: ContainerClient, prefix: str = "") -> list[Pro
     routing writes them (one JSON record per line)."""
     profiles = []
     for blob in container.list_blobs(name_starts_with=prefix or None):
-        text = container.download_blob(blob.name).readall().decode("utf-8")
-        profiles += _profiles_in(text, blob.name)
+        if blob.size is not None and blob.size > MAX_FILE_BYTES:
+            raise PublisherError(Reason.PROFILE_INVALID, f"{blob.name}: {_too_large(blob.size)}")
+        profiles += _profiles_in(container.download_blob(blob.name).readall(), blob.name)
     return profiles
 
 
@@ -135,16 +162,27 @@ def read_profiles(paths: Iterable[Path]) -> list[Profile]:
         files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     profiles = []
     for file in files:
-        profiles += _profiles_in(file.read_text(encoding="utf-8"), str(file))
+        size = file.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise PublisherError(Reason.PROFILE_INVALID, f"{file}: {_too_large(size)}")
+        profiles += _profiles_in(file.read_bytes(), str(file))
     return profiles
+
+
+def _too_large(size: int) -> str:
+    return f"too_large: {size} bytes, over the limit of {MAX_FILE_BYTES}"
 
 
 def load_baselines(paths: Iterable[Path]) -> dict[str, BaselinePack]:
     """Baseline packs by the sha256 of their bytes (what profiles and manifests name)."""
     packs = {}
     for path in paths:
-        data = path.read_bytes()
-        packs[hashlib.sha256(data).hexdigest()] = parse_baseline(data)
+        with path.open("rb") as file:  # no more than a pack may hold: the parser refuses it
+            data = file.read(MAX_BASELINE_BYTES + 1)
+        try:
+            packs[hashlib.sha256(data).hexdigest()] = parse_baseline(data)
+        except BaselineInvalidError as e:
+            raise PublisherError(Reason.BASELINE_INVALID, f"{path}: {e}") from None
     return packs
 
 

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from agent.observation.baseline import BASELINE_LIMITS
 from agent.releases.manifest import ManifestRejected, verify_manifest
 from deployment import config
 from deployment.errors import PublisherError, Reason
@@ -39,6 +40,7 @@ from deployment.publish.registry import (
     ring_alias,
 )
 from deployment.publish.release import ModelCheckError, describe_model, unsigned_manifest
+from wire.bounded_json import BoundedJsonError, loads
 from wire.reported import ModelEntry as ReportedEntry
 from wire.reported import read_entry
 
@@ -645,12 +647,17 @@ def _split_pair(value: str | None) -> tuple[str, str] | None:
     return module, variable
 
 
+# A baseline pack given to `register`: bounded as the agent bounds it (`parse_baseline`).
+_INPUT_FILE_LIMITS = BASELINE_LIMITS
+
+
 def _check_json_file(path: Path, what: str) -> None:
     try:
-        json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            loads(file.read(_INPUT_FILE_LIMITS.max_bytes + 1), _INPUT_FILE_LIMITS)
     except FileNotFoundError as e:
         raise PublisherError(Reason.MODEL_INVALID, f"no {what} file {str(path)!r}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, BoundedJsonError) as e:
         raise PublisherError(Reason.MODEL_INVALID, f"{what} file {str(path)!r}: {e}") from e
 
 

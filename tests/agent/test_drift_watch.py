@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.observation.drift import DriftSettings
+from agent.observation.metrics import LoopFailures
 from agent.observation.quality import FeedbackOutcome, QualitySettings
 from agent.observation.watch import Observer, Sinks
 from tests.support.clock import FakeClock
@@ -182,3 +183,31 @@ def test_feedback_for_a_replaced_release_or_of_the_wrong_length(setup: Any) -> N
     assert observer.feedback("two", [1.0]) is FeedbackOutcome.MISMATCHED
     observer.attach("m", 2, None, None)
     assert observer.feedback("old", [1.0]) is FeedbackOutcome.LATE
+
+
+def test_a_failing_sink_is_counted_and_the_next_window_and_the_alert_still_go_out() -> None:
+    alerts: list[dict[str, Any]] = []
+    profiles_refused = 0
+
+    def profile(message: dict[str, Any]) -> None:
+        nonlocal profiles_refused
+        profiles_refused += 1
+        raise RuntimeError("the outbox is broken")
+
+    failures = LoopFailures()
+    observer = Observer(
+        CollectorRegistry(),
+        settings=DriftSettings(window_rows=50),
+        sinks=Sinks(profile=profile, alert=alerts.append),
+        clock=FakeClock(),
+        failures=failures,
+    )
+    observer.attach("m", 3, tabular_pack(), SHA)
+    _serve(observer, 3, 50)
+    observer.tick()
+    for _ in range(5):
+        _serve(observer, 3, 50, shift=2.5)
+        observer.tick()
+    assert profiles_refused == 6  # every window was offered, none lost to the one before
+    assert failures.counts["sink"] == 6
+    assert [(a["event"], a["to"]) for a in alerts][-1] == ("drift_state", "drift")

@@ -28,6 +28,7 @@ from deployment.drift.report import (
     render_html,
     verdict,
 )
+from deployment.errors import PublisherError
 from simulator.azurite import Azurite
 from tests.support.clock import FakeClock
 from tests.support.drift_packs import tabular_pack, tabular_rows
@@ -159,7 +160,7 @@ def test_profiles_of_an_unknown_baseline_are_refused(fleet_files: tuple[Path, Pa
 def test_a_malformed_profile_names_its_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "agent-drift-profile/1", "model": "m"}))
-    with pytest.raises(ValueError, match=r"bad\.json: malformed drift profile"):
+    with pytest.raises(PublisherError, match=r"bad\.json: malformed drift profile"):
         read_profiles([bad])
 
 
