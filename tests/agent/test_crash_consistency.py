@@ -32,6 +32,7 @@ from agent.releases.manifest import public_key_to_b64
 from agent.releases.state import StoreState
 from deployment.publish.release import build_manifest
 from tests.support.agent_process import AgentProcess, LogLine, model_status, running_agent
+from tests.support.folder_release import FolderRelease
 from tests.support.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
 from tests.support.polling import poll
 
@@ -42,27 +43,13 @@ PROCESS_WAIT_S = 30.0  # any one process step; a healthy run takes a fraction of
 
 
 @dataclass(frozen=True)
-class Release:
-    model: bytes
-    manifest: dict[str, Any]
-    features: int
-
-    @property
-    def sha256(self) -> str:
-        return str(self.manifest["sha256"])
-
-    @property
-    def version(self) -> int:
-        return int(self.manifest["version"])
-
+class Release(FolderRelease):
     @property
     def manifest_name(self) -> str:
         return f"m-v{self.version}.manifest.json"
 
-    def drop(self, folder: Path) -> None:
-        """Publish as the folder's rules ask: the artifact first, the manifest last."""
-        (folder / f"{self.sha256}.onnx").write_bytes(self.model)
-        (folder / self.manifest_name).write_text(json.dumps(self.manifest))
+    def drop(self, folder: Path, manifest_name: str = "") -> None:
+        super().drop(folder, manifest_name or self.manifest_name)
 
     def inputs(self) -> np.ndarray:
         return np.random.default_rng(7).standard_normal((2, self.features)).astype(np.float32)

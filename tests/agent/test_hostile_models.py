@@ -25,6 +25,7 @@ from agent.releases.state import StoreState
 from deployment.publish.release import build_manifest
 from tests.support import bombs
 from tests.support.agent_process import AgentProcess, LogLine, model_status, running_agent
+from tests.support.folder_release import FolderRelease
 from tests.support.models import MID_FEATURES, TINY_FEATURES, mid_bytes, tiny_bytes
 
 pytestmark = pytest.mark.e2e
@@ -45,29 +46,7 @@ ENV = {
 }
 
 
-@dataclass(frozen=True)
-class Release:
-    model: bytes
-    manifest: dict[str, Any]
-    features: int
-
-    @property
-    def version(self) -> int:
-        return int(self.manifest["version"])
-
-    @property
-    def sha256(self) -> str:
-        return str(self.manifest["sha256"])
-
-    def drop(self, folder: Path) -> None:
-        """The artifact first, the manifest last (over the previous one)."""
-        (folder / f"{self.sha256}.onnx").write_bytes(self.model)
-        temp = folder / "m.manifest.tmp"
-        temp.write_text(json.dumps(self.manifest))
-        temp.rename(folder / "m.manifest.json")
-
-
-def release(model: bytes, version: int, features: int, *, golden: bool = True) -> Release:
+def release(model: bytes, version: int, features: int, *, golden: bool = True) -> FolderRelease:
     manifest = build_manifest(
         model,
         name="m",
@@ -78,7 +57,7 @@ def release(model: bytes, version: int, features: int, *, golden: bool = True) -
         golden_atol=1e-4 if golden else None,  # a bomb cannot be run to make its sample
         contract_change=True,
     )
-    return Release(model, manifest, features)
+    return FolderRelease(model, manifest, features)
 
 
 @contextmanager
