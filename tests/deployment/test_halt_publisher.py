@@ -20,7 +20,7 @@ from deployment.publish.audit import AuditLog
 from deployment.publish.hub_client import Hub, LayeredDeployment
 from simulator.azurite import Azurite
 from tests.deployment.conftest import Result, Workspace
-from tests.deployment.test_rollout_fake_hub import FakeHub
+from tests.support.fake_service_hub import FakeHub
 
 pytestmark = pytest.mark.e2e
 
