@@ -22,14 +22,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from azure.storage.blob import ContainerClient
 
 from agent.observation.baseline import BaselinePack, parse_baseline, score_window
 from agent.observation.counts import FeatureCounts
 from agent.observation.drift import PROFILE_SCHEMA
+
+if TYPE_CHECKING:  # the SDK is imported by the command that reads a container
+    from azure.storage.blob import ContainerClient
 
 __all__ = [
     "Bucket",
