@@ -27,6 +27,7 @@ from deployment.errors import PublisherError, Reason
 from deployment.publish import rollout, signing, template
 from deployment.publish.publisher import HubFactory, Publisher, Services, _azure_hub
 from deployment.retrain import commands as retrain_commands
+from wire.version import version_text
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgeml",
         description="Publish models to an IoT Edge fleet: register, sign, upload, release.",
     )
+    parser.add_argument("--version", action="version", version=version_text("edgeml"))
     parser.add_argument(
         "--config", type=Path, help=f"environments file (${config.CONFIG_VARIABLE})"
     )
