@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
 from rich.console import Console
@@ -25,9 +25,11 @@ from deployment import config, library_logs
 from deployment.drift import commands as drift_commands
 from deployment.errors import PublisherError, Reason
 from deployment.publish import rollout, signing, template
-from deployment.publish.publisher import HubFactory, Publisher, Services, _azure_hub
 from deployment.retrain import commands as retrain_commands
 from wire.version import version_text
+
+if TYPE_CHECKING:
+    from deployment.publish.publisher import HubFactory, Publisher
 
 log = structlog.get_logger(__name__)
 
@@ -208,7 +210,7 @@ def run(
     environ: Mapping[str, str],
     stdout: TextIO,
     stderr: TextIO,
-    hub_factory: HubFactory = _azure_hub,
+    hub_factory: HubFactory | None = None,
     logs: bool = True,
 ) -> int:
     """One command; ``logs=False`` leaves structlog's global set-up alone (in-process tests)."""
@@ -242,7 +244,7 @@ def _dispatch(
     environ: Mapping[str, str],
     out: Console,
     err: Console,
-    hub_factory: HubFactory,
+    hub_factory: HubFactory | None,
 ) -> int:
     if args.command in drift_commands.COMMANDS:
         return drift_commands.run(args, environ, err.file)
@@ -269,8 +271,12 @@ def _dispatch(
             file.write(json.dumps(rendered, indent=2) + "\n")
         out.print(f"wrote {args.out}", markup=False)
         return 0
+    # Imported here: the registry brings MLflow and the Azure SDKs, a second or more of
+    # start-up that keygen, manifest and --help do not need.
+    from deployment.publish.publisher import Publisher, Services, _azure_hub  # noqa: PLC0415
+
     resolved = config.load(args.config, args.env, environ)
-    services = Services(resolved, environ=environ, hub_factory=hub_factory)
+    services = Services(resolved, environ=environ, hub_factory=hub_factory or _azure_hub)
     publisher = Publisher(services, out, err)
     if args.command in retrain_commands.COMMANDS:
         retrain_commands.dispatch(args, services, publisher, out)

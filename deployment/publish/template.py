@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.profiler import read_profile
 from deployment.errors import PublisherError, Reason
 from wire.profile import ProfileDocument
 
@@ -37,6 +36,9 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
 
 def load_profile(path: Path) -> ProfileDocument:
     """The profiler's ``profile.json``, read with the profiler's own reader."""
+    # The profiler package brings aiohttp and ONNX Runtime: only --profile pays for them.
+    from agent.profiler import read_profile  # noqa: PLC0415
+
     try:
         return read_profile(path.read_bytes())
     except FileNotFoundError as e:
