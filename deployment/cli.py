@@ -198,9 +198,15 @@ def _values(
                 Reason.USAGE, f"--set {name}: a credential comes from the variable {name}"
             )
         values[name] = value
-    for name in sorted(template.placeholders(loaded)):
+    for name in sorted(template.required_placeholders(loaded)):
         if template.is_secret_placeholder(name) and name not in values:
-            values[name] = config.secret(name, None, environ)
+            # A missing one is left out: render names every missing value in one error,
+            # rather than one per run.
+            try:
+                values[name] = config.secret(name, None, environ)
+            except PublisherError as e:
+                if e.reason != Reason.SECRET_MISSING:
+                    raise
     return values
 
 
