@@ -73,9 +73,27 @@ def describe_model(model: bytes, *, golden_atol: float | None = 1e-4) -> dict[st
     return described
 
 
+def map_outputs_error(output_types: dict[str, str]) -> str | None:
+    """What to change when outputs are maps, not tensors (pure): skl2onnx's default ZipMap on a
+    classifier's probabilities, which the agent cannot serve as a V2 tensor."""
+    maps = sorted(name for name, kind in output_types.items() if "map(" in kind)
+    if not maps:
+        return None
+    return (
+        f"output(s) {', '.join(repr(n) for n in maps)} are ZipMap maps (skl2onnx's default for"
+        " classifiers), not tensors the agent can serve: convert with"
+        ' to_onnx(model, X, options={id(model): {"zipmap": False}})'
+        " (in a pipeline, name the classifier step; or convert_sklearn(..., options=...) with"
+        " zipmap=False)"
+    )
+
+
 def _fields(
     model: bytes, session: ort.InferenceSession, golden_atol: float | None
 ) -> dict[str, Any]:
+    problem = map_outputs_error({o.name: o.type for o in session.get_outputs()})
+    if problem is not None:
+        raise ModelCheckError(Reason.MODEL_INVALID, problem)
     contract = read_contract(session)
     described: dict[str, Any] = {
         "sha256": hashlib.sha256(model).hexdigest(),
