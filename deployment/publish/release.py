@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -71,6 +72,29 @@ def describe_model(model: bytes, *, golden_atol: float | None = 1e-4) -> dict[st
     if "golden" in described:
         _replay_golden(model, described["golden"])
     return described
+
+
+def contract_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """How a model's tensor contract differs from another's (pure), one phrase per tensor:
+    callers built against the old one break on any of these."""
+    changes = []
+    for side in ("inputs", "outputs"):
+        before = {t["name"]: t for t in old.get(side, ())}
+        after = {t["name"]: t for t in new.get(side, ())}
+        kind = side[:-1]
+        for name in sorted(before.keys() - after.keys()):
+            changes.append(f"{kind} {name!r} removed")
+        for name in sorted(after.keys() - before.keys()):
+            changes.append(f"{kind} {name!r} added")
+        for name in sorted(before.keys() & after.keys()):
+            was, now = before[name], after[name]
+            if was["datatype"] != now["datatype"]:
+                changes.append(f"{kind} {name!r} {was['datatype']} -> {now['datatype']}")
+            if list(was["shape"]) != list(now["shape"]):
+                changes.append(
+                    f"{kind} {name!r} shape {list(was['shape'])} -> {list(now['shape'])}"
+                )
+    return changes
 
 
 def map_outputs_error(output_types: dict[str, str]) -> str | None:
