@@ -101,7 +101,7 @@ def test_a_contract_change_against_the_champion_is_warned_and_audited(
     ],
 )
 def test_contract_changes(new: dict[str, list[dict[str, object]]], expected: list[str]) -> None:
-    old = {
+    old: dict[str, list[dict[str, object]]] = {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
         "outputs": [{"name": "p", "datatype": "FP32", "shape": [-1, 2]}],
     }
