@@ -29,7 +29,7 @@ from deployment.retrain import commands as retrain_commands
 from wire.version import version_text
 
 if TYPE_CHECKING:
-    from deployment.publish.publisher import HubFactory, Publisher
+    from deployment.publish.publisher import HubFactory, Publisher, Services
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +132,12 @@ def _rollout_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _other_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rollback = commands.add_parser(
+        "rollback", help="ask a ring's devices to go back to their last known good version"
+    )
+    rollback.add_argument("name", help="the model")
+    rollback.add_argument("--ring", help="one ring of the environment (default: every ring)")
+
     status = commands.add_parser("status", help="the fleet, from twin queries")
     status.add_argument("name", nargs="?")
     status.add_argument(
@@ -284,10 +290,33 @@ def _dispatch(
     resolved = config.load(args.config, args.env, environ)
     services = Services(resolved, environ=environ, hub_factory=hub_factory or _azure_hub)
     publisher = Publisher(services, out, err)
+    if args.command == "rollback":
+        return _rollback(args, services, out)
     if args.command in retrain_commands.COMMANDS:
         retrain_commands.dispatch(args, services, publisher, out)
     else:
         _COMMANDS[args.command](publisher, args)
+    return 0
+
+
+def _rollback(args: argparse.Namespace, services: Services, out: Console) -> int:
+    from deployment.publish import fleet_rollback  # noqa: PLC0415 - with the publisher
+
+    rollout.check_model_name(args.name)
+    rings = fleet_rollback.ring_conditions(services.resolved.env.rings, args.ring)
+
+    def report(o: fleet_rollback.DeviceOutcome) -> None:
+        mark = "ok" if o.ok else "FAILED"
+        out.print(f"{o.device} ({o.ring}): {mark} {o.detail}", markup=False, highlight=False)
+
+    fleet_rollback.roll_back(
+        services.hub(),
+        services.audit,
+        module=services.resolved.env.module,
+        model=args.name,
+        rings=rings,
+        report=report,
+    )
     return 0
 
 
