@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+
 def _registry_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keygen = commands.add_parser("keygen", help="a new Ed25519 signing key")
     keygen.add_argument("--out", type=Path, required=True, help="folder for <key_id>.key/.pem")
@@ -95,11 +99,13 @@ def _registry_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--version", type=_positive(int), help="fail unless this is the version assigned"
     )
 
-    commands.add_parser("list", help="registered models")
+    listing = commands.add_parser("list", help="registered models")
     show = commands.add_parser("show", help="one version")
     show.add_argument("ref", metavar="NAME[:VERSION]")
     history = commands.add_parser("history", help="every version of a model")
     history.add_argument("name")
+    for parser in (listing, show, history):
+        _json_flag(parser)
 
 
 def _rollout_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -149,6 +155,7 @@ def _other_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
     audit_commands.add_parser("verify", help="check every link of the chain")
     audit_show = audit_commands.add_parser("show", help="the entries")
     audit_show.add_argument("subject", nargs="?", help="e.g. NAME:VERSION")
+    _json_flag(audit_show)
 
     manifest = commands.add_parser("manifest", help="render the base deployment manifest")
     manifest.add_argument("--image", required=True, help="the agent module's image")
@@ -290,6 +297,10 @@ def _dispatch(
     resolved = config.load(args.config, args.env, environ)
     services = Services(resolved, environ=environ, hub_factory=hub_factory or _azure_hub)
     publisher = Publisher(services, out, err)
+    if getattr(args, "json", False):
+        json.dump(_json_document(args, services), out.file, indent=2)
+        out.file.write("\n")
+        return 0
     if args.command == "rollback":
         return _rollback(args, services, out)
     if args.command in retrain_commands.COMMANDS:
@@ -297,6 +308,18 @@ def _dispatch(
     else:
         _COMMANDS[args.command](publisher, args)
     return 0
+
+
+def _json_document(args: argparse.Namespace, services: Services) -> object:
+    from deployment.publish import json_views  # noqa: PLC0415 - with the publisher
+
+    if args.command == "list":
+        return json_views.models(services.registry())
+    if args.command == "show":
+        return json_views.show(services.registry(), args.ref)
+    if args.command == "history":
+        return json_views.history(services.registry(), args.name)
+    return json_views.audit(services.audit, args.subject)
 
 
 def _rollback(args: argparse.Namespace, services: Services, out: Console) -> int:
