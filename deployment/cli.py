@@ -146,6 +146,7 @@ def _other_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
 
     status = commands.add_parser("status", help="the fleet, from twin queries")
     status.add_argument("name", nargs="?")
+    _json_flag(status)
     status.add_argument(
         "--repair", action="store_true", help="first finish halts a killed run left unfinished"
     )
@@ -319,6 +320,11 @@ def _json_document(args: argparse.Namespace, services: Services) -> object:
         return json_views.show(services.registry(), args.ref)
     if args.command == "history":
         return json_views.history(services.registry(), args.name)
+    if args.command == "status":
+        if args.repair:
+            raise PublisherError(Reason.USAGE, "status --repair writes: run it without --json")
+        env = services.resolved.env
+        return json_views.status(services.hub(), module=env.module, rings=env.rings, name=args.name)
     return json_views.audit(services.audit, args.subject)
 
 

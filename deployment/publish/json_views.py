@@ -5,10 +5,13 @@ The same facts the tables show, full-length (no shortened hashes) and with times
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from deployment.publish import rollout
 from deployment.publish.audit import AuditLog
+from deployment.publish.hub_client import Hub
 from deployment.publish.registry import ModelEntry, Registry, parse_ref
 
 
@@ -61,3 +64,57 @@ def audit(log: AuditLog, subject: str | None) -> list[dict[str, Any]]:
         for e in log.entries()
         if subject is None or e.subject == subject
     ]
+
+
+def _last_seen(twin: Mapping[str, Any]) -> str | None:
+    reported = twin.get("properties", {}).get("reported", {})
+    for candidate in (
+        twin.get("lastActivityTime"),
+        reported.get("$metadata", {}).get("$lastUpdated"),
+    ):
+        if isinstance(candidate, str) and not candidate.startswith("0001-"):
+            return candidate
+    return None
+
+
+def status(hub: Hub, *, module: str, rings: Mapping[str, str], name: str | None) -> dict[str, Any]:
+    """The fleet as ``status`` shows it: each device's reported entry of each model (as the
+    agent reported it, in full) with its ring, and the model's ring layers."""
+    ring_of: dict[str, str] = {}
+    for ring, condition in rings.items():
+        for device in rollout.Rollout.devices_of(hub, condition):
+            ring_of.setdefault(device, ring)
+    # A twin query, not SQL; the module name was checked against a pattern by the config.
+    twins = hub.query(f"SELECT * FROM devices.modules WHERE moduleId = '{module}'")  # noqa: S608
+    devices = []
+    for twin in twins:
+        reported = twin.get("properties", {}).get("reported", {})
+        models = reported.get("models") if isinstance(reported, dict) else None
+        for model, report in sorted((models or {}).items()):
+            if (name is not None and model != name) or not isinstance(report, Mapping):
+                continue
+            device = str(twin.get("deviceId"))
+            devices.append(
+                {
+                    "ring": ring_of.get(device),
+                    "device": device,
+                    "model": model,
+                    "reported": dict(report),
+                    "last_seen": _last_seen(twin),
+                }
+            )
+    layers = [
+        {
+            "id": layer.id,
+            "ring": layer.labels.get(rollout.LABEL_RING),
+            "version": layer.labels.get(rollout.LABEL_VERSION),
+            "priority": layer.priority,
+            "targeted": layer.targeted,
+            "applied": layer.applied,
+            "metrics": dict(layer.metric_results or {}),
+        }
+        for layer in hub.configurations()
+        if rollout.LABEL_MODEL in layer.labels
+        and (name is None or layer.labels[rollout.LABEL_MODEL] == name)
+    ]
+    return {"devices": devices, "layers": layers}

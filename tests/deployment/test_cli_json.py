@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.deployment.conftest import Workspace
+from tests.deployment.test_rollout_fake_hub import FakeHub
 
 
 def _json(workspace: Workspace, *args: str) -> Any:
@@ -38,3 +39,26 @@ def test_list_show_history_and_audit_as_json(workspace: Workspace, tiny_file: Pa
     assert entries[0]["details"]["sha256"] == shown["sha256"]
     everything = _json(workspace, "audit", "show")
     assert [e["seq"] for e in everything] == sorted(e["seq"] for e in everything)
+
+
+def test_status_as_json(workspace: Workspace) -> None:
+    workspace.rings = {"canary": "tags.ring = 'canary'", "broad": "tags.ring = 'broad'"}
+    workspace.write_config()
+    workspace.environ["IOTHUB_CONNECTION_STRING"] = "HostName=h;SharedAccessKey=x"
+    hub = FakeHub(model="m")
+    hub.devices = {"tags.ring = 'canary'": ["cam-1"], "tags.ring = 'broad'": ["cam-2"]}
+    hub.reports = {
+        "cam-1": {"version": 2, "state": "active"},
+        "cam-2": {"version": 1, "state": "failed", "reason": "load_failed"},
+    }
+    result = workspace.cli("status", "m", "--json", hub_factory=lambda *_: hub)
+    assert result.code == 0, result.err
+    document = json.loads(result.out)
+    assert [(d["ring"], d["device"], d["reported"]["version"]) for d in document["devices"]] == [
+        ("canary", "cam-1", 2),
+        ("broad", "cam-2", 1),
+    ]
+    assert document["devices"][1]["reported"]["reason"] == "load_failed"
+    assert document["layers"] == []
+    other = workspace.cli("status", "x", "--json", hub_factory=lambda *_: hub)
+    assert json.loads(other.out)["devices"] == []
