@@ -84,6 +84,7 @@ bench: setup system-deps
 	$(PY) -m bench.fleet
 	$(PY) -m bench.drift
 	$(PY) -m bench.image
+	$(PY) -m bench.cli_start
 	$(PY) -m bench.readme_table  # the README's table from the results just written
 
 clean:

@@ -21,12 +21,14 @@ from agent.profiler import SweepPlan, knob_grid, run_profile, summary_lines
 from agent.settings import AgentSettings
 from agent.standalone import build_app, run_process
 from wire.reasons import AgentError
+from wire.version import version_text
 
 EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_text("agent"))
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",

@@ -121,6 +121,13 @@ def _image(r: Result) -> str:
     )
 
 
+def _cli_start(r: Result) -> str:
+    return (
+        f"`keygen --help` {r['keygen_help_s']:.2f} s, `--help` {r['help_s']:.2f} s "
+        f"(median of {r['setup']['runs']}; `python -c pass` {r['python_pass_s']:.2f} s)"
+    )
+
+
 _DELAYS: Final = ("mean_1sd", "mean_0.25sd", "variance_x2", "missing_burst")
 
 
@@ -153,6 +160,7 @@ def _drift_cost(r: Result) -> str:
 
 
 ROWS: Final[tuple[Row, ...]] = (
+    Row("`bench.cli_start`, `python -m deployment` start-up", "cli_start", _cli_start, "< 1 s"),
     Row("`bench.http`, tiny model, 32 clients", "http", _http("tiny"), "≥ 3×, p99 ≤ KServe's"),
     Row("`bench.http`, mid model, 32 clients", "http", _http("mid"), "≥ 3×, p99 ≤ KServe's"),
     Row("`bench.swap`, hot swaps under load", "swap", _swap, "0 failed, p99 ≤ 3×, RSS ≤ 5 %"),

@@ -69,10 +69,10 @@ from deployment.image.docker import Docker, Engine, ImageError
 from deployment.publish import rollout
 from deployment.publish.publisher import Publisher, Services
 from deployment.publish.registry import ring_alias
-from deployment.retrain.commands import PublisherReleaser, tracker_for
 from deployment.retrain.controller import Controller, ControllerConfig, Job, PipelineTrainer
 from deployment.retrain.pipeline import BASELINE_FILE, PipelineConfig, run_pipeline
 from deployment.retrain.policy import Decision, RetrainPolicy
+from deployment.retrain.verbs import PublisherReleaser, tracker_for
 from simulator.core import UpstreamMessage
 
 RUN_DIR = Path("run/demo")  # the default; --run-dir moves it (tests use a temporary one)

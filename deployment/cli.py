@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
 from rich.console import Console
@@ -25,8 +25,11 @@ from deployment import config, library_logs
 from deployment.drift import commands as drift_commands
 from deployment.errors import PublisherError, Reason
 from deployment.publish import rollout, signing, template
-from deployment.publish.publisher import HubFactory, Publisher, Services, _azure_hub
 from deployment.retrain import commands as retrain_commands
+from wire.version import version_text
+
+if TYPE_CHECKING:
+    from deployment.publish.publisher import HubFactory, Publisher, Services
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgeml",
         description="Publish models to an IoT Edge fleet: register, sign, upload, release.",
     )
+    parser.add_argument("--version", action="version", version=version_text("edgeml"))
     parser.add_argument(
         "--config", type=Path, help=f"environments file (${config.CONFIG_VARIABLE})"
     )
@@ -75,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     retrain_commands.add_parsers(commands, _positive, _fraction, _rings)
     drift_commands.add_commands(commands)
     return parser
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
 def _registry_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,11 +99,13 @@ def _registry_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--version", type=_positive(int), help="fail unless this is the version assigned"
     )
 
-    commands.add_parser("list", help="registered models")
+    listing = commands.add_parser("list", help="registered models")
     show = commands.add_parser("show", help="one version")
     show.add_argument("ref", metavar="NAME[:VERSION]")
     history = commands.add_parser("history", help="every version of a model")
     history.add_argument("name")
+    for parser in (listing, show, history):
+        _json_flag(parser)
 
 
 def _rollout_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -128,8 +138,15 @@ def _rollout_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _other_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rollback = commands.add_parser(
+        "rollback", help="ask a ring's devices to go back to their last known good version"
+    )
+    rollback.add_argument("name", help="the model")
+    rollback.add_argument("--ring", help="one ring of the environment (default: every ring)")
+
     status = commands.add_parser("status", help="the fleet, from twin queries")
     status.add_argument("name", nargs="?")
+    _json_flag(status)
     status.add_argument(
         "--repair", action="store_true", help="first finish halts a killed run left unfinished"
     )
@@ -139,6 +156,7 @@ def _other_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
     audit_commands.add_parser("verify", help="check every link of the chain")
     audit_show = audit_commands.add_parser("show", help="the entries")
     audit_show.add_argument("subject", nargs="?", help="e.g. NAME:VERSION")
+    _json_flag(audit_show)
 
     manifest = commands.add_parser("manifest", help="render the base deployment manifest")
     manifest.add_argument("--image", required=True, help="the agent module's image")
@@ -194,9 +212,15 @@ def _values(
                 Reason.USAGE, f"--set {name}: a credential comes from the variable {name}"
             )
         values[name] = value
-    for name in sorted(template.placeholders(loaded)):
+    for name in sorted(template.required_placeholders(loaded)):
         if template.is_secret_placeholder(name) and name not in values:
-            values[name] = config.secret(name, None, environ)
+            # A missing one is left out: render names every missing value in one error,
+            # rather than one per run.
+            try:
+                values[name] = config.secret(name, None, environ)
+            except PublisherError as e:
+                if e.reason != Reason.SECRET_MISSING:
+                    raise
     return values
 
 
@@ -206,7 +230,7 @@ def run(
     environ: Mapping[str, str],
     stdout: TextIO,
     stderr: TextIO,
-    hub_factory: HubFactory = _azure_hub,
+    hub_factory: HubFactory | None = None,
     logs: bool = True,
 ) -> int:
     """One command; ``logs=False`` leaves structlog's global set-up alone (in-process tests)."""
@@ -240,7 +264,7 @@ def _dispatch(
     environ: Mapping[str, str],
     out: Console,
     err: Console,
-    hub_factory: HubFactory,
+    hub_factory: HubFactory | None,
 ) -> int:
     if args.command in drift_commands.COMMANDS:
         return drift_commands.run(args, environ, err.file)
@@ -267,13 +291,61 @@ def _dispatch(
             file.write(json.dumps(rendered, indent=2) + "\n")
         out.print(f"wrote {args.out}", markup=False)
         return 0
+    # Imported here: the registry brings MLflow and the Azure SDKs, a second or more of
+    # start-up that keygen, manifest and --help do not need.
+    from deployment.publish.publisher import Publisher, Services, _azure_hub  # noqa: PLC0415
+
     resolved = config.load(args.config, args.env, environ)
-    services = Services(resolved, environ=environ, hub_factory=hub_factory)
+    services = Services(resolved, environ=environ, hub_factory=hub_factory or _azure_hub)
     publisher = Publisher(services, out, err)
+    if getattr(args, "json", False):
+        json.dump(_json_document(args, services), out.file, indent=2)
+        out.file.write("\n")
+        return 0
+    if args.command == "rollback":
+        return _rollback(args, services, out)
     if args.command in retrain_commands.COMMANDS:
         retrain_commands.dispatch(args, services, publisher, out)
     else:
         _COMMANDS[args.command](publisher, args)
+    return 0
+
+
+def _json_document(args: argparse.Namespace, services: Services) -> object:
+    from deployment.publish import json_views  # noqa: PLC0415 - with the publisher
+
+    if args.command == "list":
+        return json_views.models(services.registry())
+    if args.command == "show":
+        return json_views.show(services.registry(), args.ref)
+    if args.command == "history":
+        return json_views.history(services.registry(), args.name)
+    if args.command == "status":
+        if args.repair:
+            raise PublisherError(Reason.USAGE, "status --repair writes: run it without --json")
+        env = services.resolved.env
+        return json_views.status(services.hub(), module=env.module, rings=env.rings, name=args.name)
+    return json_views.audit(services.audit, args.subject)
+
+
+def _rollback(args: argparse.Namespace, services: Services, out: Console) -> int:
+    from deployment.publish import fleet_rollback  # noqa: PLC0415 - with the publisher
+
+    rollout.check_model_name(args.name)
+    rings = fleet_rollback.ring_conditions(services.resolved.env.rings, args.ring)
+
+    def report(o: fleet_rollback.DeviceOutcome) -> None:
+        mark = "ok" if o.ok else "FAILED"
+        out.print(f"{o.device} ({o.ring}): {mark} {o.detail}", markup=False, highlight=False)
+
+    fleet_rollback.roll_back(
+        services.hub(),
+        services.audit,
+        module=services.resolved.env.module,
+        model=args.name,
+        rings=rings,
+        report=report,
+    )
     return 0
 
 

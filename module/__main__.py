@@ -9,7 +9,9 @@ store in `EDGEML_STATE_DIR`, and optionally `EDGEML_WATCH_DIR`.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 
 from pydantic import ValidationError
 
@@ -19,11 +21,29 @@ from agent.standalone import run_process
 from module.connection import HubUnreachable
 from module.edge import EdgeModule
 from module.settings import ModuleProcessSettings
+from wire.version import version_text
 
 EXIT_USAGE = 2
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
+    # No flags of its own: the IoT Edge runtime configures it through the environment. The
+    # parser answers --help and --version before any connection setting is required.
+    parser = argparse.ArgumentParser(
+        prog="python -m module",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog=(
+            "Settings come from the environment: IOTEDGE_* (on a device) or "
+            "EdgeHubConnectionString and EdgeModuleCACertificateFile (local debugging), "
+            "EDGEML_* for the agent (EDGEML_STATE_DIR, EDGEML_WATCH_DIR, ...)."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=version_text("module"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _parser().parse_args(argv)
     try:
         process = ModuleProcessSettings.from_environment(
             # Route messages arrive in bursts, and inside the module the SDK's threads take the

@@ -35,6 +35,7 @@ from simulator.hub import DEFAULT_DEVICE_ID, INFO_FILE, Simulator
 from simulator.manifest import ManifestError
 from simulator.rest import SERVICE_POLICY
 from simulator.storage import DEFAULT_BATCH_FREQUENCY_SECONDS, StorageRoute, StorageRouteError
+from wire.version import version_text
 
 DEFAULT_RUN_DIR = Path(tempfile.gettempdir()) / "edge-mlops-simulator"
 SHOWN_DEVICES = 3  # `start` prints the connection details of this many devices
@@ -42,6 +43,7 @@ SHOWN_DEVICES = 3  # `start` prints the connection details of this many devices
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulator", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=version_text("simulator"))
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="run IoT Hub + edgeHub until interrupted")
     start.add_argument(

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import IO
 
 import structlog
-from azure.storage.blob import ContainerClient
 
 from deployment.drift.baseline_pack import (
     BaselineOptions,
@@ -20,12 +19,14 @@ from deployment.drift.baseline_pack import (
     window_sizes_arg,
 )
 from deployment.drift.report import (
+    Profile,
     load_baselines,
     merge_profiles,
     read_blob_profiles,
     read_profiles,
     write_reports,
 )
+from deployment.errors import PublisherError, Reason
 
 log = structlog.get_logger("deployment")
 
@@ -64,15 +65,33 @@ def _drift_report(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         connection = environ.get(args.connection_string_env)
         if not connection:
             raise ValueError(f"set {args.connection_string_env} to read container {args.container}")
-        container = ContainerClient.from_connection_string(connection, args.container)
-        with container:
-            profiles += read_blob_profiles(container, args.prefix)
+        profiles += _container_profiles(connection, args.container, args.prefix)
     fleet = merge_profiles(profiles, load_baselines(args.baseline), args.bucket_seconds)
     written = write_reports(fleet, args.output, args.bucket_seconds)
     log.info("drift_report_written", profiles=len(profiles), pages=[str(p) for p in written])
     for path in written:
         print(f"wrote {path}")
     return 0 if fleet else 1
+
+
+def _container_profiles(connection: str, name: str, prefix: str) -> list[Profile]:
+
+    from azure.core.exceptions import AzureError, ResourceNotFoundError  # noqa: PLC0415
+    from azure.storage.blob import ContainerClient  # noqa: PLC0415
+
+    try:
+        with ContainerClient.from_connection_string(connection, name) as container:
+            return read_blob_profiles(container, prefix)
+    except ResourceNotFoundError as e:
+        raise PublisherError(
+            Reason.NOT_FOUND, f"Blob container {name!r} does not exist in that storage account"
+        ) from e
+    except AzureError as e:
+        # The SDK's message spans many lines; the first says what went wrong.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PublisherError(
+            Reason.UNREACHABLE, f"cannot read Blob container {name!r}: {first}"
+        ) from e
 
 
 COMMANDS = frozenset({"baseline", "drift-report"})

@@ -21,10 +21,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from azure.storage.blob import ContainerClient
 
 from agent.observation.baseline import (
     MAX_BASELINE_BYTES,
@@ -37,6 +36,9 @@ from agent.observation.counts import FeatureCounts
 from agent.observation.drift import PROFILE_SCHEMA
 from deployment.errors import PublisherError, Reason
 from wire.bounded_json import BoundedJsonError, JsonLimits, Problem, loads
+
+if TYPE_CHECKING:  # the SDK is imported by the command that reads a container
+    from azure.storage.blob import ContainerClient
 
 __all__ = [
     "Bucket",

@@ -39,7 +39,12 @@ from deployment.publish.registry import (
     read_metrics,
     ring_alias,
 )
-from deployment.publish.release import ModelCheckError, describe_model, unsigned_manifest
+from deployment.publish.release import (
+    ModelCheckError,
+    contract_changes,
+    describe_model,
+    unsigned_manifest,
+)
 from wire.bounded_json import BoundedJsonError, loads
 from wire.reported import ModelEntry as ReportedEntry
 from wire.reported import read_entry
@@ -140,6 +145,16 @@ class Publisher:
         except PublisherError as e:
             audit.append("register", name, "failed", reason=str(e.reason), message=e.message)
             raise
+        changes = self._contract_changes(entry)
+        if changes:
+            # Not refused: a new contract may be intended; the release marks it contract_change.
+            self._err.print(
+                f"edgeml: warning: {entry.ref} changes the tensor contract of the champion: "
+                + "; ".join(changes),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
         audit.append(
             "register",
             entry.ref,
@@ -148,9 +163,17 @@ class Publisher:
             size=entry.size,
             run_id=entry.run_id,
             file=model_path.name,
+            **({"contract_changes": changes} if changes else {}),
         )
         self._out.print(f"registered {entry.ref} sha256={entry.sha256} size={entry.size}")
         return entry
+
+    def _contract_changes(self, entry: ModelEntry) -> list[str]:
+        registry = self._s.registry()
+        champion = registry.alias_version(entry.name, CHAMPION)
+        if champion is None or champion == entry.version:
+            return []
+        return contract_changes(registry.entry(entry.name, champion).contract, entry.contract)
 
     def _register(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,9 +74,50 @@ def describe_model(model: bytes, *, golden_atol: float | None = 1e-4) -> dict[st
     return described
 
 
+def contract_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """How a model's tensor contract differs from another's (pure), one phrase per tensor:
+    callers built against the old one break on any of these."""
+    changes = []
+    for side in ("inputs", "outputs"):
+        before = {t["name"]: t for t in old.get(side, ())}
+        after = {t["name"]: t for t in new.get(side, ())}
+        kind = side[:-1]
+        for name in sorted(before.keys() - after.keys()):
+            changes.append(f"{kind} {name!r} removed")
+        for name in sorted(after.keys() - before.keys()):
+            changes.append(f"{kind} {name!r} added")
+        for name in sorted(before.keys() & after.keys()):
+            was, now = before[name], after[name]
+            if was["datatype"] != now["datatype"]:
+                changes.append(f"{kind} {name!r} {was['datatype']} -> {now['datatype']}")
+            if list(was["shape"]) != list(now["shape"]):
+                changes.append(
+                    f"{kind} {name!r} shape {list(was['shape'])} -> {list(now['shape'])}"
+                )
+    return changes
+
+
+def map_outputs_error(output_types: dict[str, str]) -> str | None:
+    """What to change when outputs are maps, not tensors (pure): skl2onnx's default ZipMap on a
+    classifier's probabilities, which the agent cannot serve as a V2 tensor."""
+    maps = sorted(name for name, kind in output_types.items() if "map(" in kind)
+    if not maps:
+        return None
+    return (
+        f"output(s) {', '.join(repr(n) for n in maps)} are ZipMap maps (skl2onnx's default for"
+        " classifiers), not tensors the agent can serve: convert with"
+        ' to_onnx(model, X, options={id(model): {"zipmap": False}})'
+        " (in a pipeline, name the classifier step; or convert_sklearn(..., options=...) with"
+        " zipmap=False)"
+    )
+
+
 def _fields(
     model: bytes, session: ort.InferenceSession, golden_atol: float | None
 ) -> dict[str, Any]:
+    problem = map_outputs_error({o.name: o.type for o in session.get_outputs()})
+    if problem is not None:
+        raise ModelCheckError(Reason.MODEL_INVALID, problem)
     contract = read_contract(session)
     described: dict[str, Any] = {
         "sha256": hashlib.sha256(model).hexdigest(),

@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.profiler import read_profile
 from deployment.errors import PublisherError, Reason
 from wire.profile import ProfileDocument
 
@@ -37,6 +36,9 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
 
 def load_profile(path: Path) -> ProfileDocument:
     """The profiler's ``profile.json``, read with the profiler's own reader."""
+    # The profiler package brings aiohttp and ONNX Runtime: only --profile pays for them.
+    from agent.profiler import read_profile  # noqa: PLC0415
+
     try:
         return read_profile(path.read_bytes())
     except FileNotFoundError as e:
@@ -65,6 +67,27 @@ def placeholders(node: Any) -> set[str]:
     return set()
 
 
+def _without_stopped_modules(template: Mapping[str, Any]) -> dict[str, Any]:
+    trimmed = copy.deepcopy(dict(template))
+    modules = (
+        trimmed.get("modulesContent", {})
+        .get("$edgeAgent", {})
+        .get("properties.desired", {})
+        .get("modules", {})
+    )
+    for name in [n for n, m in modules.items() if isinstance(m, Mapping)]:
+        if modules[name].get("status") == "stopped":
+            del modules[name]
+    return trimmed
+
+
+def required_placeholders(template: Mapping[str, Any]) -> set[str]:
+    """The placeholders a manifest cannot do without (pure): those of a module the template
+    ships ``stopped`` (the metrics-collector while the Prometheus path runs) may stay empty
+    until someone turns it on."""
+    return placeholders(_without_stopped_modules(template))
+
+
 def _substitute(node: Any, values: Mapping[str, str]) -> Any:
     if isinstance(node, str):
         return _PLACEHOLDER.sub(lambda match: values[match[1]], node)
@@ -88,7 +111,7 @@ def render(
     values = {f"MODULES.{name}": image for name, image in images.items()}
     values["EDGEML_TRUSTED_KEYS"] = trusted_keys
     values.update(settings or {})
-    missing = sorted(placeholders(template) - set(values))
+    missing = sorted(required_placeholders(template) - set(values))
     if missing:
         raise PublisherError(
             Reason.SCHEMA_INVALID,
@@ -96,7 +119,7 @@ def render(
             + ", ".join(
                 f"${{{n}}} ("
                 + (
-                    "secret: set the variable"
+                    f"secret: set {n} or {n}_FILE"
                     if is_secret_placeholder(n)
                     else "--module-image"
                     if n.startswith("MODULES.")
@@ -106,6 +129,8 @@ def render(
                 for n in missing
             ),
         )
+    # A stopped module's unset placeholders render empty: filled in when it is turned on.
+    values = {name: "" for name in placeholders(template)} | values
     rendered: dict[str, Any] = _substitute(copy.deepcopy(dict(template)), values)
     rendered.pop("$schema-template", None)
     if profile is not None:

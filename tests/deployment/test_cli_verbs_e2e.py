@@ -53,6 +53,9 @@ ROWS = [
     Row("release", "release {ref} --rings canary --dry-run", 0, "nothing was changed"),
     Row("status", f"status {MODEL}", 0, "targeted"),
     Row("audit", "audit verify", 0, "audit log intact"),
+    # The device has no agent connected: its rollback method fails, and so does the command.
+    Row("rollback", f"rollback {MODEL} --ring canary", 1,
+        f"rollback of {MODEL} failed on 1 of 1 devices: dev-a"),
     Row("manifest",
         "manifest --image r.example/agent:1 --module-image sensor=r.example/s:1"
         " --trusted-keys-dir {root}/keys"

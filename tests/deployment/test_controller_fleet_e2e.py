@@ -24,9 +24,9 @@ from deployment.examples import sensor_data
 from deployment.publish import rollout
 from deployment.publish.audit import AuditLog
 from deployment.publish.publisher import Publisher, Services
-from deployment.retrain.commands import PublisherReleaser
 from deployment.retrain.controller import Controller, ControllerConfig, Job
 from deployment.retrain.policy import Decision, Hold, RetrainPolicy
+from deployment.retrain.verbs import PublisherReleaser
 from simulator import Simulator, pick_loopback_host
 from simulator.azurite import Azurite
 from simulator.hub import wait_until

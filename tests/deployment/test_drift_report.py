@@ -249,3 +249,17 @@ def test_the_command_needs_somewhere_to_read(tmp_path: Path) -> None:
     code, err = _cli(argv)
     assert code == 2
     assert "--profiles, --container" in err
+
+
+@pytest.mark.e2e
+def test_a_missing_container_is_one_line_naming_it(tmp_path: Path) -> None:
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(tabular_pack().model_dump(mode="json", by_alias=True)))
+    with Azurite.start(tmp_path / "azurite") as azurite:
+        environ = {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
+        argv = ["drift-report", "--container", "nowhere", "--baseline", str(baseline)]
+        code, err = _cli([*argv, "-o", str(tmp_path / "out")], environ)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "edgeml: error [not_found]: Blob container 'nowhere' does not exist in that storage account"
+    ]

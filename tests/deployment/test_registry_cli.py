@@ -17,6 +17,7 @@ from agent.releases.manifest import (
     verify_manifest,
 )
 from deployment.examples.onnx_models import IR_VERSION, OPSET, save, tiny_mlp
+from deployment.publish import template
 from deployment.publish.audit import AuditLog
 from tests.deployment.conftest import Workspace
 
@@ -233,12 +234,65 @@ def test_a_ring_the_environment_does_not_define_is_named(workspace: Workspace) -
     assert "unknown ring(s) early (configured: canary)" in result.err
 
 
+def _log_analytics_template(folder: Path) -> Path:
+    """The template on its Log Analytics path: metrics-collector running, Prometheus stopped."""
+    loaded = template.load_template()
+    modules = loaded["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
+    modules["metricscollector"]["status"] = "running"
+    modules["prometheus"]["status"] = "stopped"
+    path = folder / "log-analytics.template.json"
+    path.write_text(json.dumps(loaded))
+    return path
+
+
+def test_manifest_names_every_missing_value_at_once(workspace: Workspace) -> None:
+    args = ["manifest", "--image", "r.example/agent:1", "--module-image", "sensor=r.example/s:1"]
+    keys = ["--trusted-keys-dir", str(workspace.root / "keys")]
+    out = ["--out", str(workspace.root / "d.json")]
+    path = ["--template", str(_log_analytics_template(workspace.root))]
+    result = workspace.cli(*args, *keys, *path, *out)
+    assert result.code == 1
+    (line,) = result.err.strip().splitlines()
+    for name in (
+        "IOT_HUB_RESOURCE_ID",
+        "LOG_ANALYTICS_WORKSPACE_ID",
+        "LOG_ANALYTICS_SHARED_KEY",
+    ):
+        assert f"${{{name}}}" in line
+
+
+def test_the_prometheus_path_asks_for_no_log_analytics_value(workspace: Workspace) -> None:
+    out = workspace.root / "prometheus.json"
+    done = workspace.cli(
+        "manifest",
+        "--image",
+        "r.example/agent:1",
+        "--module-image",
+        "sensor=r.example/s:1",
+        "--trusted-keys-dir",
+        str(workspace.root / "keys"),
+        "--set",
+        "EDGE_RING=unassigned",
+        "--out",
+        str(out),
+    )
+    assert done.code == 0, done.err
+    modules = json.loads(out.read_text())["modulesContent"]["$edgeAgent"]["properties.desired"][
+        "modules"
+    ]
+    assert modules["prometheus"]["status"] == "running"
+    assert modules["metricscollector"]["status"] == "stopped"
+    assert modules["metricscollector"]["env"]["LogAnalyticsSharedKey"]["value"] == ""
+
+
 def test_manifest_renders_with_values_and_credentials_from_the_environment(
     workspace: Workspace,
 ) -> None:
     out = workspace.root / "deployment.json"
     args = [
         "manifest",
+        "--template",
+        str(_log_analytics_template(workspace.root)),
         "--image",
         "r.example/agent:1",
         "--module-image",
@@ -256,7 +310,7 @@ def test_manifest_renders_with_values_and_credentials_from_the_environment(
     ]
     missing = workspace.cli(*args)
     assert missing.code == 1
-    assert "missing secret LOG_ANALYTICS_SHARED_KEY" in missing.err
+    assert "${LOG_ANALYTICS_SHARED_KEY} (secret: set LOG_ANALYTICS_SHARED_KEY or" in missing.err
     refused = workspace.cli(*args, "--set", "LOG_ANALYTICS_SHARED_KEY=plain")
     assert refused.code == 1
     assert "a credential comes from the variable LOG_ANALYTICS_SHARED_KEY" in refused.err

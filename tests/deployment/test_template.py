@@ -89,13 +89,27 @@ def test_a_bad_profile_is_refused(tmp_path: Path, change: Any, words: str) -> No
         template.load_profile(path)
 
 
+def _log_analytics_path() -> dict[str, Any]:
+    loaded = template.load_template()
+    modules = loaded["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
+    modules["metricscollector"]["status"] = "running"
+    return loaded
+
+
+def test_a_stopped_modules_placeholders_are_not_required() -> None:
+    required = template.required_placeholders(template.load_template())
+    assert "LOG_ANALYTICS_SHARED_KEY" not in required
+    assert "EDGE_RING" in required
+    assert "LOG_ANALYTICS_SHARED_KEY" in template.required_placeholders(_log_analytics_path())
+
+
 def test_every_missing_value_is_named_with_where_it_comes_from() -> None:
     settings = {
         k: v for k, v in SETTINGS.items() if k not in ("EDGE_RING", "LOG_ANALYTICS_SHARED_KEY")
     }
     with pytest.raises(PublisherError) as caught:
         template.render(
-            template.load_template(),
+            _log_analytics_path(),
             images={"mlagent": "a:1"},
             trusted_keys=KEYS,
             settings=settings,
@@ -103,7 +117,7 @@ def test_every_missing_value_is_named_with_where_it_comes_from() -> None:
     message = caught.value.message
     assert "${EDGE_RING} (--set)" in message
     assert "${MODULES.sensor} (--module-image)" in message
-    assert "${LOG_ANALYTICS_SHARED_KEY} (secret: set the variable)" in message
+    assert "${LOG_ANALYTICS_SHARED_KEY} (secret: set LOG_ANALYTICS_SHARED_KEY or" in message
 
 
 @pytest.mark.parametrize(
