@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps npm azurite actionlint image demo test lint typecheck bench clean
+.PHONY: setup system-deps npm azurite actionlint image demo dev test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,10 @@ image: setup system-deps
 # The demo runs Azurite (npm); --container also needs the Docker engine.
 demo: setup azurite $(if $(findstring --container,$(ARGS)),system-deps)
 	$(PY) -m demo $(ARGS)
+
+# A local simulated fleet in the background (run/dev) to publish to; ARGS=status, ARGS=down.
+dev: setup azurite
+	$(PY) -m deployment dev $(or $(ARGS),up)
 
 lint: setup
 	$(VENV)/bin/ruff check .

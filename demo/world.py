@@ -178,8 +178,9 @@ class World:
         self.azurite.stop()
 
 
-def start_world(run_dir: Path) -> World:
-    """Azurite (HTTPS), the hub with the fleet, the publisher's config and key; no agents yet."""
+def start_world(run_dir: Path, environment: str = "simulator") -> World:
+    """Azurite (HTTPS), the hub with the fleet, the publisher's config (its environment named
+    ``environment``) and key; no agents yet."""
     host = pick_loopback_host()
     storage_certs = certs.generate(run_dir / "azurite-certs", host)
     bundle = run_dir / "ca-bundle.pem"
@@ -222,7 +223,7 @@ def start_world(run_dir: Path) -> World:
     config_path.write_text(
         f"""# The demo's publisher environment: endpoints only; secrets come from the environment
 # (IOTHUB_CONNECTION_STRING, AZURE_STORAGE_CONNECTION_STRING) and secrets/.
-[environments.simulator]
+[environments.{environment}]
 hub = "{sim.service_hostname}"
 mlflow_tracking_uri = "sqlite:///mlflow.db"
 storage_container = "models"
@@ -233,7 +234,7 @@ secrets_dir = "secrets"
 lab = true
 hub_ca_file = "{sim.ca_cert_path.resolve()}"
 
-[environments.simulator.rings]
+[environments.{environment}.rings]
 {rings}
 """,
         encoding="utf-8",
@@ -242,7 +243,7 @@ hub_ca_file = "{sim.ca_cert_path.resolve()}"
         publisher_config.HUB_SECRET: sim.service_connection_string,
         publisher_config.STORAGE_SECRET: azurite.connection_string,
         publisher_config.CONFIG_VARIABLE: str(config_path),
-        publisher_config.ENVIRONMENT_VARIABLE: "simulator",
+        publisher_config.ENVIRONMENT_VARIABLE: environment,
     }
     return World(
         run_dir=run_dir,

@@ -22,6 +22,7 @@ from rich.console import Console
 from agent.logs import configure_logging
 from agent.releases.manifest import KeyConfigError, parse_trusted_keys
 from deployment import config, library_logs
+from deployment import dev as dev_fleet
 from deployment.drift import commands as drift_commands
 from deployment.errors import PublisherError, Reason
 from deployment.publish import rollout, signing, template
@@ -78,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     _other_commands(commands)
     retrain_commands.add_parsers(commands, _positive, _fraction, _rings)
     drift_commands.add_commands(commands)
+    dev = commands.add_parser(
+        "dev", help="a local simulated fleet: dev up|status|down [--run-dir run/dev]"
+    )
+    dev.add_argument("dev_args", nargs=argparse.REMAINDER, metavar="up|status|down ...")
     return parser
 
 
@@ -241,6 +246,8 @@ def run(
             args = parser.parse_args(list(argv))
     except SystemExit as e:  # argparse has printed the usage and the error
         return int(e.code or 0)
+    if args.command == "dev":
+        return dev_fleet.run(args.dev_args, stdout=stdout, stderr=stderr)
     if logs:
         configure_logging(args.log_level, stream=stderr)
         library_logs.route(args.log_level)

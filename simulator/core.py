@@ -10,7 +10,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -24,7 +24,7 @@ from simulator.errors import ServiceError
 from simulator.feed import Feed
 from simulator.fleet import Device, Fleet, twin_body
 from simulator.storage import StorageWriter
-from simulator.twins import Twin, TwinError, desired_delta, etag_matches
+from simulator.twins import Twin, TwinError, activity_time, desired_delta, etag_matches
 
 log = structlog.get_logger(__name__)
 
@@ -305,7 +305,10 @@ class Hub:
         key = (session.identity.device_id, session.identity.module_id)
         try:
             patch = json.loads(payload)
-            twin = self.twins[key].patch_reported(patch)
+            twin = replace(
+                self.twins[key].patch_reported(patch),
+                last_activity_time=activity_time(self._clock()),
+            )
         except (json.JSONDecodeError, UnicodeDecodeError):
             log.warning(
                 "twin_reported_refused", client_id=session.identity.client_id, reason="json"

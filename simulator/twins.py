@@ -14,6 +14,7 @@ import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 JsonObject = dict[str, Any]
@@ -28,6 +29,15 @@ class TwinError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+NEVER_ACTIVE = "0001-01-01T00:00:00Z"
+
+
+def activity_time(seconds: float) -> str:
+    """A POSIX time as IoT Hub writes `lastActivityTime` (UTC, 7 fraction digits, Z)."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond:06d}0Z"
 
 
 @functools.lru_cache(maxsize=4096)  # a fleet's documents share few versions
@@ -81,6 +91,8 @@ class Twin:
     desired_version: int = 1
     reported_version: int = 1
     version: int = 1
+    # When the device or module last reported, as IoT Hub's query shows it (its value for never).
+    last_activity_time: str = NEVER_ACTIVE
 
     @property
     def etag(self) -> str:
@@ -172,6 +184,7 @@ class Twin:
                 "version": self.version,
                 "status": "enabled",
                 "connectionState": "Connected" if connected else "Disconnected",
+                "lastActivityTime": self.last_activity_time,
                 "authenticationType": "sas",
                 "cloudToDeviceMessageCount": 0,
                 "tags": clone(self.tags),

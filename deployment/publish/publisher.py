@@ -477,7 +477,12 @@ class Publisher:
             ring_variable=_split_pair(self._s.resolved.env.ring_variable),
             clock=self._s.monotonic,
             sleep=self._s.sleep,
+            report=self._report_progress,
         )
+
+    def _report_progress(self, line: str) -> None:
+        # On stderr: stdout keeps the command's result for scripts.
+        self._err.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def _set_alias(self, model: str, ring: str, version: int) -> None:
         registry = self._s.registry()

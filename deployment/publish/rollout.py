@@ -321,6 +321,67 @@ def progress_of(entries: Iterable[Entry], subject: str) -> Progress:
     return progress
 
 
+PROGRESS_INTERVAL_S = 1.0  # a gate's progress line at most this often
+
+
+def gate_line(
+    ring: str,
+    targeted: int,
+    version: int,
+    reports: Iterable[Mapping[str, Any] | None],
+    result: GateResult,
+) -> str:
+    """``canary: 1/2 active, probation 12 requests, 0/1 passed`` (pure): how far the
+    devices the gate waits for are. Requests are summed over the devices in probation."""
+    entries = [e for e in (read_entry(r, ModelEntry) for r in reports) if e is not None]
+    current = [e for e in entries if e.version == version]
+    active = sum(1 for e in current if e.state is ModelState.ACTIVE)
+    counts = [e.probation.requests for e in current if e.probation and e.probation.requests]
+    probation = f"probation {sum(counts)} requests" if counts else "probation -"
+    return (
+        f"{ring}: {active}/{targeted} active, {probation}, {result.passed}/{result.required} passed"
+    )
+
+
+def failure_lines(
+    ring: str, result: GateResult, reports: Mapping[str, Mapping[str, Any] | None]
+) -> list[str]:
+    """One line per failed device, with the message the device reported (pure)."""
+    lines = []
+    for verdict in result.failed:
+        entry = read_entry(reports.get(verdict.device_id), ModelEntry)
+        message = entry.message if entry is not None and entry.message else ""
+        said = f"; the device says: {message}" if message else ""
+        lines.append(f"{ring}: {verdict.device_id} failed: {verdict.reason}{said}")
+    return lines
+
+
+class ThrottledReport:
+    """Passes a line on when it differs from the last one passed and ``interval`` seconds
+    went by since: a gate polled every 100 ms does not flood the terminal."""
+
+    def __init__(
+        self,
+        report: Callable[[str], None],
+        clock: Callable[[], float],
+        interval: float = PROGRESS_INTERVAL_S,
+    ) -> None:
+        self._report = report
+        self._clock = clock
+        self._interval = interval
+        self._last: tuple[str, float] | None = None
+
+    def show(self, line: str, *, final: bool = False) -> None:
+        """``final``: the gate's verdict line, shown at once unless it was the last shown."""
+        now = self._clock()
+        if self._last is not None and (
+            line == self._last[0] or (not final and now - self._last[1] < self._interval)
+        ):
+            return
+        self._report(line)
+        self._last = (line, now)
+
+
 def halting_subjects(entries: Iterable[Entry]) -> list[str]:
     """Releases whose halt was decided and not finished, in the order they were decided (pure)."""
     started: dict[str, None] = {}
@@ -394,8 +455,11 @@ class Rollout:
         ring_variable: tuple[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        report: Callable[[str], None] | None = None,
     ) -> None:
         self._hub = hub
+        # What the operator watches while a gate waits; silent when nobody asked.
+        self._report = report or (lambda _line: None)
         self._audit = audit
         self._module = module
         self._alias_of = alias_of
@@ -581,18 +645,30 @@ class Rollout:
         required = required_devices(len(targeted), bounds.min_fraction)
         deadline = self._clock() + bounds.timeout_s
         wanted = set(targeted)
+        shown = ThrottledReport(self._report, self._clock)
         while True:
             twins = self._hub.query(_reported_query(self._module, model, version))
-            verdicts = [
-                judge_device(str(t["deviceId"]), module_models(t, model), version, bounds)
+            reports = {
+                str(t["deviceId"]): module_models(t, model)
                 for t in twins
                 if str(t.get("deviceId")) in wanted
+            }
+            verdicts = [
+                judge_device(device, report, version, bounds) for device, report in reports.items()
             ]
             result = judge_gate(verdicts, required)
+            line = gate_line(ring.name, len(targeted), version, reports.values(), result)
+            shown.show(line, final=result.outcome != "waiting")
             if result.outcome != "waiting":
+                for line in failure_lines(ring.name, result, reports):
+                    self._report(line)
                 break
             if self._clock() >= deadline:
                 result = GateResult("timeout", required, result.passed, (), result.pending)
+                self._report(
+                    f"{ring.name}: timed out after {bounds.timeout_s:g} s, "
+                    f"{result.passed}/{required} passed"
+                )
                 break
             self._sleep(bounds.poll_s)
         self._audit.append(
@@ -715,6 +791,7 @@ class Rollout:
                 self._audit.append(
                     "release.rollback", subject, "removed", ring=touched.name, removed=removed
                 )
+                self._report(f"{touched.name}: removed the layer of v{version} (none before it)")
                 progress.restored.add(touched.name)
                 continue
             if previous not in rereleased:
@@ -741,6 +818,9 @@ class Rollout:
                 restored_version=previous,
                 as_version=new_version,
                 configuration=deployment.id,
+            )
+            self._report(
+                f"{touched.name}: rolled back to v{previous}, re-released as v{new_version}"
             )
             progress.restored.add(touched.name)
 

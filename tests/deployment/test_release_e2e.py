@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -172,6 +173,9 @@ def test_release_through_two_rings_then_a_rerun_changes_nothing(
     status = _ok(ws.cli("status", "ringed"))
     for device in FLEET:
         assert device in status.out
+        # "last seen": the twin query's lastActivityTime, when the device last reported.
+        row = next(line for line in status.out.splitlines() if device in line)
+        assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", row), row
     assert "passed" in status.out
 
     again = _ok(ws.cli("release", f"ringed:{version}", "--rings", "canary,all", *GATE))

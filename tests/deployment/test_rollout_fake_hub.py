@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ def _rollout(
     *,
     audit: AuditLog | None = None,
     registry: FakeRegistry | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[rollout.Rollout, AuditLog, list[int]]:
     audit = audit or AuditLog(
         tmp_path / "audit.jsonl", actor="t", clock=lambda: datetime(2026, 1, 1, tzinfo=UTC)
@@ -92,6 +93,7 @@ def _rollout(
         rerelease=rerelease,
         clock=clock,
         sleep=clock.sleep,
+        report=report,
     )
     return runner, audit, rereleased
 
@@ -403,3 +405,98 @@ def test_the_plan_is_done_only_where_the_hub_carries_the_planned_layer(tmp_path:
     planned = runner.plan("m", 2, resigned, RINGS)
     assert [p.done for p in planned] == [False, False]
     assert all(p.config_id not in hub.layers for p in planned)
+
+
+class StepwiseHub(FakeHub):
+    """A hub whose devices move on one poll at a time: the reports of ``steps[i]`` answer
+    the ``i``-th gate query, the last one for every query after it."""
+
+    def __init__(self, steps: list[dict[str, Mapping[str, Any]]]) -> None:
+        super().__init__()
+        self.steps = steps
+        self.polls = 0
+
+    def query(self, text: str) -> list[dict[str, Any]]:
+        if text.startswith("SELECT * FROM devices.modules"):
+            self.reports = self.steps[min(self.polls, len(self.steps) - 1)]
+            self.polls += 1
+        return super().query(text)
+
+
+def _probation(requests: int) -> dict[str, Any]:
+    return {
+        "version": 2,
+        "state": "active",
+        "probation": {"state": "watching", "requests": requests},
+    }
+
+
+def _released_with_progress(
+    hub: FakeHub, tmp_path: Path, aliases: dict[str, int], bounds: rollout.GateBounds
+) -> tuple[list[str], PublisherError | None]:
+    clock = FakeClock()
+    lines: list[str] = []
+    runner, _, _ = _rollout(hub, tmp_path, aliases, clock, report=lines.append)
+    try:
+        runner.release("m", 2, MANIFEST, RINGS[:1], bounds)
+    except PublisherError as e:
+        return lines, e
+    return lines, None
+
+
+def test_a_gate_reports_each_change_at_most_once_per_interval(tmp_path: Path) -> None:
+    downloading: dict[str, Mapping[str, Any]] = {"a": {"version": 2, "state": "downloading"}}
+    steps: list[dict[str, Mapping[str, Any]]] = [
+        downloading,
+        downloading,  # unchanged: not repeated
+        {"a": _probation(3)},
+        {"a": _probation(12)},
+        {"a": _passed()},
+    ]
+    hub = StepwiseHub(steps)
+    hub.devices = _fleet().devices
+    lines, error = _released_with_progress(
+        hub, tmp_path, {}, rollout.GateBounds(timeout_s=10, poll_s=0.5)
+    )
+    assert error is None
+    # Polled every 0.5 s: the change at 1.0 s shows, the one at 1.5 s is held back until
+    # the next change after the interval, and the verdict shows at once.
+    assert lines == [
+        "canary: 0/1 active, probation -, 0/1 passed",
+        "canary: 1/1 active, probation 3 requests, 0/1 passed",
+        "canary: 1/1 active, probation -, 1/1 passed",
+    ]
+
+
+def test_a_failed_gate_says_what_the_device_said_and_which_version_it_restored(
+    tmp_path: Path,
+) -> None:
+    failed = {
+        "version": 2,
+        "state": "rolled_back",
+        "reason": "probation_errors",
+        "message": "error rate 0.4 over 0.05",
+    }
+    hub = StepwiseHub([{"a": failed}])
+    hub.devices = _fleet().devices
+    lines, error = _released_with_progress(hub, tmp_path, {"canary": 1}, BOUNDS)
+    assert error is not None
+    assert error.reason == Reason.GATE_FAILED
+    assert (
+        "canary: a failed: rolled_back: probation_errors; the device says: error rate 0.4 over 0.05"
+        in lines
+    )
+    assert lines[-1] == "canary: rolled back to v1, re-released as v3"
+
+
+def test_a_gate_that_times_out_says_so(tmp_path: Path) -> None:
+    hub = StepwiseHub([{"a": {"version": 2, "state": "downloading"}}])
+    hub.devices = _fleet().devices
+    lines, error = _released_with_progress(hub, tmp_path, {}, BOUNDS)
+    assert error is not None
+    assert error.reason == Reason.GATE_TIMEOUT
+    assert lines == [
+        "canary: 0/1 active, probation -, 0/1 passed",
+        "canary: timed out after 10 s, 0/1 passed",
+        "canary: removed the layer of v2 (none before it)",
+    ]

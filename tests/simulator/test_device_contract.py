@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -40,6 +41,20 @@ async def test_reported_patches_merge_and_increment_the_version(
     twin = await client.get_twin()
     assert twin["reported"] == {"model": {"state": "active", "version": 1}, "$version": 3}
     assert sim.twin(DEVICE, "producer")["properties"]["reported"]["$version"] == 3
+
+
+async def test_a_twin_query_shows_when_a_module_last_reported(
+    sim: Simulator, module_client: ClientFactory
+) -> None:
+    query = f"SELECT * FROM devices.modules WHERE moduleId = 'producer' AND deviceId = '{DEVICE}'"
+    (before,) = sim.query(query)
+    assert before["lastActivityTime"] == "0001-01-01T00:00:00Z"  # IoT Hub's never
+    client = await module_client("producer")
+    await client.patch_twin_reported_properties({"model": {"state": "loading"}})
+    (after,) = sim.query(query)
+    seen = datetime.strptime(str(after["lastActivityTime"])[:19], "%Y-%m-%dT%H:%M:%S")
+    assert abs(seen.replace(tzinfo=UTC).timestamp() - time.time()) < 60
+    assert after["connectionState"] == "Connected"
 
 
 async def test_desired_update_reaches_the_module_with_its_version(
