@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import re
 import shlex
@@ -64,11 +65,18 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     }
 
 
+# A shell default (`${PORT:-8080}`) stands for its value; a command ends at a shell operator
+# (`|` stays: synopsis lines use it for alternatives).
+_DEFAULT = re.compile(r"\$\{\w+:-([^}]*)\}")
+_ENDS = frozenset({"&", "&&", ";", "||"})
+
+
 def commands(text: str) -> list[list[str]]:
     """The shell lines of a block, continuations joined, comments dropped."""
-    joined = re.sub(r"\\\n", " ", text)
+    joined = _DEFAULT.sub(r"\1", re.sub(r"\\\n", " ", text))
     lines = (shlex.split(line, comments=True) for line in joined.splitlines())
-    return [argv for argv in lines if argv]
+    cut = ([*itertools.takewhile(lambda word: word not in _ENDS, argv)] for argv in lines)
+    return [argv for argv in cut if argv]
 
 
 def synopsis(argv: list[str]) -> list[list[str]]:
