@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench._machine import machine_busy, wait_for_quiet_machine
 from deployment.examples.onnx_models import tiny_mlp
-from deployment.publish import rollout
+from deployment.publish import gate, rollout
 from deployment.publish.audit import AuditLog
 from deployment.publish.hub_client import AzureHub
 from deployment.publish.release import build_manifest
@@ -53,7 +53,7 @@ RINGS = {
     "early": "tags.ring IN ['canary', 'early']",
     "all": "tags.fleet = 'edgeml'",
 }
-BOUNDS = rollout.GateBounds(timeout_s=600, poll_s=0.5)
+BOUNDS = gate.GateBounds(timeout_s=600, poll_s=0.5)
 
 
 def fleet_tags(devices: int) -> dict[str, dict[str, str]]:
@@ -108,13 +108,13 @@ class NaiveHub:
         )
         while time.monotonic() < deadline:
             verdicts = [
-                rollout.judge_device(
+                gate.judge_device(
                     str(t["deviceId"]), rollout.module_models(t, name), version, BOUNDS
                 )
                 for t in self._hub.query(query)
                 if t["deviceId"] in targeted
             ]
-            result = rollout.judge_gate(verdicts, len(targeted))
+            result = gate.judge_gate(verdicts, len(targeted))
             if result.outcome == "passed":
                 return
             if result.outcome == "failed":

@@ -66,7 +66,7 @@ from deployment.errors import PublisherError
 from deployment.examples import sensor_data
 from deployment.image.build import build_default, default_tag
 from deployment.image.docker import Docker, Engine, ImageError
-from deployment.publish import rollout
+from deployment.publish import gate, rollout
 from deployment.publish.publisher import Publisher, Services
 from deployment.publish.registry import ring_alias
 from deployment.retrain.controller import Controller, ControllerConfig, Job, PipelineTrainer
@@ -90,7 +90,7 @@ POLICY = RetrainPolicy(
     retrain_on_new_data=False,
 )
 POLL_S = 2.0
-GATE = rollout.GateBounds(timeout_s=120.0, poll_s=0.5, max_p99_ratio=MAX_LATENCY_RATIO)
+GATE = gate.GateBounds(timeout_s=120.0, poll_s=0.5, max_p99_ratio=MAX_LATENCY_RATIO)
 
 T = TypeVar("T")
 

@@ -25,7 +25,7 @@ from deployment import config, library_logs
 from deployment import dev as dev_fleet
 from deployment.drift import commands as drift_commands
 from deployment.errors import PublisherError, Reason
-from deployment.publish import rollout, signing, template
+from deployment.publish import gate, rollout, signing, template
 from deployment.retrain import commands as retrain_commands
 from wire.version import version_text
 
@@ -128,7 +128,7 @@ def _rollout_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     release.add_argument("ref", metavar="NAME:VERSION")
     release.add_argument("--rings", type=_rings, required=True, help="e.g. canary,all")
     release.add_argument("--dry-run", action="store_true", help="print the plan only")
-    defaults = rollout.GateBounds()
+    defaults = gate.GateBounds()
     release.add_argument("--min-fraction", type=_fraction, default=defaults.min_fraction)
     release.add_argument("--max-error-rate", type=_fraction, default=defaults.max_error_rate)
     release.add_argument("--max-p99-ratio", type=_positive(float), default=defaults.max_p99_ratio)
@@ -357,7 +357,7 @@ def _rollback(args: argparse.Namespace, services: Services, out: Console) -> int
 
 
 def _release(publisher: Publisher, args: argparse.Namespace) -> None:
-    bounds = rollout.GateBounds(
+    bounds = gate.GateBounds(
         min_fraction=args.min_fraction,
         max_error_rate=args.max_error_rate,
         max_p99_ratio=args.max_p99_ratio,

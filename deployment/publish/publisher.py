@@ -27,7 +27,7 @@ from agent.observation.baseline import BASELINE_LIMITS
 from agent.releases.manifest import ManifestRejected, verify_manifest
 from deployment import config
 from deployment.errors import PublisherError, Reason
-from deployment.publish import artifacts, rollout, signing
+from deployment.publish import artifacts, gate, rollout, signing
 from deployment.publish.audit import AuditLog, default_actor
 from deployment.publish.hub_client import AzureHub, Hub
 from deployment.publish.registry import (
@@ -550,7 +550,7 @@ class Publisher:
         return entry
 
     def release(
-        self, ref: str, rings: Sequence[str], bounds: rollout.GateBounds, *, dry_run: bool
+        self, ref: str, rings: Sequence[str], bounds: gate.GateBounds, *, dry_run: bool
     ) -> None:
         name, version = parse_ref(ref)
         assert version is not None

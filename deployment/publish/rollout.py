@@ -3,7 +3,9 @@
 Each ring is a device-tag condition. A ring step writes one layered deployment (an IoT Hub
 configuration) whose only content is ``properties.desired.models.<name>`` of the agent module:
 the hub fans it out, so the publisher's calls grow with rings, not with devices. The gate then
-reads the agents' reported ``models.<name>`` through one twin query per poll.
+reads the agents' reported ``models.<name>`` through one twin query per poll and judges them
+(:mod:`deployment.publish.gate`); where a release stands is replayed from the audit log
+(:mod:`deployment.publish.journal`).
 
 Who owns which twin path: the base deployment (``manifest`` command, priority 0) owns
 ``$edgeAgent``, ``$edgeHub`` and the agent's other desired properties (``telemetry``,
@@ -26,20 +28,34 @@ from the hub in between leaves a halt started and not finished; ``release`` run 
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from deployment.errors import PublisherError, Reason
 from deployment.publish.audit import AuditLog, Entry
+from deployment.publish.gate import (
+    GateBounds,
+    GateResult,
+    ThrottledReport,
+    failure_lines,
+    gate_line,
+    judge_device,
+    judge_gate,
+    required_devices,
+)
 from deployment.publish.hub_client import Hub, LayeredDeployment
-from wire.reported import ModelEntry, ProbationEntry, read_entry
-from wire.states import FAILED_STATES, DriftState, ModelState, ProbationState
+from deployment.publish.journal import (
+    Progress,
+    check_newer_than_released,
+    halting_subjects,
+    progress_of,
+    released_versions,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -57,18 +73,6 @@ class Ring:
     name: str
     condition: str
     priority: int
-
-
-@dataclass(frozen=True)
-class GateBounds:
-    min_fraction: float = 1.0  # of the targeted devices that must pass
-    max_error_rate: float = 0.05
-    max_p99_ratio: float = 3.0
-    timeout_s: float = 900.0
-    poll_s: float = 5.0
-    # A probation that ended without its minimum of requests (`passed_without_traffic`) shows
-    # nothing about the release: refused unless the operator accepts it (`--allow-no-traffic`).
-    allow_no_traffic: bool = False
 
 
 def rings_from_config(conditions: Mapping[str, str]) -> list[Ring]:
@@ -157,96 +161,6 @@ def layered_deployment(
     )
 
 
-# ------------------------------------------------------------------------------ the gate
-
-
-@dataclass(frozen=True)
-class DeviceVerdict:
-    device_id: str
-    outcome: str  # passed | failed | pending
-    reason: str = ""
-    without_traffic: bool = False  # passed on a probation that saw no traffic (allowed)
-
-
-def judge_device(
-    device_id: str, reported: Mapping[str, Any] | None, version: int, bounds: GateBounds
-) -> DeviceVerdict:
-    """One agent's reported ``models.<name>`` against the release (pure)."""
-    entry = read_entry(reported, ModelEntry)
-    if entry is None or entry.version != version:
-        return DeviceVerdict(device_id, "pending", "not reporting this version yet")
-    problem = _problem(entry, version, bounds)
-    if problem:
-        return DeviceVerdict(device_id, "failed", problem)
-    probation = entry.probation.state if entry.probation else None
-    if entry.state is ModelState.ACTIVE and probation is ProbationState.PASSED:
-        return DeviceVerdict(device_id, "passed")
-    if entry.state is ModelState.ACTIVE and probation is ProbationState.PASSED_WITHOUT_TRAFFIC:
-        if bounds.allow_no_traffic:
-            return DeviceVerdict(device_id, "passed", "saw no traffic", without_traffic=True)
-        requests = entry.probation.requests if entry.probation else None
-        return DeviceVerdict(
-            device_id,
-            "failed",
-            f"saw no traffic during probation ({requests} requests, "
-            f"{ProbationState.PASSED_WITHOUT_TRAFFIC}); release with --allow-no-traffic to "
-            "accept that",
-        )
-    return DeviceVerdict(device_id, "pending", f"{entry.state}, probation {probation}")
-
-
-def _over(value: float | None, bound: float) -> bool:
-    return value is not None and value > bound
-
-
-def _problem(entry: ModelEntry, version: int, bounds: GateBounds) -> str:
-    """Why a device that reports the release fails the gate ('' when it does not)."""
-    probation = entry.probation or ProbationEntry(state=ProbationState.WATCHING)
-    drift = entry.drift
-    checks = (
-        (entry.state in FAILED_STATES, f"{entry.state}: {entry.reason or ''}"),
-        (probation.state is ProbationState.FAILED, "probation failed"),
-        (_over(probation.error_rate, bounds.max_error_rate), f"error rate {probation.error_rate}"),
-        (_over(probation.p99_ratio, bounds.max_p99_ratio), f"p99 ratio {probation.p99_ratio}"),
-        # Until the release serves, the drift section is the previous release's watch.
-        (
-            drift is not None and drift.version == version and drift.state is DriftState.DRIFT,
-            "drift alarm",
-        ),
-    )
-    return next((why for failed, why in checks if failed), "")
-
-
-@dataclass(frozen=True)
-class GateResult:
-    outcome: str  # passed | failed | waiting
-    required: int
-    passed: int
-    failed: tuple[DeviceVerdict, ...] = ()
-    pending: int = 0
-    without_traffic: int = 0  # of `passed`: devices whose probation saw no traffic
-
-
-def judge_gate(verdicts: Iterable[DeviceVerdict], required: int) -> GateResult:
-    """Failed as soon as one device fails; passed once ``required`` devices passed (pure)."""
-    items = list(verdicts)
-    failed = tuple(v for v in items if v.outcome == "failed")
-    passed = sum(1 for v in items if v.outcome == "passed")
-    pending = sum(1 for v in items if v.outcome == "pending")
-    quiet = sum(1 for v in items if v.outcome == "passed" and v.without_traffic)
-    if failed:
-        outcome = "failed"
-    elif passed >= required:
-        outcome = "passed"
-    else:
-        outcome = "waiting"
-    return GateResult(outcome, required, passed, failed, pending, quiet)
-
-
-def required_devices(targeted: int, min_fraction: float) -> int:
-    return max(1, math.ceil(targeted * min_fraction - 1e-9)) if targeted else 0
-
-
 def may_remove(label: str | None, version: int, *, own_only: bool) -> bool:
     """Whether a release of ``version`` may delete a layer labelled ``label`` (pure)."""
     if label is None or not label.isdigit():
@@ -263,165 +177,6 @@ def module_models(twin: Mapping[str, Any], model: str) -> Mapping[str, Any] | No
     models = reported.get("models") if isinstance(reported, Mapping) else None
     entry = models.get(model) if isinstance(models, Mapping) else None
     return entry if isinstance(entry, Mapping) else None
-
-
-# ------------------------------------------------------------------------------ progress
-
-
-@dataclass
-class Progress:
-    """What the audit log says a release has done so far."""
-
-    applied: set[str] = field(default_factory=set)
-    gated: set[str] = field(default_factory=set)
-    previous: dict[str, int | None] = field(default_factory=dict)
-    halt: Entry | None = None  # the halt decided (``release.halt started``)
-    methods: set[str] = field(default_factory=set)  # devices asked to roll back
-    reregistered: dict[int, int] = field(default_factory=dict)  # previous -> its new version
-    restored: set[str] = field(default_factory=set)  # rings whose layer was put back
-    halted: Entry | None = None  # the halt finished
-    finished: bool = False
-    without_traffic: dict[str, int] = field(default_factory=dict)  # ring -> devices accepted
-
-    @property
-    def halting(self) -> bool:
-        """A halt was decided and not finished: a crash or an outage cut it off."""
-        return self.halt is not None and self.halted is None
-
-
-def progress_of(entries: Iterable[Entry], subject: str) -> Progress:
-    """Replay the audit entries of one release (pure)."""
-    progress = Progress()
-    for entry in entries:
-        if entry.subject != subject:
-            continue
-        ring = str(entry.details.get("ring", ""))
-        if entry.action == "release.ring" and entry.outcome == "applied":
-            progress.applied.add(ring)
-            previous = entry.details.get("previous_version")
-            progress.previous[ring] = int(previous) if previous is not None else None
-        elif entry.action == "release.gate" and entry.outcome == "passed":
-            progress.gated.add(ring)
-            quiet = entry.details.get("without_traffic")
-            if isinstance(quiet, int) and quiet > 0:
-                progress.without_traffic[ring] = quiet
-        elif entry.action == "release.halt" and entry.outcome == "started":
-            progress.halt = entry
-        elif entry.action == "release.rollback_method":
-            progress.methods.add(str(entry.details.get("device", "")))
-        elif entry.action == "release.rerelease":
-            restored = int(entry.details["restored_version"])
-            progress.reregistered[restored] = int(entry.details["as_version"])
-        elif entry.action == "release.rollback":
-            progress.restored.add(ring)
-        elif entry.action == "release.halted":
-            progress.halted = entry
-        elif entry.action == "release.finished":
-            progress.finished = True
-    return progress
-
-
-PROGRESS_INTERVAL_S = 1.0  # a gate's progress line at most this often
-
-
-def gate_line(
-    ring: str,
-    targeted: int,
-    version: int,
-    reports: Iterable[Mapping[str, Any] | None],
-    result: GateResult,
-) -> str:
-    """``canary: 1/2 active, probation 12 requests, 0/1 passed`` (pure): how far the
-    devices the gate waits for are. Requests are summed over the devices in probation."""
-    entries = [e for e in (read_entry(r, ModelEntry) for r in reports) if e is not None]
-    current = [e for e in entries if e.version == version]
-    active = sum(1 for e in current if e.state is ModelState.ACTIVE)
-    counts = [e.probation.requests for e in current if e.probation and e.probation.requests]
-    probation = f"probation {sum(counts)} requests" if counts else "probation -"
-    return (
-        f"{ring}: {active}/{targeted} active, {probation}, {result.passed}/{result.required} passed"
-    )
-
-
-def failure_lines(
-    ring: str, result: GateResult, reports: Mapping[str, Mapping[str, Any] | None]
-) -> list[str]:
-    """One line per failed device, with the message the device reported (pure)."""
-    lines = []
-    for verdict in result.failed:
-        entry = read_entry(reports.get(verdict.device_id), ModelEntry)
-        message = entry.message if entry is not None and entry.message else ""
-        said = f"; the device says: {message}" if message else ""
-        lines.append(f"{ring}: {verdict.device_id} failed: {verdict.reason}{said}")
-    return lines
-
-
-class ThrottledReport:
-    """Passes a line on when it differs from the last one passed and ``interval`` seconds
-    went by since: a gate polled every 100 ms does not flood the terminal."""
-
-    def __init__(
-        self,
-        report: Callable[[str], None],
-        clock: Callable[[], float],
-        interval: float = PROGRESS_INTERVAL_S,
-    ) -> None:
-        self._report = report
-        self._clock = clock
-        self._interval = interval
-        self._last: tuple[str, float] | None = None
-
-    def show(self, line: str, *, final: bool = False) -> None:
-        """``final``: the gate's verdict line, shown at once unless it was the last shown."""
-        now = self._clock()
-        if self._last is not None and (
-            line == self._last[0] or (not final and now - self._last[1] < self._interval)
-        ):
-            return
-        self._report(line)
-        self._last = (line, now)
-
-
-def halting_subjects(entries: Iterable[Entry]) -> list[str]:
-    """Releases whose halt was decided and not finished, in the order they were decided (pure)."""
-    started: dict[str, None] = {}
-    for entry in entries:
-        if entry.action == "release.halt" and entry.outcome == "started":
-            started[entry.subject] = None
-        elif entry.action == "release.halted":
-            started.pop(entry.subject, None)
-    return list(started)
-
-
-def released_versions(entries: Iterable[Entry], model: str) -> dict[int, str]:
-    """Every version of ``model`` written to a ring's layer, with the first ring (pure)."""
-    released: dict[int, str] = {}
-    for entry in entries:
-        name, _, version = entry.subject.rpartition(":")
-        if name != model or not version.isdigit():
-            continue
-        ring = str(entry.details.get("ring", ""))
-        if entry.action == "release.ring" and entry.outcome == "applied":
-            released.setdefault(int(version), ring)
-        elif entry.action == "release.rollback" and entry.outcome == "rereleased":
-            released.setdefault(int(entry.details["as_version"]), ring)
-    return released
-
-
-def check_newer_than_released(model: str, version: int, released: Mapping[int, str]) -> None:
-    """Devices refuse a version that is not above the highest they were sent: so does this.
-
-    The version itself may be in ``released``: a rerun resumes it or changes nothing.
-    """
-    higher = max(released, default=0)
-    if version >= higher:
-        return
-    raise PublisherError(
-        Reason.VERSION_NOT_MONOTONIC,
-        f"{model}:{version} is below {model}:{higher}, already sent to ring {released[higher]!r} "
-        "(devices refuse it as version_not_monotonic): register its model file again as a new "
-        f"version (edgeml register FILE --name {model}), then upload, sign and release that",
-    )
 
 
 # ------------------------------------------------------------------------------ the rollout

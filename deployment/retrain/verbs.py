@@ -13,7 +13,7 @@ import structlog
 from rich.console import Console
 
 from deployment.errors import PublisherError, Reason
-from deployment.publish import rollout
+from deployment.publish import gate, rollout
 from deployment.publish.publisher import Publisher, Services
 from deployment.publish.registry import CHAMPION
 from deployment.retrain.controller import (
@@ -110,7 +110,7 @@ class PublisherReleaser:
     services: Services
     publisher: Publisher
     rings: list[str]
-    bounds: rollout.GateBounds
+    bounds: gate.GateBounds
 
     def champion(self, model: str) -> bytes | None:
         return _champion(self.services, model)
@@ -157,7 +157,7 @@ def _watch(
         services,
         publisher,
         args.rings,
-        rollout.GateBounds(timeout_s=args.gate_timeout, allow_no_traffic=args.allow_no_traffic),
+        gate.GateBounds(timeout_s=args.gate_timeout, allow_no_traffic=args.allow_no_traffic),
     )
     controller = Controller(
         ControllerConfig(

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from deployment.config import load
 from deployment.examples import sensor_data
-from deployment.publish import rollout
+from deployment.publish import gate
 from deployment.publish.audit import AuditLog
 from deployment.publish.publisher import Publisher, Services
 from deployment.retrain.controller import Controller, ControllerConfig, Job
@@ -103,7 +103,7 @@ def _controller(
         services,
         Publisher(services, console, console),
         list(RINGS),
-        rollout.GateBounds(timeout_s=60.0, poll_s=0.2),
+        gate.GateBounds(timeout_s=60.0, poll_s=0.2),
     )
     config = ControllerConfig(
         model=MODEL,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from deployment.errors import PublisherError, Reason
-from deployment.publish import rollout
+from deployment.publish import gate, rollout
 from deployment.publish.audit import AuditLog, Entry
 from deployment.publish.hub_client import LayeredDeployment
 from tests.support.clock import FakeClock
@@ -18,7 +18,7 @@ from tests.support.fake_service_hub import FakeHub
 
 MANIFEST = {"name": "m", "version": 2, "signature": {"key_id": "k", "value": "c2ln"}}
 RINGS = rollout.rings_from_config({"canary": "tags.ring = 'canary'", "all": "tags.all = 1"})
-BOUNDS = rollout.GateBounds(timeout_s=10, poll_s=1)
+BOUNDS = gate.GateBounds(timeout_s=10, poll_s=1)
 
 
 class Killed(BaseException):
@@ -432,7 +432,7 @@ def _probation(requests: int) -> dict[str, Any]:
 
 
 def _released_with_progress(
-    hub: FakeHub, tmp_path: Path, aliases: dict[str, int], bounds: rollout.GateBounds
+    hub: FakeHub, tmp_path: Path, aliases: dict[str, int], bounds: gate.GateBounds
 ) -> tuple[list[str], PublisherError | None]:
     clock = FakeClock()
     lines: list[str] = []
@@ -456,7 +456,7 @@ def test_a_gate_reports_each_change_at_most_once_per_interval(tmp_path: Path) ->
     hub = StepwiseHub(steps)
     hub.devices = _fleet().devices
     lines, error = _released_with_progress(
-        hub, tmp_path, {}, rollout.GateBounds(timeout_s=10, poll_s=0.5)
+        hub, tmp_path, {}, gate.GateBounds(timeout_s=10, poll_s=0.5)
     )
     assert error is None
     # Polled every 0.5 s: the change at 1.0 s shows, the one at 1.5 s is held back until

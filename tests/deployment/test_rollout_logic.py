@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from deployment.errors import PublisherError, Reason
-from deployment.publish import rollout
+from deployment.publish import gate, journal, rollout
 from deployment.publish.audit import AuditLog
 
-BOUNDS = rollout.GateBounds(max_error_rate=0.05, max_p99_ratio=3.0)
+BOUNDS = gate.GateBounds(max_error_rate=0.05, max_p99_ratio=3.0)
 MANIFEST = {"name": "tiny", "version": 3, "signature": {"key_id": "k", "value": "c2ln"}}
 
 
@@ -72,7 +72,7 @@ def _report(**fields: Any) -> dict[str, Any]:
     ],
 )
 def test_judge_device(reported: dict[str, Any] | None, outcome: str, reason: str) -> None:
-    verdict = rollout.judge_device("d1", reported, 3, BOUNDS)
+    verdict = gate.judge_device("d1", reported, 3, BOUNDS)
     assert verdict.outcome == outcome
     assert reason in verdict.reason
 
@@ -92,8 +92,8 @@ QUIET = {"state": "passed_without_traffic", "requests": 0, "error_rate": 0.0, "p
 def test_the_gate_refuses_a_probation_without_traffic_unless_allowed(
     probation: dict[str, Any], allow: bool, outcome: str, reason: str, without_traffic: bool
 ) -> None:
-    bounds = rollout.GateBounds(allow_no_traffic=allow)
-    verdict = rollout.judge_device("d1", _report(probation=probation), 3, bounds)
+    bounds = gate.GateBounds(allow_no_traffic=allow)
+    verdict = gate.judge_device("d1", _report(probation=probation), 3, bounds)
     assert (verdict.outcome, verdict.without_traffic) == (outcome, without_traffic)
     assert reason in verdict.reason
     if outcome == "failed":
@@ -102,15 +102,15 @@ def test_the_gate_refuses_a_probation_without_traffic_unless_allowed(
 
 def test_a_gate_counts_the_devices_it_passed_without_traffic() -> None:
     verdicts = [
-        rollout.DeviceVerdict("d0", "passed"),
-        rollout.DeviceVerdict("d1", "passed", "saw no traffic", without_traffic=True),
+        gate.DeviceVerdict("d0", "passed"),
+        gate.DeviceVerdict("d1", "passed", "saw no traffic", without_traffic=True),
     ]
-    result = rollout.judge_gate(verdicts, 2)
+    result = gate.judge_gate(verdicts, 2)
     assert (result.outcome, result.passed, result.without_traffic) == ("passed", 2, 1)
 
 
-def _verdicts(*outcomes: str) -> list[rollout.DeviceVerdict]:
-    return [rollout.DeviceVerdict(f"d{i}", o, "why") for i, o in enumerate(outcomes)]
+def _verdicts(*outcomes: str) -> list[gate.DeviceVerdict]:
+    return [gate.DeviceVerdict(f"d{i}", o, "why") for i, o in enumerate(outcomes)]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def _verdicts(*outcomes: str) -> list[rollout.DeviceVerdict]:
     ],
 )
 def test_judge_gate(outcomes: tuple[str, ...], required: int, expected: str) -> None:
-    assert rollout.judge_gate(_verdicts(*outcomes), required).outcome == expected
+    assert gate.judge_gate(_verdicts(*outcomes), required).outcome == expected
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_judge_gate(outcomes: tuple[str, ...], required: int, expected: str) -> 
     [(0, 1.0, 0), (1, 0.5, 1), (10, 1.0, 10), (10, 0.9, 9), (1000, 0.99, 990), (3, 0.5, 2)],
 )
 def test_required_devices(targeted: int, fraction: float, required: int) -> None:
-    assert rollout.required_devices(targeted, fraction) == required
+    assert gate.required_devices(targeted, fraction) == required
 
 
 def test_earlier_rings_have_higher_priority() -> None:
@@ -185,14 +185,14 @@ def test_progress_replays_the_audit_log(tmp_path: Path) -> None:
     audit.append("release.gate", "tiny:3", "passed", ring="canary")
     audit.append("release.ring", "tiny:3", "applied", ring="all", previous_version=None)
     audit.append("release.ring", "tiny:4", "applied", ring="canary", previous_version=3)
-    progress = rollout.progress_of(audit.entries(), "tiny:3")
+    progress = journal.progress_of(audit.entries(), "tiny:3")
     assert progress.applied == {"canary", "all"}
     assert progress.gated == {"canary"}
     assert progress.previous == {"canary": 2, "all": None}
     assert not progress.finished
     assert progress.halted is None
     audit.append("release.halted", "tiny:3", "halted", ring="all", why="d1: rolled_back")
-    assert rollout.progress_of(audit.entries(), "tiny:3").halted is not None
+    assert journal.progress_of(audit.entries(), "tiny:3").halted is not None
 
 
 def test_a_ring_variable_names_the_ring_in_one_module() -> None:
@@ -219,10 +219,10 @@ def test_a_release_below_what_the_fleet_was_sent_is_refused(
     version: int, released: dict[int, str], refused: bool
 ) -> None:
     if not refused:
-        rollout.check_newer_than_released("tiny", version, released)
+        journal.check_newer_than_released("tiny", version, released)
         return
     with pytest.raises(PublisherError) as caught:
-        rollout.check_newer_than_released("tiny", version, released)
+        journal.check_newer_than_released("tiny", version, released)
     assert caught.value.reason == Reason.VERSION_NOT_MONOTONIC
     highest = max(released)
     assert f"tiny:{version} is below tiny:{highest}" in caught.value.message
@@ -243,13 +243,13 @@ def test_released_versions_and_unfinished_halts_replay_the_audit_log(tmp_path: P
         "release.rollback", "tiny:2", "rereleased", ring="canary", restored_version=1, as_version=3
     )
     audit.append("release.halted", "tiny:2", "halted", ring="canary")
-    assert rollout.released_versions(audit.entries(), "tiny") == {
+    assert journal.released_versions(audit.entries(), "tiny") == {
         1: "canary",
         2: "canary",
         3: "canary",
     }
-    assert rollout.halting_subjects(audit.entries()) == ["other:9"]
-    progress = rollout.progress_of(audit.entries(), "tiny:2")
+    assert journal.halting_subjects(audit.entries()) == ["other:9"]
+    progress = journal.progress_of(audit.entries(), "tiny:2")
     assert progress.restored == {"canary"}
     assert not progress.halting
-    assert rollout.progress_of(audit.entries(), "other:9").halting
+    assert journal.progress_of(audit.entries(), "other:9").halting
