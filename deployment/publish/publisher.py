@@ -601,7 +601,7 @@ class Publisher:
         # A twin query, not SQL; the module name was checked against a pattern by the config.
         twins = hub.query(f"SELECT * FROM devices.modules WHERE moduleId = '{module}'")  # noqa: S608
         table = Table(
-            "ring", "device", "model", "version", "state", "probation", "drift", "last seen"
+            "ring", "device", "model", "version", "state", "probation state", "drift", "last seen"
         )
         order = {ring.name: index for index, ring in enumerate(rings)}
         rows = []
