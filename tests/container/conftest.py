@@ -16,7 +16,8 @@ from simulator import Simulator
 from tests.module import conftest as module_fixtures
 from tests.support.artifact_server import TestPki
 from tests.support.docker import Container, Containers, free_port, readable_copy
-from tests.support.module_harness import MODULE, Releases
+from tests.support.module_process import MODULE
+from tests.support.module_releases import Releases
 
 # The module tests' hub, service SDK and artifact server, shared as they are.
 sim = module_fixtures.sim

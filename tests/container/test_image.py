@@ -32,17 +32,10 @@ from tests.container.conftest import (
 )
 from tests.support.docker import BUILD_TIMEOUT_S, AgentImage, Containers, http_status
 from tests.support.models import TINY_FEATURES, tiny_bytes
-from tests.support.module_harness import (
-    KEY_ID,
-    SENSOR,
-    Releases,
-    Service,
-    infer_request,
-    reference,
-    send_infer,
-    sensor_client,
-)
+from tests.support.module_releases import KEY_ID, Releases
 from tests.support.polling import poll
+from tests.support.sensor import SENSOR, infer_request, reference, send_infer, sensor_client
+from tests.support.service_sdk import Service
 
 # The first test of a session may pay for building the image (and its base).
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(BUILD_TIMEOUT_S)]

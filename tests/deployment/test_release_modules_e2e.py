@@ -20,7 +20,7 @@ from simulator import Simulator, pick_loopback_host
 from simulator.azurite import Azurite
 from simulator.hub import wait_until
 from tests.deployment.conftest import REPO, Workspace
-from tests.support.module_harness import ModuleProcess, module_environment
+from tests.support.module_process import ModuleProcess, module_environment
 
 pytestmark = pytest.mark.e2e
 

@@ -11,14 +11,9 @@ from azure.iot.hub import IoTHubRegistryManager
 from simulator import Simulator, pick_loopback_host
 from tests.simulator.conftest import collect_sdk_garbage
 from tests.support.artifact_server import TestPki, make_pki
-from tests.support.module_harness import (
-    MODULE,
-    ModuleProcess,
-    Releases,
-    Service,
-    ThreadedArtifacts,
-    module_environment,
-)
+from tests.support.module_process import MODULE, ModuleProcess, module_environment
+from tests.support.module_releases import Releases, ThreadedArtifacts
+from tests.support.service_sdk import Service
 
 DEPLOYMENT = Path(__file__).resolve().parents[2] / "deployment" / "deployment.template.json"
 

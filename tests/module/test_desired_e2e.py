@@ -8,14 +8,10 @@ import pytest
 
 from simulator import Simulator
 from tests.module.conftest import StartModule
-from tests.support.module_harness import (
-    Releases,
-    Service,
-    infer_request,
-    model_entry,
-    publish_v1,
-    tiny_rows,
-)
+from tests.support.module_e2e import publish_v1, tiny_rows
+from tests.support.module_releases import Releases
+from tests.support.sensor import infer_request
+from tests.support.service_sdk import Service, model_entry
 
 pytestmark = pytest.mark.e2e
 

@@ -19,18 +19,10 @@ from simulator import Simulator
 from tests.module.conftest import StartModule
 from tests.support.artifact_server import Artifact
 from tests.support.models import TINY_FEATURES, tiny_bytes
-from tests.support.module_harness import (
-    KEY_ID,
-    SENSOR,
-    Releases,
-    Service,
-    infer_request,
-    model_entry,
-    reference,
-    send_infer,
-    sensor_client,
-)
+from tests.support.module_releases import KEY_ID, Releases
 from tests.support.polling import poll
+from tests.support.sensor import SENSOR, infer_request, reference, send_infer, sensor_client
+from tests.support.service_sdk import Service, model_entry
 
 pytestmark = pytest.mark.e2e
 

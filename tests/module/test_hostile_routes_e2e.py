@@ -12,16 +12,11 @@ from azure.iot.device import IoTHubModuleClient, Message
 
 from simulator import Simulator
 from tests.module.conftest import StartModule
-from tests.support.module_harness import (
-    SENSOR,
-    Releases,
-    Service,
-    publish_v1,
-    send_infer,
-    sensor_client,
-    tiny_rows,
-)
+from tests.support.module_e2e import publish_v1, tiny_rows
+from tests.support.module_releases import Releases
 from tests.support.polling import poll
+from tests.support.sensor import SENSOR, send_infer, sensor_client
+from tests.support.service_sdk import Service
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,10 @@ from simulator import Simulator
 from tests.module.conftest import StartModule
 from tests.support import bombs
 from tests.support.models import TINY_FEATURES, tiny_bytes
-from tests.support.module_harness import Releases, Service, infer_request
+from tests.support.module_releases import Releases
 from tests.support.polling import poll
+from tests.support.sensor import infer_request
+from tests.support.service_sdk import Service
 
 pytestmark = pytest.mark.e2e
 

@@ -10,14 +10,10 @@ from typing import Any
 import pytest
 
 from tests.module.conftest import StartModule
-from tests.support.module_harness import (
-    V2,
-    Releases,
-    Service,
-    infer_request,
-    publish_v1,
-    tiny_rows,
-)
+from tests.support.module_e2e import V2, publish_v1, tiny_rows
+from tests.support.module_releases import Releases
+from tests.support.sensor import infer_request
+from tests.support.service_sdk import Service
 
 pytestmark = pytest.mark.e2e
 

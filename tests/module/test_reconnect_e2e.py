@@ -11,17 +11,11 @@ import pytest
 from simulator import Simulator
 from tests.module.conftest import StartModule
 from tests.support.models import tiny_bytes
-from tests.support.module_harness import (
-    MODULE,
-    V2,
-    ModuleProcess,
-    Releases,
-    Service,
-    log_time,
-    model_entry,
-    publish_v1,
-)
+from tests.support.module_e2e import V2, log_time, publish_v1
+from tests.support.module_process import MODULE, ModuleProcess
+from tests.support.module_releases import Releases
 from tests.support.polling import poll
+from tests.support.service_sdk import Service, model_entry
 
 pytestmark = pytest.mark.e2e
 

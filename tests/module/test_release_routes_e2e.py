@@ -9,19 +9,11 @@ import pytest
 from simulator import Simulator
 from tests.module.conftest import StartModule
 from tests.support.models import TINY_FEATURES
-from tests.support.module_harness import (
-    MODULE,
-    SENSOR,
-    V1,
-    Releases,
-    Service,
-    model_entry,
-    publish_v1,
-    reference,
-    send_infer,
-    sensor_client,
-    tiny_rows,
-)
+from tests.support.module_e2e import V1, publish_v1, tiny_rows
+from tests.support.module_process import MODULE
+from tests.support.module_releases import Releases
+from tests.support.sensor import SENSOR, reference, send_infer, sensor_client
+from tests.support.service_sdk import Service, model_entry
 
 pytestmark = pytest.mark.e2e
 

@@ -21,14 +21,10 @@ from simulator import Simulator
 from simulator.core import UpstreamMessage
 from tests.module.conftest import StartModule
 from tests.support.models import TINY_FEATURES, tiny_bytes
-from tests.support.module_harness import (
-    SENSOR,
-    ModuleProcess,
-    Releases,
-    Service,
-    infer_request,
-    sensor_client,
-)
+from tests.support.module_process import ModuleProcess
+from tests.support.module_releases import Releases
+from tests.support.sensor import SENSOR, infer_request, sensor_client
+from tests.support.service_sdk import Service
 from wire.reasons import REQUEST_REASONS
 
 pytestmark = pytest.mark.e2e

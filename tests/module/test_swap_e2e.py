@@ -14,23 +14,12 @@ from simulator import Simulator
 from simulator.core import UpstreamMessage
 from tests.module.conftest import StartModule
 from tests.support.models import MID_FEATURES, mid_bytes
-from tests.support.module_harness import (
-    SENSOR,
-    V1,
-    V2,
-    ModuleProcess,
-    Releases,
-    Service,
-    infer_request,
-    log_time,
-    model_entry,
-    publish_v1,
-    reference,
-    send_infer,
-    sensor_client,
-    tiny_rows,
-)
+from tests.support.module_e2e import V1, V2, log_time, publish_v1, tiny_rows
+from tests.support.module_process import ModuleProcess
+from tests.support.module_releases import Releases
 from tests.support.polling import poll
+from tests.support.sensor import SENSOR, infer_request, reference, send_infer, sensor_client
+from tests.support.service_sdk import Service, model_entry
 
 pytestmark = pytest.mark.e2e
 

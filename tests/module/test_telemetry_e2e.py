@@ -11,13 +11,11 @@ import pytest
 from simulator import Simulator
 from simulator.core import UpstreamMessage
 from tests.module.conftest import StartModule
-from tests.support.module_harness import (
-    MODULE,
-    Releases,
-    Service,
-    publish_v1,
-)
+from tests.support.module_e2e import publish_v1
+from tests.support.module_process import MODULE
+from tests.support.module_releases import Releases
 from tests.support.polling import poll
+from tests.support.service_sdk import Service
 
 pytestmark = pytest.mark.e2e
 

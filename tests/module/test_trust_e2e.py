@@ -11,21 +11,12 @@ import pytest
 from agent.releases.manifest import sign_manifest
 from simulator import Simulator
 from tests.module.conftest import StartModule
-from tests.support.module_harness import (
-    KEY_ID,
-    MODULE,
-    SENSOR,
-    V2,
-    Releases,
-    Service,
-    infer_request,
-    model_entry,
-    publish_v1,
-    send_infer,
-    sensor_client,
-    tiny_rows,
-)
+from tests.support.module_e2e import V2, publish_v1, tiny_rows
+from tests.support.module_process import MODULE
+from tests.support.module_releases import KEY_ID, Releases
 from tests.support.polling import poll
+from tests.support.sensor import SENSOR, infer_request, send_infer, sensor_client
+from tests.support.service_sdk import Service, model_entry
 
 pytestmark = pytest.mark.e2e
 

@@ -34,7 +34,7 @@ from agent.releases.manifest import public_key_to_b64, sign_manifest
 from deployment.publish.release import build_manifest
 from simulator import Simulator, pick_loopback_host
 from tests.simulator.conftest import collect_sdk_garbage
-from tests.support import module_harness as harness
+from tests.support import module_process, module_releases, service_sdk
 from tests.support.agent_process import LogLine, model_status, running_agent
 from tests.support.artifact_server import make_pki
 from tests.support.models import tiny_bytes
@@ -183,19 +183,19 @@ def _module_device(stack: ExitStack, root: Path, central: str) -> Device:
     patch.setenv("REQUESTS_CA_BUNDLE", str(sim.ca_cert_path))
     registry = IoTHubRegistryManager.from_connection_string(sim.service_connection_string)
     stack.callback(registry.amqp_svc_client.disconnect_sync)
-    service = harness.Service(registry, sim.device_id)
+    service = service_sdk.Service(registry, sim.device_id)
     (root / "pki").mkdir()
     pki = make_pki(root / "pki")
-    artifacts = harness.ThreadedArtifacts(pki)
+    artifacts = module_releases.ThreadedArtifacts(pki)
     stack.callback(artifacts.close)
-    releases = harness.Releases(artifacts)
-    env = harness.module_environment(
-        sim.edge_env(sim.device_id, harness.MODULE),
+    releases = module_releases.Releases(artifacts)
+    env = module_process.module_environment(
+        sim.edge_env(sim.device_id, module_process.MODULE),
         state_dir=root / MODULE_DEVICE / "state",
         trusted_keys=releases.trusted_keys,
         artifact_ca=pki.ca_pem,
     )
-    module = harness.ModuleProcess.start(env, root / "module.log")
+    module = module_process.ModuleProcess.start(env, root / "module.log")
     stack.callback(module.close)
     module.wait_ready()
     service.publish(releases.release("m-1.onnx", tiny_bytes(0), 1))
@@ -205,7 +205,7 @@ def _module_device(stack: ExitStack, root: Path, central: str) -> Device:
     def release_bad() -> None:
         url = releases.serve("m-2.onnx", tiny_bytes(1))
         manifest = releases.manifest(tiny_bytes(1), 2, url)
-        service.publish(_bad_golden(manifest, releases.key, harness.KEY_ID))
+        service.publish(_bad_golden(manifest, releases.key, module_releases.KEY_ID))
 
     return Device(
         MODULE_DEVICE,
