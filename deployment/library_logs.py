@@ -10,6 +10,7 @@ reports itself are demoted to debug.
 from __future__ import annotations
 
 import logging
+import os
 
 import structlog
 
@@ -48,6 +49,9 @@ class StructlogHandler(logging.Handler):
 
 def route(level: str) -> None:
     """Send every library's records at ``level`` and above through structlog (the CLI only)."""
+    # The verbs import MLflow only when they need it, after this ran: told here, it adds no
+    # handler of its own on import (one already imported loses it below).
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     handler = StructlogHandler()
     root = logging.getLogger()
     root.handlers = [handler]
