@@ -141,7 +141,7 @@ def sample_inputs(contract: ModelContract, rows: int) -> dict[str, np.ndarray]:
             for axis, dim in enumerate(spec.shape)
         )
         if spec.datatype == "BYTES":
-            samples[spec.name] = np.full(shape, b"", dtype=np.object_)
+            samples[spec.name] = np.full(shape, "", dtype=np.object_)
         else:
             samples[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
     return samples
