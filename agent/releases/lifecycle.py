@@ -77,8 +77,8 @@ def golden_arrays(tensors: Iterable[Tensor]) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for tensor in tensors:
         if tensor.datatype == "BYTES":
-            items = [d.encode() if isinstance(d, str) else d for d in tensor.data]
-            arrays[tensor.name] = np.array(items, dtype=np.object_).reshape(tensor.shape)
+            # As str, the form ONNX Runtime takes and returns for tensor(string).
+            arrays[tensor.name] = np.array(tensor.data, dtype=np.object_).reshape(tensor.shape)
         else:
             dtype = V2_TO_NUMPY[tensor.datatype]
             arrays[tensor.name] = np.asarray(tensor.data, dtype=dtype).reshape(tensor.shape)

@@ -16,7 +16,8 @@ from agent.config import Section
 from wire.contract import Datatype, ModelContract, TensorSpec
 from wire.reasons import AgentError, Reason
 
-# v2 datatype -> numpy dtype. BYTES travels as numpy object arrays of `bytes`.
+# v2 datatype -> numpy dtype. BYTES travels as numpy object arrays of `str` (ONNX Runtime's
+# tensor(string) form).
 V2_TO_NUMPY: Final[Mapping[str, np.dtype[np.generic]]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),

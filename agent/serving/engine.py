@@ -139,7 +139,7 @@ def sample_inputs(contract: ModelContract, rows: int) -> dict[str, np.ndarray]:
     for spec in contract.inputs:
         shape = spec.concrete_shape(rows)
         if spec.datatype == "BYTES":
-            samples[spec.name] = np.full(shape, b"", dtype=np.object_)
+            samples[spec.name] = np.full(shape, "", dtype=np.object_)
         else:
             samples[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
     return samples

@@ -8,7 +8,8 @@ Supported: JSON tensors (``data`` flat or nested) and the binary tensor data ext
 ``Inference-Header-Content-Length`` header; ``parameters.binary_data_size`` on inputs;
 ``parameters.binary_data_output`` on the request and ``parameters.binary_data`` per output).
 BYTES elements travel as UTF-8 strings in JSON and as 4-byte little-endian length-prefixed
-elements in binary; decoded they are numpy object arrays of `bytes`.
+elements in binary; decoded they are numpy object arrays of `str`, the form ONNX Runtime takes
+for tensor(string) (it turns a `bytes` element into its repr, `"b'a'"`, and answers for that).
 
 Sizes are checked from the declared shape before any tensor is allocated: a client cannot make
 the agent allocate more than `max_input_bytes` by declaring a large shape.
@@ -386,7 +387,7 @@ def _json_bytes_tensor(data: list[Any], tensor: _Tensor) -> np.ndarray:
             raise RequestError(
                 Reason.BAD_REQUEST, f"input {tensor.name!r} data must be strings for BYTES"
             )
-        out[index] = element.encode()
+        out[index] = element
     return out.reshape(tensor.shape)
 
 
@@ -417,7 +418,14 @@ def _binary_bytes_tensor(body: bytes, start: int, end: int, tensor: _Tensor) -> 
         position += 4
         if position + length > end:
             raise tensor.mismatch(f"element {index} claims {length} bytes past its binary data")
-        out[index] = body[position : position + length]
+        try:
+            out[index] = body[position : position + length].decode()
+        except UnicodeDecodeError:
+            # ONNX strings are UTF-8: other bytes could only reach the model mangled.
+            raise RequestError(
+                Reason.BAD_REQUEST,
+                f"input {tensor.name!r} element {index} is not UTF-8, which ONNX strings must be",
+            ) from None
         position += length
     if position != end:
         raise tensor.mismatch(f"{end - position} bytes of binary data are left after them")

@@ -272,7 +272,30 @@ def test_bytes_tensors_decode_from_json_and_binary() -> None:
     for array in (from_json, from_binary):
         assert array.dtype == object
         assert array.shape == (2, 1)
-        assert array.ravel().tolist() == ["héllo".encode(), b""]
+        # str, not bytes: ONNX Runtime reads a bytes element as its repr ("b'h\\xc3...'").
+        assert array.ravel().tolist() == ["héllo", ""]
+        assert all(type(element) is str for element in array.ravel())
+
+
+def test_binary_bytes_that_are_not_utf8_are_refused() -> None:
+    raw = _bytes_elements(b"ok", b"\xff\xfe")
+    body, length = _binary(
+        {
+            "inputs": [
+                {
+                    "name": "s",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        },
+        raw,
+    )
+    with pytest.raises(RequestError) as caught:
+        decode_infer_request(body, length, max_input_bytes=CAP)
+    assert caught.value.reason == "bad_request"
+    assert "'s' element 1 is not UTF-8" in caught.value.message
 
 
 def test_binary_and_json_inputs_mix_in_one_request() -> None:
