@@ -11,7 +11,7 @@ from azure.iot.device import Message
 
 from simulator import Simulator
 from tests.module.conftest import StartModule
-from tests.support.module_harness import SENSOR, Releases, Service, sensor_client
+from tests.support.module_releases import Releases
 from tests.support.parity import (
     assert_same,
     combined_model,
@@ -20,6 +20,8 @@ from tests.support.parity import (
     json_request,
     reference,
 )
+from tests.support.sensor import SENSOR, sensor_client
+from tests.support.service_sdk import Service
 
 pytestmark = pytest.mark.e2e
 
