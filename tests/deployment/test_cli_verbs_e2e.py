@@ -63,6 +63,8 @@ ROWS = [
         " --set LOG_ANALYTICS_WORKSPACE_ID=w --out {root}/deployment.json",
         0, "wrote {root}/deployment.json"),
     Row("train", "train --out {root}/trained --rows 400", 0, "trained {root}/trained/model.onnx"),
+    # `dev up` and `down` run end to end in the quickstart test; here the folder holds nothing.
+    Row("dev", "dev status --run-dir {root}/dev", 3, "not running in {root}/dev", process=True),
     Row("gate", f"gate {{root}}/candidate --name {MODEL}", 0, f"no champion of {MODEL} yet"),
     Row("watch",
         f"watch --name {MODEL} --data-dir {{root}}/data --work-dir {{root}}/work --rings canary"
