@@ -95,7 +95,10 @@ class ModelManager:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         settings = settings or SwapSettings()
-        metrics = SwapMetrics(registry, namespace)
+        # Names that serve or that the store holds a verified release of: the only model labels.
+        metrics = SwapMetrics(
+            registry, namespace, known=lambda: services.keys() | store.state.models.keys()
+        )
         loader = Loader(
             store,
             max_model_bytes=settings.max_model_bytes,

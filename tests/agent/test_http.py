@@ -461,3 +461,20 @@ async def test_tritonclient_sees_the_v2_error_message() -> None:
         with pytest.raises(InferenceServerException) as caught:
             await call(client.infer, "missing", [tensor])
     assert "unknown model 'missing'" in caught.value.message()
+
+
+async def test_300_requests_to_names_and_paths_nobody_serves_add_no_series_per_name() -> None:
+    """Model names and paths in requests are the client's choice: never metric labels."""
+    async with serving() as api:
+        await api.get_json("/v2/models/tiny")  # every series a request can touch, once
+
+        def series() -> int:
+            return sum(len(family.samples) for family in api.registry.collect())
+
+        before = series()
+        for i in range(100):
+            await api.post_json(f"/v2/models/nobody-{i}/infer", {"inputs": []})
+            await api.get_json(f"/v2/models/nobody-{i}/ready")
+            await api.get_json(f"/nowhere/{i}")
+        # A few refusal reasons may be counted for the first time; nothing per name or path.
+        assert series() - before <= 12

@@ -345,6 +345,30 @@ async def test_a_forged_manifest_touches_nothing_that_serves(
     assert list(device.services) == ["m"]
 
 
+async def test_300_forged_names_leave_the_release_metrics_bounded(
+    device: Device, publisher: Publisher
+) -> None:
+    """A refused manifest's name is its author's choice: it never becomes a label."""
+    await _install(device, publisher.release(tiny_bytes(0), 1))
+    forged = publisher.release(tiny_bytes(1), 2, name="m")
+
+    def series() -> int:
+        return sum(len(family.samples) for family in device.registry.collect())
+
+    before = series()
+    for i in range(300):
+        claim = {**forged, "name": f"forged-{i}"}
+        assert device.manager.submit(claim).reason == "signature_invalid"
+    # One `other` series per counter for the refusals (failures, outcomes), nothing per name.
+    assert series() - before <= 4
+    assert (
+        device.registry.get_sample_value(
+            "agent_model_update_failures_total", {"model": "other", "reason": "signature_invalid"}
+        )
+        == 300
+    )
+
+
 async def test_the_serving_release_resubmitted_after_it_expired_is_active(
     device: Device, publisher: Publisher
 ) -> None:
