@@ -69,6 +69,8 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "too_large"
     NON_FINITE = "non_finite"
     NOT_READY = "not_ready"
+    # The model answered NaN or Inf for this input (finite inputs can overflow: x*x on 3e38).
+    NON_FINITE_OUTPUT = "non_finite_output"
     # -- a request the model accepted but failed on (ours to fix) ------------------------
     INFERENCE_FAILED = "inference_failed"
     # -- the cloud side only: why a publisher command cannot go on ------------------------
@@ -128,6 +130,7 @@ REQUEST_REASONS: Final = (
     Reason.TOO_LARGE,
     Reason.NON_FINITE,
     Reason.NOT_READY,
+    Reason.NON_FINITE_OUTPUT,
 )
 
 

@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from agent.observation.counts import Binning, FeatureCounts
-from agent.observation.detector import CusumParams
+from agent.observation.detector import CusumParams, bounded_scores
 from agent.observation.divergence import PSI_FLOOR
 from agent.observation.quality import QualityReference
 from wire.base import WireModel
@@ -318,14 +318,19 @@ def evidence(statistics: Floats, means: Floats, stds: Floats) -> Floats:
     """Per-feature evidence: the largest of a feature's statistics, each standardised against
     its null mean and spread. ``statistics``: ``[windows x] features x 3``; ``means`` and
     ``stds``: ``features x 3``."""
-    return np.asarray(((statistics - means) / stds).max(axis=-1), dtype=np.float64)
+    with np.errstate(
+        over="ignore", invalid="ignore", divide="ignore"
+    ):  # a tiny null spread can overflow
+        raw = ((statistics - means) / stds).max(axis=-1)
+    return bounded_scores(raw)
 
 
 def aggregate(statistics: Floats, window: WindowCalibration) -> tuple[Floats, Floats]:
     """Per-feature evidence and the standardised aggregate score (the largest evidence)."""
     per_feature = evidence(statistics, window.null_means, window.null_stds)
-    score = (per_feature.max(axis=-1) - window.score_mean) / window.score_std
-    return per_feature, np.asarray(score, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        score = (per_feature.max(axis=-1) - window.score_mean) / window.score_std
+    return per_feature, bounded_scores(score)
 
 
 def _padded(rows: Sequence[npt.NDArray[Any]], width: int) -> Floats:
@@ -357,14 +362,29 @@ def _statistics(
     total = np.array([c.total for c in counts])
     total_sq = np.array([c.total_sq for c in counts])
     mean, std = pack.moments
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         window_mean = total / present
         window_var = np.maximum(0.0, total_sq / present - window_mean**2)
         shift = np.abs(window_mean - mean) / (std / np.sqrt(present))
         spread = np.abs(window_var / std**2 - 1.0) * np.sqrt(present / 2)
     empty = present == 0
     shift[empty] = spread[empty] = 0.0
+    # Inf or NaN here (huge values against a tiny training spread) is as far from training
+    # as data gets: the largest statistic, which `evidence` then bounds in null spreads.
+    shift = _capped(shift)
+    spread = _capped(spread)
     return np.stack([divergence, shift, spread], axis=1), hellinger_, psi_
+
+
+# Shift and spread are in standard errors; no real window comes near this, and a finite
+# statistic keeps its standardisation (`evidence`) finite.
+MAX_STATISTIC = 1e12
+
+
+def _capped(statistic: Floats) -> Floats:
+    return np.clip(
+        np.nan_to_num(statistic, nan=MAX_STATISTIC, posinf=MAX_STATISTIC), 0.0, MAX_STATISTIC
+    )
 
 
 def score_window(pack: BaselinePack, counts: Sequence[FeatureCounts]) -> WindowScore:

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "SUM_LIMIT",
     "Binning",
     "FeatureCounts",
     "equal_frequency_edges",
@@ -30,6 +31,10 @@ __all__ = [
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
 Kind = Literal["numeric", "categorical"]
+
+# The largest magnitude a value adds to a window's sums: its square (1e200) times any number of
+# rows a fleet's merged profiles could hold stays far below float64's 1.8e308.
+SUM_LIMIT = 1e100
 
 
 def equal_frequency_edges(values: npt.ArrayLike, bins: int) -> Floats:
@@ -126,8 +131,10 @@ class FeatureCounts:
     def of(cls, binning: Binning, column: npt.ArrayLike, low: float, high: float) -> FeatureCounts:
         values = np.asarray(column, dtype=np.float64)
         present = values[~np.isnan(values)]
-        # Infinities count as out of range but stay out of the sums, which must stay finite.
-        finite = present[np.isfinite(present)]
+        # Infinities count as out of range but stay out of the sums, which must stay finite;
+        # so must sums of huge finite values (1e200 squared is Inf): the sums see them clipped,
+        # the bins and the range counts as they are.
+        finite = np.clip(present[np.isfinite(present)], -SUM_LIMIT, SUM_LIMIT)
         return cls(
             counts=binning.count(values),
             total=float(finite.sum()),

@@ -19,7 +19,27 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Cusum", "CusumParams", "DriftState", "alarm_rate", "calibrate_threshold"]
+__all__ = [
+    "MAX_SCORE",
+    "Cusum",
+    "CusumParams",
+    "DriftState",
+    "alarm_rate",
+    "bounded_scores",
+    "calibrate_threshold",
+]
+
+# Scores are in standard deviations; past this they say nothing more (the CUSUM clips what
+# one window adds at a few), and the bound keeps any input, however extreme, from reaching
+# the twin or a gauge as 1e78.
+MAX_SCORE = 1000.0
+
+
+def bounded_scores(z: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Scores clipped to +-MAX_SCORE. NaN (a statistic the arithmetic could not form, which
+    only values far past any training range cause) counts as the strongest evidence."""
+    array = np.asarray(z, dtype=np.float64)
+    return np.clip(np.nan_to_num(array, nan=MAX_SCORE), -MAX_SCORE, MAX_SCORE)
 
 
 class DriftState(enum.StrEnum):
@@ -52,13 +72,15 @@ class Cusum:
 
     level: float = 0.0
     state: DriftState = DriftState.OK
+    unscored: int = 0  # windows whose score was NaN or Inf: counted, never accumulated
 
     def step(self, z: float, params: CusumParams) -> Cusum:
         if not np.isfinite(z):
-            return self  # a window with nothing to score leaves the evidence as it was
+            # A window with nothing to score leaves the evidence as it was.
+            return Cusum(self.level, self.state, self.unscored + 1)
         increment = min(params.clip, max(-params.clip, z)) - params.k
         level = min(params.cap, max(0.0, self.level + increment))
-        return Cusum(level, _next_state(self.state, level, params.h))
+        return Cusum(level, _next_state(self.state, level, params.h), self.unscored)
 
 
 def _next_state(state: DriftState, level: float, h: float) -> DriftState:

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.observation.detector import Cusum, CusumParams, DriftState
+from agent.observation.detector import Cusum, CusumParams, DriftState, bounded_scores
 from wire.base import WireModel
 
 __all__ = [
@@ -95,6 +95,21 @@ def predicted_rows(outputs: Mapping[str, npt.NDArray[Any]], rows: int) -> tuple[
             return "classification", flat.argmax(axis=1).astype(np.float64).tolist()
         return "regression", flat[:, 0].astype(np.float64).tolist()
     return "regression", []
+
+
+# The largest absolute error one row adds to a window: far beyond any target a model serves,
+# it keeps a window's mean finite whatever a prediction or a label holds.
+MAX_ROW_LOSS = 1e12
+
+
+def row_loss(metric: Literal["accuracy", "mae"], predicted: float, truth: float) -> float | None:
+    """One labelled row's loss (0/1 error, or absolute error capped at MAX_ROW_LOSS); None
+    when either side is NaN or Inf, which has no loss to count."""
+    if not (math.isfinite(predicted) and math.isfinite(truth)):
+        return None
+    if metric == "accuracy":
+        return 0.0 if predicted == truth else 1.0
+    return min(abs(predicted - truth), MAX_ROW_LOSS)
 
 
 # Outputs kept as served up to this size per prediction (a few dozen floats per row).
@@ -171,6 +186,13 @@ class QualityWindow:
         return self.detector.state is not self.previous
 
 
+def window_z(loss: float, reference_loss: float, loss_std: float, rows: int) -> float:
+    """A window's mean loss standardised against the reference, bounded (`MAX_SCORE`)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        z = (np.float64(loss) - reference_loss) / (loss_std / math.sqrt(rows))
+    return float(bounded_scores(z))
+
+
 class QualityMonitor:
     """Windowed accuracy or MAE of one release, with drift-like states when a reference exists."""
 
@@ -183,6 +205,7 @@ class QualityMonitor:
         self.metric: Literal["accuracy", "mae"] | None = reference.metric if reference else None
         self._losses: list[float] = []
         self.last: QualityWindow | None = None
+        self.unscored_rows = 0  # labelled rows with a NaN or Inf prediction or label
 
     def add(self, remembered: Remembered, labels: Sequence[Label]) -> list[QualityWindow]:
         kind, predictions = predicted_rows(remembered.outputs, remembered.rows)
@@ -190,11 +213,11 @@ class QualityMonitor:
         if self.metric is None:
             self.metric = metric
         for predicted, label in zip(predictions, labels, strict=True):
-            truth = float(label)
-            if metric == "accuracy":
-                self._losses.append(0.0 if predicted == truth else 1.0)
+            loss = row_loss(metric, predicted, float(label))
+            if loss is None:
+                self.unscored_rows += 1
             else:
-                self._losses.append(abs(predicted - truth))
+                self._losses.append(loss)
         windows = []
         size = self.settings.window_rows
         while len(self._losses) >= size:
@@ -210,7 +233,7 @@ class QualityMonitor:
         reference = self.reference
         if reference is not None and reference.metric == metric:
             reference_loss = 1.0 - reference.value if metric == "accuracy" else reference.value
-            z = (loss - reference_loss) / (reference.loss_std / math.sqrt(len(losses)))
+            z = window_z(loss, reference_loss, reference.loss_std, len(losses))
         previous = self.detector.state
         self.detector = self.detector.step(z, self.cusum)
         self.seq += 1

@@ -8,6 +8,7 @@ through injected sinks, so the agent knows nothing of the transport that carries
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,13 @@ class Watch:
     requests_seen: int = 0
     # Cumulative across releases, for monotonic counters.
     totals: dict[str, int] = field(
-        default_factory=lambda: {"windows": 0, "sampled": 0, "dropped": 0}
+        default_factory=lambda: {
+            "windows": 0,
+            "sampled": 0,
+            "dropped": 0,
+            "unscored_windows": 0,
+            "unscored_rows": 0,
+        }
     )
 
 
@@ -177,10 +184,14 @@ class Observer:
 
     @staticmethod
     def _fold(watch: Watch) -> None:
+        watch.totals["unscored_rows"] += watch.quality.unscored_rows
+        watch.quality.unscored_rows = 0
         if watch.drift is not None:
             watch.totals["sampled"] += watch.drift.requests_sampled
             watch.totals["dropped"] += watch.drift.rows_dropped
             watch.drift.requests_sampled = watch.drift.rows_dropped = 0
+            watch.totals["unscored_windows"] += watch.drift.detector.unscored
+            watch.drift.detector = dataclasses.replace(watch.drift.detector, unscored=0)
 
     # --- the hot path -------------------------------------------------------------------
 
@@ -468,6 +479,16 @@ class _Collector:
             "Mean absolute error of the last window of predictions labelled by feedback.",
             labels=["model"],
         )
+        unscored_windows = CounterMetricFamily(
+            f"{ns}_drift_unscored_windows",
+            "Drift windows with no finite score (too few rows): counted, never accumulated.",
+            labels=["model"],
+        )
+        unscored_rows = CounterMetricFamily(
+            f"{ns}_feedback_unscored_rows",
+            "Labelled rows whose prediction or label was NaN or Inf: counted, not scored.",
+            labels=["model"],
+        )
         quality_state = GaugeMetricFamily(
             f"{ns}_model_quality_state",
             "Quality state from feedback: 0 ok, 1 warning, 2 degraded.",
@@ -484,6 +505,11 @@ class _Collector:
             windows.add_metric([name], watch.totals["windows"])
             sampled.add_metric([name], watch.totals["sampled"] + sampled_now)
             dropped.add_metric([name], watch.totals["dropped"] + dropped_now)
+            unscored_now = monitor.detector.unscored if monitor else 0
+            unscored_windows.add_metric([name], watch.totals["unscored_windows"] + unscored_now)
+            unscored_rows.add_metric(
+                [name], watch.totals["unscored_rows"] + watch.quality.unscored_rows
+            )
             if monitor is not None:
                 level.add_metric([name], monitor.detector.level)
                 threshold.add_metric([name], monitor.cusum.h)
@@ -502,4 +528,4 @@ class _Collector:
         for outcome, count in observer.feedback_outcomes.items():
             feedback.add_metric([outcome.value], count)
         yield from (state, score, level, threshold, divergence, every, windows, sampled, dropped)
-        yield from (accuracy, mae, quality_state, feedback)
+        yield from (accuracy, mae, quality_state, feedback, unscored_windows, unscored_rows)

@@ -80,6 +80,9 @@ _STATUS: Final[Mapping[Reason, int]] = {
     Reason.UNKNOWN_MODEL: 404,
     Reason.TOO_LARGE: 413,
     Reason.NOT_READY: 503,
+    # The request is well formed but the model has no finite answer for it: see
+    # `inference._refuse_non_finite` for why this is not a 500.
+    Reason.NON_FINITE_OUTPUT: 422,
 }
 # aiohttp's own refusals (routing, body size) -> bounded reject reasons.
 _HTTP_REASONS: Final[Mapping[int, HttpReason | Reason]] = {

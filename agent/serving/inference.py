@@ -265,6 +265,7 @@ class InferenceService:
                 rows = validator(inputs)
                 names = model.contract.output_names if not outputs else _checked(model, outputs)
                 results = await self._dispatch(model, inputs, rows, names, arrived)
+                _refuse_non_finite(names, results)
             except RequestError as error:
                 metrics.reject(error.reason)
                 raise
@@ -454,3 +455,23 @@ def _fail(batch: Sequence[_Pending], error: Exception) -> None:
     for pending in batch:
         if not pending.future.done():
             pending.future.set_exception(error)
+
+
+def _refuse_non_finite(names: Sequence[str], results: Sequence[np.ndarray]) -> None:
+    """Refuse an answer holding NaN or Inf, in any encoding.
+
+    JSON has no literal for them (the v2 protocol's JSON tensors are standard JSON, and the
+    agent's own parser refuses `NaN`), so an answer with them would be invalid JSON, or a
+    `null` a client reads as something else; and drift and feedback would score the garbage.
+    Binary outputs could carry them, but the route has only JSON, and one outcome per input
+    beats one per transport. The refusal is 422, a rejection and not a model failure: the
+    same input gets the same answer (retrying is useless), and a client sending extreme
+    inputs must not be able to roll back a good release through probation's error rate.
+    """
+    for name, array in zip(names, results, strict=True):
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise RequestError(
+                Reason.NON_FINITE_OUTPUT,
+                f"{Reason.NON_FINITE_OUTPUT}: output {name!r} holds NaN or Inf for this input "
+                "(an overflow in the model?), which JSON cannot carry",
+            )

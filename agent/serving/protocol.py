@@ -468,7 +468,8 @@ def _requested_outputs(
 
 
 def _dumps(document: object) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
+    # allow_nan=False: `NaN`/`Infinity` are not JSON; a body with them must never go out.
+    return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
 
 
 def encode_error(message: str) -> bytes:
@@ -545,6 +546,13 @@ def _binary_output(array: np.ndarray, datatype: str) -> bytes:
 
 
 def _json_output(array: np.ndarray, datatype: str, name: str) -> list[Any]:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # The inference service refuses these first; this keeps the codec honest on its own.
+        raise RequestError(
+            Reason.NON_FINITE_OUTPUT,
+            f"{Reason.NON_FINITE_OUTPUT}: output {name!r} holds NaN or Inf, "
+            "which JSON cannot carry",
+        )
     flat: list[Any] = array.ravel().tolist()
     if datatype != "BYTES":
         return flat

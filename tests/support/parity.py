@@ -76,6 +76,21 @@ def identity_model(datatype: str) -> bytes:
     return bytes(model.SerializeToString())
 
 
+def square_model() -> bytes:
+    """`y = x * x` in FP32, `[batch, 2]`: finite inputs past 1.8e19 overflow to Inf."""
+    kind = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "x"], ["y"])],
+        "square",
+        [helper.make_tensor_value_info("x", kind, [None, 2])],
+        [helper.make_tensor_value_info("y", kind, [None, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
 @functools.cache
 def _encoder() -> onnx.ModelProto:
     encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
