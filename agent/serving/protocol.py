@@ -546,13 +546,8 @@ def _binary_output(array: np.ndarray, datatype: str) -> bytes:
 
 
 def _json_output(array: np.ndarray, datatype: str, name: str) -> list[Any]:
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        # The inference service refuses these first; this keeps the codec honest on its own.
-        raise RequestError(
-            Reason.NON_FINITE_OUTPUT,
-            f"{Reason.NON_FINITE_OUTPUT}: output {name!r} holds NaN or Inf, "
-            "which JSON cannot carry",
-        )
+    # NaN and Inf never get here: the inference service refuses them (non_finite_output), and
+    # the encoder's allow_nan=False would stop one that did.
     flat: list[Any] = array.ravel().tolist()
     if datatype != "BYTES":
         return flat
